@@ -1,0 +1,62 @@
+"""What a scenario for the interleaving explorer is made of.
+
+A *scenario* (``tce-indirect``, ``lpm-update``, ...) groups *cases*; each case builds a
+fresh :class:`Instance` for a given *mode* (a model configuration such as ``double_read``
+or the correct default).  An instance is a set of named threads -- plain callables that
+run model code, which marks its shared accesses with :func:`vmferry.sync.yield_point` and
+takes :class:`vmferry.sync.ModelLock` locks -- plus the checks the explorer applies.
+
+Hazards are reported by raising :class:`vmferry.errors.HazardError` subclasses (from the
+model itself, from ``invariant`` after any step, or from ``check`` once all threads end);
+a plain ``AssertionError`` in a thread or check is reported as an assertion failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Instance:
+    """One runnable configuration: threads over a freshly built shared model."""
+
+    threads: Mapping[str, Callable[[], None]]
+    #: run after every scheduling step; raise HazardError/AssertionError on a violation
+    invariant: Callable[[], None] = _nothing
+    #: run once when every thread has finished
+    check: Callable[[], None] = _nothing
+    #: a hashable digest of the shared state, for state-hash pruning (None: no pruning)
+    state: Callable[[], Hashable] | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    """A sub-case of a scenario (for example one race R0..R5 of the IOMMU probe)."""
+
+    name: str
+    description: str
+    build: Callable[[str], Instance]
+    #: modes in which this case must produce at least one failing schedule
+    fails_in: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    modes: tuple[str, ...]
+    default_mode: str
+    cases: tuple[Case, ...]
+    #: short description of each mode, shown by ``explore races --list``
+    mode_help: Mapping[str, str] = field(default_factory=dict)
+    preemption_bound: int | None = None
+    max_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.default_mode not in self.modes:
+            raise ValueError(f"{self.name}: default mode {self.default_mode!r} not in modes")

@@ -1,0 +1,125 @@
+"""Yield points and model locks: the seam between concurrent models and the explorer.
+
+Theory of operation
+-------------------
+Models of concurrent kernel paths (the IOMMU probe, the TCE hypercalls, the LPM update
+handler, VFIO data streams) are ordinary Python.  Wherever real code would touch state
+another thread can see, the model calls :func:`yield_point`; wherever it takes a lock, it
+uses a :class:`ModelLock`.
+
+Outside the explorer no scheduler is installed: ``yield_point`` costs one global lookup and
+returns, and a ``ModelLock`` is a plain owner flag that reports self-deadlock (taking a lock
+the single thread already holds) as :class:`~vmferry.errors.Deadlock` instead of hanging.
+
+Under the explorer (``vmferry.analysis.explore``) a :class:`SchedulerHook` is installed with
+:func:`scheduled`.  Each model thread then runs on its own greenlet; ``yield_point`` hands
+control back to the scheduler, which decides who runs next, and ``ModelLock.acquire``
+blocks the calling thread until the lock is free.  The ``obj``/``write`` arguments describe
+the shared access for the partial-order reduction: two steps that touch different objects,
+or only read the same one, commute.
+
+This module sits beside :mod:`vmferry.errors` at the bottom of the layer stack so that
+``hw`` models may import it; it imports nothing else from vmferry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from vmferry.errors import Deadlock, InvariantViolation
+
+MAIN_THREAD = "main"
+
+
+class SchedulerHook(Protocol):
+    """What an installed scheduler provides to model code."""
+
+    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
+        """A shared access is about to happen; the scheduler may switch threads here."""
+
+    def wait(self, label: str, ready: Callable[[], bool]) -> None:
+        """Block the calling model thread until ``ready()`` is true."""
+
+    def current_thread(self) -> str:
+        """Name of the model thread that is running."""
+
+
+_hook: SchedulerHook | None = None
+
+
+@contextmanager
+def scheduled(hook: SchedulerHook) -> Iterator[SchedulerHook]:
+    """Install ``hook`` for the duration of the block (not re-entrant)."""
+    global _hook
+    if _hook is not None:
+        raise RuntimeError("a scheduler is already installed")
+    _hook = hook
+    try:
+        yield hook
+    finally:
+        _hook = None
+
+
+def yield_point(label: str, obj: Hashable | None = None, *, write: bool = True) -> None:
+    """Mark a shared-state access.  ``obj`` names what is touched; ``write`` how."""
+    hook = _hook
+    if hook is not None:
+        hook.yield_point(label, obj, write)
+
+
+def wait_until(label: str, ready: Callable[[], bool]) -> None:
+    """Block until ``ready()``; without a scheduler, a false condition is a deadlock."""
+    hook = _hook
+    if hook is not None:
+        hook.wait(label, ready)
+    elif not ready():
+        raise Deadlock(f"{label}: would block forever (single thread, no scheduler)")
+
+
+def current_thread() -> str:
+    hook = _hook
+    return hook.current_thread() if hook is not None else MAIN_THREAD
+
+
+class ModelLock:
+    """A non-recursive mutex for models (a kernel ``struct mutex``).
+
+    Invariant: ``owner`` is the name of the model thread holding the lock, or None.
+    """
+
+    __slots__ = ("name", "owner")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.owner: str | None = None
+
+    def acquire(self) -> None:
+        me = current_thread()
+        yield_point(f"lock {self.name}", self, write=True)
+        if self.owner == me:
+            raise Deadlock(f"{me} takes {self.name} which it already holds")
+        wait_until(f"lock {self.name}", lambda: self.owner is None)
+        self.owner = me
+
+    def release(self) -> None:
+        me = current_thread()
+        if self.owner != me:
+            raise InvariantViolation(f"{me} releases {self.name} held by {self.owner}")
+        self.owner = None
+        yield_point(f"unlock {self.name}", self, write=True)
+
+    @property
+    def locked(self) -> bool:
+        return self.owner is not None
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"ModelLock({self.name!r}, owner={self.owner!r})"
