@@ -110,6 +110,7 @@ class SourceWorker:
         self.daemon, self.hosted, self.job = daemon, hosted, job
         self.params, self.fault, self.incoming = params, fault, incoming
         self.prev_state = prev_state
+        self.committed = False
         assert hosted.vm is not None and hosted.runner is not None
         self.runner: VmRunner = hosted.runner
         self.session = SourceSession(hosted.vm, params, MonotonicClock(), guest=self.runner)
@@ -188,12 +189,23 @@ class SourceWorker:
         try:
             reply = recv_frame(sock)
         except PeerError as exc:
-            raise PeerError(str(exc), "awaiting destination resume") from exc
-        if reply["type"] != "resumed":
+            raise PeerError(str(exc), "awaiting destination load") from exc
+        if reply["type"] != "loaded":
             raise PeerError(f"destination failed: {reply.get('reason', reply)}",
                             str(reply.get("step", "destination load")))
-        stats = self.session.complete(reply.get("ack", {}))
-        verification = self._verify(reply.get("ack", {}))
+        ack = reply.get("ack", {})
+        self.committed = True
+        send_frame(sock, "commit")
+        try:
+            resumed = recv_frame(sock)
+        except (PeerError, OSError) as exc:
+            raise PeerError(f"no resume confirmation after commit ({exc}); the destination "
+                            "may be running the VM, so the source stays paused",
+                            "commit") from exc
+        if resumed["type"] != "resumed":
+            raise PeerError(f"destination failed after commit: {resumed}", "commit")
+        stats = self.session.complete(ack)
+        verification = self._verify(ack)
         self.job.stats = {**stats.to_json(), "verification": verification}
         self.job.status = "completed"
         self.hosted.runstate = "migrated"
@@ -235,6 +247,14 @@ class SourceWorker:
     def _fail(self, reason: str, step: str | None = None, cancelled: bool = False) -> None:
         step = step or self.session.current_step()
         if self.session.status is Status.COMPLETED:
+            return
+        if self.committed:  # past the point of no return: never run the guest twice
+            self.job.status, self.job.error, self.job.step = "failed", reason, "commit"
+            self.job.stats = {**self.session.stats.to_json(), "status": "failed"}
+            self.hosted.runstate = "paused"
+            self.daemon.store.set_runstate(self.hosted.name, "paused")
+            self.daemon.save_job(self.job)
+            log.error("job %s failed after commit: %s", self.job.id, reason)
             return
         stats = self.session.fail(step, reason, cancelled=cancelled)
         self.job.stats = stats.to_json()
@@ -330,16 +350,24 @@ class DestinationWorker:
             for rec in decoder.events():
                 self.session.receive(rec)
                 self.step = f"receiving stream (pass {self.session.passes + 1})"
-        self.step = "load and resume"
+        self.step = "load"
         vm = self.session.vm
         assert vm is not None
         ack = self.session.finish(start=False)
+        send_frame(self.conn, "loaded", ack=ack)
+        self.step = "awaiting commit"
+        commit = recv_frame(self.conn)
+        if commit["type"] != "commit":
+            raise PeerError(f"expected commit, got {commit['type']}", self.step)
+        self.step = "resume"
+        t0 = time.monotonic()
+        vm = self.session.hand_over()
         runner = VmRunner(vm)
         running = hello.get("runstate") != "paused"
         if running:
             runner.resume()
         self.daemon.adopt(vm, runner, running)
-        send_frame(self.conn, "resumed", ack=ack)
+        send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3)
         self.job.status = "completed"
         self.job.stats = {"ack": {k: v for k, v in ack.items() if k != "digests"},
                           "passes": self.session.passes}

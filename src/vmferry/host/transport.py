@@ -6,7 +6,14 @@
       HELLO {token, stream_version}  ---->
                                      <----  WELCOME {host, capabilities} | REJECT {reason}
       <vmferry stream bytes ...>     ---->
-                                     <----  RESUMED {ack} | ERROR {step, reason}
+                                     <----  LOADED {ack} | ERROR {step, reason}
+      COMMIT {}                      ---->
+                                     <----  RESUMED {resume_ms}
+
+COMMIT is the point of no return.  Before the destination receives it, it runs nothing and
+discards the staging VM on any failure, and the source resumes its VM.  After the source
+sent it, the source never resumes on its own: the destination may already run the guest,
+and a VM must not run twice.
 
 A control frame is a big-endian u32 length (at most 1 MiB) and a UTF-8 JSON object with
 a ``type`` key.  The destination may send ERROR at any time; the source looks for it

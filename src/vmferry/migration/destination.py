@@ -163,10 +163,17 @@ class DestinationSession:
         ack["verification_ms"] = (t_verified - t_loaded) * 1e3
         if start:
             vm.start()
-        self.resumed = True
+            self.resumed = True
         ack["pages"] = self.pages_received
         ack["zero_pages"] = self.zero_pages_received
         return ack
+
+    def hand_over(self) -> VM:
+        """The caller takes ownership of the loaded VM (after the commit point)."""
+        if not self.ended or self.vm is None:
+            raise StreamUsageError("hand_over() before the VM was loaded")
+        self.resumed = True
+        return self.vm
 
     def abort(self) -> None:
         """Discard the staging VM and everything received."""
