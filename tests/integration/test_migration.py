@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Pair, cli, digest, vm_names, wait_job
+from tests.integration.conftest import Pair, cli, digest, vm_names
 
 pytestmark = pytest.mark.integration
 
