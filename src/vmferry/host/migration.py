@@ -170,13 +170,15 @@ class SourceWorker:
             delay = self.session.pacing_delay()
             if delay > 0:
                 time.sleep(min(delay, 0.5))
+            # Before END the destination speaks only to report an error; after END it
+            # answers LOADED, so the check must come before a send, never after one.
+            if readable(sock):
+                reason = self._peer_reason(sock) or "destination closed the connection"
+                raise PeerError(reason, self.session.current_step())
             wire = apply(self.fault, phase, bufs)
             send_buffers(sock, wire)
             if self.tee is not None:
                 self.tee.writelines(wire)
-            if readable(sock):
-                reason = self._peer_reason(sock) or "destination closed the connection"
-                raise PeerError(reason, self.session.current_step())
             self._publish()
             bufs = self.session.next_buffers()
             self.job.status = self.session.status.value
