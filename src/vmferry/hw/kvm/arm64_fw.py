@@ -38,7 +38,7 @@ from vmferry.hw.kvm import psci as P
 from vmferry.hw.kvm import regs as R
 from vmferry.sync import ModelLock, yield_point
 
-# --- vCPU init features -------------------------------------------------------------------
+# --- vCPU init features -----------------------------------------------------------------------
 
 KVM_ARM_VCPU_POWER_OFF = 0
 KVM_ARM_VCPU_EL1_32BIT = 1
@@ -74,7 +74,7 @@ class RegListTooSmall(KvmError):
         super().__init__(errno.E2BIG, "KVM_GET_REG_LIST", detail=f"n must be >= {n_required}")
 
 
-# --- host description -----------------------------------------------------------------------
+# --- host description -------------------------------------------------------------------------
 
 
 class WaLevel(IntEnum):
@@ -236,7 +236,7 @@ def narrow_wa2(value: int) -> int | None:
     return None
 
 
-# --- system events ------------------------------------------------------------------------------
+# --- system events ----------------------------------------------------------------------------
 
 
 class SystemEventType(IntEnum):
@@ -260,7 +260,7 @@ class MpState(Enum):
     STOPPED = "stopped"
 
 
-# --- the VM ------------------------------------------------------------------------------------
+# --- the VM -----------------------------------------------------------------------------------
 
 
 class KvmVm:
@@ -696,7 +696,7 @@ class KvmVcpu:
         return P.PsciRet.INTERNAL_FAILURE
 
 
-# --- what a guest actually gets, per workaround (not visible to the guest itself) ---------------
+# --- what a guest actually gets, per workaround (not visible to the guest itself) -------------
 
 
 class Protection(Enum):

@@ -55,9 +55,8 @@ class Coproc(IntEnum):
 
 def reg_id(coproc: int, index: int, size: int = KVM_REG_SIZE_U64) -> int:
     """Build an arm64 id from a coproc number, its 16-bit index and a size field."""
-    return KVM_REG_ARM64 | size | ((coproc << KVM_REG_ARM_COPROC_SHIFT) & KVM_REG_ARM_COPROC_MASK) | (
-        index & 0xFFFF
-    )
+    cp = (coproc << KVM_REG_ARM_COPROC_SHIFT) & KVM_REG_ARM_COPROC_MASK
+    return KVM_REG_ARM64 | size | cp | (index & 0xFFFF)
 
 
 def reg_size(rid: int) -> int:
