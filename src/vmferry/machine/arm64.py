@@ -201,6 +201,19 @@ def check_length(own: CpregList, incoming_len: int, mode: MergeMode) -> None:
                            err=errno.EINVAL)
 
 
+def _explain_length(exc: CpuLoadError, own: CpregList, incoming: CpregList) -> CpuLoadError:
+    """The same failure, naming the first firmware register the destination does not know."""
+    known = set(own.ids)
+    unknown = [(r, v) for r, v in incoming.items() if r not in known]
+    fw = [(r, v) for r, v in unknown if R.is_firmware(r)]
+    if not unknown:
+        return exc
+    names = ", ".join(R.register_name(r) for r, _ in fw) or "none"
+    rid, value = (fw or unknown)[0]
+    return CpuLoadError(exc.step, f"{exc.reason} (stream carries {len(unknown)} registers "
+                        f"unknown here; firmware: {names})", rid, value, exc.errno)
+
+
 def merge_cpregs(own: CpregList, incoming: CpregList, mode: MergeMode) -> MergeResult:
     """``cpu_post_load``'s merge (classic or strict); CpuLoadError on an unknown register."""
     if mode is MergeMode.CLASSIC:
@@ -270,6 +283,7 @@ class LoadReport:
     missing: tuple[int, ...] = ()
     dropped: tuple[tuple[int, int], ...] = ()
     tolerated: tuple[tuple[int, int], ...] = ()
+    failed: tuple[tuple[int, int], ...] = ()  # faulty mode only: SETs that failed
 
 
 # --- the machine ------------------------------------------------------------------------------
@@ -326,8 +340,8 @@ class Arm64Machine:
             failures = write_list_to_kvmstate(vcpu, cpregs, level)
             if failures:
                 first = failures[0]
-                raise CpuLoadError("put_registers", str(first), first.rid, first.value,
-                                   first.errno)
+                raise CpuLoadError("put_registers", f"{first.errno_name}: {first.detail}",
+                                   first.rid, first.value, first.errno)
 
     def start(self) -> None:
         """First put and first ``KVM_RUN`` of every vCPU: from here bitmaps are frozen."""
@@ -358,29 +372,44 @@ class Arm64Machine:
             ))
         return Arm64State(tuple(out))
 
-    def load(self, state: Arm64State, mode: MergeMode = MergeMode.CLASSIC) -> LoadReport:
-        """Destination ``cpu_post_load`` for every vCPU; CpuLoadError on the first failure."""
+    def load(self, state: Arm64State, mode: MergeMode = MergeMode.CLASSIC, *,
+             continue_after_failed_post_load: bool = False) -> LoadReport:
+        """Destination ``cpu_post_load`` for every vCPU; CpuLoadError on the first failure.
+
+        ``continue_after_failed_post_load`` is the faulty mode of spec 8.3: failed SETs are
+        reported in ``LoadReport.failed`` and the VM is left to start half-applied.
+        """
         if self.started:
             raise ModelError("load into a VM that has already run")
         if len(state.vcpus) != len(self.vcpus):
             raise CpuLoadError("vcpu count", f"stream has {len(state.vcpus)} vCPUs, "
                                f"destination {len(self.vcpus)}")
-        reports = [self._load_vcpu(n, s, mode) for n, s in enumerate(state.vcpus)]
+        reports = [self._load_vcpu(n, s, mode, continue_after_failed_post_load)
+                   for n, s in enumerate(state.vcpus)]
         return reports[0]
 
-    def _load_vcpu(self, n: int, state: Arm64VcpuState, mode: MergeMode) -> LoadReport:
+    def _load_vcpu(self, n: int, state: Arm64VcpuState, mode: MergeMode,
+                   keep_going: bool) -> LoadReport:
         vcpu, own = self.vcpus[n], self.cpregs[n]
-        check_length(own, len(state.cpregs.ids), mode)
+        try:
+            check_length(own, len(state.cpregs.ids), mode)
+        except CpuLoadError as exc:
+            raise _explain_length(exc, own, state.cpregs) from None
         result = merge_cpregs(own, state.cpregs, mode)
         failures = write_list_to_kvmstate(vcpu, result.merged, Level.FULL)
-        if failures:
+        if failures and not keep_going:
             first = failures[0]
-            raise CpuLoadError("set_one_reg", str(first), first.rid, first.value, first.errno)
+            raise CpuLoadError("set_one_reg", f"{first.errno_name}: {first.detail}", first.rid,
+                               first.value, first.errno)
         for rid, value in zip(R.CORE_REGS.values(), state.core, strict=True):
             vcpu.core[rid] = value
         vcpu.mp_state = MpState.STOPPED if state.powered_off else MpState.RUNNABLE
-        self.cpregs[n] = result.merged
-        return LoadReport(mode, result.missing, result.dropped, result.tolerated)
+        # Faulty mode only: the list now mirrors what the kernel holds (failed SETs reverted).
+        self.cpregs[n] = CpregList(result.merged.ids, tuple(
+            vcpu.get_one_reg(r) if r in {f.rid for f in failures} else v
+            for r, v in result.merged.items())) if failures else result.merged
+        return LoadReport(mode, result.missing, result.dropped, result.tolerated,
+                          tuple((f.rid or 0, f.value or 0) for f in failures))
 
     def report(self) -> dict[str, object]:
         """Firmware view for the VM report: host, effective PSCI, firmware register values."""

@@ -58,6 +58,7 @@ class KvmError(KernelError):
     def __init__(self, err: int, op: str, rid: int | None = None, value: int | None = None,
                  detail: str = "") -> None:
         self.op = op
+        self.detail = detail
         self.rid = rid
         self.value = value
         what = op if rid is None else f"{op} {R.register_name(rid)} ({rid:#018x})"
