@@ -40,7 +40,7 @@ from typing import Any, Final
 from vmferry.errors import ConfigError, InvariantViolation
 from vmferry.guest.psci_client import Arm64Guest, Status, lost
 from vmferry.hw.kvm import regs as R
-from vmferry.hw.kvm.arm64_fw import HostMitigation, WaLevel, Workaround
+from vmferry.hw.kvm.arm64_fw import WaLevel, Workaround
 from vmferry.hw.kvm.psci import PsciVersion
 from vmferry.machine.arm64 import (
     Arm64InitError,
@@ -51,7 +51,7 @@ from vmferry.machine.arm64 import (
     decode_state,
     encode_state,
 )
-from vmferry.machine.profiles import HostProfile, list_profiles, load_profile
+from vmferry.machine.profiles import HostProfile, list_profiles, load_profile, parse_mitigation
 from vmferry.migration.compat import (
     DestinationCaps,
     Verdict,
@@ -118,11 +118,7 @@ class MatrixContext:
         key = (name, mitigation)
         if key not in self._profiles:
             base = load_profile(name)
-            try:
-                level = WaLevel.parse(mitigation)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
-            self._profiles[key] = base.with_mitigation(HostMitigation.uniform(level))
+            self._profiles[key] = base.with_mitigation(parse_mitigation(mitigation))
         return self._profiles[key]
 
     def destination_caps(self, name: str, mitigation: str) -> DestinationCaps:
@@ -266,7 +262,8 @@ def _grouped(cells: Sequence[Cell]) -> list[tuple[Cell, str]]:
         groups.setdefault(key, []).append(c)
     rows = []
     for members in groups.values():
-        pairs = [f"{SHORT[c.source_mitigation]}->{SHORT[c.destination_mitigation]}"
+        pairs = [f"{SHORT.get(c.source_mitigation, c.source_mitigation)}->"
+                 f"{SHORT.get(c.destination_mitigation, c.destination_mitigation)}"
                  for c in members]
         rows.append((members[0], "any" if len(pairs) == len(MITIGATIONS) ** 2
                      else ", ".join(pairs)))

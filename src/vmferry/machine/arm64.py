@@ -201,10 +201,12 @@ def check_length(own: CpregList, incoming_len: int, mode: MergeMode) -> None:
                            err=errno.EINVAL)
 
 
-def _explain_length(exc: CpuLoadError, own: CpregList, incoming: CpregList) -> CpuLoadError:
-    """The same failure, naming the first firmware register the destination does not know."""
+def explain_unknown(exc: CpuLoadError, own: CpregList, incoming: CpregList) -> CpuLoadError:
+    """The same failure, naming the first firmware register the destination does not know
+    (untolerated), and how many unknown registers the stream carries."""
     known = set(own.ids)
-    unknown = [(r, v) for r, v in incoming.items() if r not in known]
+    unknown = [(r, v) for r, v in incoming.items() if r not in known
+               and not (r in TOLERANCES and TOLERANCES[r].admits_unexpected(v))]
     fw = [(r, v) for r, v in unknown if R.is_firmware(r)]
     if not unknown:
         return exc
@@ -394,7 +396,7 @@ class Arm64Machine:
         try:
             check_length(own, len(state.cpregs.ids), mode)
         except CpuLoadError as exc:
-            raise _explain_length(exc, own, state.cpregs) from None
+            raise explain_unknown(exc, own, state.cpregs) from None
         result = merge_cpregs(own, state.cpregs, mode)
         failures = write_list_to_kvmstate(vcpu, result.merged, Level.FULL)
         if failures and not keep_going:

@@ -153,6 +153,24 @@ def _arm64_mitigation(table: Mapping[str, Any], name: str) -> HostMitigation:
         raise ConfigError(f"profile {name!r}: invalid [mitigation]: {exc!r}") from exc
 
 
+def parse_mitigation(text: str) -> HostMitigation:
+    """``"avail"`` (every workaround) or ``"wa1=avail,wa2=not_required,wa3=avail[,ssbs]"``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        if len(items) == 1 and "=" not in items[0]:
+            return HostMitigation.uniform(WaLevel.parse(items[0]))
+        table: dict[str, Any] = {"ssbs_everywhere": "ssbs" in items}
+        for item in items:
+            if item != "ssbs":
+                key, sep, value = item.partition("=")
+                if not sep or key not in ("wa1", "wa2", "wa3"):
+                    raise ValueError(f"bad item {item!r}")
+                table[key] = value
+        return _arm64_mitigation(table, "<mitigation>")
+    except ValueError as exc:
+        raise ConfigError(f"bad mitigation {text!r}: {exc}") from exc
+
+
 ARCH_PARSERS: dict[str, Callable[[Mapping[str, Any], str], HostProfile]] = {
     "arm64": _parse_arm64,
 }
