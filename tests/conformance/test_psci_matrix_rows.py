@@ -180,7 +180,7 @@ def test_row_9_conservative_false_failure(src: str) -> None:
 def test_row_10_explicit_0_2_new_to_old() -> None:
     c = cell(K2, K1, "0.2")
     assert c.outcome == "fails_after_stop" and c.step == "cpreg_vmstate_array_len"
-    guest, source, dest = _drop_corner(K2, K1, A, A, pin=0x2)
+    guest, _, dest = _drop_corner(K2, K1, A, A, pin=0x2)
     assert dest.psci_version() == 0x10000  # OK+up once the register is dropped
     assert guest.report(dest.protection())["lost"] == []
 

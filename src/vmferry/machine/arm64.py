@@ -201,12 +201,17 @@ def check_length(own: CpregList, incoming_len: int, mode: MergeMode) -> None:
                            err=errno.EINVAL)
 
 
-def explain_unknown(exc: CpuLoadError, own: CpregList, incoming: CpregList) -> CpuLoadError:
+def explain_unknown(exc: CpuLoadError, own: CpregList, incoming: CpregList,
+                    mode: MergeMode) -> CpuLoadError:
     """The same failure, naming the first firmware register the destination does not know
-    (untolerated), and how many unknown registers the stream carries."""
+    (and, in strict mode, does not tolerate), and how many unknown registers arrived."""
     known = set(own.ids)
-    unknown = [(r, v) for r, v in incoming.items() if r not in known
-               and not (r in TOLERANCES and TOLERANCES[r].admits_unexpected(v))]
+
+    def tolerated(rid: int, value: int) -> bool:
+        tol = TOLERANCES.get(rid)
+        return mode is MergeMode.STRICT and tol is not None and tol.admits_unexpected(value)
+
+    unknown = [(r, v) for r, v in incoming.items() if r not in known and not tolerated(r, v)]
     fw = [(r, v) for r, v in unknown if R.is_firmware(r)]
     if not unknown:
         return exc
@@ -396,7 +401,7 @@ class Arm64Machine:
         try:
             check_length(own, len(state.cpregs.ids), mode)
         except CpuLoadError as exc:
-            raise explain_unknown(exc, own, state.cpregs) from None
+            raise explain_unknown(exc, own, state.cpregs, mode) from None
         result = merge_cpregs(own, state.cpregs, mode)
         failures = write_list_to_kvmstate(vcpu, result.merged, Level.FULL)
         if failures and not keep_going:

@@ -238,7 +238,7 @@ def _register_refusal(state: Arm64State, dest: DestinationCaps) -> Decision | No
             check_length(dest.own, len(vcpu.cpregs.ids), dest.merge_mode)
             merged = merge_cpregs(dest.own, vcpu.cpregs, dest.merge_mode)
         except CpuLoadError as exc:
-            exc = explain_unknown(exc, dest.own, vcpu.cpregs)
+            exc = explain_unknown(exc, dest.own, vcpu.cpregs, dest.merge_mode)
             return Decision(Verdict.REFUSE, f"{exc.step}: {exc.reason}", exc.rid, exc.value)
         for rid, value in vcpu.cpregs.items():
             acc = dest.accepts.get(rid)
