@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import errno
+import itertools
+import random
 import struct
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
+from typing import cast
 
+import greenlet
 import pytest
 
 from vmferry.analysis.matrix import CellSpec, run_cell
@@ -44,6 +49,7 @@ from vmferry.machine.arm64 import (
     init_cpreg_list,
 )
 from vmferry.machine.profiles import HostProfile, load_profile
+from vmferry.sync import MAIN_THREAD, scheduled
 
 K2, K3, K4, K5, K6, K7 = ("arm64-linux-4.17", "arm64-linux-5.3", "arm64-linux-5.17",
                           "arm64-linux-5.19", "arm64-linux-6.13", "arm64-linux-6.15")
@@ -574,3 +580,92 @@ def test_check_46_concurrent_psci_set_is_vm_wide(order: tuple[int, int]) -> None
 def test_check_41_smoke_seed_case_new_to_old_fails() -> None:
     cell = run_cell(CellSpec(K2, "arm64-linux-4.16", "default", "avail", "avail", "qemu"))
     assert cell is not None and cell.outcome == "fails_after_stop"
+
+
+# --- a tiny deterministic interleaving driver (greenlets on the sync.yield_point seam) -----------
+
+
+class Interleaver:
+    """Runs model threads as greenlets; at each yield point the next thread comes from
+    ``schedule`` (then round-robin).  Blocked threads (``wait``) are simply skipped."""
+
+    def __init__(self, threads: dict[str, Callable[[], object]], schedule: Sequence[str]
+                 ) -> None:
+        self.driver = greenlet.getcurrent()
+        self.threads = {name: greenlet.greenlet(fn) for name, fn in threads.items()}
+        self.schedule = list(schedule)
+        self.results: dict[str, object] = {}
+        self.current = MAIN_THREAD
+
+    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
+        self.driver.switch()
+
+    def wait(self, label: str, ready: Callable[[], bool]) -> None:
+        while not ready():
+            self.driver.switch()
+
+    def current_thread(self) -> str:
+        return self.current
+
+    def run(self) -> dict[str, object]:
+        with scheduled(self):
+            for turn in range(10_000):
+                live = [n for n, g in self.threads.items() if not g.dead]
+                if not live:
+                    return self.results
+                fallback = live[turn % len(live)]
+                wanted = self.schedule.pop(0) if self.schedule else fallback
+                self.current = wanted if wanted in live else fallback
+                out = self.threads[self.current].switch()
+                if self.threads[self.current].dead:
+                    self.results[self.current] = out
+        raise AssertionError("interleaving did not terminate")
+
+
+def _bitmap_race(faults: FwFaults, schedule: Sequence[str]) -> tuple[bool, int]:
+    vm = new_vm(K5, faults=faults)
+    setter, runner = new_vcpu(vm), new_vcpu(vm)
+
+    def do_set() -> bool:
+        return set_ok(setter, VENDOR, 0x1)
+
+    def do_run() -> int:
+        runner.run()
+        return runner.hvc(P.KVM_VENDOR_HYP_PTP)[0]  # 0: PTP still offered (old bitmap)
+
+    out = Interleaver({"set": do_set, "run": do_run}, schedule).run()
+    return bool(out["set"]), int(cast(int, out["run"]))
+
+
+def test_check_48_bitmap_set_racing_first_run() -> None:
+    schedules = [list(s) for s in itertools.product(("set", "run"), repeat=6)]
+    bad = []
+    for schedule in schedules:
+        ok, ptp = _bitmap_race(FwFaults(), schedule)
+        assert (ok and ptp == -1) or (not ok and ptp == 0), schedule
+        ok, ptp = _bitmap_race(FwFaults(no_config_lock=True), schedule)
+        if ok and ptp == 0:
+            bad.append(schedule)
+    assert bad  # the faulty mode lets a SET succeed under a guest that saw the old bitmap
+
+
+def _cpu_on_race(faults: FwFaults, schedule: Sequence[str], n: int = 8) -> list[int]:
+    vm = new_vm(K5, faults=faults)
+    callers = [new_vcpu(vm) for _ in range(n)]
+    target = new_vcpu(vm, {KVM_ARM_VCPU_PSCI_0_2, KVM_ARM_VCPU_POWER_OFF})
+    mpidr = target.mpidr & 0xFF00FFFFFF
+    threads = {f"t{i}": (lambda c=c: c.hvc(P.PSCI_ID64["CPU_ON"], mpidr)[0])
+               for i, c in enumerate(callers)}
+    out = Interleaver(cast(dict[str, Callable[[], object]], threads), schedule).run()
+    return sorted(int(cast(int, v)) for v in out.values())
+
+
+def test_check_49_cpu_on_exactly_one_success() -> None:
+    rng = random.Random(49)
+    names = [f"t{i}" for i in range(8)]
+    schedules = [["t0", "t1", "t0", "t1"]] + [[rng.choice(names) for _ in range(40)]
+                                             for _ in range(150)]
+    for schedule in schedules:
+        assert _cpu_on_race(FwFaults(), schedule) == [-4] * 7 + [0]
+    faulty = [_cpu_on_race(FwFaults(cpu_on_unlocked=True), s) for s in schedules]
+    assert any(r.count(0) >= 2 for r in faulty)

@@ -183,6 +183,7 @@ class FwFaults:
     store_wa_on_set: bool = False
     per_vcpu_psci: bool = False
     no_config_lock: bool = False
+    cpu_on_unlocked: bool = False
 
 
 def host_reg_level(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> int:
@@ -316,7 +317,9 @@ class KvmVcpu:
         self.wa2_flag = False  # 5.3-5.9 per-vCPU "WA_2 enabled" flag
         self.stored_wa: dict[int, int] = {}  # only used by the store_wa_on_set fault
         self.local_psci = 0  # only used by the per_vcpu_psci fault
+        # Invariant: mp_state changes only under mp_state_lock (CPU_ON, CPU_OFF, system events).
         self.mp_state = MpState.RUNNABLE
+        self.mp_state_lock = ModelLock(f"vcpu{index}.mp_state_lock")
         self.pending_exit: SystemEvent | None = None
 
     # -- init and run --------------------------------------------------------------------
@@ -657,13 +660,19 @@ class KvmVcpu:
         vcpu = self.vm.vcpu_by_mpidr(target)
         if vcpu is None:
             return P.PsciRet.INVALID_PARAMS
-        yield_point("kvm.mp_state", vcpu, write=False)
+        if self.vm.faults.cpu_on_unlocked:
+            return self._cpu_on_target(vcpu, pc, context, version)
+        with vcpu.mp_state_lock:
+            return self._cpu_on_target(vcpu, pc, context, version)
+
+    def _cpu_on_target(self, vcpu: KvmVcpu, pc: int, context: int, version: int) -> int:
+        yield_point("kvm.cpu_on.check", vcpu, write=False)
         if vcpu.mp_state is not MpState.STOPPED:
             return (P.PsciRet.ALREADY_ON if version >= P.KVM_ARM_PSCI_0_2
                     else P.PsciRet.INVALID_PARAMS)
         vcpu.core[R.CORE_REGS["pc"]] = pc
         vcpu.core[R.CORE_REGS["x0"]] = context
-        yield_point("kvm.mp_state", vcpu, write=True)
+        yield_point("kvm.cpu_on.publish", vcpu, write=True)
         vcpu.mp_state = MpState.RUNNABLE
         return P.PsciRet.SUCCESS
 
