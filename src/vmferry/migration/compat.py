@@ -239,7 +239,11 @@ def _register_refusal(state: Arm64State, dest: DestinationCaps) -> Decision | No
             merged = merge_cpregs(dest.own, vcpu.cpregs, dest.merge_mode)
         except CpuLoadError as exc:
             exc = explain_unknown(exc, dest.own, vcpu.cpregs, dest.merge_mode)
-            return Decision(Verdict.REFUSE, f"{exc.step}: {exc.reason}", exc.rid, exc.value)
+            what = R.register_name(exc.rid) if exc.rid is not None else "a register"
+            return Decision(Verdict.REFUSE,
+                            f"destination {dest.profile} (Linux {dest.kernel}) does not know "
+                            f"{what}; loading would fail at {exc.step} after the source "
+                            f"stopped: {exc.reason}", exc.rid, exc.value)
         for rid, value in vcpu.cpregs.items():
             acc = dest.accepts.get(rid)
             if acc is not None and merged.merged.get(rid) is not None and not acc.accepts(value):
@@ -282,11 +286,12 @@ def _degraded(source: SourceState, stream: CpregList, dest: DestinationCaps,
     path = ("6.6/1: no workaround register in the stream (source kernel predates it), "
             "destination host less protected" if not in_stream else
             "workaround register accepted but the guest's boot-time decision is not honoured")
-    reason = (f"guest would silently lose its {WA_NAMES[wa]} mitigation: boot-time decision "
-              f"'{decision.value}', destination {dest.profile} provides "
-              f"'{dest.protection[wa].value}'")
-    if decision is BootDecision.NOT_NEEDED:
-        reason += " (guest trusted 'unaffected' and installed nothing)"
+    was = statuses(source.view, source.protection)[wa].value
+    reason = (f"guest would silently lose {WA_NAMES[wa]} protection: {was} on the source "
+              f"(boot-time decision '{decision.value}'), vulnerable on {dest.profile}, which "
+              f"provides '{dest.protection[wa].value}'")
+    if decision is not BootDecision.FIRMWARE_CALLS:
+        reason += "; the guest installed no workaround calls and never re-probes"
     verdict = Verdict.DEGRADED if allow else Verdict.REFUSE
     return Decision(verdict, reason, wa.reg, stream.get(wa.reg), gone, path, notes,
                      source.view.psci_version, psci_after)
