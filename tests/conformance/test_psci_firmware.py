@@ -14,6 +14,7 @@ import greenlet
 import pytest
 
 from vmferry.analysis.matrix import CellSpec, run_cell
+from vmferry.errors import DoubleFree, UseAfterFree
 from vmferry.guest.psci_client import Arm64Guest, probe
 from vmferry.hw.kvm import psci as P
 from vmferry.hw.kvm import regs as R
@@ -669,3 +670,42 @@ def test_check_49_cpu_on_exactly_one_success() -> None:
         assert _cpu_on_race(FwFaults(), schedule) == [-4] * 7 + [0]
     faulty = [_cpu_on_race(FwFaults(cpu_on_unlocked=True), s) for s in schedules]
     assert any(r.count(0) >= 2 for r in faulty)
+
+
+def test_check_47_version_read_once_per_call() -> None:
+    rng = random.Random(47)
+    schedules = [list(s) for s in itertools.product(("call", "set"), repeat=4)]
+    schedules += [[rng.choice(("call", "set")) for _ in range(6)] for _ in range(1000)]
+
+    def run(faults: FwFaults, schedule: Sequence[str]) -> tuple[int, int]:
+        vm = new_vm(K5, faults=faults)
+        caller, setter = new_vcpu(vm), new_vcpu(vm)
+        caller.set_one_reg(PSCI, 0x10000)
+        out = Interleaver({"call": lambda: caller.hvc(P.PSCI_ID["PSCI_VERSION"])[0],
+                           "set": lambda: setter.set_one_reg(PSCI, 0x2)}, schedule).run()
+        return caller.last_dispatch, int(cast(int, out["call"]))
+
+    for schedule in schedules:
+        dispatched, answered = run(FwFaults(), schedule)
+        assert dispatched == answered, schedule
+    mismatches = [s for s in schedules[:16]
+                  if len(set(run(FwFaults(double_read_version=True), s))) == 2]
+    assert mismatches  # 1.x handler chosen, 0.2 answered
+
+
+def test_check_50_vcpu_held_across_destroy() -> None:
+    vm = new_vm(K5)
+    held = new_vcpu(vm).get()  # the migration thread's reference
+    vm.destroy()
+    assert errno_of(held.get_one_reg, PSCI) == errno.EBADF
+    assert errno_of(held.hvc, P.PSCI_ID["PSCI_VERSION"]) == errno.EBADF
+    assert held.refcount == 1 and not held.freed
+    held.put()
+    assert held.refcount == 0 and held.freed
+    with pytest.raises(DoubleFree):
+        held.put()
+    faulty = new_vm(K5, faults=FwFaults(use_after_destroy=True))
+    stale = new_vcpu(faulty).get()
+    faulty.destroy()
+    with pytest.raises(UseAfterFree):
+        stale.get_one_reg(PSCI)

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
-from vmferry.errors import KernelError
+from vmferry.errors import DoubleFree, KernelError, UseAfterFree
 from vmferry.hw.kvm import psci as P
 from vmferry.hw.kvm import regs as R
 from vmferry.sync import ModelLock, yield_point
@@ -184,6 +184,8 @@ class FwFaults:
     per_vcpu_psci: bool = False
     no_config_lock: bool = False
     cpu_on_unlocked: bool = False
+    double_read_version: bool = False
+    use_after_destroy: bool = False
 
 
 def host_reg_level(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> int:
@@ -282,11 +284,25 @@ class KvmVm:
         self.vcpus: list[KvmVcpu] = []
         self.features: frozenset[int] | None = None
         self.system_suspend = False
+        self.destroyed = False
 
     def create_vcpu(self) -> KvmVcpu:
         vcpu = KvmVcpu(self, len(self.vcpus))
         self.vcpus.append(vcpu)
         return vcpu
+
+    def destroy(self) -> None:
+        """Tear the VM down: drop the VM's own reference to every vCPU.
+
+        Correct mode: a vCPU someone still holds stays allocated and its ioctls fail with
+        EBADF until the holder puts it.  ``use_after_destroy``: vCPUs are freed at once.
+        """
+        self.destroyed = True
+        for vcpu in self.vcpus:
+            if self.faults.use_after_destroy:
+                vcpu.freed = True
+            else:
+                vcpu.put()
 
     def enable_system_suspend(self) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_ARM_SYSTEM_SUSPEND)``."""
@@ -321,11 +337,34 @@ class KvmVcpu:
         self.mp_state = MpState.RUNNABLE
         self.mp_state_lock = ModelLock(f"vcpu{index}.mp_state_lock")
         self.pending_exit: SystemEvent | None = None
+        self.last_dispatch = 0  # version the PSCI dispatcher chose a handler with
+        # Invariant: refcount >= 0; freed iff it reached 0 (or the faulty destroy freed it).
+        self.refcount = 1  # the VM's own reference
+        self.freed = False
+
+    def get(self) -> KvmVcpu:
+        """Take a reference (a migration thread holding the vCPU)."""
+        self._check_alive("get")
+        self.refcount += 1
+        return self
+
+    def put(self) -> None:
+        if self.refcount <= 0:
+            raise DoubleFree(f"vcpu{self.index}: put with refcount {self.refcount}")
+        self.refcount -= 1
+        self.freed = self.refcount == 0
+
+    def _check_alive(self, op: str) -> None:
+        if self.freed:  # the poisoned-object check
+            raise UseAfterFree(f"vcpu{self.index}: {op} on a freed vCPU")
+        if self.vm.destroyed:
+            raise KvmError(errno.EBADF, op, detail="VM destroyed")
 
     # -- init and run --------------------------------------------------------------------
 
     def vcpu_init(self, features: Iterable[int]) -> None:
         """``KVM_ARM_VCPU_INIT``: unknown bits or a second, different VM-wide set -> EINVAL."""
+        self._check_alive("KVM_ARM_VCPU_INIT")
         feats = frozenset(features)
         if feats - _KNOWN_FEATURES:
             raise KvmError(errno.EINVAL, "KVM_ARM_VCPU_INIT", detail=f"features {sorted(feats)}")
@@ -403,6 +442,7 @@ class KvmVcpu:
             self.sysregs[rid] = value
 
     def _require_init(self, op: str) -> None:
+        self._check_alive(op)
         if not self.initialized:
             raise KvmError(errno.ENOEXEC, op, detail="vCPU not initialised")
 
@@ -536,6 +576,7 @@ class KvmVcpu:
 
     def hvc(self, x0: int, x1: int = 0, x2: int = 0, x3: int = 0) -> tuple[int, int, int, int]:
         """One guest HVC; returns x0..x3 as the guest sees them (x0 signed for error codes)."""
+        self._check_alive("hvc")
         fid = x0 & 0xFFFFFFFF
         if self.is_32bit and P.smccc_is_64(fid):
             return (P.SmcccRet.NOT_SUPPORTED, x1, x2, x3)
@@ -616,6 +657,10 @@ class KvmVcpu:
             return (fid, x1, x2, x3)
         if not P.smccc_is_64(fid):
             x1, x2, x3 = x1 & 0xFFFFFFFF, x2 & 0xFFFFFFFF, x3 & 0xFFFFFFFF
+        self.last_dispatch = version
+        yield_point("kvm.psci.dispatch", self.vm, write=False)
+        if self.vm.faults.double_read_version:  # faulty: the handler reads it again
+            version = self.effective_psci_version()
         return (self._psci_call(fn.name, version, x1, x2, x3), x1, x2, x3)
 
     def _psci_call(self, name: str, version: int, x1: int, x2: int, x3: int) -> int:
