@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmferry.errors import StreamDecodeError
 from vmferry.hw.kvm import regs as R
@@ -62,3 +66,16 @@ def test_bad_set_changes_nothing() -> None:
     with pytest.raises(KvmError):
         m.vcpus[0].set_one_reg(R.KVM_REG_ARM_STD_BMAP, 0x6)
     assert m.save() == before
+
+
+_SAMPLE = encode_state(Arm64Machine(load_profile("arm64-linux-5.19")).save())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64) | st.builds(
+    lambda cut, flips: bytes(b ^ flips.get(i, 0) for i, b in enumerate(_SAMPLE[:cut])),
+    st.integers(0, len(_SAMPLE)),
+    st.dictionaries(st.integers(0, len(_SAMPLE) - 1), st.integers(1, 255), max_size=4)))
+def test_decode_never_raises_untyped(data: bytes) -> None:
+    with contextlib.suppress(StreamDecodeError):
+        decode_state(data)
