@@ -116,6 +116,18 @@ class Workaround(Enum):
     def key(self) -> str:
         return self.name.lower()
 
+    @classmethod
+    def by_reg(cls, rid: int) -> Workaround:
+        return _WA_BY_REG[rid]
+
+    @classmethod
+    def by_fid(cls, fid: int) -> Workaround | None:
+        return _WA_BY_FID.get(fid)
+
+
+_WA_BY_REG: dict[int, Workaround] = {w.reg: w for w in Workaround}
+_WA_BY_FID: dict[int, Workaround] = {w.fid: w for w in Workaround}
+
 
 @dataclass(frozen=True)
 class HostMitigation:
@@ -262,6 +274,18 @@ class SystemEvent:
 class MpState(Enum):
     RUNNABLE = "runnable"
     STOPPED = "stopped"
+
+
+#: Hypercall services gated by a bitmap register bit (spec 3.3): fid -> (register, bit).
+SERVICE_GATES: dict[int, tuple[int, int]] = {
+    **dict.fromkeys(P.TRNG_IDS, (R.KVM_REG_ARM_STD_BMAP, 0)),
+    **dict.fromkeys(P.PV_TIME_IDS, (R.KVM_REG_ARM_STD_HYP_BMAP, 0)),
+    P.KVM_VENDOR_HYP_FEATURES: (R.KVM_REG_ARM_VENDOR_HYP_BMAP, 0),
+    P.KVM_VENDOR_HYP_CALL_UID: (R.KVM_REG_ARM_VENDOR_HYP_BMAP, 0),
+    P.KVM_VENDOR_HYP_PTP: (R.KVM_REG_ARM_VENDOR_HYP_BMAP, 1),
+    P.KVM_VENDOR_HYP_DISCOVER_IMPL_VER: (R.KVM_REG_ARM_VENDOR_HYP_BMAP_2, 0),
+    P.KVM_VENDOR_HYP_DISCOVER_IMPL_CPUS: (R.KVM_REG_ARM_VENDOR_HYP_BMAP_2, 1),
+}
 
 
 # --- the VM -----------------------------------------------------------------------------------
@@ -475,7 +499,7 @@ class KvmVcpu:
         if rid in R.WORKAROUND_REGS:
             if self.vm.faults.store_wa_on_set and rid in self.stored_wa:
                 return self.stored_wa[rid]
-            wa = next(w for w in Workaround if w.reg == rid)
+            wa = Workaround.by_reg(rid)
             level = host_reg_level(self.vm.caps, self.vm.host, wa)
             if wa is Workaround.WA2 and level == WA2_AVAIL and self.wa2_flag:
                 level |= WA2_ENABLED
@@ -513,7 +537,7 @@ class KvmVcpu:
             self.vm.psci_version = value
 
     def _check_wa_level(self, rid: int, value: int) -> None:
-        wa = next(w for w in Workaround if w.reg == rid)
+        wa = Workaround.by_reg(rid)
         host_level = host_reg_level(self.vm.caps, self.vm.host, wa)
         if value & ~WA_LEVEL_MASK:
             raise KvmError(errno.EINVAL, "KVM_SET_ONE_REG", rid, value, "bits above level")
@@ -591,16 +615,7 @@ class KvmVcpu:
 
     def _service_allowed(self, fid: int) -> bool | None:
         """Bitmap gating (5.19+): True/False for gated ids, None for ids not gated here."""
-        gates = {
-            **dict.fromkeys(P.TRNG_IDS, (R.KVM_REG_ARM_STD_BMAP, 0)),
-            **dict.fromkeys(P.PV_TIME_IDS, (R.KVM_REG_ARM_STD_HYP_BMAP, 0)),
-            P.KVM_VENDOR_HYP_FEATURES: (R.KVM_REG_ARM_VENDOR_HYP_BMAP, 0),
-            P.KVM_VENDOR_HYP_CALL_UID: (R.KVM_REG_ARM_VENDOR_HYP_BMAP, 0),
-            P.KVM_VENDOR_HYP_PTP: (R.KVM_REG_ARM_VENDOR_HYP_BMAP, 1),
-            P.KVM_VENDOR_HYP_DISCOVER_IMPL_VER: (R.KVM_REG_ARM_VENDOR_HYP_BMAP_2, 0),
-            P.KVM_VENDOR_HYP_DISCOVER_IMPL_CPUS: (R.KVM_REG_ARM_VENDOR_HYP_BMAP_2, 1),
-        }
-        gate = gates.get(fid)
+        gate = SERVICE_GATES.get(fid)
         if gate is None:
             return None
         rid, bit = gate
@@ -614,7 +629,7 @@ class KvmVcpu:
             return (P.ARM_SMCCC_VERSION_1_1, 0, 0, 0)
         if fid == P.Smccc.ARCH_FEATURES:
             return (self._arch_features(x1 & 0xFFFFFFFF), 0, 0, 0)
-        wa = next((w for w in Workaround if w.fid == fid), None)
+        wa = Workaround.by_fid(fid)
         if wa is not None:
             known = wa in self.vm.caps.wa_discoverable
             return (P.SmcccRet.SUCCESS, 0, 0, 0) if known else ns
@@ -626,7 +641,7 @@ class KvmVcpu:
         return self._service(fid)
 
     def _arch_features(self, target: int) -> int:
-        wa = next((w for w in Workaround if w.fid == target), None)
+        wa = Workaround.by_fid(target)
         if wa is not None:
             return arch_features_answer(self.vm.caps, self.vm.host, wa)
         if target == P.PV_TIME_FEATURES:

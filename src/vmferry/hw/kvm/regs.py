@@ -239,16 +239,17 @@ def _debug_space() -> tuple[SysReg, ...]:
 SYSREG_CATALOGUE: Final[tuple[SysReg, ...]] = _NAMED_SYSREGS + _id_space() + _debug_space()
 
 
+_NAMES: Final[dict[int, str]] = {
+    **{rid: f"core:{name}" for name, rid in CORE_REGS.items()},
+    **{reg.rid: reg.name for reg in SYSREG_CATALOGUE},
+    **FW_REG_NAMES,
+}
+
+
 def register_name(rid: int) -> str:
     """A readable name for any id (used in reasons and error messages)."""
-    if rid in FW_REG_NAMES:
-        return FW_REG_NAMES[rid]
-    for name, core in CORE_REGS.items():
-        if core == rid:
-            return f"core:{name}"
-    for reg in SYSREG_CATALOGUE:
-        if reg.rid == rid:
-            return reg.name
+    if rid in _NAMES:
+        return _NAMES[rid]
     if is_routable(rid) and coproc_of(rid) == Coproc.FW:
         return f"fw reg {rid & 0xFFFF}"
     if is_routable(rid) and coproc_of(rid) == Coproc.FW_FEAT_BMAP:
