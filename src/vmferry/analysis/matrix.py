@@ -96,6 +96,7 @@ class Cell:
     psci_before: str | None = None
     psci_after: str | None = None
     lost: tuple[str, ...] = ()
+    source_running: bool = False  # refused / fails_after_stop: the source (re)runs the guest
     guest_before: dict[str, str] = field(default_factory=dict)
     guest_after: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -163,7 +164,8 @@ def run_cell(spec: CellSpec, ctx: MatrixContext | None = None) -> Cell | None:
         if decision.verdict is Verdict.REFUSE:
             return _cell(base, "refused", decision.reason, step="pre-flight",
                          register=decision.register, value=decision.value,
-                         lost=tuple(w.key for w in decision.lost))
+                         lost=tuple(w.key for w in decision.lost),
+                         source_running=not src.vm.destroyed)
         verdict = decision.verdict
     data = encode_state(src.save())  # the source has stopped the guest from here on
     dst = Arm64Machine(ctx.profile(spec.destination, spec.destination_mitigation))
@@ -174,8 +176,9 @@ def run_cell(spec: CellSpec, ctx: MatrixContext | None = None) -> Cell | None:
         if verdict is not None:
             raise InvariantViolation(f"pre-flight passed but the load failed: {exc}") from exc
         src.put_registers()  # the source resumes the guest with its own, unchanged state
+        resumed = guest.status_on(src.protection()) == before
         return _cell(base, "fails_after_stop", f"{exc.step}: {exc.reason}", step=exc.step,
-                     register=exc.rid, value=exc.value)
+                     register=exc.rid, value=exc.value, source_running=resumed)
     dst.start()
     after = guest.status_on(dst.protection())
     return _finish(base, spec, verdict, report, before, after, dst, view.psci_version)

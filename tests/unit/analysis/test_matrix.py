@@ -53,6 +53,7 @@ def test_json_schema(qemu_cells: list[Cell]) -> None:
         assert item["source_mitigation"] in MITIGATIONS
         assert item["source"] in list_profiles() and item["destination"] in list_profiles()
         assert item["reason"]
+        assert item["source_running"] is (item["outcome"] in ("refused", "fails_after_stop"))
 
 
 def test_every_applicable_cell_is_present(qemu_cells: list[Cell]) -> None:
