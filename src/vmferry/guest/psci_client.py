@@ -20,12 +20,13 @@ boot and is not any more is a silent loss.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from vmferry.errors import ModelError
+from vmferry.errors import MalformedRecord, ModelError
 from vmferry.hw.kvm import psci as P
 from vmferry.hw.kvm.arm64_fw import Protection, Workaround
 
@@ -160,6 +161,11 @@ class Arm64Guest:
             raise ModelError("guest has not booted: no boot-time firmware view")
         return statuses(self.view, truth)
 
+    def restore(self, view: BootView, boot_status: Mapping[Workaround, Status]) -> None:
+        """Adopt a migrated view (the destination side of the guest's memory)."""
+        self.view = view
+        self.boot_status = dict(boot_status)
+
     def report(self, truth: Mapping[Workaround, Protection]) -> dict[str, object]:
         """The guest part of a VM report: PSCI/SMCCC seen at boot, status per workaround."""
         if self.view is None:
@@ -173,3 +179,52 @@ class Arm64Guest:
             "decisions": {wa.key: d.value for wa, d in self.view.decisions},
             "lost": [wa.key for wa in lost(self.boot_status, now)],
         }
+
+
+# --- the guest's view travels with the guest (it lives in guest memory) -------------------------
+
+_VIEW_MAGIC = b"PSCV"
+_DECISIONS = tuple(Decision)
+_STATUSES = tuple(Status)
+
+
+def encode_view(view: BootView, boot_status: Mapping[Workaround, Status]) -> bytes:
+    """``"PSCV" | u32 psci | u32 smccc (0 = none) | per WA: i32 answer (or -128 = not asked),
+    u8 decision, u8 boot status | u16 n | n x (u32 fid, u64 arg)``, big-endian."""
+    answers = dict(view.answers)
+    out = [_VIEW_MAGIC, struct.pack(">II", view.psci_version & 0xFFFFFFFF,
+                                    view.smccc_version or 0)]
+    for wa in Workaround:
+        out.append(struct.pack(">iBB", answers.get(wa, _NOT_ASKED),
+                               _DECISIONS.index(view.decision(wa)),
+                               _STATUSES.index(boot_status[wa])))
+    out.append(struct.pack(">H", len(view.calls)))
+    out += [struct.pack(">IQ", fid, arg) for fid, arg in view.calls]
+    return b"".join(out)
+
+
+_NOT_ASKED = -128
+
+
+def decode_view(data: bytes) -> tuple[BootView, dict[Workaround, Status]]:
+    """Strict inverse of :func:`encode_view`; MalformedRecord on anything else."""
+    try:
+        if data[:4] != _VIEW_MAGIC:
+            raise MalformedRecord("bad guest view magic")
+        psci, smccc = struct.unpack_from(">II", data, 4)
+        pos, answers, decisions, status = 12, [], [], {}
+        for wa in Workaround:
+            answer, dec, st = struct.unpack_from(">iBB", data, pos)
+            pos += 6
+            if answer != _NOT_ASKED:
+                answers.append((wa, answer))
+            decisions.append((wa, _DECISIONS[dec]))
+            status[wa] = _STATUSES[st]
+        (n,) = struct.unpack_from(">H", data, pos)
+        calls = tuple(struct.unpack_from(">IQ", data, pos + 2 + 12 * i) for i in range(n))
+        if pos + 2 + 12 * n != len(data):
+            raise MalformedRecord("guest view length mismatch")
+    except (struct.error, IndexError) as exc:
+        raise MalformedRecord(f"malformed guest view: {exc}") from exc
+    view = BootView(psci, smccc or None, tuple(answers), tuple(decisions), calls)
+    return view, status
