@@ -115,9 +115,7 @@ def _check_request(flags: int, cur: int, new: int) -> None:
                         state=_state_or_none(cur))  # fmt: skip
 
 
-def next_state(
-    flags: int, cur: int, new: int, *, mode: FsmMode = "fixed"
-) -> DeviceState:
+def next_state(flags: int, cur: int, new: int, *, mode: FsmMode = "fixed") -> DeviceState:
     """One hop from ``cur`` towards ``new``.
 
     Raises VfioError(EINVAL) where the kernel returns -EINVAL, and NonTermination when the

@@ -63,9 +63,7 @@ STATE_REQUIRES: dict[DeviceState, int] = {
 }
 
 #: States of the saving group: a session streams device state out while in them.
-SAVING_STATES = frozenset(
-    {DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, DeviceState.STOP_COPY}
-)
+SAVING_STATES = frozenset({DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P, DeviceState.STOP_COPY})
 PRE_COPY_STATES = frozenset({DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P})
 
 

@@ -1,0 +1,111 @@
+"""pds-like driver: STOP_COPY (optionally P2P), the whole state as one firmware blob.
+
+Like ``drivers/vfio/pci/pds``: STOP -> STOP_COPY issues one SAVE into a file of exactly
+the state size; reads return bytes up to that size, then 0.  STOP -> RESUMING allocates
+a buffer of the state size; writes append and a write with no room left fails EINVAL.
+RESUMING -> STOP issues one RESTORE of the buffer, which the firmware validates.  A
+disabled file is freed to size 0 (read at position 0 returns 0, beyond it EINVAL); a
+firmware recovery may put the device in ERROR, after which every SET fails EIO.
+
+Blob layout (the firmware's; the model's own choice of fields)::
+
+    0  magic 'PDSL' | version u16 | reserved u16
+    8  payload_len u64 | payload xxh64 u64 | tick u64
+    32 payload: the device image (state size - 32 bytes)
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import xxhash
+
+from vmferry.hw.memory import GuestMemory
+from vmferry.hw.vfio.drivers.base import DeviceCapability, DmaRegion
+from vmferry.hw.vfio.drivers.image import ImageDriver
+from vmferry.hw.vfio.errors import VfioError
+from vmferry.hw.vfio.states import MigrationFlags
+from vmferry.hw.vfio.stream import DataStream, DisabledRead
+
+BLOB_HEADER = struct.Struct("<4sHHQQQ")
+BLOB_MAGIC = b"PDSL"
+#: PDS_LM_DEVICE_STATE_LENGTH
+PDS_STATE_LENGTH = 65536
+
+
+@dataclass
+class _Restore:
+    """The resuming file's buffer (invariant: ``written`` <= len(buf))."""
+
+    buf: np.ndarray
+    written: int = 0
+
+
+class PdsDriver(ImageDriver):
+    name: ClassVar[str] = "pds"
+    disabled_read: ClassVar[DisabledRead] = "pds"
+    error_state_errno: ClassVar[int] = errno.EIO
+
+    def __init__(self, memory: GuestMemory, dma: DmaRegion, seed: int,
+                 state_size: int = PDS_STATE_LENGTH, p2p: bool = False) -> None:  # fmt: skip
+        self.flags = MigrationFlags.STOP_COPY | (MigrationFlags.P2P if p2p else 0)
+        self.state_size = state_size
+        super().__init__(memory, dma, seed, state_size - BLOB_HEADER.size)
+
+    def data_size(self) -> int:
+        return self.state_size
+
+    def capability(self) -> DeviceCapability:
+        return DeviceCapability(self.name, self.flags, self.state_size,
+                                (("state_size", self.state_size),))  # fmt: skip
+
+    def _save_open(self, stream: DataStream, *, precopy: bool) -> None:
+        blob = np.empty(self.state_size, dtype=np.uint8)
+        blob[BLOB_HEADER.size :] = self.image
+        _, tick, _, _, _ = self.header()
+        digest = xxhash.xxh64_intdigest(blob[BLOB_HEADER.size :].data)
+        BLOB_HEADER.pack_into(blob.data, 0, BLOB_MAGIC, 1, 0, self.image_size, digest, tick)
+        stream.append(blob.data)
+
+    def _save_final(self, stream: DataStream) -> None:
+        raise VfioError(errno.EINVAL, "pds has no pre-copy")
+
+    def _resume_open(self, stream: DataStream) -> None:
+        stream.parser = _Restore(np.empty(self.state_size, dtype=np.uint8))
+
+    def _restore(self, stream: DataStream) -> _Restore:
+        restore = stream.parser
+        assert isinstance(restore, _Restore)
+        return restore
+
+    def resume_write(self, stream: DataStream, data: memoryview) -> int:
+        restore = self._restore(stream)
+        room = self.state_size - restore.written
+        if room == 0 and len(data):
+            raise VfioError(errno.EINVAL, f"resume data beyond {self.state_size} bytes")
+        n = min(room, len(data))
+        restore.buf[restore.written : restore.written + n] = np.frombuffer(data[:n], np.uint8)
+        restore.written += n
+        return n
+
+    def _resume_commit(self, stream: DataStream) -> None:
+        restore = self._restore(stream)
+        if restore.written != self.state_size:
+            raise VfioError(errno.EINVAL, f"RESTORE of {restore.written} bytes, "
+                            f"blob is {self.state_size}")  # fmt: skip
+        magic, version, _, length, digest, _ = BLOB_HEADER.unpack_from(restore.buf.data, 0)
+        if magic != BLOB_MAGIC or version != 1 or length != self.image_size:
+            raise VfioError(errno.EINVAL, "RESTORE: blob header does not match this device")
+        payload = restore.buf[BLOB_HEADER.size :]
+        if xxhash.xxh64_intdigest(payload.data) != digest:
+            raise VfioError(errno.EINVAL, "RESTORE: blob checksum mismatch")
+        self.image[:] = payload
+
+    def _resume_load_unchecked(self, stream: DataStream) -> None:
+        restore = self._restore(stream)
+        n = max(0, min(restore.written - BLOB_HEADER.size, self.image_size))
+        self.image[:n] = restore.buf[BLOB_HEADER.size : BLOB_HEADER.size + n]
