@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import random
 
 import pytest
@@ -153,8 +154,7 @@ def test_check_11_raw_table_for_all_flags() -> None:
     assert len(TABLE) == 8 and all(len(row) == 8 for row in TABLE.values())
 
 
-_N = {"RUNNING": S.RUNNING, "STOP": S.STOP, "STOP_COPY": S.STOP_COPY, "RESUMING": S.RESUMING,
-      "RUNNING_P2P": S.RUNNING_P2P, "PRE_COPY": S.PRE_COPY, "PRE_COPY_P2P": S.PRE_COPY_P2P}  # fmt: skip
+_N = {s.name: s for s in DeviceState if s != S.ERROR}
 
 # Section 4.3, transcribed: rows "from", columns in the order of the header.
 PATHS: dict[int, tuple[list[str], list[list[str]]]] = {
@@ -218,7 +218,7 @@ def test_check_13_running_to_stop_arc() -> None:
     for cur in states_for(0x3):
         for new in states_for(0x3):
             hops = [cur, *path(0x3, cur, new)]
-            assert (S.RUNNING, S.STOP) not in zip(hops, hops[1:], strict=False)
+            assert (S.RUNNING, S.STOP) not in itertools.pairwise(hops)
     dev = make("pds_p2p")
     dev.set_state(S.STOP)
     assert dev.driver is not None
@@ -666,3 +666,266 @@ def test_check_44_reset_from_precopy() -> None:
     expect_errno(errno.ENODEV, stream.read, 10)
     fresh = dev.set_state(S.STOP_COPY)
     assert fresh is not None and fresh is not stream and drain(fresh)
+
+
+def test_check_45_vmm_detects_out_of_sync_fd() -> None:
+    from vmferry.hw.vfio.vmm import VmmDevice
+
+    dev = make()
+    vmm = VmmDevice(dev)
+    vmm.save_setup()
+    assert vmm.data_fd >= 0
+    dev.reset()  # asynchronous: the VMM's cached state is stale
+    files = len(dev.fds.files)
+    expect_errno(errno.EBADF, vmm.set_state, S.STOP_COPY)
+    assert len(dev.fds.files) == files  # the new fd was closed again
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def _two_sets(mode: tuple[str, ...]) -> list[BaseException | None]:
+    from vmferry.testing.interleave import explore
+
+    verdicts: list[BaseException | None] = []
+
+    def build():  # type: ignore[no-untyped-def]
+        dev = make(faults=list(mode))
+        dev.set_state(S.STOP)
+
+        def check(result):  # type: ignore[no-untyped-def]
+            for err in result.errors.values():
+                if err is not None and not isinstance(err, VfioError):
+                    raise err
+            dev.check_invariants()
+            assert dev.state in (S.STOP_COPY, S.RESUMING)
+
+        return {"a": lambda: dev.set_state(S.STOP_COPY),
+                "b": lambda: dev.set_state(S.RESUMING)}, check  # fmt: skip
+
+    for _, verdict in explore(build, max_schedules=3000):
+        verdicts.append(verdict)
+    return verdicts
+
+
+def test_check_46_concurrent_sets_are_serialised() -> None:
+    correct = _two_sets(())
+    assert correct and all(v is None for v in correct)
+    racy = _two_sets(("no_state_mutex",))
+    assert any(v is not None for v in racy)
+
+
+def _precopy_race(faults: list[str]) -> list[BaseException | None]:
+    from vmferry.testing.interleave import explore
+
+    out: list[BaseException | None] = []
+
+    def build():  # type: ignore[no-untyped-def]
+        dev = make(faults=faults)
+        stream = dev.set_state(S.PRE_COPY)
+        assert stream is not None
+        got: list[object] = []
+
+        def info() -> None:
+            try:
+                got.append(stream.precopy_info())
+            except VfioError as exc:
+                assert exc.errno == errno.EINVAL
+                got.append(exc)
+
+        def check(result):  # type: ignore[no-untyped-def]
+            for err in result.errors.values():
+                if err is not None:
+                    raise err
+
+        return {"info": info, "set": lambda: dev.set_state(S.STOP_COPY)}, check
+
+    for _, verdict in explore(build):
+        out.append(verdict)
+    return out
+
+
+def test_check_47_precopy_info_toctou() -> None:
+    assert all(v is None for v in _precopy_race([]))
+    assert any(v is not None for v in _precopy_race(["precopy_info_unlocked"]))
+
+
+def _reset_race(faults: list[str]) -> list[tuple[object, BaseException | None]]:
+    from vmferry.sync import ModelLock
+    from vmferry.testing.interleave import explore
+
+    out: list[tuple[object, BaseException | None]] = []
+
+    def build():  # type: ignore[no-untyped-def]
+        dev = make(faults=faults)
+        memory_lock = ModelLock("memory_lock")
+        driver = dev.driver
+        assert driver is not None
+        step = driver.step
+
+        def pinning_step(*args):  # type: ignore[no-untyped-def]
+            with memory_lock:  # a SAVE pins guest pages under state_mutex
+                return step(*args)
+
+        driver.step = pinning_step  # type: ignore[method-assign]
+
+        def resetter() -> None:
+            with memory_lock:  # vfio-pci resets under memory_lock
+                dev.reset()
+
+        def check(result):  # type: ignore[no-untyped-def]
+            for err in result.errors.values():
+                if err is not None:
+                    raise err
+            dev.check_invariants()
+            assert dev.state in (S.RUNNING, S.STOP_COPY)  # reset before or after the SET
+            if dev.state == S.RUNNING:
+                assert all(f.disabled for f in dev.files)
+
+        return {"set": lambda: dev.set_state(S.STOP_COPY), "reset": resetter}, check
+
+    for result, verdict in explore(build):
+        out.append((result, verdict))
+    return out
+
+
+def test_check_48_deferred_reset() -> None:
+    correct = _reset_race([])
+    assert correct and all(v is None for _, v in correct)
+    faulty = _reset_race(["reset_takes_state_mutex"])
+    assert any(isinstance(v, Deadlock) for _, v in faulty)
+
+
+def test_check_49_get_sees_only_completed_hops() -> None:
+    from vmferry.testing.interleave import explore
+
+    def build():  # type: ignore[no-untyped-def]
+        dev = make()
+        seen: list[DeviceState] = []
+        allowed = {S.RUNNING, *path(0x7, S.RUNNING, S.STOP_COPY)}
+
+        def check(result):  # type: ignore[no-untyped-def]
+            assert not result.failed, result.errors
+            assert seen and set(seen) <= allowed
+
+        return {"set": lambda: dev.set_state(S.STOP_COPY),
+                "get": lambda: seen.append(dev.get_state())}, check  # fmt: skip
+
+    verdicts = [v for _, v in explore(build)]
+    assert len(verdicts) > 1 and all(v is None for v in verdicts)
+
+
+# --- end to end (QEMU-like VMM) -----------------------------------------------------------------
+
+
+def _kernel_hops(dev: VfioMigrationDevice, since: int) -> list[DeviceState]:
+    assert dev.driver is not None
+    return [b for _, b in dev.driver.arcs_seen[since:]]
+
+
+def test_check_50_end_to_end_precopy_device() -> None:
+    from vmferry.hw.vfio.vmm import VmmDevice, resume_all, switchover
+
+    src_dev, dst_dev = make(), make()
+    src, dst = VmmDevice(src_dev), VmmDevice(dst_dev)
+    src_dev.run(20)
+    src.save_setup()
+    stream = bytearray()
+    for _ in range(20):
+        stream += src.save_iterate()
+        src_dev.run(3)
+    switchover([src])
+    for chunk in src.complete_precopy():
+        stream += chunk
+    digest = src_dev.state_digest()
+    src.save_cleanup()
+    assert src.requested == [S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY, S.STOP]
+    dst.load_setup()
+    assert _kernel_hops(dst_dev, 0) == [S.RUNNING_P2P, S.STOP, S.RESUMING]
+    dst.load_data(bytes(stream))
+    mark = len(dst_dev.driver.arcs_seen) if dst_dev.driver else 0
+    resume_all([dst])
+    assert _kernel_hops(dst_dev, mark) == [S.STOP, S.RUNNING_P2P, S.RUNNING]
+    assert dst.requested == [S.RESUMING, S.RUNNING_P2P, S.RUNNING]
+    assert dst_dev.state_digest() == digest
+
+
+def test_check_51_p2p_before_any_stop() -> None:
+    from vmferry.errors import MigrationRefused
+    from vmferry.hw.vfio.vmm import VmmDevice, check_migratable, switchover
+
+    log: list[tuple[str, DeviceState]] = []
+    devs = [make("mlx5"), make("pds_p2p")]
+    for dev in devs:
+        assert dev.driver is not None
+        step = dev.driver.step
+
+        def logged(owner, cur, nxt, effect, step=step, name=dev.name):  # type: ignore[no-untyped-def]
+            log.append((name, nxt))
+            return step(owner, cur, nxt, effect)
+
+        dev.driver.step = logged  # type: ignore[method-assign]
+    vmms = [VmmDevice(d) for d in devs]
+    check_migratable(vmms)
+    for vmm in vmms:
+        vmm.save_setup()
+    log.clear()
+    switchover(vmms)
+    first_stop = min(i for i, (_, s) in enumerate(log) if s in (S.STOP, S.STOP_COPY))
+    quiesced = {n for n, s in log[:first_stop] if s in (S.RUNNING_P2P, S.PRE_COPY_P2P)}
+    assert quiesced == {d.name for d in devs}
+    with pytest.raises(MigrationRefused):
+        check_migratable([VmmDevice(make("mlx5")), VmmDevice(make("pds"))])
+
+
+def test_check_52_stop_copy_only_device() -> None:
+    from vmferry.hw.vfio.vmm import VmmDevice, switchover
+
+    dev = make("pds")
+    vmm = VmmDevice(dev)
+    vmm.save_setup()
+    assert vmm.save_iterate() == b"" and vmm.data_fd == -1
+    switchover([vmm])
+    data = b"".join(vmm.complete_precopy())
+    vmm.save_cleanup()
+    assert vmm.requested == [S.STOP, S.STOP_COPY, S.STOP]
+    assert len(data) == dev.data_size()
+
+
+def test_check_53_multifd_in_order_loader() -> None:
+    from vmferry.hw.vfio.vmm import MultifdLoader
+
+    src = make()
+    data, digest = save_stop_copy(src)
+    quarter = len(data) // 4 + 1
+    parts = [data[i * quarter : (i + 1) * quarter] for i in range(4)]
+    dst = make()
+    stream = dst.set_state(S.RESUMING)
+    assert stream is not None
+    loader = MultifdLoader(stream)
+    for idx in (2, 0, 3, 1):
+        loader.packet(idx, parts[idx])
+    loader.packet(4, b"config", config=True)
+    assert loader.written_order == [0, 1, 2, 3, 4] and loader.complete
+    dst.set_state(S.STOP)
+    assert dst.state_digest() == digest
+    other = MultifdLoader(make().set_state(S.RESUMING))  # type: ignore[arg-type]
+    other.packet(1, b"x")
+    expect_errno(errno.EINVAL, other.packet, 1, b"x")
+    expect_errno(errno.EINVAL, other.packet, 0xFFFFFFFF, b"x")
+
+
+def test_check_54_failure_during_precopy() -> None:
+    from vmferry.hw.vfio.vmm import VmmDevice
+
+    dev = make()
+    vmm = VmmDevice(dev)
+    vmm.save_setup()
+    vmm.save_iterate()
+    first = dev.driver.saving if dev.driver else None
+    vmm.migration_failed()
+    assert dev.get_state() == S.RUNNING and first is not None and first.disabled
+    dst = make()
+    pre, final, digest = save_with_precopy(dev)
+    resume(dst, [pre, final])
+    assert dst.state_digest() == digest

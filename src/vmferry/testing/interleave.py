@@ -111,22 +111,38 @@ def run_in_order(threads: Mapping[str, Callable[[], None]], order: list[str]) ->
 def explore(
     build: Callable[[], tuple[Mapping[str, Callable[[], None]], Callable[[RunResult], None]]],
     max_schedules: int = 5_000,
+    preemption_bound: int | None = 2,
 ) -> Iterator[tuple[RunResult, BaseException | None]]:
     """Every schedule of the instance ``build()`` makes, depth-first.
 
     ``build`` returns the threads and a check called with the run's result; each yielded
-    item is (result, exception raised by the check or None).
+    item is (result, exception raised by the check or None).  With ``preemption_bound``
+    only schedules that switch away from a still-runnable thread at most that many times
+    are explored (the first option is always "keep running the same thread").
     """
     prefix: list[int] = []
     for _ in range(max_schedules):
         threads, check = build()
         trail: list[tuple[int, int]] = []  # (chosen index, number of options)
+        last: list[str] = []
+        budget = [preemption_bound]
 
         def choose(
-            options: list[str], trail: list[tuple[int, int]] = trail, prefix: list[int] = prefix
+            options: list[str],
+            trail: list[tuple[int, int]] = trail,
+            prefix: list[int] = prefix,
+            last: list[str] = last,
+            budget: list[int | None] = budget,
         ) -> str:
+            if last and last[0] in options:
+                options = [last[0]] + [o for o in options if o != last[0]]
+                if budget[0] is not None and budget[0] <= 0:
+                    options = options[:1]
             i = prefix[len(trail)] if len(trail) < len(prefix) else 0
             trail.append((i, len(options)))
+            if i > 0 and last and last[0] == options[0] and budget[0] is not None:
+                budget[0] -= 1
+            last[:] = [options[i]]
             return options[i]
 
         result = Scheduler(threads, choose).run()
