@@ -39,9 +39,13 @@ PDS_STATE_LENGTH = 65536
 
 @dataclass
 class _Restore:
-    """The resuming file's buffer (invariant: ``written`` <= len(buf))."""
+    """The resuming file's buffer: blob header, then payload.
 
-    buf: np.ndarray
+    Invariant: ``written`` <= BLOB_HEADER.size + len(payload).
+    """
+
+    header: bytearray
+    payload: np.ndarray
     written: int = 0
 
 
@@ -54,6 +58,7 @@ class PdsDriver(ImageDriver):
                  state_size: int = PDS_STATE_LENGTH, p2p: bool = False) -> None:  # fmt: skip
         self.flags = MigrationFlags.STOP_COPY | (MigrationFlags.P2P if p2p else 0)
         self.state_size = state_size
+        self._buffers: dict[str, np.ndarray] = {}
         super().__init__(memory, dma, seed, state_size - BLOB_HEADER.size)
 
     def data_size(self) -> int:
@@ -63,19 +68,31 @@ class PdsDriver(ImageDriver):
         return DeviceCapability(self.name, self.flags, self.state_size,
                                 (("state_size", self.state_size),))  # fmt: skip
 
+    def _buffer(self, which: str) -> np.ndarray:
+        """The driver's page-backed transfer buffers, allocated once and reused per session.
+
+        Reuse is safe because a session's file is disabled (its chunks dropped) before the
+        next session of the same kind opens; with the ``stale_fd`` fault it is not, and the
+        stale file would show the next session's bytes -- the bleed the spec warns about.
+        """
+        buf = self._buffers.get(which)
+        if buf is None:
+            buf = self._buffers[which] = np.zeros(self.image_size, dtype=np.uint8)
+        return buf
+
     def _save_open(self, stream: DataStream, *, precopy: bool) -> None:
-        blob = np.empty(self.state_size, dtype=np.uint8)
-        blob[BLOB_HEADER.size :] = self.image
+        payload = self._buffer("save")
+        np.copyto(payload, self.image)
         _, tick, _, _, _ = self.header()
-        digest = xxhash.xxh64_intdigest(blob[BLOB_HEADER.size :].data)
-        BLOB_HEADER.pack_into(blob.data, 0, BLOB_MAGIC, 1, 0, self.image_size, digest, tick)
-        stream.append(blob.data)
+        digest = xxhash.xxh64_intdigest(payload.data)
+        stream.append(BLOB_HEADER.pack(BLOB_MAGIC, 1, 0, self.image_size, digest, tick))
+        stream.append(payload.data)
 
     def _save_final(self, stream: DataStream) -> None:
         raise VfioError(errno.EINVAL, "pds has no pre-copy")
 
     def _resume_open(self, stream: DataStream) -> None:
-        stream.parser = _Restore(np.empty(self.state_size, dtype=np.uint8))
+        stream.parser = _Restore(bytearray(BLOB_HEADER.size), self._buffer("restore"))
 
     def _restore(self, stream: DataStream) -> _Restore:
         restore = stream.parser
@@ -88,7 +105,13 @@ class PdsDriver(ImageDriver):
         if room == 0 and len(data):
             raise VfioError(errno.EINVAL, f"resume data beyond {self.state_size} bytes")
         n = min(room, len(data))
-        restore.buf[restore.written : restore.written + n] = np.frombuffer(data[:n], np.uint8)
+        at, hdr = restore.written, BLOB_HEADER.size
+        head = max(0, min(n, hdr - at))
+        if head:
+            restore.header[at : at + head] = data[:head]
+        if n > head:
+            start = at + head - hdr
+            restore.payload[start : start + n - head] = np.frombuffer(data[head:n], np.uint8)
         restore.written += n
         return n
 
@@ -97,15 +120,14 @@ class PdsDriver(ImageDriver):
         if restore.written != self.state_size:
             raise VfioError(errno.EINVAL, f"RESTORE of {restore.written} bytes, "
                             f"blob is {self.state_size}")  # fmt: skip
-        magic, version, _, length, digest, _ = BLOB_HEADER.unpack_from(restore.buf.data, 0)
+        magic, version, _, length, digest, _ = BLOB_HEADER.unpack(restore.header)
         if magic != BLOB_MAGIC or version != 1 or length != self.image_size:
             raise VfioError(errno.EINVAL, "RESTORE: blob header does not match this device")
-        payload = restore.buf[BLOB_HEADER.size :]
-        if xxhash.xxh64_intdigest(payload.data) != digest:
+        if xxhash.xxh64_intdigest(restore.payload.data) != digest:
             raise VfioError(errno.EINVAL, "RESTORE: blob checksum mismatch")
-        self.image[:] = payload
+        np.copyto(self.image, restore.payload)
 
     def _resume_load_unchecked(self, stream: DataStream) -> None:
         restore = self._restore(stream)
-        n = max(0, min(restore.written - BLOB_HEADER.size, self.image_size))
-        self.image[:n] = restore.buf[BLOB_HEADER.size : BLOB_HEADER.size + n]
+        n = max(0, restore.written - BLOB_HEADER.size)
+        self.image[:n] = restore.payload[:n]
