@@ -12,27 +12,55 @@ from vmferry.hw.vfio.drivers import (
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.factory import create_device
 from vmferry.hw.vfio.fsm import FSM_MODES, TABLE, next_state, path
+from vmferry.hw.vfio.persist import (
+    ChunkKind,
+    ChunkSequencer,
+    DeviceStateChunk,
+    decode_capability,
+    decode_chunk,
+    encode_capability,
+    encode_chunk,
+)
 from vmferry.hw.vfio.states import DeviceState, MigrationFlags
 from vmferry.hw.vfio.stream import DataStream, FdTable, PrecopyInfo
+from vmferry.hw.vfio.vmm import (
+    MultifdLoader,
+    VmmDevice,
+    check_migratable,
+    resume_all,
+    switchover,
+)
 
 __all__ = [
     "ALL_FAULTS",
     "DRIVERS",
     "FSM_MODES",
     "TABLE",
+    "ChunkKind",
+    "ChunkSequencer",
     "DataStream",
     "DeviceCapability",
     "DeviceState",
+    "DeviceStateChunk",
     "FdTable",
     "HisiAccDriver",
     "MigrationFlags",
     "Mlx5Driver",
+    "MultifdLoader",
     "PdsDriver",
     "PrecopyInfo",
     "VariantDriver",
     "VfioError",
     "VfioMigrationDevice",
+    "VmmDevice",
+    "check_migratable",
     "create_device",
+    "decode_capability",
+    "decode_chunk",
+    "encode_capability",
+    "encode_chunk",
     "next_state",
     "path",
+    "resume_all",
+    "switchover",
 ]
