@@ -33,7 +33,13 @@ import contextlib
 import errno
 from collections.abc import Iterable
 
-from vmferry.errors import InvariantViolation, NonTermination, RefcountLeak, UseAfterFree
+from vmferry.errors import (
+    ConfigError,
+    InvariantViolation,
+    NonTermination,
+    RefcountLeak,
+    UseAfterFree,
+)
 from vmferry.hw.vfio.drivers.base import DRIVER_FAULTS, DeviceCapability, VariantDriver
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.fsm import ARCS, FsmMode, next_state
@@ -110,7 +116,7 @@ class VfioMigrationDevice:
     ) -> None:
         bad = set(faults) - set(ALL_FAULTS)
         if bad:
-            raise ValueError(f"unknown VFIO fault(s) {sorted(bad)}; known: {ALL_FAULTS}")
+            raise ConfigError(f"unknown VFIO fault(s) {sorted(bad)}; known: {ALL_FAULTS}")
         self.name = name
         self.driver = driver
         self.fds = fds if fds is not None else FdTable()
