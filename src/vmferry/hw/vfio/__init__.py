@@ -27,6 +27,7 @@ from vmferry.hw.vfio.vmm import (
     MultifdLoader,
     VmmDevice,
     check_migratable,
+    preflight,
     resume_all,
     switchover,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "encode_chunk",
     "next_state",
     "path",
+    "preflight",
     "resume_all",
     "switchover",
 ]

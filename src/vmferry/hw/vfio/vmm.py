@@ -22,10 +22,11 @@ Phases (the migration engine calls these in this order; see the module functions
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from vmferry.errors import MigrationRefused
 from vmferry.hw.vfio.device import VfioMigrationDevice
+from vmferry.hw.vfio.drivers.base import DeviceCapability
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.states import (
     FEATURE_HEADER,
@@ -287,3 +288,19 @@ class MultifdLoader:
     @property
     def complete(self) -> bool:
         return self.config is not None and not self.queued
+
+
+def preflight(
+    source: Mapping[str, DeviceCapability], destination: Mapping[str, DeviceCapability]
+) -> None:
+    """Refuse up front (MigrationRefused, naming the device) when the destination lacks a
+    device of the source or cannot host its type."""
+    for name, cap in source.items():
+        if not cap.flags & MigrationFlags.STOP_COPY:
+            raise MigrationRefused(f"device {name}: no VFIO migration support")
+        host = destination.get(name)
+        if host is None:
+            raise MigrationRefused(f"device {name}: the destination has no such device")
+        reason = host.refusal(cap)
+        if reason is not None:
+            raise MigrationRefused(f"device {name}: destination cannot host it: {reason}")
