@@ -54,8 +54,7 @@ class ImageDriver(VariantDriver):
         self.image[:] = 0
         HEADER.pack_into(self.image.data, 0, MAGIC, 1, NQUEUES, self.seed, 0, 0, 0,
                          0, 0, 0, 0, 0)  # fmt: skip
-        if self.dirty is not None:
-            self.dirty = {0}
+        self.dirty = None  # a reset ends any pre-copy tracking
 
     def header(self) -> tuple[int, int, int, int, list[int]]:
         """(seed, tick, dma_head, dma_bytes, queue heads) read from the image."""
