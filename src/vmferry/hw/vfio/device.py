@@ -40,7 +40,7 @@ from vmferry.errors import (
     RefcountLeak,
     UseAfterFree,
 )
-from vmferry.hw.vfio.drivers.base import DRIVER_FAULTS, DeviceCapability, VariantDriver
+from vmferry.hw.vfio.drivers.base import DRIVER_FAULTS, Activity, DeviceCapability, VariantDriver
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.fsm import ARCS, FsmMode, next_state
 from vmferry.hw.vfio.states import (
@@ -250,7 +250,7 @@ class VfioMigrationDevice:
         """The driver cannot restore any valid state: ERROR until reset."""
         driver = self._mig_driver()
         driver.drop_sessions()
-        driver.activity = driver.activity.STOPPED
+        driver.activity = Activity.STOPPED
         self._state = S.ERROR
 
     def fail_hardware(self) -> None:
@@ -278,7 +278,7 @@ class VfioMigrationDevice:
         driver.drop_sessions()
         driver.hw_reset()
         self._state = S.RUNNING
-        driver.activity = driver.activity.ACTIVE
+        driver.activity = Activity.ACTIVE
 
     def close_device(self) -> None:
         """Release the device: every session file is disabled and drops the device."""
@@ -302,7 +302,7 @@ class VfioMigrationDevice:
         self.is_open = True
         self._state = S.RUNNING
         self.driver.hw_reset()
-        self.driver.activity = self.driver.activity.ACTIVE
+        self.driver.activity = Activity.ACTIVE
 
     # --- streams call back here ----------------------------------------------------------
 
