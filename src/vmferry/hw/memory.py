@@ -1,7 +1,8 @@
-"""Guest memory as the hardware models see it.
+"""How hardware models see guest memory.
 
-``hw`` may not import ``machine``; anything in ``hw`` or ``guest`` that reads or writes
-guest RAM takes an object satisfying :class:`GuestMemory` (``machine.ram.GuestRam`` does).
+``hw`` may not import ``machine``; models that DMA into guest RAM or read guest-built
+lists (a TCE list, a work area) take any object of this shape.  ``machine.ram.GuestRam``
+is the real one; ``vmferry.testing.memory.ByteMemory`` is a small one for tests.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from typing import Protocol
 
 
 class GuestMemory(Protocol):
-    size: int  # bytes
+    size: int
 
     def read(self, gpa: int, n: int) -> bytes:
-        """Read ``n`` bytes at ``gpa``; raises GuestMemoryError outside RAM."""
-        ...
+        """Copy ``n`` bytes at guest-physical ``gpa``; raises GuestMemoryError."""
 
     def write(self, gpa: int, data: bytes | memoryview) -> None:
-        """Write ``data`` at ``gpa`` and mark the touched pages dirty."""
-        ...
+        """Store ``data`` at ``gpa`` and mark the pages dirty; raises GuestMemoryError."""
