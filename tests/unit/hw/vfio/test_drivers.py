@@ -141,3 +141,16 @@ def test_factory_rejects_bad_entries(bad: dict[str, object]) -> None:
 def test_factory_hisi_has_fixed_state_size() -> None:
     with pytest.raises(ConfigError, match="state_mib"):
         create_device({**SPECS["hisi_acc"], "state_mib": 1}, ByteMemory(MEM))
+
+
+@pytest.mark.parametrize("kind", ["mlx5", "pds", "hisi_acc"])
+def test_dma_marks_pages_dirty_in_guest_ram(kind: str) -> None:
+    from vmferry.machine.ram import GuestRam
+
+    ram = GuestRam(1 << 20)
+    dev = create_device(SPECS[kind], ram)
+    ram.start_dirty_log()
+    dev.run(20)
+    gpa, size = SPECS[kind]["dma_region"]  # type: ignore[misc]
+    dirty = set(ram.dirty.nonzero()[0].tolist())
+    assert dirty and all(gpa // 4096 <= p < (gpa + size) // 4096 for p in dirty)
