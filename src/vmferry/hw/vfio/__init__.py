@@ -12,15 +12,7 @@ from vmferry.hw.vfio.drivers import (
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.factory import create_device
 from vmferry.hw.vfio.fsm import FSM_MODES, TABLE, next_state, path
-from vmferry.hw.vfio.persist import (
-    ChunkKind,
-    ChunkSequencer,
-    DeviceStateChunk,
-    decode_capability,
-    decode_chunk,
-    encode_capability,
-    encode_chunk,
-)
+from vmferry.hw.vfio.persist import ChunkSequencer, decode_capability, encode_capability
 from vmferry.hw.vfio.states import DeviceState, MigrationFlags
 from vmferry.hw.vfio.stream import DataStream, FdTable, PrecopyInfo
 from vmferry.hw.vfio.vmm import (
@@ -37,12 +29,10 @@ __all__ = [
     "DRIVERS",
     "FSM_MODES",
     "TABLE",
-    "ChunkKind",
     "ChunkSequencer",
     "DataStream",
     "DeviceCapability",
     "DeviceState",
-    "DeviceStateChunk",
     "FdTable",
     "HisiAccDriver",
     "MigrationFlags",
@@ -57,9 +47,7 @@ __all__ = [
     "check_migratable",
     "create_device",
     "decode_capability",
-    "decode_chunk",
     "encode_capability",
-    "encode_chunk",
     "next_state",
     "path",
     "preflight",
