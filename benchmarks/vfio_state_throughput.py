@@ -5,7 +5,11 @@ through 1 MiB reads and writes, and compares, in the same run, with
 
 * ``memcpy``: one plain copy of the same number of bytes (numpy ``copyto``);
 * ``chunked``: the same 1 MiB buffer pipeline without the model (read a chunk into a
-  buffer, copy it into the destination): the floor of any stream-based transfer.
+  buffer, copy it into the destination): the floor of any stream-based transfer;
+* ``ram_codec`` vs ``device_codec``: the same volume through the migration stream codec,
+  in process (no socket): 1 MiB RAM_PAGES records decoded into guest RAM, against the
+  device's stream framed as 1 MiB DEVICE chunks, decoded and written into the resuming
+  device (SAVE and RESTORE included) -- the device-vs-RAM ratio of the migration path.
 
 The model path also pays for the SAVE (snapshot + checksum) and the RESTORE validation
 (checksum + load), which the baselines do not.  Prints JSON.
@@ -22,6 +26,14 @@ import time
 import numpy as np
 
 from vmferry.hw.vfio import DeviceState, create_device
+from vmferry.machine.ram import GuestRam
+from vmferry.migration.stream import (
+    DeviceChunk,
+    DevicePhase,
+    RamPages,
+    StreamDecoder,
+    StreamEncoder,
+)
 from vmferry.testing.memory import ByteMemory
 
 CHUNK = 1 << 20
@@ -70,6 +82,61 @@ class ModelTransfer:
         return t2 - t1, t3 - t0
 
 
+def _pipe(records: list[object], consume: object) -> None:
+    """Encode ``records`` and decode them chunk by chunk, handing each to ``consume``."""
+    enc, dec = StreamEncoder(), StreamDecoder()
+    dec.feed(enc.header())
+    for rec in records:
+        for part in enc.encode(rec):  # type: ignore[arg-type]
+            dec.feed(part)
+        for event in dec.events():
+            consume(event)  # type: ignore[operator]
+
+
+def ram_codec(ram_src: GuestRam, ram_dst: GuestRam) -> float:
+    per = CHUNK // ram_src.page_size
+    t0 = time.perf_counter()
+    records: list[object] = []
+
+    def load(rec: object) -> None:
+        if isinstance(rec, RamPages):
+            first = rec.gpa // rec.page_size
+            data = np.frombuffer(rec.data, dtype=np.uint8).reshape(-1, rec.page_size)
+            ram_dst.write_pages(first, data)
+
+    for first in range(0, ram_src.npages, per):
+        records = [RamPages(first * ram_src.page_size, ram_src.page_size,
+                            ram_src.view(first * ram_src.page_size, CHUNK))]  # fmt: skip
+        _pipe(records, load)
+    return time.perf_counter() - t0
+
+
+def device_codec(model: ModelTransfer) -> float:
+    src, dst = model.src, model.dst
+    src.set_state(DeviceState.RUNNING)
+    src.run(10)
+    src.set_state(DeviceState.STOP)
+    resuming = dst.set_state(DeviceState.RESUMING)
+    buf = bytearray(CHUNK)
+    t0 = time.perf_counter()
+    saving = src.set_state(DeviceState.STOP_COPY)
+    seq = 0
+
+    def load(rec: object) -> None:
+        if isinstance(rec, DeviceChunk):
+            resuming.write_all(rec.data)  # type: ignore[union-attr]
+
+    while n := saving.readinto(buf):  # type: ignore[union-attr]
+        _pipe([DeviceChunk(src.name, DevicePhase.STOP_COPY, seq, memoryview(buf)[:n])], load)
+        seq += 1
+    dst.set_state(DeviceState.STOP)
+    elapsed = time.perf_counter() - t0
+    model.equal = model.equal and src.state_digest() == dst.state_digest()
+    saving.close()  # type: ignore[union-attr]
+    resuming.close()  # type: ignore[union-attr]
+    return elapsed
+
+
 def buffers(mib: int) -> tuple[np.ndarray, np.ndarray]:
     a = np.random.default_rng(2).integers(0, 256, mib << 20, dtype=np.uint8)
     b = np.zeros_like(a)
@@ -101,11 +168,16 @@ def main() -> None:
     size = args.mib << 20
     model = ModelTransfer(args.mib)
     a, b = buffers(args.mib)
+    ram_src, ram_dst = GuestRam(size), GuestRam(size)
+    ram_src.bytes[:] = a
+    ram_dst.bytes.fill(1)
     model.once()  # first round: the drivers allocate their buffers
     rounds = []
-    for _ in range(args.repeat):  # interleaved, so CPU contention hits all three alike
-        rounds.append((*model.once(), memcpy(a, b), chunked(a, b)))
-    stream_s, total_s, base_memcpy, base_chunked = (min(col) for col in zip(*rounds, strict=True))
+    for _ in range(args.repeat):  # interleaved, so CPU contention hits all alike
+        rounds.append((*model.once(), memcpy(a, b), chunked(a, b),
+                       ram_codec(ram_src, ram_dst), device_codec(model)))  # fmt: skip
+    best = [min(col) for col in zip(*rounds, strict=True)]
+    stream_s, total_s, base_memcpy, base_chunked, ram_s, dev_s = best
     equal = model.equal
     mbps = lambda s: round(size / s / 1e6, 1)  # noqa: E731
     print(json.dumps({
@@ -119,6 +191,9 @@ def main() -> None:
         "stream_vs_memcpy": round(base_memcpy / stream_s, 3),
         "stream_vs_chunked_copy": round(base_chunked / stream_s, 3),
         "end_to_end_vs_memcpy": round(base_memcpy / total_s, 3),
+        "ram_codec_MBps": mbps(ram_s),
+        "device_codec_MBps": mbps(dev_s),
+        "device_vs_ram_codec": round(ram_s / dev_s, 3),
     }, indent=2))  # fmt: skip
 
 

@@ -154,3 +154,19 @@ def test_dma_marks_pages_dirty_in_guest_ram(kind: str) -> None:
     gpa, size = SPECS[kind]["dma_region"]  # type: ignore[misc]
     dirty = set(ram.dirty.nonzero()[0].tolist())
     assert dirty and all(gpa // 4096 <= p < (gpa + size) // 4096 for p in dirty)
+
+
+def test_stale_fd_fault_leaks_live_device_state() -> None:
+    from vmferry.errors import InvariantViolation
+
+    dev = make("pds", faults=["stale_fd"])
+    stream = dev.set_state(S.STOP_COPY)
+    assert stream is not None
+    stream.read(32)  # the blob header
+    dev.set_state(S.RUNNING)
+    dev.run(50)  # the device runs again; the orphaned file still maps its memory
+    assert dev.driver is not None
+    live = dev.driver.image.tobytes()  # type: ignore[attr-defined]
+    assert stream.read(len(live)) == live
+    with pytest.raises(InvariantViolation, match="orphaned"):
+        dev.check_invariants()

@@ -10,7 +10,7 @@ firmware recovery may put the device in ERROR, after which every SET fails EIO.
 Blob layout (the firmware's; the model's own choice of fields)::
 
     0  magic 'PDSL' | version u16 | reserved u16
-    8  payload_len u64 | payload xxh64 u64 | tick u64
+    8  payload_len u64 | payload xxh3-64 u64 | tick u64
     32 payload: the device image (state size - 32 bytes)
 """
 
@@ -58,7 +58,8 @@ class PdsDriver(ImageDriver):
                  state_size: int = PDS_STATE_LENGTH, p2p: bool = False) -> None:  # fmt: skip
         self.flags = MigrationFlags.STOP_COPY | (MigrationFlags.P2P if p2p else 0)
         self.state_size = state_size
-        self._buffers: dict[str, np.ndarray] = {}
+        #: resume staging buffer (never the live image)
+        self._staging: np.ndarray | None = None
         super().__init__(memory, dma, seed, state_size - BLOB_HEADER.size)
 
     def data_size(self) -> int:
@@ -68,31 +69,28 @@ class PdsDriver(ImageDriver):
         return DeviceCapability(self.name, self.flags, self.state_size,
                                 (("state_size", self.state_size),))  # fmt: skip
 
-    def _buffer(self, which: str) -> np.ndarray:
-        """The driver's page-backed transfer buffers, allocated once and reused per session.
-
-        Reuse is safe because a session's file is disabled (its chunks dropped) before the
-        next session of the same kind opens; with the ``stale_fd`` fault it is not, and the
-        stale file would show the next session's bytes -- the bleed the spec warns about.
-        """
-        buf = self._buffers.get(which)
-        if buf is None:
-            buf = self._buffers[which] = np.zeros(self.image_size, dtype=np.uint8)
-        return buf
+    def _restore_buffer(self) -> np.ndarray:
+        """The page-backed resume buffer, allocated once and reused per session."""
+        if self._staging is None:
+            self._staging = np.zeros(self.image_size, dtype=np.uint8)
+        return self._staging
 
     def _save_open(self, stream: DataStream, *, precopy: bool) -> None:
-        payload = self._buffer("save")
-        np.copyto(payload, self.image)
+        """The SAVE: the device is stopped, so the file serves its memory in place.
+
+        Only a disabled file is safe from the device running again: with the ``stale_fd``
+        fault the orphaned file keeps this view and reads live device state later.
+        """
         _, tick, _, _, _ = self.header()
-        digest = xxhash.xxh64_intdigest(payload.data)
+        digest = xxhash.xxh3_64_intdigest(self.image.data)
         stream.append(BLOB_HEADER.pack(BLOB_MAGIC, 1, 0, self.image_size, digest, tick))
-        stream.append(payload.data)
+        stream.append(self.image.data.toreadonly())
 
     def _save_final(self, stream: DataStream) -> None:
         raise VfioError(errno.EINVAL, "pds has no pre-copy")
 
     def _resume_open(self, stream: DataStream) -> None:
-        stream.parser = _Restore(bytearray(BLOB_HEADER.size), self._buffer("restore"))
+        stream.parser = _Restore(bytearray(BLOB_HEADER.size), self._restore_buffer())
 
     def _restore(self, stream: DataStream) -> _Restore:
         restore = stream.parser
@@ -123,9 +121,11 @@ class PdsDriver(ImageDriver):
         magic, version, _, length, digest, _ = BLOB_HEADER.unpack(restore.header)
         if magic != BLOB_MAGIC or version != 1 or length != self.image_size:
             raise VfioError(errno.EINVAL, "RESTORE: blob header does not match this device")
-        if xxhash.xxh64_intdigest(restore.payload.data) != digest:
+        if xxhash.xxh3_64_intdigest(restore.payload.data) != digest:
             raise VfioError(errno.EINVAL, "RESTORE: blob checksum mismatch")
-        np.copyto(self.image, restore.payload)
+        # load by swapping the staging buffer in; the old image becomes the next staging
+        self.image, self._staging = restore.payload, self.image
+        restore.payload = self._staging
 
     def _resume_load_unchecked(self, stream: DataStream) -> None:
         restore = self._restore(stream)
