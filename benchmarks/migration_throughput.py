@@ -74,12 +74,12 @@ def baseline(size: int) -> dict[str, float]:
     return {"bytes": got, "seconds": round(seconds, 3), "gb_per_s": round(got / seconds / 1e9, 3)}
 
 
-def migrate_case(a: HostClient, b_url: str, name: str, definition: dict[str, Any],
-                 warmup: float) -> dict[str, Any]:
+def migrate_case(
+    a: HostClient, b_url: str, name: str, definition: dict[str, Any], warmup: float
+) -> dict[str, Any]:
     a.post("/v1/vms", {"definition": {"name": name, **definition}, "start": True})
     time.sleep(warmup)
-    job = a.post(f"/v1/vms/{name}/migrate",
-                 {"destination": b_url, "params": {"verify": False}})
+    job = a.post(f"/v1/vms/{name}/migrate", {"destination": b_url, "params": {"verify": False}})
     while job["status"] not in ("completed", "failed", "cancelled"):
         time.sleep(0.02)
         job = a.get(f"/v1/jobs/{job['id']}")
@@ -112,22 +112,41 @@ def main() -> None:
         a = HostClient(hosts[0].control_url, timeout=120)
         b_url = hosts[1].control_url
         base = baseline(mib * MIB)
-        idle = migrate_case(a, b_url, "idle", {"memory_mib": mib, "vcpus": 2, "fill": "random"},
-                            0.2)
-        dirty = migrate_case(a, b_url, "dirty", {
-            "memory_mib": mib, "vcpus": 2, "fill": "random",
-            "workload": {"dirty_rate_mbps": 50, "pattern": "hot"}}, 1.0)
-        zero = migrate_case(a, b_url, "zero", {"memory_mib": 4 * mib if args.quick else 4096,
-                                               "vcpus": 2, "fill": "zero"}, 0.1)
+        idle = migrate_case(
+            a, b_url, "idle", {"memory_mib": mib, "vcpus": 2, "fill": "random"}, 0.2
+        )
+        dirty = migrate_case(
+            a,
+            b_url,
+            "dirty",
+            {
+                "memory_mib": mib,
+                "vcpus": 2,
+                "fill": "random",
+                "workload": {"dirty_rate_mbps": 50, "pattern": "hot"},
+            },
+            1.0,
+        )
+        zero = migrate_case(
+            a,
+            b_url,
+            "zero",
+            {"memory_mib": 4 * mib if args.quick else 4096, "vcpus": 2, "fill": "zero"},
+            0.1,
+        )
         report = {
             "baseline_fresh_region": base,
-            "idle_random": {**idle, "ratio_to_baseline": round(idle["gb_per_s"] /
-                                                               base["gb_per_s"], 3)},
+            "idle_random": {
+                **idle,
+                "ratio_to_baseline": round(idle["gb_per_s"] / base["gb_per_s"], 3),
+            },
             "dirty_50mbps": dirty,
             "zero": zero,
-            "targets": {"idle_ratio>=0.8": idle["gb_per_s"] >= 0.8 * base["gb_per_s"],
-                        "dirty_downtime<=300ms": dirty["downtime_ms"] <= 300,
-                        "zero_4g<1s": zero["total_time_ms"] < 1000},
+            "targets": {
+                "idle_ratio>=0.8": idle["gb_per_s"] >= 0.8 * base["gb_per_s"],
+                "dirty_downtime<=300ms": dirty["downtime_ms"] <= 300,
+                "zero_4g<1s": zero["total_time_ms"] < 1000,
+            },
         }
         print(json.dumps(report, indent=2))
     finally:

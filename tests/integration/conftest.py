@@ -26,8 +26,10 @@ class Pair:
         return out
 
     def migrate(self, name: str, wait: bool = True, **params: Any) -> dict[str, Any]:
-        job: dict[str, Any] = self.a.post(f"/v1/vms/{name}/migrate", {
-            "destination": self.b_proc.control_url, "params": {"verify": True, **params}})
+        job: dict[str, Any] = self.a.post(
+            f"/v1/vms/{name}/migrate",
+            {"destination": self.b_proc.control_url, "params": {"verify": True, **params}},
+        )
         return wait_job(self.a, job["id"]) if wait else job
 
 
@@ -51,8 +53,13 @@ def vm_names(c: HostClient) -> list[str]:
 
 
 def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmferry", *args], capture_output=True,
-                          text=True, check=check, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vmferry", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")

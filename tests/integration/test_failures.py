@@ -18,14 +18,17 @@ def assert_source_intact(pair: Pair, name: str, before: dict[str, str]) -> None:
     assert name not in vm_names(pair.b)
 
 
-@pytest.mark.parametrize(("fault", "step_word", "reason_word"), [
-    ("setup:cut", "setup", "fault"),
-    ("active:cut", "ram pass", "fault"),
-    ("device:cut", "switchover", "fault"),
-    ("ack:cut", "destination", "fault"),
-    ("setup:version", "", "UnsupportedVersion"),
-    ("active:corrupt", "", "ChecksumMismatch"),
-])
+@pytest.mark.parametrize(
+    ("fault", "step_word", "reason_word"),
+    [
+        ("setup:cut", "setup", "fault"),
+        ("active:cut", "ram pass", "fault"),
+        ("device:cut", "switchover", "fault"),
+        ("ack:cut", "destination", "fault"),
+        ("setup:version", "", "UnsupportedVersion"),
+        ("active:corrupt", "", "ChecksumMismatch"),
+    ],
+)
 def test_fault_in_each_phase(pair: Pair, fault: str, step_word: str, reason_word: str) -> None:
     name = "f-" + fault.replace(":", "-")
     pair.create(name)  # idle guest: its memory must be bit-for-bit what it was
@@ -60,8 +63,10 @@ def test_destination_killed_mid_migration(fresh_pair: Pair) -> None:
     pair.create("victim", memory_mib=64)
     before = digest(pair.a, "victim")
     job = pair.migrate("victim", wait=False, max_bandwidth_mib=8)
-    while pair.a.get(f"/v1/jobs/{job['id']}")["stats"].get("ram", {}).get("transferred", 0) \
-            < 1024 * 1024:
+    while (
+        pair.a.get(f"/v1/jobs/{job['id']}")["stats"].get("ram", {}).get("transferred", 0)
+        < 1024 * 1024
+    ):
         time.sleep(0.05)
     pair.b_proc.kill()
     job = wait_job(pair.a, job["id"])

@@ -24,8 +24,17 @@ def test_live_migration_with_dirtying_guest_is_verified(pair: Pair) -> None:
     assert st["verification"]["verified"] and st["verification"]["ram_equal"]
     assert st["ram"]["total"] == 32 * 1024 * 1024 and st["passes"]
     assert st["downtime"] > 0 and st["total-time"] >= st["downtime"]
-    for key in ("transferred", "remaining", "duplicate", "normal", "normal-bytes",
-                "dirty-pages-rate", "mbps", "dirty-sync-count", "pages-per-second"):
+    for key in (
+        "transferred",
+        "remaining",
+        "duplicate",
+        "normal",
+        "normal-bytes",
+        "dirty-pages-rate",
+        "mbps",
+        "dirty-sync-count",
+        "pages-per-second",
+    ):
         assert key in st["ram"]
     assert pair.a.get("/v1/vms/live")["runstate"] == "migrated"
     assert pair.b.get("/v1/vms/live")["runstate"] == "running"
@@ -43,13 +52,21 @@ def test_paused_vm_arrives_paused(pair: Pair) -> None:
 
 def test_cli_migrate_and_job_show(pair: Pair) -> None:
     pair.create("viacli")
-    out = cli("migrate", "viacli", "--from", pair.a_proc.control_url, "--to",
-              pair.b_proc.control_url, "--json")
+    out = cli(
+        "migrate",
+        "viacli",
+        "--from",
+        pair.a_proc.control_url,
+        "--to",
+        pair.b_proc.control_url,
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
     assert job["status"] == "completed"
-    shown = json.loads(cli("job", "show", "--host", pair.a_proc.control_url, job["id"],
-                           "--json").stdout)
+    shown = json.loads(
+        cli("job", "show", "--host", pair.a_proc.control_url, job["id"], "--json").stdout
+    )
     assert shown["id"] == job["id"] and shown["stats"]["status"] == "completed"
 
 
@@ -60,10 +77,14 @@ def test_vm_verbs_through_the_cli(pair: Pair, tmp_path: Path) -> None:
     assert cli("vm", "create", "--host", url, str(f)).returncode == 0
     listed = json.loads(cli("vm", "list", "--host", url, "--json").stdout)
     assert any(v["name"] == "verbs" and v["runstate"] == "running" for v in listed)
-    assert json.loads(cli("vm", "pause", "--host", url, "verbs", "--json").stdout)[
-        "runstate"] == "paused"
-    assert json.loads(cli("vm", "start", "--host", url, "verbs", "--json").stdout)[
-        "runstate"] == "running"
+    assert (
+        json.loads(cli("vm", "pause", "--host", url, "verbs", "--json").stdout)["runstate"]
+        == "paused"
+    )
+    assert (
+        json.loads(cli("vm", "start", "--host", url, "verbs", "--json").stdout)["runstate"]
+        == "running"
+    )
     shown = json.loads(cli("vm", "show", "--host", url, "verbs", "--digest", "--json").stdout)
     assert len(shown["digests"]["ram"]) == 32
     dup = cli("vm", "create", "--host", url, str(f))
@@ -92,14 +113,16 @@ def test_unexpected_connection_is_refused_and_logged(pair: Pair) -> None:
 
 
 def test_token_is_single_use(pair: Pair) -> None:
-    inc = pair.b.post("/v1/incoming", {"vm": "ghost", "definition": {
-        "name": "ghost", "memory_mib": 4}})
+    inc = pair.b.post(
+        "/v1/incoming", {"vm": "ghost", "definition": {"name": "ghost", "memory_mib": 4}}
+    )
     host, port = inc["migration_address"]
     replies = []
     for _ in range(2):
         with socket.create_connection((host, port), timeout=5) as s:
-            body = json.dumps({"type": "hello", "token": inc["token"],
-                               "stream_version": [9, 0]}).encode()
+            body = json.dumps(
+                {"type": "hello", "token": inc["token"], "stream_version": [9, 0]}
+            ).encode()
             s.sendall(struct.pack(">I", len(body)) + body)
             n = struct.unpack(">I", s.recv(4))[0]
             replies.append(json.loads(s.recv(n)))
@@ -116,8 +139,9 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
         c = HostClient(h.control_url)
         c.post("/v1/vms", {"definition": {"name": "keep", "memory_mib": 8}, "start": False})
         c.post("/v1/vms", {"definition": {"name": "run", "memory_mib": 8}, "start": True})
-        inc = c.post("/v1/incoming", {"vm": "later", "definition": {"name": "later",
-                                                                     "memory_mib": 8}})
+        inc = c.post(
+            "/v1/incoming", {"vm": "later", "definition": {"name": "later", "memory_mib": 8}}
+        )
     finally:
         h.stop()
     h = spawn_host("R", tmp_path / "R")
@@ -133,8 +157,16 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
 
 def test_demo_json_and_stream_inspect(tmp_path: Path) -> None:
     stream = tmp_path / "demo.vmf"
-    out = cli("demo", "--memory-mib", "64", "--dirty-rate-mbps", "10", "--json",
-              "--stream-file", str(stream))
+    out = cli(
+        "demo",
+        "--memory-mib",
+        "64",
+        "--dirty-rate-mbps",
+        "10",
+        "--json",
+        "--stream-file",
+        str(stream),
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["status"] == "completed" and report["verified"] is True

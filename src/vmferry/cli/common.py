@@ -14,8 +14,13 @@ from vmferry.host.client import HostClient
 console = Console()
 err_console = Console(stderr=True)
 
-HOST_OPTION = click.option("--host", "host_url", required=True, metavar="URL",
-                           help="control URL of the host, e.g. http://127.0.0.1:7001")
+HOST_OPTION = click.option(
+    "--host",
+    "host_url",
+    required=True,
+    metavar="URL",
+    help="control URL of the host, e.g. http://127.0.0.1:7001",
+)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 

@@ -39,14 +39,20 @@ def inspect(file: Path, as_json: bool) -> None:
         emit_json(s.to_json())
         return
     vm = s.vm
-    console.print(f"[bold]{file}[/]: vmferry stream v{s.version[0]}.{s.version[1]}, "
-                  f"{human_bytes(s.bytes)}, VM {vm.get('name')} ({vm.get('arch')}, "
-                  f"{vm.get('memory_mib')} MiB, {vm.get('vcpus')} vCPUs)")
+    console.print(
+        f"[bold]{file}[/]: vmferry stream v{s.version[0]}.{s.version[1]}, "
+        f"{human_bytes(s.bytes)}, VM {vm.get('name')} ({vm.get('arch')}, "
+        f"{vm.get('memory_mib')} MiB, {vm.get('vcpus')} vCPUs)"
+    )
     table = Table("record", "count")
     for name, count in sorted(s.records.items()):
         table.add_row(name, str(count))
     console.print(table)
-    console.print(f"RAM: {s.pages_raw} raw pages ({human_bytes(s.page_bytes)}), "
-                  f"{s.pages_zero} zero pages, {len(s.passes)} passes")
-    console.print(f"vCPUs: {len(s.vcpus)}; devices: {len(s.devices)}; "
-                  f"components: {', '.join(s.components) or 'none'}")
+    console.print(
+        f"RAM: {s.pages_raw} raw pages ({human_bytes(s.page_bytes)}), "
+        f"{s.pages_zero} zero pages, {len(s.passes)} passes"
+    )
+    console.print(
+        f"vCPUs: {len(s.vcpus)}; devices: {len(s.devices)}; "
+        f"components: {', '.join(s.components) or 'none'}"
+    )

@@ -22,8 +22,10 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
         emit_json(vm)
         return
     d = vm["definition"]
-    console.print(f"[bold]{vm['name']}[/]  {vm['runstate']}  arch={d['arch']}  "
-                  f"memory={d['memory_mib']} MiB  vcpus={d['vcpus']}")
+    console.print(
+        f"[bold]{vm['name']}[/]  {vm['runstate']}  arch={d['arch']}  "
+        f"memory={d['memory_mib']} MiB  vcpus={d['vcpus']}"
+    )
     if "digests" in vm:
         digests = vm["digests"]
         console.print(f"  ram digest  {digests['ram']}\n  vcpu digest {digests['vcpu']}")
@@ -53,8 +55,13 @@ def list_(host_url: str, as_json: bool) -> None:
     table = Table("name", "state", "arch", "memory", "vcpus")
     for vm in vms:
         d = vm["definition"]
-        table.add_row(vm["name"], vm["runstate"], d["arch"],
-                      human_bytes(d["memory_mib"] * 1024 * 1024), str(d["vcpus"]))
+        table.add_row(
+            vm["name"],
+            vm["runstate"],
+            d["arch"],
+            human_bytes(d["memory_mib"] * 1024 * 1024),
+            str(d["vcpus"]),
+        )
     console.print(table)
 
 

@@ -45,9 +45,15 @@ def make_app(d: HostDaemon) -> web.Application:
 
     @routes.get("/v1/host")
     async def host(request: web.Request) -> web.Response:
-        return _ok({"name": d.name, "version": __version__, "control_url": d.control_url,
-                    "migration_address": list(d.migration_address),
-                    "vms": len(d.vms)})
+        return _ok(
+            {
+                "name": d.name,
+                "version": __version__,
+                "control_url": d.control_url,
+                "migration_address": list(d.migration_address),
+                "vms": len(d.vms),
+            }
+        )
 
     @routes.get("/v1/openapi.json")
     async def openapi(request: web.Request) -> web.Response:
@@ -71,10 +77,12 @@ def make_app(d: HostDaemon) -> web.Application:
         hosted = d.get_vm(request.match_info["name"])
         out = hosted.to_json()
         if request.query.get("digest") and hosted.vm is not None and hosted.runner is not None:
+
             def digest() -> dict[str, str]:
                 assert hosted.vm is not None and hosted.runner is not None
                 with hosted.runner.lock:
                     return {"ram": hosted.vm.ram.digest(), "vcpu": hosted.vm.vcpu_digest()}
+
             out["digests"] = await asyncio.to_thread(digest)
         return _ok(out)
 
@@ -109,10 +117,13 @@ def make_app(d: HostDaemon) -> web.Application:
         name, definition = body.get("vm"), body.get("definition")
         if not isinstance(name, str) or not isinstance(definition, dict):
             raise ApiError(400, "vm (name) and definition (object) required")
-        inc = d.expect_incoming(name, definition, bool(body.get("verify")),
-                                str(body.get("peer", request.remote)))
-        return _ok({"token": inc.token, "job": inc.job_id,
-                    "migration_address": list(d.migration_address)}, 201)
+        inc = d.expect_incoming(
+            name, definition, bool(body.get("verify")), str(body.get("peer", request.remote))
+        )
+        return _ok(
+            {"token": inc.token, "job": inc.job_id, "migration_address": list(d.migration_address)},
+            201,
+        )
 
     @routes.get("/v1/jobs")
     async def jobs(request: web.Request) -> web.Response:
@@ -139,8 +150,10 @@ def make_app(d: HostDaemon) -> web.Application:
 def _op(summary: str, body: bool = False, code: str = "200") -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {code: {"description": "OK", "content": {"application/json": {}}},
-                      "4XX": {"description": "error: {\"error\": message}"}},
+        "responses": {
+            code: {"description": "OK", "content": {"application/json": {}}},
+            "4XX": {"description": 'error: {"error": message}'},
+        },
     }
     if body:
         op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
@@ -156,18 +169,24 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/v1/host": {"get": _op("This host: name, version, migration address")},
         "/v1/openapi.json": {"get": _op("This document")},
-        "/v1/vms": {"get": _op("List VMs"),
-                    "post": _op("Create a VM from a definition ({definition, start})", True,
-                                "201")},
-        "/v1/vms/{name}": {"parameters": _NAME, "get": _op("Show a VM (?digest=1 for digests)"),
-                           "delete": _op("Destroy a VM")},
+        "/v1/vms": {
+            "get": _op("List VMs"),
+            "post": _op("Create a VM from a definition ({definition, start})", True, "201"),
+        },
+        "/v1/vms/{name}": {
+            "parameters": _NAME,
+            "get": _op("Show a VM (?digest=1 for digests)"),
+            "delete": _op("Destroy a VM"),
+        },
         "/v1/vms/{name}/start": {"parameters": _NAME, "post": _op("Run the vCPUs")},
         "/v1/vms/{name}/pause": {"parameters": _NAME, "post": _op("Pause the vCPUs")},
-        "/v1/vms/{name}/migrate": {"parameters": _NAME,
-                                   "post": _op("Live-migrate ({destination, params})", True,
-                                               "202")},
-        "/v1/incoming": {"post": _op("Expect an incoming VM; returns a one-time token", True,
-                                     "201")},
+        "/v1/vms/{name}/migrate": {
+            "parameters": _NAME,
+            "post": _op("Live-migrate ({destination, params})", True, "202"),
+        },
+        "/v1/incoming": {
+            "post": _op("Expect an incoming VM; returns a one-time token", True, "201")
+        },
         "/v1/jobs": {"get": _op("List migration jobs")},
         "/v1/jobs/{id}": {"parameters": _ID, "get": _op("Show a job with statistics")},
         "/v1/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel a running job")},

@@ -84,8 +84,19 @@ class Job:
     thread: threading.Thread | None = None
 
     def row(self) -> JobRow:
-        return JobRow(self.id, self.vm, self.role, self.peer, self.status, self.params,
-                      self.stats, self.error, self.step, self.created, time.time())
+        return JobRow(
+            self.id,
+            self.vm,
+            self.role,
+            self.peer,
+            self.status,
+            self.params,
+            self.stats,
+            self.error,
+            self.step,
+            self.created,
+            time.time(),
+        )
 
 
 @dataclass
@@ -138,12 +149,27 @@ class HostDaemon:
             self.vms[name] = hosted
         for row in self.store.jobs():
             if row.status in ("setup", "active", "device"):
-                row = JobRow(**{**row.__dict__, "status": "failed",
-                                "error": "the host daemon restarted during the job",
-                                "step": row.step or "unknown"})
+                row = JobRow(
+                    **{
+                        **row.__dict__,
+                        "status": "failed",
+                        "error": "the host daemon restarted during the job",
+                        "step": row.step or "unknown",
+                    }
+                )
                 self.store.put_job(row)
-            self.jobs[row.id] = Job(row.id, row.vm, row.role, row.peer, row.params, row.status,
-                                    row.stats, row.error, row.step, row.created)
+            self.jobs[row.id] = Job(
+                row.id,
+                row.vm,
+                row.role,
+                row.peer,
+                row.params,
+                row.status,
+                row.stats,
+                row.error,
+                row.step,
+                row.created,
+            )
 
     def _boot(self, hosted: HostedVm, start: bool) -> None:
         hosted.vm = create_vm(hosted.definition)
@@ -158,12 +184,17 @@ class HostDaemon:
         sock = socket.create_server(self.migration_listen, reuse_port=False)
         self._listener = sock
         self.migration_address = sock.getsockname()[:2]
-        threading.Thread(target=serve_incoming, args=(self, sock), name="mig-listener",
-                         daemon=True).start()
+        threading.Thread(
+            target=serve_incoming, args=(self, sock), name="mig-listener", daemon=True
+        ).start()
 
     def write_ready_file(self) -> None:
-        info = {"name": self.name, "control_url": self.control_url, "pid": os.getpid(),
-                "migration_address": list(self.migration_address)}
+        info = {
+            "name": self.name,
+            "control_url": self.control_url,
+            "pid": os.getpid(),
+            "migration_address": list(self.migration_address),
+        }
         tmp = self.state_dir / "ready.json.tmp"
         tmp.write_text(json.dumps(info))
         tmp.replace(self.state_dir / "ready.json")
@@ -244,8 +275,9 @@ class HostDaemon:
 
     def adopt(self, vm: VM, runner: VmRunner, running: bool) -> None:
         """Take in a VM that arrived by migration."""
-        hosted = HostedVm(vm.name, vm.definition.to_dict(), "running" if running else "paused",
-                          vm, runner)
+        hosted = HostedVm(
+            vm.name, vm.definition.to_dict(), "running" if running else "paused", vm, runner
+        )
         with self.lock:
             self.vms[vm.name] = hosted
         self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
@@ -287,8 +319,9 @@ class HostDaemon:
         job.cancel.set()
         return job
 
-    def expect_incoming(self, vm_name: str, definition: dict[str, Any], verify: bool,
-                        peer: str) -> Incoming:
+    def expect_incoming(
+        self, vm_name: str, definition: dict[str, Any], verify: bool, peer: str
+    ) -> Incoming:
         try:
             load_definition(definition)
         except ConfigError as exc:
@@ -297,8 +330,9 @@ class HostDaemon:
             if vm_name in self.vms or vm_name in {i.vm for i in self.incoming.values()}:
                 raise ApiError(409, f"a VM named {vm_name!r} exists on host {self.name}")
             job = self.new_job(vm_name, "destination", peer, {"verify": verify})
-            inc = Incoming(secrets.token_hex(16), vm_name, verify, job.id,
-                           time.monotonic() + TOKEN_TTL_S)
+            inc = Incoming(
+                secrets.token_hex(16), vm_name, verify, job.id, time.monotonic() + TOKEN_TTL_S
+            )
             self.incoming[inc.token] = inc
         log.info("expecting VM %s from %s (job %s)", vm_name, peer, job.id)
         return inc
@@ -322,8 +356,12 @@ class HostDaemon:
             self.save_job(job)
 
 
-def run_daemon(name: str, state_dir: Path, listen: tuple[str, int],
-               migration_listen: tuple[str, int] | None = None) -> None:
+def run_daemon(
+    name: str,
+    state_dir: Path,
+    listen: tuple[str, int],
+    migration_listen: tuple[str, int] | None = None,
+) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM."""
     from vmferry.host.api import make_app
 
@@ -352,8 +390,12 @@ def run_daemon(name: str, state_dir: Path, listen: tuple[str, int],
         host, port = sockets[0].getsockname()[:2]
         daemon.control_url = f"http://{host}:{port}"
         daemon.write_ready_file()
-        log.info("host %s: control %s, migration %s:%d", name, daemon.control_url,
-                 *daemon.migration_address)
+        log.info(
+            "host %s: control %s, migration %s:%d",
+            name,
+            daemon.control_url,
+            *daemon.migration_address,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

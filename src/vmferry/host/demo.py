@@ -38,21 +38,27 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
         hosts.append(spawn_host("B", workdir / "B"))
         a, b = (HostClient(h.control_url) for h in hosts)
         definition = {
-            "name": "demo-vm", "arch": "generic", "memory_mib": opts.memory_mib,
-            "vcpus": opts.vcpus, "fill": opts.fill,
+            "name": "demo-vm",
+            "arch": "generic",
+            "memory_mib": opts.memory_mib,
+            "vcpus": opts.vcpus,
+            "fill": opts.fill,
             "workload": {"dirty_rate_mbps": opts.dirty_rate_mbps, "pattern": opts.pattern},
             **opts.extra_definition,
         }
-        say(f"creating demo-vm on A: {opts.memory_mib} MiB, {opts.vcpus} vCPUs, "
-            f"fill={opts.fill}, dirtying {opts.dirty_rate_mbps:g} MB/s")
+        say(
+            f"creating demo-vm on A: {opts.memory_mib} MiB, {opts.vcpus} vCPUs, "
+            f"fill={opts.fill}, dirtying {opts.dirty_rate_mbps:g} MB/s"
+        )
         a.post("/v1/vms", {"definition": definition, "start": True})
         time.sleep(opts.warmup_s)
         params: dict[str, Any] = {"downtime_limit_ms": opts.downtime_limit_ms, "verify": True}
         if opts.stream_file:
             params["stream_file"] = str(Path(opts.stream_file).resolve())
         say(f"live-migrating demo-vm A -> B (downtime limit {opts.downtime_limit_ms:g} ms)")
-        job = a.post("/v1/vms/demo-vm/migrate",
-                     {"destination": hosts[1].control_url, "params": params})
+        job = a.post(
+            "/v1/vms/demo-vm/migrate", {"destination": hosts[1].control_url, "params": params}
+        )
         while job["status"] not in ("completed", "failed", "cancelled"):
             time.sleep(0.05)
             job = a.get(f"/v1/jobs/{job['id']}")
@@ -83,8 +89,19 @@ def _report(job: dict[str, Any], dest: HostClient) -> dict[str, Any]:
         "setup_time_ms": stats.get("setup-time", 0.0),
         "iterations": len(stats.get("passes", [])),
         "passes": stats.get("passes", []),
-        "ram": {k: ram.get(k, 0) for k in ("transferred", "total", "duplicate", "normal",
-                                             "normal-bytes", "remaining", "mbps",
-                                             "dirty-sync-count", "pages-per-second")},
+        "ram": {
+            k: ram.get(k, 0)
+            for k in (
+                "transferred",
+                "total",
+                "duplicate",
+                "normal",
+                "normal-bytes",
+                "remaining",
+                "mbps",
+                "dirty-sync-count",
+                "pages-per-second",
+            )
+        },
         "throttle_pct": stats.get("cpu-throttle-percentage", 0),
     }

@@ -31,8 +31,10 @@ class Fault:
     def parse(cls, text: str) -> Fault:
         phase, _, action = text.partition(":")
         if phase not in PHASES or action not in ACTIONS:
-            raise ConfigError(f"fault {text!r}: expected PHASE:ACTION with PHASE in {PHASES} "
-                              f"and ACTION in {ACTIONS}")
+            raise ConfigError(
+                f"fault {text!r}: expected PHASE:ACTION with PHASE in {PHASES} "
+                f"and ACTION in {ACTIONS}"
+            )
         if action == "version" and phase != "setup":
             raise ConfigError("the version fault applies to the setup phase only")
         return cls(phase, action)

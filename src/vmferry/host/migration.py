@@ -51,8 +51,9 @@ STATS_EVERY_S = 0.1
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             data: dict[str, Any] = json.loads(resp.read())
@@ -71,8 +72,15 @@ HOST_PARAMS = ("fault", "stream_file")
 
 
 def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
-    known = {"downtime_limit_ms", "max_bandwidth_mib", "offline", "max_passes",
-             "auto_converge", "verify", *HOST_PARAMS}
+    known = {
+        "downtime_limit_ms",
+        "max_bandwidth_mib",
+        "offline",
+        "max_passes",
+        "auto_converge",
+        "verify",
+        *HOST_PARAMS,
+    }
     unknown = set(raw) - known
     if unknown:
         raise ApiError(400, f"unknown migration parameters {sorted(unknown)}")
@@ -87,13 +95,20 @@ def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
 # --- source ------------------------------------------------------------------------------
 
 
-def start_source_job(daemon: HostDaemon, hosted: HostedVm, destination: str,
-                     raw: dict[str, Any]) -> Job:
+def start_source_job(
+    daemon: HostDaemon, hosted: HostedVm, destination: str, raw: dict[str, Any]
+) -> Job:
     params, fault = parse_params(raw)
     assert hosted.vm is not None and hosted.runner is not None
-    incoming = post_json(f"{destination.rstrip('/')}/v1/incoming",
-                         {"vm": hosted.name, "definition": hosted.definition,
-                          "verify": params.verify, "peer": daemon.control_url})
+    incoming = post_json(
+        f"{destination.rstrip('/')}/v1/incoming",
+        {
+            "vm": hosted.name,
+            "definition": hosted.definition,
+            "verify": params.verify,
+            "peer": daemon.control_url,
+        },
+    )
     job = daemon.new_job(hosted.name, "source", destination, {**raw})
     prev_state = hosted.runstate
     hosted.runstate = "migrating"
@@ -105,8 +120,16 @@ def start_source_job(daemon: HostDaemon, hosted: HostedVm, destination: str,
 
 
 class SourceWorker:
-    def __init__(self, daemon: HostDaemon, hosted: HostedVm, job: Job, params: MigrationParams,
-                 fault: Fault | None, incoming: dict[str, Any], prev_state: str) -> None:
+    def __init__(
+        self,
+        daemon: HostDaemon,
+        hosted: HostedVm,
+        job: Job,
+        params: MigrationParams,
+        fault: Fault | None,
+        incoming: dict[str, Any],
+        prev_state: str,
+    ) -> None:
         self.daemon, self.hosted, self.job = daemon, hosted, job
         self.params, self.fault, self.incoming = params, fault, incoming
         self.prev_state = prev_state
@@ -127,8 +150,11 @@ class SourceWorker:
         except CutConnection as exc:
             self._fail(str(exc))
         except MigrationError as exc:
-            self._fail(str(exc) if not exc.step else str(exc).split(": ", 1)[-1],
-                       exc.step or None, cancelled=self.job.cancel.is_set())
+            self._fail(
+                str(exc) if not exc.step else str(exc).split(": ", 1)[-1],
+                exc.step or None,
+                cancelled=self.job.cancel.is_set(),
+            )
         except OSError as exc:
             reason = self._peer_reason(sock) or f"connection lost: {exc.strerror or exc}"
             self._fail(reason)
@@ -146,8 +172,14 @@ class SourceWorker:
         host, port = self.incoming["migration_address"]
         sock = socket.create_connection((host, port), timeout=HELLO_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        send_frame(sock, "hello", token=self.incoming["token"], stream_version=[MAJOR, MINOR],
-                   runstate=self.prev_state, source=self.daemon.name)
+        send_frame(
+            sock,
+            "hello",
+            token=self.incoming["token"],
+            stream_version=[MAJOR, MINOR],
+            runstate=self.prev_state,
+            source=self.daemon.name,
+        )
         reply = recv_frame(sock)
         if reply["type"] != "welcome":
             raise PeerError(f"destination refused: {reply.get('reason', reply)}", "handshake")
@@ -157,7 +189,8 @@ class SourceWorker:
     def _phase(self) -> str:
         st = self.session.status
         return {Status.SETUP: "setup", Status.ACTIVE: "active", Status.DEVICE: "device"}.get(
-            st, "ack")
+            st, "ack"
+        )
 
     def _send_stream(self, sock: socket.socket) -> None:
         bufs = self.session.start()
@@ -193,17 +226,21 @@ class SourceWorker:
         except PeerError as exc:
             raise PeerError(str(exc), "awaiting destination load") from exc
         if reply["type"] != "loaded":
-            raise PeerError(f"destination failed: {reply.get('reason', reply)}",
-                            str(reply.get("step", "destination load")))
+            raise PeerError(
+                f"destination failed: {reply.get('reason', reply)}",
+                str(reply.get("step", "destination load")),
+            )
         ack = reply.get("ack", {})
         self.committed = True
         send_frame(sock, "commit")
         try:
             resumed = recv_frame(sock)
         except (PeerError, OSError) as exc:
-            raise PeerError(f"no resume confirmation after commit ({exc}); the destination "
-                            "may be running the VM, so the source stays paused",
-                            "commit") from exc
+            raise PeerError(
+                f"no resume confirmation after commit ({exc}); the destination "
+                "may be running the VM, so the source stays paused",
+                "commit",
+            ) from exc
         if resumed["type"] != "resumed":
             raise PeerError(f"destination failed after commit: {resumed}", "commit")
         stats = self.session.complete(ack)
@@ -214,18 +251,26 @@ class SourceWorker:
         self.hosted.release()
         self.daemon.store.set_runstate(self.hosted.name, "migrated")
         self.daemon.save_job(self.job)
-        log.info("job %s: %s migrated, downtime %.1f ms", self.job.id, self.hosted.name,
-                 stats.downtime.total_ms)
+        log.info(
+            "job %s: %s migrated, downtime %.1f ms",
+            self.job.id,
+            self.hosted.name,
+            stats.downtime.total_ms,
+        )
 
     def _verify(self, ack: dict[str, Any]) -> dict[str, Any]:
         if not self.params.verify:
             return {"requested": False}
         src = self.session.switchover_digests()
         dst = ack.get("digests", {})
-        return {"requested": True, "source": src, "destination": dst,
-                "ram_equal": src.get("ram") == dst.get("ram"),
-                "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
-                "verified": bool(dst) and src == dst}
+        return {
+            "requested": True,
+            "source": src,
+            "destination": dst,
+            "ram_equal": src.get("ram") == dst.get("ram"),
+            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
+            "verified": bool(dst) and src == dst,
+        }
 
     def _peer_reason(self, sock: socket.socket | None) -> str | None:
         """If the destination explained itself before closing, its words."""
@@ -277,8 +322,9 @@ def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
             conn, addr = listener.accept()
         except OSError:
             return
-        threading.Thread(target=DestinationWorker(daemon, conn, addr).run,
-                         name=f"mig-dst-{addr[1]}", daemon=True).start()
+        threading.Thread(
+            target=DestinationWorker(daemon, conn, addr).run, name=f"mig-dst-{addr[1]}", daemon=True
+        ).start()
 
 
 class DestinationWorker:
@@ -294,8 +340,11 @@ class DestinationWorker:
             if hello is not None:
                 self._receive(hello)
         except (StreamDecodeError, MigrationError, ConfigError, OSError) as exc:
-            self._fail(describe_failure(exc) if not isinstance(exc, OSError)
-                       else f"connection lost: {exc.strerror or exc}")
+            self._fail(
+                describe_failure(exc)
+                if not isinstance(exc, OSError)
+                else f"connection lost: {exc.strerror or exc}"
+            )
         except Exception as exc:
             log.exception("incoming migration from %s", self.addr)
             self._fail(describe_failure(exc))
@@ -319,7 +368,8 @@ class DestinationWorker:
             self._refuse(f"stream version {hello.get('stream_version')} not supported")
             return None
         self.session = DestinationSession(
-            MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm))
+            MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm)
+        )
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status = "active"
@@ -329,8 +379,10 @@ class DestinationWorker:
     def _check_name(expected: str) -> Any:
         def check(config: Any) -> None:
             if config.get("name") != expected:
-                raise ConfigError(f"stream carries VM {config.get('name')!r}, "
-                                  f"expected {expected!r}")
+                raise ConfigError(
+                    f"stream carries VM {config.get('name')!r}, expected {expected!r}"
+                )
+
         return check
 
     def _refuse(self, reason: str) -> None:
@@ -371,8 +423,10 @@ class DestinationWorker:
         self.daemon.adopt(vm, runner, running)
         send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3)
         self.job.status = "completed"
-        self.job.stats = {"ack": {k: v for k, v in ack.items() if k != "digests"},
-                          "passes": self.session.passes}
+        self.job.stats = {
+            "ack": {k: v for k, v in ack.items() if k != "digests"},
+            "passes": self.session.passes,
+        }
         self.daemon.save_job(self.job)
         log.info("incoming VM %s resumed (job %s)", vm.name, self.job.id)
 

@@ -37,17 +37,39 @@ class HostProcess:
             self.proc.wait()
 
 
-def spawn_host(name: str, state_dir: Path, listen: str = "127.0.0.1:0",
-               timeout: float = 30.0, extra_args: list[str] | None = None) -> HostProcess:
+def spawn_host(
+    name: str,
+    state_dir: Path,
+    listen: str = "127.0.0.1:0",
+    timeout: float = 30.0,
+    extra_args: list[str] | None = None,
+) -> HostProcess:
     state_dir.mkdir(parents=True, exist_ok=True)
     ready = state_dir / "ready.json"
     with contextlib.suppress(FileNotFoundError):
         ready.unlink()
     log = open(state_dir / "stdio.log", "ab")  # noqa: SIM115 - owned by the child
-    cmd = [sys.executable, "-m", "vmferry", "host", "serve", "--name", name,
-           "--listen", listen, "--state-dir", str(state_dir), *(extra_args or [])]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "vmferry",
+        "host",
+        "serve",
+        "--name",
+        name,
+        "--listen",
+        listen,
+        "--state-dir",
+        str(state_dir),
+        *(extra_args or []),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     log.close()
     host = HostProcess(name, state_dir, proc)
     deadline = time.monotonic() + timeout

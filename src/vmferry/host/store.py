@@ -103,8 +103,9 @@ class Store:
         )
 
     def set_runstate(self, name: str, runstate: str) -> None:
-        self._run("UPDATE vms SET runstate=?, updated=? WHERE name=?",
-                  (runstate, time.time(), name))
+        self._run(
+            "UPDATE vms SET runstate=?, updated=? WHERE name=?", (runstate, time.time(), name)
+        )
 
     def delete_vm(self, name: str) -> None:
         self._run("DELETE FROM vms WHERE name=?", (name,))
@@ -118,24 +119,47 @@ class Store:
     def put_job(self, job: JobRow) -> None:
         self._run(
             "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (job.id, job.vm, job.role, job.peer, job.status, json.dumps(job.params),
-             json.dumps(job.stats), job.error, job.step, job.created, job.updated),
+            (
+                job.id,
+                job.vm,
+                job.role,
+                job.peer,
+                job.status,
+                json.dumps(job.params),
+                json.dumps(job.stats),
+                job.error,
+                job.step,
+                job.created,
+                job.updated,
+            ),
         )
 
     def jobs(self, job_id: str | None = None) -> list[JobRow]:
         sql = "SELECT * FROM jobs" + (" WHERE id=?" if job_id else "") + " ORDER BY created"
         rows = self._run(sql, (job_id,) if job_id else ())
         return [
-            JobRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), json.loads(r[6]), r[7], r[8],
-                   r[9], r[10])
+            JobRow(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                json.loads(r[5]),
+                json.loads(r[6]),
+                r[7],
+                r[8],
+                r[9],
+                r[10],
+            )
             for r in rows
         ]
 
     # --- events ----------------------------------------------------------------------
 
     def log(self, kind: str, message: str) -> None:
-        self._run("INSERT INTO events (at, kind, message) VALUES (?, ?, ?)",
-                  (time.time(), kind, message))
+        self._run(
+            "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message)
+        )
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._run("SELECT at, kind, message FROM events ORDER BY id DESC LIMIT ?", (limit,))

@@ -108,8 +108,9 @@ class VmDefinition:
         if workload is not None and not isinstance(workload, Mapping):
             raise ConfigError("workload must be a table")
         extra = {k: d[k] for k in ARCHES[arch].extra_keys if k in d}
-        return cls(name, arch, memory_mib, vcpus, WorkloadSpec.from_definition(workload),
-                   fill, seed, extra)
+        return cls(
+            name, arch, memory_mib, vcpus, WorkloadSpec.from_definition(workload), fill, seed, extra
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

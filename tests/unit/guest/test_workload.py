@@ -33,8 +33,9 @@ def test_throttle_scales_rate() -> None:
 
 
 def test_hot_pattern_concentrates_writes() -> None:
-    _, ram = run(WorkloadSpec(dirty_rate_mbps=40, pattern="hot", hot_fraction=0.1,
-                              hot_weight=0.9), 1.0)
+    _, ram = run(
+        WorkloadSpec(dirty_rate_mbps=40, pattern="hot", hot_fraction=0.1, hot_weight=0.9), 1.0
+    )
     pages = ram.get_dirty_log().pages()
     hot = ram.npages // 10
     assert (pages < hot).sum() > (pages >= hot).sum()
@@ -57,8 +58,9 @@ def test_idle_workload_writes_nothing() -> None:
     assert w.pages_written == 0 and ram.get_dirty_log().count == 0
 
 
-@pytest.mark.parametrize("bad", [{"pattern": "zigzag"}, {"dirty_rate_mbps": -1},
-                                 {"hot_fraction": 0}, {"speed": 3}])
+@pytest.mark.parametrize(
+    "bad", [{"pattern": "zigzag"}, {"dirty_rate_mbps": -1}, {"hot_fraction": 0}, {"speed": 3}]
+)
 def test_bad_specs(bad: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         WorkloadSpec.from_definition(bad)

@@ -10,8 +10,7 @@ from vmferry.machine.vcpu import CORE_REGS
 
 
 def test_create_from_dict_and_run() -> None:
-    vm = create_vm({"name": "t1", "memory_mib": 16, "vcpus": 2,
-                    "workload": {"dirty_rate_mbps": 5}})
+    vm = create_vm({"name": "t1", "memory_mib": 16, "vcpus": 2, "workload": {"dirty_rate_mbps": 5}})
     assert vm.ram.size == 16 * 1024 * 1024 and len(vm.vcpus) == 2
     assert not vm.running
     before = vm.vcpu_digest()
@@ -27,23 +26,28 @@ def test_create_from_dict_and_run() -> None:
 
 def test_create_from_toml(tmp_path: Path) -> None:
     f = tmp_path / "vm.toml"
-    f.write_text('name = "toml-vm"\nmemory_mib = 8\nvcpus = 1\nfill = "random"\n'
-                 "[workload]\ndirty_rate_mbps = 2.5\npattern = \"uniform\"\n")
+    f.write_text(
+        'name = "toml-vm"\nmemory_mib = 8\nvcpus = 1\nfill = "random"\n'
+        '[workload]\ndirty_rate_mbps = 2.5\npattern = "uniform"\n'
+    )
     vm = create_vm(f)
     assert vm.definition.workload.pattern == "uniform"
     assert not vm.ram.zero_mask(0, vm.ram.npages).any()
 
 
-@pytest.mark.parametrize("bad", [
-    {"memory_mib": 8},
-    {"name": "bad name!", "memory_mib": 8},
-    {"name": "x", "memory_mib": 0},
-    {"name": "x", "memory_mib": 8, "vcpus": 0},
-    {"name": "x", "memory_mib": 8, "arch": "sparc"},
-    {"name": "x", "memory_mib": 8, "colour": "red"},
-    {"name": "x", "memory_mib": 8, "fill": "lots"},
-    {"name": "x", "memory_mib": True},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"memory_mib": 8},
+        {"name": "bad name!", "memory_mib": 8},
+        {"name": "x", "memory_mib": 0},
+        {"name": "x", "memory_mib": 8, "vcpus": 0},
+        {"name": "x", "memory_mib": 8, "arch": "sparc"},
+        {"name": "x", "memory_mib": 8, "colour": "red"},
+        {"name": "x", "memory_mib": 8, "fill": "lots"},
+        {"name": "x", "memory_mib": True},
+    ],
+)
 def test_bad_definitions(bad: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         create_vm(bad)

@@ -60,8 +60,15 @@ class Link:
 
 
 def vm_with(rate: float = 0.0, mib: int = 32, fill: str = "random", **kw: Any) -> VM:
-    vm = create_vm({"name": "e", "memory_mib": mib, "vcpus": 2, "fill": fill,
-                    "workload": {"dirty_rate_mbps": rate, **kw}})
+    vm = create_vm(
+        {
+            "name": "e",
+            "memory_mib": mib,
+            "vcpus": 2,
+            "fill": fill,
+            "workload": {"dirty_rate_mbps": rate, **kw},
+        }
+    )
     vm.start()
     return vm
 
@@ -84,8 +91,9 @@ def test_zero_pages_are_coalesced() -> None:
 
 
 def test_dirtying_guest_converges_and_stays_equal() -> None:
-    link = Link(vm_with(rate=30, pattern="uniform"), MigrationParams(downtime_limit_ms=50),
-                bandwidth=60e6)
+    link = Link(
+        vm_with(rate=30, pattern="uniform"), MigrationParams(downtime_limit_ms=50), bandwidth=60e6
+    )
     out = link.run()
     st_ = link.src.stats
     assert len(st_.passes) >= 2
@@ -139,8 +147,7 @@ def test_no_convergence_gives_up() -> None:
     vm = vm_with(rate=4000, pattern="uniform", mib=16)
     params = MigrationParams(downtime_limit_ms=0.001, auto_converge=False)
     link = Link(vm, params, bandwidth=50e6)
-    link.src.policy = ConvergencePolicy(downtime_limit_s=1e-6, auto_converge=False,
-                                        give_up_after=4)
+    link.src.policy = ConvergencePolicy(downtime_limit_s=1e-6, auto_converge=False, give_up_after=4)
     with pytest.raises(MigrationError, match="no convergence"):
         link.run()
 
@@ -181,15 +188,18 @@ def feed(records: list[Any]) -> DestinationSession:
 CONFIG = VmConfig({"name": "d", "memory_mib": 1, "vcpus": 1})
 
 
-@pytest.mark.parametrize("records", [
-    [RamPages(0, 4096, b"\0" * 4096)],  # before config
-    [CONFIG, CONFIG],
-    [CONFIG, RamPages(1024 * 1024, 4096, b"\0" * 4096)],  # outside RAM
-    [CONFIG, RamPages(0, 65536, b"\0" * 65536)],  # wrong page size
-    [CONFIG, VcpuRecord(3, ())],
-    [CONFIG, End()],  # vCPU 0 missing
-    [VmConfig({"name": "bad name", "memory_mib": 1})],
-])
+@pytest.mark.parametrize(
+    "records",
+    [
+        [RamPages(0, 4096, b"\0" * 4096)],  # before config
+        [CONFIG, CONFIG],
+        [CONFIG, RamPages(1024 * 1024, 4096, b"\0" * 4096)],  # outside RAM
+        [CONFIG, RamPages(0, 65536, b"\0" * 65536)],  # wrong page size
+        [CONFIG, VcpuRecord(3, ())],
+        [CONFIG, End()],  # vCPU 0 missing
+        [VmConfig({"name": "bad name", "memory_mib": 1})],
+    ],
+)
 def test_destination_rejects(records: list[Any]) -> None:
     with pytest.raises(MalformedRecord):
         feed(records)
@@ -199,7 +209,8 @@ def test_destination_rejects(records: list[Any]) -> None:
 def test_page_runs_cover_exactly(pages: list[int], max_len: int) -> None:
     index = np.array(sorted(pages), dtype=np.int64)
     starts, lengths = page_runs(index, max_len)
-    rebuilt = [s + k for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)
-               for k in range(n)]
+    rebuilt = [
+        s + k for s, n in zip(starts.tolist(), lengths.tolist(), strict=True) for k in range(n)
+    ]
     assert rebuilt == index.tolist()
     assert (lengths <= max_len).all() and (lengths >= 1).all()

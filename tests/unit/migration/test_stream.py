@@ -70,8 +70,10 @@ def _freeze(r: object) -> object:
 @pytest.mark.parametrize("step", [1, 7, 4096, None])
 def test_roundtrip_any_split(step: int | None) -> None:
     got = decode(stream(), step)
-    assert got == [r if not isinstance(r, RamPages) else RamPages(r.gpa, r.page_size,
-                   bytes(r.data)) for r in RECORDS]
+    assert got == [
+        r if not isinstance(r, RamPages) else RamPages(r.gpa, r.page_size, bytes(r.data))
+        for r in RECORDS
+    ]
 
 
 def test_zero_copy_receive_path() -> None:
@@ -192,8 +194,7 @@ def test_fuzz_truncations_and_bit_flips(data: st.DataObject) -> None:
         decode(bytes(raw[:cut]), step)
 
 
-@given(kind=st.integers(0, 0xFFFF), length=st.integers(0, 0xFFFF_FFFF),
-       tail=st.binary(max_size=64))
+@given(kind=st.integers(0, 0xFFFF), length=st.integers(0, 0xFFFF_FFFF), tail=st.binary(max_size=64))
 def test_fuzz_hostile_headers(kind: int, length: int, tail: bytes) -> None:
     head = StreamEncoder().header()
     dec = StreamDecoder()

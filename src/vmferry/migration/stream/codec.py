@@ -220,7 +220,8 @@ class StreamDecoder:
         if major != fmt.MAJOR or minor > fmt.MINOR:
             raise UnsupportedVersion(
                 f"stream version {major}.{minor}; this reader understands "
-                f"{fmt.MAJOR}.0 to {fmt.MAJOR}.{fmt.MINOR}", 8
+                f"{fmt.MAJOR}.0 to {fmt.MAJOR}.{fmt.MINOR}",
+                8,
             )
         if flags:
             raise UnsupportedVersion(f"unknown stream flags {flags:#x}", 12)
@@ -245,12 +246,14 @@ class StreamDecoder:
             raise UnknownRecord(f"{kind.name} record has unknown flags {flags:#x}", self.offset)
         limit = fmt.MAX_PAYLOAD[kind]
         if length > limit:
-            raise OversizedRecord(f"{kind.name} record of {length} bytes (limit {limit})",
-                                  self.offset)
+            raise OversizedRecord(
+                f"{kind.name} record of {length} bytes (limit {limit})", self.offset
+            )
         exact = fmt.EXACT_PAYLOAD.get(kind)
         if exact is not None and length != exact:
-            raise OversizedRecord(f"{kind.name} record of {length} bytes (must be {exact})",
-                                  self.offset)
+            raise OversizedRecord(
+                f"{kind.name} record of {length} bytes (must be {exact})", self.offset
+            )
         self._type, self._length = kind, length
         self._phase = _Phase.BODY
         return True

@@ -42,8 +42,11 @@ class StreamSummary:
             "complete": self.complete,
             "records": dict(self.records),
             "vm": self.vm,
-            "ram": {"pages_raw": self.pages_raw, "pages_zero": self.pages_zero,
-                    "raw_bytes": self.page_bytes},
+            "ram": {
+                "pages_raw": self.pages_raw,
+                "pages_zero": self.pages_zero,
+                "raw_bytes": self.page_bytes,
+            },
             "passes": self.passes,
             "vcpus": {str(k): v for k, v in sorted(self.vcpus.items())},
             "devices": self.devices,
