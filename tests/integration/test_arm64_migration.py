@@ -8,6 +8,7 @@ whether the source still runs the guest, and the guest's mitigation status after
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import wait_job
+from tests.integration.conftest import cli, wait_job
 from vmferry.analysis.matrix import Cell, CellSpec, run_cell
 from vmferry.host.client import HostClient
 from vmferry.host.processes import HostProcess, spawn_host
@@ -169,7 +170,10 @@ def test_degraded_only_when_allowed_and_announced(hosts: dict[str, Host]) -> Non
     assert "Spectre-v2" in job["error"] and "--allow-degraded" in job["error"]
     assert_source_kept(src, dst, "lossy", before)
     wait_destination_job(dst, "lossy", "failed")
-    job = migrate(src, dst, "lossy", allow_degraded=True)
+    out = cli("migrate", "lossy", "--from", src.proc.control_url, "--to", dst.proc.control_url,
+              "--allow-degraded", "--json")
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
     assert job["status"] == "completed", job
     assert any("degraded" in w and "Spectre-v2" in w for w in job["stats"]["warnings"])
     report = job["stats"]["destination_report"]["arm64"]["guest"]
@@ -183,7 +187,10 @@ def test_qemu_mode_degrades_silently(hosts: dict[str, Host]) -> None:
     cell = predicted(src, dst, "qemu")
     assert cell.outcome == "degraded"
     create(src, "silent")
-    job = migrate(src, dst, "silent", compat="qemu")
+    out = cli("migrate", "silent", "--from", src.proc.control_url, "--to",
+              dst.proc.control_url, "--compat", "qemu", "--json")
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
     assert job["status"] == "completed" and job["stats"]["warnings"] == [], job
     after = guest(dst, "silent")
     assert after["mitigation"] == cell.guest_after and tuple(after["lost"]) == cell.lost
