@@ -233,7 +233,7 @@ class _Execution:
         self.aborting = True
         with sync.scheduled(self):
             for thread in self.threads.values():
-                if thread.status is not ThreadStatus.DONE and not thread.glet.dead:
+                if thread.status is not ThreadStatus.DONE and thread.glet:
                     thread.glet.throw(_Abort)
 
     # --- internals ----------------------------------------------------------------------
