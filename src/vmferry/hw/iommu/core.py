@@ -369,7 +369,7 @@ class IommuCore:
         locked = not self.mode.probe_unlocked
         if locked:
             self._lock()
-        ret = self._probe_device_locked(dev, None)
+        ret = self.probe_device_locked(dev, None)
         if locked:
             self._unlock()
         if ret:
@@ -378,7 +378,7 @@ class IommuCore:
         ops.probe_finalize(self.k, dev)
         return 0
 
-    def _probe_device_locked(self, dev: Device, group_list: list[Group] | None) -> int:
+    def probe_device_locked(self, dev: Device, group_list: list[Group] | None) -> int:
         """``__iommu_probe_device`` (spec §5.2 A); the caller holds the probe lock."""
         if not self.mode.probe_unlocked:
             self.assert_probe_lock("__iommu_probe_device")
@@ -670,7 +670,7 @@ class IommuCore:
             locked = not self.mode.probe_unlocked
             if locked:
                 self._lock()
-            ret = self._probe_device_locked(dev, group_list)
+            ret = self.probe_device_locked(dev, group_list)
             if locked:
                 self._unlock()
             if ret == -Errno.ENODEV:

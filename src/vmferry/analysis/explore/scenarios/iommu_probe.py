@@ -55,7 +55,7 @@ def _mode_help(mode: str) -> str:
         "pre_6_7": "v6.2 ... v6.6: of_iommu_configure unlocked",
         "v6_15_release": "the v6.15 release (no re-check, no ready flag)",
     }
-    text = names[preset]
+    text = names[preset].removesuffix(" (correct)")
     return text + "".join(f"; {SWITCHES[s][0]}" for s in extra)
 
 
