@@ -15,8 +15,8 @@ from rich.table import Table
 
 from vmferry.analysis.explore import (
     STRATEGIES,
-    Report,
     ReplayScriptError,
+    Report,
     ScheduleMismatch,
     replay,
     run_scenario,

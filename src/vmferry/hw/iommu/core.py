@@ -320,7 +320,7 @@ class IommuCore:
             same = self.fwspec_ops(existing.get()) is inst.ops
             return 0 if same else -Errno.EINVAL
         self.assert_probe_lock("iommu_fwspec_init")
-        off_path = dev.name not in self.initialising
+        off_path = dev.name in self.k.of.off_path
         if self.dev_iommu_get(dev) is None:
             return -Errno.ENOMEM
         yield_point(f"alloc fwspec {dev.name}", dev.key)  # a sleeping allocation

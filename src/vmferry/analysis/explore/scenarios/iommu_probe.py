@@ -22,6 +22,7 @@ from vmferry.errors import InvariantViolation
 from vmferry.hw.iommu.checks import check_quiescent, check_step, leaked_objects
 from vmferry.hw.iommu.core import Device, device_state
 from vmferry.hw.iommu.driver_core import Driver
+from vmferry.hw.iommu.drivers import SmmuDriver
 from vmferry.hw.iommu.dt import parse_phandle_with_args
 from vmferry.hw.iommu.errors import Errno, MemoryLeak
 from vmferry.hw.iommu.kernel import FULL_CHECKS, Kernel
@@ -280,7 +281,8 @@ def build_r5(mode: str) -> Instance:
 def build_leak(mode: str) -> Instance:
     world = _world(mode)
     k = world.kernel
-    x, y = iommu("X"), iommu("Y", driver=None)
+    sysmmu = SmmuDriver("sysmmu")  # two instances of one driver, as on Exynos
+    x, y = iommu("X", driver=sysmmu), iommu("Y", driver=sysmmu)
     assert register(k, x) == 0
     dev = k.place(client("D", (x, 1), (y, 2)))
     drv = Driver("D-drv")
