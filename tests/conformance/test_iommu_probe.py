@@ -31,7 +31,7 @@ from vmferry.hw.iommu.topology import IommuHandle, client, iommu, register, regi
 
 ENODEV, EINVAL, EPROBE_DEFER = -Errno.ENODEV, -Errno.EINVAL, -Errno.EPROBE_DEFER
 
-# --- helpers ------------------------------------------------------------------------------------
+# --- helpers ------------------------------------------------------------------------------
 
 
 def ready_x(k: Kernel, name: str = "X", **kw: object) -> IommuHandle:
@@ -73,7 +73,7 @@ def hazards(report: Report) -> set[str]:
     return {f.hazard for f in report.failures}
 
 
-# --- firmware parsing / fwspec ---------------------------------------------------------------------
+# --- firmware parsing / fwspec ------------------------------------------------------------
 
 
 def test_check_1_configure_without_node() -> None:
@@ -261,7 +261,7 @@ def test_check_17_of_dma_configure_error_mapping() -> None:
     assert bad.dma_ops == "direct"
 
 
-# --- probe path, groups, domains ---------------------------------------------------------------------
+# --- probe path, groups, domains ----------------------------------------------------------
 
 
 def test_check_18_register_probes_driverless_client() -> None:
@@ -382,7 +382,7 @@ def test_check_28_late_probe_warning_once() -> None:
     assert device_state(dev) == "S5"
 
 
-# --- client driver probe -------------------------------------------------------------------------------
+# --- client driver probe ------------------------------------------------------------------
 
 
 def test_check_29_defer_then_bind_after_registration() -> None:
@@ -450,7 +450,7 @@ def test_check_33_core_dma_configure_never_claims() -> None:
     assert calls == []
 
 
-# --- removal ----------------------------------------------------------------------------------------------
+# --- removal ------------------------------------------------------------------------------
 
 
 def test_check_34_removed_device() -> None:
@@ -512,7 +512,7 @@ def test_check_37_after_unregister_defer() -> None:
     assert locked(k, lambda: k.core.fwspec_init(dev, x.node)) == EPROBE_DEFER
 
 
-# --- concurrency ----------------------------------------------------------------------------------------------
+# --- concurrency --------------------------------------------------------------------------
 
 
 def test_check_38_r1_pre_6_7_null_deref() -> None:
@@ -625,13 +625,13 @@ def test_check_46_r4_replay_ahead_of_walk() -> None:
     assert group is not None and group.setup_path == "immediate"
     assert group.setup_while_unready == ("X",)
     for preset in ("pre_6_7", "global_lock"):
-        k, dev, x, first = _r4_sequential(preset)
+        k, dev, _, first = _r4_sequential(preset)
         assert first == 0 and k.warned(LATE_PROBE_WARNING) == 0
         assert dev.iommu_group is not None and dev.iommu_group.setup_path == "immediate"
 
 
 def test_check_47_r4_fixed() -> None:
-    k, dev, x, first = _r4_sequential("v6_15")
+    k, dev, _, first = _r4_sequential("v6_15")
     assert first == EPROBE_DEFER and k.warned(LATE_PROBE_WARNING) == 0
     assert dev.iommu_group is not None and dev.iommu_group.setup_path == "walk"
     assert k.drivers.really_probe(dev, Driver("client")) == 0
@@ -680,9 +680,10 @@ def _fuzz_world() -> Instance:
     k.place(client("P"))
     hot = client("H", (x, 3))
     drv = Driver("c1")
+    results: dict[str, int] = {}
 
-    def hot_add() -> None:
-        k.drivers.device_add(hot, k.buses["platform"])
+    def run(name: str, fn: Callable[[], int]) -> Callable[[], None]:
+        return lambda: results.__setitem__(name, fn())
 
     def check() -> None:
         check_quiescent(k)
@@ -690,12 +691,13 @@ def _fuzz_world() -> Instance:
             assert device_state(dev) in ("S5", "S0"), f"{dev.name}: {device_state(dev)}"
         assert clients[0].bound and device_state(clients[0]) == "S5"
         assert device_state(k.device("P")) == "S0"
+        assert results["WX"] == results["WY"] == results["C"] == 0, results
 
     return Instance(
-        {"WX": lambda: None if register_and_trigger(k, x) else None,
-         "WY": lambda: None if register_and_trigger(k, y) else None,
-         "C": lambda: None if k.drivers.probe_until_bound(clients[0], drv) else None,
-         "H": hot_add},
+        {"WX": run("WX", lambda: register_and_trigger(k, x)),
+         "WY": run("WY", lambda: register_and_trigger(k, y)),
+         "C": run("C", lambda: k.drivers.probe_until_bound(clients[0], drv)),
+         "H": run("H", lambda: k.drivers.device_add(hot, k.buses["platform"]))},
         check=check,
     )
 
