@@ -607,7 +607,7 @@ def test_check_45_r3_fixed() -> None:
     assert report.failures == [] and report.complete
 
 
-def _r4_sequential(mode: str) -> tuple[Kernel, Device, IommuHandle, int]:
+def _r4_sequential(mode: str) -> tuple[Kernel, Device, int]:
     k = Kernel(mode, checks=frozenset())
     x = iommu("X")
     listed_only(k, x)  # step 1: X listed, its walk not at D yet
@@ -615,23 +615,23 @@ def _r4_sequential(mode: str) -> tuple[Kernel, Device, IommuHandle, int]:
     first = k.drivers.really_probe(dev, Driver("client"))  # step 2
     assert k.core.bus_iommu_probe(k.buses["platform"]) == 0  # step 3: the walk reaches D
     x.inst.ready = True
-    return k, dev, x, first
+    return k, dev, first
 
 
 def test_check_46_r4_replay_ahead_of_walk() -> None:
-    k, dev, x, first = _r4_sequential("v6_15+no_ready_flag")
+    k, dev, first = _r4_sequential("v6_15+no_ready_flag")
     assert first == 0 and k.warned(LATE_PROBE_WARNING) == 1
     group = dev.iommu_group
     assert group is not None and group.setup_path == "immediate"
     assert group.setup_while_unready == ("X",)
     for preset in ("pre_6_7", "global_lock"):
-        k, dev, _, first = _r4_sequential(preset)
+        k, dev, first = _r4_sequential(preset)
         assert first == 0 and k.warned(LATE_PROBE_WARNING) == 0
         assert dev.iommu_group is not None and dev.iommu_group.setup_path == "immediate"
 
 
 def test_check_47_r4_fixed() -> None:
-    k, dev, _, first = _r4_sequential("v6_15")
+    k, dev, first = _r4_sequential("v6_15")
     assert first == EPROBE_DEFER and k.warned(LATE_PROBE_WARNING) == 0
     assert dev.iommu_group is not None and dev.iommu_group.setup_path == "walk"
     assert k.drivers.really_probe(dev, Driver("client")) == 0
