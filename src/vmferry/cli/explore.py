@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -21,6 +22,8 @@ from vmferry.analysis.explore import (
     replay,
     run_scenario,
 )
+from vmferry.analysis.explore.api import Scenario
+from vmferry.analysis.explore.runner import DEFAULT
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.errors import ConfigError
 
@@ -62,12 +65,11 @@ def races(
             f"unknown scenario {scenario_name!r} (known: {', '.join(sorted(scenarios))})",
             param_hint="--scenario",
         )
-    extra = {} if failures_dir is None else {"failures_dir": failures_dir}
     try:
         report = run_scenario(
             scenario, mode=mode, case=case_name, strategy=strategy,
             preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
-            **extra,  # type: ignore[arg-type]
+            failures_dir=DEFAULT if failures_dir is None else failures_dir,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -107,10 +109,8 @@ def replay_cmd(file: Path, as_json: bool) -> None:
     sys.exit(1 if failure is not None else 0)
 
 
-def _list(scenarios: dict[str, object], as_json: bool) -> None:
-    from vmferry.analysis.explore.api import Scenario
-
-    items = [s for s in scenarios.values() if isinstance(s, Scenario)]
+def _list(scenarios: Mapping[str, Scenario], as_json: bool) -> None:
+    items = list(scenarios.values())
     if as_json:
         click.echo(json.dumps({"scenarios": [
             {"name": s.name, "description": s.description, "default_mode": s.default_mode,
