@@ -63,7 +63,7 @@ class HardwareTable:
         self.tces: npt.NDArray[np.uint64] = np.zeros(entries, dtype=">u8")
         self.ua_cache: npt.NDArray[np.uint64] = np.zeros(entries, dtype=">u8")
         self.pes: list[Pe] = []
-        #: entries whose exchange fails (fault injection for the platform op)
+        #: entries whose next exchange fails, once each (fault injection for the platform op)
         self.fail_xchg: set[int] = set()
         self.kill_log: list[tuple[int, int]] = []
         self.exchanges = 0
@@ -101,6 +101,7 @@ class HardwareTable:
         index = self._slot(entry)
         yield_point(f"hw {self.name} xchg {entry:#x}", (self.name, entry), write=True)
         if entry in self.fail_xchg:
+            self.fail_xchg.discard(entry)
             raise HwExchangeError(f"table {self.name}: exchange of entry {entry:#x} failed")
         if hpa & (self.page_size - 1):
             raise HostCrash(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +46,9 @@ from vmferry.hw.spapr.tce import (
 )
 from vmferry.hw.spapr.tce_table import GuestView, KvmTceTables
 from vmferry.hw.spapr.vfio_tce import VfioSpaprContainer
+
+if TYPE_CHECKING:
+    from vmferry.hw.spapr.persist import RebuildReport, SpaprTceState
 
 U64 = np.uint64
 #: IOMMU page shifts a window may use (QEMU's default pgsz: 4K, 64K, 2M, 16M)
@@ -357,13 +361,13 @@ class SpaprIommu:
         perm_sub = np.repeat(perms, sub)
         expected = np.zeros(len(gpa_sub), dtype=U64)
         for idx in np.nonzero(perm_sub)[0]:
-            hpa = self._translate_gpa(int(gpa_sub[idx]), hw)
+            hpa = self.translate_gpa(int(gpa_sub[idx]), hw)
             if hpa is not None:
                 bits = int(perm_sub[idx])
                 expected[idx] = hpa | bits | (TCE_PCI_READ if bits & TCE_PCI_WRITE else 0)
         return expected
 
-    def _translate_gpa(self, gpa: int, hw: HardwareTable) -> int | None:
+    def translate_gpa(self, gpa: int, hw: HardwareTable) -> int | None:
         ua = self.host.gpa_to_ua(gpa)
         if ua is None or self.host.gpa_to_ua(gpa + hw.page_size - 1) is None:
             return None
@@ -390,13 +394,16 @@ class SpaprIommu:
                     )
 
     def _stale_after_unplug(self, qt: QemuTable, hw: HardwareTable, idx: int, value: int) -> bool:
-        """A mapping into pinned memory whose memslot was unplugged (allowed, INV-1 holds)."""
+        """A mapping of the guest view's own gpa whose memslot was unplugged (INV-1 holds)."""
         sub = 1 << (qt.page_shift - hw.page_shift)
-        gpa = qt.view.get(idx // sub) & ~TCE_PERM_MASK
-        if self.host.slot_of_gpa(gpa) is not None or not value & TCE_PERM_MASK:
+        tce = qt.view.get(idx // sub)
+        gpa = (tce & ~TCE_PERM_MASK & ~(qt.page_size - 1)) + ((idx % sub) << hw.page_shift)
+        gone = [s for s in self.host.backing if s.has_gpa(gpa) and s not in self.host.slots]
+        if not gone or not value & TCE_PERM_MASK:
             return False
         region = self.mm.lookup(hw.ua(idx + hw.offset), hw.page_size)
-        return region is not None and region.pinned
+        want = gone[0].hpa + (gpa - gone[0].gpa)
+        return region is not None and region.pinned and value & ~TCE_PERM_MASK == want
 
     def _check_caches(self) -> None:
         """INV-4: no PE cache holds a translation that differs from its table."""
@@ -416,3 +423,15 @@ class SpaprIommu:
 
     def has_quirk(self, quirk: Quirk) -> bool:
         return quirk in self.quirks
+
+    # --- persist (see vmferry.hw.spapr.persist) ----------------------------------------------
+
+    def save(self) -> SpaprTceState:
+        from vmferry.hw.spapr import persist
+
+        return persist.save(self)
+
+    def restore(self, state: SpaprTceState) -> RebuildReport:
+        from vmferry.hw.spapr import persist
+
+        return persist.restore(self, state)
