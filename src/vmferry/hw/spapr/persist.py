@@ -205,8 +205,8 @@ def rebuild_window(iommu: SpaprIommu, liobn: int) -> WindowRebuild:
     table = iommu.qemu.tables[liobn]
     hw_tables = iommu.hw_tables(liobn)
     for hw in hw_tables:  # drop whatever the destination held before the replay
-        for index in np.nonzero(hw.tces.astype(np.uint64))[0]:
-            iommu.ops.clear_accounted(hw, hw.offset + int(index), 1)
+        for stale in np.nonzero(hw.tces.astype(np.uint64))[0]:
+            iommu.ops.clear_accounted(hw, hw.offset + int(stale), 1)
     mapped = cleared = 0
     if not hw_tables:
         return WindowRebuild(liobn, 0, 0)
