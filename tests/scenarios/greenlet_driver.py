@@ -38,7 +38,13 @@ class _Hook:
 
 
 class _Run:
-    def __init__(self, instance: Instance, prefix: list[int], max_steps: int) -> None:
+    def __init__(
+        self, instance: Instance, prefix: list[int], max_steps: int, bound: int | None
+    ) -> None:
+        self.bound = bound
+        self.preemptions = 0
+        #: per step: the choices still allowed by the preemption bound
+        self.allowed: list[list[int]] = []
         self.instance = instance
         self.prefix = prefix
         self.max_steps = max_steps
@@ -76,7 +82,17 @@ class _Run:
             if not runnable or step > self.max_steps:
                 self.errors.append(AssertionError(f"stuck: {alive} blocked"))
                 break
+            prev = self.schedule[-1] if self.schedule else None
+            if prev in runnable:  # keep running the previous thread first: no preemption
+                runnable.remove(prev)
+                runnable.insert(0, prev)
+            choices = list(range(len(runnable)))
+            if prev in runnable and self.bound is not None and self.preemptions >= self.bound:
+                choices = [0]
+            self.allowed.append(choices)
             choice = self.prefix[step] if step < len(self.prefix) else 0
+            if choice != 0 and prev in runnable:
+                self.preemptions += 1
             self.branching.append(len(runnable))
             name = runnable[choice]
             self.schedule.append(name)
@@ -99,20 +115,22 @@ class _Run:
         return Outcome(self.schedule, self.errors[0] if self.errors else None)
 
 
-def explore(build: Callable[[], Instance], max_steps: int = 2000) -> tuple[int, list[Outcome]]:
-    """Run every schedule; return (schedules explored, failing outcomes)."""
+def explore(
+    build: Callable[[], Instance], max_steps: int = 2000, preemption_bound: int | None = None
+) -> tuple[int, list[Outcome]]:
+    """Run every schedule (within the preemption bound); return (explored, failures)."""
     failures: list[Outcome] = []
     stack: list[list[int]] = [[]]
     explored = 0
     while stack:
         prefix = stack.pop()
-        run = _Run(build(), prefix, max_steps)
+        run = _Run(build(), prefix, max_steps, preemption_bound)
         with scheduled(_Hook(run)):  # type: ignore[arg-type]
             outcome = run.go()
         explored += 1
         if outcome.error is not None:
             failures.append(outcome)
-        for depth in range(len(prefix), len(run.branching)):
-            for alt in range(1, run.branching[depth]):
+        for depth in range(len(prefix), len(run.allowed)):
+            for alt in run.allowed[depth][1:]:
                 stack.append([*prefix, *([0] * (depth - len(prefix))), alt])
     return explored, failures

@@ -148,9 +148,10 @@ class KvmTce:
         gpa = tce_address(tce)
         if gpa & (stt.page_size - 1):
             return HRet.H_TOO_HARD
-        ua = self.host.gpa_to_ua(gpa)
-        if ua is None or self.host.gpa_to_ua(gpa + stt.page_size - 1) is None:
+        slot = self.host.slot_of_gpa(gpa)
+        if slot is None or gpa + stt.page_size > slot.gpa + slot.size:
             return HRet.H_TOO_HARD
+        ua = slot.ua + (gpa - slot.gpa)
         for table in stt.tables():
             region = self.mm.lookup(ua, max(table.page_size, stt.page_size))
             if region is None:
@@ -158,6 +159,37 @@ class KvmTce:
             try:
                 region.ua_to_hpa(ua, table.page_shift)
             except KernelError:
+                return HRet.H_TOO_HARD
+        return HRet.H_SUCCESS
+
+    def validate_all(self, stt: GuestTceTable, values: npt.NDArray[np.uint64]) -> int:
+        """:meth:`validate` over a snapshot (vectorised unless ``vectorised`` is off)."""
+        if not self.vectorised:
+            for value in values:
+                ret = self.validate(stt, int(value))
+                if ret != HRet.H_SUCCESS:
+                    return ret
+            return HRet.H_SUCCESS
+        live = (values & U64(TCE_PERM_MASK)) != 0
+        gpas = values[live] & ~U64(TCE_PERM_MASK)
+        if (gpas & U64(stt.page_size - 1)).any():
+            return HRet.H_TOO_HARD
+        uas = np.zeros(len(gpas), dtype=U64)
+        ok = np.zeros(len(gpas), dtype=np.bool_)
+        for slot in self.host.slots:
+            hit = (gpas >= U64(slot.gpa)) & (gpas + U64(stt.page_size) <= U64(slot.gpa + slot.size))
+            uas[hit] = gpas[hit] - U64(slot.gpa) + U64(slot.ua)
+            ok |= hit
+        if not ok.all():
+            return HRet.H_TOO_HARD
+        for table in stt.tables():
+            size = U64(max(table.page_size, stt.page_size))
+            covered = np.zeros(len(uas), dtype=np.bool_)
+            for region in self.mm.regions:
+                if region.pageshift < table.page_shift:
+                    continue
+                covered |= (uas >= U64(region.ua)) & (uas + size <= U64(region.end))
+            if not covered.all():
                 return HRet.H_TOO_HARD
         return HRet.H_SUCCESS
 
@@ -305,10 +337,9 @@ class KvmTce:
         except GuestMemoryError:
             return HRet.H_TOO_HARD
         values = buf[:npages]
-        for i in range(npages):
-            ret = self.validate(stt, int(values[i]))
-            if ret != HRet.H_SUCCESS:
-                return ret
+        ret = self.validate_all(stt, values)
+        if ret != HRet.H_SUCCESS:
+            return ret
         with self._locked(stt):
             return self.apply_batch(stt, entry, values)
 
