@@ -171,3 +171,19 @@ def test_unknown_opcode_and_short_args() -> None:
     io = build()
     assert io.hcall(0x999).ret == HRet.H_FUNCTION
     assert io.hcall(Hcall.H_GET_TCE, LIOBN).ret == HRet.H_SUCCESS  # missing regs read as 0
+
+
+def test_windows_from_definition_checks_the_list() -> None:
+    from vmferry.hw.spapr import windows_from_definition
+
+    good = {"tce_windows": [{"liobn": 1, "size_mib": 16, "page_shift": 12}]}
+    assert [w.liobn for w in windows_from_definition(good)] == [1]
+    assert windows_from_definition({}) == []
+    w = {"liobn": 1, "size_mib": 16, "page_shift": 12}
+    for bad in (
+        {"tce_windows": {}},
+        {"tce_windows": [w, w]},
+        {"tce_windows": [w, {**w, "liobn": 2}]},
+    ):
+        with pytest.raises(ConfigError):
+            windows_from_definition(bad)

@@ -109,6 +109,24 @@ class WindowSpec:
         return cls(ints["liobn"], ints["offset"], size, ints["page_shift"], in_kernel)
 
 
+def windows_from_definition(definition: Mapping[str, object]) -> list[WindowSpec]:
+    """``tce_windows`` of a VM definition -> WindowSpecs (ConfigError on bad input).
+
+    Absent key: no windows.  LIOBNs must be unique and windows must not overlap on the bus.
+    """
+    raw = definition.get("tce_windows", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"tce_windows must be a list, got {type(raw).__name__}")
+    specs = [WindowSpec.from_definition(d) for d in raw]
+    for i, a in enumerate(specs):
+        for b in specs[i + 1 :]:
+            if a.liobn == b.liobn:
+                raise ConfigError(f"tce_windows: liobn {a.liobn:#x} used twice")
+            if a.offset < b.offset + b.size and b.offset < a.offset + a.size:
+                raise ConfigError(f"tce_windows: windows {a.liobn:#x} and {b.liobn:#x} overlap")
+    return specs
+
+
 class SpaprIommu:
     def __init__(
         self,

@@ -108,15 +108,19 @@ class VfioSpaprContainer:
         self, liobn: int, iova: int, vaddr: int, size: int, direction: DmaDirection
     ) -> None:
         """VFIO_IOMMU_MAP_DMA into every table of the window; raises SpaprKernelError."""
-        for table in self._tables(liobn, iova, size):
-            if (size | vaddr) & (table.page_size - 1) or direction == DmaDirection.NONE:
-                raise SpaprKernelError(errno.EINVAL, "misaligned map or no permission")
-            self._build(table, iova >> table.page_shift, vaddr, size >> table.page_shift, direction)
+        with self.lock:
+            for table in self._tables(liobn, iova, size):
+                if (size | vaddr) & (table.page_size - 1) or direction == DmaDirection.NONE:
+                    raise SpaprKernelError(errno.EINVAL, "misaligned map or no permission")
+                first, count = iova >> table.page_shift, size >> table.page_shift
+                self._build(table, first, vaddr, count, direction)
 
     def unmap_dma(self, liobn: int, iova: int, size: int) -> None:
-        for table in self._tables(liobn, iova, size):
-            first, count = iova >> table.page_shift, size >> table.page_shift
-            self.ops.clear_accounted(table, first, count)
+        """VFIO_IOMMU_UNMAP_DMA: clear the range in every table of the window, with kill."""
+        with self.lock:
+            for table in self._tables(liobn, iova, size):
+                first, count = iova >> table.page_shift, size >> table.page_shift
+                self.ops.clear_accounted(table, first, count)
 
     def _tables(self, liobn: int, iova: int, size: int) -> list[HardwareTable]:
         tables = self.windows.get(liobn)
