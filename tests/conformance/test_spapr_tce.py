@@ -838,3 +838,71 @@ def test_check_58_range_past_window_end(mode: str) -> None:
     write_list(q, [A | RW, A | RW])
     assert call(q, H_PUT_TCE_INDIRECT, LIOBN, last, L, 2).ret == H_PARAMETER
     assert q.window(LIOBN).view.get(0x3FFFF) == A | RW
+
+
+@pytest.mark.parametrize("mode", ["correct", "immediate_free"])
+def test_check_54_put_tce_racing_group_release(mode: str) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scenarios"))
+    from greenlet_driver import explore
+
+    from vmferry.analysis.explore.api import Instance
+    from vmferry.errors import UseAfterFree
+
+    def build(mode: str) -> Instance:
+        io = make(mode)
+        outcome: list[int] = []
+
+        def vcpu() -> None:
+            outcome.append(io.hcall(H_PUT_TCE, LIOBN, 0x5000, A | RW).ret)
+
+        def release() -> None:
+            io.kvm_tables.release_group(io.groups[0])
+
+        def check() -> None:
+            assert outcome == [H_SUCCESS]
+            view = io.window(LIOBN).view.get(5)
+            assert view in (0, A | RW)  # updated or not at all
+
+        return Instance({"vcpu0": vcpu, "release": release}, check=check)
+
+    explored, failures = explore(lambda: build(mode), preemption_bound=2)
+    if mode == "correct":
+        assert explored > 5 and failures == []
+    else:
+        assert failures and all(isinstance(f.error, UseAfterFree) for f in failures)
+
+
+@pytest.mark.parametrize("mode", ["correct", "no_entry_lock"])
+def test_check_53_same_entry_from_two_vcpus(mode: str) -> None:
+    """Every interleaving (2 preemptions) instead of 10,000 random runs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scenarios"))
+    from greenlet_driver import explore
+
+    from vmferry.analysis.explore.api import Instance
+
+    def build(mode: str) -> Instance:
+        io = make(mode)
+
+        def put(value: int, vcpu: int) -> None:
+            assert io.hcall(H_PUT_TCE, LIOBN, 0x5000, value, vcpu=vcpu).ret == H_SUCCESS
+
+        def check() -> None:
+            io.check_invariants()  # guest view == hardware translation, INV-2 counts
+
+        return Instance(
+            {"vcpu0": lambda: put(A | RW, 0), "vcpu1": lambda: put((A + 0x1000) | RW, 1)},
+            check=check,
+        )
+
+    explored, failures = explore(lambda: build(mode), preemption_bound=2)
+    if mode == "correct":
+        assert explored > 10 and failures == []
+    else:
+        assert failures
+        assert {type(f.error) for f in failures} <= {MappedCountLeak, TableDivergence}

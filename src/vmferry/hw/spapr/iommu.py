@@ -159,7 +159,7 @@ class SpaprIommu:
         self.container.groups.extend(self.groups)
         for slot in self.host.slots:
             self.container.register_memory(slot.ua, slot.size)
-        self.kvm_tables = KvmTceTables()
+        self.kvm_tables = KvmTceTables(immediate_free=Quirk.IMMEDIATE_FREE in self.quirks)
         self.kvm = KvmTce(
             self.kvm_tables, self.host, self.mm, memory, self.ops, self.quirks, self.hazards
         )

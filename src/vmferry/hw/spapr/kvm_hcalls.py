@@ -105,6 +105,13 @@ class KvmTce:
         if opcode not in self.enabled:
             return HcallResult(HRet.H_TOO_HARD)
         a = tuple(x & U64_MASK for x in args)
+        self.tables.read_lock()
+        try:
+            return self._dispatch(opcode, a, vcpu)
+        finally:
+            self.tables.read_unlock()
+
+    def _dispatch(self, opcode: int, a: tuple[int, ...], vcpu: int) -> HcallResult:
         if opcode == Hcall.H_GET_TCE:
             return self.h_get_tce(a[0], a[1])
         if opcode == Hcall.H_PUT_TCE:
@@ -242,8 +249,10 @@ class KvmTce:
         none_via_map: bool,
     ) -> int:
         """Update ``entry`` in every attached table; on failure roll back and return it."""
-        tables = stt.tables()
-        for k, table in enumerate(tables):
+        elements = stt.elements()
+        tables = [a.table for a in elements]
+        for k, att in enumerate(elements):
+            table = att.get()
             sub = 1 << (stt.page_shift - table.page_shift)
             if direction == DmaDirection.NONE and not none_via_map:
                 ret = self._hw_unmap(table, entry * sub, sub)

@@ -121,6 +121,7 @@ class Quirk(Enum):
     ROLLBACK_INDEX = "H5: rollback clears the first entry, unscaled by subpages"
     ROLLBACK_UNACCOUNTED = "H6/H15: rollback clear without kill and without mapped_dec"
     NO_ENTRY_LOCK = "H7: no serialisation of updates to one entry"
+    IMMEDIATE_FREE = "H14: a released group's attached table is freed while handlers walk it"
     UNREGISTER_ORPHAN = "H10: unregister of a mapped region returns 0 and orphans it pinned"
     BUILD_STOP_OK = "H11: VFIO build stops with status 0 when mapped_inc fails"
     STALE_FALLBACK = "H12: VMM fallback leaves the old hardware mapping when its map fails"
@@ -138,11 +139,12 @@ MODES: dict[str, frozenset[Quirk]] = {
     "rollback_unaccounted": frozenset({Quirk.PARTIAL_TABLES, Quirk.ROLLBACK_UNACCOUNTED}),
     "no_entry_lock": frozenset({Quirk.NO_ENTRY_LOCK}),
     "unregister_orphan": frozenset({Quirk.UNREGISTER_ORPHAN}),
+    "immediate_free": frozenset({Quirk.IMMEDIATE_FREE}),
     "build_stop_ok": frozenset({Quirk.BUILD_STOP_OK}),
     "stale_fallback": frozenset({Quirk.STALE_FALLBACK}),
     "no_rebuild": frozenset({Quirk.NO_REBUILD}),
     "range_first_page": frozenset({Quirk.RANGE_FIRST_PAGE}),
-    "upstream": frozenset(set(Quirk) - {Quirk.ROLLBACK_INDEX}),
+    "upstream": frozenset(set(Quirk) - {Quirk.ROLLBACK_INDEX, Quirk.IMMEDIATE_FREE}),
 }
 
 MODE_HELP: dict[str, str] = {

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from vmferry.errors import UseAfterFree
 from vmferry.hw.spapr.hwtable import HardwareTable, IommuGroup
 from vmferry.hw.spapr.tce import (
     KVM_MAX_PAGE_SHIFT,
@@ -118,6 +119,15 @@ class AttachedTable:
     table: HardwareTable
     kref: int = 1
     groups: list[IommuGroup] = field(default_factory=list)
+    #: set once the element is freed; any later dereference is a use after free
+    freed: bool = False
+
+    def get(self) -> HardwareTable:
+        """Dereference the element (``stit->tbl``)."""
+        yield_point("stit deref", (id(self), "stit"), write=False)
+        if self.freed:
+            raise UseAfterFree(f"attached table {self.table.name} used after it was freed")
+        return self.table
 
 
 class GuestTceTable:
@@ -146,17 +156,41 @@ class GuestTceTable:
     def window_bytes(self) -> int:
         return self.size << self.page_shift
 
-    def tables(self) -> list[HardwareTable]:
-        """A snapshot of the attached list (RCU walk: removal does not free mid-walk)."""
+    def elements(self) -> list[AttachedTable]:
+        """A snapshot of the attached list (an RCU list walk)."""
         yield_point(f"stt {self.liobn:#x} walk", (self, "attached"), write=False)
-        return [a.table for a in self.attached if a.kref > 0]
+        return [a for a in self.attached if a.kref > 0]
+
+    def tables(self) -> list[HardwareTable]:
+        return [a.get() for a in self.elements()]
 
 
 class KvmTceTables:
     """The VM's table list plus the create/attach/release ioctls."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, immediate_free: bool = False) -> None:
         self.tables: dict[int, GuestTceTable] = {}
+        #: free released elements at once instead of after the grace period (H14)
+        self.immediate_free = immediate_free
+        #: handlers inside an RCU read section; released elements wait for zero
+        self.readers = 0
+        self.pending: list[AttachedTable] = []
+
+    def read_lock(self) -> None:
+        self.readers += 1
+
+    def read_unlock(self) -> None:
+        self.readers -= 1
+        if self.readers == 0:
+            for att in self.pending:
+                att.freed = True
+            self.pending.clear()
+
+    def _free(self, att: AttachedTable) -> None:
+        if self.immediate_free or self.readers == 0:
+            att.freed = True
+        else:
+            self.pending.append(att)
 
     def find(self, liobn: int) -> GuestTceTable | None:
         yield_point("kvm find liobn", (self, "tables"), write=False)
@@ -183,6 +217,7 @@ class KvmTceTables:
         self.tables.pop(stt.liobn, None)
         for att in stt.attached:
             att.kref = 0
+            self._free(att)
         stt.attached = []
         stt.closed = True
 
@@ -220,7 +255,9 @@ class KvmTceTables:
         for stt in self.tables.values():
             for att in list(stt.attached):
                 if group in att.groups:
+                    yield_point("release group", (stt, "attached"), write=True)
                     att.groups.remove(group)
                     att.kref -= 1
                     if att.kref == 0:
                         stt.attached.remove(att)
+                        self._free(att)
