@@ -16,8 +16,6 @@ from vmferry.hw.spapr.tce import (
     MODES,
     DmaDirection,
     DmaFault,
-    MappedCountLeak,
-    TableDivergence,
     encode_tce_list,
 )
 
@@ -36,34 +34,6 @@ def test_every_mode_builds_and_unknown_mode_is_refused() -> None:
         build(mode).check_invariants()
     with pytest.raises(ConfigError):
         build("sloppy")
-
-
-def test_no_entry_lock_diverges_under_interleaving() -> None:
-    """H7, check 53: two vCPUs put A and B into one entry (see the scenario driver too)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scenarios"))
-    from greenlet_driver import explore
-
-    from vmferry.analysis.explore.api import Instance
-
-    def make(mode: str) -> Instance:
-        io = build(mode)
-
-        def put(value: int) -> None:
-            io.hcall(Hcall.H_PUT_TCE, LIOBN, 0x5000, value)
-
-        return Instance(
-            {"vcpu0": lambda: put(0x100000 | RW), "vcpu1": lambda: put(0x200000 | RW)},
-            check=io.check_invariants,
-        )
-
-    explored, failures = explore(lambda: make("correct"), preemption_bound=2)
-    assert explored > 10 and failures == []
-    _, failures = explore(lambda: make("no_entry_lock"), preemption_bound=2)
-    assert failures
-    assert {type(f.error) for f in failures} <= {MappedCountLeak, TableDivergence}
 
 
 @settings(max_examples=40, deadline=None)
