@@ -24,14 +24,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.errors import ConfigError, HazardError, InvariantViolation
+from vmferry.errors import ConfigError, HazardError
 from vmferry.hw.memory import GuestMemory
+from vmferry.hw.spapr import invariants
 from vmferry.hw.spapr.hcall import HCALL_ARGC, Hcall, HcallResult, HRet
 from vmferry.hw.spapr.hostmem import HostMemoryMap
 from vmferry.hw.spapr.hwops import EntryOps, WarnOnce
 from vmferry.hw.spapr.hwtable import HardwareTable, IommuGroup, Pe
 from vmferry.hw.spapr.kvm_hcalls import KvmTce
-from vmferry.hw.spapr.prereg import MmIommu, PreregRegion
+from vmferry.hw.spapr.prereg import MmIommu
 from vmferry.hw.spapr.qemu_hcalls import QemuTable, QemuTce
 from vmferry.hw.spapr.tce import (
     HOST_PAGE_SHIFT,
@@ -39,9 +40,7 @@ from vmferry.hw.spapr.tce import (
     TCE_PCI_WRITE,
     TCE_PERM_MASK,
     DmaFault,
-    MappedCountLeak,
     Quirk,
-    TableDivergence,
     quirks_of,
 )
 from vmferry.hw.spapr.tce_table import GuestView, KvmTceTables
@@ -310,130 +309,16 @@ class SpaprIommu:
     # --- invariants --------------------------------------------------------------------
 
     def check_invariants(self, *, quiescent: bool = True) -> None:
-        """Raise the first recorded hazard or INV violation (spec INV-1..INV-4, INV-7, INV-9)."""
-        if self.hazards:
-            raise self.hazards[0]
-        if quiescent:
-            self._check_quiescent()
-        self.container.check_pins()
-        self._check_counts()
-        self._check_agreement()
-        self._check_caches()
-
-    def _check_quiescent(self) -> None:
-        if self.kvm.srcu_depth:
-            raise InvariantViolation(f"SRCU read section left held ({self.kvm.srcu_depth})")
-        for stt in self.kvm_tables.tables.values():
-            if stt.lock.locked:
-                raise InvariantViolation(f"{stt.lock} left held")
-        if self.container.lock.locked:
-            raise InvariantViolation("container lock left held")
-
-    def _all_tables(self) -> list[HardwareTable]:
-        seen: dict[int, HardwareTable] = {}
-        for tables in self.container.windows.values():
-            for table in tables:
-                seen[id(table)] = table
-        return list(seen.values())
-
-    def _regions(self) -> list[PreregRegion]:
-        return [*self.mm.regions, *(r for r in self.container.orphans if r not in self.mm.regions)]
-
-    def _check_counts(self) -> None:
-        """INV-1/INV-2: mapped = 1 + hardware entries with permission into the region."""
-        users: dict[int, int] = {}
-        regions = self._regions()
-        for table in self._all_tables():
-            perm = (table.tces.astype(U64) & U64(TCE_PERM_MASK)) != 0
-            uas = table.ua_cache.astype(U64)
-            if (perm & (uas == 0)).any() or (~perm & (uas != 0)).any():
-                bad = int(np.nonzero(perm ^ (uas != 0))[0][0]) + table.offset
-                raise MappedCountLeak(
-                    f"table {table.name} entry {bad:#x}: UA cache and permission disagree"
-                )
-            live = uas[perm]
-            found = np.zeros(len(live), dtype=np.bool_)
-            for region in regions:
-                hit = (live >= U64(region.ua)) & (live < U64(region.end))
-                users[id(region)] = users.get(id(region), 0) + int(hit.sum())
-                found |= hit
-            if not found.all():
-                raise MappedCountLeak(f"table {table.name}: a mapping points into no region")
-        for region in regions:
-            if not region.pinned and users.get(id(region), 0):
-                raise MappedCountLeak(f"region {region.ua:#x} unpinned while mapped")
-            if region.mapped != 0 and region.mapped != 1 + users.get(id(region), 0):
-                raise MappedCountLeak(
-                    f"region {region.ua:#x}: mapped {region.mapped}, "
-                    f"{users.get(id(region), 0)} hardware users"
-                )
+        """Raise the first recorded hazard or INV violation (see :mod:`.invariants`)."""
+        invariants.check(self, quiescent=quiescent)
 
     def expected_hw(self, table: QemuTable, hw: HardwareTable) -> npt.NDArray[np.uint64]:
         """translate(guest view) for ``hw``: hpa|perm, or 0 where untranslatable."""
-        view = table.view.dense()
-        sub = 1 << (table.page_shift - hw.page_shift)
-        perms = view & U64(TCE_PERM_MASK)
-        gpas = view & ~U64(TCE_PERM_MASK) & ~U64(table.page_size - 1)
-        steps = np.arange(sub, dtype=U64) << U64(hw.page_shift)
-        gpa_sub = (gpas[:, None] + steps[None, :]).ravel()
-        perm_sub = np.repeat(perms, sub)
-        expected = np.zeros(len(gpa_sub), dtype=U64)
-        for idx in np.nonzero(perm_sub)[0]:
-            hpa = self.translate_gpa(int(gpa_sub[idx]), hw)
-            if hpa is not None:
-                bits = int(perm_sub[idx])
-                expected[idx] = hpa | bits | (TCE_PCI_READ if bits & TCE_PCI_WRITE else 0)
-        return expected
+        return invariants.expected_hw(self, table, hw)
 
     def translate_gpa(self, gpa: int, hw: HardwareTable) -> int | None:
-        ua = self.host.gpa_to_ua(gpa)
-        if ua is None or self.host.gpa_to_ua(gpa + hw.page_size - 1) is None:
-            return None
-        region = self.mm.lookup(ua, hw.page_size)
-        if region is None or region.pageshift < hw.page_shift:
-            return None
-        return region.ua_to_hpa(ua, hw.page_shift)
-
-    def _check_agreement(self) -> None:
-        """INV-3: every hardware entry equals translate(guest view) or is cleared."""
-        for liobn, tables in self.container.windows.items():
-            qt = self.qemu.tables[liobn]
-            for hw in tables:
-                expected = self.expected_hw(qt, hw)
-                first = (qt.bus_offset >> hw.page_shift) - hw.offset
-                actual = hw.tces[first : first + len(expected)].astype(U64)
-                bad = np.nonzero(actual != expected)[0]
-                for idx in bad:
-                    if self._stale_after_unplug(qt, hw, int(idx), int(actual[idx])):
-                        continue
-                    raise TableDivergence(
-                        f"liobn {liobn:#x} table {hw.name} hw entry {int(idx) + hw.offset:#x}: "
-                        f"holds {int(actual[idx]):#x}, guest view says {int(expected[idx]):#x}"
-                    )
-
-    def _stale_after_unplug(self, qt: QemuTable, hw: HardwareTable, idx: int, value: int) -> bool:
-        """A mapping of the guest view's own gpa whose memslot was unplugged (INV-1 holds)."""
-        sub = 1 << (qt.page_shift - hw.page_shift)
-        tce = qt.view.get(idx // sub)
-        gpa = (tce & ~TCE_PERM_MASK & ~(qt.page_size - 1)) + ((idx % sub) << hw.page_shift)
-        gone = [s for s in self.host.backing if s.has_gpa(gpa) and s not in self.host.slots]
-        if not gone or not value & TCE_PERM_MASK:
-            return False
-        region = self.mm.lookup(hw.ua(idx + hw.offset), hw.page_size)
-        want = gone[0].hpa + (gpa - gone[0].gpa)
-        return region is not None and region.pinned and value & ~TCE_PERM_MASK == want
-
-    def _check_caches(self) -> None:
-        """INV-4: no PE cache holds a translation that differs from its table."""
-        by_name = {t.name: t for t in self._all_tables()}
-        for group in self.groups:
-            for (name, entry), value in group.pe.cache.items():
-                table = by_name.get(name)
-                if table is not None and table.read(entry) != value:
-                    raise TableDivergence(
-                        f"PE {group.pe.number} caches {value:#x} for {name} entry {entry:#x}, "
-                        f"table holds {table.read(entry):#x}"
-                    )
+        """gpa -> hpa for one page of ``hw`` through memslots and preregistered memory."""
+        return invariants.translate_gpa(self, gpa, hw)
 
     @property
     def pinned_leak(self) -> int:
