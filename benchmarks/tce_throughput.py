@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 
-from vmferry.hw.memory import ByteMemory
 from vmferry.hw.spapr.hcall import Hcall, HRet
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.tce import TCE_PCI_READ, TCE_PCI_WRITE, encode_tce_list
+from vmferry.testing.memory import ByteMemory
 
 LIOBN = 0x80000000
 WINDOW = 1 << 30

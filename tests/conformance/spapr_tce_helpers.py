@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmferry.hw.memory import ByteMemory
 from vmferry.hw.spapr.hcall import HcallResult
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
+from vmferry.testing.memory import ByteMemory
 
 LIOBN = 0x80000000
 RAM = 64 << 20

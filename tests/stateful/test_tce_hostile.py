@@ -10,10 +10,10 @@ from __future__ import annotations
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from vmferry.hw.memory import ByteMemory
 from vmferry.hw.spapr.hcall import Hcall, HRet
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.tce import DmaFault, encode_tce_list
+from vmferry.testing.memory import ByteMemory
 
 RAM = 8 << 20
 WINDOWS = [

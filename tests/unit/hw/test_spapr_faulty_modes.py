@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from vmferry.errors import ConfigError
 from vmferry.guest.dma import GuestDmaError, GuestDmaWindow
-from vmferry.hw.memory import ByteMemory
 from vmferry.hw.spapr.hcall import Hcall, HRet
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.tce import (
@@ -18,6 +17,7 @@ from vmferry.hw.spapr.tce import (
     DmaFault,
     encode_tce_list,
 )
+from vmferry.testing.memory import ByteMemory
 
 LIOBN = 0x80000000
 RAM = 16 << 20

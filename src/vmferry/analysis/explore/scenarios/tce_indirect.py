@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
-from vmferry.hw.memory import ByteMemory
 from vmferry.hw.spapr.hcall import Hcall, HcallResult, HRet
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.tce import MODE_HELP, TCE_PCI_READ, TCE_PCI_WRITE, encode_tce_list
+from vmferry.machine.ram import GuestRam
 from vmferry.sync import yield_point
 
 LIOBN = 0x80000000
@@ -48,7 +48,7 @@ class _World:
 
 def _builder(first: list[int], new: int, page_shift: int) -> Callable[[str], Instance]:
     def build(mode: str) -> Instance:
-        memory = ByteMemory(4 << 20)
+        memory = GuestRam(4 << 20)
         window = WindowSpec(LIOBN, 0, 16 << 20, page_shift)
         iommu = SpaprIommu(memory, [window], mode=mode, hw_page_shift=page_shift)
         memory.write(LIST, encode_tce_list(first))
