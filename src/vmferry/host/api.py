@@ -117,11 +117,13 @@ def make_app(d: HostDaemon) -> web.Application:
         name, definition = body.get("vm"), body.get("definition")
         if not isinstance(name, str) or not isinstance(definition, dict):
             raise ApiError(400, "vm (name) and definition (object) required")
-        inc = d.expect_incoming(
-            name, definition, bool(body.get("verify")), str(body.get("peer", request.remote))
+        inc, caps = await asyncio.to_thread(
+            d.expect_incoming,
+            name, definition, bool(body.get("verify")), str(body.get("peer", request.remote)),
         )
         return _ok(
-            {"token": inc.token, "job": inc.job_id, "migration_address": list(d.migration_address)},
+            {"token": inc.token, "job": inc.job_id, "capabilities": caps,
+             "migration_address": list(d.migration_address)},
             201,
         )
 

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
-from vmferry.machine.vm import VM, create_vm, load_definition
+from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
 
 log = logging.getLogger("vmferry.host")
 
@@ -57,6 +58,9 @@ class HostedVm:
             out["vcpus"] = len(self.vm.vcpus)
             out["throttle_pct"] = self.vm.workload.throttle_pct
             out["pages_dirtied"] = self.vm.workload.pages_written
+            report = self.vm.report()
+            if report:
+                out["report"] = report
         return out
 
     def release(self) -> None:
@@ -115,8 +119,10 @@ class HostDaemon:
         state_dir: Path,
         listen: tuple[str, int] = ("127.0.0.1", 0),
         migration_listen: tuple[str, int] | None = None,
+        context: HostContext | None = None,
     ) -> None:
         self.name = name
+        self.context = context if context is not None else HostContext(name)
         self.state_dir = state_dir
         self.listen = listen
         self.migration_listen = migration_listen or (listen[0], 0)
@@ -171,8 +177,12 @@ class HostDaemon:
                 row.created,
             )
 
+    def build_vm(self, definition: Mapping[str, Any]) -> VM:
+        """A VM as this host builds it (its profile and platform apply)."""
+        return create_vm(definition, self.context)
+
     def _boot(self, hosted: HostedVm, start: bool) -> None:
-        hosted.vm = create_vm(hosted.definition)
+        hosted.vm = self.build_vm(hosted.definition)
         hosted.runner = VmRunner(hosted.vm)
         if start:
             hosted.runner.resume()
@@ -321,11 +331,18 @@ class HostDaemon:
 
     def expect_incoming(
         self, vm_name: str, definition: dict[str, Any], verify: bool, peer: str
-    ) -> Incoming:
+    ) -> tuple[Incoming, dict[str, Any]]:
+        """Get ready for a VM; returns the one-time token and this host's capabilities
+        for it (from a scratch VM built here: the same code that will receive it)."""
         try:
             load_definition(definition)
-        except ConfigError as exc:
-            raise ApiError(400, f"this host cannot run the VM: {exc}") from exc
+            scratch = self.build_vm(definition)
+        except VmferryError as exc:
+            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
+        try:
+            capabilities = scratch.capabilities()
+        finally:
+            scratch.close()
         with self.lock:
             if vm_name in self.vms or vm_name in {i.vm for i in self.incoming.values()}:
                 raise ApiError(409, f"a VM named {vm_name!r} exists on host {self.name}")
@@ -335,7 +352,7 @@ class HostDaemon:
             )
             self.incoming[inc.token] = inc
         log.info("expecting VM %s from %s (job %s)", vm_name, peer, job.id)
-        return inc
+        return inc, capabilities
 
     def claim_token(self, token: object) -> Incoming | None:
         """One-time use: the token is gone whether or not it was valid."""
@@ -361,6 +378,7 @@ def run_daemon(
     state_dir: Path,
     listen: tuple[str, int],
     migration_listen: tuple[str, int] | None = None,
+    context: HostContext | None = None,
 ) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM."""
     from vmferry.host.api import make_app
@@ -373,7 +391,7 @@ def run_daemon(
     )
     if listen[0] not in ("127.0.0.1", "::1", "localhost"):
         log.warning("control API listens on %s: it is reachable beyond this machine", listen[0])
-    daemon = HostDaemon(name, state_dir, listen, migration_listen)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context)
     daemon.recover()
     daemon.start_migration_listener()
 

@@ -20,6 +20,7 @@ from vmferry.errors import (
     ApiError,
     ConfigError,
     MigrationError,
+    MigrationRefused,
     PeerError,
     StreamDecodeError,
     VmferryError,
@@ -79,6 +80,8 @@ def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
         "max_passes",
         "auto_converge",
         "verify",
+        "compat",
+        "allow_degraded",
         *HOST_PARAMS,
     }
     unknown = set(raw) - known
@@ -144,9 +147,13 @@ class SourceWorker:
     def run(self) -> None:
         sock: socket.socket | None = None
         try:
+            self._preflight()
             sock = self._connect()
             self._send_stream(sock)
             self._await_ack(sock)
+        except MigrationRefused as exc:
+            self._fail(str(exc).split(": ", 1)[-1], "pre-flight")
+            self._abort_incoming(f"source refused at pre-flight: {exc}")
         except CutConnection as exc:
             self._fail(str(exc))
         except MigrationError as exc:
@@ -167,6 +174,17 @@ class SourceWorker:
                     sock.close()
             if self.tee is not None:
                 self.tee.close()
+
+    def _preflight(self) -> None:
+        warnings = self.session.preflight(self.incoming.get("capabilities"))
+        for w in warnings:
+            log.warning("job %s pre-flight: %s", self.job.id, w)
+
+    def _abort_incoming(self, reason: str) -> None:
+        """Tell the destination to forget the token it handed out."""
+        host, port = self.incoming["migration_address"]
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 5) as sock:
+            send_frame(sock, "hello", token=self.incoming["token"], abort=reason)
 
     def _connect(self) -> socket.socket:
         host, port = self.incoming["migration_address"]
@@ -245,7 +263,8 @@ class SourceWorker:
             raise PeerError(f"destination failed after commit: {resumed}", "commit")
         stats = self.session.complete(ack)
         verification = self._verify(ack)
-        self.job.stats = {**stats.to_json(), "verification": verification}
+        self.job.stats = {**stats.to_json(), "verification": verification,
+                          "destination_report": resumed.get("post_load", {})}
         self.job.status = "completed"
         self.hosted.runstate = "migrated"
         self.hosted.release()
@@ -364,11 +383,17 @@ class DestinationWorker:
             self._refuse("unknown or expired migration token")
             return None
         self.job = self.daemon.get_job(inc.job_id)
+        if hello.get("abort"):
+            self.job.status, self.job.step = "failed", "pre-flight"
+            self.job.error = str(hello["abort"])
+            self.daemon.save_job(self.job)
+            return None
         if hello.get("stream_version", [0])[0] != MAJOR:
             self._refuse(f"stream version {hello.get('stream_version')} not supported")
             return None
         self.session = DestinationSession(
-            MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm)
+            MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
+            factory=self.daemon.build_vm,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
@@ -415,13 +440,16 @@ class DestinationWorker:
             raise PeerError(f"expected commit, got {commit['type']}", self.step)
         self.step = "resume"
         t0 = time.monotonic()
-        vm = self.session.hand_over()
-        runner = VmRunner(vm)
         running = hello.get("runstate") != "paused"
+        runner = VmRunner(vm)
         if running:
             runner.resume()
+        with runner.lock:
+            post_load = self.session.resume(run=False)
+        vm = self.session.hand_over()
         self.daemon.adopt(vm, runner, running)
-        send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3)
+        send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3,
+                   post_load=post_load)
         self.job.status = "completed"
         self.job.stats = {
             "ack": {k: v for k, v in ack.items() if k != "digests"},

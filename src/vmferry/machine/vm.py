@@ -14,9 +14,14 @@ A VM is built from a *definition* -- a TOML file or a dict with the same schema 
 ``seed``       seed for ``fill`` (default 1)
 =============  ==========================================================================
 
-Components (VFIO devices, firmware registers, TCE tables, the device tree) plug in as
-objects with the :class:`Component` contract: the migration engine saves each one into a
-component record of the stream and restores it on the destination, in registration order.
+Everything beyond RAM and core vCPU registers (VFIO devices, firmware registers, TCE
+tables, the device tree) plugs in as a :class:`~vmferry.machine.handlers.MigrationHandler`;
+the simple one-blob case is a :class:`~vmferry.machine.handlers.Component`.  The engine
+calls handlers in registration order.
+
+A VM is built *on a host*: :class:`HostContext` carries what the host is (its name, a
+capability profile such as an arm64 kernel era, a platform description), so the same
+definition builds the VM the host can really run.
 """
 
 from __future__ import annotations
@@ -26,13 +31,20 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.errors import ConfigError
+from vmferry.errors import ConfigError, MalformedRecord
 from vmferry.guest.workload import Workload, WorkloadSpec
+from vmferry.machine.handlers import (
+    Component,
+    ComponentData,
+    ComponentHandler,
+    MigrationHandler,
+    StatePiece,
+)
 from vmferry.machine.ram import PAGE_4K, GuestRam
 from vmferry.machine.vcpu import Vcpu, VcpuState, regs_digest
 
@@ -43,16 +55,19 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMMON_KEYS = {"name", "arch", "memory_mib", "vcpus", "workload", "fill", "seed"}
 
 
-class Component(Protocol):
-    """A migratable part of a VM beyond RAM and core vCPU registers."""
+@dataclass(frozen=True)
+class HostContext:
+    """The host a VM is built on."""
 
-    name: str
+    name: str = "local"
+    #: a host capability profile (see :mod:`vmferry.machine.profiles`), or None
+    profile: Any = None
+    #: the host's platform description (pseries: what its firmware reports), if any
+    platform: Mapping[str, Any] = field(default_factory=dict)
 
-    def save_state(self) -> bytes:
-        """Encode the component's state; cannot fail."""
 
-    def load_state(self, data: bytes) -> None:
-        """Rebuild from :meth:`save_state` output; raises a typed error on bad data."""
+#: Called once the VM exists, to attach handlers for an architecture or a feature.
+SetupHook = Callable[["VM", Mapping[str, Any], HostContext], None]
 
 
 @dataclass(frozen=True)
@@ -62,11 +77,14 @@ class ArchSupport:
     name: str
     page_size: int = PAGE_4K
     extra_keys: frozenset[str] = frozenset()
-    #: called once the VM exists, to attach architecture components
-    setup: Callable[[VM, Mapping[str, Any]], None] | None = None
+    setup: SetupHook | None = None
 
 
 ARCHES: dict[str, ArchSupport] = {"generic": ArchSupport("generic")}
+
+#: Definition keys any architecture accepts, each with the hook that builds its handlers
+#: (``devices`` for VFIO devices, for example).  Hooks run after the architecture's.
+FEATURES: dict[str, SetupHook] = {}
 
 
 @dataclass(frozen=True)
@@ -87,7 +105,7 @@ class VmDefinition:
         arch = d.get("arch", "generic")
         if arch not in ARCHES:
             raise ConfigError(f"arch {arch!r} is not one of {sorted(ARCHES)}")
-        unknown = set(d) - _COMMON_KEYS - ARCHES[arch].extra_keys
+        unknown = set(d) - _COMMON_KEYS - ARCHES[arch].extra_keys - set(FEATURES)
         if unknown:
             raise ConfigError(f"unknown VM definition keys for arch {arch}: {sorted(unknown)}")
         name = d.get("name")
@@ -107,7 +125,7 @@ class VmDefinition:
         workload = d.get("workload")
         if workload is not None and not isinstance(workload, Mapping):
             raise ConfigError("workload must be a table")
-        extra = {k: d[k] for k in ARCHES[arch].extra_keys if k in d}
+        extra = {k: d[k] for k in ARCHES[arch].extra_keys | set(FEATURES) if k in d}
         return cls(
             name, arch, memory_mib, vcpus, WorkloadSpec.from_definition(workload), fill, seed, extra
         )
@@ -128,22 +146,48 @@ class VmDefinition:
 class VM:
     """A virtual machine.  Created paused; :meth:`start` runs it."""
 
-    def __init__(self, definition: VmDefinition) -> None:
+    def __init__(self, definition: VmDefinition, host: HostContext | None = None) -> None:
         self.definition = definition
+        self.host = host if host is not None else HostContext()
         self.name = definition.name
         self.arch = ARCHES[definition.arch]
         self.ram = GuestRam(definition.memory_mib * MIB, self.arch.page_size)
         self.vcpus = [Vcpu(i) for i in range(definition.vcpus)]
         self.workload = Workload(definition.workload, self.ram)
-        self.components: dict[str, Component] = {}
+        self.handlers: dict[str, MigrationHandler] = {}
         self.guest_time = 0.0
 
     # --- composition -----------------------------------------------------------------
 
+    def add_handler(self, handler: MigrationHandler) -> None:
+        if handler.name in self.handlers:
+            raise ConfigError(f"{self.name}: handler {handler.name!r} added twice")
+        clash = [h.name for h in self.handlers.values() if h.device_ids & handler.device_ids]
+        if clash:
+            raise ConfigError(f"{self.name}: {handler.name} claims devices of {clash}")
+        self.handlers[handler.name] = handler
+
     def add_component(self, component: Component) -> None:
-        if component.name in self.components:
-            raise ConfigError(f"{self.name}: component {component.name!r} added twice")
-        self.components[component.name] = component
+        self.add_handler(ComponentHandler(component))
+
+    def handler_for(self, piece: StatePiece) -> MigrationHandler:
+        """The handler a state piece belongs to; MalformedRecord if none."""
+        if isinstance(piece, ComponentData):
+            h = self.handlers.get(piece.name)
+            if h is not None:
+                return h
+            raise MalformedRecord(f"state for unknown component {piece.name!r}")
+        for h in self.handlers.values():
+            if piece.device in h.device_ids:
+                return h
+        raise MalformedRecord(f"state for unknown device {piece.device!r}")
+
+    def capabilities(self) -> dict[str, Any]:
+        """What this VM's host accepts, per handler (the destination side of pre-flight)."""
+        return {name: h.capabilities() for name, h in self.handlers.items()}
+
+    def report(self) -> dict[str, Any]:
+        return {name: r for name, h in self.handlers.items() if (r := h.report())}
 
     # --- execution -------------------------------------------------------------------
 
@@ -167,6 +211,8 @@ class VM:
         cycles = int(seconds * 1e9)
         for v in self.vcpus:
             v.advance(cycles)
+        for h in self.handlers.values():
+            h.advance(seconds)
         return self.workload.run(seconds)
 
     # --- state -----------------------------------------------------------------------
@@ -241,13 +287,19 @@ def load_definition(source: Mapping[str, Any] | str | Path) -> VmDefinition:
     return VmDefinition.parse(source)
 
 
-def create_vm(definition: Mapping[str, Any] | VmDefinition | str | Path) -> VM:
-    """Build a paused VM from a definition (dict, parsed definition or TOML path)."""
+def create_vm(
+    definition: Mapping[str, Any] | VmDefinition | str | Path, host: HostContext | None = None
+) -> VM:
+    """Build a paused VM from a definition (dict, parsed definition or TOML path) on
+    ``host`` (default: a host with no profile)."""
     parsed = definition if isinstance(definition, VmDefinition) else load_definition(definition)
-    vm = VM(parsed)
+    vm = VM(parsed, host)
     try:
         if vm.arch.setup is not None:
-            vm.arch.setup(vm, parsed.extra)
+            vm.arch.setup(vm, parsed.extra, vm.host)
+        for key, hook in FEATURES.items():
+            if key in parsed.extra:
+                hook(vm, parsed.extra, vm.host)
         vm.fill_memory(parsed.fill, parsed.seed)
     except BaseException:
         vm.close()

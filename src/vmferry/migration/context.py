@@ -76,6 +76,7 @@ class MigrationStats:
     passes: list[PassRecord] = field(default_factory=list)
     error: str = ""
     error_step: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,5 +101,6 @@ class MigrationStats:
             "device-bytes": self.device_bytes,
             "cpu-throttle-percentage": self.throttle_pct,
             "passes": [asdict(p) for p in self.passes],
+            "warnings": list(self.warnings),
             **({"error-desc": self.error, "error-step": self.error_step} if self.error else {}),
         }

@@ -7,12 +7,16 @@ arrived before END.  Anything out of place is a :class:`~vmferry.errors.Malforme
 Nothing reaches a running guest before :meth:`finish`: on any error the host calls
 :meth:`abort` and the staging VM, with all its memory, is discarded.
 
-``finish`` restores vCPUs and components, optionally takes verification digests, then
-resumes the guest and returns the acknowledgement the source completes with.
+``finish`` restores vCPUs, lets every handler complete its load (devices validate their
+state, firmware registers are set), optionally takes verification digests and returns
+the acknowledgement; ``resume`` then starts the guest and runs the handlers' post-load
+work (for example the pseries device-tree update sequence) before the guest counts as
+resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,8 +30,10 @@ from vmferry.errors import (
     StreamUsageError,
     VmferryError,
 )
+from vmferry.machine.handlers import ComponentData, DeviceData, StatePiece
 from vmferry.machine.vcpu import VcpuState
 from vmferry.machine.vm import VM, create_vm, load_definition
+from vmferry.migration.source import state_digests
 from vmferry.migration.stream import (
     ComponentRecord,
     DeviceChunk,
@@ -59,7 +65,6 @@ class DestinationSession:
         self.factory = factory
         self.vm: VM | None = None
         self.vcpus: dict[int, VcpuState] = {}
-        self.components: list[ComponentRecord] = []
         self.pages_received = 0
         self.zero_pages_received = 0
         self.passes = 0
@@ -84,11 +89,11 @@ class DestinationSession:
         elif isinstance(rec, VcpuRecord):
             self._vcpu(vm, rec)
         elif isinstance(rec, ComponentRecord):
-            if rec.name not in vm.components:
-                raise MalformedRecord(f"state for unknown component {rec.name!r}")
-            self.components.append(rec)
+            piece: StatePiece = ComponentData(rec.name, rec.data)
+            vm.handler_for(piece).load(piece)
         elif isinstance(rec, DeviceChunk):
-            raise MalformedRecord(f"device state for {rec.device!r}, but the VM has no devices")
+            piece = DeviceData(rec.device, rec.phase, rec.seq, rec.data)
+            vm.handler_for(piece).load(piece)
         elif isinstance(rec, PassEnd):
             self.passes = rec.number
         elif isinstance(rec, End):
@@ -104,6 +109,8 @@ class DestinationSession:
             self.vm = self.factory(definition.to_dict() | dict(rec.config))
         except ConfigError as exc:
             raise MalformedRecord(f"VM configuration refused: {exc}") from exc
+        for h in self.vm.handlers.values():
+            h.load_setup()
 
     def _need_vm(self, rec: Record) -> VM:
         if self.vm is None:
@@ -153,20 +160,29 @@ class DestinationSession:
             raise StreamUsageError("finish() before END")
         vm = self.vm
         vm.restore_vcpus(list(self.vcpus.values()))
-        for rec in self.components:
-            vm.components[rec.name].load_state(bytes(rec.data))
+        for h in vm.handlers.values():
+            h.load_complete()
         t_loaded = self.clock.monotonic()
         ack: dict[str, Any] = {"load_ms": (t_loaded - self._t_end) * 1e3}
         if self.verify:
-            ack["digests"] = {"ram": vm.ram.digest(), "vcpu": vm.vcpu_digest()}
+            ack["digests"] = state_digests(vm)
         t_verified = self.clock.monotonic()
         ack["verification_ms"] = (t_verified - t_loaded) * 1e3
-        if start:
-            vm.start()
-            self.resumed = True
         ack["pages"] = self.pages_received
         ack["zero_pages"] = self.zero_pages_received
+        if start:
+            ack["post_load"] = self.resume()
         return ack
+
+    def resume(self, *, run: bool = True) -> dict[str, Any]:
+        """Start the loaded guest (unless ``run`` is false: it arrives paused) and run
+        the handlers' post-load work; returns their reports."""
+        if not self.ended or self.vm is None:
+            raise StreamUsageError("resume() before the VM was loaded")
+        if run:
+            self.vm.start()
+        self.resumed = True
+        return {name: r for name, h in self.vm.handlers.items() if (r := h.post_load())}
 
     def hand_over(self) -> VM:
         """The caller takes ownership of the loaded VM (after the commit point)."""
@@ -178,6 +194,9 @@ class DestinationSession:
     def abort(self) -> None:
         """Discard the staging VM and everything received."""
         if self.vm is not None and not self.resumed:
+            for h in self.vm.handlers.values():
+                with contextlib.suppress(Exception):  # discarding must not fail
+                    h.load_failed()
             self.vm.close()
         self.vm = None
 

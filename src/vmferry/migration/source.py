@@ -41,11 +41,13 @@ import numpy.typing as npt
 
 from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
+from vmferry.machine.handlers import DeviceData, StatePiece
 from vmferry.machine.vm import VM
 from vmferry.migration.context import Downtime, MigrationStats, PassRecord, Status
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.stream import (
     ComponentRecord,
+    DeviceChunk,
     End,
     PassEnd,
     RamPages,
@@ -97,8 +99,14 @@ class MigrationParams:
     auto_converge: bool = True
     verify: bool = False
     run_pages: int = 1024
+    #: "preflight": refuse before anything moves what the destination cannot take;
+    #: "qemu": no pre-flight, failures surface while the destination loads (as QEMU)
+    compat: str = "preflight"
+    allow_degraded: bool = False
 
     def __post_init__(self) -> None:
+        if self.compat not in ("preflight", "qemu"):
+            raise ConfigError(f"compat {self.compat!r} is not preflight or qemu")
         if self.max_bandwidth_mib is not None and self.max_bandwidth_mib <= 0:
             raise ConfigError("max bandwidth must be positive")
         if not 1 <= self.run_pages <= 4096:
@@ -119,6 +127,8 @@ class MigrationParams:
             "max_passes": self.max_passes,
             "auto_converge": self.auto_converge,
             "verify": self.verify,
+            "compat": self.compat,
+            "allow_degraded": self.allow_degraded,
         }
 
 
@@ -182,6 +192,17 @@ class SourceSession:
     def status(self) -> Status:
         return self.stats.status
 
+    def preflight(self, destination: Mapping[str, Any] | None) -> list[str]:
+        """Ask every handler before anything moves (``destination``: the destination's
+        capabilities per handler).  Raises MigrationRefused; returns warnings."""
+        options = {"compat": self.params.compat, "allow_degraded": self.params.allow_degraded}
+        warnings: list[str] = []
+        for name, h in self.vm.handlers.items():
+            caps = None if destination is None else destination.get(name)
+            warnings += h.preflight(caps, options)
+        self.stats.warnings = warnings
+        return warnings
+
     def start(self) -> list[Buffer]:
         if self._gen is not None:
             raise StreamUsageError("migration already started")
@@ -222,6 +243,8 @@ class SourceSession:
             self._pause_guest()
         else:
             ram.start_dirty_log()
+        for h in self.vm.handlers.values():
+            h.save_setup()
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
@@ -229,6 +252,9 @@ class SourceSession:
         to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
         while True:
             t_pass = self.clock.monotonic()
+            pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
+            if pieces:
+                yield self._encode_pieces(pieces)
             yield from self._send_pages(to_send)
             yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
             if self.params.offline:  # the guest is paused: one pass is all of it
@@ -249,6 +275,7 @@ class SourceSession:
         pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
         bandwidth = pass_bytes / seconds
         remaining = dirty_pages * self.vm.ram.page_size
+        remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
         if self.policy.give_up_after is not None and number >= self.policy.give_up_after:
@@ -292,10 +319,12 @@ class SourceSession:
         yield from self._send_pages(to_send)
         self._t_final_ram = self.clock.monotonic()
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
-        state += [ComponentRecord(n, c.save_state()) for n, c in self.vm.components.items()]
         out: list[Buffer] = []
-        for rec in [*state, End()]:
+        for rec in state:
             out += self.encoder.encode(rec)
+        pieces = [p for h in self.vm.handlers.values() for p in h.save_complete()]
+        out += self._encode_pieces(pieces)
+        out += self.encoder.encode(End())
         self.stats.ram_remaining = 0
         yield out
         self._t_end = self.clock.monotonic()
@@ -306,6 +335,21 @@ class SourceSession:
         if self.vm.running:
             self.guest.pause()
             self._paused_by_us = True
+        # devices stop their DMA before the final dirty sync reads the log
+        for h in self.vm.handlers.values():
+            h.quiesce()
+
+    def _encode_pieces(self, pieces: list[StatePiece]) -> list[Buffer]:
+        out: list[Buffer] = []
+        for p in pieces:
+            rec: Record
+            if isinstance(p, DeviceData):
+                rec = DeviceChunk(p.device, p.phase, p.seq, p.data)
+                self.stats.device_bytes += len(p.data)
+            else:
+                rec = ComponentRecord(p.name, p.data)
+            out += self.encoder.encode(rec)
+        return out
 
     # --- RAM runs --------------------------------------------------------------------
 
@@ -368,7 +412,7 @@ class SourceSession:
     def switchover_digests(self) -> dict[str, str]:
         """Digests of RAM and vCPUs as sent (the guest is paused from switchover on)."""
         if not self.source_digests:
-            self.source_digests = {"ram": self.vm.ram.digest(), "vcpu": self.vm.vcpu_digest()}
+            self.source_digests = state_digests(self.vm)
         return self.source_digests
 
     def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
@@ -388,6 +432,8 @@ class SourceSession:
         self.stats.total_time_ms = (now - self._t0) * 1e3 - verify_ms
         self.stats.status = Status.COMPLETED
         self._close_generator()
+        for h in self.vm.handlers.values():
+            h.save_cleanup()
         return self.stats
 
     def fail(self, step: str, reason: str, *, cancelled: bool = False) -> MigrationStats:
@@ -396,6 +442,11 @@ class SourceSession:
             raise StreamUsageError("a completed migration cannot fail")
         self._close_generator()
         self.vm.ram.stop_dirty_log()
+        for h in self.vm.handlers.values():
+            try:
+                h.save_failed()
+            except Exception as exc:  # the guest must come back whatever a handler does
+                reason += f" (and {h.name} could not recover: {exc})"
         self.guest.set_throttle(0)
         self.stats.throttle_pct = 0
         if self._paused_by_us and self._was_running:
@@ -418,6 +469,16 @@ class SourceSession:
         if st is Status.DEVICE:
             return "awaiting destination resume" if self._t_end else "switchover (final pass)"
         return str(st.value)
+
+
+def state_digests(vm: VM) -> dict[str, str]:
+    """RAM, vCPU and per-handler digests: equal on both sides means equal state."""
+    out = {"ram": vm.ram.digest(), "vcpu": vm.vcpu_digest()}
+    for name, h in vm.handlers.items():
+        d = h.state_digest()
+        if d is not None:
+            out[f"handler:{name}"] = d
+    return out
 
 
 def _split(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import enum
 import struct
 
+from vmferry.machine.handlers import DevicePhase as DevicePhase  # one definition
+
 MAGIC = b"VMFERRY\x00"
 MAJOR = 1
 MINOR = 0
@@ -81,11 +83,3 @@ EXACT_PAYLOAD: dict[RecordType, int] = {
     RecordType.PASS_END: PASS_END.size,
     RecordType.END: 0,
 }
-
-
-class DevicePhase(enum.IntEnum):
-    """Which part of a device's migration a DEVICE chunk belongs to."""
-
-    PRE_COPY = 1  # read while the device runs (PRE_COPY state)
-    STOP_COPY = 2  # read once the device stopped (STOP_COPY state)
-    DONE = 3  # no more data for this device (empty chunk)
