@@ -185,3 +185,11 @@ def test_component_round_trip_rebuilds_on_other_host() -> None:
     dst.check_invariants()
     dst.dma_write(LIOBN, m.ioba + 4096, b"after migration")
     assert dst.memory.read(0x40000 + 4096, 15) == b"after migration"
+
+
+def test_dma_writable_ranges_lists_device_writable_pages() -> None:
+    io = build()
+    io.hcall(Hcall.H_PUT_TCE, LIOBN, 0x1000, 0x30000 | 2)
+    io.hcall(Hcall.H_PUT_TCE, LIOBN, 0x2000, 0x40000 | 1)  # device may only read
+    io.hcall(Hcall.H_PUT_TCE, LIOBN, 0x3000, 0x30000 | 3)
+    assert io.dma_writable_ranges() == [(0x30000, 4096)]

@@ -306,6 +306,23 @@ class SpaprIommu:
             out += bytes(take) if gpa is None else self.memory.read(gpa, take)
         return bytes(out)
 
+    def dma_writable_ranges(self) -> list[tuple[int, int]]:
+        """Guest ranges (gpa, length) a device may write right now (WRITE in the guest view).
+
+        The sPAPR IOMMU has no DMA dirty log: while devices run, a migration source treats
+        these pages as dirty on every pass (spec §9.3 point 4).
+        """
+        out: list[tuple[int, int]] = []
+        for table in self.qemu.tables.values():
+            if not table.enabled:
+                continue
+            view = table.view.dense()
+            writable = np.nonzero(view & U64(TCE_PCI_WRITE))[0]
+            mask = U64(TCE_PERM_MASK) | U64(table.page_size - 1)
+            for gpa in np.unique(view[writable] & ~mask):
+                out.append((int(gpa), table.page_size))
+        return sorted(set(out))
+
     # --- invariants --------------------------------------------------------------------
 
     def check_invariants(self, *, quiescent: bool = True) -> None:
