@@ -130,8 +130,9 @@ class MatrixContext:
     def host(self, role: str, name: str, mitigation: str) -> HostContext:
         key = (role, name, mitigation)
         if key not in self._hosts:
-            self._hosts[key] = HostContext(f"{role}-{name}-{mitigation}",
-                                           self.profile(name, mitigation))
+            self._hosts[key] = HostContext(
+                f"{role}-{name}-{mitigation}", self.profile(name, mitigation)
+            )
         return self._hosts[key]
 
     def capabilities(self, host: HostContext, definition: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,14 +185,16 @@ def boot(definition: Mapping[str, Any], host: HostContext) -> VM | None:
     return vm
 
 
-def _migrate(spec: CellSpec, vm: VM, definition: Mapping[str, Any], dst_host: HostContext,
-             ctx: MatrixContext) -> Cell:
+def _migrate(
+    spec: CellSpec, vm: VM, definition: Mapping[str, Any], dst_host: HostContext, ctx: MatrixContext
+) -> Cell:
     source = arm64_handler(vm)
     before = source.report()
     base = _base(spec, before)
     clock = ManualClock()
     session = SourceSession(
-        vm, MigrationParams(compat=spec.compat, allow_degraded=spec.allow_degraded), clock)
+        vm, MigrationParams(compat=spec.compat, allow_degraded=spec.allow_degraded), clock
+    )
     try:
         session.preflight(ctx.capabilities(dst_host, definition))
     except MigrationRefused as exc:
@@ -210,8 +213,9 @@ def _migrate(spec: CellSpec, vm: VM, definition: Mapping[str, Any], dst_host: Ho
     return _finish(base, spec, degraded_allowed, before, post["arm64"])
 
 
-def _transfer(session: SourceSession, dst: DestinationSession,
-              clock: ManualClock) -> dict[str, Any]:
+def _transfer(
+    session: SourceSession, dst: DestinationSession, clock: ManualClock
+) -> dict[str, Any]:
     """The stream, from the source session's buffers into the destination session, over
     a simulated link of :data:`LINK_BYTES_PER_S`."""
     decoder = StreamDecoder()
@@ -230,14 +234,27 @@ def _transfer(session: SourceSession, dst: DestinationSession,
 def _refused(base: dict[str, Any], exc: MigrationRefused, vm: VM) -> Cell:
     if isinstance(exc, Arm64Refused):
         d = exc.decision
-        return _cell(base, "refused", d.reason, step="pre-flight", register=d.register,
-                     value=d.value, lost=tuple(w.key for w in d.lost),
-                     source_running=vm.running)
+        return _cell(
+            base,
+            "refused",
+            d.reason,
+            step="pre-flight",
+            register=d.register,
+            value=d.value,
+            lost=tuple(w.key for w in d.lost),
+            source_running=vm.running,
+        )
     return _cell(base, "refused", str(exc), step="pre-flight", source_running=vm.running)
 
 
-def _failed(spec: CellSpec, base: dict[str, Any], exc: VmferryError, session: SourceSession,
-            dst: DestinationSession, before: dict[str, Any]) -> Cell:
+def _failed(
+    spec: CellSpec,
+    base: dict[str, Any],
+    exc: VmferryError,
+    session: SourceSession,
+    dst: DestinationSession,
+    before: dict[str, Any],
+) -> Cell:
     """The destination failed: it discards its VM and the source takes the guest back."""
     dst.abort()
     stopped = not session.vm.running
@@ -250,54 +267,88 @@ def _failed(spec: CellSpec, base: dict[str, Any], exc: VmferryError, session: So
     now = arm64_handler(session.vm).report()
     resumed = session.vm.running and now["guest"] == before["guest"]
     reason = f"{step}: {getattr(exc, 'reason', exc)}"
-    return _cell(base, "fails_after_stop", reason, step=step,
-                 register=getattr(exc, "rid", None), value=getattr(exc, "value", None),
-                 source_running=resumed)
+    return _cell(
+        base,
+        "fails_after_stop",
+        reason,
+        step=step,
+        register=getattr(exc, "rid", None),
+        value=getattr(exc, "value", None),
+        source_running=resumed,
+    )
 
 
 def _base(spec: CellSpec, before: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "source": spec.source, "destination": spec.destination, "guest_psci": spec.guest_psci,
+        "source": spec.source,
+        "destination": spec.destination,
+        "guest_psci": spec.guest_psci,
         "source_mitigation": spec.source_mitigation,
-        "destination_mitigation": spec.destination_mitigation, "compat": spec.compat,
+        "destination_mitigation": spec.destination_mitigation,
+        "compat": spec.compat,
         "psci_before": before["guest"]["psci_version"],
         "guest_before": dict(before["guest"]["mitigation"]),
     }
 
 
-def _cell(base: dict[str, Any], outcome: str, reason: str, *, step: str = "",
-          register: int | None = None, value: int | None = None,
-          **extra: Any) -> Cell:
-    return Cell(**base, outcome=outcome, reason=reason, step=step,
-                register=None if register is None else R.register_name(register),
-                value=None if value is None else f"{value:#x}", **extra)
+def _cell(
+    base: dict[str, Any],
+    outcome: str,
+    reason: str,
+    *,
+    step: str = "",
+    register: int | None = None,
+    value: int | None = None,
+    **extra: Any,
+) -> Cell:
+    return Cell(
+        **base,
+        outcome=outcome,
+        reason=reason,
+        step=step,
+        register=None if register is None else R.register_name(register),
+        value=None if value is None else f"{value:#x}",
+        **extra,
+    )
 
 
-def _finish(base: dict[str, Any], spec: CellSpec, degraded_allowed: bool,
-            before: Mapping[str, Any], after: Mapping[str, Any]) -> Cell:
+def _finish(
+    base: dict[str, Any],
+    spec: CellSpec,
+    degraded_allowed: bool,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+) -> Cell:
     gone = tuple(after["guest"]["lost"])
     psci_before = PsciVersion.parse(before["guest"]["psci_version"])
     psci_after = PsciVersion.parse(after["firmware"]["psci_version"])
     notes = list(_psci_change(psci_before, psci_after))
-    notes += [f"DROP: trailing unknown {name} = {value} silently ignored (classic merge)"
-              for name, value in after.get("load", {}).get("dropped", {}).items()]
+    notes += [
+        f"DROP: trailing unknown {name} = {value} silently ignored (classic merge)"
+        for name, value in after.get("load", {}).get("dropped", {}).items()
+    ]
     if gone and spec.compat == "preflight" and not degraded_allowed:
         raise InvariantViolation(f"silent loss of {list(gone)} passed pre-flight")
     was, now = before["guest"]["mitigation"], after["guest"]["mitigation"]
-    extra: dict[str, Any] = {"psci_after": PsciVersion.name(psci_after),
-                             "guest_after": dict(now), "lost": gone, "notes": tuple(notes)}
+    extra: dict[str, Any] = {
+        "psci_after": PsciVersion.name(psci_after),
+        "guest_after": dict(now),
+        "lost": gone,
+        "notes": tuple(notes),
+    }
     if gone:
         what = ", ".join(f"{w} ({was[w]} -> {now[w]})" for w in gone)
         reason = "; ".join([f"guest silently loses {what}", *notes])
         return _cell(base, "degraded", reason, step="after start", **extra)
-    return _cell(base, "migrates", "; ".join(notes) or "no change visible to the guest",
-                 **extra)
+    return _cell(base, "migrates", "; ".join(notes) or "no change visible to the guest", **extra)
 
 
 def _psci_change(before: int, after: int) -> Iterator[str]:
     if after > before:
-        yield (f"PSCI silently upgraded {PsciVersion.name(before)} -> "
-               f"{PsciVersion.name(after)} (harmless superset)")
+        yield (
+            f"PSCI silently upgraded {PsciVersion.name(before)} -> "
+            f"{PsciVersion.name(after)} (harmless superset)"
+        )
     elif after < before:
         yield f"PSCI downgraded {PsciVersion.name(before)} -> {PsciVersion.name(after)}"
 
@@ -305,12 +356,17 @@ def _psci_change(before: int, after: int) -> Iterator[str]:
 # --- whole matrix -----------------------------------------------------------------------------
 
 
-def specs(profiles: Sequence[str] | None = None, guest_psci: Sequence[str] = GUEST_PSCI,
-          mitigations: Sequence[str] = MITIGATIONS, compat: str = "preflight",
-          allow_degraded: bool = False) -> Iterator[CellSpec]:
+def specs(
+    profiles: Sequence[str] | None = None,
+    guest_psci: Sequence[str] = GUEST_PSCI,
+    mitigations: Sequence[str] = MITIGATIONS,
+    compat: str = "preflight",
+    allow_degraded: bool = False,
+) -> Iterator[CellSpec]:
     names = list(profiles) if profiles else list_profiles()
-    for src, dst, psci, sm, dm in itertools.product(names, names, guest_psci, mitigations,
-                                                    mitigations):
+    for src, dst, psci, sm, dm in itertools.product(
+        names, names, guest_psci, mitigations, mitigations
+    ):
         yield CellSpec(src, dst, psci, sm, dm, compat, allow_degraded)
 
 
@@ -337,39 +393,63 @@ def _grouped(cells: Sequence[Cell]) -> list[tuple[Cell, str]]:
         groups.setdefault(key, []).append(c)
     rows = []
     for members in groups.values():
-        pairs = [f"{SHORT.get(c.source_mitigation, c.source_mitigation)}->"
-                 f"{SHORT.get(c.destination_mitigation, c.destination_mitigation)}"
-                 for c in members]
-        rows.append((members[0], "any" if len(pairs) == len(MITIGATIONS) ** 2
-                     else ", ".join(pairs)))
+        pairs = [
+            f"{SHORT.get(c.source_mitigation, c.source_mitigation)}->"
+            f"{SHORT.get(c.destination_mitigation, c.destination_mitigation)}"
+            for c in members
+        ]
+        rows.append(
+            (members[0], "any" if len(pairs) == len(MITIGATIONS) ** 2 else ", ".join(pairs))
+        )
     return rows
 
 
 def to_markdown(cells: Sequence[Cell]) -> str:
     compat = sorted({c.compat for c in cells})
-    lines = [f"# arm64 migration matrix (compat: {', '.join(compat)})", "",
-             "Mitigation per host: U = not_avail, A = avail, N = not_required.", "",
-             "| Outcome | Cells |", "|---|---|"]
+    lines = [
+        f"# arm64 migration matrix (compat: {', '.join(compat)})",
+        "",
+        "Mitigation per host: U = not_avail, A = avail, N = not_required.",
+        "",
+        "| Outcome | Cells |",
+        "|---|---|",
+    ]
     lines += [f"| {o} | {n} |" for o, n in summary(cells).items()]
-    lines += ["", "| Source | Destination | Guest PSCI | Src mitig. -> Dst mitig. | Outcome | "
-              "Why |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| Source | Destination | Guest PSCI | Src mitig. -> Dst mitig. | Outcome | Why |",
+        "|---|---|---|---|---|---|",
+    ]
     for c, pairs in _grouped(cells):
         reason = c.reason.replace("|", "\\|")
-        lines.append(f"| {c.source} | {c.destination} | {c.guest_psci} | {pairs} | "
-                     f"**{c.outcome}** | {reason} |")
+        lines.append(
+            f"| {c.source} | {c.destination} | {c.guest_psci} | {pairs} | "
+            f"**{c.outcome}** | {reason} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def to_html(cells: Sequence[Cell]) -> str:
-    head = ("<tr><th>Source</th><th>Destination</th><th>Guest PSCI</th>"
-            "<th>Src mitig. -&gt; Dst mitig.</th><th>Outcome</th><th>Why</th></tr>")
+    head = (
+        "<tr><th>Source</th><th>Destination</th><th>Guest PSCI</th>"
+        "<th>Src mitig. -&gt; Dst mitig.</th><th>Outcome</th><th>Why</th></tr>"
+    )
     rows = [
-        "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in
-                         (c.source, c.destination, c.guest_psci, pairs, c.outcome, c.reason))
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(x)}</td>"
+            for x in (c.source, c.destination, c.guest_psci, pairs, c.outcome, c.reason)
+        )
         + "</tr>"
         for c, pairs in _grouped(cells)
     ]
     counts = "".join(f"<li>{o}: {n}</li>" for o, n in summary(cells).items())
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>arm64 migration matrix"
-            "</title></head><body><h1>arm64 migration matrix</h1><ul>" + counts + "</ul><table>"
-            + head + "".join(rows) + "</table></body></html>\n")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>arm64 migration matrix"
+        "</title></head><body><h1>arm64 migration matrix</h1><ul>"
+        + counts
+        + "</ul><table>"
+        + head
+        + "".join(rows)
+        + "</table></body></html>\n"
+    )

@@ -27,6 +27,8 @@ The handler's hooks, in the engine's order:
 ``save_complete``  the vCPU registers, firmware registers included, as the component record
                    (cpreg lists) behind a small envelope naming the destination's merge
 ``save_failed``    the source takes the guest back: a register put of its own values
+                   (it and ``save_cleanup`` reset the merge: a snapshot has no pre-flight,
+                   so its record asks for the strict one)
 ``load_complete``  destination: one-reg SETs with the merge of the envelope -- strict after
                    pre-flight, QEMU's classic merge (trailing unknown registers silently
                    dropped, spec 5.3) in ``qemu`` mode; CpuLoadError fails the migration
@@ -183,7 +185,11 @@ class Arm64Handler(MigrationHandler):
         envelope = _ENVELOPE.pack(_MAGIC, _MERGE_CODES[self.merge])
         return (ComponentData(self.name, envelope + self.component.save_state()),)
 
+    def save_cleanup(self) -> None:
+        self.merge = MergeMode.STRICT  # a later save (a snapshot) has no pre-flight
+
     def save_failed(self) -> None:
+        self.merge = MergeMode.STRICT
         if self.component.machine.started:
             self.component.machine.put_registers()
 
