@@ -12,12 +12,14 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.conftest import cli, wait_job
+from tests.integration.conftest import cli, digest, wait_job
 from vmferry.analysis.matrix import Cell, CellSpec, run_cell
+from vmferry.errors import ApiError
 from vmferry.host.client import HostClient
 from vmferry.host.processes import HostProcess, spawn_host
 
@@ -92,10 +94,15 @@ def wait_destination_job(host: Host, name: str, status: str) -> dict[str, Any]:
         time.sleep(0.05)
 
 
+def snapshot(host: Host, name: str) -> dict[str, Any]:
+    """The guest's firmware view and its memory digest (an idle guest: memory is fixed)."""
+    return {"guest": guest(host, name), "ram": digest(host.client, name)["ram"]}
+
+
 def assert_source_kept(src: Host, dst: Host, name: str, before: dict[str, Any]) -> None:
     vm = src.client.get(f"/v1/vms/{name}")
     assert vm["runstate"] == "running"
-    assert vm["report"]["arm64"]["guest"] == before  # same boot view, same protection
+    assert snapshot(src, name) == before  # same boot view and protection, same memory
     assert name not in [v["name"] for v in dst.client.get("/v1/vms")]
 
 
@@ -131,7 +138,7 @@ def test_refused_new_to_old_before_anything_moves(hosts: dict[str, Host]) -> Non
     cell = predicted(src, dst, "preflight")
     assert cell.outcome == "refused" and cell.source_running
     create(src, "down")
-    before = guest(src, "down")
+    before = snapshot(src, "down")
     job = migrate(src, dst, "down")
     assert job["status"] == "failed" and job["step"] == "pre-flight", job
     assert cell.register == "PSCI_VERSION" and "PSCI_VERSION = 0x10000" in job["error"]
@@ -146,7 +153,7 @@ def test_qemu_mode_fails_after_stop_and_the_source_resumes(hosts: dict[str, Host
     cell = predicted(src, dst, "qemu")
     assert cell.outcome == "fails_after_stop" and cell.source_running
     create(src, "down-qemu")
-    before = guest(src, "down-qemu")
+    before = snapshot(src, "down-qemu")
     job = migrate(src, dst, "down-qemu", compat="qemu")
     assert job["status"] == "failed", job
     assert job["stats"]["ram"]["transferred"] > 16 * 1024 * 1024  # RAM moved, guest stopped
@@ -164,7 +171,7 @@ def test_degraded_only_when_allowed_and_announced(hosts: dict[str, Host]) -> Non
     cell = predicted(src, dst, "preflight", allow_degraded=True)
     assert cell.outcome == "degraded" and cell.lost == ("wa1",)
     create(src, "lossy")
-    before = guest(src, "lossy")
+    before = snapshot(src, "lossy")
     job = migrate(src, dst, "lossy")
     assert job["status"] == "failed" and job["step"] == "pre-flight", job
     assert "Spectre-v2" in job["error"] and "--allow-degraded" in job["error"]
@@ -206,3 +213,20 @@ def test_pinned_0_2_guest_moves_between_new_kernels(hosts: dict[str, Host]) -> N
     assert job["status"] == "completed", job
     vm = dst.client.get("/v1/vms/pinned")["report"]["arm64"]
     assert vm["firmware"]["psci_version"] == "0.2" and vm["guest"]["mitigation"] == cell.guest_after
+
+
+def test_snapshot_restores_the_guest_view_or_refuses(hosts: dict[str, Host],
+                                                     tmp_path: Path) -> None:
+    src = hosts["new"]
+    create(src, "snap")
+    before = guest(src, "snap")
+    file = tmp_path / "snap.vmf"
+    src.client.post("/v1/vms/snap/save", {"path": str(file)})
+    with pytest.raises(ApiError, match=r"CpuLoadError: post_load merge: .* unknown to the dest"):
+        hosts["old"].client.post("/v1/restore", {"path": str(file)})
+    assert "snap" not in [v["name"] for v in hosts["old"].client.get("/v1/vms")]
+    hosts["bitmaps"].client.post("/v1/restore", {"path": str(file)})
+    after = guest(hosts["bitmaps"], "snap")
+    assert after["decisions"] == before["decisions"] and after["psci_version"] == "1.0"
+    fw = hosts["bitmaps"].client.get("/v1/vms/snap")["report"]["arm64"]["firmware"]
+    assert fw["psci_version"] == "1.0"  # the stream's version, not 5.19's default 1.1
