@@ -85,7 +85,7 @@ def guest(host: Host, name: str) -> dict[str, Any]:
 
 
 def wait_destination_job(host: Host, name: str, status: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         jobs = [j for j in host.client.get("/v1/jobs") if j["vm"] == name]
         if jobs and jobs[-1]["status"] == status:
