@@ -1,4 +1,5 @@
-"""``vmferry host serve --profile/--mitigation``: the host's profile, checked before start."""
+"""``vmferry host serve --profile/--mitigation``: the host's profile, checked before the
+daemon starts, reported by ``GET /v1/host`` and used to build VMs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from click.testing import CliRunner
 
 from vmferry.cli.host import host_profile
 from vmferry.cli.main import cli
-from vmferry.errors import ConfigError
+from vmferry.errors import ApiError, ConfigError
+from vmferry.host.api import host_profile_json
+from vmferry.host.daemon import HostDaemon
 from vmferry.hw.kvm.arm64_fw import WaLevel
+from vmferry.machine.vm import HostContext
 
 
 def test_profile_and_mitigation() -> None:
@@ -38,3 +42,22 @@ def test_bad_options_stop_before_the_daemon_starts(profile: str | None, mitigati
     result = CliRunner().invoke(cli, args)
     assert isinstance(result.exception, ConfigError)
     assert not (tmp_path / "h").exists()
+
+
+def test_the_daemon_reports_and_uses_its_profile(tmp_path: Path) -> None:
+    generic = HostDaemon("g", tmp_path / "g")
+    profiled = HostDaemon("p", tmp_path / "p",
+                          context=HostContext("p", host_profile("arm64-linux-5.3", "not_avail")))
+    try:
+        assert host_profile_json(generic) == {"profile": None, "mitigation": None}
+        assert host_profile_json(profiled) == {"profile": "arm64-linux-5.3", "arch": "arm64",
+                                               "kernel": "5.3", "mitigation": "not_avail"}
+        definition = {"name": "a", "arch": "arm64", "memory_mib": 1}
+        with pytest.raises(ApiError, match="no arm64 profile"):
+            generic.expect_incoming("a", definition, False, "peer")
+        assert generic.incoming == {} and generic.jobs == {}
+        inc, caps = profiled.expect_incoming("a", definition, False, "peer")
+        assert caps["arm64"]["profile"] == "arm64-linux-5.3" and inc.vm == "a"
+    finally:
+        generic.store.close()
+        profiled.store.close()
