@@ -145,3 +145,12 @@ def _show(report: Report) -> None:
         if failure.path:
             console.print(f"saved: {failure.path}  (vmferry explore replay FILE)", markup=False)
         console.print(failure.script(), markup=False)
+
+
+def _add_fsm() -> None:
+    from vmferry.cli.explore_fsm import fsm_command
+
+    command.add_command(fsm_command)
+
+
+_add_fsm()

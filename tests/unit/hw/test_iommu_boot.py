@@ -24,8 +24,14 @@ PLATFORM = {
     "devices": [
         {"name": "uart0", "iommus": [["smmu0", 3]], "driver": "pl011"},
         {"name": "dma0", "iommus": [["smmu0", 4]]},
-        {"name": "nic0", "bus": "pci", "bridge": "pcie0", "rid": 256, "driver": "vfio-pci",
-         "driver_managed_dma": True},
+        {
+            "name": "nic0",
+            "bus": "pci",
+            "bridge": "pcie0",
+            "rid": 256,
+            "driver": "vfio-pci",
+            "driver_managed_dma": True,
+        },
         {"name": "nic1", "bus": "pci", "bridge": "pcie0", "rid": 257, "driver": "ixgbe"},
         {"name": "rtc", "driver": "pl031"},
     ],
@@ -48,8 +54,10 @@ def test_boot_probe_is_deterministic_per_seed() -> None:
 
 
 def test_boot_probe_reports_missing_iommu() -> None:
-    desc = {"iommus": [{"name": "smmu0"}],
-            "devices": [{"name": "gpu", "iommus": [["smmu0", 1]], "driver": "gpu"}]}
+    desc = {
+        "iommus": [{"name": "smmu0"}],
+        "devices": [{"name": "gpu", "iommus": [["smmu0", 1]], "driver": "gpu"}],
+    }
     desc["iommus"][0]["status"] = "disabled"
     result = boot_probe(desc)
     assert "gpu" in result.failures and "not probed" in result.failures["gpu"]
@@ -61,9 +69,12 @@ def test_boot_probe_legacy_leaves_driverless_devices_unprobed() -> None:
 
 
 def test_boot_probe_rejects_bad_description() -> None:
-    for bad in ({"iommus": "x"}, {"devices": [{"name": "d", "iommus": [["nope", 1]]}]},
-                {"iommus": [{"name": "s", "group_policy": "weird"}]},
-                {"devices": [{"name": "p", "bus": "pci", "bridge": "none", "rid": 1}]}):
+    for bad in (
+        {"iommus": "x"},
+        {"devices": [{"name": "d", "iommus": [["nope", 1]]}]},
+        {"iommus": [{"name": "s", "group_policy": "weird"}]},
+        {"devices": [{"name": "p", "bus": "pci", "bridge": "none", "rid": 1}]},
+    ):
         with pytest.raises(IommuError):
             boot_probe(bad)
 
