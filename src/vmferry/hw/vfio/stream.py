@@ -147,6 +147,13 @@ class DataStream:
             self._chunks.append(view)
             self.appended += len(view)
 
+    def corrupt_tail(self) -> None:
+        """Fault injection: flip a byte in the middle of the newest queued chunk."""
+        if self._chunks:
+            tail = bytearray(self._chunks.pop())
+            tail[len(tail) // 2] ^= 0xFF
+            self._chunks.append(memoryview(tail))
+
     @property
     def buffered(self) -> int:
         return self.appended - self.pos

@@ -192,12 +192,20 @@ class VmmDevice:
         else:
             self.set_state(S.STOP, recover=S.ERROR)
 
-    def complete_precopy(self) -> Iterator[bytes]:
-        """STOP_COPY: the remaining device state, chunk by chunk, to EOF."""
+    def complete_precopy(self) -> Iterator[memoryview]:
+        """STOP_COPY: the remaining device state, chunk by chunk, to EOF.
+
+        Each chunk is read straight into its own buffer (one copy out of the device),
+        so the caller may keep every chunk until it has been sent.
+        """
         self.set_state(S.STOP_COPY, recover=S.STOP)
         stream = self._stream()
-        while chunk := stream.read(self.buffer_size):
-            yield chunk
+        while True:
+            buf = bytearray(self.buffer_size)
+            n = stream.readinto(buf)
+            if n == 0:
+                return
+            yield memoryview(buf)[:n]
 
     def save_cleanup(self) -> None:
         if self.state == S.STOP_COPY:
@@ -213,7 +221,7 @@ class VmmDevice:
     def load_setup(self) -> None:
         self.set_state(S.RESUMING, recover=self.state)
 
-    def load_data(self, chunk: bytes | memoryview) -> None:
+    def load_data(self, chunk: bytes | bytearray | memoryview) -> None:
         self._stream().write_all(chunk)
 
     def load_cleanup(self) -> None:
