@@ -53,7 +53,7 @@ without locks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from vmferry.errors import ConfigError, MalformedRecord, MigrationError, MigrationRefused
@@ -306,16 +306,15 @@ class VfioHandler(MigrationHandler):
         except VfioError as exc:
             raise MigrationError(f"VFIO devices could not stop: {exc}") from exc
 
-    def save_complete(self) -> Sequence[StatePiece]:
-        out: list[StatePiece] = []
+    def save_complete(self) -> Iterator[StatePiece]:
+        """STOP_COPY data then a DONE chunk per device, produced as it is read."""
         for ident, vmm in self._vmms.items():
             try:
-                out.extend(self._piece(ident, DevicePhase.STOP_COPY, chunk)
-                           for chunk in vmm.complete_precopy())  # fmt: skip
+                for chunk in vmm.complete_precopy():
+                    yield self._piece(ident, DevicePhase.STOP_COPY, chunk)
             except VfioError as exc:
                 raise _fail(ident, "reading STOP_COPY data", exc) from exc
-            out.append(self._piece(ident, DevicePhase.DONE, b""))
-        return out
+            yield self._piece(ident, DevicePhase.DONE, b"")
 
     def save_cleanup(self) -> None:
         errors = []

@@ -335,8 +335,15 @@ class SourceSession:
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
-        pieces = [p for h in self.vm.handlers.values() for p in h.save_complete()]
-        out += self._encode_pieces(pieces)
+        size = 0
+        for h in self.vm.handlers.values():
+            for piece in h.save_complete():  # large device states go out as they are read
+                parts = self._encode_pieces([piece])
+                out += parts
+                size += sum(len(p) for p in parts)
+                if size >= BATCH_BYTES:
+                    yield out
+                    out, size = [], 0
         out += self.encoder.encode(End())
         self.stats.ram_remaining = 0
         yield out

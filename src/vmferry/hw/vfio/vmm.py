@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from vmferry.errors import MigrationRefused
 from vmferry.hw.vfio.device import VfioMigrationDevice
 from vmferry.hw.vfio.drivers.base import DeviceCapability
+from vmferry.hw.vfio.drivers.image import device_memory
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.states import (
     FEATURE_HEADER,
@@ -195,17 +196,21 @@ class VmmDevice:
     def complete_precopy(self) -> Iterator[memoryview]:
         """STOP_COPY: the remaining device state, chunk by chunk, to EOF.
 
-        Each chunk is read straight into its own buffer (one copy out of the device),
-        so the caller may keep every chunk until it has been sent.
+        Chunks are read (one copy out of the device, ``buffer_size`` at a time) into a
+        staging area sized by the STOP_COPY estimate, so the caller may keep every chunk
+        until it has been sent; more area is added if the device exceeds its estimate.
         """
         self.set_state(S.STOP_COPY, recover=S.STOP)
         stream = self._stream()
+        area = device_memory(max(self.buffer_size, self.data_size())).data
         while True:
-            buf = bytearray(self.buffer_size)
-            n = stream.readinto(buf)
+            if len(area) < self.buffer_size:
+                area = device_memory(max(self.buffer_size, len(area) * 2)).data
+            n = stream.readinto(area[: self.buffer_size])
             if n == 0:
                 return
-            yield memoryview(buf)[:n]
+            yield area[:n]
+            area = area[n:]
 
     def save_cleanup(self) -> None:
         if self.state == S.STOP_COPY:
