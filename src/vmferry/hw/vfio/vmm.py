@@ -27,7 +27,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from vmferry.errors import MigrationRefused
 from vmferry.hw.vfio.device import VfioMigrationDevice
 from vmferry.hw.vfio.drivers.base import DeviceCapability
-from vmferry.hw.vfio.drivers.image import device_memory
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.states import (
     FEATURE_HEADER,
@@ -194,23 +193,18 @@ class VmmDevice:
             self.set_state(S.STOP, recover=S.ERROR)
 
     def complete_precopy(self) -> Iterator[memoryview]:
-        """STOP_COPY: the remaining device state, chunk by chunk, to EOF.
+        """STOP_COPY: the remaining device state, chunk by chunk (at most
+        ``buffer_size`` bytes each), to EOF.
 
-        Chunks are read (one copy out of the device, ``buffer_size`` at a time) into a
-        staging area sized by the STOP_COPY estimate, so the caller may keep every chunk
-        until it has been sent; more area is added if the device exceeds its estimate.
+        The device is stopped, so its data does not change until the session ends: the
+        chunks are views of it (:meth:`DataStream.read_view`), which the caller may keep
+        until they have been sent -- QEMU reads into a transfer buffer it reuses, so a
+        read costs it no new memory either.
         """
         self.set_state(S.STOP_COPY, recover=S.STOP)
         stream = self._stream()
-        area = device_memory(max(self.buffer_size, self.data_size())).data
-        while True:
-            if len(area) < self.buffer_size:
-                area = device_memory(max(self.buffer_size, len(area) * 2)).data
-            n = stream.readinto(area[: self.buffer_size])
-            if n == 0:
-                return
-            yield area[:n]
-            area = area[n:]
+        while chunk := stream.read_view(self.buffer_size):
+            yield chunk
 
     def save_cleanup(self) -> None:
         if self.state == S.STOP_COPY:

@@ -62,10 +62,14 @@ class ImageDriver(VariantDriver):
         self.image = device_memory(image_size)
         #: pages changed since tracking started; None when not tracking
         self.dirty: set[int] | None = None
-        self.hw_reset()
+        self._power_on()
 
     def hw_reset(self) -> None:
         self.image[:] = 0
+        self._power_on()
+
+    def _power_on(self) -> None:
+        """The header of a device just out of reset (the rest of the image is zero)."""
         HEADER.pack_into(self.image.data, 0, MAGIC, 1, NQUEUES, self.seed, 0, 0, 0,
                          0, 0, 0, 0, 0)  # fmt: skip
         self.dirty = None  # a reset ends any pre-copy tracking
