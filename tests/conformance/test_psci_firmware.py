@@ -52,23 +52,34 @@ from vmferry.machine.arm64 import (
 from vmferry.machine.profiles import HostProfile, load_profile
 from vmferry.sync import MAIN_THREAD, scheduled
 
-K2, K3, K4, K5, K6, K7 = ("arm64-linux-4.17", "arm64-linux-5.3", "arm64-linux-5.17",
-                          "arm64-linux-5.19", "arm64-linux-6.13", "arm64-linux-6.15")
+K2, K3, K4, K5, K6, K7 = (
+    "arm64-linux-4.17",
+    "arm64-linux-5.3",
+    "arm64-linux-5.17",
+    "arm64-linux-5.19",
+    "arm64-linux-6.13",
+    "arm64-linux-6.15",
+)
 U, A, N = WaLevel.NOT_AVAIL, WaLevel.AVAIL, WaLevel.NOT_REQUIRED
 PSCI = R.KVM_REG_ARM_PSCI_VERSION
-WA1, WA2, WA3 = (R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1, R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2,
-                 R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3)
+WA1, WA2, WA3 = (
+    R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1,
+    R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2,
+    R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3,
+)
 STD, STD_HYP, VENDOR, VENDOR2 = R.BITMAP_REGS
 
 
-def profile(name: str, mitigation: HostMitigation | None = None, **overrides: object
-            ) -> HostProfile:
+def profile(
+    name: str, mitigation: HostMitigation | None = None, **overrides: object
+) -> HostProfile:
     prof = load_profile(name, overrides or None)
     return prof.with_mitigation(mitigation) if mitigation else prof
 
 
-def new_vm(name: str, mitigation: HostMitigation | None = None,
-           faults: FwFaults | None = None) -> KvmVm:
+def new_vm(
+    name: str, mitigation: HostMitigation | None = None, faults: FwFaults | None = None
+) -> KvmVm:
     caps, mit = profile(name, mitigation).arm64()
     return KvmVm(caps, mit, faults)
 
@@ -106,8 +117,7 @@ def test_check_1_psci_version_encoding() -> None:
 
 def test_check_2_register_id_builders() -> None:
     assert [R.fw_reg(r) for r in range(4)] == [0x6030000000140000 + r for r in range(4)]
-    assert [R.fw_feat_bmap_reg(r) for r in range(4)] == [0x6030000000160000 + r
-                                                          for r in range(4)]
+    assert [R.fw_feat_bmap_reg(r) for r in range(4)] == [0x6030000000160000 + r for r in range(4)]
     assert all(R.reg_size(r) == 8 for r in R.FW_REG_ORDER)
 
 
@@ -122,7 +132,7 @@ def test_check_3_reg_list_order() -> None:
     assert fw == [PSCI, WA1, WA2, WA3, STD, STD_HYP, VENDOR]
     first_fw, last_fw = ids.index(fw[0]), ids.index(fw[-1])
     assert all(R.coproc_of(r) == R.Coproc.CORE for r in ids[:first_fw])
-    assert all(R.coproc_of(r) == R.Coproc.SYSREG for r in ids[last_fw + 1:])
+    assert all(R.coproc_of(r) == R.Coproc.SYSREG for r in ids[last_fw + 1 :])
     k7 = new_vcpu(new_vm(K7))
     assert [r for r in k7.reg_list() if R.is_firmware(r)][-1] == VENDOR2
 
@@ -403,8 +413,11 @@ def test_check_33_length_gate_before_any_set(monkeypatch: pytest.MonkeyPatch) ->
     extra = CpregList((*own.ids, R.fw_reg(9)), (*own.values, 0))
     calls: list[int] = []
     original = KvmVcpu.set_one_reg
-    monkeypatch.setattr(KvmVcpu, "set_one_reg",
-                        lambda self, rid, value: calls.append(rid) or original(self, rid, value))
+    monkeypatch.setattr(
+        KvmVcpu,
+        "set_one_reg",
+        lambda self, rid, value: calls.append(rid) or original(self, rid, value),
+    )
     with pytest.raises(CpuLoadError) as info:
         dst.load(_state_with(extra, dst.save()), MergeMode.CLASSIC)
     assert info.value.step == "cpreg_vmstate_array_len"
@@ -432,8 +445,9 @@ def test_check_35_unknown_sysreg_before_known(mode: MergeMode) -> None:
     unknown = R.sys_reg(3, 0, 1, 0, 1)  # ACTLR_EL1: not exposed by this host
     tpidr = R.sys_reg(3, 0, 13, 0, 4)  # replaced, so the length gate passes
     pairs = sorted([*(p for p in own.items() if p[0] != tpidr), (unknown, 5)])
-    state = _state_with(CpregList(tuple(r for r, _ in pairs), tuple(v for _, v in pairs)),
-                        dst.save())
+    state = _state_with(
+        CpregList(tuple(r for r, _ in pairs), tuple(v for _, v in pairs)), dst.save()
+    )
     with pytest.raises(CpuLoadError) as info:
         dst.load(state, mode)
     assert info.value.step == "post_load merge" and info.value.rid == unknown
@@ -445,8 +459,7 @@ def test_check_36_missing_register_keeps_own_value() -> None:
     own = dst.cpregs[0]
     tcr = R.sys_reg(3, 0, 2, 0, 2)
     keep = [(r, v) for r, v in own.items() if r != tcr]
-    state = _state_with(CpregList(tuple(r for r, _ in keep), tuple(v for _, v in keep)),
-                        dst.save())
+    state = _state_with(CpregList(tuple(r for r, _ in keep), tuple(v for _, v in keep)), dst.save())
     report = dst.load(state, MergeMode.CLASSIC)
     assert tcr in report.missing
     assert dst.vcpus[0].get_one_reg(tcr) == own.get(tcr)
@@ -463,15 +476,17 @@ def test_check_37_tolerated_bmap_2() -> None:
     assert info.value.rid == VENDOR2 and info.value.step == "post_load merge"
 
 
-@pytest.mark.parametrize(("extra", "step"), [(11, "cpreg_vmstate_array_len"),
-                                             (10, "post_load merge")])
+@pytest.mark.parametrize(
+    ("extra", "step"), [(11, "cpreg_vmstate_array_len"), (10, "post_load merge")]
+)
 def test_check_38_strict_length_limit(extra: int, step: str) -> None:
     dst = Arm64Machine(profile(K5))
     own = dst.cpregs[0]
     unknown = [(R.fw_reg(4 + n), 0) for n in range(extra)]
     pairs = sorted([*own.items(), *unknown])
-    state = _state_with(CpregList(tuple(r for r, _ in pairs), tuple(v for _, v in pairs)),
-                        dst.save())
+    state = _state_with(
+        CpregList(tuple(r for r, _ in pairs), tuple(v for _, v in pairs)), dst.save()
+    )
     with pytest.raises(CpuLoadError) as info:
         dst.load(state, MergeMode.STRICT)
     assert info.value.step == step
@@ -590,8 +605,7 @@ class Interleaver:
     """Runs model threads as greenlets; at each yield point the next thread comes from
     ``schedule`` (then round-robin).  Blocked threads (``wait``) are simply skipped."""
 
-    def __init__(self, threads: dict[str, Callable[[], object]], schedule: Sequence[str]
-                 ) -> None:
+    def __init__(self, threads: dict[str, Callable[[], object]], schedule: Sequence[str]) -> None:
         self.driver = greenlet.getcurrent()
         self.threads = {name: greenlet.greenlet(fn) for name, fn in threads.items()}
         self.schedule = list(schedule)
@@ -655,8 +669,9 @@ def _cpu_on_race(faults: FwFaults, schedule: Sequence[str], n: int = 8) -> list[
     callers = [new_vcpu(vm) for _ in range(n)]
     target = new_vcpu(vm, {KVM_ARM_VCPU_PSCI_0_2, KVM_ARM_VCPU_POWER_OFF})
     mpidr = target.mpidr & 0xFF00FFFFFF
-    threads = {f"t{i}": (lambda c=c: c.hvc(P.PSCI_ID64["CPU_ON"], mpidr)[0])
-               for i, c in enumerate(callers)}
+    threads = {
+        f"t{i}": (lambda c=c: c.hvc(P.PSCI_ID64["CPU_ON"], mpidr)[0]) for i, c in enumerate(callers)
+    }
     out = Interleaver(cast(dict[str, Callable[[], object]], threads), schedule).run()
     return sorted(int(cast(int, v)) for v in out.values())
 
@@ -664,8 +679,9 @@ def _cpu_on_race(faults: FwFaults, schedule: Sequence[str], n: int = 8) -> list[
 def test_check_49_cpu_on_exactly_one_success() -> None:
     rng = random.Random(49)
     names = [f"t{i}" for i in range(8)]
-    schedules = [["t0", "t1", "t0", "t1"]] + [[rng.choice(names) for _ in range(40)]
-                                             for _ in range(150)]
+    schedules = [["t0", "t1", "t0", "t1"]] + [
+        [rng.choice(names) for _ in range(40)] for _ in range(150)
+    ]
     for schedule in schedules:
         assert _cpu_on_race(FwFaults(), schedule) == [-4] * 7 + [0]
     faulty = [_cpu_on_race(FwFaults(cpu_on_unlocked=True), s) for s in schedules]
@@ -681,15 +697,21 @@ def test_check_47_version_read_once_per_call() -> None:
         vm = new_vm(K5, faults=faults)
         caller, setter = new_vcpu(vm), new_vcpu(vm)
         caller.set_one_reg(PSCI, 0x10000)
-        out = Interleaver({"call": lambda: caller.hvc(P.PSCI_ID["PSCI_VERSION"])[0],
-                           "set": lambda: setter.set_one_reg(PSCI, 0x2)}, schedule).run()
+        out = Interleaver(
+            {
+                "call": lambda: caller.hvc(P.PSCI_ID["PSCI_VERSION"])[0],
+                "set": lambda: setter.set_one_reg(PSCI, 0x2),
+            },
+            schedule,
+        ).run()
         return caller.last_dispatch, int(cast(int, out["call"]))
 
     for schedule in schedules:
         dispatched, answered = run(FwFaults(), schedule)
         assert dispatched == answered, schedule
-    mismatches = [s for s in schedules[:16]
-                  if len(set(run(FwFaults(double_read_version=True), s))) == 2]
+    mismatches = [
+        s for s in schedules[:16] if len(set(run(FwFaults(double_read_version=True), s))) == 2
+    ]
     assert mismatches  # 1.x handler chosen, 0.2 answered
 
 

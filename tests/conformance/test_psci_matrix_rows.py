@@ -26,16 +26,30 @@ from vmferry.machine.arm64 import (
 from vmferry.machine.profiles import load_profile, parse_mitigation
 
 K0, K1, K2, K3, K4, K5, K6, K7 = (
-    "arm64-linux-4.15", "arm64-linux-4.16", "arm64-linux-4.17", "arm64-linux-5.3",
-    "arm64-linux-5.17", "arm64-linux-5.19", "arm64-linux-6.13", "arm64-linux-6.15")
+    "arm64-linux-4.15",
+    "arm64-linux-4.16",
+    "arm64-linux-4.17",
+    "arm64-linux-5.3",
+    "arm64-linux-5.17",
+    "arm64-linux-5.19",
+    "arm64-linux-6.13",
+    "arm64-linux-6.15",
+)
 NEW = (K2, K3, K4, K5, K6, K7)
 K3PLUS = (K3, K4, K5, K6, K7)
 U, A, N = "not_avail", "avail", "not_required"
 CTX = MatrixContext()
 
 
-def cell(src: str, dst: str, psci: str = "default", sm: str = A, dm: str = A,
-         compat: str = "qemu", allow: bool = False) -> Cell:
+def cell(
+    src: str,
+    dst: str,
+    psci: str = "default",
+    sm: str = A,
+    dm: str = A,
+    compat: str = "qemu",
+    allow: bool = False,
+) -> Cell:
     result = run_cell(CellSpec(src, dst, psci, sm, dm, compat, allow), CTX)
     assert result is not None
     return result
@@ -101,16 +115,19 @@ def test_row_6_new_to_old_fails_at_length(src: str, dst: str) -> None:
     assert pre.outcome == "refused" and pre.register == "PSCI_VERSION"
 
 
-def _drop_corner(src: str, dst: str, src_mit: str, dst_mit: str, pin: int | None = None
-                 ) -> tuple[Arm64Guest, Arm64Machine, Arm64Machine]:
+def _drop_corner(
+    src: str, dst: str, src_mit: str, dst_mit: str, pin: int | None = None
+) -> tuple[Arm64Guest, Arm64Machine, Arm64Machine]:
     """Classic-merge DROP: destination exposes enough extra sysregs that src_len <= dst_len."""
-    source = Arm64Machine(load_profile(src).with_mitigation(parse_mitigation(src_mit)),
-                          psci_pin=pin)
+    source = Arm64Machine(
+        load_profile(src).with_mitigation(parse_mitigation(src_mit)), psci_pin=pin
+    )
     source.start()
     guest = Arm64Guest()
     guest.boot(source.port(0), source.protection())
     roomy = load_profile(dst, {"sysregs": {"count": 143}}).with_mitigation(
-        parse_mitigation(dst_mit))
+        parse_mitigation(dst_mit)
+    )
     dest = Arm64Machine(roomy)
     report = dest.load(source.save(), MergeMode.CLASSIC)
     assert R.KVM_REG_ARM_PSCI_VERSION in [r for r, _ in report.dropped]
@@ -235,8 +252,7 @@ def test_section_6_3(wa: str, src: str, dst: str) -> None:
     else:
         reg = {"wa1": "SMCCC_ARCH_WORKAROUND_1", "wa3": "SMCCC_ARCH_WORKAROUND_3"}[wa]
         assert (c.outcome, c.step, c.register) == ("fails_after_stop", "set_one_reg", reg)
-        pre = cell(K4, K4, sm=f"{wa}={src},{others}", dm=f"{wa}={dst},{others}",
-                   compat="preflight")
+        pre = cell(K4, K4, sm=f"{wa}={src},{others}", dm=f"{wa}={dst},{others}", compat="preflight")
         assert pre.outcome == "refused" and pre.register == reg
 
 
@@ -246,8 +262,9 @@ WA2_HOST = {0: "wa2=not_avail", 3: "wa2=not_required"}
 REST = "wa1=not_required,wa3=not_required"
 
 
-@pytest.mark.parametrize(("src", "dst", "ok"), [(0, 0, True), (0, 3, True), (3, 0, False),
-                                                 (3, 3, True)])
+@pytest.mark.parametrize(
+    ("src", "dst", "ok"), [(0, 0, True), (0, 3, True), (3, 0, False), (3, 3, True)]
+)
 def test_section_6_4(src: int, dst: int, ok: bool) -> None:
     c = cell(K4, K4, sm=f"{WA2_HOST[src]},{REST}", dm=f"{WA2_HOST[dst]},{REST}")
     assert (c.outcome == "migrates") is ok
@@ -262,10 +279,16 @@ def test_section_6_4_ssbs_host_refuses_firmware_mitigated_guest() -> None:
 
 def _with_wa2(state: Arm64State, value: int) -> Arm64State:
     vcpu = state.vcpus[0]
-    values = tuple(value if r == R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2 else v
-                   for r, v in vcpu.cpregs.items())
-    return Arm64State((Arm64VcpuState(vcpu.index, vcpu.powered_off, vcpu.core,
-                                      CpregList(vcpu.cpregs.ids, values)),))
+    values = tuple(
+        value if r == R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2 else v for r, v in vcpu.cpregs.items()
+    )
+    return Arm64State(
+        (
+            Arm64VcpuState(
+                vcpu.index, vcpu.powered_off, vcpu.core, CpregList(vcpu.cpregs.ids, values)
+            ),
+        )
+    )
 
 
 @pytest.mark.parametrize("bad", [0x11, 0x4, 0x20])

@@ -205,3 +205,43 @@ def test_names_collide_on_destination(pair: Pair) -> None:
     assert pair.a.get("/v1/vms/twin")["runstate"] == "running"
     assert "twin" in vm_names(pair.a)
     assert digest(pair.a, "twin")
+
+
+def test_snapshot_save_and_restore(fresh_pair: Pair, tmp_path: Path) -> None:
+    pair = fresh_pair
+    pair.create("snap", workload={"dirty_rate_mbps": 5})
+    url = pair.a_proc.control_url
+    file = tmp_path / "snap.vmf"
+    out = cli("vm", "save", "--host", url, "snap", str(file), "--json")
+    assert out.returncode == 0, out.stderr
+    assert pair.a.get("/v1/vms/snap")["runstate"] == "running"
+    summary = json.loads(cli("stream", "inspect", str(file), "--json").stdout)
+    assert summary["complete"] and summary["vm"]["name"] == "snap"
+    pair.a.post("/v1/vms/snap/pause")
+    saved = digest(pair.a, "snap")
+    # the saved RAM is what the VM had when saved; restore it paused on the other host
+    restored = cli("vm", "restore", "--host", pair.b_proc.control_url, str(file), "--paused")
+    assert restored.returncode == 0, restored.stderr
+    assert pair.b.get("/v1/vms/snap")["runstate"] == "paused"
+    assert len(digest(pair.b, "snap")["ram"]) == len(saved["ram"])
+    dup = cli("vm", "restore", "--host", pair.b_proc.control_url, str(file))
+    assert dup.returncode == 1 and "exists" in dup.stderr
+    bad = tmp_path / "bad.vmf"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 3] ^= 1
+    bad.write_bytes(bytes(data))
+    pair.b.delete("/v1/vms/snap")
+    broken = cli("vm", "restore", "--host", pair.b_proc.control_url, str(bad))
+    assert broken.returncode == 1 and "ChecksumMismatch" in broken.stderr
+    assert "snap" not in vm_names(pair.b)
+
+
+def test_snapshot_of_a_paused_vm_restores_bit_for_bit(fresh_pair: Pair, tmp_path: Path) -> None:
+    pair = fresh_pair
+    pair.create("still", workload={"dirty_rate_mbps": 5})
+    pair.a.post("/v1/vms/still/pause")
+    before = digest(pair.a, "still")
+    file = tmp_path / "still.vmf"
+    pair.a.post("/v1/vms/still/save", {"path": str(file)})
+    pair.b.post("/v1/restore", {"path": str(file), "start": False})
+    assert digest(pair.b, "still") == before

@@ -162,10 +162,16 @@ def run_cell(spec: CellSpec, ctx: MatrixContext | None = None) -> Cell | None:
         caps = ctx.destination_caps(spec.destination, spec.destination_mitigation)
         decision = decide(describe_source(src, guest), caps, spec.allow_degraded)
         if decision.verdict is Verdict.REFUSE:
-            return _cell(base, "refused", decision.reason, step="pre-flight",
-                         register=decision.register, value=decision.value,
-                         lost=tuple(w.key for w in decision.lost),
-                         source_running=not src.vm.destroyed)
+            return _cell(
+                base,
+                "refused",
+                decision.reason,
+                step="pre-flight",
+                register=decision.register,
+                value=decision.value,
+                lost=tuple(w.key for w in decision.lost),
+                source_running=not src.vm.destroyed,
+            )
         verdict = decision.verdict
     data = encode_state(src.save())  # the source has stopped the guest from here on
     dst = Arm64Machine(ctx.profile(spec.destination, spec.destination_mitigation))
@@ -177,8 +183,15 @@ def run_cell(spec: CellSpec, ctx: MatrixContext | None = None) -> Cell | None:
             raise InvariantViolation(f"pre-flight passed but the load failed: {exc}") from exc
         src.put_registers()  # the source resumes the guest with its own, unchanged state
         resumed = guest.status_on(src.protection()) == before
-        return _cell(base, "fails_after_stop", f"{exc.step}: {exc.reason}", step=exc.step,
-                     register=exc.rid, value=exc.value, source_running=resumed)
+        return _cell(
+            base,
+            "fails_after_stop",
+            f"{exc.step}: {exc.reason}",
+            step=exc.step,
+            register=exc.rid,
+            value=exc.value,
+            source_running=resumed,
+        )
     dst.start()
     after = guest.status_on(dst.protection())
     return _finish(base, spec, verdict, report, before, after, dst, view.psci_version)
@@ -186,46 +199,76 @@ def run_cell(spec: CellSpec, ctx: MatrixContext | None = None) -> Cell | None:
 
 def _base(spec: CellSpec, psci_before: int, before: dict[Workaround, Status]) -> dict[str, Any]:
     return {
-        "source": spec.source, "destination": spec.destination, "guest_psci": spec.guest_psci,
+        "source": spec.source,
+        "destination": spec.destination,
+        "guest_psci": spec.guest_psci,
         "source_mitigation": spec.source_mitigation,
-        "destination_mitigation": spec.destination_mitigation, "compat": spec.compat,
-        "psci_before": PsciVersion.name(psci_before), "guest_before": _labels(before),
+        "destination_mitigation": spec.destination_mitigation,
+        "compat": spec.compat,
+        "psci_before": PsciVersion.name(psci_before),
+        "guest_before": _labels(before),
     }
 
 
-def _cell(base: dict[str, Any], outcome: str, reason: str, *, step: str = "",
-          register: int | None = None, value: int | None = None,
-          **extra: Any) -> Cell:
-    return Cell(**base, outcome=outcome, reason=reason, step=step,
-                register=None if register is None else R.register_name(register),
-                value=None if value is None else f"{value:#x}", **extra)
+def _cell(
+    base: dict[str, Any],
+    outcome: str,
+    reason: str,
+    *,
+    step: str = "",
+    register: int | None = None,
+    value: int | None = None,
+    **extra: Any,
+) -> Cell:
+    return Cell(
+        **base,
+        outcome=outcome,
+        reason=reason,
+        step=step,
+        register=None if register is None else R.register_name(register),
+        value=None if value is None else f"{value:#x}",
+        **extra,
+    )
 
 
-def _finish(base: dict[str, Any], spec: CellSpec, verdict: Verdict | None, report: LoadReport,
-            before: dict[Workaround, Status], after: dict[Workaround, Status],
-            dst: Arm64Machine, psci_before: int) -> Cell:
+def _finish(
+    base: dict[str, Any],
+    spec: CellSpec,
+    verdict: Verdict | None,
+    report: LoadReport,
+    before: dict[Workaround, Status],
+    after: dict[Workaround, Status],
+    dst: Arm64Machine,
+    psci_before: int,
+) -> Cell:
     gone = lost(before, after)
     psci_after = dst.psci_version()
     notes = list(_psci_change(psci_before, psci_after))
-    notes += [f"DROP: trailing unknown {R.register_name(r)} = {v:#x} silently ignored "
-              "(classic merge)" for r, v in report.dropped]
+    notes += [
+        f"DROP: trailing unknown {R.register_name(r)} = {v:#x} silently ignored (classic merge)"
+        for r, v in report.dropped
+    ]
     if gone and spec.compat == "preflight" and verdict is not Verdict.DEGRADED:
         raise InvariantViolation(f"silent loss of {[w.key for w in gone]} passed pre-flight")
-    extra: dict[str, Any] = {"psci_after": PsciVersion.name(psci_after),
-                             "guest_after": _labels(after),
-             "lost": tuple(w.key for w in gone), "notes": tuple(notes)}
+    extra: dict[str, Any] = {
+        "psci_after": PsciVersion.name(psci_after),
+        "guest_after": _labels(after),
+        "lost": tuple(w.key for w in gone),
+        "notes": tuple(notes),
+    }
     if gone:
         what = ", ".join(f"{w.key} ({before[w].value} -> {after[w].value})" for w in gone)
         reason = "; ".join([f"guest silently loses {what}", *notes])
         return _cell(base, "degraded", reason, step="after start", **extra)
-    return _cell(base, "migrates", "; ".join(notes) or "no change visible to the guest",
-                 **extra)
+    return _cell(base, "migrates", "; ".join(notes) or "no change visible to the guest", **extra)
 
 
 def _psci_change(before: int, after: int) -> Iterator[str]:
     if after > before:
-        yield (f"PSCI silently upgraded {PsciVersion.name(before)} -> "
-               f"{PsciVersion.name(after)} (harmless superset)")
+        yield (
+            f"PSCI silently upgraded {PsciVersion.name(before)} -> "
+            f"{PsciVersion.name(after)} (harmless superset)"
+        )
     elif after < before:
         yield f"PSCI downgraded {PsciVersion.name(before)} -> {PsciVersion.name(after)}"
 
@@ -233,12 +276,17 @@ def _psci_change(before: int, after: int) -> Iterator[str]:
 # --- whole matrix -----------------------------------------------------------------------------
 
 
-def specs(profiles: Sequence[str] | None = None, guest_psci: Sequence[str] = GUEST_PSCI,
-          mitigations: Sequence[str] = MITIGATIONS, compat: str = "preflight",
-          allow_degraded: bool = False) -> Iterator[CellSpec]:
+def specs(
+    profiles: Sequence[str] | None = None,
+    guest_psci: Sequence[str] = GUEST_PSCI,
+    mitigations: Sequence[str] = MITIGATIONS,
+    compat: str = "preflight",
+    allow_degraded: bool = False,
+) -> Iterator[CellSpec]:
     names = list(profiles) if profiles else list_profiles()
-    for src, dst, psci, sm, dm in itertools.product(names, names, guest_psci, mitigations,
-                                                    mitigations):
+    for src, dst, psci, sm, dm in itertools.product(
+        names, names, guest_psci, mitigations, mitigations
+    ):
         yield CellSpec(src, dst, psci, sm, dm, compat, allow_degraded)
 
 
@@ -265,39 +313,63 @@ def _grouped(cells: Sequence[Cell]) -> list[tuple[Cell, str]]:
         groups.setdefault(key, []).append(c)
     rows = []
     for members in groups.values():
-        pairs = [f"{SHORT.get(c.source_mitigation, c.source_mitigation)}->"
-                 f"{SHORT.get(c.destination_mitigation, c.destination_mitigation)}"
-                 for c in members]
-        rows.append((members[0], "any" if len(pairs) == len(MITIGATIONS) ** 2
-                     else ", ".join(pairs)))
+        pairs = [
+            f"{SHORT.get(c.source_mitigation, c.source_mitigation)}->"
+            f"{SHORT.get(c.destination_mitigation, c.destination_mitigation)}"
+            for c in members
+        ]
+        rows.append(
+            (members[0], "any" if len(pairs) == len(MITIGATIONS) ** 2 else ", ".join(pairs))
+        )
     return rows
 
 
 def to_markdown(cells: Sequence[Cell]) -> str:
     compat = sorted({c.compat for c in cells})
-    lines = [f"# arm64 migration matrix (compat: {', '.join(compat)})", "",
-             "Mitigation per host: U = not_avail, A = avail, N = not_required.", "",
-             "| Outcome | Cells |", "|---|---|"]
+    lines = [
+        f"# arm64 migration matrix (compat: {', '.join(compat)})",
+        "",
+        "Mitigation per host: U = not_avail, A = avail, N = not_required.",
+        "",
+        "| Outcome | Cells |",
+        "|---|---|",
+    ]
     lines += [f"| {o} | {n} |" for o, n in summary(cells).items()]
-    lines += ["", "| Source | Destination | Guest PSCI | Src mitig. -> Dst mitig. | Outcome | "
-              "Why |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| Source | Destination | Guest PSCI | Src mitig. -> Dst mitig. | Outcome | Why |",
+        "|---|---|---|---|---|---|",
+    ]
     for c, pairs in _grouped(cells):
         reason = c.reason.replace("|", "\\|")
-        lines.append(f"| {c.source} | {c.destination} | {c.guest_psci} | {pairs} | "
-                     f"**{c.outcome}** | {reason} |")
+        lines.append(
+            f"| {c.source} | {c.destination} | {c.guest_psci} | {pairs} | "
+            f"**{c.outcome}** | {reason} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def to_html(cells: Sequence[Cell]) -> str:
-    head = ("<tr><th>Source</th><th>Destination</th><th>Guest PSCI</th>"
-            "<th>Src mitig. -&gt; Dst mitig.</th><th>Outcome</th><th>Why</th></tr>")
+    head = (
+        "<tr><th>Source</th><th>Destination</th><th>Guest PSCI</th>"
+        "<th>Src mitig. -&gt; Dst mitig.</th><th>Outcome</th><th>Why</th></tr>"
+    )
     rows = [
-        "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in
-                         (c.source, c.destination, c.guest_psci, pairs, c.outcome, c.reason))
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(x)}</td>"
+            for x in (c.source, c.destination, c.guest_psci, pairs, c.outcome, c.reason)
+        )
         + "</tr>"
         for c, pairs in _grouped(cells)
     ]
     counts = "".join(f"<li>{o}: {n}</li>" for o, n in summary(cells).items())
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>arm64 migration matrix"
-            "</title></head><body><h1>arm64 migration matrix</h1><ul>" + counts + "</ul><table>"
-            + head + "".join(rows) + "</table></body></html>\n")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>arm64 migration matrix"
+        "</title></head><body><h1>arm64 migration matrix</h1><ul>"
+        + counts
+        + "</ul><table>"
+        + head
+        + "".join(rows)
+        + "</table></body></html>\n"
+    )

@@ -101,3 +101,29 @@ def destroy(host_url: str, name: str, as_json: bool) -> None:
     """Destroy a VM and free its memory."""
     out = client(host_url).delete(f"/v1/vms/{name}")
     emit_json(out) if as_json else console.print(f"destroyed {name}")
+
+
+@command.command("save")
+@HOST_OPTION
+@click.argument("name")
+@click.argument("file")
+@JSON_OPTION
+def save(host_url: str, name: str, file: str, as_json: bool) -> None:
+    """Save a VM to FILE (a path on the host) as a vmferry stream; it keeps running."""
+    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": str(Path(file).resolve())})
+    if as_json:
+        emit_json(out)
+    else:
+        console.print(f"saved {name} to {out['path']} ({human_bytes(out['bytes'])})")
+
+
+@command.command("restore")
+@HOST_OPTION
+@click.argument("file")
+@click.option("--start/--paused", default=True, show_default=True)
+@JSON_OPTION
+def restore(host_url: str, file: str, start: bool, as_json: bool) -> None:
+    """Restore a VM from a stream FILE (a path on the host)."""
+    out = client(host_url).post("/v1/restore", {"path": str(Path(file).resolve()),
+                                                "start": start})
+    emit_json(out) if as_json else console.print(f"restored {out['vm']} ({out['runstate']})")

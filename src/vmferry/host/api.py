@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from aiohttp import web
 from vmferry import __version__
 from vmferry.errors import ApiError, VmferryError
 from vmferry.host.daemon import HostDaemon
+from vmferry.host.snapshot import restore_vm, save_vm
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -98,6 +100,24 @@ def make_app(d: HostDaemon) -> web.Application:
     async def destroy(request: web.Request) -> web.Response:
         await asyncio.to_thread(d.destroy, request.match_info["name"])
         return _ok({"destroyed": request.match_info["name"]})
+
+    @routes.post("/v1/vms/{name}/save")
+    async def save(request: web.Request) -> web.Response:
+        body = await _body(request)
+        path = body.get("path")
+        if not isinstance(path, str):
+            raise ApiError(400, "path (a file on this host) required")
+        out = await asyncio.to_thread(save_vm, d, request.match_info["name"], Path(path))
+        return _ok(out)
+
+    @routes.post("/v1/restore")
+    async def restore(request: web.Request) -> web.Response:
+        body = await _body(request)
+        path = body.get("path")
+        if not isinstance(path, str):
+            raise ApiError(400, "path (a file on this host) required")
+        out = await asyncio.to_thread(restore_vm, d, Path(path), bool(body.get("start", True)))
+        return _ok(out, 201)
 
     @routes.post("/v1/vms/{name}/migrate")
     async def migrate(request: web.Request) -> web.Response:
@@ -186,6 +206,12 @@ OPENAPI: dict[str, Any] = {
             "parameters": _NAME,
             "post": _op("Live-migrate ({destination, params})", True, "202"),
         },
+        "/v1/vms/{name}/save": {
+            "parameters": _NAME,
+            "post": _op("Save the VM's state to a stream file on this host ({path})", True),
+        },
+        "/v1/restore": {"post": _op("Restore a VM from a stream file ({path, start})", True,
+                                    "201")},
         "/v1/incoming": {
             "post": _op("Expect an incoming VM; returns a one-time token", True, "201")
         },

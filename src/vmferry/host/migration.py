@@ -7,24 +7,23 @@ and turns every way a connection can fail into a session failure with the step n
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vmferry.errors import (
     ApiError,
     ConfigError,
+    HostError,
     MigrationError,
     MigrationRefused,
     PeerError,
     StreamDecodeError,
     VmferryError,
 )
+from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.runner import VmRunner
@@ -49,24 +48,6 @@ HELLO_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 ACK_TIMEOUT_S = 120.0
 STATS_EVERY_S = 0.1
-
-
-def post_json(url: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
-    except urllib.error.HTTPError as exc:
-        try:
-            msg = json.loads(exc.read()).get("error", exc.reason)
-        except (ValueError, AttributeError):
-            msg = exc.reason
-        raise ApiError(exc.code, str(msg)) from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise PeerError(f"destination control API {url} unreachable: {exc}", "setup") from exc
 
 
 HOST_PARAMS = ("fault", "stream_file")
@@ -98,13 +79,26 @@ def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
 # --- source ------------------------------------------------------------------------------
 
 
+def _ask_destination(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/incoming on the destination: its one-time token and capabilities."""
+    try:
+        reply = HostClient(url, timeout=30.0).post("/v1/incoming", body)
+    except ApiError:
+        raise
+    except HostError as exc:
+        raise PeerError(f"destination control API unreachable: {exc}", "setup") from exc
+    if not isinstance(reply, dict):
+        raise PeerError("destination answered /v1/incoming with no object", "setup")
+    return reply
+
+
 def start_source_job(
     daemon: HostDaemon, hosted: HostedVm, destination: str, raw: dict[str, Any]
 ) -> Job:
     params, fault = parse_params(raw)
     assert hosted.vm is not None and hosted.runner is not None
-    incoming = post_json(
-        f"{destination.rstrip('/')}/v1/incoming",
+    incoming = _ask_destination(
+        destination,
         {
             "vm": hosted.name,
             "definition": hosted.definition,
