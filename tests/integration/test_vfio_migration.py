@@ -159,3 +159,15 @@ def test_hisi_acc_alone_migrates(pair: Pair) -> None:
     assert job["status"] == "completed" and job["stats"]["verification"]["verified"], job
     assert devices_of(pair.b, "vf-acc")["acc0"]["state"] == "RUNNING"
     assert wait_job(pair.a, job["id"])["status"] == "completed"
+
+
+def test_snapshot_of_a_vm_with_devices(
+    pair: Pair, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    create(pair, "vf-snap", MLX5, PDS)
+    file = tmp_path_factory.mktemp("snap") / "vf-snap.vmf"
+    pair.a.post("/v1/vms/vf-snap/save", {"path": str(file)})
+    assert_source_devices_running(pair, "vf-snap")  # the saved VM runs on, devices too
+    pair.b.post("/v1/restore", {"path": str(file), "start": True})
+    restored = devices_of(pair.b, "vf-snap")
+    assert {d["state"] for d in restored.values()} == {"RUNNING"}

@@ -13,6 +13,7 @@ pending_bytes()                 counted in the expected downtime
 quiesce()                       vCPUs paused; before the final dirty sync
 save_complete() -> pieces       after the final RAM pass (may be lazy: an iterator)
 save_cleanup() | save_failed()  after commit | on any failure (give it back)
+resume_source()                 after a snapshot: the saved VM runs on (give it back)
                                                   load_setup()   VM configuration arrived
                                                   load(piece)    each piece, in order
                                                   load_complete()  before the vCPUs start
@@ -123,6 +124,10 @@ class MigrationHandler:
 
     def save_failed(self) -> None:
         pass
+
+    def resume_source(self) -> None:
+        """The state was saved but the VM stays here and runs on (a snapshot): undo what
+        saving stopped (devices back to RUNNING)."""
 
     # --- destination -----------------------------------------------------------------
     def load_setup(self) -> None:

@@ -339,6 +339,17 @@ class VfioHandler(MigrationHandler):
         if errors:
             raise MigrationError(f"VFIO devices not back to RUNNING: {'; '.join(errors)}")
 
+    def resume_source(self) -> None:
+        """After a snapshot the VM runs on: every device back to RUNNING (reset if it
+        cannot get there)."""
+        for dev in self.devices.values():
+            if dev.driver is None or dev.state == S.RUNNING:
+                continue
+            try:
+                dev.set_state(S.RUNNING)
+            except VfioError:
+                dev.reset()
+
     # --- destination -------------------------------------------------------------------
 
     def load_setup(self) -> None:

@@ -161,9 +161,7 @@ def test_device_without_migration_support_is_refused(compat: str) -> None:
 
 @pytest.mark.parametrize("compat", ["preflight", "qemu"])
 @pytest.mark.parametrize("other", [HISI, {**PDS, "p2p": False}])
-def test_multi_device_rule_refuses_a_device_without_p2p(
-    compat: str, other: dict[str, Any]
-) -> None:
+def test_multi_device_rule_refuses_a_device_without_p2p(compat: str, other: dict[str, Any]) -> None:
     vm = running_vm(MLX5, other)
     src = SourceSession(vm, MigrationParams(compat=compat), ManualClock())
     with pytest.raises(MigrationRefused, match=f"{other['id']}.*lack P2P"):
