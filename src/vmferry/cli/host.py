@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,6 +57,13 @@ def command() -> None:
     help="the host's Spectre mitigation (not_avail, avail, not_required), overriding the "
     "profile's",
 )
+@click.option(
+    "--platform",
+    "platform_file",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"])",
+)
 def serve(
     name: str,
     listen: str,
@@ -62,6 +71,7 @@ def serve(
     state_dir: Path,
     profile: str | None,
     mitigation: str | None,
+    platform_file: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
     run_daemon(
@@ -69,7 +79,11 @@ def serve(
         state_dir,
         parse_address(listen),
         parse_address(migration_listen) if migration_listen else None,
-        HostContext(name, host_profile(profile, mitigation)),
+        HostContext(
+            name,
+            host_profile(profile, mitigation),
+            load_platform(platform_file) if platform_file else {},
+        ),
     )
 
 
@@ -86,3 +100,13 @@ def host_profile(name: str | None, mitigation: str | None) -> HostProfile | None
             raise ConfigError(f"profile {name} has no mitigation to set")
         profile = profile.with_mitigation(parse_mitigation(mitigation))
     return profile
+
+
+def load_platform(path: Path) -> dict[str, Any]:
+    """A host platform description from a TOML file."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read platform file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc

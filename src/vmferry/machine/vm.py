@@ -12,6 +12,7 @@ A VM is built from a *definition* -- a TOML file or a dict with the same schema 
                ``seed`` (see :mod:`vmferry.guest.workload`)
 ``fill``       initial RAM contents: ``zero``, ``random`` or ``mixed`` (default ``zero``)
 ``seed``       seed for ``fill`` (default 1)
+``devices``    VFIO devices: a list of device tables (see :mod:`vmferry.machine.vfio`)
 =============  ==========================================================================
 
 Everything beyond RAM and core vCPU registers (VFIO devices, firmware registers, TCE
@@ -82,9 +83,15 @@ class ArchSupport:
 
 ARCHES: dict[str, ArchSupport] = {"generic": ArchSupport("generic")}
 
+def _setup_vfio_devices(vm: VM, extra: Mapping[str, Any], host: HostContext) -> None:
+    from vmferry.machine.vfio import setup_devices  # imports this module
+
+    setup_devices(vm, extra, host)
+
+
 #: Definition keys any architecture accepts, each with the hook that builds its handlers
 #: (``devices`` for VFIO devices, for example).  Hooks run after the architecture's.
-FEATURES: dict[str, SetupHook] = {}
+FEATURES: dict[str, SetupHook] = {"devices": _setup_vfio_devices}
 
 
 @dataclass(frozen=True)
