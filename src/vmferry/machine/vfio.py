@@ -113,6 +113,7 @@ def build_devices(entries: object, vm: VM, host: HostContext) -> list[VfioMigrat
     for entry in entries:
         spec = dict(entry)
         migration = spec.pop("migration", True)
+        host_device = spec.pop("host_device", None)
         if not isinstance(migration, bool):
             raise ConfigError(f"device {spec.get('id')!r}: migration must be a bool")
         device = create_device(spec, vm.ram)
@@ -125,8 +126,29 @@ def build_devices(entries: object, vm: VM, host: HostContext) -> list[VfioMigrat
                               f"device (it has {sorted(have) or 'none'})")  # fmt: skip
         if not migration:  # the same hardware, bound to a driver without migration ops
             device = VfioMigrationDevice(None, name=device.name)
+        if host_device is not None:
+            assign(device.name, host_device, host)
         out.append(device)
     return out
+
+
+def assign(device: str, host_device: object, host: HostContext) -> int:
+    """The IOMMU group of the host function a VM device is assigned; ConfigError when the
+    host's boot probe did not make it usable."""
+    probe = host.iommu
+    if not isinstance(host_device, str):
+        raise ConfigError(f"device {device}: host_device must be a string")
+    if probe is None:
+        raise ConfigError(f"device {device}: host {host.name} has no IOMMU topology to "
+                          f"assign {host_device} from")
+    if host_device in probe.failures:
+        raise ConfigError(f"device {device}: host {host.name} cannot assign {host_device}: "
+                          f"{probe.failures[host_device]}")
+    group = probe.groups.get(host_device)
+    if group is None:
+        raise ConfigError(f"device {device}: {host_device} is not an IOMMU-backed device "
+                          f"of host {host.name}")
+    return int(group)
 
 
 def setup_devices(vm: VM, extra: Mapping[str, Any], host: HostContext) -> None:

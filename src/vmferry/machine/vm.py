@@ -65,6 +65,9 @@ class HostContext:
     profile: Any = None
     #: the host's platform description (pseries: what its firmware reports), if any
     platform: Mapping[str, Any] = field(default_factory=dict)
+    #: the host's IOMMU boot probe (a ``vmferry.hw.iommu.BootResult``), None if it has none:
+    #: device assignment takes IOMMU groups from it
+    iommu: Any = None
 
 
 #: Called once the VM exists, to attach handlers for an architecture or a feature.
