@@ -238,6 +238,7 @@ class DeviceTree:
         self.boot_cpuid_phys = 0
         self._phandles: dict[int, DeviceNode] = {}
         self._dynamic_live: set[DeviceNode] = set()
+        self._detached: set[DeviceNode] = set()  # detached, not yet released
         self._pending: list[ReconfigEvent] = []
         self.root = DeviceNode("root")
         self.root._name = ""  # the root basename is empty, as in an FDT
@@ -317,6 +318,7 @@ class DeviceTree:
                          node, holder)
             return
         node.released = True
+        self._detached.discard(node)
         if NodeFlag.DYNAMIC in node.flags:
             self._dynamic_live.discard(node)
 
@@ -474,6 +476,7 @@ class DeviceTree:
         path = node.path()
         self._unlink(node)
         node.flags |= NodeFlag.DETACHED
+        self._detached.add(node)
         if node.phandle and self._phandles.get(node.phandle) is node:
             del self._phandles[node.phandle]
         self._sysfs_del(node)
@@ -483,6 +486,7 @@ class DeviceTree:
         """Undo of a changeset detach (the node keeps its references)."""
         assert node.parent is not None
         self._add_ref(node, "changeset")  # sysfs re-registration below re-adds sysfs
+        self._detached.discard(node)
         self._link_first(node.parent, node)
         self._finish_attach(node)
         self.put(node, "changeset")
@@ -579,15 +583,18 @@ class DeviceTree:
     def reachable(self) -> set[DeviceNode]:
         return set(self.walk())
 
-    def leak_report(self, known: set[DeviceNode] | None = None) -> list[LeakRecord]:
-        """Dynamic nodes still allocated but not in the tree (detached or never linked).
+    def dangling(self) -> list[DeviceNode]:
+        """Held, detached nodes whose uncounted ``parent`` pointer leads to a released node."""
+        return [n for n in self._detached
+                if n.refcount > 0 and n.parent is not None and n.parent.released]
 
-        ``known`` adds boot nodes to examine (a detached boot node kept alive by a holder
-        that is not ``creation`` is reported too).
-        """
+    def leak_report(self) -> list[LeakRecord]:
+        """Nodes still allocated but not in the tree: detached nodes someone still holds
+        and dynamic nodes never linked (e.g. configure-connector children a single-node
+        attach dropped)."""
         live = self.reachable()
         out: list[LeakRecord] = []
-        for node in list(self._dynamic_live) + sorted(known or (), key=id):
+        for node in sorted(self._dynamic_live | self._detached, key=lambda n: n.path()):
             if node in live or node.released:
                 continue
             state = "detached" if node.detached else (
@@ -727,3 +734,17 @@ class Changeset:
         for e in self.entries:
             self.tree.put(e.node, "changeset")
         self.entries.clear()
+
+
+Canonical = tuple[str, tuple[tuple[str, bytes], ...], tuple[object, ...]]
+
+
+def canonical(node: DeviceNode) -> Canonical:
+    """Order-insensitive structure (children sorted by name, properties by name).
+
+    The kernel links an attached node first among its siblings, so sibling order after
+    an update is not the firmware's; this is what "the tree equals the description" means.
+    """
+    props = tuple(sorted((p.name, p.value) for p in node._props.values()))
+    kids = tuple(sorted((canonical(c) for c in node.children()), key=lambda k: k[0]))
+    return (node.name, props, kids)
