@@ -709,3 +709,28 @@ def changed_paths(events: list[ReconfigEvent]) -> list[str]:
             name = p.name if p is not None else "?"
             out.append(f"{e.action.value} {e.path}:{name}")
     return out
+
+
+def run_post_migration_updates(guest_tree: DeviceTree, source_platform: DeviceTree,
+                               dest_platform: DeviceTree,
+                               options: MobilityOptions | str = "correct",
+                               clock: VirtualClock | None = None,
+                               *, firmware_kwargs: dict[str, object] | None = None,
+                               ) -> MobilityReport:
+    """Run the destination's update sequence against a resumed guest's tree.
+
+    ``guest_tree`` is mutated in place (it is the guest's live tree); the guest's vio bus
+    and cacheinfo are bound to it as a booted guest would have them.  Hazards of faulty
+    modes are reported, never raised.
+    """
+    from vmferry.clock import ManualClock
+    from vmferry.guest.drivers import VioBus
+    from vmferry.hw.spapr.rtas import RtasFirmware
+
+    opts = MODES[options] if isinstance(options, str) else options
+    fw = RtasFirmware(source_platform, dest_platform, **(firmware_kwargs or {}))  # type: ignore[arg-type]
+    if not any(h.startswith("vio:") for n in guest_tree.walk() for h in n.holders):
+        VioBus(guest_tree)  # a booted guest's vio devices hold their node references
+    handler = MobilityHandler(guest_tree, fw, clock or ManualClock(), opts,
+                              cacheinfo=CacheInfo(guest_tree))
+    return handler.post_mobility_fixup()

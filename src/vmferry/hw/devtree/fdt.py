@@ -19,6 +19,7 @@ byte-identically; a QEMU-produced blob round-trips structurally (:func:`structur
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import libfdt
@@ -148,3 +149,48 @@ def fdt_structure(blob: bytes) -> tuple[Structure, tuple[tuple[int, int], ...], 
     rsv = tuple((int(a), int(s)) for a, s in
                 (tuple(fdt.get_mem_rsv(i))[-2:] for i in range(fdt.num_mem_rsv())))
     return rec(0), rsv, fdt.boot_cpuid_phys()
+
+
+# --- persist contract: the guest's tree rides in the migration stream as a dtb -------------
+
+_STATE_MAGIC = b"VFDT"
+_STATE_VERSION = 1
+_STATE_HEADER = struct.Struct(">4sHI")
+
+
+class DevtreeStateError(FdtDecodeError):
+    """A device-tree component record is malformed."""
+
+
+@dataclass(frozen=True)
+class TreeState:
+    dtb: bytes
+
+
+def save_tree(tree: DeviceTree) -> TreeState:
+    return TreeState(dump_fdt(tree))
+
+
+def restore_tree(state: TreeState) -> DeviceTree:
+    return load_fdt(state.dtb)
+
+
+def encode_state(state: TreeState) -> bytes:
+    """``magic "VFDT" | u16 version | u32 length | dtb``."""
+    return _STATE_HEADER.pack(_STATE_MAGIC, _STATE_VERSION, len(state.dtb)) + state.dtb
+
+
+def decode_state(data: bytes) -> TreeState:
+    if len(data) < _STATE_HEADER.size:
+        raise DevtreeStateError("device-tree record shorter than its header", len(data))
+    magic, version, length = _STATE_HEADER.unpack_from(data)
+    if magic != _STATE_MAGIC:
+        raise DevtreeStateError(f"bad magic {magic!r}", 0)
+    if version != _STATE_VERSION:
+        raise DevtreeStateError(f"unsupported device-tree record version {version}", 4)
+    if len(data) != _STATE_HEADER.size + length:
+        raise DevtreeStateError(
+            f"record says {length} dtb bytes, has {len(data) - _STATE_HEADER.size}", 6)
+    blob = data[_STATE_HEADER.size:]
+    load_fdt(blob)  # validates
+    return TreeState(blob)

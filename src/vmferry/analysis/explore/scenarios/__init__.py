@@ -10,7 +10,7 @@ import importlib
 
 from vmferry.analysis.explore.api import Scenario
 
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("lpm_update",)
 
 
 def all_scenarios() -> dict[str, Scenario]:
