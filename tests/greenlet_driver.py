@@ -92,21 +92,6 @@ class Driver:
         return sorted(ready)[len(self.trace) % len(ready)]
 
 
-def all_schedules(build: Callable[[], Instance], names: Sequence[str], max_len: int,
-                  limit: int = 20_000) -> list[tuple[list[str], BaseException | None]]:
-    """Every prefix of length ``max_len`` over ``names`` (then round robin)."""
-    out: list[tuple[list[str], BaseException | None]] = []
-    stack: list[list[str]] = [[]]
-    while stack and len(out) < limit:
-        prefix = stack.pop()
-        if len(prefix) == max_len:
-            d = Driver(build(), prefix)
-            out.append((d.trace, d.run()))
-            continue
-        stack.extend(prefix + [n] for n in names)
-    return out
-
-
 def single_preemption_schedules(build: Callable[[], Instance], first: str, second: str,
                                 max_k: int = 400) -> list[tuple[list[str], BaseException | None]]:
     """Run ``first`` for k steps, then ``second`` to completion, then the rest; every k.

@@ -39,7 +39,7 @@ def test_no_pf_skip_has_a_use_after_free_schedule(case: str) -> None:
     results = _explore(case, "no_pf_skip")
     uafs = [(t, e) for t, e in results if isinstance(e, UseAfterFree)]
     assert uafs, "no schedule produced the use-after-free"
-    trace, err = uafs[0]
+    _trace, err = uafs[0]
     assert "ibm,platform-facilities" in str(err)
     # and some schedule (reader done before the update) does not hit it
     assert any(not isinstance(e, UseAfterFree) for _, e in results)
