@@ -44,10 +44,22 @@ class VioDev:
 class VioBus:
     """The vio bus: devices created at init for vdevice and platform-facilities children."""
 
-    def __init__(self, tree: DeviceTree) -> None:
+    def __init__(self, tree: DeviceTree, *, unbind_on_detach: bool = False) -> None:
+        """``unbind_on_detach`` (not upstream): release a device whose node is detached,
+        so a real removal cannot leave the bus holding a node whose parent is freed."""
         self.tree = tree
         self.devices: dict[str, VioDev] = {}
+        self.unbound: list[str] = []
         self.scan()
+        if unbind_on_detach:
+            tree.notifiers.append(self._on_reconfig)
+
+    def _on_reconfig(self, event: ReconfigEvent) -> None:
+        if event.action is not Reconfig.DETACH_NODE:
+            return
+        for name in [n for n, d in self.devices.items() if d.node.detached]:
+            self.release(name)
+            self.unbound.append(name)
 
     def scan(self) -> None:
         for parent_path, family in (("/vdevice", "vio"), (f"/{PLATFORM_FACILITIES}", "pfo")):
