@@ -285,25 +285,33 @@ def _node_update(new: DeviceNode, old: DeviceNode, ph: int) -> NodeUpdate:
 def _adds(dst: DeviceTree, s: dict[int, DeviceNode], replaced: set[int]) -> tuple[NodeAdd, ...]:
     out: list[NodeAdd] = []
     new_nodes: set[DeviceNode] = set()
-    next_drc = 0x20000000
+    tops: list[DeviceNode] = []
     for n in dst.walk():
         ph = phandle_of(n)
         if n.parent is None:
             continue
-        if n.parent in new_nodes:
+        if n.parent in new_nodes or not (ph and ph in s and ph not in replaced):
+            if n.parent not in new_nodes:
+                tops.append(n)
             new_nodes.add(n)
-            continue
-        if ph and ph in s and ph not in replaced:
-            continue
-        new_nodes.add(n)
-        drc_prop = n.value("ibm,my-drc-index", "firmware")
-        if drc_prop is not None and len(drc_prop) == 4:
-            drc = int.from_bytes(drc_prop, "big")
-        else:
+    used = {_drc_of(n) for n in tops} - {None}
+    next_drc = 0x20000000
+    for n in tops:
+        drc = _drc_of(n)
+        if drc is None:
             next_drc += 1
+            while next_drc in used:
+                next_drc += 1
             drc = next_drc
+        elif any(a.drc_index == drc for a in out):
+            raise ModelError(f"two added subtrees share drc-index {drc:#x}")
         out.append(NodeAdd(_parent_ph(n), drc, SubtreeSpec.of(n)))
     return tuple(out)
+
+
+def _drc_of(node: DeviceNode) -> int | None:
+    v = node.value("ibm,my-drc-index", "firmware")
+    return int.from_bytes(v, "big") if v is not None and len(v) == 4 else None
 
 
 # --- configure-connector response streams ------------------------------------------------------
