@@ -120,6 +120,7 @@ class DeviceNode:
 
     __slots__ = (
         "_child_names",
+        "_dups",
         "_last",
         "_name",
         "_prev",
@@ -151,6 +152,7 @@ class DeviceNode:
         self._prev: DeviceNode | None = None
         self._last: DeviceNode | None = None
         self._child_names: dict[str, DeviceNode] | None = None
+        self._dups = 0  # children whose name another child already indexes
         self.flags = NodeFlag.DYNAMIC if dynamic else NodeFlag.NONE
         self.phandle = 0
         # invariant: refcount == sum(holders.values()) unless saturated
@@ -362,7 +364,10 @@ class DeviceTree:
     def _index_child(self, parent: DeviceNode, node: DeviceNode) -> None:
         if parent._child_names is None:
             parent._child_names = {}
-        parent._child_names.setdefault(node.name, node)
+        if node.name in parent._child_names:
+            parent._dups += 1
+        else:
+            parent._child_names[node.name] = node
 
     def _link_last(self, parent: DeviceNode, node: DeviceNode) -> None:
         node.sibling = None
@@ -398,11 +403,17 @@ class DeviceTree:
         node.sibling = None
         node._prev = None
         names = parent._child_names
-        if names is not None and names.get(node.name) is node:
-            del names[node.name]
+        if names is None:
+            return
+        if names.get(node.name) is not node:
+            parent._dups -= node.name in names
+            return
+        del names[node.name]
+        if parent._dups:
             for other in parent.children():  # a same-named sibling takes the name over
                 if other.name == node.name:
                     names[node.name] = other
+                    parent._dups -= 1
                     break
 
     def _finish_attach(self, node: DeviceNode) -> None:
@@ -464,6 +475,7 @@ class DeviceTree:
             node.child = None
             node._last = None
             node._child_names = None
+            node._dups = 0
         self._link_first(parent, node)
         self._finish_attach(node)
         return ReconfigEvent(Reconfig.ATTACH_NODE, node.path())
