@@ -13,7 +13,9 @@ import click
 
 from vmferry.errors import VmferryError
 
-_COMMANDS: tuple[str, ...] = ()
+_COMMANDS: tuple[str, ...] = (
+    "demo", "host", "vm", "migrate", "job", "stream", "matrix", "explore",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,29 @@
+"""A VM as a composition of guest RAM, vCPUs, a workload and migratable components."""
+
+from vmferry.machine.handlers import (
+    Component,
+    ComponentData,
+    DeviceData,
+    DevicePhase,
+    MigrationHandler,
+)
+from vmferry.machine.ram import DirtyLog, GuestRam
+from vmferry.machine.vcpu import Vcpu, VcpuState
+from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
+
+__all__ = [
+    "VM",
+    "Component",
+    "ComponentData",
+    "DeviceData",
+    "DevicePhase",
+    "DirtyLog",
+    "GuestRam",
+    "HostContext",
+    "MigrationHandler",
+    "Vcpu",
+    "VcpuState",
+    "VmDefinition",
+    "create_vm",
+    "load_definition",
+]

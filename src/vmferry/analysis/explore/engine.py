@@ -1,0 +1,553 @@
+"""The interleaving explorer's engine: greenlet threads, one step at a time.
+
+Theory of operation
+-------------------
+A model thread is an ordinary callable.  It runs on its own greenlet; whenever it calls
+:func:`vmferry.sync.yield_point` the installed :class:`_Execution` hook records the access
+it announces (``label``, ``obj``, ``write``) and switches back to the scheduler.  A *step*
+is what a thread does from one switch to the next: the announced access and every line up
+to the next yield point, atomically.  ``wait_until`` with a false condition parks the
+thread as *blocked*; it is enabled again as soon as the condition holds.
+
+Execution is deterministic: given the same instance factory and the same sequence of
+thread choices, every run takes the same path.  That lets the explorer be *stateless*: to
+try another branch it rebuilds the instance and replays the prefix of choices.
+
+Exhaustive search is a depth-first walk over choice sequences with:
+
+* a **preemption bound** -- switching away from a thread that could have continued costs
+  one preemption; branches that would exceed the bound are not generated;
+* **sleep sets** (Godefroid) -- after exploring thread ``u`` at a node, ``u`` is put to
+  sleep in the siblings' subtrees for as long as only steps independent of ``u``'s step
+  run; a node whose enabled threads are all asleep is pruned.  Two steps are independent
+  when their footprints share no object that one of them writes.  A footprint is the
+  announced access plus every known :class:`~vmferry.sync.ModelLock` whose owner changed
+  during the step (a release happens before its ``unlock`` yield point).  Thread start
+  steps and resumptions from ``wait_until`` touch unknown state, so they are dependent
+  with everything;
+* optional **state hashing** -- when the instance provides ``state()``, a node whose
+  (shared state, per-thread control path, last thread) was already explored with no more
+  preemptions and no larger sleep set is pruned.
+
+Objects named in footprints are given canonical numbers in order of first announcement.
+A thread's pending access is announced before the node where it may be put to sleep, so
+the same logical object gets the same number in every execution sharing that prefix.
+
+Contract for model code: shared state is touched only *after* a yield point naming it
+(the code before a thread's first yield point counts as touching everything).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import greenlet
+
+from vmferry import sync
+from vmferry.analysis.explore.api import Instance
+from vmferry.errors import Deadlock, HazardError, NonTermination
+
+Step = tuple[str, str]
+"""One scheduling step as reported: (thread name, label of the access it started with)."""
+
+START_LABEL = "start"
+
+
+class _Abort(BaseException):
+    """Thrown into suspended threads when an execution is torn down."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one step touches: canonical object numbers read and written."""
+
+    reads: frozenset[int] = frozenset()
+    writes: frozenset[int] = frozenset()
+    #: dependent with every other step (thread start, resumption from a wait)
+    everything: bool = False
+
+    def dependent(self, other: Footprint) -> bool:
+        if self.everything or other.everything:
+            return True
+        if self.writes & (other.writes | other.reads):
+            return True
+        return bool(other.writes & self.reads)
+
+
+EVERYTHING = Footprint(everything=True)
+
+
+class ThreadStatus(Enum):
+    READY = "ready"  # paused at a yield point (or not started)
+    BLOCKED = "blocked"  # waiting for a condition
+    DONE = "done"
+
+
+@dataclass
+class _Thread:
+    name: str
+    glet: Any
+    status: ThreadStatus = ThreadStatus.READY
+    label: str = START_LABEL
+    footprint: Footprint = EVERYTHING
+    ready: Callable[[], bool] | None = None
+    #: hash chain of the labels this thread has executed: its control path
+    pc: int = 0
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one execution ended."""
+
+    schedule: tuple[Step, ...]
+    error: BaseException | None = None
+    #: thread in which ``error`` was raised, or None (invariant, check, deadlock, budget)
+    thread: str | None = None
+
+
+def classify(exc: BaseException) -> str:
+    """The hazard name reported for an exception raised by model code or checks."""
+    if isinstance(exc, HazardError):
+        return exc.hazard
+    if isinstance(exc, AssertionError):
+        return "assertion"
+    return "exception"
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Execution:
+    """One run of an instance under explorer control; the installed SchedulerHook."""
+
+    def __init__(self, instance: Instance, max_steps: int) -> None:
+        names = list(instance.threads)
+        if not names:
+            raise ValueError("an instance needs at least one thread")
+        for name in names:
+            if not name or any(c.isspace() for c in name) or name == sync.MAIN_THREAD:
+                raise ValueError(f"bad thread name {name!r}")
+        self.instance = instance
+        self.max_steps = max_steps
+        self.scheduler = greenlet.getcurrent()
+        self.threads: dict[str, _Thread] = {}
+        self.by_glet: dict[Any, _Thread] = {}
+        self.canon: dict[Hashable, int] = {}
+        self.locks: list[sync.ModelLock] = []
+        self.schedule: list[Step] = []
+        self.aborting = False
+        self.last: str | None = None
+        for name, fn in instance.threads.items():
+            thread = _Thread(name, greenlet.greenlet(self._body(fn), parent=self.scheduler))
+            self.threads[name] = thread
+            self.by_glet[thread.glet] = thread
+
+    # --- SchedulerHook ------------------------------------------------------------------
+
+    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
+        thread = self.by_glet.get(greenlet.getcurrent())
+        if thread is None:
+            return  # called from the scheduler side (invariant, check): not a step
+        if self.aborting:
+            raise _Abort
+        thread.label = label
+        thread.footprint = self._announce(obj, write)
+        self.scheduler.switch()
+        if self.aborting:
+            raise _Abort
+
+    def wait(self, label: str, ready: Callable[[], bool]) -> None:
+        thread = self.by_glet.get(greenlet.getcurrent())
+        if thread is None:
+            if not ready():
+                raise Deadlock(f"{label}: would block forever outside a model thread")
+            return
+        while not ready():
+            if self.aborting:
+                raise _Abort
+            thread.status = ThreadStatus.BLOCKED
+            thread.label = f"resume {label}"
+            thread.footprint = EVERYTHING
+            thread.ready = ready
+            self.scheduler.switch()
+            if self.aborting:
+                raise _Abort
+
+    def current_thread(self) -> str:
+        thread = self.by_glet.get(greenlet.getcurrent())
+        return thread.name if thread is not None else sync.MAIN_THREAD
+
+    # --- driving ------------------------------------------------------------------------
+
+    def enabled(self) -> list[str]:
+        out = []
+        for thread in self.threads.values():
+            if thread.status is ThreadStatus.READY:
+                out.append(thread.name)
+            elif thread.status is ThreadStatus.BLOCKED:
+                assert thread.ready is not None
+                if thread.ready():
+                    out.append(thread.name)
+        return out
+
+    def finished(self) -> bool:
+        return all(t.status is ThreadStatus.DONE for t in self.threads.values())
+
+    def blocked(self) -> list[str]:
+        return [t.name for t in self.threads.values() if t.status is ThreadStatus.BLOCKED]
+
+    def step(self, name: str) -> tuple[Footprint, BaseException | None]:
+        """Run thread ``name`` for one step; returns its footprint and any error it raised."""
+        thread = self.threads[name]
+        fp = thread.footprint
+        self.schedule.append((name, thread.label))
+        thread.pc = hash((thread.pc, thread.label))
+        owners = [lock.owner for lock in self.locks]
+        if thread.status is ThreadStatus.BLOCKED:
+            thread.status = ThreadStatus.READY
+            thread.ready = None
+        self.last = name
+        with sync.scheduled(self):
+            thread.glet.switch()
+        changed = [i for i, lock in enumerate(self.locks[: len(owners)]) if lock.owner != owners[i]]
+        if changed and not fp.everything:
+            nums = frozenset(self.canon[self.locks[i]] for i in changed)
+            fp = Footprint(fp.reads, fp.writes | nums)
+        return fp, thread.error
+
+    def state_key(self) -> Hashable | None:
+        if self.instance.state is None:
+            return None
+        threads = tuple((t.name, t.pc, t.status.value) for t in self.threads.values())
+        return (self.instance.state(), threads, self.last)
+
+    def teardown(self) -> None:
+        """Unwind every suspended thread so no greenlet outlives the execution."""
+        self.aborting = True
+        with sync.scheduled(self):
+            for thread in self.threads.values():
+                if thread.status is not ThreadStatus.DONE and thread.glet:
+                    thread.glet.throw(_Abort)
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _body(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            thread = self.by_glet[greenlet.getcurrent()]
+            try:
+                fn()
+            except _Abort:
+                pass
+            except Exception as exc:  # reported as a failure of this schedule
+                thread.error = exc
+            finally:
+                thread.status = ThreadStatus.DONE
+                thread.label = "done"
+
+        return run
+
+    def _announce(self, obj: Hashable | None, write: bool) -> Footprint:
+        if obj is None:
+            return EVERYTHING
+        num = self.canon.get(obj)
+        if num is None:
+            num = self.canon[obj] = len(self.canon)
+            if isinstance(obj, sync.ModelLock):
+                self.locks.append(obj)
+        one = frozenset((num,))
+        return Footprint(writes=one) if write else Footprint(reads=one)
+
+
+def _checked(execution: _Execution, fn: Callable[[], None]) -> BaseException | None:
+    try:
+        with sync.scheduled(execution):
+            fn()
+    except Exception as exc:
+        return exc
+    return None
+
+
+# --- one run along a chooser ------------------------------------------------------------
+
+
+class Chooser(Protocol):
+    """Decides the schedule of one execution."""
+
+    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+        """The thread to run at ``depth`` (one of ``enabled``), or None to cut the run."""
+
+    def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
+        """Thread ``name`` ran step ``depth``; ``footprint`` is what it touched."""
+
+
+def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) -> Outcome | None:
+    """Run one execution, asking ``chooser`` at every step.  None if the chooser cut it."""
+    execution = _Execution(factory(), max_steps)
+    try:
+        return _drive(execution, chooser)
+    finally:
+        execution.teardown()
+
+
+def _drive(execution: _Execution, chooser: Chooser) -> Outcome | None:
+    depth = 0
+    while True:
+        enabled = execution.enabled()
+        if not enabled:
+            return _end(execution)
+        if depth >= execution.max_steps:
+            budget = NonTermination(
+                f"no end after {depth} steps (step budget {execution.max_steps})"
+            )
+            return Outcome(tuple(execution.schedule), budget)
+        name = chooser.choose(execution, depth, enabled)
+        if name is None:
+            return None
+        footprint, error = execution.step(name)
+        chooser.stepped(depth, name, footprint)
+        depth += 1
+        if error is not None:
+            return Outcome(tuple(execution.schedule), error, name)
+        bad = _checked(execution, execution.instance.invariant)
+        if bad is not None:
+            return Outcome(tuple(execution.schedule), bad)
+
+
+def _end(execution: _Execution) -> Outcome:
+    schedule = tuple(execution.schedule)
+    if not execution.finished():
+        stuck = ", ".join(
+            f"{t.name} at {t.label!r}" for t in execution.threads.values()
+            if t.status is ThreadStatus.BLOCKED
+        )
+        return Outcome(schedule, Deadlock(f"every live thread is blocked: {stuck}"))
+    return Outcome(schedule, _checked(execution, execution.instance.check))
+
+
+# --- search -----------------------------------------------------------------------------
+
+
+@dataclass
+class SearchLimits:
+    preemption_bound: int | None = None
+    max_depth: int | None = None
+    max_schedules: int | None = None
+    max_steps: int = 10_000
+    por: bool = True
+    state_hashing: bool = True
+    #: stop at the first failing schedule
+    stop_on_failure: bool = False
+
+
+@dataclass
+class SearchStats:
+    schedules: int = 0
+    pruned: int = 0
+    complete: bool = True
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def record(self, outcome: Outcome | None) -> bool:
+        """Count one run; True when it failed."""
+        if outcome is None:
+            self.pruned += 1
+            return False
+        self.schedules += 1
+        if outcome.error is None:
+            return False
+        self.outcomes.append(outcome)
+        return True
+
+
+@dataclass
+class _Node:
+    """A point in the choice tree: the state reached after ``depth`` steps."""
+
+    sleep: dict[str, Footprint]
+    todo: list[str]
+    preemptions: int
+    #: thread that ran the step leading here, and whether it could continue
+    last: str | None
+    last_enabled: bool
+    chosen: str = ""
+    #: footprint of every choice explored here so far (the chosen one included)
+    explored: dict[str, Footprint] = field(default_factory=dict)
+
+    def cost(self, name: str) -> int:
+        """Preemptions spent by running ``name`` here."""
+        return 1 if self.last_enabled and name != self.last else 0
+
+
+class _Dfs:
+    """Stateless depth-first search with preemption bounding, sleep sets, state hashing."""
+
+    def __init__(self, factory: Callable[[], Instance], limits: SearchLimits) -> None:
+        self.factory = factory
+        self.limits = limits
+        self.stack: list[_Node] = []
+        self.seen: dict[Hashable, list[tuple[int, frozenset[str]]]] = {}
+        self.stats = SearchStats()
+
+    def run(self) -> SearchStats:
+        while True:
+            cap = self.limits.max_schedules
+            if cap is not None and self.stats.schedules >= cap:
+                self.stats.complete = False
+                break
+            outcome = run_once(self.factory, self.limits.max_steps, self)
+            if self.stats.record(outcome) and self.limits.stop_on_failure:
+                self.stats.complete = False
+                break
+            if not self._backtrack():
+                break
+        return self.stats
+
+    def _backtrack(self) -> bool:
+        while self.stack:
+            node = self.stack[-1]
+            if node.todo:
+                node.chosen = node.todo.pop(0)
+                return True
+            self.stack.pop()
+        return False
+
+    # --- Chooser ------------------------------------------------------------------------
+
+    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+        if depth < len(self.stack):
+            return self.stack[depth].chosen
+        if self.limits.max_depth is not None and depth >= self.limits.max_depth:
+            return None
+        node = self._new_node(execution, depth, enabled)
+        if node is None:
+            return None
+        self.stack.append(node)
+        return node.chosen
+
+    def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
+        self.stack[depth].explored[name] = footprint
+
+    # --- nodes --------------------------------------------------------------------------
+
+    def _new_node(self, execution: _Execution, depth: int, enabled: list[str]) -> _Node | None:
+        sleep = self._inherited_sleep(depth) if self.limits.por else {}
+        preemptions = self._preemptions_at(depth)
+        if not self._fresh_state(execution, preemptions, sleep):
+            return None
+        last = execution.last
+        node = _Node(sleep, [], preemptions, last, last in enabled)
+        todo = self._order(node, enabled)
+        if not todo:
+            return None
+        node.chosen, node.todo = todo[0], todo[1:]
+        return node
+
+    def _inherited_sleep(self, depth: int) -> dict[str, Footprint]:
+        if depth == 0:
+            return {}
+        parent = self.stack[depth - 1]
+        taken = parent.explored[parent.chosen]
+        out: dict[str, Footprint] = {}
+        for name, fp in {**parent.sleep, **parent.explored}.items():
+            if name != parent.chosen and not fp.dependent(taken):
+                out[name] = fp
+        return out
+
+    def _preemptions_at(self, depth: int) -> int:
+        if depth == 0:
+            return 0
+        parent = self.stack[depth - 1]
+        return parent.preemptions + parent.cost(parent.chosen)
+
+    def _fresh_state(
+        self, execution: _Execution, preemptions: int, sleep: Mapping[str, Footprint]
+    ) -> bool:
+        if not self.limits.state_hashing:
+            return True
+        key = execution.state_key()
+        if key is None:
+            return True
+        asleep = frozenset(sleep)
+        visits = self.seen.setdefault(key, [])
+        if any(pre <= preemptions and slept <= asleep for pre, slept in visits):
+            return False
+        visits.append((preemptions, asleep))
+        return True
+
+    def _order(self, node: _Node, enabled: list[str]) -> list[str]:
+        awake = [n for n in enabled if n not in node.sleep]
+        bound = self.limits.preemption_bound
+        ordered = [n for n in awake if n == node.last] + [n for n in awake if n != node.last]
+        if bound is None:
+            return ordered
+        return [n for n in ordered if node.preemptions + node.cost(n) <= bound]
+
+
+class _RandomWalk:
+    """Seeded uniform choice among enabled threads."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+        return self.rng.choice(enabled)
+
+    def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
+        return None
+
+
+class _Fixed:
+    """Follows a recorded schedule; raises ScheduleMismatch when the run diverges."""
+
+    def __init__(self, steps: Sequence[Step]) -> None:
+        self.steps = list(steps)
+
+    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+        if depth >= len(self.steps):
+            raise ScheduleMismatch(f"the run goes on after the {len(self.steps)} recorded steps")
+        name, label = self.steps[depth]
+        thread = execution.threads.get(name)
+        if thread is None or name not in enabled:
+            raise ScheduleMismatch(f"step {depth + 1}: thread {name!r} cannot run here")
+        if thread.label != label:
+            raise ScheduleMismatch(
+                f"step {depth + 1}: {name} is at {thread.label!r}, the script says {label!r}"
+            )
+        return name
+
+    def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
+        return None
+
+
+class ScheduleMismatch(ValueError):
+    """A recorded schedule does not fit the program it is replayed against."""
+
+
+def search(factory: Callable[[], Instance], limits: SearchLimits) -> SearchStats:
+    """Exhaustive bounded search (see the module docstring)."""
+    return _Dfs(factory, limits).run()
+
+
+def random_walks(
+    factory: Callable[[], Instance], limits: SearchLimits, seed: int, runs: int
+) -> SearchStats:
+    """``runs`` executions with seeded random choices (seed ``seed``, ``seed+1``, ...)."""
+    stats = SearchStats(complete=False)
+    for i in range(runs):
+        walker = _RandomWalk(random.Random(seed + i))
+        if stats.record(run_once(factory, limits.max_steps, walker)) and limits.stop_on_failure:
+            break
+    return stats
+
+
+def run_schedule(factory: Callable[[], Instance], steps: Sequence[Step], max_steps: int) -> Outcome:
+    """Re-run one recorded schedule exactly."""
+    outcome = run_once(factory, max_steps, _Fixed(steps))
+    assert outcome is not None  # _Fixed never cuts a run
+    return outcome

@@ -1,0 +1,257 @@
+"""Entry points: explore an instance factory, run a scenario, replay a saved schedule."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.engine import (
+    Outcome,
+    SearchLimits,
+    SearchStats,
+    classify,
+    describe,
+    random_walks,
+    run_schedule,
+    search,
+)
+from vmferry.analysis.explore.report import (
+    AD_HOC,
+    Failure,
+    ReplayScriptError,
+    Report,
+    read_script,
+    save_failure,
+)
+from vmferry.errors import ConfigError
+
+STRATEGIES = ("exhaustive", "random")
+DEFAULT_RANDOM_RUNS = 1000
+DEFAULT_FAILURES_DIR = Path("explore-failures")
+#: distinct failures kept per case (all failing schedules are still counted)
+MAX_FAILURES_PER_CASE = 20
+
+
+class _Default:
+    """Sentinel: use the default failures directory."""
+
+
+DEFAULT = _Default()
+
+
+def default_failures_dir() -> Path:
+    """``$VMFERRY_EXPLORE_FAILURES`` or ./explore-failures/."""
+    env = os.environ.get("VMFERRY_EXPLORE_FAILURES")
+    return Path(env) if env else DEFAULT_FAILURES_DIR
+
+
+def explore(
+    instance_factory: Callable[[], Instance],
+    *,
+    name: str = AD_HOC,
+    strategy: str = "exhaustive",
+    preemption_bound: int | None = None,
+    max_depth: int | None = None,
+    seed: int = 0,
+    max_schedules: int | None = None,
+    max_steps: int = 10_000,
+    por: bool = True,
+    state_hashing: bool = True,
+    stop_on_failure: bool = False,
+    failures_dir: Path | str | _Default | None = None,
+) -> Report:
+    """Explore the interleavings of ad-hoc threads built by ``instance_factory``.
+
+    ``strategy`` is ``"exhaustive"`` (bounded DFS with sleep sets and state hashing) or
+    ``"random"`` (``max_schedules`` seeded random walks, default 1000).  Raises
+    ConfigError for an unknown strategy or a negative bound.
+    """
+    limits = _limits(strategy, preemption_bound, max_depth, max_schedules, max_steps)
+    limits.por, limits.state_hashing, limits.stop_on_failure = por, state_hashing, stop_on_failure
+    report = Report(name, AD_HOC, strategy, preemption_bound=preemption_bound, seed=seed)
+    report.cases.append(name)
+    _explore_case(report, name, instance_factory, limits, seed)
+    _save(report, failures_dir)
+    return report
+
+
+def run_scenario(
+    scenario: Scenario,
+    mode: str | None = None,
+    case: str | None = None,
+    strategy: str = "exhaustive",
+    preemption_bound: int | None = None,
+    seed: int = 0,
+    max_schedules: int | None = None,
+    *,
+    failures_dir: Path | str | _Default | None = DEFAULT,
+    stop_on_failure: bool = False,
+) -> Report:
+    """Explore every case of ``scenario`` (or only ``case``) in ``mode``.
+
+    ``mode`` defaults to the scenario's default (correct) mode, ``preemption_bound`` to the
+    scenario's.  Failing schedules are saved as replay scripts in ``failures_dir``
+    (default: :func:`default_failures_dir`; None: do not save).  Raises ConfigError for an
+    unknown mode, case or strategy.
+    """
+    mode = scenario.default_mode if mode is None else mode
+    if mode not in scenario.modes:
+        raise ConfigError(f"scenario {scenario.name}: unknown mode {mode!r}")
+    bound = scenario.preemption_bound if preemption_bound is None else preemption_bound
+    limits = _limits(strategy, bound, None, max_schedules, scenario.max_steps)
+    limits.stop_on_failure = stop_on_failure
+    report = Report(scenario.name, mode, strategy, preemption_bound=bound, seed=seed)
+    for chosen in _cases(scenario, case):
+        report.cases.append(chosen.name)
+        _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed)
+        for i, failure in enumerate(report.failures):
+            if failure.scenario == AD_HOC:
+                report.failures[i] = _relabel(failure, scenario.name, mode)
+    _save(report, failures_dir)
+    return report
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """The outcome of re-running a saved schedule."""
+
+    scenario: str
+    mode: str
+    case: str
+    expected_hazard: str
+    #: the failure the replay produced, or None if the schedule ran clean
+    failure: Failure | None
+
+    @property
+    def reproduced(self) -> bool:
+        return self.failure is not None and self.failure.hazard == self.expected_hazard
+
+
+def replay(
+    script_or_path: str | Path,
+    instance_factory: Callable[[], Instance] | None = None,
+    *,
+    max_steps: int | None = None,
+) -> ReplayResult:
+    """Re-run a saved schedule deterministically.
+
+    Scenario scripts are resolved through the scenario registry; scripts of ad-hoc programs
+    (scenario ``-``) need ``instance_factory``.  Raises ReplayScriptError for a malformed
+    script, ConfigError for an unknown scenario/mode/case, and ScheduleMismatch when the
+    schedule does not fit the program any more.
+    """
+    parsed = read_script(script_or_path)
+    factory, budget = _resolve(parsed.scenario, parsed.mode, parsed.case, instance_factory)
+    steps = max_steps if max_steps is not None else budget
+    outcome = run_schedule(factory, parsed.schedule, steps)
+    failure = None
+    if outcome.error is not None:
+        failure = _relabel(_failure(parsed.case, outcome), parsed.scenario, parsed.mode)
+    return ReplayResult(parsed.scenario, parsed.mode, parsed.case, parsed.hazard, failure)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _limits(
+    strategy: str, bound: int | None, depth: int | None, cap: int | None, steps: int
+) -> SearchLimits:
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    for label, value in (("preemption bound", bound), ("depth", depth), ("max_schedules", cap)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{label} must be >= 0, got {value}")
+    return SearchLimits(bound, depth, cap, steps)
+
+
+def _cases(scenario: Scenario, case: str | None) -> tuple[Case, ...]:
+    if case is None:
+        return scenario.cases
+    found = tuple(c for c in scenario.cases if c.name == case)
+    if not found:
+        names = ", ".join(c.name for c in scenario.cases)
+        raise ConfigError(f"scenario {scenario.name}: unknown case {case!r} (cases: {names})")
+    return found
+
+
+def _factory(case: Case, mode: str) -> Callable[[], Instance]:
+    return lambda: case.build(mode)
+
+
+def _explore_case(
+    report: Report, case: str, factory: Callable[[], Instance], limits: SearchLimits, seed: int
+) -> None:
+    started = time.perf_counter()
+    if report.strategy == "random":
+        runs = limits.max_schedules if limits.max_schedules is not None else DEFAULT_RANDOM_RUNS
+        stats: SearchStats = random_walks(factory, limits, seed, runs)
+    else:
+        stats = search(factory, limits)
+    report.elapsed_s += time.perf_counter() - started
+    report.schedules_explored += stats.schedules
+    report.pruned += stats.pruned
+    report.complete = report.complete and stats.complete
+    report.failing_schedules += len(stats.outcomes)
+    _collect(report, case, stats.outcomes)
+
+
+def _collect(report: Report, case: str, outcomes: list[Outcome]) -> None:
+    best: dict[tuple[str, str, str], Failure] = {}
+    for outcome in outcomes:
+        failure = _failure(case, outcome)
+        kept = best.get(failure.key())
+        if kept is None and len(best) >= MAX_FAILURES_PER_CASE:
+            continue
+        if kept is None or len(failure.schedule) < len(kept.schedule):
+            best[failure.key()] = failure
+    report.failures.extend(best.values())
+
+
+def _failure(case: str, outcome: Outcome) -> Failure:
+    assert outcome.error is not None
+    return Failure(
+        case, classify(outcome.error), describe(outcome.error), outcome.schedule,
+        thread=outcome.thread,
+    )
+
+
+def _relabel(failure: Failure, scenario: str, mode: str) -> Failure:
+    return Failure(
+        failure.case, failure.hazard, failure.message, failure.schedule,
+        scenario=scenario, mode=mode, thread=failure.thread, path=failure.path,
+    )
+
+
+def _save(report: Report, failures_dir: Path | str | _Default | None) -> None:
+    if failures_dir is None or not report.failures:
+        return
+    directory = default_failures_dir() if isinstance(failures_dir, _Default) else Path(failures_dir)
+    for i, failure in enumerate(report.failures):
+        path = save_failure(failure, directory)
+        report.failures[i] = Failure(
+            failure.case, failure.hazard, failure.message, failure.schedule,
+            scenario=failure.scenario, mode=failure.mode, thread=failure.thread, path=str(path),
+        )
+
+
+def _resolve(
+    scenario_name: str, mode: str, case: str,
+    instance_factory: Callable[[], Instance] | None,
+) -> tuple[Callable[[], Instance], int]:
+    if instance_factory is not None:
+        return instance_factory, 10_000
+    if scenario_name == AD_HOC:
+        raise ReplayScriptError("an ad-hoc script needs the instance factory it was made from")
+    from vmferry.analysis.explore.scenarios import all_scenarios
+
+    scenario = all_scenarios().get(scenario_name)
+    if scenario is None:
+        raise ConfigError(f"unknown scenario {scenario_name!r}")
+    if mode not in scenario.modes:
+        raise ConfigError(f"scenario {scenario_name}: unknown mode {mode!r}")
+    (chosen,) = _cases(scenario, case)
+    return _factory(chosen, mode), scenario.max_steps

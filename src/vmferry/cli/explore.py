@@ -1,0 +1,156 @@
+"""``vmferry explore``: run race scenarios under the interleaving explorer, replay failures.
+
+Formatting only: the exploring is :func:`vmferry.analysis.explore.run_scenario`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from vmferry.analysis.explore import (
+    STRATEGIES,
+    ReplayScriptError,
+    Report,
+    ScheduleMismatch,
+    replay,
+    run_scenario,
+)
+from vmferry.analysis.explore.api import Scenario
+from vmferry.analysis.explore.runner import DEFAULT
+from vmferry.analysis.explore.scenarios import all_scenarios
+from vmferry.errors import ConfigError
+
+
+@click.group("explore")
+def command() -> None:
+    """Explore thread interleavings of the concurrent models."""
+
+
+@command.command("races")
+@click.option("--scenario", "scenario_name", help="Scenario to explore (see --list).")
+@click.option("--mode", default=None, help="Model mode (default: the scenario's correct one).")
+@click.option("--case", "case_name", default=None, help="Only this case of the scenario.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="exhaustive", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random-walk seed.")
+@click.option("--preemption-bound", type=click.IntRange(min=0), default=None,
+              help="Preemption bound (default: the scenario's).")
+@click.option("--max-schedules", type=click.IntRange(min=1), default=None,
+              help="Stop after this many schedules (random: number of walks).")
+@click.option("--failures-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where failing schedules are saved (default ./explore-failures).")
+@click.option("--list", "list_only", is_flag=True, help="List scenarios, cases and modes.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def races(
+    scenario_name: str | None, mode: str | None, case_name: str | None, strategy: str,
+    seed: int, preemption_bound: int | None, max_schedules: int | None,
+    failures_dir: Path | None, list_only: bool, as_json: bool,
+) -> None:
+    """Explore a scenario; exit 1 when a failing schedule was found."""
+    scenarios = all_scenarios()
+    if list_only:
+        _list(scenarios, as_json)
+        return
+    if scenario_name is None:
+        raise click.UsageError("--scenario is required (or use --list)")
+    scenario = scenarios.get(scenario_name)
+    if scenario is None:
+        raise click.BadParameter(
+            f"unknown scenario {scenario_name!r} (known: {', '.join(sorted(scenarios))})",
+            param_hint="--scenario",
+        )
+    try:
+        report = run_scenario(
+            scenario, mode=mode, case=case_name, strategy=strategy,
+            preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
+            failures_dir=DEFAULT if failures_dir is None else failures_dir,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        _show(report)
+    sys.exit(1 if report.failures else 0)
+
+
+@command.command("replay")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def replay_cmd(file: Path, as_json: bool) -> None:
+    """Re-run a saved failing schedule; exit 1 when it reproduces the failure."""
+    try:
+        result = replay(file)
+    except (ReplayScriptError, ScheduleMismatch, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    failure = result.failure
+    if as_json:
+        click.echo(json.dumps({
+            "scenario": result.scenario, "mode": result.mode, "case": result.case,
+            "expected_hazard": result.expected_hazard, "reproduced": result.reproduced,
+            "failure": failure.to_json() if failure is not None else None,
+        }))
+    else:
+        console = Console()
+        where = f"{result.scenario} / {result.mode} / {result.case}"
+        if failure is None:
+            console.print(f"[green]{where}: the schedule ran clean[/green]")
+        else:
+            verdict = "reproduced" if result.reproduced else "different failure"
+            console.print(f"[red]{where}: {verdict}: {failure.hazard}[/red]")
+            console.print(failure.message, markup=False)
+            console.print(f"{len(failure.schedule)} steps", markup=False)
+    sys.exit(1 if failure is not None else 0)
+
+
+def _list(scenarios: Mapping[str, Scenario], as_json: bool) -> None:
+    items = list(scenarios.values())
+    if as_json:
+        click.echo(json.dumps({"scenarios": [
+            {"name": s.name, "description": s.description, "default_mode": s.default_mode,
+             "modes": list(s.modes), "cases": [c.name for c in s.cases]}
+            for s in items
+        ]}))
+        return
+    console = Console()
+    for s in items:
+        table = Table(title=f"{s.name}: {s.description}", title_justify="left")
+        table.add_column("mode")
+        table.add_column("description")
+        for mode in s.modes:
+            label = f"{mode} (default)" if mode == s.default_mode else mode
+            table.add_row(label, s.mode_help.get(mode, ""))
+        console.print(table)
+        console.print("cases: " + ", ".join(c.name for c in s.cases), markup=False)
+
+
+def _show(report: Report) -> None:
+    console = Console()
+    status = "[red]FAIL[/red]" if report.failures else "[green]ok[/green]"
+    console.print(
+        f"{status} {report.scenario} mode={report.mode} strategy={report.strategy} "
+        f"schedules={report.schedules_explored} pruned={report.pruned} "
+        f"failing={report.failing_schedules} complete={report.complete} "
+        f"time={report.elapsed_s:.2f}s"
+    )
+    for failure in report.failures:
+        console.print(f"\n[bold]{failure.case}[/bold]: {failure.hazard}")
+        console.print(failure.message, markup=False)
+        if failure.path:
+            console.print(f"saved: {failure.path}  (vmferry explore replay FILE)", markup=False)
+        console.print(failure.script(), markup=False)
+
+
+def _add_fsm() -> None:
+    from vmferry.cli.explore_fsm import fsm_command
+
+    command.add_command(fsm_command)
+
+
+_add_fsm()

@@ -1,0 +1,51 @@
+"""``vmferry host serve``: run one host daemon in the foreground."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vmferry.errors import ConfigError
+from vmferry.host.daemon import run_daemon
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"address {text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@click.group("host")
+def command() -> None:
+    """Run a host daemon."""
+
+
+@command.command("serve")
+@click.option("--name", required=True, help="host name")
+@click.option(
+    "--listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="control API address (HOST:PORT; port 0 picks one)",
+)
+@click.option(
+    "--migration-listen",
+    default=None,
+    help="migration listener address (default: the control host, any port)",
+)
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="directory for the SQLite store, logs and ready.json",
+)
+def serve(name: str, listen: str, migration_listen: str | None, state_dir: Path) -> None:
+    """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
+    run_daemon(
+        name,
+        state_dir,
+        parse_address(listen),
+        parse_address(migration_listen) if migration_listen else None,
+    )

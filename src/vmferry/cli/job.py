@@ -1,0 +1,5 @@
+"""``vmferry job``."""
+
+from vmferry.cli.jobs import command
+
+__all__ = ["command"]

@@ -1,0 +1,129 @@
+"""``vmferry vm``: create, list, show, start, pause, destroy VMs on a host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from vmferry.cli.common import HOST_OPTION, JSON_OPTION, client, console, emit_json, human_bytes
+from vmferry.machine.vm import load_definition
+
+
+@click.group("vm")
+def command() -> None:
+    """Manage VMs on a host."""
+
+
+def _show(vm: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json(vm)
+        return
+    d = vm["definition"]
+    console.print(
+        f"[bold]{vm['name']}[/]  {vm['runstate']}  arch={d['arch']}  "
+        f"memory={d['memory_mib']} MiB  vcpus={d['vcpus']}"
+    )
+    if "digests" in vm:
+        digests = vm["digests"]
+        console.print(f"  ram digest  {digests['ram']}\n  vcpu digest {digests['vcpu']}")
+
+
+@command.command("create")
+@HOST_OPTION
+@click.argument("definition", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--start/--no-start", default=True, show_default=True)
+@JSON_OPTION
+def create(host_url: str, definition: Path, start: bool, as_json: bool) -> None:
+    """Create a VM from a TOML definition file."""
+    parsed = load_definition(definition)
+    vm = client(host_url).post("/v1/vms", {"definition": parsed.to_dict(), "start": start})
+    _show(vm, as_json)
+
+
+@command.command("list")
+@HOST_OPTION
+@JSON_OPTION
+def list_(host_url: str, as_json: bool) -> None:
+    """List the host's VMs."""
+    vms = client(host_url).get("/v1/vms")
+    if as_json:
+        emit_json(vms)
+        return
+    table = Table("name", "state", "arch", "memory", "vcpus")
+    for vm in vms:
+        d = vm["definition"]
+        table.add_row(
+            vm["name"],
+            vm["runstate"],
+            d["arch"],
+            human_bytes(d["memory_mib"] * 1024 * 1024),
+            str(d["vcpus"]),
+        )
+    console.print(table)
+
+
+@command.command("show")
+@HOST_OPTION
+@click.argument("name")
+@click.option("--digest", is_flag=True, help="also compute RAM and vCPU digests")
+@JSON_OPTION
+def show(host_url: str, name: str, digest: bool, as_json: bool) -> None:
+    """Show one VM."""
+    _show(client(host_url).get(f"/v1/vms/{name}" + ("?digest=1" if digest else "")), as_json)
+
+
+@command.command("start")
+@HOST_OPTION
+@click.argument("name")
+@JSON_OPTION
+def start(host_url: str, name: str, as_json: bool) -> None:
+    """Run a paused VM."""
+    _show(client(host_url).post(f"/v1/vms/{name}/start"), as_json)
+
+
+@command.command("pause")
+@HOST_OPTION
+@click.argument("name")
+@JSON_OPTION
+def pause(host_url: str, name: str, as_json: bool) -> None:
+    """Pause a VM's vCPUs."""
+    _show(client(host_url).post(f"/v1/vms/{name}/pause"), as_json)
+
+
+@command.command("destroy")
+@HOST_OPTION
+@click.argument("name")
+@JSON_OPTION
+def destroy(host_url: str, name: str, as_json: bool) -> None:
+    """Destroy a VM and free its memory."""
+    out = client(host_url).delete(f"/v1/vms/{name}")
+    emit_json(out) if as_json else console.print(f"destroyed {name}")
+
+
+@command.command("save")
+@HOST_OPTION
+@click.argument("name")
+@click.argument("file")
+@JSON_OPTION
+def save(host_url: str, name: str, file: str, as_json: bool) -> None:
+    """Save a VM to FILE (a path on the host) as a vmferry stream; it keeps running."""
+    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": str(Path(file).resolve())})
+    if as_json:
+        emit_json(out)
+    else:
+        console.print(f"saved {name} to {out['path']} ({human_bytes(out['bytes'])})")
+
+
+@command.command("restore")
+@HOST_OPTION
+@click.argument("file")
+@click.option("--start/--paused", default=True, show_default=True)
+@JSON_OPTION
+def restore(host_url: str, file: str, start: bool, as_json: bool) -> None:
+    """Restore a VM from a stream FILE (a path on the host)."""
+    out = client(host_url).post("/v1/restore", {"path": str(Path(file).resolve()),
+                                                "start": start})
+    emit_json(out) if as_json else console.print(f"restored {out['vm']} ({out['runstate']})")

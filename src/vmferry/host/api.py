@@ -1,0 +1,223 @@
+"""The control API: HTTP + JSON, described by an OpenAPI document at /v1/openapi.json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from vmferry import __version__
+from vmferry.errors import ApiError, VmferryError
+from vmferry.host.daemon import HostDaemon
+from vmferry.host.snapshot import restore_vm, save_vm
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _ok({"error": str(exc).removeprefix(f"HTTP {exc.status}: ")}, exc.status)
+    except VmferryError as exc:
+        return _ok({"error": str(exc), "kind": type(exc).__name__}, 400)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return data
+
+
+def make_app(d: HostDaemon) -> web.Application:
+    routes = web.RouteTableDef()
+
+    @routes.get("/v1/host")
+    async def host(request: web.Request) -> web.Response:
+        return _ok(
+            {
+                "name": d.name,
+                "version": __version__,
+                "control_url": d.control_url,
+                "migration_address": list(d.migration_address),
+                "vms": len(d.vms),
+            }
+        )
+
+    @routes.get("/v1/openapi.json")
+    async def openapi(request: web.Request) -> web.Response:
+        return _ok(OPENAPI)
+
+    @routes.get("/v1/vms")
+    async def list_vms(request: web.Request) -> web.Response:
+        with d.lock:
+            return _ok([h.to_json() for h in d.vms.values()])
+
+    @routes.post("/v1/vms")
+    async def create(request: web.Request) -> web.Response:
+        body = await _body(request)
+        start = bool(body.pop("start", False)) if "definition" in body else False
+        definition = body.get("definition", body)
+        hosted = await asyncio.to_thread(d.create, definition, start)
+        return _ok(hosted.to_json(), 201)
+
+    @routes.get("/v1/vms/{name}")
+    async def show(request: web.Request) -> web.Response:
+        hosted = d.get_vm(request.match_info["name"])
+        out = hosted.to_json()
+        if request.query.get("digest") and hosted.vm is not None and hosted.runner is not None:
+
+            def digest() -> dict[str, str]:
+                assert hosted.vm is not None and hosted.runner is not None
+                with hosted.runner.lock:
+                    return {"ram": hosted.vm.ram.digest(), "vcpu": hosted.vm.vcpu_digest()}
+
+            out["digests"] = await asyncio.to_thread(digest)
+        return _ok(out)
+
+    @routes.post("/v1/vms/{name}/start")
+    async def start(request: web.Request) -> web.Response:
+        return _ok(d.set_running(request.match_info["name"], True).to_json())
+
+    @routes.post("/v1/vms/{name}/pause")
+    async def pause(request: web.Request) -> web.Response:
+        return _ok(d.set_running(request.match_info["name"], False).to_json())
+
+    @routes.delete("/v1/vms/{name}")
+    async def destroy(request: web.Request) -> web.Response:
+        await asyncio.to_thread(d.destroy, request.match_info["name"])
+        return _ok({"destroyed": request.match_info["name"]})
+
+    @routes.post("/v1/vms/{name}/save")
+    async def save(request: web.Request) -> web.Response:
+        body = await _body(request)
+        path = body.get("path")
+        if not isinstance(path, str):
+            raise ApiError(400, "path (a file on this host) required")
+        out = await asyncio.to_thread(save_vm, d, request.match_info["name"], Path(path))
+        return _ok(out)
+
+    @routes.post("/v1/restore")
+    async def restore(request: web.Request) -> web.Response:
+        body = await _body(request)
+        path = body.get("path")
+        if not isinstance(path, str):
+            raise ApiError(400, "path (a file on this host) required")
+        out = await asyncio.to_thread(restore_vm, d, Path(path), bool(body.get("start", True)))
+        return _ok(out, 201)
+
+    @routes.post("/v1/vms/{name}/migrate")
+    async def migrate(request: web.Request) -> web.Response:
+        body = await _body(request)
+        dest = body.get("destination")
+        if not isinstance(dest, str):
+            raise ApiError(400, "destination (control URL of the destination host) required")
+        params = body.get("params", {})
+        if not isinstance(params, dict):
+            raise ApiError(400, "params must be an object")
+        job = await asyncio.to_thread(d.migrate, request.match_info["name"], dest, params)
+        return _ok(d.job_json(job), 202)
+
+    @routes.post("/v1/incoming")
+    async def incoming(request: web.Request) -> web.Response:
+        body = await _body(request)
+        name, definition = body.get("vm"), body.get("definition")
+        if not isinstance(name, str) or not isinstance(definition, dict):
+            raise ApiError(400, "vm (name) and definition (object) required")
+        inc, caps = await asyncio.to_thread(
+            d.expect_incoming,
+            name, definition, bool(body.get("verify")), str(body.get("peer", request.remote)),
+        )
+        return _ok(
+            {"token": inc.token, "job": inc.job_id, "capabilities": caps,
+             "migration_address": list(d.migration_address)},
+            201,
+        )
+
+    @routes.get("/v1/jobs")
+    async def jobs(request: web.Request) -> web.Response:
+        with d.lock:
+            return _ok([d.job_json(j) for j in d.jobs.values()])
+
+    @routes.get("/v1/jobs/{id}")
+    async def job(request: web.Request) -> web.Response:
+        return _ok(d.job_json(d.get_job(request.match_info["id"])))
+
+    @routes.post("/v1/jobs/{id}/cancel")
+    async def cancel(request: web.Request) -> web.Response:
+        return _ok(d.job_json(d.cancel(request.match_info["id"])))
+
+    @routes.get("/v1/events")
+    async def events(request: web.Request) -> web.Response:
+        return _ok(d.store.events())
+
+    app = web.Application(middlewares=[errors], client_max_size=8 * 1024 * 1024)
+    app.add_routes(routes)
+    return app
+
+
+def _op(summary: str, body: bool = False, code: str = "200") -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            code: {"description": "OK", "content": {"application/json": {}}},
+            "4XX": {"description": 'error: {"error": message}'},
+        },
+    }
+    if body:
+        op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    return op
+
+
+_NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "vmferry host control API", "version": __version__},
+    "paths": {
+        "/v1/host": {"get": _op("This host: name, version, migration address")},
+        "/v1/openapi.json": {"get": _op("This document")},
+        "/v1/vms": {
+            "get": _op("List VMs"),
+            "post": _op("Create a VM from a definition ({definition, start})", True, "201"),
+        },
+        "/v1/vms/{name}": {
+            "parameters": _NAME,
+            "get": _op("Show a VM (?digest=1 for digests)"),
+            "delete": _op("Destroy a VM"),
+        },
+        "/v1/vms/{name}/start": {"parameters": _NAME, "post": _op("Run the vCPUs")},
+        "/v1/vms/{name}/pause": {"parameters": _NAME, "post": _op("Pause the vCPUs")},
+        "/v1/vms/{name}/migrate": {
+            "parameters": _NAME,
+            "post": _op("Live-migrate ({destination, params})", True, "202"),
+        },
+        "/v1/vms/{name}/save": {
+            "parameters": _NAME,
+            "post": _op("Save the VM's state to a stream file on this host ({path})", True),
+        },
+        "/v1/restore": {"post": _op("Restore a VM from a stream file ({path, start})", True,
+                                    "201")},
+        "/v1/incoming": {
+            "post": _op("Expect an incoming VM; returns a one-time token", True, "201")
+        },
+        "/v1/jobs": {"get": _op("List migration jobs")},
+        "/v1/jobs/{id}": {"parameters": _ID, "get": _op("Show a job with statistics")},
+        "/v1/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel a running job")},
+        "/v1/events": {"get": _op("Recent host events (refused connections ...)")},
+    },
+}

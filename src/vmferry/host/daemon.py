@@ -1,0 +1,429 @@
+"""One host: VMs in this process, a control API, a migration listener, a store.
+
+The daemon is the only place where the sans-IO engine meets sockets and threads:
+
+* the control API (HTTP + JSON, :mod:`vmferry.host.api`) runs on asyncio;
+* each VM's guest time runs in a :class:`~vmferry.host.runner.VmRunner` thread;
+* each migration runs in a worker thread with blocking sockets
+  (:mod:`vmferry.host.migration`): the data path is ``sendmsg`` of views and
+  ``recv_into`` the decoder's buffer, which release the GIL while the kernel copies.
+
+``self.lock`` guards ``vms``, ``jobs`` and ``incoming``; the store has its own lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
+from vmferry.host.runner import VmRunner
+from vmferry.host.store import JobRow, Store
+from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+
+log = logging.getLogger("vmferry.host")
+
+TOKEN_TTL_S = 120.0
+
+
+@dataclass
+class HostedVm:
+    name: str
+    definition: dict[str, Any]
+    runstate: str  # running | paused | migrating | migrated
+    vm: VM | None = None
+    runner: VmRunner | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "runstate": self.runstate,
+            "definition": self.definition,
+        }
+        if self.vm is not None:
+            out["memory_bytes"] = self.vm.ram.size
+            out["vcpus"] = len(self.vm.vcpus)
+            out["throttle_pct"] = self.vm.workload.throttle_pct
+            out["pages_dirtied"] = self.vm.workload.pages_written
+            report = self.vm.report()
+            if report:
+                out["report"] = report
+        return out
+
+    def release(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+
+
+@dataclass
+class Job:
+    id: str
+    vm: str
+    role: str  # source | destination
+    peer: str
+    params: dict[str, Any]
+    status: str = "setup"
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    step: str = ""
+    created: float = field(default_factory=time.time)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def row(self) -> JobRow:
+        return JobRow(
+            self.id,
+            self.vm,
+            self.role,
+            self.peer,
+            self.status,
+            self.params,
+            self.stats,
+            self.error,
+            self.step,
+            self.created,
+            time.time(),
+        )
+
+
+@dataclass
+class Incoming:
+    token: str
+    vm: str
+    verify: bool
+    job_id: str
+    expires: float
+
+
+class HostDaemon:
+    def __init__(
+        self,
+        name: str,
+        state_dir: Path,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+        migration_listen: tuple[str, int] | None = None,
+        context: HostContext | None = None,
+    ) -> None:
+        self.name = name
+        self.context = context if context is not None else HostContext(name)
+        self.state_dir = state_dir
+        self.listen = listen
+        self.migration_listen = migration_listen or (listen[0], 0)
+        self.lock = threading.RLock()
+        self.vms: dict[str, HostedVm] = {}
+        self.jobs: dict[str, Job] = {}
+        self.incoming: dict[str, Incoming] = {}
+        self.control_url = ""
+        self.migration_address: tuple[str, int] = ("", 0)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(state_dir / "host.sqlite3")
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+
+    # --- start-up and shut-down ------------------------------------------------------
+
+    def recover(self) -> None:
+        """Reload VMs and jobs from the store after a (re)start."""
+        for name, definition, runstate in self.store.vms():
+            hosted = HostedVm(name, definition, runstate)
+            if runstate in ("running", "paused", "migrating"):
+                try:
+                    self._boot(hosted, start=runstate != "paused")
+                except VmferryError as exc:
+                    log.error("cannot restore VM %s: %s", name, exc)
+                    hosted.runstate = "failed"
+                if hosted.runstate == "migrating":
+                    hosted.runstate = "running"
+                self.store.set_runstate(name, hosted.runstate)
+            self.vms[name] = hosted
+        for row in self.store.jobs():
+            if row.status in ("setup", "active", "device"):
+                row = JobRow(
+                    **{
+                        **row.__dict__,
+                        "status": "failed",
+                        "error": "the host daemon restarted during the job",
+                        "step": row.step or "unknown",
+                    }
+                )
+                self.store.put_job(row)
+            self.jobs[row.id] = Job(
+                row.id,
+                row.vm,
+                row.role,
+                row.peer,
+                row.params,
+                row.status,
+                row.stats,
+                row.error,
+                row.step,
+                row.created,
+            )
+
+    def build_vm(self, definition: Mapping[str, Any]) -> VM:
+        """A VM as this host builds it (its profile and platform apply)."""
+        return create_vm(definition, self.context)
+
+    def _boot(self, hosted: HostedVm, start: bool) -> None:
+        hosted.vm = self.build_vm(hosted.definition)
+        hosted.runner = VmRunner(hosted.vm)
+        if start:
+            hosted.runner.resume()
+        hosted.runstate = "running" if start else "paused"
+
+    def start_migration_listener(self) -> None:
+        from vmferry.host.migration import serve_incoming
+
+        sock = socket.create_server(self.migration_listen, reuse_port=False)
+        self._listener = sock
+        self.migration_address = sock.getsockname()[:2]
+        threading.Thread(
+            target=serve_incoming, args=(self, sock), name="mig-listener", daemon=True
+        ).start()
+
+    def write_ready_file(self) -> None:
+        info = {
+            "name": self.name,
+            "control_url": self.control_url,
+            "pid": os.getpid(),
+            "migration_address": list(self.migration_address),
+        }
+        tmp = self.state_dir / "ready.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.state_dir / "ready.json")
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.cancel.set()
+        for job in jobs:
+            if job.thread is not None:
+                job.thread.join(timeout=5)
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        with self.lock:
+            for hosted in self.vms.values():
+                if hosted.runner is not None:
+                    hosted.runner.stop()
+        with contextlib.suppress(OSError):
+            (self.state_dir / "ready.json").unlink()
+        self.store.close()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # --- VMs -------------------------------------------------------------------------
+
+    def get_vm(self, name: str) -> HostedVm:
+        with self.lock:
+            hosted = self.vms.get(name)
+        if hosted is None:
+            raise ApiError(404, f"no VM named {name!r} on host {self.name}")
+        return hosted
+
+    def create(self, definition: dict[str, Any], start: bool = False) -> HostedVm:
+        try:
+            parsed = load_definition(definition)
+        except ConfigError as exc:
+            raise ApiError(400, str(exc)) from exc
+        with self.lock:
+            if parsed.name in self.vms or parsed.name in {i.vm for i in self.incoming.values()}:
+                raise ApiError(409, f"a VM named {parsed.name!r} exists on host {self.name}")
+            hosted = HostedVm(parsed.name, parsed.to_dict(), "paused")
+            try:
+                self._boot(hosted, start)
+            except VmferryError as exc:
+                hosted.release()
+                raise ApiError(400, f"cannot create VM: {exc}") from exc
+            self.vms[parsed.name] = hosted
+        self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
+        log.info("created VM %s (%s)", hosted.name, hosted.runstate)
+        return hosted
+
+    def set_running(self, name: str, run: bool) -> HostedVm:
+        hosted = self.get_vm(name)
+        if hosted.runstate not in ("running", "paused") or hosted.runner is None:
+            raise ApiError(409, f"VM {name} is {hosted.runstate}")
+        if run:
+            hosted.runner.resume()
+        else:
+            hosted.runner.pause()
+        hosted.runstate = "running" if run else "paused"
+        self.store.set_runstate(name, hosted.runstate)
+        return hosted
+
+    def destroy(self, name: str) -> None:
+        hosted = self.get_vm(name)
+        if hosted.runstate == "migrating":
+            raise ApiError(409, f"VM {name} is migrating; cancel the job first")
+        with self.lock:
+            self.vms.pop(name, None)
+        hosted.release()
+        self.store.delete_vm(name)
+        log.info("destroyed VM %s", name)
+
+    def adopt(self, vm: VM, runner: VmRunner, running: bool) -> None:
+        """Take in a VM that arrived by migration."""
+        hosted = HostedVm(
+            vm.name, vm.definition.to_dict(), "running" if running else "paused", vm, runner
+        )
+        with self.lock:
+            self.vms[vm.name] = hosted
+        self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
+
+    # --- jobs ------------------------------------------------------------------------
+
+    def new_job(self, vm: str, role: str, peer: str, params: dict[str, Any]) -> Job:
+        job = Job(uuid.uuid4().hex[:12], vm, role, peer, params)
+        with self.lock:
+            self.jobs[job.id] = job
+        self.store.put_job(job.row())
+        return job
+
+    def save_job(self, job: Job) -> None:
+        self.store.put_job(job.row())
+
+    def get_job(self, job_id: str) -> Job:
+        with self.lock:
+            job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r} on host {self.name}")
+        return job
+
+    def job_json(self, job: Job) -> dict[str, Any]:
+        return job.row().to_json()
+
+    def migrate(self, name: str, destination: str, params: dict[str, Any]) -> Job:
+        from vmferry.host.migration import start_source_job
+
+        hosted = self.get_vm(name)
+        if hosted.runstate not in ("running", "paused") or hosted.vm is None:
+            raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot migrate")
+        return start_source_job(self, hosted, destination, params)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get_job(job_id)
+        if job.status in ("completed", "failed", "cancelled"):
+            raise ApiError(409, f"job {job_id} already {job.status}")
+        job.cancel.set()
+        return job
+
+    def expect_incoming(
+        self, vm_name: str, definition: dict[str, Any], verify: bool, peer: str
+    ) -> tuple[Incoming, dict[str, Any]]:
+        """Get ready for a VM; returns the one-time token and this host's capabilities
+        for it (from a scratch VM built here: the same code that will receive it)."""
+        try:
+            load_definition(definition)
+            scratch = self.build_vm(definition)
+        except VmferryError as exc:
+            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
+        try:
+            capabilities = scratch.capabilities()
+        finally:
+            scratch.close()
+        with self.lock:
+            if vm_name in self.vms or vm_name in {i.vm for i in self.incoming.values()}:
+                raise ApiError(409, f"a VM named {vm_name!r} exists on host {self.name}")
+            job = self.new_job(vm_name, "destination", peer, {"verify": verify})
+            inc = Incoming(
+                secrets.token_hex(16), vm_name, verify, job.id, time.monotonic() + TOKEN_TTL_S
+            )
+            self.incoming[inc.token] = inc
+        log.info("expecting VM %s from %s (job %s)", vm_name, peer, job.id)
+        return inc, capabilities
+
+    def claim_token(self, token: object) -> Incoming | None:
+        """One-time use: the token is gone whether or not it was valid."""
+        with self.lock:
+            now = time.monotonic()
+            for t, inc in list(self.incoming.items()):
+                if inc.expires < now:
+                    del self.incoming[t]
+                    self._expire(inc)
+            if not isinstance(token, str):
+                return None
+            return self.incoming.pop(token, None)
+
+    def _expire(self, inc: Incoming) -> None:
+        job = self.jobs.get(inc.job_id)
+        if job is not None and job.status == "setup":
+            job.status, job.error, job.step = "failed", "no source connected in time", "setup"
+            self.save_job(job)
+
+
+def run_daemon(
+    name: str,
+    state_dir: Path,
+    listen: tuple[str, int],
+    migration_listen: tuple[str, int] | None = None,
+    context: HostContext | None = None,
+) -> None:
+    """Run a host in the foreground until SIGINT/SIGTERM."""
+    from vmferry.host.api import make_app
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {name} %(levelname)s %(message)s",
+        handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
+    )
+    if listen[0] not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("control API listens on %s: it is reachable beyond this machine", listen[0])
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context)
+    daemon.recover()
+    daemon.start_migration_listener()
+
+    async def main() -> None:
+        from aiohttp import web
+
+        runner = web.AppRunner(make_app(daemon), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, listen[0], listen[1])
+        await site.start()
+        server = site._server
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        host, port = sockets[0].getsockname()[:2]
+        daemon.control_url = f"http://{host}:{port}"
+        daemon.write_ready_file()
+        log.info(
+            "host %s: control %s, migration %s:%d",
+            name,
+            daemon.control_url,
+            *daemon.migration_address,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("host %s stopping", name)
+        await asyncio.to_thread(daemon.shutdown)
+        await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise HostError(f"host {name}: {exc}") from exc

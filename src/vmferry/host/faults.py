@@ -1,0 +1,67 @@
+"""Fault injection on the migration connection (source side), for tests and drills.
+
+A fault is ``PHASE:ACTION``:
+
+* phases: ``setup`` (after the handshake, before the stream), ``active`` (after the first
+  batch of pass 1), ``device`` (after the first batch with vCPUs paused), ``ack`` (after
+  END, before the destination's answer);
+* actions: ``cut`` (close the connection), ``corrupt`` (flip a payload byte after its
+  checksum was computed: the destination must refuse the record), ``version`` (announce
+  stream version 2: the destination must refuse the stream; phase ``setup`` only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmferry.errors import ConfigError
+from vmferry.migration.stream import format as fmt
+from vmferry.migration.stream.records import Buffer
+
+PHASES = ("setup", "active", "device", "ack")
+ACTIONS = ("cut", "corrupt", "version")
+
+
+@dataclass(frozen=True)
+class Fault:
+    phase: str
+    action: str
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        phase, _, action = text.partition(":")
+        if phase not in PHASES or action not in ACTIONS:
+            raise ConfigError(
+                f"fault {text!r}: expected PHASE:ACTION with PHASE in {PHASES} "
+                f"and ACTION in {ACTIONS}"
+            )
+        if action == "version" and phase != "setup":
+            raise ConfigError("the version fault applies to the setup phase only")
+        return cls(phase, action)
+
+    def __str__(self) -> str:
+        return f"{self.phase}:{self.action}"
+
+
+class CutConnection(Exception):
+    """Raised inside the sender to simulate the connection going away."""
+
+
+def apply(fault: Fault | None, phase: str, buffers: list[Buffer]) -> list[Buffer]:
+    """The buffers as the faulty wire carries them in ``phase``."""
+    if fault is None or fault.phase != phase:
+        return buffers
+    if fault.action == "cut":
+        raise CutConnection(f"injected fault {fault}")
+    out = list(buffers)
+    if fault.action == "version":
+        head = bytearray(out[0])
+        fmt.FILE_HEADER.pack_into(head, 0, fmt.MAGIC, fmt.MAJOR + 1, 0, 0)
+        out[0] = bytes(head)
+        return out
+    # corrupt: flip a byte in the largest buffer (a payload, after its checksum was taken)
+    i = max(range(len(out)), key=lambda k: len(out[k]))
+    data = bytearray(out[i])
+    data[len(data) // 2] ^= 0xFF
+    out[i] = bytes(data)
+    return out

@@ -1,0 +1,89 @@
+"""Start host daemons as child processes and wait until they are ready."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmferry.errors import HostError
+
+
+@dataclass
+class HostProcess:
+    name: str
+    state_dir: Path
+    proc: subprocess.Popen[bytes]
+    control_url: str = ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def spawn_host(
+    name: str,
+    state_dir: Path,
+    listen: str = "127.0.0.1:0",
+    timeout: float = 30.0,
+    extra_args: list[str] | None = None,
+) -> HostProcess:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ready = state_dir / "ready.json"
+    with contextlib.suppress(FileNotFoundError):
+        ready.unlink()
+    log = open(state_dir / "stdio.log", "ab")  # noqa: SIM115 - owned by the child
+    cmd = [
+        sys.executable,
+        "-m",
+        "vmferry",
+        "host",
+        "serve",
+        "--name",
+        name,
+        "--listen",
+        listen,
+        "--state-dir",
+        str(state_dir),
+        *(extra_args or []),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    host = HostProcess(name, state_dir, proc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (state_dir / "stdio.log").read_text(errors="replace")[-2000:]
+            raise HostError(f"host {name} exited with {proc.returncode}:\n{tail}")
+        try:
+            info = json.loads(ready.read_text())
+            if info.get("pid") == proc.pid:
+                host.control_url = info["control_url"]
+                return host
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    host.kill()
+    raise HostError(f"host {name} did not become ready within {timeout:.0f} s")

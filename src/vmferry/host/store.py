@@ -1,0 +1,166 @@
+"""SQLite persistence for a host: VM definitions and runstates, jobs and their statistics."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmferry.errors import HostError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    runstate TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    vm TEXT NOT NULL,
+    role TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    stats TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    step TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    vm: str
+    role: str
+    peer: str
+    status: str
+    params: dict[str, Any]
+    stats: dict[str, Any]
+    error: str
+    step: str
+    created: float
+    updated: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "vm": self.vm,
+            "role": self.role,
+            "peer": self.peer,
+            "status": self.status,
+            "params": self.params,
+            "stats": self.stats,
+            "error": self.error,
+            "step": self.step,
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+
+class Store:
+    """One SQLite file; safe to use from the daemon's threads."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise HostError(f"open store {path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise HostError(f"store: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- VMs -------------------------------------------------------------------------
+
+    def put_vm(self, name: str, definition: dict[str, Any], runstate: str) -> None:
+        self._run(
+            "INSERT OR REPLACE INTO vms VALUES (?, ?, ?, ?)",
+            (name, json.dumps(definition), runstate, time.time()),
+        )
+
+    def set_runstate(self, name: str, runstate: str) -> None:
+        self._run(
+            "UPDATE vms SET runstate=?, updated=? WHERE name=?", (runstate, time.time(), name)
+        )
+
+    def delete_vm(self, name: str) -> None:
+        self._run("DELETE FROM vms WHERE name=?", (name,))
+
+    def vms(self) -> list[tuple[str, dict[str, Any], str]]:
+        rows = self._run("SELECT name, definition, runstate FROM vms ORDER BY name")
+        return [(n, json.loads(d), r) for n, d, r in rows]
+
+    # --- jobs ------------------------------------------------------------------------
+
+    def put_job(self, job: JobRow) -> None:
+        self._run(
+            "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                job.id,
+                job.vm,
+                job.role,
+                job.peer,
+                job.status,
+                json.dumps(job.params),
+                json.dumps(job.stats),
+                job.error,
+                job.step,
+                job.created,
+                job.updated,
+            ),
+        )
+
+    def jobs(self, job_id: str | None = None) -> list[JobRow]:
+        sql = "SELECT * FROM jobs" + (" WHERE id=?" if job_id else "") + " ORDER BY created"
+        rows = self._run(sql, (job_id,) if job_id else ())
+        return [
+            JobRow(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                json.loads(r[5]),
+                json.loads(r[6]),
+                r[7],
+                r[8],
+                r[9],
+                r[10],
+            )
+            for r in rows
+        ]
+
+    # --- events ----------------------------------------------------------------------
+
+    def log(self, kind: str, message: str) -> None:
+        self._run(
+            "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message)
+        )
+
+    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._run("SELECT at, kind, message FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"at": a, "kind": k, "message": m} for a, k, m in rows]

@@ -1,0 +1,83 @@
+"""A device whose internal state is one memory image: queues, counters, a descriptor ring.
+
+Image layout (little-endian)::
+
+    0   magic u32 'VDEV' | version u16 | nqueues u16
+    8   seed u64          (the device's random stream lives in its state)
+    16  tick u64          (work items processed)
+    24  dma_head u64      (next completion slot in the guest DMA ring)
+    32  dma_bytes u64
+    40  queue heads u32 x 4
+    56  reserved u64
+    64  descriptor slots, 64 bytes each, to the end of the image
+
+Each tick picks a queue and a slot from (seed, tick), writes a descriptor into the slot,
+bumps the counters and DMAs a 64-byte completion into the guest ring.  The pages it
+touches are recorded while dirty tracking is on (pre-copy).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import ClassVar
+
+import numpy as np
+import xxhash
+
+from vmferry.errors import ConfigError
+from vmferry.hw.memory import GuestMemory
+from vmferry.hw.vfio.drivers.base import DmaRegion, VariantDriver, tick_word
+
+HEADER = struct.Struct("<4sHHQQQQ4IQ")
+MAGIC = b"VDEV"
+NQUEUES = 4
+SLOT = 64
+PAGE = 4096
+
+
+class ImageDriver(VariantDriver):
+    """Shared hardware model of the pds-like and mlx5-like drivers."""
+
+    MIN_IMAGE: ClassVar[int] = HEADER.size + SLOT
+
+    def __init__(self, memory: GuestMemory, dma: DmaRegion, seed: int, image_size: int) -> None:
+        if image_size < self.MIN_IMAGE:
+            raise ConfigError(f"{self.name}: device image of {image_size} bytes is too small")
+        super().__init__(memory, dma, seed)
+        self.image_size = image_size
+        self.image = np.zeros(image_size, dtype=np.uint8)
+        #: pages changed since tracking started; None when not tracking
+        self.dirty: set[int] | None = None
+        self.hw_reset()
+
+    def hw_reset(self) -> None:
+        self.image[:] = 0
+        HEADER.pack_into(self.image.data, 0, MAGIC, 1, NQUEUES, self.seed, 0, 0, 0,
+                         0, 0, 0, 0, 0)  # fmt: skip
+        self.dirty = None  # a reset ends any pre-copy tracking
+
+    def header(self) -> tuple[int, int, int, int, list[int]]:
+        """(seed, tick, dma_head, dma_bytes, queue heads) read from the image."""
+        f = HEADER.unpack_from(self.image.data, 0)
+        return f[3], f[4], f[5], f[6], list(f[7:11])
+
+    def _advance(self) -> None:
+        seed, tick, dma_head, dma_bytes, heads = self.header()
+        word = tick_word(seed, tick)
+        queue = word % NQUEUES
+        slots = (self.image_size - HEADER.size) // SLOT
+        slot = (word >> 8) % slots
+        desc = (
+            struct.pack("<QQQQ", tick, word, queue, heads[queue]) + word.to_bytes(8, "little") * 4
+        )
+        offset = HEADER.size + slot * SLOT
+        self.image[offset : offset + SLOT] = np.frombuffer(desc, dtype=np.uint8)
+        heads[queue] += 1
+        HEADER.pack_into(self.image.data, 0, MAGIC, 1, NQUEUES, seed, tick + 1, dma_head + 1,
+                         dma_bytes + SLOT, *heads, 0)  # fmt: skip
+        self.dma_write(dma_head, struct.pack("<QQII", tick, word, queue, heads[queue]).ljust(SLOT))
+        if self.dirty is not None:
+            self.dirty.update((0, offset // PAGE, (offset + SLOT - 1) // PAGE))
+
+    def state_digest(self) -> str:
+        return xxhash.xxh64_hexdigest(self.image.data)

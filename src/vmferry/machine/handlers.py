@@ -1,0 +1,165 @@
+"""Migration handlers: how a VM's parts beyond RAM and core registers take part in a
+migration (in the spirit of QEMU's SaveVMHandlers).
+
+The engine calls every handler of a VM at fixed points, in registration order:
+
+source                                            destination
+------                                            -----------
+capabilities()  (on the destination, for pre-flight, before anything moves)
+preflight(dest_caps, options)   raise MigrationRefused; return warnings
+save_setup()                    (RAM pass 1 begins)
+save_iterate() -> pieces        once per pass (pre-copy data)
+pending_bytes()                 counted in the expected downtime
+quiesce()                       vCPUs paused; before the final dirty sync
+save_complete() -> pieces       after the final RAM pass
+save_cleanup() | save_failed()  after commit | on any failure (give it back)
+                                                  load_setup()   VM configuration arrived
+                                                  load(piece)    each piece, in order
+                                                  load_complete()  before the vCPUs start
+                                                  load_failed()  on any failure
+                                                  post_load() -> report  after resume
+
+Pieces are neutral (:class:`DeviceData`, :class:`ComponentData`); the engine turns them into
+stream records and back.  A destination routes a :class:`DeviceData` to the handler whose
+``device_ids`` contain it and a :class:`ComponentData` to the handler of that name.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias
+
+from vmferry.errors import MalformedRecord
+
+
+class DevicePhase(enum.IntEnum):
+    """Which part of a device's migration a device-state chunk belongs to."""
+
+    PRE_COPY = 1  # read while the device runs (PRE_COPY state)
+    STOP_COPY = 2  # read once the device stopped (STOP_COPY state)
+    DONE = 3  # no more data for this device (empty chunk)
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    device: str
+    phase: DevicePhase
+    seq: int
+    data: bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class ComponentData:
+    name: str
+    data: bytes | bytearray | memoryview
+
+
+StatePiece: TypeAlias = DeviceData | ComponentData
+
+
+class Component(Protocol):
+    """The simple case: one state blob saved at switchover, loaded before resume."""
+
+    name: str
+
+    def save_state(self) -> bytes:
+        """Encode the component's state; cannot fail."""
+
+    def load_state(self, data: bytes) -> None:
+        """Rebuild from :meth:`save_state` output; raises a typed error on bad data."""
+
+
+class MigrationHandler:
+    """Base class: every hook is a no-op, so a handler overrides only what it needs."""
+
+    name = "handler"
+
+    @property
+    def device_ids(self) -> frozenset[str]:
+        return frozenset()
+
+    # --- both sides ------------------------------------------------------------------
+    def advance(self, seconds: float) -> None:
+        """Guest time passes (devices run, DMA happens)."""
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def state_digest(self) -> str | None:
+        """A digest of the migrated state, compared across hosts at switchover."""
+        return None
+
+    # --- source ----------------------------------------------------------------------
+    def capabilities(self) -> dict[str, Any]:
+        """What this host can accept (computed on the destination for pre-flight)."""
+        return {}
+
+    def preflight(self, destination: Mapping[str, Any] | None,
+                  options: Mapping[str, Any]) -> list[str]:
+        """Decide before anything moves; raise MigrationRefused, or return warnings."""
+        return []
+
+    def save_setup(self) -> None:
+        pass
+
+    def save_iterate(self) -> Sequence[StatePiece]:
+        return ()
+
+    def pending_bytes(self) -> int:
+        return 0
+
+    def quiesce(self) -> None:
+        pass
+
+    def save_complete(self) -> Sequence[StatePiece]:
+        return ()
+
+    def save_cleanup(self) -> None:
+        pass
+
+    def save_failed(self) -> None:
+        pass
+
+    # --- destination -----------------------------------------------------------------
+    def load_setup(self) -> None:
+        pass
+
+    def load(self, piece: StatePiece) -> None:
+        raise MalformedRecord(f"{self.name} takes no {type(piece).__name__}")
+
+    def load_complete(self) -> None:
+        pass
+
+    def load_failed(self) -> None:
+        pass
+
+    def post_load(self) -> dict[str, Any]:
+        return {}
+
+
+class ComponentHandler(MigrationHandler):
+    """Adapts a :class:`Component` to the handler interface."""
+
+    def __init__(self, component: Component) -> None:
+        self.component = component
+        self.name = component.name
+        self._pending: bytes | None = None
+
+    def save_complete(self) -> Sequence[StatePiece]:
+        return (ComponentData(self.name, self.component.save_state()),)
+
+    def load(self, piece: StatePiece) -> None:
+        if not isinstance(piece, ComponentData) or self._pending is not None:
+            raise MalformedRecord(f"{self.name}: unexpected or repeated state")
+        self._pending = bytes(piece.data)
+
+    def load_complete(self) -> None:
+        if self._pending is None:
+            raise MalformedRecord(f"{self.name}: no state arrived")
+        self.component.load_state(self._pending)
+
+    def report(self) -> dict[str, Any]:
+        report = getattr(self.component, "report", None)
+        return dict(report()) if callable(report) else {}

@@ -1,0 +1,106 @@
+"""Phases, statistics and the downtime breakdown of one migration.
+
+Statistic names follow QEMU's ``query-migrate`` where one applies (``total-time``,
+``ram.dirty-pages-rate`` ...); :meth:`MigrationStats.to_json` produces that shape.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class Status(enum.Enum):
+    """QEMU's migration status names, for the states vmferry uses."""
+
+    SETUP = "setup"
+    ACTIVE = "active"
+    DEVICE = "device"  # vCPUs paused, final pass and device state
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+
+@dataclass
+class PassRecord:
+    """One pre-copy pass."""
+
+    number: int
+    pages: int  # pages sent (normal + duplicate)
+    normal: int
+    duplicate: int
+    bytes: int  # stream bytes written in the pass
+    seconds: float
+    dirty_pages: int  # pages dirtied while the pass ran (found at its end)
+    mbps: float  # measured bandwidth, megabits per second (as QEMU reports it)
+    dirty_pages_rate: float  # pages per second
+    expected_downtime_ms: float
+    throttle_pct: int
+
+
+@dataclass
+class Downtime:
+    """From source pause to destination resume."""
+
+    total_ms: float = 0.0
+    final_ram_ms: float = 0.0  # last RAM pass with vCPUs paused
+    state_ms: float = 0.0  # vCPU, component and device state
+    resume_ms: float = 0.0  # destination load, resume and its acknowledgement
+    verification_ms: float = 0.0  # digest checks on request; not part of total_ms
+
+
+@dataclass
+class MigrationStats:
+    status: Status = Status.SETUP
+    setup_time_ms: float = 0.0
+    total_time_ms: float = 0.0
+    expected_downtime_ms: float = 0.0
+    downtime: Downtime = field(default_factory=Downtime)
+    ram_total: int = 0
+    ram_transferred: int = 0
+    ram_remaining: int = 0
+    ram_duplicate: int = 0
+    ram_normal: int = 0
+    ram_normal_bytes: int = 0
+    ram_dirty_pages_rate: float = 0.0
+    ram_mbps: float = 0.0
+    ram_pages_per_second: float = 0.0
+    dirty_sync_count: int = 0
+    device_bytes: int = 0
+    throttle_pct: int = 0
+    passes: list[PassRecord] = field(default_factory=list)
+    error: str = ""
+    error_step: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status.value,
+            "setup-time": round(self.setup_time_ms, 3),
+            "total-time": round(self.total_time_ms, 3),
+            "expected-downtime": round(self.expected_downtime_ms, 3),
+            "downtime": round(self.downtime.total_ms, 3),
+            "downtime-breakdown": {k: round(v, 3) for k, v in asdict(self.downtime).items()},
+            "ram": {
+                "transferred": self.ram_transferred,
+                "remaining": self.ram_remaining,
+                "total": self.ram_total,
+                "duplicate": self.ram_duplicate,
+                "normal": self.ram_normal,
+                "normal-bytes": self.ram_normal_bytes,
+                "dirty-pages-rate": round(self.ram_dirty_pages_rate, 1),
+                "mbps": round(self.ram_mbps, 3),
+                "dirty-sync-count": self.dirty_sync_count,
+                "pages-per-second": round(self.ram_pages_per_second, 1),
+            },
+            "device-bytes": self.device_bytes,
+            "cpu-throttle-percentage": self.throttle_pct,
+            "passes": [asdict(p) for p in self.passes],
+            "warnings": list(self.warnings),
+            **({"error-desc": self.error, "error-step": self.error_step} if self.error else {}),
+        }

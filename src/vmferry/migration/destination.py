@@ -1,0 +1,208 @@
+"""The destination side of a live migration, sans-IO.
+
+:class:`DestinationSession` takes decoded records (from a
+:class:`~vmferry.migration.stream.StreamDecoder`) and builds a *staging* VM from them.
+Order is enforced: the VM configuration comes first, END last, and every vCPU must have
+arrived before END.  Anything out of place is a :class:`~vmferry.errors.MalformedRecord`.
+Nothing reaches a running guest before :meth:`finish`: on any error the host calls
+:meth:`abort` and the staging VM, with all its memory, is discarded.
+
+``finish`` restores vCPUs, lets every handler complete its load (devices validate their
+state, firmware registers are set), optionally takes verification digests and returns
+the acknowledgement; ``resume`` then starts the guest and runs the handlers' post-load
+work (for example the pseries device-tree update sequence) before the guest counts as
+resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from vmferry.clock import Clock
+from vmferry.errors import (
+    ConfigError,
+    GuestMemoryError,
+    MalformedRecord,
+    StreamUsageError,
+    VmferryError,
+)
+from vmferry.machine.handlers import ComponentData, DeviceData, StatePiece
+from vmferry.machine.vcpu import VcpuState
+from vmferry.machine.vm import VM, create_vm, load_definition
+from vmferry.migration.source import state_digests
+from vmferry.migration.stream import (
+    ComponentRecord,
+    DeviceChunk,
+    End,
+    PassEnd,
+    RamPages,
+    RamZero,
+    Record,
+    VcpuRecord,
+    VmConfig,
+)
+
+#: Called with the incoming configuration before anything is built; raise to refuse.
+ConfigCheck = Callable[[Mapping[str, Any]], None]
+
+
+class DestinationSession:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        verify: bool = False,
+        check_config: ConfigCheck | None = None,
+        factory: Callable[[Mapping[str, Any]], VM] = create_vm,
+    ) -> None:
+        self.clock = clock
+        self.verify = verify
+        self.check_config = check_config
+        self.factory = factory
+        self.vm: VM | None = None
+        self.vcpus: dict[int, VcpuState] = {}
+        self.pages_received = 0
+        self.zero_pages_received = 0
+        self.passes = 0
+        self.ended = False
+        self.resumed = False
+        self._t_end = 0.0
+
+    # --- records ---------------------------------------------------------------------
+
+    def receive(self, rec: Record) -> None:
+        """Apply one record to the staging VM.  Raises on anything out of place."""
+        if self.ended:
+            raise MalformedRecord(f"{type(rec).__name__} after END")
+        if isinstance(rec, VmConfig):
+            self._config(rec)
+            return
+        vm = self._need_vm(rec)
+        if isinstance(rec, RamPages):
+            self._pages(vm, rec)
+        elif isinstance(rec, RamZero):
+            self._zero(vm, rec)
+        elif isinstance(rec, VcpuRecord):
+            self._vcpu(vm, rec)
+        elif isinstance(rec, ComponentRecord):
+            piece: StatePiece = ComponentData(rec.name, rec.data)
+            vm.handler_for(piece).load(piece)
+        elif isinstance(rec, DeviceChunk):
+            piece = DeviceData(rec.device, rec.phase, rec.seq, rec.data)
+            vm.handler_for(piece).load(piece)
+        elif isinstance(rec, PassEnd):
+            self.passes = rec.number
+        elif isinstance(rec, End):
+            self._end(vm)
+
+    def _config(self, rec: VmConfig) -> None:
+        if self.vm is not None:
+            raise MalformedRecord("a second VM configuration record")
+        try:
+            definition = load_definition(rec.config)
+            if self.check_config is not None:
+                self.check_config(rec.config)
+            self.vm = self.factory(definition.to_dict() | dict(rec.config))
+        except ConfigError as exc:
+            raise MalformedRecord(f"VM configuration refused: {exc}") from exc
+        for h in self.vm.handlers.values():
+            h.load_setup()
+
+    def _need_vm(self, rec: Record) -> VM:
+        if self.vm is None:
+            raise MalformedRecord(f"{type(rec).__name__} before the VM configuration")
+        return self.vm
+
+    def _pages(self, vm: VM, rec: RamPages) -> None:
+        ps = vm.ram.page_size
+        if rec.page_size != ps:
+            raise MalformedRecord(f"page size {rec.page_size} but the VM uses {ps}")
+        data = np.frombuffer(rec.data, dtype=np.uint8).reshape(-1, ps)
+        try:
+            vm.ram.write_pages(rec.gpa // ps, data)
+        except GuestMemoryError as exc:
+            raise MalformedRecord(f"RAM_PAGES at {rec.gpa:#x}: {exc}") from exc
+        self.pages_received += rec.npages
+
+    def _zero(self, vm: VM, rec: RamZero) -> None:
+        ps = vm.ram.page_size
+        if rec.page_size != ps:
+            raise MalformedRecord(f"page size {rec.page_size} but the VM uses {ps}")
+        try:
+            vm.ram.zero_pages(rec.gpa // ps, rec.npages)
+        except GuestMemoryError as exc:
+            raise MalformedRecord(f"RAM_ZERO at {rec.gpa:#x}: {exc}") from exc
+        self.zero_pages_received += rec.npages
+
+    def _vcpu(self, vm: VM, rec: VcpuRecord) -> None:
+        if not 0 <= rec.index < len(vm.vcpus):
+            raise MalformedRecord(f"vCPU {rec.index} but the VM has {len(vm.vcpus)}")
+        if rec.index in self.vcpus:
+            raise MalformedRecord(f"vCPU {rec.index} sent twice")
+        self.vcpus[rec.index] = VcpuState(rec.index, rec.regs)
+
+    def _end(self, vm: VM) -> None:
+        missing = sorted(set(range(len(vm.vcpus))) - set(self.vcpus))
+        if missing:
+            raise MalformedRecord(f"END before the state of vCPUs {missing}")
+        self.ended = True
+        self._t_end = self.clock.monotonic()
+
+    # --- the end ---------------------------------------------------------------------
+
+    def finish(self, *, start: bool = True) -> dict[str, Any]:
+        """Load vCPU and component state, verify on request, resume; the acknowledgement."""
+        if not self.ended or self.vm is None:
+            raise StreamUsageError("finish() before END")
+        vm = self.vm
+        vm.restore_vcpus(list(self.vcpus.values()))
+        for h in vm.handlers.values():
+            h.load_complete()
+        t_loaded = self.clock.monotonic()
+        ack: dict[str, Any] = {"load_ms": (t_loaded - self._t_end) * 1e3}
+        if self.verify:
+            ack["digests"] = state_digests(vm)
+        t_verified = self.clock.monotonic()
+        ack["verification_ms"] = (t_verified - t_loaded) * 1e3
+        ack["pages"] = self.pages_received
+        ack["zero_pages"] = self.zero_pages_received
+        if start:
+            ack["post_load"] = self.resume()
+        return ack
+
+    def resume(self, *, run: bool = True) -> dict[str, Any]:
+        """Start the loaded guest (unless ``run`` is false: it arrives paused) and run
+        the handlers' post-load work; returns their reports."""
+        if not self.ended or self.vm is None:
+            raise StreamUsageError("resume() before the VM was loaded")
+        if run:
+            self.vm.start()
+        self.resumed = True
+        return {name: r for name, h in self.vm.handlers.items() if (r := h.post_load())}
+
+    def hand_over(self) -> VM:
+        """The caller takes ownership of the loaded VM (after the commit point)."""
+        if not self.ended or self.vm is None:
+            raise StreamUsageError("hand_over() before the VM was loaded")
+        self.resumed = True
+        return self.vm
+
+    def abort(self) -> None:
+        """Discard the staging VM and everything received."""
+        if self.vm is not None and not self.resumed:
+            for h in self.vm.handlers.values():
+                with contextlib.suppress(Exception):  # discarding must not fail
+                    h.load_failed()
+            self.vm.close()
+        self.vm = None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an operator."""
+    if isinstance(exc, VmferryError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"internal error: {type(exc).__name__}: {exc}"

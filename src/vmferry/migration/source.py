@@ -1,0 +1,492 @@
+"""The source side of a live migration, sans-IO.
+
+Theory of operation
+-------------------
+:class:`SourceSession` turns a running VM into stream buffers.  The host drives it::
+
+    send(session.start())
+    while bufs := session.next_buffers():      # [] once END has been produced
+        sleep(session.pacing_delay()); send(bufs)
+    stats = session.complete(ack)              # the destination's RESUMED message
+    # on any error instead: session.fail(step, reason)  -> source VM running again
+
+Inside, a generator walks the phases as QEMU's pre-copy does: SETUP (stream header, VM
+configuration, dirty logging on) -> ACTIVE (pass 1 sends every page, later passes send
+what the dirty log caught; after each pass the bandwidth and dirty rate are measured and
+:func:`vmferry.migration.precopy.decide` chooses: iterate, throttle, or switch over) ->
+DEVICE (vCPUs paused: final dirty pages, vCPU registers, component state, END) ->
+COMPLETED once the destination acknowledges its resume.
+
+RAM goes out in runs of at most ``run_pages`` pages (4 MiB at most): all-zero pages
+become RAM_ZERO runs (coalesced across runs), the rest RAM_PAGES records.  A running
+guest may write a page while it is being sent, so each run is first copied into a bounce
+buffer and the copy is checksummed and sent: the bytes on the wire always match their
+checksum, and the write itself re-dirties the page for the next pass.  The bounce buffer
+is reused, so the host must send each batch before asking for the next -- which it must
+anyway: the clock readings between calls are what bandwidth is measured from.
+
+The source VM is never lost: until :meth:`complete` it stays intact, and :meth:`fail`
+stops dirty logging, lifts the throttle and resumes the vCPUs if the session paused them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from vmferry.clock import Clock
+from vmferry.errors import ConfigError, MigrationError, StreamUsageError
+from vmferry.machine.handlers import DeviceData, StatePiece
+from vmferry.machine.vm import VM
+from vmferry.migration.context import Downtime, MigrationStats, PassRecord, Status
+from vmferry.migration.precopy import ConvergencePolicy, decide
+from vmferry.migration.stream import (
+    ComponentRecord,
+    DeviceChunk,
+    End,
+    PassEnd,
+    RamPages,
+    RamZero,
+    StreamEncoder,
+    VcpuRecord,
+    VmConfig,
+)
+from vmferry.migration.stream.records import Buffer, Record
+
+MIB = 1024 * 1024
+BATCH_BYTES = 4 * MIB
+MAX_RUN_BYTES = 4 * MIB
+
+
+class GuestControl(Protocol):
+    """How the session stops and starts the guest (the host adds its own locking)."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def set_throttle(self, pct: int) -> None: ...
+
+
+class DirectControl:
+    """GuestControl straight on a VM (single-threaded use and tests)."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+
+    def pause(self) -> None:
+        self.vm.pause()
+
+    def resume(self) -> None:
+        self.vm.start()
+
+    def set_throttle(self, pct: int) -> None:
+        self.vm.workload.set_throttle(pct)
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    downtime_limit_ms: float = 300.0
+    #: MiB/s, as virsh migrate-setspeed; None: unlimited
+    max_bandwidth_mib: float | None = None
+    offline: bool = False
+    max_passes: int = 5
+    auto_converge: bool = True
+    verify: bool = False
+    run_pages: int = 1024
+    #: "preflight": refuse before anything moves what the destination cannot take;
+    #: "qemu": no pre-flight, failures surface while the destination loads (as QEMU)
+    compat: str = "preflight"
+    allow_degraded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compat not in ("preflight", "qemu"):
+            raise ConfigError(f"compat {self.compat!r} is not preflight or qemu")
+        if self.max_bandwidth_mib is not None and self.max_bandwidth_mib <= 0:
+            raise ConfigError("max bandwidth must be positive")
+        if not 1 <= self.run_pages <= 4096:
+            raise ConfigError("run_pages must be in [1, 4096]")
+
+    def policy(self) -> ConvergencePolicy:
+        return ConvergencePolicy(
+            downtime_limit_s=self.downtime_limit_ms / 1e3,
+            max_passes=self.max_passes,
+            auto_converge=self.auto_converge,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "downtime_limit_ms": self.downtime_limit_ms,
+            "max_bandwidth_mib": self.max_bandwidth_mib,
+            "offline": self.offline,
+            "max_passes": self.max_passes,
+            "auto_converge": self.auto_converge,
+            "verify": self.verify,
+            "compat": self.compat,
+            "allow_degraded": self.allow_degraded,
+        }
+
+
+def page_runs(
+    index: npt.NDArray[np.int64], max_len: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Split sorted page indexes into (start, length) runs of at most ``max_len``."""
+    if index.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = index[np.concatenate(([0], breaks))]
+    lengths = np.diff(np.concatenate((np.concatenate(([0], breaks)), [index.size])))
+    pieces = (lengths + max_len - 1) // max_len
+    run_of_piece = np.repeat(np.arange(starts.size), pieces)
+    first_piece = np.cumsum(pieces) - pieces
+    k = np.arange(run_of_piece.size) - first_piece[run_of_piece]
+    p_start = starts[run_of_piece] + k * max_len
+    p_len = np.minimum(max_len, lengths[run_of_piece] - k * max_len)
+    return p_start.astype(np.int64), p_len.astype(np.int64)
+
+
+class SourceSession:
+    """One outgoing migration of ``vm`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        vm: VM,
+        params: MigrationParams,
+        clock: Clock,
+        guest: GuestControl | None = None,
+        extra_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.vm = vm
+        self.params = params
+        self.clock = clock
+        self.guest = guest if guest is not None else DirectControl(vm)
+        self.extra_config = dict(extra_config or {})
+        self.policy = params.policy()
+        self.stats = MigrationStats(ram_total=vm.ram.size)
+        self.encoder = StreamEncoder()
+        self._gen: Generator[list[Buffer], None, None] | None = None
+        self._was_running = vm.running
+        self._paused_by_us = False
+        self._t0 = 0.0
+        self._t_active = 0.0
+        self._t_pause = 0.0
+        self._t_final_ram = 0.0
+        self._t_end = 0.0
+        self._zero_run: tuple[int, int] | None = None
+        self._pass_normal = 0
+        self._pass_duplicate = 0
+        self._run_pages = min(params.run_pages, MAX_RUN_BYTES // vm.ram.page_size)
+        self._bounce = np.empty(BATCH_BYTES + MAX_RUN_BYTES, dtype=np.uint8)
+        self._bounce_used = 0
+        self.source_digests: dict[str, str] = {}
+
+    # --- driving ---------------------------------------------------------------------
+
+    @property
+    def status(self) -> Status:
+        return self.stats.status
+
+    def preflight(self, destination: Mapping[str, Any] | None) -> list[str]:
+        """Ask every handler before anything moves (``destination``: the destination's
+        capabilities per handler).  Raises MigrationRefused; returns warnings."""
+        options = {"compat": self.params.compat, "allow_degraded": self.params.allow_degraded}
+        warnings: list[str] = []
+        for name, h in self.vm.handlers.items():
+            caps = None if destination is None else destination.get(name)
+            warnings += h.preflight(caps, options)
+        self.stats.warnings = warnings
+        return warnings
+
+    def start(self) -> list[Buffer]:
+        if self._gen is not None:
+            raise StreamUsageError("migration already started")
+        self._t0 = self.clock.monotonic()
+        self._gen = self._produce()
+        return self._next()
+
+    def next_buffers(self) -> list[Buffer]:
+        """The next buffers to send; [] when END has been produced."""
+        if self._gen is None:
+            raise StreamUsageError("start() first")
+        if self.stats.status.finished:
+            return []
+        return self._next()
+
+    def _next(self) -> list[Buffer]:
+        assert self._gen is not None
+        try:
+            return next(self._gen)
+        except StopIteration:
+            return []
+
+    def pacing_delay(self) -> float:
+        """Seconds to wait before sending more, to honour the bandwidth cap."""
+        cap = self.params.max_bandwidth_mib
+        if cap is None or self.stats.status is Status.SETUP:
+            return 0.0
+        allowed = cap * MIB * (self.clock.monotonic() - self._t_active)
+        excess = self.encoder.bytes_out - allowed
+        return max(0.0, excess / (cap * MIB))
+
+    # --- the phases ------------------------------------------------------------------
+
+    def _produce(self) -> Generator[list[Buffer], None, None]:
+        ram = self.vm.ram
+        config = {**self.vm.definition.to_dict(), **self.extra_config}
+        if self.params.offline:
+            self._pause_guest()
+        else:
+            ram.start_dirty_log()
+        for h in self.vm.handlers.values():
+            h.save_setup()
+        yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
+        self._t_active = self.clock.monotonic()
+        self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
+        self.stats.status = Status.ACTIVE
+        to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
+        while True:
+            t_pass = self.clock.monotonic()
+            pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
+            if pieces:
+                yield self._encode_pieces(pieces)
+            yield from self._send_pages(to_send)
+            yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
+            if self.params.offline:  # the guest is paused: one pass is all of it
+                to_send = np.zeros(ram.npages, dtype=np.bool_)
+                self._end_of_pass(t_pass, 0)
+                break
+            dirty = ram.get_dirty_log()
+            self.stats.dirty_sync_count += 1
+            to_send = dirty.bitmap
+            if self._end_of_pass(t_pass, dirty.count):
+                break
+        yield from self._switchover(to_send)
+
+    def _end_of_pass(self, t_pass: float, dirty_pages: int) -> bool:
+        """Record the pass; True when it is time to switch over."""
+        now = self.clock.monotonic()
+        seconds = max(now - t_pass, 1e-9)
+        pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
+        bandwidth = pass_bytes / seconds
+        remaining = dirty_pages * self.vm.ram.page_size
+        remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
+        number = len(self.stats.passes) + 1
+        d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
+        if self.policy.give_up_after is not None and number >= self.policy.give_up_after:
+            raise MigrationError(f"no convergence after {number} passes", f"ram pass {number}")
+        self.stats.passes.append(
+            PassRecord(
+                number=number,
+                pages=self._pass_normal + self._pass_duplicate,
+                normal=self._pass_normal,
+                duplicate=self._pass_duplicate,
+                bytes=pass_bytes,
+                seconds=seconds,
+                dirty_pages=dirty_pages,
+                mbps=bandwidth * 8 / 1e6,
+                dirty_pages_rate=dirty_pages / seconds,
+                expected_downtime_ms=min(d.expected_downtime_s, 1e9) * 1e3,
+                throttle_pct=self.stats.throttle_pct,
+            )
+        )
+        self._pass_normal = self._pass_duplicate = 0
+        self.stats.ram_remaining = remaining
+        self.stats.ram_mbps = bandwidth * 8 / 1e6
+        self.stats.ram_dirty_pages_rate = dirty_pages / seconds
+        self.stats.expected_downtime_ms = min(d.expected_downtime_s, 1e9) * 1e3
+        elapsed = max(now - self._t_active, 1e-9)
+        sent_pages = self.stats.ram_normal + self.stats.ram_duplicate
+        self.stats.ram_pages_per_second = sent_pages / elapsed
+        if d.throttle_pct != self.stats.throttle_pct:
+            self.stats.throttle_pct = d.throttle_pct
+            self.guest.set_throttle(d.throttle_pct)
+        return d.switchover
+
+    def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
+        ram = self.vm.ram
+        if not self.params.offline:
+            self._pause_guest()
+            to_send = to_send | ram.get_dirty_log().bitmap
+            self.stats.dirty_sync_count += 1
+            ram.stop_dirty_log()
+        self.stats.status = Status.DEVICE
+        yield from self._send_pages(to_send)
+        self._t_final_ram = self.clock.monotonic()
+        state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
+        out: list[Buffer] = []
+        for rec in state:
+            out += self.encoder.encode(rec)
+        pieces = [p for h in self.vm.handlers.values() for p in h.save_complete()]
+        out += self._encode_pieces(pieces)
+        out += self.encoder.encode(End())
+        self.stats.ram_remaining = 0
+        yield out
+        self._t_end = self.clock.monotonic()
+        self.stats.ram_transferred = self.encoder.bytes_out
+
+    def _pause_guest(self) -> None:
+        self._t_pause = self.clock.monotonic()
+        if self.vm.running:
+            self.guest.pause()
+            self._paused_by_us = True
+        # devices stop their DMA before the final dirty sync reads the log
+        for h in self.vm.handlers.values():
+            h.quiesce()
+
+    def _encode_pieces(self, pieces: list[StatePiece]) -> list[Buffer]:
+        out: list[Buffer] = []
+        for p in pieces:
+            rec: Record
+            if isinstance(p, DeviceData):
+                rec = DeviceChunk(p.device, p.phase, p.seq, p.data)
+                self.stats.device_bytes += len(p.data)
+            else:
+                rec = ComponentRecord(p.name, p.data)
+            out += self.encoder.encode(rec)
+        return out
+
+    # --- RAM runs --------------------------------------------------------------------
+
+    def _send_pages(self, mask: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
+        ram = self.vm.ram
+        starts, lengths = page_runs(np.flatnonzero(mask), self._run_pages)
+        batch: list[Buffer] = []
+        size = 0
+        self._bounce_used = 0
+        for first, count in zip(starts.tolist(), lengths.tolist(), strict=True):
+            zero = ram.zero_mask(first, count)
+            for z, s, n in _split(zero, first):
+                recs = self._zero(s, n) if z else [*self._flush_zero(), self._pages(s, n)]
+                for rec in recs:
+                    parts = self.encoder.encode(rec)
+                    batch += parts
+                    size += sum(len(p) for p in parts)
+            if size >= BATCH_BYTES:
+                self.stats.ram_transferred = self.encoder.bytes_out
+                yield batch
+                batch, size = [], 0
+                self._bounce_used = 0
+        for rec in self._flush_zero():
+            batch += self.encoder.encode(rec)
+        self.stats.ram_transferred = self.encoder.bytes_out
+        if batch:
+            yield batch
+
+    def _pages(self, first: int, count: int) -> RamPages:
+        ps = self.vm.ram.page_size
+        self.stats.ram_normal += count
+        self.stats.ram_normal_bytes += count * ps
+        self._pass_normal += count
+        n = count * ps
+        snap = self._bounce[self._bounce_used : self._bounce_used + n]
+        self._bounce_used += n
+        np.copyto(snap, self.vm.ram.bytes[first * ps : first * ps + n])
+        return RamPages(first * ps, ps, snap.data)
+
+    def _zero(self, first: int, count: int) -> list[Record]:
+        self.stats.ram_duplicate += count
+        self._pass_duplicate += count
+        if self._zero_run is not None and sum(self._zero_run) == first:
+            self._zero_run = (self._zero_run[0], self._zero_run[1] + count)
+            return []
+        out = self._flush_zero()
+        self._zero_run = (first, count)
+        return out
+
+    def _flush_zero(self) -> list[Record]:
+        if self._zero_run is None:
+            return []
+        first, count = self._zero_run
+        self._zero_run = None
+        ps = self.vm.ram.page_size
+        return [RamZero(first * ps, count, ps)]
+
+    # --- the end ---------------------------------------------------------------------
+
+    def switchover_digests(self) -> dict[str, str]:
+        """Digests of RAM and vCPUs as sent (the guest is paused from switchover on)."""
+        if not self.source_digests:
+            self.source_digests = state_digests(self.vm)
+        return self.source_digests
+
+    def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
+        """The destination resumed: close the books.  The source VM stays paused."""
+        if self.stats.status is not Status.DEVICE or self._t_end == 0.0:
+            raise StreamUsageError(f"complete() in status {self.stats.status.value}")
+        now = self.clock.monotonic()
+        verify_ms = float(ack.get("verification_ms", 0.0))
+        total = (now - self._t_pause) * 1e3 - verify_ms
+        self.stats.downtime = Downtime(
+            total_ms=total,
+            final_ram_ms=(self._t_final_ram - self._t_pause) * 1e3,
+            state_ms=(self._t_end - self._t_final_ram) * 1e3,
+            resume_ms=(now - self._t_end) * 1e3 - verify_ms,
+            verification_ms=verify_ms,
+        )
+        self.stats.total_time_ms = (now - self._t0) * 1e3 - verify_ms
+        self.stats.status = Status.COMPLETED
+        self._close_generator()
+        for h in self.vm.handlers.values():
+            h.save_cleanup()
+        return self.stats
+
+    def fail(self, step: str, reason: str, *, cancelled: bool = False) -> MigrationStats:
+        """Abandon the migration and give the source VM back, running as before."""
+        if self.stats.status is Status.COMPLETED:
+            raise StreamUsageError("a completed migration cannot fail")
+        self._close_generator()
+        self.vm.ram.stop_dirty_log()
+        for h in self.vm.handlers.values():
+            try:
+                h.save_failed()
+            except Exception as exc:  # the guest must come back whatever a handler does
+                reason += f" (and {h.name} could not recover: {exc})"
+        self.guest.set_throttle(0)
+        self.stats.throttle_pct = 0
+        if self._paused_by_us and self._was_running:
+            self.guest.resume()
+            self._paused_by_us = False
+        self.stats.status = Status.CANCELLED if cancelled else Status.FAILED
+        self.stats.error, self.stats.error_step = reason, step
+        self.stats.total_time_ms = (self.clock.monotonic() - self._t0) * 1e3
+        return self.stats
+
+    def _close_generator(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+
+    def current_step(self) -> str:
+        """Where the session is, in words, for failure reports."""
+        st = self.stats.status
+        if st is Status.ACTIVE:
+            return f"ram pass {len(self.stats.passes) + 1}"
+        if st is Status.DEVICE:
+            return "awaiting destination resume" if self._t_end else "switchover (final pass)"
+        return str(st.value)
+
+
+def state_digests(vm: VM) -> dict[str, str]:
+    """RAM, vCPU and per-handler digests: equal on both sides means equal state."""
+    out = {"ram": vm.ram.digest(), "vcpu": vm.vcpu_digest()}
+    for name, h in vm.handlers.items():
+        d = h.state_digest()
+        if d is not None:
+            out[f"handler:{name}"] = d
+    return out
+
+
+def _split(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:
+    """Cut a run into maximal (is_zero, start, count) pieces."""
+    if zero.all():
+        return [(True, first, zero.size)]
+    if not zero.any():
+        return [(False, first, zero.size)]
+    edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
+    bounds = np.concatenate(([0], edges, [zero.size])).tolist()
+    return [(bool(zero[a]), first + a, b - a) for a, b in itertools.pairwise(bounds)]

@@ -1,0 +1,69 @@
+"""``vmferry explore`` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from vmferry.cli.main import cli
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["explore", *args])
+    return result.exit_code, result.output
+
+
+def test_list_shows_scenarios_modes_and_default() -> None:
+    code, out = run("races", "--list")
+    assert code == 0
+    assert "iommu-probe" in out and "v6_15 (default)" in out and "pre_6_7" in out
+    code, out = run("races", "--list", "--json")
+    data = json.loads(out)
+    entry = next(s for s in data["scenarios"] if s["name"] == "iommu-probe")
+    assert entry["default_mode"] == "v6_15" and "R1" in entry["cases"]
+
+
+def test_faulty_mode_exits_1_with_failures_json(tmp_path: Path) -> None:
+    code, out = run("races", "--scenario", "iommu-probe", "--mode", "pre_6_7", "--case", "R1",
+                    "--json", "--failures-dir", str(tmp_path))
+    assert code == 1
+    data = json.loads(out)  # exactly one JSON object
+    assert data["scenario"] == "iommu-probe" and data["mode"] == "pre_6_7"
+    assert data["schedules_explored"] > 0 and data["failures"]
+    failure = data["failures"][0]
+    assert {"case", "hazard", "message", "schedule"} <= set(failure)
+    saved = list(tmp_path.iterdir())
+    assert saved
+    code, out = run("replay", str(saved[0]))
+    assert code == 1 and "reproduced" in out
+
+
+def test_correct_mode_exits_0(tmp_path: Path) -> None:
+    code, out = run("races", "--scenario", "iommu-probe", "--case", "R5", "--failures-dir",
+                    str(tmp_path))
+    assert code == 0 and "ok" in out and "complete=True" in out
+
+
+def test_random_strategy_json(tmp_path: Path) -> None:
+    code, out = run("races", "--scenario", "iommu-probe", "--case", "R2", "--strategy",
+                    "random", "--seed", "3", "--max-schedules", "20", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["strategy"] == "random" and data["schedules_explored"] == 20
+    assert data["complete"] is False
+
+
+def test_bad_arguments() -> None:
+    assert run("races")[0] == 2
+    assert run("races", "--scenario", "nope")[0] == 2
+    assert run("races", "--scenario", "iommu-probe", "--mode", "nope")[0] == 2
+    assert run("races", "--scenario", "iommu-probe", "--preemption-bound", "-1")[0] == 2
+
+
+def test_replay_rejects_malformed_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.replay"
+    bad.write_text("garbage\n")
+    code, out = run("replay", str(bad))
+    assert code == 1 and "expected" in out
