@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -14,6 +12,3 @@ settings.register_profile(
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), max_examples=60)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
-
-# test helpers (greenlet_driver) importable from tests/
-sys.path.insert(0, str(Path(__file__).parent))

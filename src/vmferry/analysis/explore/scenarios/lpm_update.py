@@ -110,6 +110,7 @@ SCENARIO = Scenario(
         _case("nx-driver", "NX 842 H_COP through its node while the update runs",
               dynamic=True, user="driver", fails_in=frozenset({"no_pf_skip"})),
     ),
+    preemption_bound=2,
     mode_help={
         "correct": "seed patch: platform-facilities delete/add ignored by device_type",
         "upstream": "newest kernel as read (seed patch, single-node attach, no retries)",
