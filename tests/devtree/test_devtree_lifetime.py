@@ -10,7 +10,7 @@ from vmferry.guest.mobility import MODES, MobilityHandler, OutOfBoundsRead
 from vmferry.hw.devtree import Property, RefcountUnderflow, dump_fdt, load_fdt
 from vmferry.hw.devtree.tree import canonical
 from vmferry.hw.spapr.platform import generate_pseries_tree
-from vmferry.hw.spapr.rtas import be32
+from vmferry.hw.spapr.rtas import WorkAreaOverrun, be32
 
 
 def tree():  # type: ignore[no-untyped-def]
@@ -74,6 +74,7 @@ def test_malformed_update_nodes_page_changes_nothing() -> None:
         if expect is None:
             assert h.devicetree_update(1) == -22
             assert "crosses" in h.report.errors[0]
+            assert isinstance(h.report.rejections[0], WorkAreaOverrun)
             assert canonical(t.root) == before  # whole page rejected before any change
         else:
             rep = h.post_mobility_fixup()

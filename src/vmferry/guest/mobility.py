@@ -166,6 +166,8 @@ class MobilityReport:
     notices: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: the typed errors behind ``errors`` (malformed work areas, cc protocol violations)
+    rejections: list[ModelError] = field(default_factory=list)
     hazards: list[HazardRecord] = field(default_factory=list)
     leaks: list[LeakRecord] = field(default_factory=list)
     leaked_partials: int = 0
@@ -311,6 +313,7 @@ class MobilityHandler:
             try:
                 self._process_page(buf)
             except WorkAreaError as exc:
+                self.report.rejections.append(exc)
                 self.report.errors.append(f"update-nodes: {exc}")
                 self.report.rc = -22
                 return -22
@@ -428,6 +431,7 @@ class MobilityHandler:
             try:
                 descs = self._parse_props(wa)
             except WorkAreaError as exc:
+                self.report.rejections.append(exc)
                 self.report.errors.append(f"update-properties {node.path()}: {exc}")
                 return
             pending = self._apply_descs(node, descs, pending)
@@ -523,7 +527,9 @@ class MobilityHandler:
         if top is None:
             self.report.warnings.append(f"configure-connector {drc_index:#x} failed")
             return
-        if self.opts.merge_readd and self._merge(top, parent):
+        if self.opts.merge_readd:
+            if not self._merge(top, parent):
+                self._attach(top, parent)  # a genuinely new subtree, facilities included
             return
         if self.opts.platfac_filter and top.device_type(HOLDER) == PLATFORM_FACILITIES:
             self.report.notices.append(
@@ -600,6 +606,7 @@ class MobilityHandler:
         try:
             return self._cc_loop(buf, wa, st)
         except (CcProtocolError, WorkAreaError) as exc:
+            self.report.rejections.append(exc)
             self.report.errors.append(f"configure-connector {drc_index:#x}: {exc}")
         except NullDereference as exc:
             self.report.hazards.append(HazardRecord(exc.hazard, "", "cc-client", str(exc)))

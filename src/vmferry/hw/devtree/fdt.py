@@ -92,7 +92,7 @@ def _load_children(fdt: Any, off: int, tree: DeviceTree, parent: DeviceNode) -> 
 
 def dump_fdt(tree: DeviceTree) -> bytes:
     """Flatten the reachable tree (deterministic: same tree -> same bytes)."""
-    sw = libfdt.FdtSw()
+    sw = libfdt.FdtSw(size_hint=_size_estimate(tree))
     for addr, size in tree.reservations:
         sw.add_reservemap_entry(addr, size)
     sw.finish_reservemap()
@@ -102,6 +102,15 @@ def dump_fdt(tree: DeviceTree) -> bytes:
     out = bytearray(fdt.as_bytearray())
     struct.pack_into(">I", out, _BOOT_CPUID_OFFSET, tree.boot_cpuid_phys)
     return bytes(out)
+
+
+def _size_estimate(tree: DeviceTree) -> int:
+    """An upper bound of the blob size (pylibfdt's automatic growth is not reliable)."""
+    total = 4096 + 16 * (len(tree.reservations) + 1)
+    for n in tree.walk():
+        total += 16 + len(n.name)
+        total += sum(16 + len(p.value) + len(p.name) for p in n._props.values())
+    return total
 
 
 def _dump_node(sw: Any, node: DeviceNode, name: str) -> None:

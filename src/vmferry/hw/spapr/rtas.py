@@ -210,6 +210,10 @@ def _by_phandle(tree: DeviceTree) -> dict[int, DeviceNode]:
     return out
 
 
+def _props(node: DeviceNode) -> dict[str, bytes]:
+    return {p.name: p.value for p in node.properties("firmware")}
+
+
 def _is_readd(node: DeviceNode, readd_types: frozenset[str]) -> bool:
     t = node.device_type("firmware")
     p = node.parent
@@ -237,14 +241,14 @@ def compute_update_plan(src: DeviceTree, dst: DeviceTree, *,
         if m is None or ph == phandle_of(src.root):
             continue
         moved = _parent_ph(n) != _parent_ph(m)
-        changed = n.properties("firmware") != m.properties("firmware")
+        changed = _props(n) != _props(m)
         if moved or _is_readd(n, readd_types) or (
                 changed and n.device_type("firmware") in replace_changed_types):
             replaced.add(ph)
     deletes = _post_order_deletes(src, s, d, replaced)
     updates = tuple(_node_update(n, s[ph], ph) for ph, n in d.items()
                     if ph in s and ph not in replaced
-                    and n.properties("firmware") != s[ph].properties("firmware"))
+                    and _props(n) != _props(s[ph]))
     adds = _adds(dst, s, replaced)
     return UpdatePlan(tuple(ph for ph, _ in deletes), updates, adds,
                       tuple(p for _, p in deletes))
@@ -331,7 +335,7 @@ def cc_responses(top: SubtreeSpec, style: str) -> Iterator[CcResponse]:
         raise ModelError(f"unknown configure-connector style {style!r}")
 
 
-def _props(n: SubtreeSpec) -> Iterator[CcResponse]:
+def _cc_props(n: SubtreeSpec) -> Iterator[CcResponse]:
     for p in n.props:
         yield (Cc.NEXT_PROPERTY, p.name, p.value)
 
@@ -339,7 +343,7 @@ def _props(n: SubtreeSpec) -> Iterator[CcResponse]:
 def _papr(nodes: list[SubtreeSpec] | tuple[SubtreeSpec, ...], nested: bool) -> Iterator[CcResponse]:
     for i, n in enumerate(nodes):
         yield (Cc.NEXT_CHILD if i == 0 else Cc.NEXT_SIBLING, n.name, b"")
-        yield from _props(n)
+        yield from _cc_props(n)
         if n.children:
             yield from _papr(n.children, nested=True)
     if nested:
@@ -348,7 +352,7 @@ def _papr(nodes: list[SubtreeSpec] | tuple[SubtreeSpec, ...], nested: bool) -> I
 
 def _qemu(n: SubtreeSpec, depth: int) -> Iterator[CcResponse]:
     yield (Cc.NEXT_CHILD, n.name, b"")
-    yield from _props(n)
+    yield from _cc_props(n)
     for c in n.children:
         yield from _qemu(c, depth + 1)
     yield (Cc.PREV_PARENT, "", b"") if depth else (Cc.COMPLETE, "", b"")
