@@ -724,3 +724,39 @@ def test_split_value_over_firmware_calls() -> None:
     assert node.value("ibm,dynamic-memory") == want.value("ibm,dynamic-memory")
     assert len(want.value("ibm,dynamic-memory") or b"") > 3 * 4096
     assert struct.unpack(">I", (node.value("ibm,dynamic-memory") or b"")[:4])[0] == 1024
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_check_16_shared_rtas_buffer(locked: bool) -> None:
+    from vmferry.analysis.explore import explore
+    from vmferry.analysis.explore.api import Instance
+    from vmferry.guest.mobility import RtasDataBuf
+
+    def build() -> Instance:
+        src = generate_pseries_tree(512, 2)
+        dst = generate_pseries_tree(512, 2, numa_domain=1)
+        tree = load_fdt(dump_fdt(src))
+        fw = RtasFirmware(src, dst)
+        shared = RtasDataBuf(locked=locked)
+        cpus = [tree.find_by_path(f"/cpus/PowerPC,POWER9@{i}") for i in (0, 1)]
+        want = [dst.find_by_path(f"/cpus/PowerPC,POWER9@{i}") for i in (0, 1)]
+        hs = [handler(tree, fw, data_buf=shared) for _ in (0, 1)]
+
+        def worker(i: int) -> None:
+            node = cpus[i]
+            assert node is not None
+            hs[i].update_node(node)
+
+        def check() -> None:
+            for got, exp in zip(cpus, want, strict=True):
+                assert got is not None and exp is not None
+                assert got.value("ibm,associativity") == exp.value("ibm,associativity")
+        return Instance(threads={"t0": lambda: worker(0), "t1": lambda: worker(1)},
+                        check=check)
+
+    report = explore(build, preemption_bound=2, failures_dir=None)
+    assert report.complete
+    if locked:
+        assert not report.failures, report.failures[0].message
+    else:
+        assert any(f.hazard == "shared-buffer-corruption" for f in report.failures)

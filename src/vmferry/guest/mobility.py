@@ -84,6 +84,41 @@ class NullDereference(HazardError):
     hazard = "null-dereference"
 
 
+class SharedBufferCorruption(HazardError):
+    """Another caller's data came back through the global RTAS buffer."""
+
+    hazard = "shared-buffer-corruption"
+
+
+class RtasDataBuf:
+    """The kernel's global ``rtas_data_buf`` and its lock (``mobility_rtas_call``).
+
+    Each call copies the caller's private 4 KiB work area in, calls RTAS on the global
+    buffer and copies the result back.  ``locked=False`` reproduces callers that skip
+    ``rtas_data_buf_lock``.
+    """
+
+    def __init__(self, *, locked: bool = True) -> None:
+        self.buf = bytearray(WORK_AREA_SIZE)
+        self.lock = ModelLock("rtas_data_buf_lock")
+        self.locked = locked
+
+    def call(self, fn: Callable[[bytearray], int], private: bytearray) -> int:
+        if self.locked:
+            self.lock.acquire()
+        try:
+            yield_point("rtas_data_buf copy in", self, write=True)
+            self.buf[:] = private
+            yield_point("rtas call on rtas_data_buf", self, write=True)
+            rc = fn(self.buf)
+            yield_point("rtas_data_buf copy out", self, write=False)
+            private[:] = self.buf
+            return rc
+        finally:
+            if self.locked:
+                self.lock.release()
+
+
 class CcProtocolError(ModelError):
     """configure-connector responses out of order (correct client)."""
 
@@ -201,7 +236,8 @@ class MobilityHandler:
                  options: MobilityOptions | None = None, *,
                  tokens: frozenset[str] | None = None,
                  cacheinfo: CacheInfo | None = None,
-                 user_space: Callable[[], None] | None = None) -> None:
+                 user_space: Callable[[], None] | None = None,
+                 data_buf: RtasDataBuf | None = None) -> None:
         self.tree = tree
         self.rtas = rtas
         self.clock = clock
@@ -210,6 +246,7 @@ class MobilityHandler:
             {"ibm,update-nodes", "ibm,update-properties", "ibm,configure-connector"})
         self.cacheinfo = cacheinfo
         self.user_space = user_space
+        self.data_buf = data_buf
         self.cpu_hotplug = ModelLock("cpu_hotplug")
         self.report = MobilityReport()
         # merge_readd: deletes deferred until the sequence ends (each holds a reference)
@@ -424,7 +461,11 @@ class MobilityHandler:
         wa.set_u32(0, node.phandle)
         pending: _Pending | None = None
         while True:
-            rc = self._call(lambda: self.rtas.update_properties(buf, MIGRATION_SCOPE))
+            rc = self._call(lambda: self._props_call(buf))
+            if rc >= 0 and wa.u32(0) != node.phandle:
+                raise SharedBufferCorruption(
+                    f"update-properties for {node.path()} ({node.phandle:#x}) came back "
+                    f"describing phandle {wa.u32(0):#x}")
             if rc < 0:
                 self.report.warnings.append(f"update-properties {node.path()}: rc {rc}")
                 break
@@ -439,6 +480,11 @@ class MobilityHandler:
                 break
         if pending is not None:
             self._abandon_partial(node, pending)
+
+    def _props_call(self, buf: bytearray) -> int:
+        def call(b: bytearray) -> int:
+            return self.rtas.update_properties(b, MIGRATION_SCOPE)
+        return call(buf) if self.data_buf is None else self.data_buf.call(call, buf)
 
     def _abandon_partial(self, node: DeviceNode, pending: _Pending) -> None:
         if self.opts.partial_name_check:
