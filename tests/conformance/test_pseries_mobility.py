@@ -760,3 +760,24 @@ def test_check_16_shared_rtas_buffer(locked: bool) -> None:
         assert not report.failures, report.failures[0].message
     else:
         assert any(f.hazard == "shared-buffer-corruption" for f in report.failures)
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_check_37_cpu_offline_during_update(lock: bool) -> None:
+    from vmferry.analysis.explore import explore
+    from vmferry.analysis.explore.api import Instance
+
+    def build() -> Instance:
+        src = generate_pseries_tree(512, 2)
+        dst = generate_pseries_tree(512, 2, numa_domain=1)
+        tree = load_fdt(dump_fdt(src))
+        h = handler(tree, RtasFirmware(src, dst),
+                    replace(MODES["correct"], cpus_read_lock=lock))
+        return Instance(threads={"mobility": h._fixup_steps, "hotplug": lambda: h.cpu_offline(1)})
+
+    report = explore(build, preemption_bound=1, failures_dir=None)
+    assert report.complete
+    if lock:
+        assert not report.failures, report.failures[0].message
+    else:
+        assert any(f.hazard == "invariant-violation" for f in report.failures)

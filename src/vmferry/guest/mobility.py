@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from vmferry.errors import HazardError, ModelError
+from vmferry.errors import HazardError, InvariantViolation, ModelError
 from vmferry.guest.drivers import CacheInfo
 from vmferry.hw.devtree.tree import (
     Changeset,
@@ -162,6 +162,7 @@ class MobilityOptions:
     legacy_attach_put_parent: bool = False
     missing_token_is_error: bool = False  # pre-v5.11
     merge_readd: bool = False  # target design: delete+add of a phandle becomes updates
+    cpus_read_lock: bool = True  # hold cpu hotplug off during the update (2019)
     rtas_call_s: float = 0.0002  # virtual time one RTAS call takes
     max_retries: int = 64
 
@@ -248,6 +249,7 @@ class MobilityHandler:
         self.user_space = user_space
         self.data_buf = data_buf
         self.cpu_hotplug = ModelLock("cpu_hotplug")
+        self.updating = False  # inside the device-tree update (for cpu_offline's check)
         self.report = MobilityReport()
         # merge_readd: deletes deferred until the sequence ends (each holds a reference)
         self._deferred: dict[int, DeviceNode] = {}
@@ -282,8 +284,10 @@ class MobilityHandler:
         r = self.report
         r.trace.append("activate-firmware")
         self._call(self.rtas.activate_firmware)
-        self.cpu_hotplug.acquire()
+        if self.opts.cpus_read_lock:
+            self.cpu_hotplug.acquire()
         r.trace.append("cpus_read_lock")
+        self.updating = True
         try:
             if self.cacheinfo is not None and self.opts.cacheinfo_teardown:
                 r.trace.append("cacheinfo_teardown")
@@ -295,10 +299,20 @@ class MobilityHandler:
                 r.trace.append("cacheinfo_rebuild")
                 self.cacheinfo.rebuild()
         finally:
-            self.cpu_hotplug.release()
+            self.updating = False
+            if self.opts.cpus_read_lock:
+                self.cpu_hotplug.release()
             r.trace.append("cpus_read_unlock")
         r.trace.append("mitigations")
         r.trace.append("24x7")
+
+    def cpu_offline(self, cpu: int) -> None:
+        """A CPU hot-unplug request: takes the hotplug lock for writing."""
+        with self.cpu_hotplug:
+            yield_point(f"cpu {cpu} offline", "cpus", write=True)
+            if self.updating:
+                raise InvariantViolation(
+                    f"cpu {cpu} went offline while the device-tree update was running")
 
     def _run_user_space(self, *, stale: bool) -> None:
         if self.user_space is None:
