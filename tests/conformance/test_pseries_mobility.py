@@ -781,3 +781,12 @@ def test_check_37_cpu_offline_during_update(lock: bool) -> None:
         assert not report.failures, report.failures[0].message
     else:
         assert any(f.hazard == "invariant-violation" for f in report.failures)
+
+
+def test_check_48_sysfs_migration_file() -> None:
+    from vmferry.guest.mobility import MobilitySysfs
+    calls: list[int] = []
+    sysfs = MobilitySysfs(lambda h: calls.append(h) or 0)
+    assert sysfs.write_migration("not-a-number\n") == -22 and not calls
+    assert sysfs.write_migration("0x1234\n") == len("0x1234\n") and calls == [0x1234]
+    assert sysfs.api_version == "1"

@@ -801,3 +801,26 @@ def run_post_migration_updates(guest_tree: DeviceTree, source_platform: DeviceTr
     handler = MobilityHandler(guest_tree, fw, clock or ManualClock(), opts,
                               cacheinfo=CacheInfo(guest_tree))
     return handler.post_mobility_fixup()
+
+
+class MobilitySysfs:
+    """``/sys/kernel/mobility``: ``migration`` (write a stream id) and ``api_version``.
+
+    ``migrate`` is the in-kernel migration routine (``pseries_migrate_partition``); it
+    returns 0 or a negative errno.  The write returns the byte count or the negative errno.
+    """
+
+    api_version = "1"  # kernel performs firmware activation and the DT update
+
+    def __init__(self, migrate: Callable[[int], int]) -> None:
+        self.migrate = migrate
+
+    def write_migration(self, text: str) -> int:
+        try:
+            handle = int(text.strip(), 0)  # base auto-detect, like kstrtou64(buf, 0)
+        except ValueError:
+            return -22
+        if not 0 <= handle < 1 << 64:
+            return -34  # -ERANGE
+        rc = self.migrate(handle)
+        return rc if rc else len(text)
