@@ -27,3 +27,6 @@ __all__ = [
     "create_vm",
     "load_definition",
 ]
+
+# Architectures beyond "generic" register themselves in ARCHES when imported.
+from vmferry.machine import arm64_handler as _arm64  # noqa: F401

@@ -1,0 +1,1 @@
+"""The migration engine (sans-IO): stream codec, pre-copy policy, session machines."""
