@@ -22,8 +22,8 @@ from vmferry.machine.arm64 import Arm64Machine, CpuLoadError, MergeMode, decode_
 from vmferry.machine.profiles import list_profiles, load_profile
 from vmferry.machine.vm import create_vm
 from vmferry.migration.destination import DestinationSession
+from vmferry.migration.local import migrate_locally
 from vmferry.migration.source import MigrationParams, SourceSession
-from vmferry.migration.stream import StreamDecoder
 
 
 def timed_matrix(compat: str) -> tuple[float, dict[str, object]]:
@@ -67,16 +67,7 @@ def engine_migrations(count: int) -> tuple[float, dict[str, object]]:
         src = SourceSession(vm, MigrationParams(), clock)
         src.preflight({})
         dst = DestinationSession(clock)
-        decoder = StreamDecoder()
-        bufs = src.start()
-        while bufs:
-            for buf in bufs:
-                decoder.feed(buf)
-                clock.advance(len(buf) / LINK_BYTES_PER_S)
-            for rec in decoder.events():
-                dst.receive(rec)
-            bufs = src.next_buffers()
-        src.complete(dst.finish())
+        migrate_locally(src, dst, clock, link_bytes_per_s=LINK_BYTES_PER_S)
         dst.hand_over().close()
         vm.close()
     elapsed = time.perf_counter() - start

@@ -55,8 +55,9 @@ def _migrate(a: HostClient, b_url: str, name: str) -> dict[str, Any]:
 
 def ram_round(a: HostClient, b: HostClient, b_url: str, n: int, mib: int) -> dict[str, Any]:
     name = f"ram-{n}"
-    a.post("/v1/vms", {"definition": {"name": name, "memory_mib": mib, "fill": "random",
-                                      "workload": {"dirty_rate_mbps": 0}}, "start": True})  # fmt: skip
+    definition = {"name": name, "memory_mib": mib, "fill": "random",
+                  "workload": {"dirty_rate_mbps": 0}}
+    a.post("/v1/vms", {"definition": definition, "start": True})
     stats = _migrate(a, b_url, name)
     b.delete(f"/v1/vms/{name}")
     seconds = stats["total-time"] / 1e3

@@ -57,8 +57,8 @@ from vmferry.machine.arm64_handler import Arm64Refused, arm64_handler, parse_psc
 from vmferry.machine.profiles import HostProfile, list_profiles, load_profile, parse_mitigation
 from vmferry.machine.vm import VM, HostContext, create_vm
 from vmferry.migration.destination import DestinationSession
+from vmferry.migration.local import transfer
 from vmferry.migration.source import MigrationParams, SourceSession
-from vmferry.migration.stream import StreamDecoder
 
 OUTCOMES: Final = ("migrates", "refused", "fails_after_stop", "degraded")
 GUEST_PSCI: Final = ("default", "0.2", "1.0")
@@ -218,16 +218,7 @@ def _transfer(
 ) -> dict[str, Any]:
     """The stream, from the source session's buffers into the destination session, over
     a simulated link of :data:`LINK_BYTES_PER_S`."""
-    decoder = StreamDecoder()
-    bufs = session.start()
-    while bufs:
-        for buf in bufs:
-            decoder.feed(buf)
-            clock.advance(len(buf) / LINK_BYTES_PER_S)
-        for rec in decoder.events():
-            dst.receive(rec)
-        bufs = session.next_buffers()
-    decoder.eof()
+    transfer(session, dst, clock, link_bytes_per_s=LINK_BYTES_PER_S)
     return dst.finish(start=False)
 
 

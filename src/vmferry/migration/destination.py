@@ -121,9 +121,7 @@ class DestinationSession:
         return self.vm
 
     def _pages(self, vm: VM, rec: RamPages) -> None:
-        ps = vm.ram.page_size
-        if rec.page_size != ps:
-            raise MalformedRecord(f"page size {rec.page_size} but the VM uses {ps}")
+        ps = _page_size(vm, rec.page_size)
         data = np.frombuffer(rec.data, dtype=np.uint8).reshape(-1, ps)
         try:
             vm.ram.write_pages(rec.gpa // ps, data)
@@ -132,9 +130,7 @@ class DestinationSession:
         self.pages_received += rec.npages
 
     def _zero(self, vm: VM, rec: RamZero) -> None:
-        ps = vm.ram.page_size
-        if rec.page_size != ps:
-            raise MalformedRecord(f"page size {rec.page_size} but the VM uses {ps}")
+        ps = _page_size(vm, rec.page_size)
         try:
             vm.ram.zero_pages(rec.gpa // ps, rec.npages)
         except GuestMemoryError as exc:
@@ -142,9 +138,7 @@ class DestinationSession:
         self.zero_pages_received += rec.npages
 
     def _scatter(self, vm: VM, rec: RamScatter) -> None:
-        ps = vm.ram.page_size
-        if rec.page_size != ps:
-            raise MalformedRecord(f"page size {rec.page_size} but the VM uses {ps}")
+        ps = _page_size(vm, rec.page_size)
         if int(rec.pages[0]) < 0 or int(rec.pages[-1]) >= vm.ram.npages:
             raise MalformedRecord(f"RAM_SCATTER page {int(rec.pages[-1])} outside guest RAM")
         if rec.zero:
@@ -216,6 +210,13 @@ class DestinationSession:
                     h.load_failed()
             self.vm.close()
         self.vm = None
+
+
+def _page_size(vm: VM, claimed: int) -> int:
+    """The VM's page size, which a RAM record must carry."""
+    if claimed != vm.ram.page_size:
+        raise MalformedRecord(f"page size {claimed} but the VM uses {vm.ram.page_size}")
+    return claimed
 
 
 def describe_failure(exc: BaseException) -> str:

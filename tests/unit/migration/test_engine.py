@@ -14,6 +14,7 @@ from vmferry.errors import MalformedRecord, MigrationError
 from vmferry.machine import VM, create_vm
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession
+from vmferry.migration.local import migrate_locally
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.source import MigrationParams, SourceSession, page_runs
 from vmferry.migration.stream import (
@@ -38,6 +39,9 @@ class Link:
         self.dst = DestinationSession(self.clock, verify=True)
         self.bandwidth = bandwidth
 
+    def run_guest(self, dt: float) -> None:
+        self.vm.run_slice(dt)
+
     def push(self, bufs: list[Any]) -> None:
         n = sum(len(b) for b in bufs)
         for b in bufs:
@@ -49,14 +53,9 @@ class Link:
         self.vm.run_slice(dt)
 
     def run(self) -> dict[str, Any]:
-        self.push(self.src.start())
-        while bufs := self.src.next_buffers():
-            self.push(bufs)
-        self.dec.eof()
-        digests = self.src.switchover_digests()
-        ack = self.dst.finish()
-        self.src.complete(ack)
-        return {"ack": ack, "source": digests}
+        ack = migrate_locally(self.src, self.dst, self.clock, link_bytes_per_s=self.bandwidth,
+                              on_time=self.run_guest)
+        return {"ack": ack, "source": self.src.switchover_digests()}
 
 
 def vm_with(rate: float = 0.0, mib: int = 32, fill: str = "random", **kw: Any) -> VM:
