@@ -24,11 +24,14 @@ This module sits beside :mod:`vmferry.errors` at the bottom of the layer stack s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+import random
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
-from vmferry.errors import Deadlock, InvariantViolation
+import greenlet
+
+from vmferry.errors import Deadlock, HazardError, InvariantViolation
 
 MAIN_THREAD = "main"
 
@@ -123,3 +126,78 @@ class ModelLock:
 
     def __repr__(self) -> str:
         return f"ModelLock({self.name!r}, owner={self.owner!r})"
+
+
+class RandomScheduler:
+    """Runs model threads concurrently on greenlets under a seeded random schedule.
+
+    The simple scheduler models use at run time (a boot probing its IOMMUs, stop_machine
+    running a join on every CPU); the explorer in ``vmferry.analysis.explore`` is the one
+    that enumerates schedules.  The same seed gives the same run.  A thread's return value
+    lands in ``results``; the first HazardError stops the run and :meth:`run` returns it as
+    ``"hazard: message"``; threads still blocked at the end are in :meth:`stuck`.
+    """
+
+    def __init__(self, threads: Mapping[str, Callable[[], Any]], seed: int = 0, *,
+                 max_steps: int = 100_000) -> None:
+        self.rng = random.Random(seed)
+        self.max_steps = max_steps
+        self.main = greenlet.getcurrent()
+        self.results: dict[str, Any] = {}
+        self.waiting: dict[str, Callable[[], bool]] = {}
+        self.done: set[str] = set()
+        self.steps = 0
+        self.error: BaseException | None = None
+        self.names: dict[Any, str] = {}
+        self.glets: dict[str, Any] = {}
+        for name, fn in threads.items():
+            glet = greenlet.greenlet(self._body(name, fn), parent=self.main)
+            self.glets[name] = glet
+            self.names[glet] = name
+
+    def _body(self, name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                self.results[name] = fn()
+            except HazardError as exc:
+                self.error = exc
+            finally:
+                self.done.add(name)
+
+        return run
+
+    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
+        if greenlet.getcurrent() in self.names:
+            self.main.switch()
+
+    def wait(self, label: str, ready: Callable[[], bool]) -> None:
+        me = self.names.get(greenlet.getcurrent())
+        while not ready():
+            if me is None:
+                return
+            self.waiting[me] = ready
+            self.main.switch()
+        if me is not None:
+            self.waiting.pop(me, None)
+
+    def current_thread(self) -> str:
+        return self.names.get(greenlet.getcurrent(), MAIN_THREAD)
+
+    def run(self) -> str | None:
+        with scheduled(self):
+            while self.error is None and self.steps < self.max_steps:
+                runnable = [n for n in self.glets if n not in self.done and self._ready(n)]
+                if not runnable:
+                    break
+                self.steps += 1
+                self.glets[self.rng.choice(runnable)].switch()
+        if self.error is not None:
+            return f"{type(self.error).__dict__.get('hazard', 'hazard')}: {self.error}"
+        return None
+
+    def _ready(self, name: str) -> bool:
+        ready = self.waiting.get(name)
+        return ready is None or ready()
+
+    def stuck(self) -> list[str]:
+        return [n for n in self.glets if n not in self.done]

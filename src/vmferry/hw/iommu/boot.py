@@ -21,14 +21,10 @@ Platform description (a mapping, e.g. parsed from a host profile)::
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import greenlet
-
-from vmferry.errors import HazardError
 from vmferry.hw.iommu.core import Device, device_state
 from vmferry.hw.iommu.driver_core import Driver
 from vmferry.hw.iommu.drivers import GROUP_POLICIES, SmmuDriver
@@ -36,7 +32,7 @@ from vmferry.hw.iommu.dt import DtNode
 from vmferry.hw.iommu.errors import Errno, IommuError, errname
 from vmferry.hw.iommu.kernel import Kernel
 from vmferry.hw.iommu.topology import IommuHandle, iommu, register_and_trigger
-from vmferry.sync import MAIN_THREAD, scheduled
+from vmferry.sync import RandomScheduler
 
 MAX_BOOT_STEPS = 200_000
 
@@ -94,7 +90,7 @@ def boot_probe(
         threads[f"reg:{handle.name}"] = _registration(kernel, handle)
     for dev, drv in devices:
         threads[f"bind:{dev.name}"] = _binding(kernel, dev, drv)
-    runner = _RandomRunner(threads, random.Random(seed))
+    runner = RandomScheduler(threads, seed, max_steps=MAX_BOOT_STEPS)
     hazard = runner.run()
     return _result(kernel, mode, seed, handles, devices, wanted, runner, hazard)
 
@@ -190,79 +186,13 @@ def _binding(kernel: Kernel, dev: Device, drv: Driver | None) -> Callable[[], in
     return lambda: kernel.drivers.probe_until_bound(dev, drv)
 
 
-class _RandomRunner:
-    """Seeded random interleaving of model threads on greenlets (a SchedulerHook)."""
-
-    def __init__(self, threads: Mapping[str, Callable[[], int]], rng: random.Random) -> None:
-        self.rng = rng
-        self.main = greenlet.getcurrent()
-        self.results: dict[str, int] = {}
-        self.waiting: dict[str, Callable[[], bool]] = {}
-        self.done: set[str] = set()
-        self.steps = 0
-        self.error: BaseException | None = None
-        self.names: dict[Any, str] = {}
-        self.glets: dict[str, Any] = {}
-        for name, fn in threads.items():
-            glet = greenlet.greenlet(self._body(name, fn), parent=self.main)
-            self.glets[name] = glet
-            self.names[glet] = name
-
-    def _body(self, name: str, fn: Callable[[], int]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                self.results[name] = fn()
-            except HazardError as exc:
-                self.error = exc
-            finally:
-                self.done.add(name)
-
-        return run
-
-    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
-        if greenlet.getcurrent() in self.names:
-            self.main.switch()
-
-    def wait(self, label: str, ready: Callable[[], bool]) -> None:
-        me = self.names.get(greenlet.getcurrent())
-        while not ready():
-            if me is None:
-                return
-            self.waiting[me] = ready
-            self.main.switch()
-        if me is not None:
-            self.waiting.pop(me, None)
-
-    def current_thread(self) -> str:
-        return self.names.get(greenlet.getcurrent(), MAIN_THREAD)
-
-    def run(self) -> str | None:
-        with scheduled(self):
-            while self.error is None and self.steps < MAX_BOOT_STEPS:
-                runnable = [n for n in self.glets if n not in self.done and self._ready(n)]
-                if not runnable:
-                    break
-                self.steps += 1
-                self.glets[self.rng.choice(runnable)].switch()
-        if self.error is not None:
-            return f"{type(self.error).__dict__.get('hazard', 'hazard')}: {self.error}"
-        return None
-
-    def _ready(self, name: str) -> bool:
-        ready = self.waiting.get(name)
-        return ready is None or ready()
-
-    def stuck(self) -> list[str]:
-        return [n for n in self.glets if n not in self.done]
-
-
 # --- result ---------------------------------------------------------------------------------------
 
 
 def _result(
     kernel: Kernel, mode: str, seed: int, handles: Mapping[str, IommuHandle],
     devices: list[tuple[Device, Driver | None]], wanted: Mapping[str, bool],
-    runner: _RandomRunner, hazard: str | None,
+    runner: RandomScheduler, hazard: str | None,
 ) -> BootResult:
     reports: dict[str, DeviceReport] = {}
     groups: dict[str, int | None] = {}
