@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import click
 
 from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
+from vmferry.machine.vm import HostContext
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -41,11 +44,36 @@ def command() -> None:
     type=click.Path(path_type=Path),
     help="directory for the SQLite store, logs and ready.json",
 )
-def serve(name: str, listen: str, migration_listen: str | None, state_dir: Path) -> None:
+@click.option(
+    "--platform",
+    "platform_file",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML file describing the host platform (e.g. a [spapr] table for pseries guests)",
+)
+def serve(
+    name: str,
+    listen: str,
+    migration_listen: str | None,
+    state_dir: Path,
+    platform_file: Path | None,
+) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
+    platform = load_platform(platform_file) if platform_file is not None else {}
     run_daemon(
         name,
         state_dir,
         parse_address(listen),
         parse_address(migration_listen) if migration_listen else None,
+        HostContext(name, platform=platform),
     )
+
+
+def load_platform(path: Path) -> dict[str, Any]:
+    """A host platform description from a TOML file (ConfigError if unreadable)."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read platform file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc

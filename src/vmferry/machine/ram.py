@@ -153,6 +153,13 @@ class GuestRam:
         if self.logging:
             self.dirty[where] = True
 
+    def mark_dirty(self, gpa: int, n: int) -> None:
+        """Count ``[gpa, gpa + n)`` as written in the dirty log without touching it: for a
+        device that may have written there by DMA, which the CPU's dirty log never sees."""
+        self._check(gpa, n)
+        if n and self.logging:
+            self.dirty[gpa // self.page_size : (gpa + n - 1) // self.page_size + 1] = True
+
     def zero_pages(self, first: int, count: int) -> None:
         """Make ``count`` pages from ``first`` read as zero, touching only populated ones."""
         if first < 0 or count < 0 or first + count > self.npages:
