@@ -3,7 +3,7 @@ pre-copy marking, and migration with the destination's own rebuild (in one proce
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -239,7 +239,9 @@ def test_writable_mappings_count_as_dirty_while_devices_run() -> None:
 # --- migration, in one process ---------------------------------------------------------------
 
 
-def migrate(src: VM, dst_host: HostContext) -> tuple[VM, dict[str, Any], SourceSession]:
+def migrate(
+    src: VM, dst_host: HostContext, before_finish: Callable[[VM], None] | None = None
+) -> tuple[VM, dict[str, Any], SourceSession]:
     clock = ManualClock()
     source = SourceSession(src, MigrationParams(), clock)
     decoder = StreamDecoder()
@@ -265,7 +267,15 @@ def migrate(src: VM, dst_host: HostContext) -> tuple[VM, dict[str, Any], SourceS
     while bufs := source.next_buffers():
         push(bufs)
     decoder.eof()
-    ack = dest.finish()
+    if before_finish is not None:
+        assert dest.vm is not None
+        before_finish(dest.vm)
+    try:
+        ack = dest.finish()
+    except Exception as exc:
+        dest.abort()
+        source.fail("destination load", str(exc))
+        raise
     source.complete(ack)
     assert dest.vm is not None
     ack["warnings"] = warnings
@@ -378,3 +388,25 @@ def test_a_replay_the_destination_cannot_do_fails_the_load() -> None:
         assert handler.rebuild is None
     finally:
         vm.close()
+
+
+def test_a_failed_replay_on_the_destination_gives_the_source_back() -> None:
+    src = dma_vm()
+    src.start()
+    run(src, 10)
+
+    def break_hardware(dst: VM) -> None:  # every exchange into the destination's table fails
+        hw = iommu(dst).hw_tables(LIOBN)[0]
+        hw.fail_xchg.update(range(hw.offset, hw.offset + hw.size))
+
+    with pytest.raises(TceRestoreError, match="replay failed"):
+        migrate(src, HostContext("dst"), before_finish=break_hardware)
+    try:
+        assert src.running  # the source resumed with its own tables
+        iommu(src).check_invariants()
+        received = nic(src).report()["driver"]["received"]
+        run(src, 10)
+        rep = nic(src).report()
+        assert rep["driver"]["received"] > received and rep["faults"] == 0
+    finally:
+        src.close()
