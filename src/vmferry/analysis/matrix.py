@@ -3,68 +3,71 @@
 Theory of operation
 -------------------
 There is no rule table here.  Each cell (source profile, destination profile, guest PSCI
-choice, source mitigation, destination mitigation) runs the steps a real migration runs,
-through the same functions the migration engine calls:
+choice, source mitigation, destination mitigation) is one real migration of a tiny
+``arch = "arm64"`` VM, driven in process through the sans-IO engine -- the same VM
+construction, handler, sessions, stream codec and load that a migration between two host
+daemons runs; only the sockets are left out:
 
-=====================  ===========================================  =====================
-step                   function                                      engine side / when
-=====================  ===========================================  =====================
-create + boot          ``Arm64Machine(profile, psci_pin=...)``,      source, VM start
-                       ``.start()``, ``Arm64Guest.boot(...)``
-pre-flight (default)   ``describe_destination(profile)`` ->          destination, before
-                       ``DestinationCaps.to_json()``                 any RAM moves
-                       ``describe_source(machine, guest)``,          source, before any
-                       ``decide(source, caps, allow_degraded)``      RAM moves
-save (source stopped)  ``encode_state(machine.save())``              source, stop-and-copy
-load                   ``Arm64Machine(profile).load(                  destination, device
-                       decode_state(data), MergeMode)``              state load
-start                  ``.start()`` and the guest's report           destination
-=====================  ===========================================  =====================
+=====================  ============================================  ====================
+step                   function (what the daemons call)              engine side / when
+=====================  ============================================  ====================
+create + boot          ``create_vm(definition, HostContext(...))``,  source host, VM
+                       ``vm.start()`` -> ``Arm64Handler.vm_start``   start (guest probes)
+describe destination   ``create_vm`` scratch VM ->                   destination, POST
+                       ``vm.capabilities()`` (JSON round trip)       /v1/incoming
+pre-flight             ``SourceSession.preflight(caps)`` ->          source, before any
+                       ``Arm64Handler.preflight`` -> ``decide``      RAM moves
+stream                 ``SourceSession.start/next_buffers`` ->       both, RAM then the
+                       ``StreamDecoder`` -> ``DestinationSession``   stopped guest's state
+load                   ``DestinationSession.finish`` ->              destination, before
+                       ``Arm64Handler.load_complete``                LOADED
+failure                ``DestinationSession.abort``,                 destination error:
+                       ``SourceSession.fail`` (source resumes)       the source resumes
+resume                 ``SourceSession.complete``,                   after COMMIT
+                       ``DestinationSession.resume`` -> post_load
+=====================  ============================================  ====================
 
-``qemu`` mode skips pre-flight and loads with the classic merge, so incompatibilities show
+``qemu`` mode has no pre-flight and loads with the classic merge, so incompatibilities show
 up while loading, after the source stopped (``fails_after_stop``) -- or not at all
-(``degraded``).  ``preflight`` mode loads with the strict merge after :func:`decide`; a
-load failure or an unannounced loss there is a pre-flight bug and raises
-:class:`~vmferry.errors.InvariantViolation`.
+(``degraded``).  ``preflight`` mode loads with the strict merge after the handler's
+pre-flight; a load failure or an unannounced loss there is a pre-flight bug and raises
+:class:`~vmferry.errors.InvariantViolation`.  The outcome is read from the handlers'
+reports: the guest's mitigation status on the source before and on the destination after
+(``post_load``, the daemon job's ``destination_report``).
 """
 
 from __future__ import annotations
 
 import html
 import itertools
+import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from vmferry.errors import ConfigError, InvariantViolation
-from vmferry.guest.psci_client import Arm64Guest, Status, lost
+from vmferry.clock import ManualClock
+from vmferry.errors import ConfigError, InvariantViolation, MigrationRefused, VmferryError
 from vmferry.hw.kvm import regs as R
-from vmferry.hw.kvm.arm64_fw import WaLevel, Workaround
+from vmferry.hw.kvm.arm64_fw import WaLevel
 from vmferry.hw.kvm.psci import PsciVersion
-from vmferry.machine.arm64 import (
-    Arm64InitError,
-    Arm64Machine,
-    CpuLoadError,
-    LoadReport,
-    MergeMode,
-    decode_state,
-    encode_state,
-)
+from vmferry.machine.arm64 import Arm64InitError
 from vmferry.machine.profiles import HostProfile, list_profiles, load_profile, parse_mitigation
-from vmferry.migration.compat import (
-    DestinationCaps,
-    Verdict,
-    decide,
-    describe_destination,
-    describe_source,
-)
+from vmferry.machine.vm import VM, HostContext, create_vm
+from vmferry.migration.arm64_handler import Arm64Refused, arm64_handler, parse_psci
+from vmferry.migration.compat import Verdict
+from vmferry.migration.destination import DestinationSession
+from vmferry.migration.source import MigrationParams, SourceSession
+from vmferry.migration.stream import StreamDecoder
 
 OUTCOMES: Final = ("migrates", "refused", "fails_after_stop", "degraded")
 GUEST_PSCI: Final = ("default", "0.2", "1.0")
 MITIGATIONS: Final = tuple(level.label for level in WaLevel)
 COMPAT_MODES: Final = ("qemu", "preflight")
 SHORT: Final = {"not_avail": "U", "avail": "A", "not_required": "N"}
+LINK_BYTES_PER_S: Final = 1e9
+#: The VM each cell migrates: the smallest arm64 VM the engine takes.
+CELL_VM: Final = {"name": "matrix-cell", "arch": "arm64", "memory_mib": 1, "vcpus": 1}
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,13 @@ class Cell:
 
 
 class MatrixContext:
-    """Caches pure, per-host inputs (profiles and destination descriptions) across cells."""
+    """Caches per-host inputs across cells: hosts (profile + mitigation) and what a
+    destination host answers to "expect this VM" (its scratch VM's capabilities)."""
 
     def __init__(self) -> None:
         self._profiles: dict[tuple[str, str], HostProfile] = {}
-        self._caps: dict[tuple[str, str], DestinationCaps] = {}
+        self._hosts: dict[tuple[str, str, str], HostContext] = {}
+        self._caps: dict[tuple[str, str], dict[str, Any]] = {}
 
     def profile(self, name: str, mitigation: str) -> HostProfile:
         key = (name, mitigation)
@@ -122,24 +127,34 @@ class MatrixContext:
             self._profiles[key] = base.with_mitigation(parse_mitigation(mitigation))
         return self._profiles[key]
 
-    def destination_caps(self, name: str, mitigation: str) -> DestinationCaps:
-        key = (name, mitigation)
+    def host(self, role: str, name: str, mitigation: str) -> HostContext:
+        key = (role, name, mitigation)
+        if key not in self._hosts:
+            self._hosts[key] = HostContext(
+                f"{role}-{name}-{mitigation}", self.profile(name, mitigation)
+            )
+        return self._hosts[key]
+
+    def capabilities(self, host: HostContext, definition: Mapping[str, Any]) -> dict[str, Any]:
+        """``HostDaemon.expect_incoming``: a scratch VM built on ``host`` describes what it
+        accepts; the answer crosses the control API as JSON."""
+        key = (host.name, json.dumps(definition, sort_keys=True))  # names are unique here
         if key not in self._caps:
-            self._caps[key] = describe_destination(self.profile(name, mitigation))
+            scratch = create_vm(definition, host)
+            try:
+                caps = scratch.capabilities()
+            finally:
+                scratch.close()
+            self._caps[key] = json.loads(json.dumps(caps))
         return self._caps[key]
 
 
-def _pin(guest_psci: str) -> int | None:
-    if guest_psci == "default":
-        return None
-    try:
-        return PsciVersion.parse(guest_psci)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _labels(statuses: dict[Workaround, Status]) -> dict[str, str]:
-    return {wa.key: s.value for wa, s in statuses.items()}
+def cell_definition(guest_psci: str) -> dict[str, Any]:
+    """The VM definition a cell migrates (ConfigError for an unknown PSCI choice)."""
+    if guest_psci not in GUEST_PSCI:
+        raise ConfigError(f"guest PSCI {guest_psci!r} is not one of {', '.join(GUEST_PSCI)}")
+    parse_psci(guest_psci)
+    return {**CELL_VM, "psci": guest_psci}
 
 
 def run_cell(spec: CellSpec, ctx: MatrixContext | None = None) -> Cell | None:
@@ -147,57 +162,123 @@ def run_cell(spec: CellSpec, ctx: MatrixContext | None = None) -> Cell | None:
     ctx = ctx or MatrixContext()
     if spec.compat not in COMPAT_MODES:
         raise ConfigError(f"unknown compat mode {spec.compat!r}")
-    src_profile = ctx.profile(spec.source, spec.source_mitigation)
-    try:
-        src = Arm64Machine(src_profile, psci_pin=_pin(spec.guest_psci))
-    except Arm64InitError:
+    definition = cell_definition(spec.guest_psci)
+    src_host = ctx.host("source", spec.source, spec.source_mitigation)
+    dst_host = ctx.host("destination", spec.destination, spec.destination_mitigation)
+    vm = boot(definition, src_host)
+    if vm is None:
         return None
-    src.start()
-    guest = Arm64Guest()
-    view = guest.boot(src.port(0), src.protection(), cpu_has_ssbs=src.vm.host.ssbs_everywhere)
-    before = guest.status_on(src.protection())
-    base = _base(spec, view.psci_version, before)
-    verdict = None
-    if spec.compat == "preflight":
-        caps = ctx.destination_caps(spec.destination, spec.destination_mitigation)
-        decision = decide(describe_source(src, guest), caps, spec.allow_degraded)
-        if decision.verdict is Verdict.REFUSE:
-            return _cell(
-                base,
-                "refused",
-                decision.reason,
-                step="pre-flight",
-                register=decision.register,
-                value=decision.value,
-                lost=tuple(w.key for w in decision.lost),
-                source_running=not src.vm.destroyed,
-            )
-        verdict = decision.verdict
-    data = encode_state(src.save())  # the source has stopped the guest from here on
-    dst = Arm64Machine(ctx.profile(spec.destination, spec.destination_mitigation))
-    mode = MergeMode.CLASSIC if spec.compat == "qemu" else MergeMode.STRICT
     try:
-        report = dst.load(decode_state(data), mode)
-    except CpuLoadError as exc:
-        if verdict is not None:
-            raise InvariantViolation(f"pre-flight passed but the load failed: {exc}") from exc
-        src.put_registers()  # the source resumes the guest with its own, unchanged state
-        resumed = guest.status_on(src.protection()) == before
+        return _migrate(spec, vm, definition, dst_host, ctx)
+    finally:
+        vm.close()
+
+
+def boot(definition: Mapping[str, Any], host: HostContext) -> VM | None:
+    """Create and start the VM on ``host``; None when its kernel refuses the PSCI pin."""
+    vm = create_vm(definition, host)
+    try:
+        vm.start()
+    except Arm64InitError:
+        vm.close()
+        return None
+    return vm
+
+
+def _migrate(
+    spec: CellSpec, vm: VM, definition: Mapping[str, Any], dst_host: HostContext, ctx: MatrixContext
+) -> Cell:
+    source = arm64_handler(vm)
+    before = source.report()
+    base = _base(spec, before)
+    clock = ManualClock()
+    session = SourceSession(
+        vm, MigrationParams(compat=spec.compat, allow_degraded=spec.allow_degraded), clock
+    )
+    try:
+        session.preflight(ctx.capabilities(dst_host, definition))
+    except MigrationRefused as exc:
+        session.fail("pre-flight", str(exc))
+        return _refused(base, exc, vm)
+    dst = DestinationSession(clock, factory=lambda d: create_vm(d, dst_host))
+    try:
+        ack = _transfer(session, dst, clock)
+    except VmferryError as exc:
+        return _failed(spec, base, exc, session, dst, before)
+    session.complete(ack)
+    post = dst.resume()
+    dst.hand_over().close()
+    decision = source.decision
+    degraded_allowed = decision is not None and decision.verdict is Verdict.DEGRADED
+    return _finish(base, spec, degraded_allowed, before, post["arm64"])
+
+
+def _transfer(
+    session: SourceSession, dst: DestinationSession, clock: ManualClock
+) -> dict[str, Any]:
+    """The stream, from the source session's buffers into the destination session, over
+    a simulated link of :data:`LINK_BYTES_PER_S`."""
+    decoder = StreamDecoder()
+    bufs = session.start()
+    while bufs:
+        for buf in bufs:
+            decoder.feed(buf)
+            clock.advance(len(buf) / LINK_BYTES_PER_S)
+        for rec in decoder.events():
+            dst.receive(rec)
+        bufs = session.next_buffers()
+    decoder.eof()
+    return dst.finish(start=False)
+
+
+def _refused(base: dict[str, Any], exc: MigrationRefused, vm: VM) -> Cell:
+    if isinstance(exc, Arm64Refused):
+        d = exc.decision
         return _cell(
             base,
-            "fails_after_stop",
-            f"{exc.step}: {exc.reason}",
-            step=exc.step,
-            register=exc.rid,
-            value=exc.value,
-            source_running=resumed,
+            "refused",
+            d.reason,
+            step="pre-flight",
+            register=d.register,
+            value=d.value,
+            lost=tuple(w.key for w in d.lost),
+            source_running=vm.running,
         )
-    dst.start()
-    after = guest.status_on(dst.protection())
-    return _finish(base, spec, verdict, report, before, after, dst, view.psci_version)
+    return _cell(base, "refused", str(exc), step="pre-flight", source_running=vm.running)
 
 
-def _base(spec: CellSpec, psci_before: int, before: dict[Workaround, Status]) -> dict[str, Any]:
+def _failed(
+    spec: CellSpec,
+    base: dict[str, Any],
+    exc: VmferryError,
+    session: SourceSession,
+    dst: DestinationSession,
+    before: dict[str, Any],
+) -> Cell:
+    """The destination failed: it discards its VM and the source takes the guest back."""
+    dst.abort()
+    stopped = not session.vm.running
+    step = str(getattr(exc, "step", "") or "load")
+    session.fail(step, str(exc))
+    if not stopped:
+        raise InvariantViolation(f"destination failed before the source stopped: {exc}")
+    if spec.compat == "preflight":
+        raise InvariantViolation(f"pre-flight passed but the load failed: {exc}") from exc
+    now = arm64_handler(session.vm).report()
+    resumed = session.vm.running and now["guest"] == before["guest"]
+    reason = f"{step}: {getattr(exc, 'reason', exc)}"
+    return _cell(
+        base,
+        "fails_after_stop",
+        reason,
+        step=step,
+        register=getattr(exc, "rid", None),
+        value=getattr(exc, "value", None),
+        source_running=resumed,
+    )
+
+
+def _base(spec: CellSpec, before: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "source": spec.source,
         "destination": spec.destination,
@@ -205,8 +286,8 @@ def _base(spec: CellSpec, psci_before: int, before: dict[Workaround, Status]) ->
         "source_mitigation": spec.source_mitigation,
         "destination_mitigation": spec.destination_mitigation,
         "compat": spec.compat,
-        "psci_before": PsciVersion.name(psci_before),
-        "guest_before": _labels(before),
+        "psci_before": before["guest"]["psci_version"],
+        "guest_before": dict(before["guest"]["mitigation"]),
     }
 
 
@@ -234,30 +315,29 @@ def _cell(
 def _finish(
     base: dict[str, Any],
     spec: CellSpec,
-    verdict: Verdict | None,
-    report: LoadReport,
-    before: dict[Workaround, Status],
-    after: dict[Workaround, Status],
-    dst: Arm64Machine,
-    psci_before: int,
+    degraded_allowed: bool,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
 ) -> Cell:
-    gone = lost(before, after)
-    psci_after = dst.psci_version()
+    gone = tuple(after["guest"]["lost"])
+    psci_before = PsciVersion.parse(before["guest"]["psci_version"])
+    psci_after = PsciVersion.parse(after["firmware"]["psci_version"])
     notes = list(_psci_change(psci_before, psci_after))
     notes += [
-        f"DROP: trailing unknown {R.register_name(r)} = {v:#x} silently ignored (classic merge)"
-        for r, v in report.dropped
+        f"DROP: trailing unknown {name} = {value} silently ignored (classic merge)"
+        for name, value in after.get("load", {}).get("dropped", {}).items()
     ]
-    if gone and spec.compat == "preflight" and verdict is not Verdict.DEGRADED:
-        raise InvariantViolation(f"silent loss of {[w.key for w in gone]} passed pre-flight")
+    if gone and spec.compat == "preflight" and not degraded_allowed:
+        raise InvariantViolation(f"silent loss of {list(gone)} passed pre-flight")
+    was, now = before["guest"]["mitigation"], after["guest"]["mitigation"]
     extra: dict[str, Any] = {
         "psci_after": PsciVersion.name(psci_after),
-        "guest_after": _labels(after),
-        "lost": tuple(w.key for w in gone),
+        "guest_after": dict(now),
+        "lost": gone,
         "notes": tuple(notes),
     }
     if gone:
-        what = ", ".join(f"{w.key} ({before[w].value} -> {after[w].value})" for w in gone)
+        what = ", ".join(f"{w} ({was[w]} -> {now[w]})" for w in gone)
         reason = "; ".join([f"guest silently loses {what}", *notes])
         return _cell(base, "degraded", reason, step="after start", **extra)
     return _cell(base, "migrates", "; ".join(notes) or "no change visible to the guest", **extra)

@@ -10,6 +10,7 @@ import click
 
 from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
+from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.vm import HostContext
 
 
@@ -45,6 +46,18 @@ def command() -> None:
     help="directory for the SQLite store, logs and ready.json",
 )
 @click.option(
+    "--profile",
+    default=None,
+    help="host capability profile (e.g. arm64-linux-5.19); none: a generic host",
+)
+@click.option(
+    "--mitigation",
+    default=None,
+    metavar="LEVEL|wa1=..,wa2=..,wa3=..",
+    help="the host's Spectre mitigation (not_avail, avail, not_required), overriding the "
+    "profile's",
+)
+@click.option(
     "--platform",
     "platform_file",
     default=None,
@@ -56,6 +69,8 @@ def serve(
     listen: str,
     migration_listen: str | None,
     state_dir: Path,
+    profile: str | None,
+    mitigation: str | None,
     platform_file: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
@@ -65,7 +80,7 @@ def serve(
         state_dir,
         parse_address(listen),
         parse_address(migration_listen) if migration_listen else None,
-        HostContext(name, platform=platform),
+        HostContext(name, host_profile(profile, mitigation), platform),
     )
 
 
@@ -77,3 +92,18 @@ def load_platform(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read platform file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def host_profile(name: str | None, mitigation: str | None) -> HostProfile | None:
+    """The profile a host serves with; ConfigError for an unknown one or a mitigation
+    without a profile to apply it to."""
+    if name is None:
+        if mitigation is not None:
+            raise ConfigError("--mitigation needs --profile")
+        return None
+    profile = load_profile(name)
+    if mitigation is not None:
+        if profile.mitigation is None:
+            raise ConfigError(f"profile {name} has no mitigation to set")
+        profile = profile.with_mitigation(parse_mitigation(mitigation))
+    return profile

@@ -58,6 +58,8 @@ def summary(job: dict[str, Any]) -> None:
         console.print(f"[red]{job['status']}[/] at {job.get('step') or '?'}: {job.get('error')}")
         return
     ram = st.get("ram", {})
+    for warning in st.get("warnings", []):
+        console.print(f"[yellow]warning[/]: {warning}")
     console.print(
         f"[green]completed[/]: total {st.get('total-time', 0):.0f} ms, "
         f"downtime {st.get('downtime', 0):.1f} ms, {len(st.get('passes', []))} passes, "
@@ -99,6 +101,19 @@ def summary(job: dict[str, Any]) -> None:
     default=None,
     help="also write the exact stream sent to this file (on the source host)",
 )
+@click.option(
+    "--compat",
+    type=click.Choice(["preflight", "qemu"]),
+    default="preflight",
+    show_default=True,
+    help="preflight: refuse before anything moves what the destination cannot take; "
+    "qemu: no pre-flight, failures show while the destination loads (as QEMU)",
+)
+@click.option(
+    "--allow-degraded",
+    is_flag=True,
+    help="let pre-flight proceed, with a warning, where the guest would lose a mitigation",
+)
 @click.option("--fault", default=None, metavar="PHASE:ACTION", hidden=True)
 @click.option("--no-wait", is_flag=True, help="return once the job started")
 @JSON_OPTION
@@ -111,12 +126,20 @@ def migrate(
     offline: bool,
     verify: bool,
     stream_file: str | None,
+    compat: str,
+    allow_degraded: bool,
     fault: str | None,
     no_wait: bool,
     as_json: bool,
 ) -> None:
     """Live-migrate VM from one host to another."""
-    params: dict[str, Any] = {"downtime_limit_ms": downtime, "offline": offline, "verify": verify}
+    params: dict[str, Any] = {
+        "downtime_limit_ms": downtime,
+        "offline": offline,
+        "verify": verify,
+        "compat": compat,
+        "allow_degraded": allow_degraded,
+    }
     if bandwidth is not None:
         params["max_bandwidth_mib"] = bandwidth
     if stream_file:

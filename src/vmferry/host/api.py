@@ -14,6 +14,7 @@ from vmferry import __version__
 from vmferry.errors import ApiError, VmferryError
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.snapshot import restore_vm, save_vm
+from vmferry.machine.profiles import HostProfile
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,6 +43,20 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def host_profile_json(d: HostDaemon) -> dict[str, Any]:
+    """The host's capability profile and mitigation (null for a generic host)."""
+    profile = d.context.profile
+    if not isinstance(profile, HostProfile):
+        return {"profile": None, "mitigation": None}
+    mitigation = profile.mitigation
+    return {
+        "profile": profile.name,
+        "arch": profile.arch,
+        "kernel": profile.kernel,
+        "mitigation": mitigation.label() if mitigation is not None else None,
+    }
+
+
 def make_app(d: HostDaemon) -> web.Application:
     routes = web.RouteTableDef()
 
@@ -54,6 +69,7 @@ def make_app(d: HostDaemon) -> web.Application:
                 "control_url": d.control_url,
                 "migration_address": list(d.migration_address),
                 "vms": len(d.vms),
+                **host_profile_json(d),
             }
         )
 
@@ -189,7 +205,7 @@ OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "vmferry host control API", "version": __version__},
     "paths": {
-        "/v1/host": {"get": _op("This host: name, version, migration address")},
+        "/v1/host": {"get": _op("This host: name, version, migration address, profile")},
         "/v1/openapi.json": {"get": _op("This document")},
         "/v1/vms": {
             "get": _op("List VMs"),

@@ -33,6 +33,7 @@ from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
 from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+from vmferry.migration import arm64_handler  # noqa: F401  (registers arch "arm64")
 
 log = logging.getLogger("vmferry.host")
 

@@ -145,6 +145,9 @@ class CpregList:
         return list(zip(self.ids, self.values, strict=True))
 
 
+_SYNCED_BY_HAND: Final = frozenset({int(R.Coproc.CORE), int(R.Coproc.SVE)})
+
+
 def init_cpreg_list(vcpu: KvmVcpu) -> CpregList:
     """``kvm_arm_init_cpreg_list``: probe with n=0, sort, drop CORE/SVE, read every value."""
     try:
@@ -152,8 +155,7 @@ def init_cpreg_list(vcpu: KvmVcpu) -> CpregList:
         raise InvariantViolation("KVM_GET_REG_LIST with n=0 did not return E2BIG")
     except RegListTooSmall as exc:
         n = exc.n_required
-    ids = sorted(r for r in vcpu.get_reg_list(n)
-                 if R.coproc_of(r) not in (R.Coproc.CORE, R.Coproc.SVE))
+    ids = sorted(r for r in vcpu.get_reg_list(n) if R.coproc_of(r) not in _SYNCED_BY_HAND)
     for rid in ids:
         if R.reg_size(rid) not in (4, 8):
             raise Arm64InitError(f"register {rid:#018x} has unsupported size {R.reg_size(rid)}")
@@ -331,6 +333,19 @@ class Arm64Machine:
             raise Arm64InitError(f"{self.profile.name}: PSCI {PsciVersion.name(version)} "
                                  f"refused by the kernel ({exc.errno_name}); set the version "
                                  "on the migration source") from exc
+
+    def pin_psci(self, version: int) -> None:
+        """Pin the PSCI version of a VM that has not run yet, as if requested right after
+        vCPU init (before the cpreg list is read); Arm64InitError if the kernel refuses."""
+        if self.started:
+            raise ModelError("PSCI version pinned after the VM has run")
+        for vcpu in self.vcpus:
+            self._pin(vcpu, version)
+        self.psci_pin = version
+        psci = R.KVM_REG_ARM_PSCI_VERSION
+        self.cpregs = [CpregList(c.ids, tuple(v.get_one_reg(r) if r == psci else value
+                                              for r, value in c.items()))
+                       for v, c in zip(self.vcpus, self.cpregs, strict=True)]
 
     # -- runtime ----------------------------------------------------------------------------
 

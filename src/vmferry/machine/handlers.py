@@ -7,6 +7,7 @@ source                                            destination
 ------                                            -----------
 capabilities()  (on the destination, for pre-flight, before anything moves)
 preflight(dest_caps, options)   raise MigrationRefused; return warnings
+vm_start()                      (outside migrations too) the vCPUs are about to run
 save_setup()                    (RAM pass 1 begins)
 save_iterate() -> pieces        once per pass (pre-copy data)
 pending_bytes()                 counted in the expected downtime
@@ -83,6 +84,10 @@ class MigrationHandler:
     # --- both sides ------------------------------------------------------------------
     def advance(self, seconds: float) -> None:
         """Guest time passes (devices run, DMA happens)."""
+
+    def vm_start(self) -> None:
+        """The vCPUs are about to run: the first start on a host, a resume, the source
+        taking the guest back after a failed migration.  Raise to keep them stopped."""
 
     def report(self) -> dict[str, Any]:
         return {}

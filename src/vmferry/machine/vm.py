@@ -233,6 +233,8 @@ class VM:
         return any(v.running for v in self.vcpus)
 
     def start(self) -> None:
+        for h in self.handlers.values():
+            h.vm_start()
         for v in self.vcpus:
             v.run()
 

@@ -150,3 +150,12 @@ def test_residual_window_of_the_v6_15_design() -> None:
     lenient = explore(_bind_during_walk(False), preemption_bound=2, failures_dir=None)
     assert lenient.failures == []
     assert RESIDUAL_BIND_WARNING  # recorded as a warning when not strict
+
+
+def test_boot_probe_faulty_mode_reports_the_crash() -> None:
+    crashed = [r for r in (boot_probe(PLATFORM, mode="v6_15_release", seed=s) for s in range(40))
+               if r.hazard is not None]
+    assert crashed
+    result = crashed[0]
+    assert not result.ok and result.failures
+    assert all(reason for reason in result.failures.values())

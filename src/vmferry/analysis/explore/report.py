@@ -77,7 +77,8 @@ class Failure:
         }
 
     def key(self) -> tuple[str, str, str]:
-        return (self.case, self.hazard, self.message)
+        """Identity for de-duplication: heap serials (``obj#123``) do not count."""
+        return (self.case, self.hazard, re.sub(r"#\d+", "#N", self.message))
 
     def file_name(self) -> str:
         digest = hashlib.sha1(self.script().encode()).hexdigest()[:10]

@@ -290,6 +290,8 @@ def _failure_reason(
     state = device_state(dev)
     if hazard is not None and state not in ("S0", "S5"):
         return f"probe crashed ({hazard}); device left in {state}"
+    if stuck and hazard is not None:
+        return f"boot aborted by a probe crash ({hazard}) before its driver bound"
     if stuck:
         return "client driver deferred: waiting for an IOMMU that never became ready " \
                "(-EPROBE_DEFER)"

@@ -445,6 +445,9 @@ class KvmVcpu:
 
     def get_one_reg(self, rid: int) -> int:
         self._require_init("KVM_GET_ONE_REG")
+        value = self.sysregs.get(rid)  # a listed system register: routing can only say "sys"
+        if value is not None:
+            return value
         target = self._route("KVM_GET_ONE_REG", rid)
         if target == "core":
             return self.core[rid]
@@ -454,7 +457,7 @@ class KvmVcpu:
 
     def set_one_reg(self, rid: int, value: int) -> None:
         self._require_init("KVM_SET_ONE_REG")
-        target = self._route("KVM_SET_ONE_REG", rid)
+        target = "sys" if rid in self.sysregs else self._route("KVM_SET_ONE_REG", rid)
         if not 0 <= value < 1 << (8 * R.reg_size(rid)):
             raise KvmError(errno.EINVAL, "KVM_SET_ONE_REG", rid, value, "wider than register")
         if target == "core":
