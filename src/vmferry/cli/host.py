@@ -11,6 +11,7 @@ import click
 from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
+from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.vm import HostContext
 
 
@@ -85,13 +86,17 @@ def serve(
 
 
 def load_platform(path: Path) -> dict[str, Any]:
-    """A host platform description from a TOML file (ConfigError if unreadable)."""
+    """A host platform description from a TOML file; ConfigError if it is unreadable or
+    a table it carries is wrong (checked before the daemon starts)."""
     try:
-        return tomllib.loads(path.read_text())
+        platform = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read platform file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    if "spapr" in platform:
+        SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
+    return platform
 
 
 def host_profile(name: str | None, mitigation: str | None) -> HostProfile | None:
