@@ -184,9 +184,6 @@ class SpaprTceHandler(MigrationHandler):
 
     # --- both sides --------------------------------------------------------------------
 
-    def advance(self, seconds: float) -> None:
-        self._mark_dma_writable()
-
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "mode": self.iommu.mode,
@@ -254,7 +251,7 @@ class SpaprTceHandler(MigrationHandler):
         return []
 
     def quiesce(self) -> None:
-        self._mark_dma_writable()  # devices stopped: the last DMA is in the final sync
+        self.mark_dma_writable()  # devices stopped: their last DMA is in the final sync
 
     def save_complete(self) -> tuple[StatePiece, ...]:
         return (ComponentData(self.name, persist.encode_state(self.iommu.save())),)
@@ -285,7 +282,10 @@ class SpaprTceHandler(MigrationHandler):
 
     # --- pre-copy marking (spec §9.3 point 4) -------------------------------------------
 
-    def _mark_dma_writable(self) -> None:
+    def mark_dma_writable(self) -> None:
+        """Count every page mapped with WRITE as dirty.  A device without its own dirty
+        tracking calls this after each burst of DMA and before the guest can change the
+        mappings, so a page written through an entry unmapped right after is not missed."""
         if not self.ram.logging or not self.untracked_devices:
             return
         for gpa, size in self.iommu.dma_writable_ranges():
@@ -410,12 +410,14 @@ class SpaprDmaHandler(MigrationHandler):
         self,
         vm: VM,
         spec: DmaDeviceSpec,
-        iommu: SpaprIommu,
+        tce: SpaprTceHandler,
         window: WindowSpec,
         group: int,
         area_gpa: int,
     ) -> None:
-        self.spec, self.iommu = spec, iommu
+        self.spec, self.tce = spec, tce
+        iommu = tce.iommu
+        tce.untracked_devices += 1
         self.name = f"spapr-dma:{spec.name}"
         tag = xxhash.xxh64_intdigest(spec.name.encode())
         self.device = SpaprDmaEngine(
@@ -455,6 +457,7 @@ class SpaprDmaHandler(MigrationHandler):
                 else:
                     self.device.program(*self.driver.probe())
             self.device.run(seconds)
+            self.tce.mark_dma_writable()  # before the driver unmaps what the device wrote
             self.driver.poll()
         except (GuestDmaError, DmaDeviceError) as exc:
             self.driver_error = str(exc)
@@ -496,6 +499,19 @@ class SpaprDmaHandler(MigrationHandler):
 
     def state_digest(self) -> str:
         return xxhash.xxh3_128_hexdigest(encode_state(self.device.save()))
+
+
+class _DeviceDma:
+    """Guest RAM as devices write it: the CPU's dirty log does not see DMA."""
+
+    def __init__(self, ram: GuestRam) -> None:
+        self.ram, self.size = ram, ram.size
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return self.ram.read(gpa, n)
+
+    def write(self, gpa: int, data: bytes | memoryview) -> None:
+        self.ram.device_write(gpa, data)
 
 
 # --- the workload stays out of the DMA area ----------------------------------------------
@@ -555,6 +571,7 @@ def tce_step(s: PseriesSetup) -> None:
             mode=s.platform.tce_mode,
             hw_page_shift=s.platform.iommu_page_shift,
             host=s.platform.memory_map(s.vm.ram.size),
+            device_memory=_DeviceDma(s.vm.ram),
         )
     except SpaprError as exc:
         raise ConfigError(f"{s.vm.name}: sPAPR IOMMU: {exc}") from exc
@@ -578,8 +595,7 @@ def dma_devices_step(s: PseriesSetup) -> None:
             raise ConfigError(f"dma device {spec.name}: no tce window with liobn {spec.liobn:#x}")
         if window.page_shift > 16 and spec.buffer_kib * 1024 > 1 << window.page_shift:
             raise ConfigError(f"dma device {spec.name}: buffer larger than an IOMMU page")
-        s.vm.add_handler(SpaprDmaHandler(s.vm, spec, s.iommu, window, group, base))
-        s.tce.untracked_devices += 1
+        s.vm.add_handler(SpaprDmaHandler(s.vm, spec, s.tce, window, group, base))
         base += spec.area_bytes
     vm = s.vm
     vm.workload = Workload(

@@ -410,3 +410,23 @@ def test_a_failed_replay_on_the_destination_gives_the_source_back() -> None:
         assert rep["driver"]["received"] > received and rep["faults"] == 0
     finally:
         src.close()
+
+
+def test_without_the_dma_dirty_rule_pre_copy_loses_device_writes() -> None:
+    """Device DMA bypasses the CPU's dirty log: only marking WRITE-mapped pages dirty
+    (spec §9.3 point 4) gets the pages a device wrote after they were sent across."""
+    src = dma_vm()
+    src.start()
+    run(src, 20)
+    tce_handler(src).untracked_devices = 0  # claim the device tracks its own dirty pages
+    dst, ack, _ = migrate(src, HostContext("dst"))
+    try:
+        assert ack["digests"]["ram"] != state_digests(src)["ram"]
+        lost = np.flatnonzero(
+            (dst.ram.pages != src.ram.pages).any(axis=1)
+        )  # only pages of the DMA area differ: the CPU's own writes were all tracked
+        area = nic(src).driver.ring_gpa // PAGE_64K
+        assert lost.size and (lost >= area).all()
+    finally:
+        src.close()
+        dst.close()
