@@ -173,6 +173,11 @@ def test_demo_json_and_stream_inspect(tmp_path: Path) -> None:
     assert report["iterations"] >= 1 and report["downtime_ms"] > 0
     assert set(report["ram"]) >= {"transferred", "total", "duplicate", "normal"}
     assert report["ram"]["transferred"] == stream.stat().st_size
+    drivers = {d["driver"] for d in report["devices"].values()}
+    acc = report["vms"]["demo-acc"]
+    assert drivers == {"mlx5", "pds"} and set(acc["devices"]) == {"acc0"} and acc["verified"]
+    for device in [*report["devices"].values(), *acc["devices"].values()]:
+        assert device["equal"] and device["destination_state"] == "RUNNING", device
     summary = json.loads(cli("stream", "inspect", str(stream), "--json").stdout)
     assert summary["complete"] and summary["vm"]["name"] == "demo-vm"
     assert summary["ram"]["pages_raw"] == report["ram"]["normal"]

@@ -52,10 +52,10 @@ from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.arm64_fw import WaLevel
 from vmferry.hw.kvm.psci import PsciVersion
 from vmferry.machine.arm64 import Arm64InitError
+from vmferry.machine.arm64_compat import Verdict
+from vmferry.machine.arm64_handler import Arm64Refused, arm64_handler, parse_psci
 from vmferry.machine.profiles import HostProfile, list_profiles, load_profile, parse_mitigation
 from vmferry.machine.vm import VM, HostContext, create_vm
-from vmferry.migration.arm64_handler import Arm64Refused, arm64_handler, parse_psci
-from vmferry.migration.compat import Verdict
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import StreamDecoder

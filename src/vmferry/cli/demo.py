@@ -114,3 +114,20 @@ def _print(r: dict[str, Any]) -> None:
         f"({v.get('source', {}).get('ram', '?')[:16]}...), vCPU registers equal="
         f"{v.get('vcpu_equal')}; destination VM {r['destination_runstate']}"
     )
+    _print_devices("demo-vm", r["devices"])
+    for name, vm in r.get("vms", {}).items():
+        ok = "[green]verified[/]" if vm["verified"] else "[red]NOT verified[/]"
+        console.print(
+            f"{name}: migration {vm['status']}, downtime {vm['downtime_ms']:.1f} ms, "
+            f"{vm['iterations']} passes; {ok}"
+        )
+        _print_devices(name, vm["devices"])
+
+
+def _print_devices(vm: str, devices: dict[str, Any]) -> None:
+    for ident, d in devices.items():
+        mark = "[green]equal[/]" if d["equal"] else "[red]DIFFERENT[/]"
+        console.print(
+            f"  {vm}/{ident} ({d['driver']}): device state {mark} at switchover "
+            f"({d['source_digest'][:16]}...), {d['destination_state']} on the destination"
+        )

@@ -63,7 +63,8 @@ def command() -> None:
     "platform_file",
     default=None,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML file describing the host platform (e.g. a [spapr] table for pseries guests)",
+    help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"], "
+    "a [spapr] table for pseries guests)",
 )
 def serve(
     name: str,
@@ -112,3 +113,4 @@ def host_profile(name: str | None, mitigation: str | None) -> HostProfile | None
             raise ConfigError(f"profile {name} has no mitigation to set")
         profile = profile.with_mitigation(parse_mitigation(mitigation))
     return profile
+

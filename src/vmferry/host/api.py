@@ -13,6 +13,7 @@ from aiohttp import web
 from vmferry import __version__
 from vmferry.errors import ApiError, VmferryError
 from vmferry.host.daemon import HostDaemon
+from vmferry.host.iommu import describe as describe_iommu
 from vmferry.host.snapshot import restore_vm, save_vm
 from vmferry.machine.profiles import HostProfile
 
@@ -69,6 +70,7 @@ def make_app(d: HostDaemon) -> web.Application:
                 "control_url": d.control_url,
                 "migration_address": list(d.migration_address),
                 "vms": len(d.vms),
+                "iommu": describe_iommu(d.context.iommu),
                 **host_profile_json(d),
             }
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
+from vmferry.host.iommu import probe_host
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
 from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
-from vmferry.migration import arm64_handler  # noqa: F401  (registers arch "arm64")
 
 log = logging.getLogger("vmferry.host")
 
@@ -114,6 +115,7 @@ class Incoming:
     verify: bool
     job_id: str
     expires: float
+    definition: dict[str, Any] = field(default_factory=dict)
 
 
 class HostDaemon:
@@ -126,7 +128,7 @@ class HostDaemon:
         context: HostContext | None = None,
     ) -> None:
         self.name = name
-        self.context = context if context is not None else HostContext(name)
+        self.context = with_iommu_probe(context if context is not None else HostContext(name))
         self.state_dir = state_dir
         self.listen = listen
         self.migration_listen = migration_listen or (listen[0], 0)
@@ -254,6 +256,7 @@ class HostDaemon:
         with self.lock:
             if parsed.name in self.vms or parsed.name in {i.vm for i in self.incoming.values()}:
                 raise ApiError(409, f"a VM named {parsed.name!r} exists on host {self.name}")
+            self._check_assignment(parsed.name, parsed.to_dict())
             hosted = HostedVm(parsed.name, parsed.to_dict(), "paused")
             try:
                 self._boot(hosted, start)
@@ -264,6 +267,35 @@ class HostDaemon:
         self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
         log.info("created VM %s (%s)", hosted.name, hosted.runstate)
         return hosted
+
+    def _groups_of(self, definition: Mapping[str, Any]) -> dict[int, str]:
+        """IOMMU group -> host device, for the host functions a definition assigns."""
+        probe = self.context.iommu
+        out: dict[int, str] = {}
+        if probe is None:
+            return out
+        for entry in definition.get("devices", []) or []:
+            if isinstance(entry, Mapping) and isinstance(entry.get("host_device"), str):
+                group = probe.groups.get(entry["host_device"])
+                if group is not None:
+                    out[int(group)] = entry["host_device"]
+        return out
+
+    def _check_assignment(self, name: str, definition: Mapping[str, Any]) -> None:
+        """VFIO's viability rule: an IOMMU group belongs to one VM at a time.
+        Call with ``self.lock`` held."""
+        wanted = self._groups_of(definition)
+        if not wanted:
+            return
+        others = [(h.name, h.definition) for h in self.vms.values()
+                  if h.name != name and h.runstate != "migrated"]
+        others += [(i.vm, i.definition) for i in self.incoming.values() if i.vm != name]
+        for other, other_def in others:
+            clash = set(wanted) & set(self._groups_of(other_def))
+            if clash:
+                group = min(clash)
+                raise ApiError(409, f"IOMMU group {group} ({wanted[group]}) is assigned to "
+                                    f"VM {other} on host {self.name}")
 
     def set_running(self, name: str, run: bool) -> HostedVm:
         hosted = self.get_vm(name)
@@ -351,8 +383,10 @@ class HostDaemon:
             if vm_name in self.vms or vm_name in {i.vm for i in self.incoming.values()}:
                 raise ApiError(409, f"a VM named {vm_name!r} exists on host {self.name}")
             job = self.new_job(vm_name, "destination", peer, {"verify": verify})
+            self._check_assignment(vm_name, definition)
             inc = Incoming(
-                secrets.token_hex(16), vm_name, verify, job.id, time.monotonic() + TOKEN_TTL_S
+                secrets.token_hex(16), vm_name, verify, job.id, time.monotonic() + TOKEN_TTL_S,
+                definition,
             )
             self.incoming[inc.token] = inc
         log.info("expecting VM %s from %s (job %s)", vm_name, peer, job.id)
@@ -377,6 +411,14 @@ class HostDaemon:
             self.save_job(job)
 
 
+def with_iommu_probe(context: HostContext) -> HostContext:
+    """The context with the host's IOMMU boot probe run (hosts that have IOMMUs)."""
+    if context.iommu is not None:
+        return context
+    arch = getattr(context.profile, "arch", None)
+    return dataclasses.replace(context, iommu=probe_host(arch, context.platform))
+
+
 def run_daemon(
     name: str,
     state_dir: Path,
@@ -396,6 +438,12 @@ def run_daemon(
     if listen[0] not in ("127.0.0.1", "::1", "localhost"):
         log.warning("control API listens on %s: it is reachable beyond this machine", listen[0])
     daemon = HostDaemon(name, state_dir, listen, migration_listen, context)
+    probe = daemon.context.iommu
+    if probe is not None:
+        log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,
+                 probe.groups)
+        for dev, why in probe.failures.items():
+            log.warning("IOMMU boot probe: %s unusable: %s", dev, why)
     daemon.recover()
     daemon.start_migration_listener()
 

@@ -146,7 +146,7 @@ class SourceWorker:
             self._send_stream(sock)
             self._await_ack(sock)
         except MigrationRefused as exc:
-            self._fail(str(exc).split(": ", 1)[-1], "pre-flight")
+            self._fail(str(exc).split(": ", 1)[-1] if exc.step else str(exc), "pre-flight")
             self._abort_incoming(f"source refused at pre-flight: {exc}")
         except CutConnection as exc:
             self._fail(str(exc))

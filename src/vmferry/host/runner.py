@@ -44,6 +44,10 @@ class VmRunner:
         with self.lock:
             self.vm.workload.set_throttle(pct)
 
+    def held(self) -> threading.Lock:
+        """Guest time stands still while this is held."""
+        return self.lock
+
     def stop(self) -> None:
         self._stop.set()
         if threading.current_thread() is not self._thread:

@@ -51,6 +51,8 @@ def save_vm(daemon: HostDaemon, name: str, path: Path) -> dict[str, Any]:
             tmp.unlink()
         raise HostError(f"save {name} to {path}: {exc.strerror or exc}") from exc
     stats = session.complete({})
+    for h in hosted.vm.handlers.values():
+        h.resume_source()
     if was_running:
         hosted.runner.resume()
     return {"vm": name, "path": str(path), "bytes": path.stat().st_size,

@@ -12,8 +12,9 @@ save_setup()                    (RAM pass 1 begins)
 save_iterate() -> pieces        once per pass (pre-copy data)
 pending_bytes()                 counted in the expected downtime
 quiesce()                       vCPUs paused; before the final dirty sync
-save_complete() -> pieces       after the final RAM pass
+save_complete() -> pieces       after the final RAM pass (may be lazy: an iterator)
 save_cleanup() | save_failed()  after commit | on any failure (give it back)
+resume_source()                 after a snapshot: the saved VM runs on (give it back)
                                                   load_setup()   VM configuration arrived
                                                   load(piece)    each piece, in order
                                                   load_complete()  before the vCPUs start
@@ -28,7 +29,7 @@ stream records and back.  A destination routes a :class:`DeviceData` to the hand
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
@@ -118,7 +119,9 @@ class MigrationHandler:
     def quiesce(self) -> None:
         pass
 
-    def save_complete(self) -> Sequence[StatePiece]:
+    def save_complete(self) -> Iterable[StatePiece]:
+        """The state left at switchover; an iterator lets the engine send it in
+        batches while it is read (large device states)."""
         return ()
 
     def save_cleanup(self) -> None:
@@ -126,6 +129,10 @@ class MigrationHandler:
 
     def save_failed(self) -> None:
         pass
+
+    def resume_source(self) -> None:
+        """The state was saved but the VM stays here and runs on (a snapshot): undo what
+        saving stopped (devices back to RUNNING)."""
 
     # --- destination -----------------------------------------------------------------
     def load_setup(self) -> None:

@@ -12,6 +12,7 @@ A VM is built from a *definition* -- a TOML file or a dict with the same schema 
                ``seed`` (see :mod:`vmferry.guest.workload`)
 ``fill``       initial RAM contents: ``zero``, ``random`` or ``mixed`` (default ``zero``)
 ``seed``       seed for ``fill`` (default 1)
+``devices``    VFIO devices: a list of device tables (see :mod:`vmferry.machine.vfio`)
 =============  ==========================================================================
 
 Everything beyond RAM and core vCPU registers (VFIO devices, firmware registers, TCE
@@ -64,6 +65,9 @@ class HostContext:
     profile: Any = None
     #: the host's platform description (pseries: what its firmware reports), if any
     platform: Mapping[str, Any] = field(default_factory=dict)
+    #: the host's IOMMU boot probe (a ``vmferry.hw.iommu.BootResult``), None if it has none:
+    #: device assignment takes IOMMU groups from it
+    iommu: Any = None
 
 
 class HypercallResult(Protocol):
@@ -102,9 +106,15 @@ class ArchSupport:
 
 ARCHES: dict[str, ArchSupport] = {"generic": ArchSupport("generic")}
 
+def _setup_vfio_devices(vm: VM, extra: Mapping[str, Any], host: HostContext) -> None:
+    from vmferry.machine.vfio import setup_devices  # imports this module
+
+    setup_devices(vm, extra, host)
+
+
 #: Definition keys any architecture accepts, each with the hook that builds its handlers
 #: (``devices`` for VFIO devices, for example).  Hooks run after the architecture's.
-FEATURES: dict[str, SetupHook] = {}
+FEATURES: dict[str, SetupHook] = {"devices": _setup_vfio_devices}
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ stops dirty logging, lifts the throttle and resumes the vCPUs if the session pau
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Generator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,6 +74,11 @@ class GuestControl(Protocol):
 
     def set_throttle(self, pct: int) -> None: ...
 
+    def held(self) -> AbstractContextManager[object]:
+        """Guest time stands still inside (handler hooks that overlap a running guest,
+        such as device pre-copy, run here)."""
+        ...
+
 
 class DirectControl:
     """GuestControl straight on a VM (single-threaded use and tests)."""
@@ -87,6 +94,9 @@ class DirectControl:
 
     def set_throttle(self, pct: int) -> None:
         self.vm.workload.set_throttle(pct)
+
+    def held(self) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -243,8 +253,9 @@ class SourceSession:
             self._pause_guest()
         else:
             ram.start_dirty_log()
-        for h in self.vm.handlers.values():
-            h.save_setup()
+        with self.guest.held():
+            for h in self.vm.handlers.values():
+                h.save_setup()
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
@@ -252,7 +263,8 @@ class SourceSession:
         to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
         while True:
             t_pass = self.clock.monotonic()
-            pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
+            with self.guest.held():
+                pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
             if pieces:
                 yield self._encode_pieces(pieces)
             yield from self._send_pages(to_send)
@@ -275,7 +287,8 @@ class SourceSession:
         pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
         bandwidth = pass_bytes / seconds
         remaining = dirty_pages * self.vm.ram.page_size
-        remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
+        with self.guest.held():
+            remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
         if self.policy.give_up_after is not None and number >= self.policy.give_up_after:
@@ -322,8 +335,15 @@ class SourceSession:
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
-        pieces = [p for h in self.vm.handlers.values() for p in h.save_complete()]
-        out += self._encode_pieces(pieces)
+        size = 0
+        for h in self.vm.handlers.values():
+            for piece in h.save_complete():  # large device states go out as they are read
+                parts = self._encode_pieces([piece])
+                out += parts
+                size += sum(len(p) for p in parts)
+                if size >= BATCH_BYTES:
+                    yield out
+                    out, size = [], 0
         out += self.encoder.encode(End())
         self.stats.ram_remaining = 0
         yield out
@@ -442,11 +462,12 @@ class SourceSession:
             raise StreamUsageError("a completed migration cannot fail")
         self._close_generator()
         self.vm.ram.stop_dirty_log()
-        for h in self.vm.handlers.values():
-            try:
-                h.save_failed()
-            except Exception as exc:  # the guest must come back whatever a handler does
-                reason += f" (and {h.name} could not recover: {exc})"
+        with self.guest.held():
+            for h in self.vm.handlers.values():
+                try:
+                    h.save_failed()
+                except Exception as exc:  # the guest must come back whatever a handler does
+                    reason += f" (and {h.name} could not recover: {exc})"
         self.guest.set_throttle(0)
         self.stats.throttle_pct = 0
         if self._paused_by_us and self._was_running:

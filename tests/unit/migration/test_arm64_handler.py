@@ -11,10 +11,10 @@ from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused
 from vmferry.hw.kvm import regs as R
 from vmferry.machine import VM, create_vm
 from vmferry.machine.arm64 import CpuLoadError, MergeMode
+from vmferry.machine.arm64_handler import Arm64Handler, Arm64Refused, arm64_handler
 from vmferry.machine.handlers import ComponentData
 from vmferry.machine.profiles import load_profile, parse_mitigation
 from vmferry.machine.vm import HostContext
-from vmferry.migration.arm64_handler import Arm64Handler, Arm64Refused, arm64_handler
 from vmferry.migration.context import Status
 from vmferry.migration.source import MigrationParams
 

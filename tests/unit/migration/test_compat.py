@@ -10,14 +10,14 @@ from vmferry.errors import ConfigError
 from vmferry.guest.psci_client import Arm64Guest
 from vmferry.hw.kvm import regs as R
 from vmferry.machine.arm64 import Arm64Machine
-from vmferry.machine.profiles import load_profile
-from vmferry.migration.compat import (
+from vmferry.machine.arm64_compat import (
     DestinationCaps,
     Verdict,
     decide,
     describe_destination,
     describe_source,
 )
+from vmferry.machine.profiles import load_profile
 
 
 def booted(name: str, mitigation: str = "avail", pin: int | None = None

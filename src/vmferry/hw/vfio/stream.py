@@ -147,6 +147,13 @@ class DataStream:
             self._chunks.append(view)
             self.appended += len(view)
 
+    def corrupt_tail(self) -> None:
+        """Fault injection: flip a byte in the middle of the newest queued chunk."""
+        if self._chunks:
+            tail = bytearray(self._chunks.pop())
+            tail[len(tail) // 2] ^= 0xFF
+            self._chunks.append(memoryview(tail))
+
     @property
     def buffered(self) -> int:
         return self.appended - self.pos
@@ -184,6 +191,35 @@ class DataStream:
                     raise VfioError(errno.ENOMSG, f"{self.name}: no pre-copy data right now")
                 return 0
             return self._drain_into(out)
+
+    def read_view(self, n: int) -> memoryview:
+        """Like ``read(n)`` (same errors, same position), but the bytes come back as a
+        read-only view of the data the session queued instead of a copy.
+
+        This stands for a VMM reading into a transfer buffer it reuses: the copy costs
+        nothing new per chunk.  A view stays meaningful only while the session's data
+        does not change: after STOP_COPY (the device is stopped) until the session
+        ends.  At most one queued chunk is returned per call.
+        """
+        if self.kind is not StreamKind.SAVING:
+            raise VfioError(errno.EBADF, f"{self.name} is a resuming stream: not readable")
+        with self.lock:
+            yield_point("stream read", self, write=False)
+            if self.disabled:
+                self._disabled_read()  # raises, or 0: end of stream
+                return memoryview(b"")
+            if self.buffered == 0:
+                if self.phase == "precopy":
+                    raise VfioError(errno.ENOMSG, f"{self.name}: no pre-copy data right now")
+                return memoryview(b"")
+            head = self._chunks[0]
+            take = min(len(head), max(n, 0))
+            if take == len(head):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[take:]
+            self.pos += take
+            return head[:take].toreadonly()
 
     def _disabled_read(self) -> int:
         if self.disabled_read == "enodev":

@@ -192,11 +192,18 @@ class VmmDevice:
         else:
             self.set_state(S.STOP, recover=S.ERROR)
 
-    def complete_precopy(self) -> Iterator[bytes]:
-        """STOP_COPY: the remaining device state, chunk by chunk, to EOF."""
+    def complete_precopy(self) -> Iterator[memoryview]:
+        """STOP_COPY: the remaining device state, chunk by chunk (at most
+        ``buffer_size`` bytes each), to EOF.
+
+        The device is stopped, so its data does not change until the session ends: the
+        chunks are views of it (:meth:`DataStream.read_view`), which the caller may keep
+        until they have been sent -- QEMU reads into a transfer buffer it reuses, so a
+        read costs it no new memory either.
+        """
         self.set_state(S.STOP_COPY, recover=S.STOP)
         stream = self._stream()
-        while chunk := stream.read(self.buffer_size):
+        while chunk := stream.read_view(self.buffer_size):
             yield chunk
 
     def save_cleanup(self) -> None:
@@ -213,7 +220,7 @@ class VmmDevice:
     def load_setup(self) -> None:
         self.set_state(S.RESUMING, recover=self.state)
 
-    def load_data(self, chunk: bytes | memoryview) -> None:
+    def load_data(self, chunk: bytes | bytearray | memoryview) -> None:
         self._stream().write_all(chunk)
 
     def load_cleanup(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vmferry.errors import MigrationRefused
-from vmferry.hw.vfio import DeviceState, VfioMigrationDevice, VmmDevice, preflight
+from vmferry.hw.vfio import DeviceState, VfioError, VfioMigrationDevice, VmmDevice, preflight
 from vmferry.testing.vfio import make
 
 S = DeviceState
@@ -37,3 +37,26 @@ def test_failed_resume_resets_the_destination() -> None:
         vmm.start_prepare()
     assert dst.get_state() == S.RUNNING and vmm.state == S.RUNNING  # reset by recovery
     assert all(f.disabled for f in dst.files)
+
+
+def test_read_view_reads_what_read_would() -> None:
+    """STOP_COPY chunks as views: the same bytes, positions and end of stream as reads."""
+    a, b = make("pds", state_mib=0.25, seed=5), make("pds", state_mib=0.25, seed=5)
+    for dev in (a, b):
+        dev.run(30)
+        dev.set_state(S.STOP)
+    by_read = b.set_state(S.STOP_COPY)
+    by_view = a.set_state(S.STOP_COPY)
+    assert by_read is not None and by_view is not None
+    copied = b"".join(iter(lambda: by_read.read(5000), b""))
+    views = list(iter(lambda: by_view.read_view(5000), b""))
+    assert b"".join(views) == copied and all(v.readonly and len(v) <= 5000 for v in views)
+    assert by_view.pos == by_read.pos == len(copied)
+    by_view.close()
+    a.set_state(S.STOP)  # the session ends: the file is disabled
+    with pytest.raises(VfioError, match=r"EINVAL.*beyond the freed buffer"):  # as read()
+        by_view.read_view(10)
+    resuming = a.set_state(S.RESUMING)
+    assert resuming is not None
+    with pytest.raises(VfioError, match="EBADF"):
+        resuming.read_view(10)

@@ -18,7 +18,9 @@ migrated device continues exactly as the source would have.
 Faults (named, off by default) reproduce driver bugs:
 
 * ``stale_fd``: a session ends without disabling its file (use after orphan);
-* ``resume_accept_any``: RESUMING -> STOP loads whatever was written, unvalidated.
+* ``resume_accept_any``: RESUMING -> STOP loads whatever was written, unvalidated;
+* ``corrupt_save``: the final saved data has one byte flipped (a firmware that saves a
+  bad image): the resuming device must reject it when it validates.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from vmferry.hw.vfio.stream import DataStream, DisabledRead, PrecopyInfo, Stream
 
 S = DeviceState
 
-DRIVER_FAULTS = ("stale_fd", "resume_accept_any")
+DRIVER_FAULTS = ("stale_fd", "resume_accept_any", "corrupt_save")
 
 
 class Activity(Enum):
@@ -176,11 +178,15 @@ class VariantDriver(ABC):
         result: DataStream | None = None
         if effect is Session.OPEN_SAVING:
             result = self._open_saving(owner, precopy=nxt != S.STOP_COPY)
+            if nxt == S.STOP_COPY and "corrupt_save" in self.faults:
+                result.corrupt_tail()
         elif effect is Session.OPEN_RESUMING:
             result = self._open_resuming(owner)
         elif effect is Session.FINAL:
             self.activity = Activity.STOPPED
             self._save_final(self._live(self.saving))
+            if "corrupt_save" in self.faults:
+                self._live(self.saving).corrupt_tail()
         elif effect is Session.END_SAVING:
             self._end_saving(cur)
         elif effect is Session.END_RESUMING:

@@ -18,6 +18,7 @@ touches are recorded while dirty tracking is on (pre-copy).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import ClassVar
 
@@ -33,6 +34,19 @@ MAGIC = b"VDEV"
 NQUEUES = 4
 SLOT = 64
 PAGE = 4096
+#: device memory at least this large is backed by transparent huge pages
+HUGE = 2 << 20
+
+
+def device_memory(size: int) -> np.ndarray:
+    """Zeroed device memory: anonymous pages, huge pages for large buffers (as guest RAM),
+    so faulting a big device image in costs 2 MiB at a time, not 4 KiB."""
+    if size < HUGE:
+        return np.zeros(size, dtype=np.uint8)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(region, dtype=np.uint8)
 
 
 class ImageDriver(VariantDriver):
@@ -45,13 +59,17 @@ class ImageDriver(VariantDriver):
             raise ConfigError(f"{self.name}: device image of {image_size} bytes is too small")
         super().__init__(memory, dma, seed)
         self.image_size = image_size
-        self.image = np.zeros(image_size, dtype=np.uint8)
+        self.image = device_memory(image_size)
         #: pages changed since tracking started; None when not tracking
         self.dirty: set[int] | None = None
-        self.hw_reset()
+        self._power_on()
 
     def hw_reset(self) -> None:
         self.image[:] = 0
+        self._power_on()
+
+    def _power_on(self) -> None:
+        """The header of a device just out of reset (the rest of the image is zero)."""
         HEADER.pack_into(self.image.data, 0, MAGIC, 1, NQUEUES, self.seed, 0, 0, 0,
                          0, 0, 0, 0, 0)  # fmt: skip
         self.dirty = None  # a reset ends any pre-copy tracking

@@ -26,7 +26,7 @@ import xxhash
 
 from vmferry.hw.memory import GuestMemory
 from vmferry.hw.vfio.drivers.base import DeviceCapability, DmaRegion
-from vmferry.hw.vfio.drivers.image import ImageDriver
+from vmferry.hw.vfio.drivers.image import ImageDriver, device_memory
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.states import MigrationFlags
 from vmferry.hw.vfio.stream import DataStream, DisabledRead
@@ -70,9 +70,13 @@ class PdsDriver(ImageDriver):
                                 (("state_size", self.state_size),))  # fmt: skip
 
     def _restore_buffer(self) -> np.ndarray:
-        """The page-backed resume buffer, allocated once and reused per session."""
+        """The page-backed resume buffer, allocated once and reused per session.
+
+        Allocated with its pages present, as the driver allocates the restore file's
+        pages when the session opens (STOP -> RESUMING), not when data arrives."""
         if self._staging is None:
-            self._staging = np.zeros(self.image_size, dtype=np.uint8)
+            self._staging = device_memory(self.image_size)
+            self._staging.fill(0)  # fault every page in now
         return self._staging
 
     def _save_open(self, stream: DataStream, *, precopy: bool) -> None:

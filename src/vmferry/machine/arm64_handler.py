@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Importing this module registers ``arch = "arm64"`` in :data:`vmferry.machine.vm.ARCHES`
-(the :mod:`vmferry.migration` package imports it, so the engine always knows the arch).
+(the :mod:`vmferry.machine` package imports it, so every VM factory knows the arch).
 The setup hook builds the VM's firmware side on the host's own model -- the host's
 :class:`~vmferry.machine.profiles.HostProfile` (``HostContext.profile``) -- and attaches
 an :class:`Arm64Handler`; a host without an arm64 profile refuses the VM (ConfigError).
@@ -18,9 +18,9 @@ The handler's hooks, in the engine's order:
 =================  ===========================================================================
 ``vm_start``       first start on this host: pin ``psci`` (if any), first ``KVM_RUN``, and the
                    guest probes PSCI/SMCCC -- once; a migrated guest never probes again
-``capabilities``   destination: :func:`~vmferry.migration.compat.describe_destination` on
+``capabilities``   destination: :func:`~vmferry.machine.arm64_compat.describe_destination` on
                    this host's model (JSON), for the source's pre-flight
-``preflight``      source: ``compat = "preflight"``: :func:`~vmferry.migration.compat.decide`
+``preflight``      source: ``compat = "preflight"``: :func:`~vmferry.machine.arm64_compat.decide`
                    -> proceed (notes as warnings), :class:`Arm64Refused` (register, value,
                    reason), or a mitigation loss -- refused unless ``allow_degraded``, then a
                    warning.  ``compat = "qemu"``: nothing (QEMU has no pre-flight)
@@ -52,11 +52,7 @@ from vmferry.guest.psci_client import encode_view
 from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.psci import PsciVersion
 from vmferry.machine.arm64 import MergeMode
-from vmferry.machine.arm64_component import Arm64Component
-from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
-from vmferry.machine.profiles import HostProfile
-from vmferry.machine.vm import ARCHES, ArchSupport, HostContext
-from vmferry.migration.compat import (
+from vmferry.machine.arm64_compat import (
     Decision,
     DestinationCaps,
     Verdict,
@@ -64,6 +60,10 @@ from vmferry.migration.compat import (
     describe_destination,
     describe_source,
 )
+from vmferry.machine.arm64_component import Arm64Component
+from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
+from vmferry.machine.profiles import HostProfile
+from vmferry.machine.vm import ARCHES, ArchSupport, HostContext
 
 if TYPE_CHECKING:
     from vmferry.machine.vm import VM
