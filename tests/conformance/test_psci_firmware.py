@@ -731,3 +731,49 @@ def test_check_50_vcpu_held_across_destroy() -> None:
     faulty.destroy()
     with pytest.raises(UseAfterFree):
         stale.get_one_reg(PSCI)
+
+
+def test_check_45_save_during_a_power_transition_fails() -> None:
+    from vmferry.machine.arm64 import Arm64Machine, PowerState, PowerTransitionError
+
+    machine = Arm64Machine(load_profile("arm64-linux-6.15"), 2)
+    before = machine.save()
+    machine.begin_power_on(1)
+    assert machine.power_state(1) is PowerState.ON_PENDING
+    with pytest.raises(PowerTransitionError, match="vCPU 1 is between power states"):
+        machine.save()
+    machine.settle_power_on(1)
+    assert machine.power_state(1) is PowerState.ON
+    assert machine.save().vcpus[0] == before.vcpus[0]
+
+
+@pytest.mark.parametrize("compat", ["preflight", "qemu"])
+def test_check_45_the_migration_fails_and_the_source_resumes(compat: str) -> None:
+    from vmferry.clock import ManualClock
+    from vmferry.errors import MigrationError, MigrationRefused
+    from vmferry.machine import HostContext, create_vm
+    from vmferry.migration.destination import DestinationSession
+    from vmferry.migration.local import transfer
+    from vmferry.migration.source import MigrationParams, SourceSession
+
+    host = HostContext("h", load_profile("arm64-linux-6.15"))
+    definition = {"name": "a", "arch": "arm64", "memory_mib": 2, "vcpus": 2}
+    vm = create_vm(definition, host)
+    vm.start()
+    machine = vm.handlers["arm64"].component.machine  # type: ignore[attr-defined]
+    machine.begin_power_on(1)
+    clock = ManualClock()
+    src = SourceSession(vm, MigrationParams(compat=compat), clock)
+    dst_vm = create_vm(definition, host)
+    if compat == "preflight":  # pre-flight sees it: refused before anything moves
+        with pytest.raises(MigrationRefused, match="between power states"):
+            src.preflight(dst_vm.capabilities())
+        assert vm.running and not vm.ram.logging
+        return
+    src.preflight(dst_vm.capabilities())
+    dst = DestinationSession(clock, factory=lambda d: create_vm(d, host))
+    with pytest.raises(MigrationError, match="between power states") as info:
+        transfer(src, dst, clock)  # QEMU: put_power fails the save at switchover
+    dst.abort()
+    stats = src.fail(info.value.step, str(info.value))
+    assert stats.error_step == "switchover (vCPU state)" and vm.running

@@ -41,7 +41,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
-from vmferry.errors import ConfigError, InvariantViolation, MalformedRecord, ModelError
+from vmferry.errors import (
+    ConfigError,
+    InvariantViolation,
+    MalformedRecord,
+    MigrationError,
+    ModelError,
+)
 from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.arm64_fw import (
     KVM_ARM_VCPU_PSCI_0_2,
@@ -72,6 +78,18 @@ class Level(Enum):
 
     RUNTIME = 1
     FULL = 2
+
+
+class PowerState(Enum):
+    """QEMU's view of a vCPU's PSCI power state (``ARMCPU::power_state``)."""
+
+    ON = "on"
+    OFF = "off"
+    ON_PENDING = "on_pending"  # an asynchronous CPU_ON has not reached the vCPU yet
+
+
+class PowerTransitionError(MigrationError):
+    """QEMU's ``put_power``: a vCPU neither ON nor OFF cannot be saved."""
 
 
 class CpuLoadError(ModelError):
@@ -315,6 +333,8 @@ class Arm64Machine:
         self.vcpus = [self._create_vcpu() for _ in range(self.n_vcpus)]
         self.cpregs = [init_cpreg_list(v) for v in self.vcpus]
         self.started = False
+        #: vCPUs with an asynchronous power-on in flight (QEMU's ON_PENDING)
+        self.pending_on: set[int] = set()
 
     def _create_vcpu(self) -> KvmVcpu:
         vcpu = self.vm.create_vcpu()
@@ -377,8 +397,37 @@ class Arm64Machine:
 
     # -- persist ----------------------------------------------------------------------------
 
+    def power_state(self, index: int) -> PowerState:
+        """QEMU's power state of vCPU ``index``: synced from KVM's mp_state, except while an
+        asynchronous power-on (``arm_set_cpu_on``) has not run on the vCPU yet."""
+        if index in self.pending_on:
+            return PowerState.ON_PENDING
+        stopped = self.vcpus[index].mp_state is MpState.STOPPED
+        return PowerState.OFF if stopped else PowerState.ON
+
+    def begin_power_on(self, index: int) -> None:
+        """An asynchronous CPU_ON was queued for vCPU ``index`` (ON_PENDING until settled)."""
+        if not 0 <= index < len(self.vcpus):
+            raise ConfigError(f"no vCPU {index}")
+        self.pending_on.add(index)
+
+    def settle_power_on(self, index: int) -> None:
+        """The queued power-on ran on the vCPU: it is ON."""
+        if index in self.pending_on:
+            self.pending_on.discard(index)
+            self.vcpus[index].mp_state = MpState.RUNNABLE
+
     def save(self) -> Arm64State:
-        """``cpu_pre_save``: GET every listed register; cannot fail on a consistent VM."""
+        """``cpu_pre_save`` and the vmstate: GET every listed register.
+
+        Raises PowerTransitionError, as QEMU's ``put_power`` fails the save, when a vCPU is
+        in a transitional power state; any other failure is an invariant violation."""
+        transitional = [i for i in range(len(self.vcpus))
+                        if self.power_state(i) is PowerState.ON_PENDING]
+        if transitional:
+            raise PowerTransitionError(
+                f"vCPU {transitional[0]} is between power states (ON_PENDING): QEMU does not "
+                "save a CPU in a PSCI power transition", "switchover (vCPU state)")
         out = []
         for vcpu, cpregs in zip(self.vcpus, self.cpregs, strict=True):
             try:

@@ -51,7 +51,7 @@ from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused
 from vmferry.guest.psci_client import encode_view
 from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.psci import PsciVersion
-from vmferry.machine.arm64 import MergeMode
+from vmferry.machine.arm64 import MergeMode, PowerTransitionError
 from vmferry.machine.arm64_compat import (
     Decision,
     DestinationCaps,
@@ -171,7 +171,11 @@ class Arm64Handler(MigrationHandler):
             caps = DestinationCaps.from_json(destination)
         except ConfigError as exc:
             raise MigrationRefused(f"arm64: {exc}", "pre-flight") from exc
-        source = describe_source(self.component.machine, self.component.guest)
+        try:
+            source = describe_source(self.component.machine, self.component.guest)
+        except PowerTransitionError as exc:  # QEMU would fail the save at switchover
+            raise MigrationRefused(f"arm64: {str(exc).split(': ', 1)[-1]}; try again once "
+                                   "the vCPU has settled", "pre-flight") from exc
         self.decision = decide(source, caps, bool(options.get("allow_degraded", False)))
         if self.decision.verdict is Verdict.REFUSE:
             raise Arm64Refused(self.decision)
