@@ -11,6 +11,7 @@ import click
 from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
+from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.vm import HostContext
 
 
@@ -62,7 +63,7 @@ def command() -> None:
     "platform_file",
     default=None,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"])",
+    help="TOML file describing the host platform (e.g. a [spapr] table for pseries guests)",
 )
 def serve(
     name: str,
@@ -74,17 +75,28 @@ def serve(
     platform_file: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
+    platform = load_platform(platform_file) if platform_file is not None else {}
     run_daemon(
         name,
         state_dir,
         parse_address(listen),
         parse_address(migration_listen) if migration_listen else None,
-        HostContext(
-            name,
-            host_profile(profile, mitigation),
-            load_platform(platform_file) if platform_file else {},
-        ),
+        HostContext(name, host_profile(profile, mitigation), platform),
     )
+
+
+def load_platform(path: Path) -> dict[str, Any]:
+    """A host platform description from a TOML file; ConfigError if it is unreadable or
+    a table it carries is wrong (checked before the daemon starts)."""
+    try:
+        platform = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read platform file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    if "spapr" in platform:
+        SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
+    return platform
 
 
 def host_profile(name: str | None, mitigation: str | None) -> HostProfile | None:
@@ -100,13 +112,3 @@ def host_profile(name: str | None, mitigation: str | None) -> HostProfile | None
             raise ConfigError(f"profile {name} has no mitigation to set")
         profile = profile.with_mitigation(parse_mitigation(mitigation))
     return profile
-
-
-def load_platform(path: Path) -> dict[str, Any]:
-    """A host platform description from a TOML file."""
-    try:
-        return tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read platform file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc

@@ -127,6 +127,21 @@ class GuestDmaWindow:
         self.mappings[mapping.ioba] = mapping
         return mapping
 
+    def adopt(self, ioba: int, size: int) -> DmaMapping:
+        """Take over a mapping that already exists in the TCE table (a driver resuming
+        from its state in guest memory): marks its IOMMU pages used, no hypercall."""
+        rel = ioba - self.offset
+        if size <= 0 or rel < 0 or rel + size > len(self.free) << self.page_shift:
+            raise GuestDmaError(f"IOBA {ioba:#x}+{size:#x} outside liobn {self.liobn:#x}")
+        first = rel >> self.page_shift
+        npages = -(-((rel & (self.page_size - 1)) + size) // self.page_size)
+        if not self.free[first : first + npages].all():
+            raise GuestDmaError(f"IOBA {ioba:#x}+{size:#x} overlaps a mapping")
+        self.free[first : first + npages] = False
+        mapping = DmaMapping(ioba, size, first, npages)
+        self.mappings[ioba] = mapping
+        return mapping
+
     def unmap(self, mapping: DmaMapping) -> None:
         if self.mappings.pop(mapping.ioba, None) is None:
             raise GuestDmaError(f"IOBA {mapping.ioba:#x} is not mapped")

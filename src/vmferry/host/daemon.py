@@ -60,7 +60,10 @@ class HostedVm:
             out["vcpus"] = len(self.vm.vcpus)
             out["throttle_pct"] = self.vm.workload.throttle_pct
             out["pages_dirtied"] = self.vm.workload.pages_written
-            report = self.vm.report()
+            # handlers read device and IOMMU state the guest's thread changes
+            lock = self.runner.lock if self.runner is not None else contextlib.nullcontext()
+            with lock:
+                report = self.vm.report()
             if report:
                 out["report"] = report
         return out

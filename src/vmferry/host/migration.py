@@ -170,7 +170,8 @@ class SourceWorker:
                 self.tee.close()
 
     def _preflight(self) -> None:
-        warnings = self.session.preflight(self.incoming.get("capabilities"))
+        with self.runner.lock:  # handlers inspect device state the guest's thread changes
+            warnings = self.session.preflight(self.incoming.get("capabilities"))
         for w in warnings:
             log.warning("job %s pre-flight: %s", self.job.id, w)
 

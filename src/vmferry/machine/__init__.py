@@ -11,6 +11,9 @@ from vmferry.machine.ram import DirtyLog, GuestRam
 from vmferry.machine.vcpu import Vcpu, VcpuState
 from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
 
+# architectures register themselves in ARCHES on import
+from vmferry.machine import pseries  # noqa: F401  isort: skip
+
 __all__ = [
     "VM",
     "Component",

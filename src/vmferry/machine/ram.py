@@ -115,6 +115,16 @@ class GuestRam:
         first, last = gpa // self.page_size, (gpa + n - 1) // self.page_size
         self._mark(slice(first, last + 1))
 
+    def device_write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """A device's DMA write: stored like :meth:`write`, but the dirty log (which only
+        sees vCPU writes) does not record it; see :meth:`mark_dirty`."""
+        n = len(data)
+        self._check(gpa, n)
+        if n == 0:
+            return
+        self.bytes[gpa : gpa + n] = np.frombuffer(data, dtype=np.uint8)
+        self.populated[gpa // self.page_size : (gpa + n - 1) // self.page_size + 1] = True
+
     def write_pages(self, first: int, data: npt.NDArray[np.uint8]) -> None:
         """Store whole pages starting at page ``first`` (``data`` shaped (k, page_size))."""
         k = data.shape[0]
@@ -152,6 +162,13 @@ class GuestRam:
         self.populated[where] = True
         if self.logging:
             self.dirty[where] = True
+
+    def mark_dirty(self, gpa: int, n: int) -> None:
+        """Count ``[gpa, gpa + n)`` as written in the dirty log without touching it: for a
+        device that may have written there by DMA, which the CPU's dirty log never sees."""
+        self._check(gpa, n)
+        if n and self.logging:
+            self.dirty[gpa // self.page_size : (gpa + n - 1) // self.page_size + 1] = True
 
     def zero_pages(self, first: int, count: int) -> None:
         """Make ``count`` pages from ``first`` read as zero, touching only populated ones."""

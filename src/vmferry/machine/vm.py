@@ -32,12 +32,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.errors import ConfigError, MalformedRecord
+from vmferry.errors import ConfigError, MalformedRecord, ModelError
 from vmferry.guest.workload import Workload, WorkloadSpec
 from vmferry.machine.handlers import (
     Component,
@@ -68,6 +68,26 @@ class HostContext:
     #: the host's IOMMU boot probe (a ``vmferry.hw.iommu.BootResult``), None if it has none:
     #: device assignment takes IOMMU groups from it
     iommu: Any = None
+
+
+class HypercallResult(Protocol):
+    """What a guest sees after a hypercall: the return code and the output registers."""
+
+    @property
+    def ret(self) -> int: ...
+
+    @property
+    def out(self) -> tuple[int, ...]: ...
+
+
+class HypercallHandler(Protocol):
+    """An architecture's hypercall entry (pseries: KVM, then the VMM on H_TOO_HARD)."""
+
+    def __call__(self, opcode: int, *args: int, vcpu: int = 0) -> HypercallResult: ...
+
+
+class NoHypercalls(ModelError):
+    """The VM's architecture has no hypercall interface."""
 
 
 #: Called once the VM exists, to attach handlers for an architecture or a feature.
@@ -166,6 +186,7 @@ class VM:
         self.workload = Workload(definition.workload, self.ram)
         self.handlers: dict[str, MigrationHandler] = {}
         self.guest_time = 0.0
+        self._hypercalls: HypercallHandler | None = None
 
     # --- composition -----------------------------------------------------------------
 
@@ -179,6 +200,22 @@ class VM:
 
     def add_component(self, component: Component) -> None:
         self.add_handler(ComponentHandler(component))
+
+    def set_hypercalls(self, handler: HypercallHandler) -> None:
+        """Install the architecture's hypercall entry (once, from its setup hook)."""
+        if self._hypercalls is not None:
+            raise ConfigError(f"{self.name}: hypercall handler installed twice")
+        self._hypercalls = handler
+
+    def hcall(self, opcode: int, *args: int, vcpu: int = 0) -> HypercallResult:
+        """Issue hypercall ``opcode`` with argument registers ``args`` from vCPU ``vcpu``,
+        as the guest does; the result carries ``.ret`` and ``.out``.  Raises NoHypercalls
+        on an architecture without a hypercall interface, ConfigError for a bad vCPU."""
+        if self._hypercalls is None:
+            raise NoHypercalls(f"{self.name}: arch {self.arch.name} has no hypercalls")
+        if not 0 <= vcpu < len(self.vcpus):
+            raise ConfigError(f"{self.name}: no vCPU {vcpu} (the VM has {len(self.vcpus)})")
+        return self._hypercalls(opcode, *args, vcpu=vcpu)
 
     def handler_for(self, piece: StatePiece) -> MigrationHandler:
         """The handler a state piece belongs to; MalformedRecord if none."""

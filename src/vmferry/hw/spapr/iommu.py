@@ -138,10 +138,14 @@ class SpaprIommu:
         hw_page_shift: int = HOST_PAGE_SHIFT,
         host: HostMemoryMap | None = None,
         slot_sizes: Sequence[int] | None = None,
+        device_memory: GuestMemory | None = None,
     ) -> None:
         self.mode = mode
         self.quirks = quirks_of(mode)
         self.memory = memory
+        #: what device DMA writes land in (default ``memory``); a VM passes a view whose
+        #: writes bypass the CPU's dirty log, as real device DMA does
+        self.device_memory = device_memory if device_memory is not None else memory
         self.host = host or HostMemoryMap.for_ram(memory.size, slot_sizes=slot_sizes)
         self.hw_page_shift = hw_page_shift
         self.shared_tables = shared_tables
@@ -296,7 +300,7 @@ class SpaprIommu:
             if gpa is None:
                 self.orphan_dma.append((hpa, take))
             else:
-                self.memory.write(gpa, data[pos : pos + take])
+                self.device_memory.write(gpa, data[pos : pos + take])
             pos += take
 
     def dma_read(self, liobn: int, ioba: int, n: int, *, group: int = 0) -> bytes:

@@ -70,15 +70,15 @@ class BulkPaths:
                 return HRet.H_TOO_HARD
         return HRet.H_SUCCESS
 
-    def _plan_table(
+    def plan_table(
         self,
-        stt: GuestTceTable,
+        page_shift: int,
         table: HardwareTable,
         entry: int,
         uas: npt.NDArray[np.uint64],
         perms: npt.NDArray[np.uint64],
     ) -> _TablePlan | None:
-        sub = 1 << (stt.page_shift - table.page_shift)
+        sub = 1 << (page_shift - table.page_shift)
         first = entry * sub
         n = len(uas) * sub
         lo = first - table.offset
@@ -130,16 +130,16 @@ class BulkPaths:
             return False
         plans = []
         for table in stt.tables():
-            plan = self._plan_table(stt, table, entry, uas, perms)
+            plan = self.plan_table(stt.page_shift, table, entry, uas, perms)
             if plan is None:
                 return False
             plans.append(plan)
         for plan in plans:
-            self._commit_plan(plan)
+            self.commit_plan(plan)
         stt.view.put_range(entry - stt.offset, values.astype(U64))
         return True
 
-    def _commit_plan(self, plan: _TablePlan) -> None:
+    def commit_plan(self, plan: _TablePlan) -> None:
         table = plan.table
         lo = plan.first - table.offset
         n = len(plan.new_tces)

@@ -34,6 +34,7 @@ from vmferry.errors import (
     TruncatedRecord,
     UnsupportedVersion,
 )
+from vmferry.hw.spapr.hwtable import HardwareTable
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.qemu_hcalls import QemuTable
 from vmferry.hw.spapr.tce import (
@@ -50,6 +51,7 @@ VERSION = 1
 _HEADER = struct.Struct(">4sHH")
 _WINDOW = struct.Struct(">IQIII")
 MAX_ENTRIES = 1 << 28
+U64 = np.uint64
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,9 @@ def rebuild_window(iommu: SpaprIommu, liobn: int) -> WindowRebuild:
     """Make every hardware table of ``liobn`` equal translate(guest view) (INV-8)."""
     table = iommu.qemu.tables[liobn]
     hw_tables = iommu.hw_tables(liobn)
+    fast = _rebuild_bulk(iommu, table, hw_tables)
+    if fast is not None:
+        return fast
     for hw in hw_tables:  # drop whatever the destination held before the replay
         for stale in np.nonzero(hw.tces.astype(np.uint64))[0]:
             iommu.ops.clear_accounted(hw, hw.offset + int(stale), 1)
@@ -228,6 +233,52 @@ def rebuild_window(iommu: SpaprIommu, liobn: int) -> WindowRebuild:
             ) from exc
         mapped += 1
     return WindowRebuild(liobn, mapped, cleared)
+
+
+def _rebuild_bulk(
+    iommu: SpaprIommu, table: QemuTable, hw_tables: list[HardwareTable]
+) -> WindowRebuild | None:
+    """The replay as array operations (downtime matters): per hardware table one plan over
+    the whole window, committed only when every table's plan holds.  None: the per-entry
+    replay runs instead (a faulty mode, a region being released, an injected failure)."""
+    if not hw_tables or iommu.quirks or not iommu.kvm.vectorised:
+        return None
+    if any(region.mapped == 0 for region in iommu.mm.regions):
+        return None
+    view = table.view.dense()
+    perms = view & U64(TCE_PERM_MASK)
+    live = perms != 0
+    gpas = view & ~U64(TCE_PERM_MASK) & ~U64(table.page_size - 1)
+    uas = np.zeros(len(view), dtype=U64)
+    ok = np.zeros(len(view), dtype=np.bool_)
+    for slot in iommu.host.slots:  # the whole IOMMU page inside one memslot
+        hit = (
+            live
+            & (gpas >= U64(slot.gpa))
+            & (gpas + U64(table.page_size) <= U64(slot.gpa + slot.size))
+        )
+        uas[hit] = gpas[hit] - U64(slot.gpa) + U64(slot.ua)
+        ok |= hit
+    for hw in hw_tables:  # ... and backed by preregistered pages at least this large
+        size = U64(max(hw.page_size, table.page_size))
+        covered = np.zeros(len(view), dtype=np.bool_)
+        for region in iommu.mm.regions:
+            if region.pageshift >= hw.page_shift:
+                covered |= (uas >= U64(region.ua)) & (uas + size <= U64(region.end))
+        ok &= covered
+    keep = np.where(ok, perms, U64(0)).astype(U64)
+    first = table.bus_offset >> table.page_shift
+    plans = []
+    for hw in hw_tables:
+        plan = iommu.kvm.bulk.plan_table(
+            table.page_shift, hw, first, np.where(ok, uas, U64(0)), keep
+        )
+        if plan is None:
+            return None
+        plans.append(plan)
+    for plan in plans:
+        iommu.kvm.bulk.commit_plan(plan)
+    return WindowRebuild(table.liobn, int(ok.sum()), int((live & ~ok).sum()))
 
 
 def _translatable(iommu: SpaprIommu, gpa: int, table: QemuTable) -> int | None:
