@@ -14,7 +14,10 @@ extend the machine, e.g. with the device tree):
 3. :func:`dma_devices_step` -- one :class:`SpaprDmaHandler` per ``dma_devices`` entry: a
    receive-DMA device DMAing through the hardware TCE tables and its guest driver, whose
    ring and buffers sit in a DMA area at the top of guest RAM that the workload leaves
-   alone (the guest kernel's memory, not the application's).
+   alone (the guest kernel's memory, not the application's);
+4. :func:`vmferry.machine.pseries_dt.device_tree_step` -- the device tree firmware hands
+   the guest, from the definition and the host's ``[lpm]`` platform table, migrated and
+   updated on arrival (``device_tree`` definition key; see that module).
 
 Definition keys::
 
@@ -64,11 +67,13 @@ from vmferry.hw.spapr.hostmem import DEFAULT_HPA_BASE, HostMemoryMap, Memslot
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec, windows_from_definition
 from vmferry.hw.spapr.tce import TCE_PERM_MASK, Quirk, SpaprError, quirks_of
 from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
+from vmferry.machine.pseries_dt import KEYS as DEVICE_TREE_KEYS
+from vmferry.machine.pseries_dt import device_tree_step
 from vmferry.machine.ram import PAGE_64K, GuestRam
 from vmferry.machine.vm import ARCHES, VM, ArchSupport, HostContext
 
 MIB: Final = 1 << 20
-KEYS: Final = frozenset({"tce_windows", "dma_devices"})
+KEYS: Final = frozenset({"tce_windows", "dma_devices"}) | DEVICE_TREE_KEYS
 IOMMU_PAGE_SHIFTS: Final = (12, 16, 24)
 BACKING_SHIFTS: Final = (16, 24)
 _PLATFORM_KEYS = {
@@ -604,7 +609,7 @@ def dma_devices_step(s: PseriesSetup) -> None:
 
 
 #: The pseries machine, step by step (extend by appending).
-SETUP_STEPS: list[SetupStep] = [host_step, tce_step, dma_devices_step]
+SETUP_STEPS: list[SetupStep] = [host_step, tce_step, dma_devices_step, device_tree_step]
 
 
 def setup(vm: VM, definition: Mapping[str, Any], host: HostContext) -> None:
