@@ -172,3 +172,37 @@ def test_destination_clears_entries_its_memory_map_cannot_back(tmp_path: Path) -
         assert report(hosts.b, "ppc2")["spapr-tce"]["invariants"] == "ok"
     finally:
         hosts.stop()
+
+
+def test_pseries_vm_with_a_vfio_device_dmaing_through_the_tce_tables(hosts: Hosts) -> None:
+    d = definition(
+        "ppc3",
+        tce_windows=[
+            {"liobn": LIOBN, "offset": 0, "size_mib": 256, "page_shift": 16},
+            {"liobn": DDW, "offset": 1 << 40, "size_mib": 64, "page_shift": 16},
+        ],
+        devices=[{"id": "blk0", "driver": "pds", "dma_region": [0x200000, 0x10000], "seed": 8}],
+    )
+    hosts.a.post("/v1/vms", {"definition": d, "start": True})
+    poll(lambda: report(hosts.a, "ppc3")["vfio"]["devices"]["blk0"]["dma_writes"] > 5)
+    before = report(hosts.a, "ppc3")["spapr-tce"]
+    ddw = {w["liobn"]: w for w in before["windows"]}[DDW]
+    assert ddw["mapped"] == ddw["hw_mapped"][0] == 1024  # all of RAM, direct
+
+    job = hosts.migrate("ppc3")
+    assert job["status"] == "completed", job
+    check = job["stats"]["verification"]
+    assert check["ram_equal"] and check["verified"], check
+    rebuild = job["stats"]["destination_report"]["spapr-tce"]["rebuild"]
+    assert rebuild["cleared"] == 0 and rebuild["mapped"] == 1024 + 9
+
+    migrated = report(hosts.b, "ppc3")["vfio"]["devices"]["blk0"]["dma_writes"]
+    r = poll(
+        lambda: (
+            (x := report(hosts.b, "ppc3"))["vfio"]["devices"]["blk0"]["dma_writes"] > migrated + 5
+            and x
+        )
+    )
+    assert r["spapr-tce"]["dma_faults"] == 0 and r["spapr-dma:nic0"]["faults"] == 0
+    hosts.b.post("/v1/vms/ppc3/pause", {})
+    assert report(hosts.b, "ppc3")["spapr-tce"]["invariants"] == "ok"

@@ -64,8 +64,8 @@ def command() -> None:
     "platform_file",
     default=None,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML file describing the host platform (e.g. a [spapr] table and an [lpm] "
-    "table for pseries guests)",
+    help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"], "
+    "[spapr] and [lpm] tables for pseries guests)",
 )
 def serve(
     name: str,

@@ -11,9 +11,6 @@ from vmferry.machine.ram import DirtyLog, GuestRam
 from vmferry.machine.vcpu import Vcpu, VcpuState
 from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
 
-# architectures register themselves in ARCHES on import
-from vmferry.machine import pseries  # noqa: F401  isort: skip
-
 __all__ = [
     "VM",
     "Component",
@@ -33,3 +30,4 @@ __all__ = [
 
 # Architectures beyond "generic" register themselves in ARCHES when imported.
 from vmferry.machine import arm64_handler as _arm64  # noqa: F401
+from vmferry.machine import pseries as _pseries  # noqa: F401

@@ -15,7 +15,8 @@ extend the machine, e.g. with the device tree):
    receive-DMA device DMAing through the hardware TCE tables and its guest driver, whose
    ring and buffers sit in a DMA area at the top of guest RAM that the workload leaves
    alone (the guest kernel's memory, not the application's);
-4. :func:`vmferry.machine.pseries_dt.device_tree_step` -- the device tree firmware hands
+4. :func:`vfio_step` -- VFIO devices DMA through the TCE tables (a direct mapping);
+5. :func:`vmferry.machine.pseries_dt.device_tree_step` -- the device tree firmware hands
    the guest, from the definition and the host's ``[lpm]`` platform table, migrated and
    updated on arrival (``device_tree`` definition key; see that module).
 
@@ -63,9 +64,19 @@ from vmferry.hw.spapr.dmadev import (
     encode_state,
     ring_bytes,
 )
+from vmferry.hw.spapr.hcall import Hcall, HRet
 from vmferry.hw.spapr.hostmem import DEFAULT_HPA_BASE, HostMemoryMap, Memslot
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec, windows_from_definition
-from vmferry.hw.spapr.tce import TCE_PERM_MASK, Quirk, SpaprError, quirks_of
+from vmferry.hw.spapr.tce import (
+    TCE_PCI_READ,
+    TCE_PCI_WRITE,
+    TCE_PERM_MASK,
+    DmaFault,
+    Quirk,
+    SpaprError,
+    encode_tce_list,
+    quirks_of,
+)
 from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
 from vmferry.machine.pseries_dt import KEYS as DEVICE_TREE_KEYS
 from vmferry.machine.pseries_dt import device_tree_step
@@ -182,8 +193,9 @@ class SpaprTceHandler(MigrationHandler):
 
     def __init__(self, iommu: SpaprIommu, ram: GuestRam, platform: SpaprHostPlatform) -> None:
         self.iommu, self.ram, self.platform = iommu, ram, platform
-        #: DMA devices that cannot report their own dirty pages (their W mappings count)
-        self.untracked_devices = 0
+        #: windows of DMA devices that cannot report their own dirty pages: their WRITE
+        #: mappings count as dirty
+        self.untracked_liobns: set[int] = set()
         self.rebuild: persist.RebuildReport | None = None
         self._pending: bytes | None = None
 
@@ -288,14 +300,21 @@ class SpaprTceHandler(MigrationHandler):
     # --- pre-copy marking (spec §9.3 point 4) -------------------------------------------
 
     def mark_dma_writable(self) -> None:
-        """Count every page mapped with WRITE as dirty.  A device without its own dirty
-        tracking calls this after each burst of DMA and before the guest can change the
-        mappings, so a page written through an entry unmapped right after is not missed."""
-        if not self.ram.logging or not self.untracked_devices:
+        """Count every page mapped with WRITE in a window of an untracked device as dirty.
+        Such a device calls this after each burst of DMA and before the guest can change
+        the mappings, so a page written through an entry unmapped right after is kept."""
+        if not self.ram.logging:
             return
-        for gpa, size in self.iommu.dma_writable_ranges():
-            if gpa + size <= self.ram.size:
-                self.ram.mark_dirty(gpa, size)
+        for liobn in sorted(self.untracked_liobns):
+            table = self.iommu.window(liobn)
+            if not table.enabled:
+                continue
+            view = table.view.dense()
+            live = view[(view & np.uint64(TCE_PCI_WRITE)) != 0]
+            mask = np.uint64(TCE_PERM_MASK) | np.uint64(table.page_size - 1)
+            for gpa in np.unique(live & ~mask).tolist():
+                if gpa + table.page_size <= self.ram.size:
+                    self.ram.mark_dirty(int(gpa), table.page_size)
 
 
 def _invariants(iommu: SpaprIommu) -> str:
@@ -416,30 +435,19 @@ class SpaprDmaHandler(MigrationHandler):
         vm: VM,
         spec: DmaDeviceSpec,
         tce: SpaprTceHandler,
-        window: WindowSpec,
+        guest_window: GuestDmaWindow,
         group: int,
         area_gpa: int,
     ) -> None:
         self.spec, self.tce = spec, tce
-        iommu = tce.iommu
-        tce.untracked_devices += 1
+        tce.untracked_liobns.add(spec.liobn)
         self.name = f"spapr-dma:{spec.name}"
         tag = xxhash.xxh64_intdigest(spec.name.encode())
         self.device = SpaprDmaEngine(
-            iommu, liobn=spec.liobn, group=group, tag=tag, rate_mbps=spec.rate_mbps
+            tce.iommu, liobn=spec.liobn, group=group, tag=tag, rate_mbps=spec.rate_mbps
         )
         ring_gpa = area_gpa
         list_page = ring_gpa + _pages64(ring_bytes(spec.buffers))
-        guest_window = GuestDmaWindow(
-            vm.hcall,
-            vm.ram,
-            liobn=window.liobn,
-            offset=window.offset,
-            size=window.size,
-            page_shift=window.page_shift,
-            list_page=list_page,
-            vcpu=group % len(vm.vcpus),
-        )
         self.driver = RxRingDriver(
             guest_window,
             vm.ram,
@@ -549,6 +557,9 @@ class PseriesSetup:
     tce: SpaprTceHandler | None = None
     windows: list[WindowSpec] = field(default_factory=list)
     devices: list[DmaDeviceSpec] = field(default_factory=list)
+    guest_windows: dict[int, GuestDmaWindow] = field(default_factory=dict)
+    #: the guest's scratch TCE list page (bottom of the DMA area)
+    list_page: int = 0
 
 
 SetupStep = Callable[[PseriesSetup], None]
@@ -572,7 +583,7 @@ def tce_step(s: PseriesSetup) -> None:
         s.iommu = SpaprIommu(
             s.vm.ram,
             s.windows,
-            groups=max(1, len(s.devices)),
+            groups=max(1, len(s.devices) + len(s.definition.get("devices") or [])),
             mode=s.platform.tce_mode,
             hw_page_shift=s.platform.iommu_page_shift,
             host=s.platform.memory_map(s.vm.ram.size),
@@ -586,30 +597,122 @@ def tce_step(s: PseriesSetup) -> None:
 
 
 def dma_devices_step(s: PseriesSetup) -> None:
-    if not s.devices:
+    """The DMA area at the top of RAM (a TCE list page, then each device's ring, list
+    page and buffers), the devices, and the workload kept below the area."""
+    vfio = bool(s.definition.get("devices"))
+    if not s.devices and not vfio:
         return
     assert s.iommu is not None and s.tce is not None
     by_liobn = {w.liobn: w for w in s.windows}
-    area = sum(d.area_bytes for d in s.devices)
+    area = PAGE_64K + sum(d.area_bytes for d in s.devices)
     if area > s.vm.ram.size // 4:
         raise ConfigError(f"{s.vm.name}: DMA devices need {area >> 10} KiB, over a quarter of RAM")
-    base = s.vm.ram.size - area
+    s.list_page = s.vm.ram.size - area
+    base = s.list_page + PAGE_64K
     for group, spec in enumerate(s.devices):
         window = by_liobn.get(spec.liobn)
         if window is None:
             raise ConfigError(f"dma device {spec.name}: no tce window with liobn {spec.liobn:#x}")
         if window.page_shift > 16 and spec.buffer_kib * 1024 > 1 << window.page_shift:
             raise ConfigError(f"dma device {spec.name}: buffer larger than an IOMMU page")
-        s.vm.add_handler(SpaprDmaHandler(s.vm, spec, s.tce, window, group, base))
+        guest = s.guest_windows.get(spec.liobn)
+        if guest is None:  # one IOBA allocator per window, shared by its devices
+            guest = s.guest_windows[spec.liobn] = GuestDmaWindow(
+                s.vm.hcall, s.vm.ram, liobn=window.liobn, offset=window.offset,
+                size=window.size, page_shift=window.page_shift,
+                list_page=base + _pages64(ring_bytes(spec.buffers)),
+                vcpu=group % len(s.vm.vcpus),
+            )  # fmt: skip
+        s.vm.add_handler(SpaprDmaHandler(s.vm, spec, s.tce, guest, group, base))
         base += spec.area_bytes
     vm = s.vm
     vm.workload = Workload(
-        vm.definition.workload, _PagesBelow(vm.ram, (vm.ram.size - area) // vm.ram.page_size)
+        vm.definition.workload, _PagesBelow(vm.ram, s.list_page // vm.ram.page_size)
     )
 
 
+def vfio_step(s: PseriesSetup) -> None:
+    """VFIO devices DMA through the TCE tables: the guest maps all of its RAM into a
+    window that can hold it (the first one no ``dma_devices`` entry uses, else the first),
+    at IOBA = window offset + gpa (Linux's direct DMA over a DDW), and each device reaches
+    memory through its own IOMMU group."""
+    count = len(s.definition.get("devices") or [])
+    if not count:
+        return
+    assert s.iommu is not None and s.tce is not None
+    ram = s.vm.ram
+    covering = [w for w in s.windows if w.size >= ram.size]
+    # prefer a window no untracked DMA device uses: its WRITE mappings count as dirty
+    window = next((w for w in covering if w.liobn not in s.guest_windows), None)
+    window = window or next(iter(covering), None)
+    if window is None:
+        raise ConfigError(
+            f"{s.vm.name}: VFIO devices on pseries need a tce window covering the "
+            f"{ram.size >> 20} MiB of guest RAM"
+        )
+    shared = s.guest_windows.get(window.liobn)
+    if shared is not None:  # the direct mapping's IOBAs are taken in the guest's allocator
+        shared.adopt(window.offset, ram.size)
+    _direct_map(s.vm, window, s.list_page)
+    groups = iter(range(len(s.devices), len(s.devices) + count))
+
+    def port(device: str) -> _TcePort:
+        assert s.iommu is not None
+        return _TcePort(s.iommu, ram, window, next(groups), device)
+
+    s.vm.set_device_memory(port)
+
+
+def _direct_map(vm: VM, window: WindowSpec, list_page: int) -> None:
+    page = 1 << window.page_shift
+    npages = -(-vm.ram.size // page)
+    rw = np.uint64(TCE_PCI_READ | TCE_PCI_WRITE)
+    for first in range(0, npages, 512):
+        n = min(512, npages - first)
+        tces = (np.arange(first, first + n, dtype=np.uint64) << np.uint64(window.page_shift)) | rw
+        vm.ram.write(list_page, encode_tce_list(tces))
+        ioba = window.offset + (first << window.page_shift)
+        ret = vm.hcall(int(Hcall.H_PUT_TCE_INDIRECT), window.liobn, ioba, list_page, n).ret
+        if ret != HRet.H_SUCCESS:
+            raise ConfigError(f"{vm.name}: direct DMA mapping failed with {ret}")
+
+
+class _TcePort:
+    """Guest memory as one VFIO device reaches it: bus address = window offset + gpa,
+    through the hardware TCE tables of its IOMMU group.  A refused DMA is recorded by the
+    IOMMU and dropped (the PE freezes it); an accepted one is logged dirty by the
+    device's own dirty tracking (VFIO DMA logging)."""
+
+    def __init__(
+        self, iommu: SpaprIommu, ram: GuestRam, window: WindowSpec, group: int, device: str
+    ) -> None:
+        self.iommu, self.ram, self.window, self.group = iommu, ram, window, group
+        self.device, self.size, self.faults = device, ram.size, 0
+
+    def read(self, gpa: int, n: int) -> bytes:
+        try:
+            return self.iommu.dma_read(
+                self.window.liobn, self.window.offset + gpa, n, group=self.group
+            )
+        except DmaFault:
+            self.faults += 1
+            return bytes(n)
+
+    def write(self, gpa: int, data: bytes | memoryview) -> None:
+        try:
+            self.iommu.dma_write(
+                self.window.liobn, self.window.offset + gpa, bytes(data), group=self.group
+            )
+        except DmaFault:
+            self.faults += 1
+            return
+        self.ram.mark_dirty(gpa, len(data))
+
+
 #: The pseries machine, step by step (extend by appending).
-SETUP_STEPS: list[SetupStep] = [host_step, tce_step, dma_devices_step, device_tree_step]
+SETUP_STEPS: list[SetupStep] = [
+    host_step, tce_step, dma_devices_step, vfio_step, device_tree_step
+]
 
 
 def setup(vm: VM, definition: Mapping[str, Any], host: HostContext) -> None:

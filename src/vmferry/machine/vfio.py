@@ -116,7 +116,7 @@ def build_devices(entries: object, vm: VM, host: HostContext) -> list[VfioMigrat
         host_device = spec.pop("host_device", None)
         if not isinstance(migration, bool):
             raise ConfigError(f"device {spec.get('id')!r}: migration must be a bool")
-        device = create_device(spec, vm.ram)
+        device = create_device(spec, vm.device_memory(str(spec.get("id"))))
         if device.name in seen:
             raise ConfigError(f"device id {device.name!r} appears twice")
         seen.add(device.name)

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from vmferry.errors import ConfigError, MalformedRecord, ModelError
 from vmferry.guest.workload import Workload, WorkloadSpec
+from vmferry.hw.memory import GuestMemory
 from vmferry.machine.handlers import (
     Component,
     ComponentData,
@@ -187,6 +188,7 @@ class VM:
         self.handlers: dict[str, MigrationHandler] = {}
         self.guest_time = 0.0
         self._hypercalls: HypercallHandler | None = None
+        self._device_memory: Callable[[str], GuestMemory] | None = None
 
     # --- composition -----------------------------------------------------------------
 
@@ -216,6 +218,18 @@ class VM:
         if not 0 <= vcpu < len(self.vcpus):
             raise ConfigError(f"{self.name}: no vCPU {vcpu} (the VM has {len(self.vcpus)})")
         return self._hypercalls(opcode, *args, vcpu=vcpu)
+
+    def set_device_memory(self, factory: Callable[[str], GuestMemory]) -> None:
+        """Install how devices reach guest memory (an arch with an IOMMU: through its
+        tables); set once, by the arch's setup hook."""
+        if self._device_memory is not None:
+            raise ConfigError(f"{self.name}: device memory installed twice")
+        self._device_memory = factory
+
+    def device_memory(self, device: str) -> GuestMemory:
+        """What device ``device`` DMAs into: guest RAM itself unless the arch put an IOMMU
+        in between."""
+        return self.ram if self._device_memory is None else self._device_memory(device)
 
     def handler_for(self, piece: StatePiece) -> MigrationHandler:
         """The handler a state piece belongs to; MalformedRecord if none."""

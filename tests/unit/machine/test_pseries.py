@@ -229,7 +229,7 @@ def test_writable_mappings_count_as_dirty_while_devices_run() -> None:
         writable = {gpa // PAGE_64K for gpa, _ in iommu(vm).dma_writable_ranges()}
         assert writable and writable <= dirty
         assert ro_gpa // PAGE_64K not in dirty
-        handler.untracked_devices = 0  # devices with their own dirty tracking: no marking
+        handler.untracked_liobns.clear()  # devices with their own dirty tracking: no marking
         handler.quiesce()
         assert vm.ram.get_dirty_log().count == 0
     finally:
@@ -418,7 +418,7 @@ def test_without_the_dma_dirty_rule_pre_copy_loses_device_writes() -> None:
     src = dma_vm()
     src.start()
     run(src, 20)
-    tce_handler(src).untracked_devices = 0  # claim the device tracks its own dirty pages
+    tce_handler(src).untracked_liobns.clear()  # claim the device tracks its own dirty pages
     dst, ack, _ = migrate(src, HostContext("dst"))
     try:
         assert ack["digests"]["ram"] != state_digests(src)["ram"]
@@ -430,3 +430,104 @@ def test_without_the_dma_dirty_rule_pre_copy_loses_device_writes() -> None:
     finally:
         src.close()
         dst.close()
+
+
+# --- VFIO devices DMA through the TCE tables -------------------------------------------------
+
+PDS = {"id": "blk0", "driver": "pds", "dma_region": [0x200000, 0x10000], "seed": 8}
+DIRECT = {"liobn": DDW, "offset": 1 << 40, "size_mib": 64, "page_shift": 16}
+
+
+def vfio_vm(host: HostContext | None = None, **extra: Any) -> VM:
+    d = {
+        "name": "ppc-vfio",
+        "arch": "pseries",
+        "memory_mib": 64,
+        "vcpus": 2,
+        "tce_windows": [DIRECT],
+        "devices": [PDS],
+        **extra,
+    }
+    return create_vm(d, host)
+
+
+def test_vfio_devices_dma_through_the_tce_tables() -> None:
+    vm = vfio_vm(workload={"dirty_rate_mbps": 0})
+    try:
+        io = iommu(vm)
+        # the guest mapped all of RAM at IOBA = window offset + gpa (direct DMA over a DDW)
+        assert vm.hcall(Hcall.H_GET_TCE, DDW, (1 << 40) + 0x210000).out == (0x210000 | 3,)
+        assert io.hw_tables(DDW)[0].mapped_entries().size == 1024
+        before = vm.ram.read(0x200000, 0x10000)
+        vm.start()
+        run(vm, 20)
+        vfio = vm.handlers["vfio"]
+        device = vfio.devices["blk0"].driver  # type: ignore[attr-defined]
+        assert device.dma_writes > 0 and vm.ram.read(0x200000, 0x10000) != before
+        io.check_invariants()
+        # the guest takes the page away: the device's DMA there is refused, memory kept
+        vm.pause()
+        assert vm.hcall(Hcall.H_STUFF_TCE, DDW, (1 << 40) + 0x200000, 0, 1).ret == 0
+        page = vm.ram.read(0x200000, 0x10000)
+        vm.start()
+        run(vm, 20)
+        assert vm.ram.read(0x200000, 0x10000) == page
+        assert io.dma_faults and io.dma_faults[-1].ioba >> 16 == ((1 << 40) + 0x200000) >> 16
+        assert device.memory.faults > 0
+    finally:
+        vm.close()
+
+
+def test_vfio_devices_on_pseries_need_a_window_covering_ram() -> None:
+    with pytest.raises(ConfigError, match="covering"):
+        vfio_vm(tce_windows=[{"liobn": LIOBN, "offset": 0, "size_mib": 32, "page_shift": 16}])
+
+
+def test_a_pseries_vm_with_a_vfio_device_migrates_with_its_direct_mappings() -> None:
+    src = vfio_vm(
+        tce_windows=[{"liobn": LIOBN, "offset": 0, "size_mib": 256, "page_shift": 16}, DIRECT],
+        dma_devices=[{"name": "nic0", "liobn": LIOBN, "buffers": 4, "rate_mbps": 8}],
+    )
+    assert iommu(src).hw_tables(DDW)[0].mapped_entries().size == 1024  # not nic0's window
+    src.start()
+    run(src, 20)
+    dst, ack, _ = migrate(src, HostContext("dst"))
+    try:
+        assert ack["digests"] == state_digests(src)
+        rebuild = ack["post_load"]["spapr-tce"]["rebuild"]
+        assert rebuild["cleared"] == 0 and rebuild["mapped"] == 1024 + 5
+        assert tce_handler(dst).untracked_liobns == {LIOBN}
+        run(dst, 20)
+        rep = nic(dst).report()
+        assert rep["faults"] == 0 and rep["driver"]["corrupt"] == 0
+        device = dst.handlers["vfio"].devices["blk0"].driver  # type: ignore[attr-defined]
+        assert device.dma_writes > 0 and device.memory.faults == 0
+        iommu(dst).check_invariants()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_devices_sharing_a_window_share_its_iobas() -> None:
+    vm = vfio_vm(
+        memory_mib=64,
+        tce_windows=[{**DIRECT, "size_mib": 256}],
+        dma_devices=[
+            {"name": "nic0", "liobn": DDW, "buffers": 4, "rate_mbps": 8},
+            {"name": "nic1", "liobn": DDW, "buffers": 4, "rate_mbps": 8},
+        ],
+        workload={"dirty_rate_mbps": 0},
+    )
+    try:
+        vm.start()
+        run(vm, 20)
+        io = iommu(vm)
+        # the direct mapping of RAM, then two rings with four buffers each, none clobbered
+        assert io.hw_tables(DDW)[0].mapped_entries().size == 1024 + 2 * 5
+        for name in ("nic0", "nic1"):
+            rep = nic(vm, name).report()
+            assert rep["faults"] == 0 and rep["driver"]["received"] > 4
+            assert rep["driver"]["corrupt"] == 0
+        io.check_invariants()
+    finally:
+        vm.close()
