@@ -157,3 +157,16 @@ def test_dtb_errors(hosts: Hosts) -> None:
     hosts.a.post("/v1/vms", {"definition": {"name": "gen", "memory_mib": 16}})
     res = cli("vm", "dtb", "gen", "--host", hosts.procs[0].control_url)
     assert res.returncode != 0 and "no device tree" in res.stderr
+
+
+def test_snapshot_restored_on_another_platform_is_updated(hosts: Hosts, tmp_path: Path) -> None:
+    hosts.b.post("/v1/vms", {"definition": definition("lpm3"), "start": True})
+    path = tmp_path / "lpm3.vmf"
+    hosts.b.post("/v1/vms/lpm3/save", {"path": str(path)})
+    hosts.b.delete("/v1/vms/lpm3")
+    hosts.a.post("/v1/restore", {"path": str(path), "start": True})
+    rep = hosts.a.get("/v1/vms/lpm3")["report"]["pseries-dt"]
+    assert rep["check"] == "ok" and rep["platform"]["numa_domain"] == 0
+    last = rep["last_update"]
+    assert last["ok"] and last["source_host"] == "B" and last["matches_destination"]
+    assert "/memory@0:ibm,associativity" in last["properties_changed"]
