@@ -221,13 +221,16 @@ def tree_problems(tree: DeviceTree) -> list[str]:
         tree.check_invariants()
     except VmferryError as exc:
         out.append(f"{type(exc).__name__}: {exc}")
-    for node in tree.walk():
-        stray = sorted(h for h in node.holders if not h.startswith(STRUCTURAL))
-        if stray:
-            out.append(f"{node.path()}: references held by {stray}")
-    out += [f"leaked {leak.state} node {leak.node} (refcount {leak.refcount})"
-            for leak in tree.leak_report()]
-    out += [f"dangling {n.path()} (parent released)" for n in tree.dangling()]
+    try:
+        for node in tree.walk():
+            stray = sorted(h for h in node.holders if not h.startswith(STRUCTURAL))
+            if stray:
+                out.append(f"{node.path()}: references held by {stray}")
+        out += [f"leaked {leak.state} node {leak.node} (refcount {leak.refcount})"
+                for leak in tree.leak_report()]
+        out += [f"dangling {n.path()} (parent released)" for n in tree.dangling()]
+    except VmferryError as exc:  # a walk that meets a released node: reported, not raised
+        out.append(f"{type(exc).__name__}: {exc}")
     return out
 
 

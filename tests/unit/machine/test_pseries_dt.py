@@ -168,6 +168,20 @@ def test_update_runs_before_the_guest_and_matches_the_destination() -> None:
     dst.close()
 
 
+def test_there_and_back_again() -> None:
+    vm = create_vm(definition(), A)
+    original = device_tree_handler(vm).platform_tree
+    vm.start()
+    there, rep = migrate(vm, B)
+    there.run_slice(0.01)
+    back, rep2 = migrate(there, A)
+    assert rep["ok"] and rep2["ok"] and rep2["source_host"] == "B"
+    assert set(rep2["properties_changed"]) == set(rep["properties_changed"])
+    # every part of the tree is A's again, the facilities included (kept since boot on A)
+    assert not tree_differences(device_tree_handler(back).tree, original, keep_facilities=False)
+    back.close()
+
+
 def test_immediate_user_space_has_an_exposure_window() -> None:
     vm = create_vm(definition(user_space="immediate"), A)
     vm.start()
