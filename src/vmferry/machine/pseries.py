@@ -15,7 +15,9 @@ extend the machine, e.g. with the device tree):
    receive-DMA device DMAing through the hardware TCE tables and its guest driver, whose
    ring and buffers sit in a DMA area at the top of guest RAM that the workload leaves
    alone (the guest kernel's memory, not the application's);
-4. :func:`vfio_step` -- VFIO devices DMA through the TCE tables (a direct mapping);
+4. :func:`vfio_step` -- for VFIO ``devices`` (:mod:`vmferry.machine.vfio`): the guest maps
+   all of RAM at IOBA = window offset + gpa in a window covering it, and
+   ``vm.set_device_memory`` makes each VFIO device DMA through its own IOMMU group;
 5. :func:`vmferry.machine.pseries_dt.device_tree_step` -- the device tree firmware hands
    the guest, from the definition and the host's ``[lpm]`` platform table, migrated and
    updated on arrival (``device_tree`` definition key; see that module).
@@ -37,8 +39,10 @@ Host platform (``vmferry host serve --platform FILE``, table ``[spapr]``)::
 Across migration the guest view of every window travels as the ``spapr-tce`` component;
 the destination rebuilds its hardware tables with its own map (spec §9.3): untranslatable
 entries are cleared and counted in ``post_load`` (the job's ``destination_report``), a
-failed replay fails the load and the source resumes.  While DMA devices without their own
-dirty tracking run, every page mapped with WRITE counts as dirty on every pass.
+failed replay fails the load and the source resumes.  Device DMA bypasses the CPU's dirty
+log; while ``dma_devices`` (which have no dirty tracking of their own) run, every page
+mapped with WRITE in their windows is marked dirty after each burst of DMA.  VFIO devices
+log their own DMA.
 """
 
 from __future__ import annotations

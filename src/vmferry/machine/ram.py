@@ -170,6 +170,30 @@ class GuestRam:
         if n and self.logging:
             self.dirty[gpa // self.page_size : (gpa + n - 1) // self.page_size + 1] = True
 
+    def gather(self, index: IntArray, out: npt.NDArray[np.uint8]) -> None:
+        """Copy pages ``index`` into ``out`` (shaped (len(index), page_size))."""
+        np.take(self.pages, index, axis=0, out=out)
+
+    def zero_pages_at(self, index: IntArray) -> None:
+        """Make pages ``index`` read as zero, touching only populated ones."""
+        if index.size and (int(index.min()) < 0 or int(index.max()) >= self.npages):
+            raise GuestMemoryError("page index outside guest RAM")
+        touched = index[self.populated[index]]
+        if touched.size:
+            self.pages[touched] = 0
+            self.populated[touched] = False
+            if self.logging:
+                self.dirty[touched] = True
+
+    def zero_mask_at(self, index: IntArray) -> BoolArray:
+        """Which of pages ``index`` are all zero (vectorised)."""
+        mask = ~self.populated[index]
+        first_words = self._words[index, 0]
+        suspects = np.flatnonzero(~mask & (first_words == 0))
+        if suspects.size:
+            mask[suspects] = ~self._words[index[suspects]].any(axis=1)
+        return mask
+
     def zero_pages(self, first: int, count: int) -> None:
         """Make ``count`` pages from ``first`` read as zero, touching only populated ones."""
         if first < 0 or count < 0 or first + count > self.npages:

@@ -40,6 +40,7 @@ from vmferry.migration.stream import (
     End,
     PassEnd,
     RamPages,
+    RamScatter,
     RamZero,
     Record,
     VcpuRecord,
@@ -86,6 +87,8 @@ class DestinationSession:
             self._pages(vm, rec)
         elif isinstance(rec, RamZero):
             self._zero(vm, rec)
+        elif isinstance(rec, RamScatter):
+            self._scatter(vm, rec)
         elif isinstance(rec, VcpuRecord):
             self._vcpu(vm, rec)
         elif isinstance(rec, ComponentRecord):
@@ -137,6 +140,20 @@ class DestinationSession:
         except GuestMemoryError as exc:
             raise MalformedRecord(f"RAM_ZERO at {rec.gpa:#x}: {exc}") from exc
         self.zero_pages_received += rec.npages
+
+    def _scatter(self, vm: VM, rec: RamScatter) -> None:
+        ps = vm.ram.page_size
+        if rec.page_size != ps:
+            raise MalformedRecord(f"page size {rec.page_size} but the VM uses {ps}")
+        if int(rec.pages[0]) < 0 or int(rec.pages[-1]) >= vm.ram.npages:
+            raise MalformedRecord(f"RAM_SCATTER page {int(rec.pages[-1])} outside guest RAM")
+        if rec.zero:
+            vm.ram.zero_pages_at(rec.pages)
+            self.zero_pages_received += rec.pages.size
+        else:
+            data = np.frombuffer(rec.data, dtype=np.uint8).reshape(-1, ps)
+            vm.ram.scatter_pages(rec.pages, data)
+            self.pages_received += rec.pages.size
 
     def _vcpu(self, vm: VM, rec: VcpuRecord) -> None:
         if not 0 <= rec.index < len(vm.vcpus):

@@ -53,6 +53,7 @@ from vmferry.migration.stream import (
     End,
     PassEnd,
     RamPages,
+    RamScatter,
     RamZero,
     StreamEncoder,
     VcpuRecord,
@@ -63,6 +64,8 @@ from vmferry.migration.stream.records import Buffer, Record
 MIB = 1024 * 1024
 BATCH_BYTES = 4 * MIB
 MAX_RUN_BYTES = 4 * MIB
+#: runs shorter than this many pages travel in RAM_SCATTER lists rather than one record each
+SCATTER_BELOW = 16
 
 
 class GuestControl(Protocol):
@@ -379,6 +382,19 @@ class SourceSession:
         batch: list[Buffer] = []
         size = 0
         self._bounce_used = 0
+        short = lengths < SCATTER_BELOW
+        if short.any():
+            # scattered pages (a hot working set): whole lists per record, gathered by numpy
+            scattered = np.flatnonzero(mask & _expand(starts[short], lengths[short], mask.size))
+            starts, lengths = starts[~short], lengths[~short]
+            for srec in self._scatter(scattered):
+                parts = self.encoder.encode(srec)
+                batch += parts
+                size += sum(len(p) for p in parts)
+                if size >= BATCH_BYTES:
+                    yield batch
+                    batch, size = [], 0
+                    self._bounce_used = 0
         for first, count in zip(starts.tolist(), lengths.tolist(), strict=True):
             zero = ram.zero_mask(first, count)
             for z, s, n in _split(zero, first):
@@ -397,6 +413,28 @@ class SourceSession:
         self.stats.ram_transferred = self.encoder.bytes_out
         if batch:
             yield batch
+
+    def _scatter(self, index: npt.NDArray[np.int64]) -> Generator[RamScatter, None, None]:
+        """RAM_SCATTER records for scattered pages: zero ones listed, others with data."""
+        ram = self.vm.ram
+        step = self._run_pages
+        for k in range(0, index.size, step):
+            chunk = index[k : k + step]
+            zero = ram.zero_mask_at(chunk)
+            if zero.any():
+                self.stats.ram_duplicate += int(zero.sum())
+                self._pass_duplicate += int(zero.sum())
+                yield RamScatter(ram.page_size, chunk[zero], b"", zero=True)
+            live = chunk[~zero]
+            if live.size:
+                n = live.size * ram.page_size
+                snap = self._bounce[self._bounce_used : self._bounce_used + n]
+                self._bounce_used += n
+                ram.gather(live, snap.reshape(live.size, ram.page_size))
+                self.stats.ram_normal += live.size
+                self.stats.ram_normal_bytes += n
+                self._pass_normal += live.size
+                yield RamScatter(ram.page_size, live, snap.data)
 
     def _pages(self, first: int, count: int) -> RamPages:
         ps = self.vm.ram.page_size
@@ -490,6 +528,16 @@ class SourceSession:
         if st is Status.DEVICE:
             return "awaiting destination resume" if self._t_end else "switchover (final pass)"
         return str(st.value)
+
+
+def _expand(
+    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], size: int
+) -> npt.NDArray[np.bool_]:
+    """A mask of ``size`` pages with the runs (start, length) set."""
+    delta = np.zeros(size + 1, dtype=np.int32)
+    np.add.at(delta, starts, 1)
+    np.add.at(delta, starts + lengths, -1)
+    return np.cumsum(delta[:-1]) > 0
 
 
 def state_digests(vm: VM) -> dict[str, str]:

@@ -214,3 +214,32 @@ def test_page_runs_cover_exactly(pages: list[int], max_len: int) -> None:
     ]
     assert rebuilt == index.tolist()
     assert (lengths <= max_len).all() and (lengths >= 1).all()
+
+
+def test_scattered_dirty_pages_travel_in_lists() -> None:
+    from vmferry.migration.stream.inspect import summarize
+
+    vm = vm_with(mib=16)
+    src = SourceSession(vm, MigrationParams(), ManualClock())
+    mask = np.zeros(vm.ram.npages, dtype=np.bool_)
+    mask[[3, 7, 8, 100, 2000, 2001, 2002]] = True
+    mask[500:600] = True  # a long run still goes as RAM_PAGES
+    vm.ram.zero_pages(2000, 1)  # a zero page among the scattered ones
+    out = bytearray(src.encoder.header())
+    for bufs in src._send_pages(mask):
+        for b in bufs:
+            out += b
+    for part in src.encoder.encode(End()):
+        out += part
+    s = summarize([bytes(out)])
+    assert s.records["RamScatter"] == 2 and s.records["RamPages"] == 1
+    assert s.pages_raw == 6 + 100 and s.pages_zero == 1
+    dst = DestinationSession(ManualClock())
+    dst.vm = create_vm({"name": "e", "memory_mib": 16})
+    dec = StreamDecoder()
+    dec.feed(bytes(out))
+    for rec in dec.events():
+        if not isinstance(rec, End):
+            dst.receive(rec)
+    for p in np.flatnonzero(mask).tolist():
+        assert dst.vm.ram.read(p * 4096, 4096) == vm.ram.read(p * 4096, 4096)

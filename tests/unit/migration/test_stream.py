@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from vmferry.migration.stream import (
     End,
     PassEnd,
     RamPages,
+    RamScatter,
     RamZero,
     StreamDecoder,
     StreamEncoder,
@@ -42,6 +44,8 @@ RECORDS = [
     DeviceChunk("nic0", DevicePhase.STOP_COPY, 0, b"state"),
     ComponentRecord("tce", b"\x00\x01"),
     PassEnd(1, 5),
+    RamScatter(4096, np.array([5, 9, 200], dtype=np.int64), bytes(3 * 4096)),
+    RamScatter(4096, np.array([7], dtype=np.int64), b"", zero=True),
     End(),
 ]
 
@@ -64,6 +68,8 @@ def decode(data: bytes, step: int | None = None) -> list[object]:
 def _freeze(r: object) -> object:
     if isinstance(r, RamPages):
         return RamPages(r.gpa, r.page_size, bytes(r.data))
+    if isinstance(r, RamScatter):
+        return RamScatter(r.page_size, r.pages.copy(), bytes(r.data), r.zero)
     return r
 
 
@@ -164,6 +170,20 @@ def test_malformed_payloads() -> None:
         enc.encode(End())  # before the header
 
 
+@pytest.mark.parametrize("payload", [
+    fmt.RAM_SCATTER.pack(2, 4096, 0) + np.array([3, 3], ">u8").tobytes() + bytes(8192),
+    fmt.RAM_SCATTER.pack(2, 4096, 0) + np.array([4, 3], ">u8").tobytes() + bytes(8192),
+    fmt.RAM_SCATTER.pack(1, 4096, 0) + np.array([1], ">u8").tobytes() + bytes(100),
+    fmt.RAM_SCATTER.pack(0, 4096, 1),
+    fmt.RAM_SCATTER.pack(1, 4096, 2) + np.array([1], ">u8").tobytes(),
+    fmt.RAM_SCATTER.pack(1, 8192, 1) + np.array([1], ">u8").tobytes(),
+    b"\0\0",
+])
+def test_malformed_scatter(payload: bytes) -> None:
+    with pytest.raises(MalformedRecord):
+        RamScatter.parse(payload)
+
+
 def test_usage_after_end() -> None:
     enc = StreamEncoder()
     enc.encode_all([End()])
@@ -173,7 +193,7 @@ def test_usage_after_end() -> None:
 
 def test_summary() -> None:
     s = summarize([stream()])
-    assert s.complete and s.pages_raw == 2 and s.pages_zero == 3
+    assert s.complete and s.pages_raw == 2 + 3 and s.pages_zero == 3 + 1
     assert s.vcpus == {0: 2} and s.devices["nic0"]["bytes"] == 5 and "tce" in s.components
 
 

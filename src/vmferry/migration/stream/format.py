@@ -51,6 +51,7 @@ class RecordType(enum.IntEnum):
     COMPONENT = 6  # one component's opaque saved state
     PASS_END = 7  # end of a RAM pass (statistics and inspection)
     END = 8  # end of stream
+    RAM_SCATTER = 9  # scattered pages: a list of page numbers, then their data (or zero)
 
 
 # Payload layouts (the fixed part; variable data follows).
@@ -61,6 +62,11 @@ REG = struct.Struct(">QQ")  # id, value
 DEVICE = struct.Struct(">HBBI")  # id length, phase, reserved, sequence; then id, data
 COMPONENT = struct.Struct(">H")  # name length; then name, data
 PASS_END = struct.Struct(">IQ")  # pass number, pages sent in the pass
+RAM_SCATTER = struct.Struct(">IIB3x")  # count, page_size, zero flag; then count x u64
+#: page numbers (strictly increasing), then count x page_size bytes unless zero
+
+#: Most pages one RAM_SCATTER record lists.
+MAX_SCATTER_PAGES = 4096
 
 #: Largest RAM_PAGES payload a writer produces and a reader accepts.
 MAX_RAM_RUN_BYTES = 16 * MIB
@@ -75,6 +81,7 @@ MAX_PAYLOAD: dict[RecordType, int] = {
     RecordType.COMPONENT: COMPONENT.size + 255 + 64 * MIB,
     RecordType.PASS_END: PASS_END.size,
     RecordType.END: 0,
+    RecordType.RAM_SCATTER: RAM_SCATTER.size + MAX_SCATTER_PAGES * 8 + MAX_RAM_RUN_BYTES,
 }
 
 #: Payload lengths that are fixed rather than bounded.

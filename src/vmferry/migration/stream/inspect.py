@@ -14,6 +14,7 @@ from vmferry.migration.stream.records import (
     DeviceChunk,
     PassEnd,
     RamPages,
+    RamScatter,
     RamZero,
     VcpuRecord,
     VmConfig,
@@ -78,6 +79,12 @@ def _account(s: StreamSummary, rec: object) -> None:
         s.page_bytes += len(rec.data)
     elif isinstance(rec, RamZero):
         s.pages_zero += rec.npages
+    elif isinstance(rec, RamScatter):
+        if rec.zero:
+            s.pages_zero += rec.pages.size
+        else:
+            s.pages_raw += rec.pages.size
+            s.page_bytes += len(rec.data)
     elif isinstance(rec, PassEnd):
         s.passes.append({"pass": rec.number, "pages": rec.pages})
     elif isinstance(rec, VcpuRecord):

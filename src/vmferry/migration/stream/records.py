@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
+import numpy as np
+import numpy.typing as npt
+
 from vmferry.errors import MalformedRecord
 from vmferry.migration.stream import format as fmt
 from vmferry.migration.stream.format import DevicePhase, RecordType
@@ -101,6 +104,48 @@ class RamZero:
         gpa, npages, page_size = fmt.RAM_ZERO.unpack(payload)
         _check_pages(gpa, npages, page_size)
         return cls(gpa, npages, page_size)
+
+
+@dataclass(frozen=True)
+class RamScatter:
+    """Pages at scattered page numbers (ascending): their data, or all zero.
+
+    ``pages`` is an int64 numpy array; ``data`` (``len(pages) * page_size`` bytes, empty
+    for zero pages) may be a view into a decoder buffer.
+    """
+
+    TYPE: ClassVar[RecordType] = RecordType.RAM_SCATTER
+    page_size: int
+    pages: npt.NDArray[np.int64]
+    data: Buffer
+    zero: bool = False
+
+    def parts(self) -> list[Buffer]:
+        head = fmt.RAM_SCATTER.pack(self.pages.size, self.page_size, int(self.zero))
+        return [head, self.pages.astype(">u8").tobytes(), self.data]
+
+    @classmethod
+    def parse(cls, payload: Buffer) -> RamScatter:
+        if len(payload) < fmt.RAM_SCATTER.size:
+            raise MalformedRecord("RAM_SCATTER payload shorter than its header")
+        count, page_size, zero = fmt.RAM_SCATTER.unpack_from(payload)
+        if page_size not in (4096, 65536) or zero > 1 or not 0 < count <= fmt.MAX_SCATTER_PAGES:
+            raise MalformedRecord(f"RAM_SCATTER header ({count}, {page_size}, {zero}) invalid")
+        start = fmt.RAM_SCATTER.size
+        data_len = 0 if zero else count * page_size
+        if len(payload) != start + 8 * count + data_len:
+            raise MalformedRecord(f"RAM_SCATTER of {count} pages has the wrong length")
+        pages = np.frombuffer(payload, ">u8", count, start).astype(np.int64)
+        if pages.size > 1 and not bool((np.diff(pages) > 0).all()):
+            raise MalformedRecord("RAM_SCATTER page numbers are not strictly increasing")
+        return cls(page_size, pages, memoryview(payload)[start + 8 * count :], bool(zero))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, RamScatter) and self.page_size == other.page_size
+                and self.zero == other.zero and np.array_equal(self.pages, other.pages)
+                and bytes(self.data) == bytes(other.data))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -211,7 +256,8 @@ class End:
 
 
 Record: TypeAlias = (
-    VmConfig | RamPages | RamZero | VcpuRecord | DeviceChunk | ComponentRecord | PassEnd | End
+    VmConfig | RamPages | RamZero | RamScatter | VcpuRecord | DeviceChunk | ComponentRecord
+    | PassEnd | End
 )
 
 PARSERS: dict[RecordType, Callable[[Buffer], Record]] = {
@@ -223,4 +269,5 @@ PARSERS: dict[RecordType, Callable[[Buffer], Record]] = {
     RecordType.COMPONENT: ComponentRecord.parse,
     RecordType.PASS_END: PassEnd.parse,
     RecordType.END: End.parse,
+    RecordType.RAM_SCATTER: RamScatter.parse,
 }
