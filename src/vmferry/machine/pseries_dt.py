@@ -67,7 +67,13 @@ from typing import TYPE_CHECKING, Any, Final
 import xxhash
 
 from vmferry.clock import ManualClock
-from vmferry.errors import ConfigError, KernelError, MalformedRecord, VmferryError
+from vmferry.errors import (
+    ConfigError,
+    KernelError,
+    MalformedRecord,
+    MigrationRefused,
+    VmferryError,
+)
 from vmferry.guest.drivers import CacheInfo, VioBus
 from vmferry.guest.mobility import (
     MODES,
@@ -337,6 +343,23 @@ class PseriesDeviceTreeHandler(MigrationHandler):
 
     def capabilities(self) -> dict[str, Any]:
         return {"platform": dataclasses.asdict(self.params), "modes": sorted(MODES)}
+
+    def preflight(self, destination: Mapping[str, Any] | None,
+                  options: Mapping[str, Any]) -> list[str]:
+        """Refuse a destination that cannot take the tree (its load would fail after the
+        source stopped); warn when the guest's facilities are missing there."""
+        if destination is None or "platform" not in destination:
+            raise MigrationRefused(
+                f"{self.name}: the destination does not carry pseries device trees")
+        try:
+            dest = platform_params(destination["platform"], "destination [lpm]")
+        except ConfigError as exc:
+            raise MigrationRefused(f"{self.name}: {exc}") from exc
+        if self.params.platform_facilities and not dest.platform_facilities and self.vio.devices:
+            return [f"{self.name}: the destination has no platform facilities; the guest's "
+                    f"{sorted(n for n, d in self.vio.devices.items() if d.family == 'pfo')} "
+                    "keep their nodes and fail their hypercalls there"]
+        return []
 
     def save_complete(self) -> tuple[StatePiece, ...]:
         state = LpmState(self.host_name, self.params, encode_tree(save_tree(self.tree)))

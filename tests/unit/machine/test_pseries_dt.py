@@ -11,7 +11,7 @@ import pytest
 from tests.unit.migration.test_engine import Link
 
 from vmferry.cli.host import load_platform
-from vmferry.errors import ConfigError, MalformedRecord
+from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused
 from vmferry.hw.devtree import load_fdt
 from vmferry.hw.devtree.fdt import DevtreeStateError, save_tree
 from vmferry.hw.devtree.fdt import encode_state as encode_tree
@@ -254,3 +254,21 @@ def test_failed_update_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not rep["ok"] and rep["errors"] == ["RuntimeError: firmware fell over"]
     assert not dst.report()["pseries-dt"]["last_update"]["ok"]
     dst.close()
+
+
+def test_preflight() -> None:
+    vm = create_vm(definition(), A)
+    h = device_tree_handler(vm)
+    dest_vm = create_vm(definition(), HostContext("C", platform={"lpm": {
+        "platform_facilities": False}}))
+    caps = dest_vm.capabilities()["pseries-dt"]
+    warnings = h.preflight(caps, {})
+    assert warnings and "ibm,random-v1" in warnings[0]
+    other = create_vm(definition(), B)
+    assert h.preflight(other.capabilities()["pseries-dt"], {}) == []
+    other.close()
+    for bad in (None, {}, {"platform": {"numa_domain": "x"}}):
+        with pytest.raises(MigrationRefused):
+            h.preflight(bad, {})
+    vm.close()
+    dest_vm.close()
