@@ -26,6 +26,8 @@ platform file (``vmferry host serve --platform FILE``), whose keys are the field
 with the guest's vio bus and cacheinfo holding their node references as a booted guest
 does.  In a migration:
 
+0. pre-flight refuses a destination whose pseries VMs carry no tree (its load would fail
+   after the source stopped) and warns when the destination has no platform facilities;
 1. the source saves the guest tree *and* its own platform description in one component
    record (``VLPM`` envelope around :func:`vmferry.hw.devtree.fdt.encode_state`);
 2. the destination restores the guest tree (a bad record fails the load: the source
