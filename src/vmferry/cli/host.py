@@ -12,6 +12,7 @@ from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
+from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
 from vmferry.machine.vm import HostContext
 
 
@@ -64,7 +65,7 @@ def command() -> None:
     default=None,
     type=click.Path(path_type=Path, dir_okay=False),
     help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"], "
-    "a [spapr] table for pseries guests)",
+    "[spapr] and [lpm] tables for pseries guests)",
 )
 def serve(
     name: str,
@@ -97,6 +98,8 @@ def load_platform(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     if "spapr" in platform:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
+    if PLATFORM_TABLE in platform:
+        platform_params(platform[PLATFORM_TABLE])
     return platform
 
 
@@ -113,4 +116,3 @@ def host_profile(name: str | None, mitigation: str | None) -> HostProfile | None
             raise ConfigError(f"profile {name} has no mitigation to set")
         profile = profile.with_mitigation(parse_mitigation(mitigation))
     return profile
-

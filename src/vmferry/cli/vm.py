@@ -1,7 +1,9 @@
-"""``vmferry vm``: create, list, show, start, pause, destroy VMs on a host."""
+"""``vmferry vm``: create, list, show, start, pause, destroy VMs on a host; export a
+pseries VM's device tree (``vm dtb``)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +129,22 @@ def restore(host_url: str, file: str, start: bool, as_json: bool) -> None:
     out = client(host_url).post("/v1/restore", {"path": str(Path(file).resolve()),
                                                 "start": start})
     emit_json(out) if as_json else console.print(f"restored {out['vm']} ({out['runstate']})")
+
+
+@command.command("dtb")
+@HOST_OPTION
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the .dtb here (default: standard output)")
+def dtb(host_url: str, name: str, output: Path | None) -> None:
+    """Export a pseries VM's current device tree as a flattened tree (.dtb)."""
+    blob = client(host_url).request_bytes("GET", f"/v1/vms/{name}/dtb")
+    if output is None:
+        sys.stdout.buffer.write(blob)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        output.write_bytes(blob)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from exc
+    click.echo(f"wrote {output} ({len(blob)} bytes)", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from vmferry.host.daemon import HostDaemon
 from vmferry.host.iommu import describe as describe_iommu
 from vmferry.host.snapshot import restore_vm, save_vm
 from vmferry.machine.profiles import HostProfile
+from vmferry.machine.pseries_dt import device_tree_handler
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -118,6 +120,16 @@ def make_app(d: HostDaemon) -> web.Application:
     async def destroy(request: web.Request) -> web.Response:
         await asyncio.to_thread(d.destroy, request.match_info["name"])
         return _ok({"destroyed": request.match_info["name"]})
+
+    @routes.get("/v1/vms/{name}/dtb")
+    async def dtb(request: web.Request) -> web.Response:
+        hosted = d.get_vm(request.match_info["name"])
+        if hosted.vm is None:
+            raise ApiError(409, f"VM {hosted.name} is not on this host")
+        lock = hosted.runner.lock if hosted.runner is not None else contextlib.nullcontext()
+        with lock:  # the guest's thread updates the tree on arrival
+            blob = device_tree_handler(hosted.vm).dtb()
+        return web.Response(body=blob, content_type="application/octet-stream")
 
     @routes.post("/v1/vms/{name}/save")
     async def save(request: web.Request) -> web.Response:
@@ -223,6 +235,10 @@ OPENAPI: dict[str, Any] = {
         "/v1/vms/{name}/migrate": {
             "parameters": _NAME,
             "post": _op("Live-migrate ({destination, params})", True, "202"),
+        },
+        "/v1/vms/{name}/dtb": {
+            "parameters": _NAME,
+            "get": _op("The VM's current device tree as a flattened tree (.dtb bytes)"),
         },
         "/v1/vms/{name}/save": {
             "parameters": _NAME,

@@ -16,13 +16,18 @@ class HostClient:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        return json.loads(self.request_bytes(method, path, body) or b"null")
+
+    def request_bytes(self, method: str, path: str, body: Any = None) -> bytes:
+        """The raw response body (for endpoints that return files, e.g. a .dtb)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             f"{self.url}{path}", data, method=method, headers={"Content-Type": "application/json"}
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read() or b"null")
+                out: bytes = resp.read()
+                return out
         except urllib.error.HTTPError as exc:
             try:
                 message = json.loads(exc.read()).get("error", exc.reason)

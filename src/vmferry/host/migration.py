@@ -53,6 +53,13 @@ STATS_EVERY_S = 0.1
 HOST_PARAMS = ("fault", "stream_file")
 
 
+def destination_ok(post_load: dict[str, Any]) -> bool:
+    """Whether every handler's post-load work succeeded on the destination.  It runs after
+    COMMIT: a failure there cannot give the VM back to the source, so the migration
+    completes and this flag (with each handler's report) says what went wrong."""
+    return all(r.get("ok", True) for r in post_load.values() if isinstance(r, dict))
+
+
 def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
     known = {
         "downtime_limit_ms",
@@ -258,9 +265,14 @@ class SourceWorker:
             raise PeerError(f"destination failed after commit: {resumed}", "commit")
         stats = self.session.complete(ack)
         verification = self._verify(ack)
+        post_load = resumed.get("post_load", {})
         self.job.stats = {**stats.to_json(), "verification": verification,
-                          "destination_report": resumed.get("post_load", {})}
+                          "destination_report": post_load,
+                          "destination_ok": destination_ok(post_load)}
         self.job.status = "completed"
+        if not self.job.stats["destination_ok"]:
+            log.warning("job %s: post-load work failed on the destination: %s", self.job.id,
+                        sorted(k for k, r in post_load.items() if not r.get("ok", True)))
         self.hosted.runstate = "migrated"
         self.hosted.release()
         self.daemon.store.set_runstate(self.hosted.name, "migrated")

@@ -17,7 +17,10 @@ extend the machine, e.g. with the device tree):
    alone (the guest kernel's memory, not the application's);
 4. :func:`vfio_step` -- for VFIO ``devices`` (:mod:`vmferry.machine.vfio`): the guest maps
    all of RAM at IOBA = window offset + gpa in a window covering it, and
-   ``vm.set_device_memory`` makes each VFIO device DMA through its own IOMMU group.
+   ``vm.set_device_memory`` makes each VFIO device DMA through its own IOMMU group;
+5. :func:`vmferry.machine.pseries_dt.device_tree_step` -- the device tree firmware hands
+   the guest, from the definition and the host's ``[lpm]`` platform table, migrated and
+   updated on arrival (``device_tree`` definition key; see that module).
 
 Definition keys::
 
@@ -79,11 +82,13 @@ from vmferry.hw.spapr.tce import (
     quirks_of,
 )
 from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
+from vmferry.machine.pseries_dt import KEYS as DEVICE_TREE_KEYS
+from vmferry.machine.pseries_dt import device_tree_step
 from vmferry.machine.ram import PAGE_64K, GuestRam
 from vmferry.machine.vm import ARCHES, VM, ArchSupport, HostContext
 
 MIB: Final = 1 << 20
-KEYS: Final = frozenset({"tce_windows", "dma_devices"})
+KEYS: Final = frozenset({"tce_windows", "dma_devices"}) | DEVICE_TREE_KEYS
 IOMMU_PAGE_SHIFTS: Final = (12, 16, 24)
 BACKING_SHIFTS: Final = (16, 24)
 _PLATFORM_KEYS = {
@@ -709,7 +714,9 @@ class _TcePort:
 
 
 #: The pseries machine, step by step (extend by appending).
-SETUP_STEPS: list[SetupStep] = [host_step, tce_step, dma_devices_step, vfio_step]
+SETUP_STEPS: list[SetupStep] = [
+    host_step, tce_step, dma_devices_step, vfio_step, device_tree_step
+]
 
 
 def setup(vm: VM, definition: Mapping[str, Any], host: HostContext) -> None:

@@ -18,6 +18,7 @@ from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Property, phandle_of
 from vmferry.hw.spapr.rtas import PLATFORM_FACILITIES, be32
 
 LMB_SIZE = 256 << 20
+LMB_SIZES = tuple(1 << s for s in range(24, 29))  # 16 MiB .. 256 MiB
 PH_PLATFAC = 0xFFFFFFF6
 PH_RANDOM = 0xFFFFFFF5
 PH_COMPRESSION = 0xFFFFFFF4
@@ -68,14 +69,19 @@ class _Builder:
         return ph
 
 
-def generate_pseries_tree(memory_mib: int, vcpus: int, **platform: object) -> DeviceTree:
+def generate_pseries_tree(memory_mib: int, vcpus: int, *, lmb_size: int = LMB_SIZE,
+                          **platform: object) -> DeviceTree:
     """The tree a pseries VM with ``memory_mib`` MiB and ``vcpus`` CPUs boots with.
 
-    ``platform`` keywords are the fields of :class:`PlatformParams`.  Raises
-    :class:`ConfigError` for sizes the machine cannot have.
+    ``platform`` keywords are the fields of :class:`PlatformParams`.  ``lmb_size`` is the
+    logical memory block size (QEMU: 256 MiB; PowerVM: 16 MiB to 256 MiB, a power of
+    two).  Raises :class:`ConfigError` for sizes the machine cannot have.
     """
-    if memory_mib <= 0 or (memory_mib << 20) % LMB_SIZE:
-        raise ConfigError(f"memory {memory_mib} MiB is not a positive multiple of 256 MiB")
+    if lmb_size not in LMB_SIZES:
+        raise ConfigError(f"LMB size {lmb_size >> 20} MiB is not one of 16..256 MiB")
+    if memory_mib <= 0 or (memory_mib << 20) % lmb_size:
+        raise ConfigError(
+            f"memory {memory_mib} MiB is not a positive multiple of {lmb_size >> 20} MiB")
     if not 1 <= vcpus <= 1024:
         raise ConfigError(f"vcpus {vcpus} outside 1..1024")
     try:
@@ -89,7 +95,7 @@ def generate_pseries_tree(memory_mib: int, vcpus: int, **platform: object) -> De
                                                             _s("/vdevice/vty@71000000"))])
     _rtas(b, tree.root, params)
     _cpus(b, tree.root, vcpus, params)
-    _memory(b, tree.root, memory_mib, params)
+    _memory(b, tree.root, memory_mib, params, lmb_size)
     _vdevice(b, tree.root)
     if params.platform_facilities:
         _platform_facilities(b, tree.root, params)
@@ -142,19 +148,20 @@ def _cpus(b: _Builder, root: DeviceNode, vcpus: int, params: PlatformParams) -> 
             _p("l2-cache", be32(phandle_of(l2)))])
 
 
-def _memory(b: _Builder, root: DeviceNode, memory_mib: int, params: PlatformParams) -> None:
+def _memory(b: _Builder, root: DeviceNode, memory_mib: int, params: PlatformParams,
+            lmb_size: int) -> None:
     b.node(root, "memory@0", [
-        _p("device_type", _s("memory")), _p("reg", be32(0, 0, 0, LMB_SIZE)),
+        _p("device_type", _s("memory")), _p("reg", be32(0, 0, 0, lmb_size)),
         _p("ibm,associativity", _assoc(params))])
-    lmbs = (memory_mib << 20) // LMB_SIZE
+    lmbs = (memory_mib << 20) // lmb_size
     dyn = bytearray(be32(lmbs))
     for i in range(lmbs):
-        addr = i * LMB_SIZE
+        addr = i * lmb_size
         dyn += be32(addr >> 32, addr & 0xFFFFFFFF, 0x80000000 + i, 0, params.numa_domain, 0x8)
     nd = params.numa_domain + 1 + params.extra_lookup_domains
     lookup = be32(nd, 4, *[c for d in range(nd) for c in (0, 0, params.chip, d)])
     b.node(root, "ibm,dynamic-reconfiguration-memory", [
-        _p("ibm,lmb-size", be32(0, LMB_SIZE)),
+        _p("ibm,lmb-size", be32(0, lmb_size)),
         _p("ibm,associativity-lookup-arrays", lookup),
         _p("ibm,dynamic-memory", bytes(dyn))])
 
