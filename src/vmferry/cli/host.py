@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from vmferry.host.daemon import run_daemon
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
-from vmferry.machine.vm import HostContext
+from vmferry.machine.vm import HostContext, read_toml
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -90,12 +89,7 @@ def serve(
 def load_platform(path: Path) -> dict[str, Any]:
     """A host platform description from a TOML file; ConfigError if it is unreadable or
     a table it carries is wrong (checked before the daemon starts)."""
-    try:
-        platform = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read platform file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    platform = read_toml(path, "platform file")
     if "spapr" in platform:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
     if PLATFORM_TABLE in platform:

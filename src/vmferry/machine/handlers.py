@@ -28,6 +28,7 @@ stream records and back.  A destination routes a :class:`DeviceData` to the hand
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -151,16 +152,12 @@ class MigrationHandler:
         return {}
 
 
-class ComponentHandler(MigrationHandler):
-    """Adapts a :class:`Component` to the handler interface."""
+class BlobHandler(MigrationHandler, abc.ABC):
+    """A handler whose state is one blob, saved at switchover: ``load`` keeps the blob,
+    ``load_complete`` hands it to :meth:`apply` (which raises to fail the load), and
+    ``load_failed`` drops it."""
 
-    def __init__(self, component: Component) -> None:
-        self.component = component
-        self.name = component.name
-        self._pending: bytes | None = None
-
-    def save_complete(self) -> Sequence[StatePiece]:
-        return (ComponentData(self.name, self.component.save_state()),)
+    _pending: bytes | None = None
 
     def load(self, piece: StatePiece) -> None:
         if not isinstance(piece, ComponentData) or self._pending is not None:
@@ -170,7 +167,29 @@ class ComponentHandler(MigrationHandler):
     def load_complete(self) -> None:
         if self._pending is None:
             raise MalformedRecord(f"{self.name}: no state arrived")
-        self.component.load_state(self._pending)
+        data, self._pending = self._pending, None
+        self.apply(data)
+
+    def load_failed(self) -> None:
+        self._pending = None
+
+    @abc.abstractmethod
+    def apply(self, data: bytes) -> None:
+        """Rebuild from the blob; a typed error fails the load."""
+
+
+class ComponentHandler(BlobHandler):
+    """Adapts a :class:`Component` to the handler interface."""
+
+    def __init__(self, component: Component) -> None:
+        self.component = component
+        self.name = component.name
+
+    def save_complete(self) -> Sequence[StatePiece]:
+        return (ComponentData(self.name, self.component.save_state()),)
+
+    def apply(self, data: bytes) -> None:
+        self.component.load_state(data)
 
     def report(self) -> dict[str, Any]:
         report = getattr(self.component, "report", None)

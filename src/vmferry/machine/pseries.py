@@ -55,7 +55,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused
+from vmferry.errors import ConfigError, MigrationRefused
 from vmferry.guest.dma import GuestDmaError, GuestDmaWindow
 from vmferry.guest.dma_driver import RxRingDriver
 from vmferry.guest.workload import Workload
@@ -81,7 +81,7 @@ from vmferry.hw.spapr.tce import (
     encode_tce_list,
     quirks_of,
 )
-from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
+from vmferry.machine.handlers import BlobHandler, ComponentData, StatePiece
 from vmferry.machine.pseries_dt import KEYS as DEVICE_TREE_KEYS
 from vmferry.machine.pseries_dt import device_tree_step
 from vmferry.machine.ram import PAGE_64K, GuestRam
@@ -190,7 +190,7 @@ def _memslots(raw: object) -> tuple[tuple[int, int], ...]:
 # --- the TCE tables as a migration handler -------------------------------------------------
 
 
-class SpaprTceHandler(MigrationHandler):
+class SpaprTceHandler(BlobHandler):
     """The sPAPR IOMMU of a VM: TCE guest view in the stream, rebuild on load (§9.3)."""
 
     name = "spapr-tce"
@@ -201,7 +201,6 @@ class SpaprTceHandler(MigrationHandler):
         #: mappings count as dirty
         self.untracked_liobns: set[int] = set()
         self.rebuild: persist.RebuildReport | None = None
-        self._pending: bytes | None = None
 
     # --- both sides --------------------------------------------------------------------
 
@@ -279,22 +278,10 @@ class SpaprTceHandler(MigrationHandler):
 
     # --- destination -------------------------------------------------------------------
 
-    def load(self, piece: StatePiece) -> None:
-        if not isinstance(piece, ComponentData) or self._pending is not None:
-            raise MalformedRecord(f"{self.name}: unexpected or repeated state")
-        self._pending = bytes(piece.data)
-
-    def load_complete(self) -> None:
+    def apply(self, data: bytes) -> None:
         """Decode, load the guest view and replay it into this host's hardware tables;
         a TceRestoreError fails the load (the source resumes)."""
-        if self._pending is None:
-            raise MalformedRecord(f"{self.name}: no state arrived")
-        state = persist.decode_state(self._pending)
-        self.rebuild = self.iommu.restore(state)
-        self._pending = None
-
-    def load_failed(self) -> None:
-        self._pending = None
+        self.rebuild = self.iommu.restore(persist.decode_state(data))
 
     def post_load(self) -> dict[str, Any]:
         if self.rebuild is None:
@@ -430,7 +417,7 @@ def _pages64(n: int) -> int:
     return -(-n // PAGE_64K) * PAGE_64K
 
 
-class SpaprDmaHandler(MigrationHandler):
+class SpaprDmaHandler(BlobHandler):
     """One DMA device (registers migrate as a component) and its guest driver (state in
     guest RAM: it migrates with memory and re-attaches on the destination)."""
 
@@ -462,7 +449,6 @@ class SpaprDmaHandler(MigrationHandler):
             tag=tag,
         )
         self.driver_error = ""
-        self._pending: bytes | None = None
 
     def advance(self, seconds: float) -> None:
         if self.driver_error:
@@ -500,19 +486,8 @@ class SpaprDmaHandler(MigrationHandler):
     def save_complete(self) -> tuple[StatePiece, ...]:
         return (ComponentData(self.name, encode_state(self.device.save())),)
 
-    def load(self, piece: StatePiece) -> None:
-        if not isinstance(piece, ComponentData) or self._pending is not None:
-            raise MalformedRecord(f"{self.name}: unexpected or repeated state")
-        self._pending = bytes(piece.data)
-
-    def load_complete(self) -> None:
-        if self._pending is None:
-            raise MalformedRecord(f"{self.name}: no state arrived")
-        self.device.restore(decode_state(self._pending))
-        self._pending = None
-
-    def load_failed(self) -> None:
-        self._pending = None
+    def apply(self, data: bytes) -> None:
+        self.device.restore(decode_state(data))
 
     def state_digest(self) -> str:
         return xxhash.xxh3_128_hexdigest(encode_state(self.device.save()))

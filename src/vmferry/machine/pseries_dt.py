@@ -72,7 +72,6 @@ from vmferry.clock import ManualClock
 from vmferry.errors import (
     ConfigError,
     KernelError,
-    MalformedRecord,
     MigrationRefused,
     VmferryError,
 )
@@ -91,7 +90,7 @@ from vmferry.hw.devtree.fdt import encode_state as encode_tree
 from vmferry.hw.devtree.tree import Canonical, canonical
 from vmferry.hw.spapr.platform import LMB_SIZES, PlatformParams, generate_pseries_tree
 from vmferry.hw.spapr.rtas import PLATFORM_FACILITIES, RtasFirmware
-from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
+from vmferry.machine.handlers import BlobHandler, ComponentData, StatePiece
 from vmferry.machine.vm import VM, HostContext
 
 if TYPE_CHECKING:
@@ -276,7 +275,7 @@ def facilities(tree: DeviceTree) -> Canonical | None:
 # --- the handler ---------------------------------------------------------------------------
 
 
-class PseriesDeviceTreeHandler(MigrationHandler):
+class PseriesDeviceTreeHandler(BlobHandler):
     """The guest's device tree: generated at creation, migrated, updated on arrival."""
 
     name = "pseries-dt"
@@ -297,7 +296,6 @@ class PseriesDeviceTreeHandler(MigrationHandler):
         self.arrived: LpmState | None = None
         self.update: dict[str, Any] | None = None
         self.stale_run_s = 0.0  # guest time run on this host before the update applied
-        self._pending: bytes | None = None
 
     def _generate(self, params: PlatformParams) -> DeviceTree:
         return generate_pseries_tree(self.memory_mib, self.vcpus, lmb_size=self.lmb_size,
@@ -369,23 +367,12 @@ class PseriesDeviceTreeHandler(MigrationHandler):
 
     # --- destination -------------------------------------------------------------------
 
-    def load(self, piece: StatePiece) -> None:
-        if not isinstance(piece, ComponentData) or self._pending is not None:
-            raise MalformedRecord(f"{self.name}: unexpected or repeated state")
-        self._pending = bytes(piece.data)
-
-    def load_complete(self) -> None:
+    def apply(self, data: bytes) -> None:
         """Decode and rebuild the guest's tree; a bad record fails the load."""
-        if self._pending is None:
-            raise MalformedRecord(f"{self.name}: no state arrived")
-        state = decode_state(self._pending)
+        state = decode_state(data)
         tree = restore_tree(decode_tree(state.tree))
-        self._pending = None
         self.tree, self.arrived, self.update, self.stale_run_s = tree, state, None, 0.0
         self._boot_guest()
-
-    def load_failed(self) -> None:
-        self._pending = None
 
     def post_load(self) -> dict[str, Any]:
         if self.arrived is None:

@@ -336,17 +336,20 @@ def _xor_with(
     return produce
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a table; ConfigError naming ``what`` it was meant to be."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
 def load_definition(source: Mapping[str, Any] | str | Path) -> VmDefinition:
     """Parse a definition from a dict or a TOML file path."""
     if isinstance(source, str | Path):
-        path = Path(source)
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read VM definition {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-        return VmDefinition.parse(data)
+        return VmDefinition.parse(read_toml(Path(source), "VM definition"))
     return VmDefinition.parse(source)
 
 
