@@ -68,32 +68,13 @@ def _print(r: dict[str, Any]) -> None:
     if r["status"] != "completed":
         console.print(f"[red]migration {r['status']}[/] at {r['step']}: {r['error']}")
         return
-    t = Table(
-        "pass",
-        "pages",
-        "normal",
-        "zero",
-        "sent",
-        "time",
-        "rate",
-        "dirtied",
-        "expected downtime",
-        "throttle",
-        title="pre-copy passes",
-    )
+    t = Table("pass", "pages", "zero", "sent", "ms", "MB/s", "dirtied", "exp. ms", "thr.",
+              title="pre-copy passes (exp. ms: expected downtime; thr.: auto-converge)")
     for p in r["passes"]:
-        t.add_row(
-            str(p["number"]),
-            str(p["pages"]),
-            str(p["normal"]),
-            str(p["duplicate"]),
-            human_bytes(p["bytes"]),
-            f"{p['seconds'] * 1e3:.0f} ms",
-            f"{p['mbps'] / 8:.0f} MB/s",
-            str(p["dirty_pages"]),
-            f"{p['expected_downtime_ms']:.1f} ms",
-            f"{p['throttle_pct']}%",
-        )
+        t.add_row(str(p["number"]), str(p["pages"]), str(p["duplicate"]),
+                  human_bytes(p["bytes"]), f"{p['seconds'] * 1e3:.0f}",
+                  f"{p['mbps'] / 8:.0f}", str(p["dirty_pages"]),
+                  f"{p['expected_downtime_ms']:.1f}", f"{p['throttle_pct']}%")
     console.print(t)
     ram, b = r["ram"], r["downtime_breakdown"]
     console.print(
