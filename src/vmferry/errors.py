@@ -164,10 +164,12 @@ class StreamUsageError(StreamError):
 
 
 class MigrationError(VmferryError):
-    """A migration failed.  ``step`` names where (``"setup"``, ``"ram pass 3"``, ...)."""
+    """A migration failed.  ``step`` names where (``"setup"``, ``"ram pass 3"``, ...);
+    ``reason`` is what went wrong, without the step."""
 
     def __init__(self, message: str, step: str = "") -> None:
         self.step = step
+        self.reason = message
         super().__init__(f"{step}: {message}" if step else message)
 
 

@@ -153,16 +153,12 @@ class SourceWorker:
             self._send_stream(sock)
             self._await_ack(sock)
         except MigrationRefused as exc:
-            self._fail(str(exc).split(": ", 1)[-1] if exc.step else str(exc), "pre-flight")
+            self._fail(exc.reason, "pre-flight")
             self._abort_incoming(f"source refused at pre-flight: {exc}")
         except CutConnection as exc:
             self._fail(str(exc))
         except MigrationError as exc:
-            self._fail(
-                str(exc) if not exc.step else str(exc).split(": ", 1)[-1],
-                exc.step or None,
-                cancelled=self.job.cancel.is_set(),
-            )
+            self._fail(exc.reason, exc.step or None, cancelled=self.job.cancel.is_set())
         except OSError as exc:
             reason = self._peer_reason(sock) or f"connection lost: {exc.strerror or exc}"
             self._fail(reason)
@@ -237,7 +233,8 @@ class SourceWorker:
             self.job.status = self.session.status.value
 
     def _await_ack(self, sock: socket.socket) -> None:
-        self.session.switchover_digests() if self.params.verify else None
+        if self.params.verify:  # taken now, while the destination loads, not in downtime
+            self.session.switchover_digests()
         if self.fault is not None and self.fault.phase == "ack":
             apply(self.fault, "ack", [])
         sock.settimeout(ACK_TIMEOUT_S)

@@ -174,7 +174,7 @@ class Arm64Handler(MigrationHandler):
         try:
             source = describe_source(self.component.machine, self.component.guest)
         except PowerTransitionError as exc:  # QEMU would fail the save at switchover
-            raise MigrationRefused(f"arm64: {str(exc).split(': ', 1)[-1]}; try again once "
+            raise MigrationRefused(f"arm64: {exc.reason}; try again once "
                                    "the vCPU has settled", "pre-flight") from exc
         self.decision = decide(source, caps, bool(options.get("allow_degraded", False)))
         if self.decision.verdict is Verdict.REFUSE:
