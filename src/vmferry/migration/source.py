@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -338,18 +338,14 @@ class SourceSession:
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
-        size = 0
+        batch = _Batch(out)
         for h in self.vm.handlers.values():
             for piece in h.save_complete():  # large device states go out as they are read
-                parts = self._encode_pieces([piece])
-                out += parts
-                size += sum(len(p) for p in parts)
-                if size >= BATCH_BYTES:
-                    yield out
-                    out, size = [], 0
-        out += self.encoder.encode(End())
+                if batch.add(self._encode_pieces([piece])):
+                    yield self._ship(batch)
+        batch.add(self.encoder.encode(End()))
         self.stats.ram_remaining = 0
-        yield out
+        yield self._ship(batch)
         self._t_end = self.clock.monotonic()
         self.stats.ram_transferred = self.encoder.bytes_out
 
@@ -377,42 +373,46 @@ class SourceSession:
     # --- RAM runs --------------------------------------------------------------------
 
     def _send_pages(self, mask: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
+        batch = _Batch()
+        self._bounce_used = 0
+        for rec in self._page_records(mask):
+            if batch.add(self.encoder.encode(rec)):
+                yield self._ship(batch)
+        for rec in self._flush_zero():
+            batch.add(self.encoder.encode(rec))
+        if batch.parts:
+            yield self._ship(batch)
+        self.stats.ram_transferred = self.encoder.bytes_out
+
+    def _page_records(self, mask: npt.NDArray[np.bool_]) -> Iterator[Record]:
+        """The records for the pages in ``mask``: short runs as RAM_SCATTER lists, long
+        runs as RAM_PAGES, zero pages as (coalesced) RAM_ZERO runs.
+
+        A record with page data is copied into the bounce buffer when it is yielded, never
+        earlier: the caller may ship (and free the buffer) after any record."""
         ram = self.vm.ram
         starts, lengths = page_runs(np.flatnonzero(mask), self._run_pages)
-        batch: list[Buffer] = []
-        size = 0
-        self._bounce_used = 0
         short = lengths < SCATTER_BELOW
         if short.any():
             # scattered pages (a hot working set): whole lists per record, gathered by numpy
             scattered = np.flatnonzero(mask & _expand(starts[short], lengths[short], mask.size))
             starts, lengths = starts[~short], lengths[~short]
-            for srec in self._scatter(scattered):
-                parts = self.encoder.encode(srec)
-                batch += parts
-                size += sum(len(p) for p in parts)
-                if size >= BATCH_BYTES:
-                    yield batch
-                    batch, size = [], 0
-                    self._bounce_used = 0
+            yield from self._scatter(scattered)
         for first, count in zip(starts.tolist(), lengths.tolist(), strict=True):
             zero = ram.zero_mask(first, count)
             for z, s, n in _split(zero, first):
-                recs = self._zero(s, n) if z else [*self._flush_zero(), self._pages(s, n)]
-                for rec in recs:
-                    parts = self.encoder.encode(rec)
-                    batch += parts
-                    size += sum(len(p) for p in parts)
-            if size >= BATCH_BYTES:
-                self.stats.ram_transferred = self.encoder.bytes_out
-                yield batch
-                batch, size = [], 0
-                self._bounce_used = 0
-        for rec in self._flush_zero():
-            batch += self.encoder.encode(rec)
+                if z:
+                    yield from self._zero(s, n)
+                else:
+                    yield from self._flush_zero()
+                    yield self._pages(s, n)  # copied into the bounce buffer only now
+
+    def _ship(self, batch: _Batch) -> list[Buffer]:
+        """Hand a batch to the host.  The host sends it before asking for more, so the
+        bounce buffer its RAM payloads view is free again from here on."""
+        self._bounce_used = 0
         self.stats.ram_transferred = self.encoder.bytes_out
-        if batch:
-            yield batch
+        return batch.take()
 
     def _scatter(self, index: npt.NDArray[np.int64]) -> Generator[RamScatter, None, None]:
         """RAM_SCATTER records for scattered pages: zero ones listed, others with data."""
@@ -528,6 +528,24 @@ class SourceSession:
         if st is Status.DEVICE:
             return "awaiting destination resume" if self._t_end else "switchover (final pass)"
         return str(st.value)
+
+
+class _Batch:
+    """Buffers collected until about :data:`BATCH_BYTES` are ready to send."""
+
+    def __init__(self, parts: list[Buffer] | None = None) -> None:
+        self.parts: list[Buffer] = parts if parts is not None else []
+        self.size = sum(len(p) for p in self.parts)
+
+    def add(self, parts: list[Buffer]) -> bool:
+        """Append one record's buffers; True once the batch is full."""
+        self.parts += parts
+        self.size += sum(len(p) for p in parts)
+        return self.size >= BATCH_BYTES
+
+    def take(self) -> list[Buffer]:
+        out, self.parts, self.size = self.parts, [], 0
+        return out
 
 
 def _expand(
