@@ -60,6 +60,14 @@ def host_profile_json(d: HostDaemon) -> dict[str, Any]:
     }
 
 
+def _string(body: dict[str, Any], key: str, what: str) -> str:
+    """A required string field of a request body; HTTP 400 naming it otherwise."""
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise ApiError(400, f"{key} ({what}) required")
+    return value
+
+
 def make_app(d: HostDaemon) -> web.Application:
     routes = web.RouteTableDef()
 
@@ -133,28 +141,21 @@ def make_app(d: HostDaemon) -> web.Application:
 
     @routes.post("/v1/vms/{name}/save")
     async def save(request: web.Request) -> web.Response:
-        body = await _body(request)
-        path = body.get("path")
-        if not isinstance(path, str):
-            raise ApiError(400, "path (a file on this host) required")
-        out = await asyncio.to_thread(save_vm, d, request.match_info["name"], Path(path))
+        path = Path(_string(await _body(request), "path", "a file on this host"))
+        out = await asyncio.to_thread(save_vm, d, request.match_info["name"], path)
         return _ok(out)
 
     @routes.post("/v1/restore")
     async def restore(request: web.Request) -> web.Response:
         body = await _body(request)
-        path = body.get("path")
-        if not isinstance(path, str):
-            raise ApiError(400, "path (a file on this host) required")
-        out = await asyncio.to_thread(restore_vm, d, Path(path), bool(body.get("start", True)))
+        path = Path(_string(body, "path", "a file on this host"))
+        out = await asyncio.to_thread(restore_vm, d, path, bool(body.get("start", True)))
         return _ok(out, 201)
 
     @routes.post("/v1/vms/{name}/migrate")
     async def migrate(request: web.Request) -> web.Response:
         body = await _body(request)
-        dest = body.get("destination")
-        if not isinstance(dest, str):
-            raise ApiError(400, "destination (control URL of the destination host) required")
+        dest = _string(body, "destination", "control URL of the destination host")
         params = body.get("params", {})
         if not isinstance(params, dict):
             raise ApiError(400, "params must be an object")
