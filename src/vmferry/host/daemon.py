@@ -35,6 +35,7 @@ from vmferry.host.iommu import probe_host
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
 from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+from vmferry.migration.destination import DestinationSession
 
 log = logging.getLogger("vmferry.host")
 
@@ -319,14 +320,26 @@ class HostDaemon:
         self.store.delete_vm(name)
         log.info("destroyed VM %s", name)
 
-    def adopt(self, vm: VM, runner: VmRunner, running: bool) -> None:
-        """Take in a VM that arrived by migration."""
+    def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]:
+        """Take in a VM a destination session loaded (by migration or from a snapshot):
+        start its guest thread, run its handlers' post-load work under the runner's lock,
+        register it.  Returns the post-load reports."""
+        vm = session.vm
+        if vm is None:
+            raise HostError("adopt_loaded() without a loaded VM")
+        runner = VmRunner(vm)
+        if running:
+            runner.resume()
+        with runner.lock:
+            post_load = session.resume(run=False)
+        session.hand_over()
         hosted = HostedVm(
             vm.name, vm.definition.to_dict(), "running" if running else "paused", vm, runner
         )
         with self.lock:
             self.vms[vm.name] = hosted
         self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
+        return post_load
 
     # --- jobs ------------------------------------------------------------------------
 

@@ -444,14 +444,7 @@ class DestinationWorker:
             raise PeerError(f"expected commit, got {commit['type']}", self.step)
         self.step = "resume"
         t0 = time.monotonic()
-        running = hello.get("runstate") != "paused"
-        runner = VmRunner(vm)
-        if running:
-            runner.resume()
-        with runner.lock:
-            post_load = self.session.resume(run=False)
-        vm = self.session.hand_over()
-        self.daemon.adopt(vm, runner, running)
+        post_load = self.daemon.adopt_loaded(self.session, hello.get("runstate") != "paused")
         send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3,
                    post_load=post_load)
         self.job.status = "completed"

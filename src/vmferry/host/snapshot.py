@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import ApiError, HostError, StreamDecodeError, VmferryError
 from vmferry.host.clocks import MonotonicClock
-from vmferry.host.runner import VmRunner
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import StreamDecoder
@@ -81,12 +80,7 @@ def restore_vm(daemon: HostDaemon, path: Path, start: bool = True) -> dict[str, 
         raise ApiError(400, f"restore from {path}: {type(exc).__name__}: {exc}") from exc
     vm = session.vm
     assert vm is not None
-    runner = VmRunner(vm)
-    if start:
-        runner.resume()
-    with runner.lock:
-        session.resume(run=False)
-    daemon.adopt(session.hand_over(), runner, start)
+    daemon.adopt_loaded(session, start)
     return {"vm": vm.name, "path": str(path), "runstate": "running" if start else "paused"}
 
 
