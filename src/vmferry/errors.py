@@ -197,4 +197,5 @@ class ApiError(HostError):
 
     def __init__(self, status: int, message: str) -> None:
         self.status = status
+        self.message = message
         super().__init__(f"HTTP {status}: {message}")

@@ -31,7 +31,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return _ok({"error": str(exc).removeprefix(f"HTTP {exc.status}: ")}, exc.status)
+        return _ok({"error": exc.message}, exc.status)
     except VmferryError as exc:
         return _ok({"error": str(exc), "kind": type(exc).__name__}, 400)
 

@@ -255,8 +255,7 @@ class HostDaemon:
         except ConfigError as exc:
             raise ApiError(400, str(exc)) from exc
         with self.lock:
-            if parsed.name in self.vms or parsed.name in {i.vm for i in self.incoming.values()}:
-                raise ApiError(409, f"a VM named {parsed.name!r} exists on host {self.name}")
+            self.check_name_free(parsed.name)
             self._check_assignment(parsed.name, parsed.to_dict())
             hosted = HostedVm(parsed.name, parsed.to_dict(), "paused")
             try:
@@ -268,6 +267,12 @@ class HostDaemon:
         self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
         log.info("created VM %s (%s)", hosted.name, hosted.runstate)
         return hosted
+
+    def check_name_free(self, name: str) -> None:
+        """HTTP 409 if a VM of that name is here or on its way here."""
+        with self.lock:
+            if name in self.vms or name in {i.vm for i in self.incoming.values()}:
+                raise ApiError(409, f"a VM named {name!r} exists on host {self.name}")
 
     def _groups_of(self, definition: Mapping[str, Any]) -> dict[int, str]:
         """IOMMU group -> host device, for the host functions a definition assigns."""
@@ -393,8 +398,7 @@ class HostDaemon:
         finally:
             scratch.close()
         with self.lock:
-            if vm_name in self.vms or vm_name in {i.vm for i in self.incoming.values()}:
-                raise ApiError(409, f"a VM named {vm_name!r} exists on host {self.name}")
+            self.check_name_free(vm_name)
             job = self.new_job(vm_name, "destination", peer, {"verify": verify})
             self._check_assignment(vm_name, definition)
             inc = Incoming(

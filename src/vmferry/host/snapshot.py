@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmferry.errors import ApiError, HostError, StreamDecodeError, VmferryError
+from vmferry.errors import ApiError, ConfigError, HostError, StreamDecodeError, VmferryError
 from vmferry.host.clocks import MonotonicClock
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -85,9 +85,7 @@ def restore_vm(daemon: HostDaemon, path: Path, start: bool = True) -> dict[str, 
 
 
 def _free_name(daemon: HostDaemon, config: Any) -> None:
-    from vmferry.errors import ConfigError
-
-    name = config.get("name")
-    with daemon.lock:
-        if name in daemon.vms:
-            raise ConfigError(f"a VM named {name!r} exists on host {daemon.name}")
+    try:
+        daemon.check_name_free(str(config.get("name")))
+    except ApiError as exc:  # inside the session a refusal is a configuration error
+        raise ConfigError(exc.message) from exc
