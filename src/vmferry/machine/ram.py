@@ -186,7 +186,11 @@ class GuestRam:
                 self.dirty[touched] = True
 
     def zero_mask_at(self, index: IntArray) -> BoolArray:
-        """Which of pages ``index`` are all zero (vectorised)."""
+        """Which of pages ``index`` are all zero (vectorised).
+
+        A page never written is zero without a look.  A non-zero first word settles a page
+        at once (random data: nearly every page); only live pages that start with a zero
+        word are scanned whole."""
         mask = ~self.populated[index]
         first_words = self._words[index, 0]
         suspects = np.flatnonzero(~mask & (first_words == 0))
@@ -198,12 +202,7 @@ class GuestRam:
         """Make ``count`` pages from ``first`` read as zero, touching only populated ones."""
         if first < 0 or count < 0 or first + count > self.npages:
             raise GuestMemoryError(f"pages [{first}, {first + count}) do not fit guest RAM")
-        touched = np.flatnonzero(self.populated[first : first + count]) + first
-        if touched.size:
-            self.pages[touched] = 0
-            self.populated[touched] = False
-            if self.logging:
-                self.dirty[touched] = True
+        self.zero_pages_at(np.arange(first, first + count, dtype=np.int64))
 
     # --- dirty log -------------------------------------------------------------------
 
@@ -225,14 +224,7 @@ class GuestRam:
 
     def zero_mask(self, first: int, count: int) -> BoolArray:
         """Which of ``count`` pages from ``first`` are all zero (vectorised)."""
-        mask = ~self.populated[first : first + count]
-        words = self._words[first : first + count]
-        # A non-zero first word settles a page at once (random data: nearly every page);
-        # only live pages that start with a zero word are scanned whole.
-        suspects = np.flatnonzero(~mask & (words[:, 0] == 0))
-        if suspects.size:
-            mask[suspects] = ~words[suspects].any(axis=1)
-        return mask
+        return self.zero_mask_at(np.arange(first, first + count, dtype=np.int64))
 
     def digest(self) -> str:
         """xxh3-128 of all of RAM: equal digests mean equal memory."""
