@@ -264,6 +264,7 @@ class SourceWorker:
         verification = self._verify(ack)
         post_load = resumed.get("post_load", {})
         self.job.stats = {**stats.to_json(), "verification": verification,
+                          "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
         self.job.status = "completed"
