@@ -150,3 +150,35 @@ def test_item6_destination_killed_mid_stream(tmp_path: Path) -> None:
     finally:
         a.stop()
         b.stop()
+
+
+def test_item4_vm_save_and_restore(hosts: Hosts, tmp_path: Path) -> None:
+    hosts.create("snap1", vcpus=1)
+    before = advancing(hosts.a, "snap1")
+    path = tmp_path / "snap1.vmferry"
+    hosts.a.post("/v1/vms/snap1/save", {"path": str(path)})
+    assert advancing(hosts.a, "snap1") > before  # the saved VM runs on
+    hosts.a.delete("/v1/vms/snap1")
+    hosts.b.post("/v1/restore", {"path": str(path)})
+    restored = hosts.b.get("/v1/vms/snap1")
+    assert restored["backend"] == "kvm"
+    at_restore = restored["guest"]["progress"]
+    assert at_restore >= before
+    advancing(hosts.b, "snap1")
+    hosts.b.delete("/v1/vms/snap1")
+
+
+@pytest.mark.parametrize("phase", ["setup", "active", "device", "ack"])
+def test_item6_channel_cut_in_any_phase(hosts: Hosts, phase: str) -> None:
+    name = f"cut-{phase}"
+    hosts.create(name, vcpus=1)
+    try:
+        before = advancing(hosts.a, name)
+        job = hosts.migrate(name, fault=f"{phase}:cut")
+        assert job["status"] == "failed", job
+        assert hosts.a.get(f"/v1/vms/{name}")["runstate"] == "running"
+        assert advancing(hosts.a, name) > before
+        time.sleep(0.2)
+        assert name not in [v["name"] for v in hosts.b.get("/v1/vms")]
+    finally:
+        hosts.a.delete(f"/v1/vms/{name}")

@@ -56,3 +56,11 @@ def inspect(file: Path, as_json: bool) -> None:
         f"vCPUs: {len(s.vcpus)}; devices: {len(s.devices)}; "
         f"components: {', '.join(s.components) or 'none'}"
     )
+    for v in s.x86_vcpus:
+        console.print(
+            f"x86 vCPU {v['vcpu']} (KVM state): rip {v['rip']}, rflags {v['rflags']}, "
+            f"{v['msrs']} MSRs, XSAVE {v['xsave_bytes']} bytes, "
+            f"{v['cpuid_entries']} CPUID entries"
+        )
+    if s.kvm_clock_ns is not None:
+        console.print(f"KVM clock: {s.kvm_clock_ns} ns")
