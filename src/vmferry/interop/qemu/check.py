@@ -1,0 +1,2 @@
+def check_stream(): pass
+class Finding: pass
