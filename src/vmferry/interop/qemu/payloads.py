@@ -17,7 +17,6 @@ section            fields (QEMU 7.2 vmstate)                    vmferry model
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from vmferry.errors import MalformedRecord

@@ -93,7 +93,8 @@ def find_description(buf: memoryview) -> tuple[dict[str, Any], int] | None:
     while True:
         lo = max(0, size - window)
         tail = bytes(buf[lo:])
-        hits, at = [], len(tail)
+        hits: list[int] = []
+        at = len(tail)
         while len(hits) < 5:
             at = tail.rfind(b"\x06", 0, at)
             if at < 0:
@@ -293,9 +294,11 @@ class _Reader:
                     return
                 k = chunk.find(pattern, k + 1)
             pos += step
-        raise MalformedRecord(f"QEMU stream: section {sec.idstr!r} (id {sec.section_id}) is "
-                              "not described and its footer (0x7e | id) was not found",
-                              cur.pos)
+        why = ("the stream has no VM description at its end (truncated, or written without "
+               "one)" if self.s.description is None else "the VM description does not "
+               "cover it")
+        raise MalformedRecord(f"QEMU stream: section {sec.idstr!r} (id {sec.section_id}): "
+                              f"{why}, and no section footer (0x7e | id) follows", cur.pos)
 
     # --- RAM ---------------------------------------------------------------------------
 

@@ -68,6 +68,12 @@ def _walk_field(cur: Cursor, f: Any, vmsd: str, prefix: str, out: dict[str, Fiel
         if not isinstance(inner, Mapping):
             raise _bad(f"VM description: struct field {fname} has no struct", cur.pos)
         iname = str(inner.get("vmsd_name", fname))
+        flat = _flat_size(inner, 0) if count > 1 else None
+        if flat is not None:  # uniform elements: one bound check, one Field for the array
+            start = cur.pos
+            cur.skip(flat * count, f"field {fname} of {vmsd} ({count} x {flat} bytes, struct)")
+            out[fname] = Field(fname, "struct", start, flat, count)
+            return
         for i in range(count):
             sub = f"{fname}[{i}]." if count > 1 else f"{fname}."
             _walk_vmsd(cur, inner, iname, sub, out, subs, depth + 1)
@@ -79,6 +85,26 @@ def _walk_field(cur: Cursor, f: Any, vmsd: str, prefix: str, out: dict[str, Fiel
     while key in out:  # QEMU repeats names (e.g. "unused"); keep each one
         key += "'"
     out[key] = Field(fname, ftype, start, size, count)
+
+
+def _flat_size(desc: Mapping[str, Any], depth: int) -> int | None:
+    """Bytes of one element of a struct without subsections (None: not uniform)."""
+    if depth > MAX_DEPTH or desc.get("subsections"):
+        return None
+    total = 0
+    for f in desc.get("fields", []):
+        if not isinstance(f, Mapping):
+            return None
+        count = f.get("array_len", 1)
+        if f.get("type") == "struct":
+            inner = f.get("struct")
+            one = _flat_size(inner, depth + 1) if isinstance(inner, Mapping) else None
+        else:
+            one = f.get("size")
+        if not isinstance(one, int) or not isinstance(count, int) or one < 0 or count < 0:
+            return None
+        total += one * count
+    return total
 
 
 def _walk_subsections(cur: Cursor, desc: Mapping[str, Any], vmsd: str, prefix: str,
