@@ -38,6 +38,7 @@ from vmferry.errors import (
     MalformedRecord,
     OversizedRecord,
     StreamDecodeError,
+    TruncatedRecord,
     UnknownRecord,
     UnsupportedVersion,
 )
@@ -176,9 +177,15 @@ class _Reader:
                 raise UnknownRecord(f"QEMU stream: expected a section type (EOF, START, PART, "
                                     f"END, FULL or COMMAND), found {t:#04x}", at)
         if cur.pos != cur.end:
-            raise MalformedRecord(f"QEMU stream: {cur.end - cur.pos} bytes after QEMU_VM_EOF "
-                                  "that are not a VM description (0x06 | u32 len | JSON)",
-                                  cur.pos)
+            left = cur.end - cur.pos
+            if cur.peek8() == SectionType.VMDESCRIPTION and left >= 5:
+                (n,) = U32.unpack_from(self.buf, cur.pos + 1)
+                raise TruncatedRecord(f"QEMU stream truncated: expected a VM description of "
+                                      f"{n} bytes after QEMU_VM_EOF, {left - 5} present",
+                                      cur.pos)
+            raise MalformedRecord(f"QEMU stream: expected the VM description (0x06 | u32 len "
+                                  f"| JSON) or the end of the file after QEMU_VM_EOF, found "
+                                  f"{left} other bytes", cur.pos)
         s.accounted = s.size if s.description_offset is not None else cur.pos
 
     # --- configuration -----------------------------------------------------------------
@@ -294,11 +301,12 @@ class _Reader:
                     return
                 k = chunk.find(pattern, k + 1)
             pos += step
-        why = ("the stream has no VM description at its end (truncated, or written without "
-               "one)" if self.s.description is None else "the VM description does not "
-               "cover it")
+        why = ("no VM description at the end of the stream to decode it (truncated, or "
+               "written without one)" if self.s.description is None else
+               "the VM description does not cover it")
         raise MalformedRecord(f"QEMU stream: section {sec.idstr!r} (id {sec.section_id}): "
-                              f"{why}, and no section footer (0x7e | id) follows", cur.pos)
+                              f"{why}; expected its section footer (0x7e | id) after it, "
+                              "found none", cur.pos)
 
     # --- RAM ---------------------------------------------------------------------------
 
