@@ -299,3 +299,31 @@ def test_item4_cli_prints_one_line(tmp_path: Path) -> None:
     code, out, err = _cli("stream", "inspect", str(path))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "at byte" in err and "Traceback" not in err
+
+
+def _with_description(data: bytes, edit: Callable[[dict[str, object]], None]) -> bytes:
+    s = read_stream(data)
+    assert s.description is not None and s.description_offset is not None
+    desc = json.loads(json.dumps(s.description))
+    edit(desc)
+    text = json.dumps(desc).encode()
+    return data[:s.description_offset] + b"\x06" + struct.pack(">I", len(text)) + text
+
+
+def test_item4_hostile_description_cannot_hang() -> None:
+    def empty_structs(desc: dict[str, object]) -> None:
+        devices = desc["devices"]
+        assert isinstance(devices, list)
+        devices[0]["fields"] = [{"name": "x", "type": "struct", "array_len": 10**12,
+                                 "struct": {"vmsd_name": "x", "version": 1, "fields": [],
+                                            "subsections": [{"vmsd_name": "x/y",
+                                                             "version": 1, "fields": []}]}}]
+
+    with pytest.raises(StreamDecodeError, match="elements of struct x"):
+        read_stream(_with_description(_VIRT, empty_structs))
+
+    def not_json(desc: dict[str, object]) -> None:
+        desc["devices"] = "nope"
+
+    with pytest.raises(StreamDecodeError, match="devices list"):
+        read_stream(_with_description(_VIRT, not_json))

@@ -74,6 +74,9 @@ def _walk_field(cur: Cursor, f: Any, vmsd: str, prefix: str, out: dict[str, Fiel
             cur.skip(flat * count, f"field {fname} of {vmsd} ({count} x {flat} bytes, struct)")
             out[fname] = Field(fname, "struct", start, flat, count)
             return
+        if count > max(cur.left, 1):
+            raise _bad(f"VM description: {count} elements of struct {fname} but only "
+                       f"{cur.left} bytes left in the stream", cur.pos)
         for i in range(count):
             sub = f"{fname}[{i}]." if count > 1 else f"{fname}."
             _walk_vmsd(cur, inner, iname, sub, out, subs, depth + 1)
@@ -82,8 +85,8 @@ def _walk_field(cur: Cursor, f: Any, vmsd: str, prefix: str, out: dict[str, Fiel
     start = cur.pos
     cur.skip(size * count, f"field {fname} of {vmsd} ({count} x {size} bytes, {ftype})")
     key = fname
-    while key in out:  # QEMU repeats names (e.g. "unused"); keep each one
-        key += "'"
+    if key in out:  # QEMU repeats names (e.g. "unused"): keep each one, numbered
+        key = f"{fname}#{len(out)}"
     out[key] = Field(fname, ftype, start, size, count)
 
 
