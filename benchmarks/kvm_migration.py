@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from vmferry.host.client import HostClient
 from vmferry.host.processes import spawn_host
 from vmferry.hw.x86.kvm import kvm_usable
 
@@ -50,7 +49,7 @@ def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str) -> dict[str,
     a = spawn_host("A", root / f"A-{tag}")
     b = spawn_host("B", root / f"B-{tag}")
     try:
-        ca, cb = HostClient(a.control_url, timeout=120), HostClient(b.control_url)
+        ca, cb = a.client(timeout=120), b.client()
         definition = {"name": "bench", "arch": "x86_64", "memory_mib": memory_mib,
                       "vcpus": 1, "fill": "random",
                       "workload": {"dirty_rate_mbps": rate, "pattern": "uniform"}}

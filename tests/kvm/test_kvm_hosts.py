@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.kvm, pytest.mark.integration]
 class Hosts:
     def __init__(self, a: HostProcess, b: HostProcess) -> None:
         self.a_proc, self.b_proc = a, b
-        self.a, self.b = HostClient(a.control_url), HostClient(b.control_url)
+        self.a, self.b = a.client(), b.client()
 
     def create(self, name: str, **kw: Any) -> dict[str, Any]:
         definition = {"name": name, "arch": "x86_64", "memory_mib": 32, "vcpus": 2,

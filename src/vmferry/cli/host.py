@@ -68,6 +68,14 @@ def command() -> None:
     "[spapr] and [lpm] tables for pseries guests, a [kvm] table with hide_msrs, "
     "refuse_msrs and hide_cpuid for x86_64 guests)",
 )
+@click.option(
+    "--token-file",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="the cluster's control-API token (created with mode 0600 if missing; default "
+    "<state-dir>/token, only for a loopback --listen); hosts that migrate to each other "
+    "share it",
+)
 def serve(
     name: str,
     listen: str,
@@ -76,6 +84,7 @@ def serve(
     profile: str | None,
     mitigation: str | None,
     platform_file: Path | None,
+    token_file: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
     platform = load_platform(platform_file) if platform_file is not None else {}
@@ -85,6 +94,7 @@ def serve(
         parse_address(listen),
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
+        token_file,
     )
 
 
