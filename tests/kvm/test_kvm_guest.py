@@ -28,10 +28,18 @@ def test_item1_guest_runs_and_checksum_matches_host_recomputation(vcpus: int) ->
         per_vcpu = vm.progress()
         assert all(c > 0 for c, _ in per_vcpu)  # every vCPU's own thread ran
         assert vm.check_progress() == [True] * vcpus
-        # the generator register is the host's x_n too
-        for i, (c, _) in enumerate(per_vcpu):
-            x, _ = prog.expected(vm.definition.seed, i, c)
-            assert dict(vm.save_vcpus()[i].regs)[11] == x  # r11
+        # the generator register is x_n of the counter register (x_(n+1) if the vCPU
+        # stopped inside a step, after computing the next value)
+        for i in range(vcpus):
+            regs = dict(vm.save_vcpus()[i].regs)
+            n = regs[13]  # r13
+            assert regs[11] in (prog.expected(vm.definition.seed, i, n)[0],
+                                prog.expected(vm.definition.seed, i, n + 1)[0])
+        # the check can fail: a wrong checksum in guest memory is caught
+        saved = vm.ram.read(prog.STATUS + 8, 8)
+        vm.ram.write(prog.STATUS + 8, (int.from_bytes(saved, "little") ^ 1).to_bytes(8, "little"))
+        assert vm.check_progress()[0] is False
+        vm.ram.write(prog.STATUS + 8, saved)
         before = sum(c for c, _ in vm.progress())
         time.sleep(0.05)
         assert sum(c for c, _ in vm.progress()) == before  # paused means stopped

@@ -82,6 +82,7 @@ store:
     add r12, r11
     inc r13
     mov qword ptr [r14+ST_COUNTER], r13
+publish:                            ; stopped here, the stored checksum is one step behind
     mov qword ptr [r14+ST_CHECKSUM], r12
     jmp top
 ahead:
