@@ -404,7 +404,7 @@ class HostDaemon:
         for it (from a scratch VM built here: the same code that will receive it)."""
         try:
             load_definition(definition)
-            scratch = self.build_vm(definition)
+            scratch = self.build_vm({**definition, "fill": "zero"})  # capabilities only
         except VmferryError as exc:
             raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
         try:

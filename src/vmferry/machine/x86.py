@@ -74,9 +74,15 @@ MSR_NAMES = {kvm.MSR_KVM_POLL_CONTROL: "MSR_KVM_POLL_CONTROL", 0x10: "IA32_TSC",
              0x4B564D02: "MSR_KVM_ASYNC_PF_EN", 0x4B564D03: "MSR_KVM_STEAL_TIME",
              0x4B564D04: "MSR_KVM_PV_EOI_EN"}
 CPUID_REGS = ("eax", "ebx", "ecx", "edx")
-#: CPUID feature leaves pre-flight compares, and a few bit names for messages
-FEATURE_LEAVES = ((1, 0), (7, 0), (7, 1), (0xD, 1), (0x80000001, 0), (0x80000007, 0),
-                  (0x80000008, 0))
+#: the CPUID registers that hold feature flags, which pre-flight compares (not leaf 1's
+#: EBX, whose top byte is the APIC ID of whichever host CPU answered)
+FEATURE_REGS: dict[tuple[int, int], tuple[str, ...]] = {
+    (1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (7, 1): ("eax",),
+    (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx"), (0x80000007, 0): ("edx",),
+    (0x80000008, 0): ("ebx",),
+}
+#: feature bits that mirror guest control-register state rather than what KVM offers
+DYNAMIC_BITS = {(1, 0, "ecx", 27), (7, 0, "ecx", 4)}  # OSXSAVE, OSPKE
 CPUID_NAMES = {(1, "ecx", 0): "sse3", (1, "ecx", 9): "ssse3", (1, "ecx", 19): "sse4.1",
                (1, "ecx", 20): "sse4.2", (1, "ecx", 23): "popcnt", (1, "ecx", 25): "aes",
                (1, "ecx", 26): "xsave", (1, "ecx", 28): "avx", (1, "ecx", 30): "rdrand",
@@ -669,13 +675,11 @@ class X86CpuHandler(MigrationHandler):
         theirs = {(f, i): dict(zip(CPUID_REGS, regs, strict=True))
                   for f, i, *regs in destination.get("cpuid", [])}
         for e in self.vm.guest_cpuid:
-            if (e.function, e.index) not in FEATURE_LEAVES:
-                continue
             other = theirs.get((e.function, e.index), dict.fromkeys(CPUID_REGS, 0))
-            for reg in CPUID_REGS:
+            for reg in FEATURE_REGS.get((e.function, e.index), ()):
                 missing = e.reg(reg) & ~other[reg]
                 for bit in range(32):
-                    if missing >> bit & 1:
+                    if missing >> bit & 1 and (e.function, e.index, reg, bit) not in DYNAMIC_BITS:
                         problems.append(f"{cpuid_name(e.function, e.index, reg, bit)}: the "
                                         "guest has it, the destination's "
                                         "KVM_GET_SUPPORTED_CPUID lacks it")
@@ -725,6 +729,7 @@ class X86CpuHandler(MigrationHandler):
             self.vm.load_state(st)
         self.vm.set_clock(self._clock)
         self._states, self._clock = {}, None
+        self.vm.write_mailbox()  # the rate in this host's TSC ticks, no throttle
 
     def load_failed(self) -> None:
         self._states, self._clock = {}, None
