@@ -26,6 +26,7 @@ from vmferry.errors import (
 from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
+from vmferry.host.populate import Populator
 from vmferry.host.runner import VmRunner
 from vmferry.host.transport import (
     readable,
@@ -34,7 +35,6 @@ from vmferry.host.transport import (
     send_buffers,
     send_frame,
 )
-from vmferry.host.vcpus import Populator
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession

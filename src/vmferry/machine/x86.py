@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,7 +53,6 @@ KEYS = frozenset({"dirty_log"})
 DIRTY_LOG_MODES = {"get": "KVM_GET_DIRTY_LOG",
                    "manual-protect": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (GET + CLEAR)"}
 SLOT = 0
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 IDLE_SLEEP_S = 0.02
 MIN_SLEEP_S = 0.001
 MAX_SLEEP_S = 0.02
@@ -191,9 +189,7 @@ class KvmGuestRam(GuestRam):
     without a look."""
 
     def __init__(self, size: int) -> None:
-        super().__init__(size, PAGE_4K)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):
-            self._mmap.madvise(mmap.MADV_NOHUGEPAGE)
+        super().__init__(size, PAGE_4K, huge_pages=False)
         self.kvm_vm: kvm.KvmVm | None = None
         self.mode = "get"
         self.reads = 0
@@ -201,23 +197,6 @@ class KvmGuestRam(GuestRam):
         #: (guest time, pages) of the last reads, for the observed dirty rate
         self.history: list[tuple[float, int]] = []
         self.now: Callable[[], float] = lambda: 0.0
-
-    @property
-    def address(self) -> int:
-        return int(self.bytes.ctypes.data)
-
-    def populate(self, first: int, count: int) -> bool:
-        """Fault pages ``[first, first + count)`` in, writable, without touching their
-        contents (``MADV_POPULATE_WRITE``): a destination populated ahead of the stream
-        takes pages much faster.  False if this kernel cannot."""
-        if first < 0 or count <= 0 or first + count > self.npages:
-            return False
-        try:
-            self._mmap.madvise(MADV_POPULATE_WRITE, first * self.page_size,
-                               count * self.page_size)
-        except (OSError, ValueError):
-            return False
-        return True
 
     def attach(self, vm: kvm.KvmVm, mode: str) -> None:
         self.kvm_vm = vm
