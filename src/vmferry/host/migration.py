@@ -7,8 +7,11 @@ and turns every way a connection can fail into a session failure with the step n
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import socket
+import sys
+import termios
 import threading
 import time
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -49,6 +52,9 @@ HELLO_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 ACK_TIMEOUT_S = 120.0
 STATS_EVERY_S = 0.1
+#: the destination's socket receive buffer: a bounded backlog at the switchover (less to
+#: drain while the guest is paused, and a known amount for the downtime prediction)
+RECEIVE_BUFFER = 2 * 1024 * 1024
 
 
 HOST_PARAMS = ("fault", "stream_file")
@@ -151,7 +157,11 @@ class SourceWorker:
         self.committed = False
         assert hosted.vm is not None and hosted.runner is not None
         self.runner: VmRunner = hosted.runner
-        self.session = SourceSession(hosted.vm, params, MonotonicClock(), guest=self.runner)
+        self.session = SourceSession(
+            hosted.vm, params, MonotonicClock(), guest=self.runner, link=self
+        )
+        self._sock: socket.socket | None = None
+        self._rtt_s = 0.0
         self._last_stats = 0.0
         path = job.params.get("stream_file")
         self.tee: BinaryIO | None = open(path, "wb") if path else None  # noqa: SIM115
@@ -160,7 +170,8 @@ class SourceWorker:
         sock: socket.socket | None = None
         try:
             self._preflight()
-            sock = self._connect()
+            self._rtt_s = self._measure_round_trip()
+            sock = self._sock = self._connect()
             self._send_stream(sock)
             self._await_ack(sock)
         except MigrationRefused as exc:
@@ -188,6 +199,32 @@ class SourceWorker:
             warnings = self.session.preflight(self.incoming.get("capabilities"))
         for w in warnings:
             log.warning("job %s pre-flight: %s", self.job.id, w)
+
+    def _measure_round_trip(self) -> float:
+        """Median of three control-API round trips to the destination host."""
+        client = HostClient(self.job.peer, self.daemon.token, timeout=5.0)
+        samples = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            try:
+                client.get("/v1/host")
+            except (ApiError, HostError):
+                return 0.0
+            samples.append(time.monotonic() - t0)
+        return sorted(samples)[1]
+
+    def round_trip_s(self) -> float:
+        return self._rtt_s
+
+    def in_flight_bytes(self) -> int:
+        """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
+        queue is not empty (the destination is behind), its full receive buffer."""
+        queued = 0
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                raw = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                queued = int.from_bytes(raw, sys.byteorder, signed=True)
+        return queued + RECEIVE_BUFFER if queued > 0 else 0
 
     def _abort_incoming(self, reason: str) -> None:
         """Tell the destination to forget the token it handed out."""
@@ -414,6 +451,8 @@ class DestinationWorker:
             MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
             factory=self._build_staging,
         )
+        with contextlib.suppress(OSError):
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER // 2)
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status = "active"

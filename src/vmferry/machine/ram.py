@@ -220,8 +220,8 @@ class GuestRam:
         at once (random data: nearly every page); only live pages that start with a zero
         word are scanned whole."""
         mask = ~self.populated[index]
-        first_words = self._words[index, 0]
-        suspects = np.flatnonzero(~mask & (first_words == 0))
+        live = np.flatnonzero(~mask)  # never-written pages are not read (not even faulted)
+        suspects = live[self._words[index[live], 0] == 0]
         if suspects.size:
             mask[suspects] = ~self._words[index[suspects]].any(axis=1)
         return mask

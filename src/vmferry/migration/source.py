@@ -83,6 +83,22 @@ class GuestControl(Protocol):
         ...
 
 
+class LinkProbe(Protocol):
+    """What the host measures about the link, for the downtime prediction."""
+
+    def in_flight_bytes(self) -> int:
+        """Bytes handed to the link that the destination has not consumed yet."""
+        ...
+
+    def round_trip_s(self) -> float:
+        """One request-reply round trip to the destination host, measured."""
+        ...
+
+
+#: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
+SWITCHOVER_ROUND_TRIPS = 1.5
+
+
 class DirectControl:
     """GuestControl straight on a VM (single-threaded use and tests)."""
 
@@ -174,8 +190,10 @@ class SourceSession:
         clock: Clock,
         guest: GuestControl | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        link: LinkProbe | None = None,
     ) -> None:
         self.vm = vm
+        self.link = link
         self.params = params
         self.clock = clock
         self.guest = guest if guest is not None else DirectControl(vm)
@@ -322,7 +340,25 @@ class SourceSession:
         if d.throttle_pct != self.stats.throttle_pct:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
+        if d.switchover and not self.params.offline:  # offline: all of it is downtime
+            self._predict(dirty_pages * self.vm.ram.page_size, remaining, bandwidth)
         return d.switchover
+
+    def _predict(self, ram_bytes: int, remaining: int, bandwidth: float) -> None:
+        """The downtime predicted at the stop decision: what is left (dirty pages and
+        pending device state) and what is still in flight, at the bandwidth just measured,
+        and the switchover's round trips as the host measured them."""
+        bw = max(bandwidth, 1.0)
+        in_flight = self.link.in_flight_bytes() if self.link is not None else 0
+        rtt = self.link.round_trip_s() if self.link is not None else 0.0
+        parts = {
+            "final_ram_ms": ram_bytes / bw * 1e3,
+            "state_ms": (remaining - ram_bytes) / bw * 1e3,
+            "in_flight_ms": in_flight / bw * 1e3,
+            "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
+        }
+        self.stats.predicted = parts
+        self.stats.predicted_downtime_ms = sum(parts.values())
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram

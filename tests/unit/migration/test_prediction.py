@@ -1,0 +1,67 @@
+"""Issue 17 item 4: the downtime predicted at the stop decision, and its error."""
+
+from __future__ import annotations
+
+from vmferry.clock import ManualClock
+from vmferry.machine import create_vm
+from vmferry.migration.context import Status
+from vmferry.migration.destination import DestinationSession
+from vmferry.migration.local import migrate_locally
+from vmferry.migration.source import (
+    SWITCHOVER_ROUND_TRIPS,
+    MigrationParams,
+    SourceSession,
+)
+
+
+class Probe:
+    def __init__(self, in_flight: int, rtt: float) -> None:
+        self.in_flight, self.rtt = in_flight, rtt
+
+    def in_flight_bytes(self) -> int:
+        return self.in_flight
+
+    def round_trip_s(self) -> float:
+        return self.rtt
+
+
+def run(rate: float, probe: Probe | None, bandwidth: float = 60e6) -> SourceSession:
+    vm = create_vm({"name": "p", "memory_mib": 32, "vcpus": 2, "fill": "random",
+                    "workload": {"dirty_rate_mbps": rate, "pattern": "hot"}})
+    vm.start()
+    clock = ManualClock()
+    src = SourceSession(vm, MigrationParams(downtime_limit_ms=50), clock, link=probe)
+    dst = DestinationSession(clock)
+    migrate_locally(src, dst, clock, link_bytes_per_s=bandwidth, on_time=vm.run_slice)
+    return src
+
+
+def test_issue17_item4_prediction_matches_simulated_downtime() -> None:
+    src = run(30, None)
+    st = src.stats
+    assert st.status is Status.COMPLETED
+    assert st.predicted["final_ram_ms"] > 0
+    assert st.predicted_downtime_ms == sum(st.predicted.values())
+    # on a simulated link the downtime is the final pass at the measured bandwidth
+    err = (st.predicted_downtime_ms - st.downtime.total_ms) / st.downtime.total_ms
+    assert abs(err) <= 0.15, (st.predicted, st.downtime)
+    out = st.to_json()
+    assert out["predicted-downtime"] == round(st.predicted_downtime_ms, 3)
+    assert abs(out["downtime-prediction-error-pct"] - err * 100) < 0.1
+
+
+def test_issue17_item4_prediction_counts_in_flight_bytes_and_round_trips() -> None:
+    src = run(30, Probe(in_flight=6_000_000, rtt=0.004))
+    p = src.stats.predicted
+    bw = src.stats.passes[-1].bytes / src.stats.passes[-1].seconds
+    assert abs(p["in_flight_ms"] - 6_000_000 / bw * 1e3) < 1e-6
+    assert p["switchover_ms"] == SWITCHOVER_ROUND_TRIPS * 4.0
+
+
+def test_issue17_item4_no_prediction_without_a_stop_decision() -> None:
+    vm = create_vm({"name": "o", "memory_mib": 8, "vcpus": 1, "fill": "random"})
+    clock = ManualClock()
+    src = SourceSession(vm, MigrationParams(offline=True), clock)
+    migrate_locally(src, DestinationSession(clock), clock, link_bytes_per_s=1e9)
+    assert src.stats.predicted == {}
+    assert "downtime-prediction-error-pct" not in src.stats.to_json()
