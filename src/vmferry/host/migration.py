@@ -55,6 +55,9 @@ STATS_EVERY_S = 0.1
 #: the destination's socket receive buffer: a bounded backlog at the switchover (less to
 #: drain while the guest is paused, and a known amount for the downtime prediction)
 RECEIVE_BUFFER = 2 * 1024 * 1024
+#: the best bandwidth a pass measured to each destination (its control URL), kept for
+#: migrations whose passes are too small to measure it themselves
+_LINK_BANDWIDTH: dict[str, float] = {}
 
 
 HOST_PARAMS = ("fault", "stream_file")
@@ -216,6 +219,14 @@ class SourceWorker:
     def round_trip_s(self) -> float:
         return self._rtt_s
 
+    def bandwidth_bps(self) -> float:
+        return _LINK_BANDWIDTH.get(self.job.peer, 0.0)
+
+    def _remember_bandwidth(self) -> None:
+        measured = self.session.stats.link_bandwidth_bps
+        if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
+            _LINK_BANDWIDTH[self.job.peer] = measured
+
     def in_flight_bytes(self) -> int:
         """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
         queue is not empty (the destination is behind), its full receive buffer."""
@@ -272,6 +283,7 @@ class SourceWorker:
             if readable(sock):
                 reason = self._peer_reason(sock) or "destination closed the connection"
                 raise PeerError(reason, self.session.current_step())
+            self._remember_bandwidth()
             wire = apply(self.fault, phase, bufs)
             send_buffers(sock, wire)
             if self.tee is not None:

@@ -29,8 +29,8 @@ from vmferry.machine.ram import GuestRam
 MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14
 MIB = 1024 * 1024
 #: chunk per madvise call and distance ahead of the receiver (measured: docs/performance.md)
-CHUNK_BYTES = 16 * MIB
-AHEAD_BYTES = 256 * MIB
+CHUNK_BYTES = 8 * MIB
+AHEAD_BYTES = 64 * MIB
 #: how often an idle populator (caught up with its window) looks at the frontier again
 POLL_S = 0.002
 

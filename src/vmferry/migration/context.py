@@ -63,6 +63,8 @@ class MigrationStats:
     #: the downtime predicted at the stop decision, and what it was made of
     predicted_downtime_ms: float = 0.0
     predicted: dict[str, float] = field(default_factory=dict)
+    #: the link's bandwidth as the last pass measured it (0.0: too small to measure)
+    link_bandwidth_bps: float = 0.0
     downtime: Downtime = field(default_factory=Downtime)
     ram_total: int = 0
     ram_transferred: int = 0

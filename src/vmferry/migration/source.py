@@ -94,7 +94,13 @@ class LinkProbe(Protocol):
         """One request-reply round trip to the destination host, measured."""
         ...
 
+    def bandwidth_bps(self) -> float:
+        """Bytes per second measured on this link before (0.0: never)."""
+        ...
 
+
+#: a pass that moved fewer bytes than this does not measure the link's bandwidth
+MEASURABLE_BYTES = 16 * MIB
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
 SWITCHOVER_ROUND_TRIPS = 1.5
 
@@ -307,6 +313,11 @@ class SourceSession:
         seconds = max(now - t_pass, 1e-9)
         pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
         bandwidth = pass_bytes / seconds
+        self.stats.link_bandwidth_bps = bandwidth if pass_bytes >= MEASURABLE_BYTES else 0.0
+        if pass_bytes < MEASURABLE_BYTES and self.link is not None:
+            # a pass this small measures the session's own overhead, not the link: a VM of
+            # untouched RAM and a large device state would never converge on it
+            bandwidth = max(bandwidth, self.link.bandwidth_bps())
         remaining = dirty_pages * self.vm.ram.page_size
         with self.guest.held():
             remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
