@@ -6,9 +6,9 @@ a thread of its own: it faults pages in, writable and without touching their con
 (``madvise(MADV_POPULATE_WRITE)``, Linux 5.14), in chunks, a bounded distance ahead of the
 receiver's position (:attr:`GuestRam.write_frontier`).  Two rules keep it honest:
 
-* it never runs more than ``ahead_bytes`` past the frontier, so memory that the stream
-  only ever describes as zero (a never-touched 4 GiB guest) is not populated beyond that
-  window;
+* it starts with the first page of data and never runs more than ``ahead_bytes`` past
+  the frontier, so memory that the stream only ever describes as zero (a never-touched
+  4 GiB guest) is not populated at all, and skipped zero runs at most one window;
 * it calls ``madvise`` through ctypes, which lets go of the GIL for the call
   (``mmap.madvise`` holds it, which would stop the receiver for every chunk).
 
@@ -69,6 +69,9 @@ class Populator:
         base, ps, npages = ram.address, ram.page_size, ram.npages
         while not self._stop.is_set() and self.done_to < npages:
             frontier = ram.write_frontier
+            if frontier == 0:  # no page data yet: the stream may be all zero runs
+                self._stop.wait(POLL_S)
+                continue
             start = max(self.done_to, frontier)
             end = min(npages, frontier + self.ahead_pages, start + self.chunk_pages)
             if start >= end:
