@@ -3,6 +3,8 @@ illegal move, every cut."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -102,7 +104,7 @@ def test_the_whole_exchange_ends_done_on_both_sides() -> None:
 def test_any_split_or_trickle_yields_the_same_events(trickle: int | None,
                                                      splits: frozenset[int]) -> None:
     faults = Faults(trickle=trickle, split_at=splits)
-    src, dst, seen = run_exchange(faults, faults)
+    _, dst, seen = run_exchange(faults, faults)
     assert dst.state is State.DONE
     assert payload(seen) == b"".join(STREAM)
     assert [e for e in seen if not isinstance(e, Data)] == [
@@ -177,7 +179,7 @@ def test_an_illegal_frame_from_the_peer_is_a_remote_error() -> None:
 def test_a_damaged_commit_is_refused_and_the_destination_may_say_why() -> None:
     src, dst = Connection(Role.SOURCE), Connection(Role.DESTINATION)
     src.state, dst.state = State.DECIDING, State.DECIDING
-    header, body = (bytes(b) for b in src.send(Commit()))
+    header, _ = (bytes(b) for b in src.send(Commit()))
     dst.receive_data(header + b"{]")  # same length, other bytes
     with pytest.raises(RemoteChannelError, match="damaged COMMIT"):
         dst.next_event()
@@ -206,10 +208,8 @@ def test_end_of_file_mid_exchange_is_a_remote_error(state: State) -> None:
 def test_a_cut_at_any_offset_of_hello_is_a_clean_remote_error(cut: int) -> None:
     src, dst = Connection(Role.SOURCE), Connection(Role.DESTINATION)
     a, b = pipe_pair(Faults(cut_at=cut))
-    try:
+    with contextlib.suppress(ConnectionResetError):
         a.send(src.send(HELLO))
-    except ConnectionResetError:
-        pass
     with pytest.raises(RemoteChannelError):
         pump(dst, b)
     assert dst.state is State.ERROR

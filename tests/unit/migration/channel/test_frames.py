@@ -61,7 +61,7 @@ def test_a_tls_record_is_named_as_such() -> None:
 def test_the_version_travels_in_hello_and_another_major_is_refused() -> None:
     hello = Hello("t", (1, 0), "running", "A", major=1, minor=7)
     assert roundtrip(hello) == hello  # same major, newer minor: accepted
-    with pytest.raises(E.RemoteChannelError, match="protocol 2.0 is not supported"):
+    with pytest.raises(E.RemoteChannelError, match=r"protocol 2\.0 is not supported"):
         roundtrip(Hello("t", (1, 0), "running", "A", major=2, minor=0))
     with pytest.raises(E.RemoteChannelError, match="magic"):
         raw = bytearray(frame(Welcome("B")))
@@ -78,7 +78,7 @@ def test_bodies_are_checked_field_by_field() -> None:
 
     with pytest.raises(E.RemoteChannelError, match="keys"):
         forged(Command.LOADED, b'{"ack": {}, "extra": 1}')
-    with pytest.raises(E.RemoteChannelError, match="LOADED.ack is list"):
+    with pytest.raises(E.RemoteChannelError, match=r"LOADED\.ack is list"):
         forged(Command.LOADED, b'{"ack": []}')
     with pytest.raises(E.RemoteChannelError, match="not JSON"):
         forged(Command.COMMIT, b"\xff")
