@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "guest": {"base", "hw", "guest"},
     "machine": {"base", "hw", "guest", "machine"},
     "migration": {"base", "hw", "guest", "machine", "migration"},
-    "analysis": {"base", "hw", "guest", "machine", "migration", "analysis"},
+    "analysis": {"base", "hw", "guest", "machine", "migration", "analysis", "testing"},
     "testing": {"base", "hw", "guest", "machine", "migration", "testing"},
     "host": {"base", "hw", "guest", "machine", "migration", "host"},
     "cli": set(ORDER),

@@ -47,7 +47,9 @@ class Pipe:
         self.delivered = 0
         self.closed = False  # the writer closed: EOF after the data
         self.cut = False  # the connection broke: EOF at the cut, writes fail
-        self.stalled = self.faults.stall_at is not None
+        #: invariant: while ``stalled``, bytes from offset ``stall_at`` on are held
+        self.stall_at = self.faults.stall_at
+        self.stalled = self.stall_at is not None
         self._cut_at = self.faults.cut_at
 
     @property
@@ -77,13 +79,20 @@ class Pipe:
     def close(self) -> None:
         self.closed = True
 
-    def break_now(self) -> None:
-        """Cut the connection now: what a stall still holds is lost with it."""
-        if self.stalled and self.faults.stall_at is not None:
-            del self._data[max(self.faults.stall_at, self.delivered) :]
+    def break_now(self, lose_in_flight: bool = False) -> None:
+        """Cut the connection now: what a stall still holds is lost with it, and with
+        ``lose_in_flight`` every byte the reader has not read yet (a reset)."""
+        if lose_in_flight:
+            del self._data[self.delivered :]
+        elif self.stalled and self.stall_at is not None:
+            del self._data[max(self.stall_at, self.delivered) :]
         self._cut_at = len(self._data)
         self.cut = True
         self.stalled = False
+
+    def stall_now(self) -> None:
+        """Hold every byte not read yet, and what comes after, until :meth:`release`."""
+        self.stall_at, self.stalled = self.delivered, True
 
     def release(self) -> None:
         """End a stall: held bytes become readable."""
@@ -94,8 +103,8 @@ class Pipe:
     def _limit(self) -> int:
         """One past the last byte a read may return now."""
         end = len(self._data)
-        if self.stalled and self.faults.stall_at is not None:
-            end = min(end, max(self.faults.stall_at, self.delivered))
+        if self.stalled and self.stall_at is not None:
+            end = min(end, max(self.stall_at, self.delivered))
         for cut in self.faults.split_at:
             if self.delivered < cut < end:
                 end = cut
@@ -142,10 +151,11 @@ class End:
     def close(self) -> None:
         self.out.close()
 
-    def cut(self) -> None:
-        """The connection breaks in both directions now."""
-        self.out.break_now()
-        self.inp.break_now()
+    def cut(self, lose_in_flight: bool = True) -> None:
+        """The connection breaks in both directions now; by default what the other side
+        has not read yet is lost (a reset)."""
+        self.out.break_now(lose_in_flight)
+        self.inp.break_now(lose_in_flight)
 
 
 def pipe_pair(a_to_b: Faults | None = None, b_to_a: Faults | None = None) -> tuple[End, End]:

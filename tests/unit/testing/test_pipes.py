@@ -44,6 +44,14 @@ def test_cut_delivers_up_to_the_offset_then_eof_and_fails_the_writer() -> None:
 def test_a_cut_while_stalled_loses_what_was_held() -> None:
     a, b = pipe_pair(Faults(stall_at=1))
     a.send(b"xyz")
-    a.cut()
+    a.cut(lose_in_flight=False)
     assert b.recv() == b"x" and b.recv() == b""
     assert a.recv() == b""
+
+
+def test_a_reset_loses_everything_unread() -> None:
+    a, b = pipe_pair()
+    a.send(b"xyz")
+    assert b.recv(1) == b"x"
+    a.cut()
+    assert b.recv() == b""

@@ -73,6 +73,7 @@ class Connection:
         #: invariant: > 0 only inside a DATA frame, before its last payload byte
         self._payload_left = 0
         self._header: Header | None = None
+        self._last_sent: Command | None = None
 
     # --- bytes in --------------------------------------------------------------------
 
@@ -192,22 +193,42 @@ class Connection:
         if self.state is State.ERROR:
             raise LocalChannelError(f"send({type(event).__name__}) on a connection in ERROR",
                                     (self.failed_in or self.state).value)  # fmt: skip
-        self._move(Dir.SEND, COMMAND_OF[type(event)])
+        cmd = COMMAND_OF[type(event)]
+        self._move(Dir.SEND, cmd)
+        self._last_sent = cmd
         return encode(event)
 
+    def send_failed(self) -> None:
+        """The bytes of the last :meth:`send` did not all leave (the write raised).  The
+        connection moves to ERROR; if that frame was COMMIT, the commit did not happen:
+        a frame cut short is no frame, so the peer cannot have acted on it."""
+        if self._last_sent is Command.COMMIT and self.role is Role.SOURCE:
+            self.committed = False
+        if self.state is not State.ERROR:
+            self.failed_in, self.state = self.state, State.ERROR
+
     def send_failure(self, status: Status) -> list[Buffer]:
-        """Say why this side gives up, whatever state it is in: ABORT from a source, ERROR
-        from a destination.  The table's move applies where there is one; otherwise (after
-        a protocol error, or past the point where the table allows it) the frame still
-        goes out and the connection is, or stays, in ERROR."""
+        """Give up, and say why where that still means something: ABORT from a source,
+        ERROR from a destination.
+
+        Where the table has the move, it is taken.  Otherwise the connection moves to
+        (or stays in) ERROR, and: a destination that did not receive COMMIT still sends
+        its ERROR frame -- after a damaged frame, say -- because it is a promise the
+        source may act on ("discarded, will never resume"); a source past COMMIT, or a
+        destination past COMMIT, sends nothing: there is nothing left to take back.
+        """
+        if self.state in (State.DONE, State.ABORTED):
+            return []  # the exchange is over; nothing changes
         ev: Event = Abort(status) if self.role is Role.SOURCE else Error(status)
-        move = (Dir.SEND, COMMAND_OF[type(ev)])
-        target = TRANSITIONS[self.role][self.state].get(move)
+        target = TRANSITIONS[self.role][self.state].get((Dir.SEND, COMMAND_OF[type(ev)]))
         if target is not None:
             self.state = target
-        elif self.state is not State.ERROR:
+            return encode(ev)
+        if self.state is not State.ERROR:
             self.failed_in, self.state = self.state, State.ERROR
-        return encode(ev)
+        if self.role is Role.DESTINATION and not self.committed:
+            return encode(ev)
+        return []
 
     # --- the table -------------------------------------------------------------------
 
