@@ -117,3 +117,15 @@ def mermaid(role: Role) -> str:
         lines.append(f"    {state.name} --> [*]")
     lines.append("    note right of ERROR: any state, on any exception")
     return "\n".join(lines)
+
+
+def markdown_table(role: Role) -> str:
+    """One role's rows of :data:`TRANSITIONS` as a Markdown table (for docs/channel.md)."""
+    lines = ["| state | move | next state |", "|---|---|---|"]
+    for state, row in TRANSITIONS[role].items():
+        if not row:
+            lines.append(f"| {state.name} | (none) | |")
+        for (direction, cmd), target in row.items():
+            verb = "send" if direction is SEND else "receive"
+            lines.append(f"| {state.name} | {verb} {cmd.name} | {target.name} |")
+    return "\n".join(lines)

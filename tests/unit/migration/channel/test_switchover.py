@@ -82,3 +82,15 @@ def test_decide_compares_digests_before_commit() -> None:
     assert isinstance(decide(Loaded({}), sent), Abort)
     with pytest.raises(LocalChannelError):
         Rules("sometimes")
+
+
+def test_docs_tables_and_diagrams_are_the_transition_table() -> None:
+    from pathlib import Path
+
+    from vmferry.migration.channel import mermaid
+    from vmferry.migration.channel.table import markdown_table
+
+    doc = (Path(__file__).resolve().parents[4] / "docs" / "channel.md").read_text()
+    for role in Role:
+        assert markdown_table(role) in doc
+        assert mermaid(role) in doc
