@@ -36,6 +36,7 @@ from vmferry.host.transport import (
     send_buffers,
     send_frame,
 )
+from vmferry.host.vcpus import Populator
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -306,6 +307,7 @@ class SourceWorker:
         verification = self._verify(ack)
         post_load = resumed.get("post_load", {})
         self.job.stats = {**stats.to_json(), "verification": verification,
+                          "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
         self.job.status = "completed"
@@ -398,6 +400,7 @@ class DestinationWorker:
         self.session: DestinationSession | None = None
         self.job: Job | None = None
         self.step = "handshake"
+        self.populator: Populator | None = None
 
     def _tls(self) -> bool:
         """The TLS handshake, when this host serves TLS; False (refused) if it failed."""
@@ -431,6 +434,8 @@ class DestinationWorker:
             log.exception("incoming migration from %s", self.addr)
             self._fail(describe_failure(exc))
         finally:
+            if self.populator is not None:
+                self.populator.stop()
             with contextlib.suppress(OSError):
                 self.conn.close()
 
@@ -456,12 +461,18 @@ class DestinationWorker:
             return None
         self.session = DestinationSession(
             MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
-            factory=self.daemon.build_vm,
+            factory=self._build_staging,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status = "active"
         return hello
+
+    def _build_staging(self, definition: Any) -> Any:
+        """The staging VM, its RAM faulted in from a thread while the stream arrives."""
+        vm = self.daemon.build_vm(definition)
+        self.populator = Populator(vm.ram)
+        return vm
 
     @staticmethod
     def _check_name(expected: str) -> Any:
@@ -493,6 +504,8 @@ class DestinationWorker:
                 self.session.receive(rec)
                 self.step = f"receiving stream (pass {self.session.passes + 1})"
         self.step = "load"
+        if self.populator is not None:
+            self.populator.stop()
         vm = self.session.vm
         assert vm is not None
         ack = self.session.finish(start=False)
@@ -515,6 +528,8 @@ class DestinationWorker:
         log.info("incoming VM %s resumed (job %s)", vm.name, self.job.id)
 
     def _fail(self, reason: str) -> None:
+        if self.populator is not None:
+            self.populator.stop()
         if self.session is not None:
             self.session.abort()
         log.warning("incoming migration failed at %s: %s", self.step, reason)
