@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "machine": {"base", "hw", "guest", "machine"},
     "migration": {"base", "hw", "guest", "machine", "migration"},
     "interop": {"base", "hw", "guest", "machine", "migration", "interop"},
-    "analysis": {"base", "hw", "guest", "machine", "migration", "analysis"},
+    "analysis": {"base", "hw", "guest", "machine", "migration", "analysis", "testing"},
     "testing": {"base", "hw", "guest", "machine", "migration", "testing"},
     "host": {"base", "hw", "guest", "machine", "migration", "host"},
     "cli": set(ORDER),
