@@ -12,6 +12,9 @@ Prints one JSON object with every figure, the medians and the ratios.  Cases:
 * ``device_64``: a VM with 64 MiB of device state (a pds-like VFIO device).  Target:
   downtime < 100 ms.
 * ``zero_4g``: a 4 GiB VM that never touched its memory.  Target: < 0.5 s.
+* ``tls_idle``: ``idle`` between two hosts serving mutual TLS (``host serve --tls-dir``),
+  with its ratio to the plaintext run of the same process.  ``--tls-only`` runs just the
+  two idle cases (plaintext and TLS).
 
 Each vmferry job reports the downtime it predicted at the stop decision; the prediction
 error per case is reported beside the target of +-15 %.  Runs alternate (vmferry idle,
@@ -40,6 +43,7 @@ from typing import Any
 
 from vmferry.host.client import HostClient
 from vmferry.host.processes import spawn_host
+from vmferry.host.tls import make_certs
 
 MIB = 1024 * 1024
 QEMU = "qemu-system-x86_64"
@@ -80,6 +84,21 @@ def vmferry_case(
         "device_bytes": st.get("device-bytes", 0),
         "gb_per_s": round(size / (st["total-time"] / 1e3) / 1e9, 3),
     }
+
+
+def tls_case(work: Path, definition: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+    """The idle case between two TLS hosts, and its ratio to the plaintext run."""
+    make_certs(work / "pki", ["C", "D"])
+    hosts = [spawn_host("C", work / "C", tls_dir=work / "pki" / "C"),
+             spawn_host("D", work / "D", tls_dir=work / "pki" / "D")]  # fmt: skip
+    try:
+        c, d = hosts[0].client(600), hosts[1].client(600)
+        out = vmferry_case(c, d, hosts[1].control_url, "idle-tls", definition, 0.2)
+    finally:
+        for h in hosts:
+            h.stop()
+    out["ratio_to_plaintext"] = round(out["gb_per_s"] / plain["gb_per_s"], 3)
+    return out
 
 
 # --- QEMU --------------------------------------------------------------------------------
@@ -210,6 +229,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--memory-mib", type=int, default=2048)
     ap.add_argument("--no-qemu", action="store_true", help="vmferry cases only")
+    ap.add_argument("--tls-only", action="store_true", help="only idle: plaintext and TLS")
     args = ap.parse_args()
     mib = args.memory_mib
     work = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
@@ -226,6 +246,12 @@ def main() -> None:
         hosts = [spawn_host("A", work / "A"), spawn_host("B", work / "B")]
         a, b = hosts[0].client(600), hosts[1].client(600)
         b_url = hosts[1].control_url
+        if args.tls_only:
+            idle_def = {"memory_mib": mib, "vcpus": 2, "fill": "random"}
+            plain = vmferry_case(a, b, b_url, "idle", idle_def, 0.2)
+            print(json.dumps({"idle": plain, "tls_idle": tls_case(work, idle_def, plain)},
+                             indent=2))  # fmt: skip
+            return
         for n in range(args.runs):
             results["idle"].append(vmferry_case(
                 a, b, b_url, f"idle{n}", {"memory_mib": mib, "vcpus": 2, "fill": "random"},
@@ -246,6 +272,8 @@ def main() -> None:
             results["zero_4g"].append(vmferry_case(
                 a, b, b_url, f"zero{n}", {"memory_mib": 4096, "vcpus": 2, "fill": "zero"},
                 0.1))  # fmt: skip
+        tls = tls_case(work, {"memory_mib": mib, "vcpus": 2, "fill": "random"},
+                       results["idle"][-1])  # fmt: skip
     finally:
         for h in hosts:
             h.stop()
@@ -255,6 +283,7 @@ def main() -> None:
     report: dict[str, Any] = {"qemu": qemu_version, "runs": args.runs, "memory_mib": mib,
                               "load_average": os.getloadavg()}  # fmt: skip
     report.update({k: summary(v) for k, v in results.items() if v})
+    report["tls_idle"] = tls
     idle = report["idle"]["median_gb_per_s"]
     targets: dict[str, Any] = {}
     if not args.no_qemu:
