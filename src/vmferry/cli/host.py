@@ -74,6 +74,13 @@ def command() -> None:
     "<state-dir>/token, only for a loopback --listen); hosts that migrate to each other "
     "share it",
 )
+@click.option(
+    "--images-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="the only directory save, restore and --stream-file paths may name (default "
+    "<state-dir>/images)",
+)
 def serve(
     name: str,
     listen: str,
@@ -83,6 +90,7 @@ def serve(
     mitigation: str | None,
     platform_file: Path | None,
     token_file: Path | None,
+    images_dir: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
     platform = load_platform(platform_file) if platform_file is not None else {}
@@ -93,6 +101,7 @@ def serve(
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
         token_file,
+        images_dir,
     )
 
 

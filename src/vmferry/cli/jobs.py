@@ -99,7 +99,8 @@ def summary(job: dict[str, Any]) -> None:
     "--stream-file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="also write the exact stream sent to this file (on the source host)",
+    help="also write the exact stream sent to this file (in the source host's images "
+    "directory)",
 )
 @click.option(
     "--compat",

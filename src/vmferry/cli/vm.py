@@ -111,8 +111,9 @@ def destroy(host_url: str, name: str, as_json: bool) -> None:
 @click.argument("file")
 @JSON_OPTION
 def save(host_url: str, name: str, file: str, as_json: bool) -> None:
-    """Save a VM to FILE (a path on the host) as a vmferry stream; it keeps running."""
-    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": str(Path(file).resolve())})
+    """Save a VM to FILE as a vmferry stream; it keeps running.  FILE is a path in the
+    host's images directory (relative to it, or absolute inside it)."""
+    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": file})
     if as_json:
         emit_json(out)
     else:
@@ -125,9 +126,8 @@ def save(host_url: str, name: str, file: str, as_json: bool) -> None:
 @click.option("--start/--paused", default=True, show_default=True)
 @JSON_OPTION
 def restore(host_url: str, file: str, start: bool, as_json: bool) -> None:
-    """Restore a VM from a stream FILE (a path on the host)."""
-    out = client(host_url).post("/v1/restore", {"path": str(Path(file).resolve()),
-                                                "start": start})
+    """Restore a VM from a stream FILE in the host's images directory."""
+    out = client(host_url).post("/v1/restore", {"path": file, "start": start})
     emit_json(out) if as_json else console.print(f"restored {out['vm']} ({out['runstate']})")
 
 

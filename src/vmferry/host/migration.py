@@ -7,11 +7,12 @@ and turns every way a connection can fail into a session failure with the step n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import (
     ApiError,
@@ -26,6 +27,8 @@ from vmferry.errors import (
 from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
+from vmferry.host.files import Output
+from vmferry.host.models import MigrationParamsModel, validate
 from vmferry.host.runner import VmRunner
 from vmferry.host.transport import (
     readable,
@@ -34,6 +37,7 @@ from vmferry.host.transport import (
     send_buffers,
     send_frame,
 )
+from vmferry.machine.vm import load_definition
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -60,26 +64,16 @@ def destination_ok(post_load: dict[str, Any]) -> bool:
     return all(r.get("ok", True) for r in post_load.values() if isinstance(r, dict))
 
 
-def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
-    known = {
-        "downtime_limit_ms",
-        "max_bandwidth_mib",
-        "offline",
-        "max_passes",
-        "auto_converge",
-        "verify",
-        "compat",
-        "allow_degraded",
-        *HOST_PARAMS,
-    }
-    unknown = set(raw) - known
-    if unknown:
-        raise ApiError(400, f"unknown migration parameters {sorted(unknown)}")
+def parse_params(raw: object) -> tuple[MigrationParams, Fault | None]:
+    """Migration parameters from a request, every one checked (types, ranges, the
+    convergence policy they make); ApiError 400 before anything else happens."""
+    model = validate(MigrationParamsModel, raw, "migration parameters")
     try:
-        fault = Fault.parse(raw["fault"]) if raw.get("fault") else None
-        params = MigrationParams(**{k: v for k, v in raw.items() if k not in HOST_PARAMS})
-    except (TypeError, ConfigError) as exc:
-        raise ApiError(400, f"bad migration parameters: {exc}") from exc
+        fault = Fault.parse(model.fault) if model.fault else None
+        params = MigrationParams(**model.model_dump(exclude=set(HOST_PARAMS)))
+        params.policy()
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise ApiError(400, f"bad migration parameters: {exc}", "InvalidRequest") from exc
     return params, fault
 
 
@@ -111,23 +105,30 @@ def _ask_destination(url: str, body: dict[str, Any], token: str | None) -> dict[
 def start_source_job(
     daemon: HostDaemon, hosted: HostedVm, destination: str, raw: dict[str, Any]
 ) -> Job:
-    params, fault = parse_params(raw)
+    params, fault = parse_params(raw)  # every check before a token, job or mark exists
     assert hosted.vm is not None and hosted.runner is not None
-    incoming = _ask_destination(
-        destination,
-        {
-            "vm": hosted.name,
-            "definition": hosted.definition,
-            "verify": params.verify,
-            "peer": daemon.control_url,
-        },
-        daemon.token,
-    )
+    stream_file = raw.get("stream_file")
+    tee = daemon.images.create(stream_file) if stream_file else None
+    try:
+        incoming = _ask_destination(
+            destination,
+            {
+                "vm": hosted.name,
+                "definition": hosted.definition,
+                "verify": params.verify,
+                "peer": daemon.control_url,
+            },
+            daemon.token,
+        )
+    except BaseException:
+        if tee is not None:
+            tee.discard()
+        raise
     job = daemon.new_job(hosted.name, "source", destination, {**raw})
     prev_state = hosted.runstate
     hosted.runstate = "migrating"
     daemon.store.set_runstate(hosted.name, "migrating")
-    worker = SourceWorker(daemon, hosted, job, params, fault, incoming, prev_state)
+    worker = SourceWorker(daemon, hosted, job, params, fault, incoming, prev_state, tee)
     job.thread = threading.Thread(target=worker.run, name=f"mig-src-{job.id}", daemon=True)
     job.thread.start()
     return job
@@ -143,6 +144,7 @@ class SourceWorker:
         fault: Fault | None,
         incoming: dict[str, Any],
         prev_state: str,
+        tee: Output | None = None,
     ) -> None:
         self.daemon, self.hosted, self.job = daemon, hosted, job
         self.params, self.fault, self.incoming = params, fault, incoming
@@ -152,8 +154,8 @@ class SourceWorker:
         self.runner: VmRunner = hosted.runner
         self.session = SourceSession(hosted.vm, params, MonotonicClock(), guest=self.runner)
         self._last_stats = 0.0
-        path = job.params.get("stream_file")
-        self.tee: BinaryIO | None = open(path, "wb") if path else None  # noqa: SIM115
+        #: the stream copy (``stream_file``), renamed into place if the migration completes
+        self.tee = tee
 
     def run(self) -> None:
         sock: socket.socket | None = None
@@ -180,7 +182,18 @@ class SourceWorker:
                 with contextlib.suppress(OSError):
                     sock.close()
             if self.tee is not None:
-                self.tee.close()
+                self._finish_tee()
+
+    def _finish_tee(self) -> None:
+        assert self.tee is not None
+        if self.job.status != "completed":
+            self.tee.discard()
+            return
+        try:
+            self.tee.commit()
+        except OSError as exc:
+            self.tee.discard()
+            log.warning("job %s: stream copy not kept: %s", self.job.id, exc.strerror)
 
     def _preflight(self) -> None:
         with self.runner.lock:  # handlers inspect device state the guest's thread changes
@@ -237,7 +250,7 @@ class SourceWorker:
             wire = apply(self.fault, phase, bufs)
             send_buffers(sock, wire)
             if self.tee is not None:
-                self.tee.writelines(wire)
+                self.tee.file.writelines(wire)
             self._publish()
             bufs = self.session.next_buffers()
             self.job.status = self.session.status.value
@@ -349,6 +362,15 @@ class SourceWorker:
 # --- destination -------------------------------------------------------------------------
 
 
+def _version_ok(version: object) -> bool:
+    """A hello's ``stream_version``: ``[major, minor]`` integers with our major."""
+    return (
+        isinstance(version, list) and len(version) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in version)
+        and version[0] == MAJOR
+    )
+
+
 def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
     while not daemon.stopping:
         try:
@@ -402,11 +424,13 @@ class DestinationWorker:
             self.job.error = str(hello["abort"])
             self.daemon.save_job(self.job)
             return None
-        if hello.get("stream_version", [0])[0] != MAJOR:
-            self._refuse(f"stream version {hello.get('stream_version')} not supported")
+        if not _version_ok(hello.get("stream_version")):
+            self._refuse(f"stream version {str(hello.get('stream_version'))[:40]} not "
+                         f"supported (this host reads {MAJOR}.x)")
             return None
         self.session = DestinationSession(
-            MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
+            MonotonicClock(), verify=inc.verify,
+            check_config=self._check_approved(inc.vm, inc.definition),
             factory=self.daemon.build_vm,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
@@ -415,12 +439,20 @@ class DestinationWorker:
         return hello
 
     @staticmethod
-    def _check_name(expected: str) -> Any:
+    def _check_approved(expected: str, approved: dict[str, Any]) -> Any:
+        """The stream's VM must be exactly the definition this host approved at
+        /v1/incoming (and checked against its resources): the same name and the same
+        memory, vCPUs, devices and every other key."""
+        want = json.dumps(approved, sort_keys=True)
+
         def check(config: Any) -> None:
-            if config.get("name") != expected:
-                raise ConfigError(
-                    f"stream carries VM {config.get('name')!r}, expected {expected!r}"
-                )
+            if not isinstance(config, dict) or config.get("name") != expected:
+                name = config.get("name") if isinstance(config, dict) else None
+                raise ConfigError(f"stream carries VM {name!r}, expected {expected!r}")
+            got = json.dumps(load_definition(config).to_dict(), sort_keys=True)
+            if got != want:
+                raise ConfigError(f"stream carries a definition of VM {expected} that differs "
+                                  "from the one this host approved")
 
         return check
 

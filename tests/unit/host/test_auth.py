@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from tests.unit.host.apphost import TOKEN, app_host
+
 from vmferry.cli.main import cli, error_json
 from vmferry.errors import ApiError, ConfigError
 from vmferry.host.auth import bearer_matches, load_or_create_token, read_token_file
