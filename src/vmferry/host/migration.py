@@ -36,6 +36,7 @@ from vmferry.host.transport import (
     recv_into_decoder,
     send_buffers,
     send_frame,
+    serve_handshakes,
 )
 from vmferry.machine.vm import load_definition
 from vmferry.migration.context import Status
@@ -372,19 +373,37 @@ def _version_ok(version: object) -> bool:
 
 
 def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
-    while not daemon.stopping:
-        try:
-            conn, addr = listener.accept()
-        except OSError:
-            return
-        threading.Thread(
-            target=DestinationWorker(daemon, conn, addr).run, name=f"mig-dst-{addr[1]}", daemon=True
-        ).start()
+    """The migration listener: HELLOs are read by the handshake gate (one thread, an
+    overall deadline); a connection gets its worker thread only once its HELLO arrived."""
+
+    def on_hello(conn: socket.socket, addr: Any, hello: dict[str, Any]) -> None:
+        worker = DestinationWorker(daemon, conn, addr, hello)
+        threading.Thread(target=worker.run, name=f"mig-dst-{addr[1]}", daemon=True).start()
+
+    def on_refuse(conn: socket.socket, addr: Any, reason: str) -> None:
+        refuse_connection(daemon, conn, addr, reason)
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    serve_handshakes(listener, lambda: daemon.stopping, on_hello, on_refuse)
+
+
+def refuse_connection(daemon: HostDaemon, conn: socket.socket, addr: Any, reason: str) -> None:
+    """Log a refused migration connection (and record it) and tell the peer why."""
+    msg = f"refused migration connection from {addr[0]}:{addr[1]}: {reason}"
+    log.warning(msg)
+    daemon.store.log("refused", msg)
+    with contextlib.suppress(OSError):
+        conn.setblocking(True)
+        conn.settimeout(1.0)
+        send_frame(conn, "reject", reason=reason)
 
 
 class DestinationWorker:
-    def __init__(self, daemon: HostDaemon, conn: socket.socket, addr: Any) -> None:
+    def __init__(self, daemon: HostDaemon, conn: socket.socket, addr: Any,
+                 hello: dict[str, Any]) -> None:
         self.daemon, self.conn, self.addr = daemon, conn, addr
+        self.hello = hello
         self.session: DestinationSession | None = None
         self.job: Job | None = None
         self.step = "handshake"
@@ -409,11 +428,7 @@ class DestinationWorker:
 
     def _handshake(self) -> dict[str, Any] | None:
         self.conn.settimeout(HELLO_TIMEOUT_S)
-        try:
-            hello = recv_frame(self.conn)
-        except (PeerError, OSError) as exc:
-            self._refuse(f"no valid hello: {exc}")
-            return None
+        hello = self.hello
         inc = self.daemon.claim_token(hello.get("token")) if hello.get("type") == "hello" else None
         if inc is None:
             self._refuse("unknown or expired migration token")
@@ -457,11 +472,7 @@ class DestinationWorker:
         return check
 
     def _refuse(self, reason: str) -> None:
-        msg = f"refused migration connection from {self.addr[0]}:{self.addr[1]}: {reason}"
-        log.warning(msg)
-        self.daemon.store.log("refused", msg)
-        with contextlib.suppress(OSError):
-            send_frame(self.conn, "reject", reason=reason)
+        refuse_connection(self.daemon, self.conn, self.addr, reason)
 
     def _receive(self, hello: dict[str, Any]) -> None:
         assert self.session is not None and self.job is not None
