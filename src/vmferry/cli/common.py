@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from vmferry.host.auth import client_token
 from vmferry.host.client import HostClient
@@ -39,6 +40,12 @@ def client(url: str) -> HostClient:
     """A client for the host at ``url`` presenting the token from ``VMFERRY_TOKEN`` or
     ``--token-file`` (``VMFERRY_TOKEN_FILE``)."""
     return HostClient(url, client_token(_token_file))
+
+
+def esc(value: object) -> str:
+    """Text from a host, a stream or a file, safe to put into rich markup: ``[/x]`` in a
+    VM name or an error message prints as it is, never as (broken) markup."""
+    return escape(str(value))
 
 
 def emit_json(data: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from vmferry.cli.common import JSON_OPTION, console, emit_json, human_bytes
+from vmferry.cli.common import JSON_OPTION, console, emit_json, esc, human_bytes
 from vmferry.errors import StreamDecodeError
 from vmferry.migration.stream.inspect import summarize
 
@@ -40,13 +40,13 @@ def inspect(file: Path, as_json: bool) -> None:
         return
     vm = s.vm
     console.print(
-        f"[bold]{file}[/]: vmferry stream v{s.version[0]}.{s.version[1]}, "
-        f"{human_bytes(s.bytes)}, VM {vm.get('name')} ({vm.get('arch')}, "
-        f"{vm.get('memory_mib')} MiB, {vm.get('vcpus')} vCPUs)"
+        f"[bold]{esc(file)}[/]: vmferry stream v{s.version[0]}.{s.version[1]}, "
+        f"{human_bytes(s.bytes)}, VM {esc(vm.get('name'))} ({esc(vm.get('arch'))}, "
+        f"{esc(vm.get('memory_mib'))} MiB, {esc(vm.get('vcpus'))} vCPUs)"
     )
     table = Table("record", "count")
     for name, count in sorted(s.records.items()):
-        table.add_row(name, str(count))
+        table.add_row(esc(name), str(count))
     console.print(table)
     console.print(
         f"RAM: {s.pages_raw} raw pages ({human_bytes(s.page_bytes)}), "
@@ -54,5 +54,5 @@ def inspect(file: Path, as_json: bool) -> None:
     )
     console.print(
         f"vCPUs: {len(s.vcpus)}; devices: {len(s.devices)}; "
-        f"components: {', '.join(s.components) or 'none'}"
+        f"components: {esc(', '.join(s.components)) or 'none'}"
     )

@@ -10,7 +10,15 @@ from typing import Any
 import click
 from rich.table import Table
 
-from vmferry.cli.common import HOST_OPTION, JSON_OPTION, client, console, emit_json, human_bytes
+from vmferry.cli.common import (
+    HOST_OPTION,
+    JSON_OPTION,
+    client,
+    console,
+    emit_json,
+    esc,
+    human_bytes,
+)
 from vmferry.machine.vm import load_definition
 
 
@@ -25,12 +33,13 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
         return
     d = vm["definition"]
     console.print(
-        f"[bold]{vm['name']}[/]  {vm['runstate']}  arch={d['arch']}  "
-        f"memory={d['memory_mib']} MiB  vcpus={d['vcpus']}"
+        f"[bold]{esc(vm['name'])}[/]  {esc(vm['runstate'])}  arch={esc(d['arch'])}  "
+        f"memory={esc(d['memory_mib'])} MiB  vcpus={esc(d['vcpus'])}"
     )
     if "digests" in vm:
         digests = vm["digests"]
-        console.print(f"  ram digest  {digests['ram']}\n  vcpu digest {digests['vcpu']}")
+        console.print(f"  ram digest  {esc(digests['ram'])}\n  vcpu digest "
+                      f"{esc(digests['vcpu'])}")
 
 
 @command.command("create")
@@ -58,9 +67,9 @@ def list_(host_url: str, as_json: bool) -> None:
     for vm in vms:
         d = vm["definition"]
         table.add_row(
-            vm["name"],
-            vm["runstate"],
-            d["arch"],
+            esc(vm["name"]),
+            esc(vm["runstate"]),
+            esc(d["arch"]),
             human_bytes(d["memory_mib"] * 1024 * 1024),
             str(d["vcpus"]),
         )
@@ -102,7 +111,7 @@ def pause(host_url: str, name: str, as_json: bool) -> None:
 def destroy(host_url: str, name: str, as_json: bool) -> None:
     """Destroy a VM and free its memory."""
     out = client(host_url).delete(f"/v1/vms/{name}")
-    emit_json(out) if as_json else console.print(f"destroyed {name}")
+    emit_json(out) if as_json else console.print(f"destroyed {esc(name)}")
 
 
 @command.command("save")
@@ -117,7 +126,8 @@ def save(host_url: str, name: str, file: str, as_json: bool) -> None:
     if as_json:
         emit_json(out)
     else:
-        console.print(f"saved {name} to {out['path']} ({human_bytes(out['bytes'])})")
+        console.print(f"saved {esc(name)} to {esc(out['path'])} "
+                      f"({human_bytes(out['bytes'])})")
 
 
 @command.command("restore")
@@ -128,7 +138,8 @@ def save(host_url: str, name: str, file: str, as_json: bool) -> None:
 def restore(host_url: str, file: str, start: bool, as_json: bool) -> None:
     """Restore a VM from a stream FILE in the host's images directory."""
     out = client(host_url).post("/v1/restore", {"path": file, "start": start})
-    emit_json(out) if as_json else console.print(f"restored {out['vm']} ({out['runstate']})")
+    emit_json(out) if as_json else console.print(f"restored {esc(out['vm'])} "
+                                                 f"({esc(out['runstate'])})")
 
 
 @command.command("dtb")
