@@ -12,6 +12,7 @@ from vmferry.host.daemon import run_daemon
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
+from vmferry.machine.vfio import PLATFORM_KEY as VFIO_PLATFORM_KEY
 from vmferry.machine.vm import HostContext, read_toml
 
 
@@ -105,10 +106,18 @@ def serve(
     )
 
 
+#: the tables and keys a host platform file may carry
+PLATFORM_KEYS = frozenset({"spapr", PLATFORM_TABLE, "iommu", VFIO_PLATFORM_KEY})
+
+
 def load_platform(path: Path) -> dict[str, Any]:
     """A host platform description from a TOML file; ConfigError if it is unreadable or
     a table it carries is wrong (checked before the daemon starts)."""
     platform = read_toml(path, "platform file")
+    unknown = set(platform) - PLATFORM_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown platform keys {sorted(unknown)}; known: "
+                          f"{sorted(PLATFORM_KEYS)}")
     if "spapr" in platform:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
     if PLATFORM_TABLE in platform:

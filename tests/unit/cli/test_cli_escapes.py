@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from tests.unit.host.apphost import TOKEN, app_host
+
 from vmferry.cli.jobs import summary
 from vmferry.cli.main import cli
 
