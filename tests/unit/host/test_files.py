@@ -148,3 +148,34 @@ def test_destroy_during_save_is_refused(tmp_path: Path) -> None:
         assert err.value.status == 409
         a.daemon.end_save(a.daemon.get_vm("v"))
         assert a.client().get("/v1/vms/v")["runstate"] == "running"
+
+
+def test_issue10_6_blocking_file_work_cannot_take_the_api(tmp_path: Path) -> None:
+    """Saves and restores run on a small pool of their own; beyond its queue the answer
+    is 503 at once, and the rest of the API answers meanwhile."""
+    import asyncio
+    import threading
+
+    from vmferry.host.api import FileWork
+
+    release = threading.Event()
+    work = FileWork(workers=1, queue=1)
+
+    async def scenario() -> list[object]:
+        calls = [asyncio.ensure_future(work.run(release.wait)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as err:
+            await work.run(release.wait)
+        assert err.value.status == 503 and err.value.kind == "Busy"
+        release.set()
+        return list(await asyncio.gather(*calls))
+
+    try:
+        assert asyncio.run(scenario()) == [True, True]
+    finally:
+        work.close()
+    with app_host(tmp_path / "A") as a:
+        os.mkfifo(a.daemon.images.root / "fifo")
+        for _ in range(8):  # FIFOs are refused without blocking a worker
+            assert status_of(a, "/v1/restore", {"path": "fifo"})[0] == 400
+        assert a.client().get("/v1/vms") == []
