@@ -35,7 +35,16 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
     console.print(
         f"[bold]{esc(vm['name'])}[/]  {esc(vm['runstate'])}  arch={esc(d['arch'])}  "
         f"memory={esc(d['memory_mib'])} MiB  vcpus={esc(d['vcpus'])}"
+        + (f"  backend={esc(vm['backend'])}" if "backend" in vm else "")
     )
+    g = vm.get("guest")
+    if g:
+        console.print(
+            f"  guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
+            f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
+            f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
+            + (f"; CRASHED: {esc(g['crashed'])}" if g.get("crashed") else "")
+        )
     if "digests" in vm:
         digests = vm["digests"]
         console.print(f"  ram digest  {esc(digests['ram'])}\n  vcpu digest "

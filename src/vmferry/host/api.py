@@ -210,6 +210,7 @@ def _host_routes(d: HostDaemon, files: FileWork) -> web.RouteTableDef:
                 "migration_address": list(d.migration_address),
                 "vms": len(d.vms),
                 "iommu": describe_iommu(d.context.iommu),
+                "kvm": d.kvm,
                 **host_profile_json(d),
             }
         )

@@ -38,7 +38,10 @@ from vmferry.host.models import VmDefinitionModel, validate
 from vmferry.host.resources import check_fits
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
+from vmferry.host.tls import TlsConfig, logging_server_context
+from vmferry.host.vcpus import VcpuThreads, install_kick_handler
 from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
+from vmferry.machine.x86 import kvm_status
 from vmferry.migration.destination import DestinationSession
 
 log = logging.getLogger("vmferry.host")
@@ -67,6 +70,10 @@ class HostedVm:
             out["vcpus"] = len(self.vm.vcpus)
             out["throttle_pct"] = self.vm.workload.throttle_pct
             out["pages_dirtied"] = self.vm.workload.pages_written
+            out["backend"] = self.vm.backend
+            guest = self.vm.guest_info()
+            if guest is not None:
+                out["guest"] = guest
             # handlers read device and IOMMU state the guest's thread changes
             lock = self.runner.lock if self.runner is not None else contextlib.nullcontext()
             with lock:
@@ -134,13 +141,19 @@ class HostDaemon:
         migration_listen: tuple[str, int] | None = None,
         context: HostContext | None = None,
         token: str | None = None,
+        tls: TlsConfig | None = None,
         images_dir: Path | None = None,
     ) -> None:
         self.name = name
+        #: mutual TLS for the control API, the migration listener and calls to peers
+        self.tls = tls
         #: the cluster's control-API bearer token: required of every request here, and
         #: presented to peers
         self.token = token
-        self.context = with_iommu_probe(context if context is not None else HostContext(name))
+        self.context = with_vcpu_threads(
+            with_iommu_probe(context if context is not None else HostContext(name)))
+        #: whether this host can run x86_64 guests on KVM, and why not
+        self.kvm = kvm_status()
         self.state_dir = state_dir
         self.listen = listen
         self.migration_listen = migration_listen or (listen[0], 0)
@@ -493,6 +506,15 @@ def with_iommu_probe(context: HostContext) -> HostContext:
     return dataclasses.replace(context, iommu=probe_host(arch, context.platform))
 
 
+def with_vcpu_threads(context: HostContext) -> HostContext:
+    """The context with this host's vCPU threads (real guests need them)."""
+    if context.vcpu_threads is not None:
+        return context
+    with contextlib.suppress(HostError):  # not the main thread: a caller installs it
+        install_kick_handler()
+    return dataclasses.replace(context, vcpu_threads=VcpuThreads)
+
+
 def run_daemon(
     name: str,
     state_dir: Path,
@@ -500,6 +522,7 @@ def run_daemon(
     migration_listen: tuple[str, int] | None = None,
     context: HostContext | None = None,
     token_file: Path | None = None,
+    tls: TlsConfig | None = None,
     images_dir: Path | None = None,
 ) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
@@ -520,7 +543,13 @@ def run_daemon(
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, images_dir)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls,
+                        images_dir)
+    for what, address in (("control API", listen), ("migration listener",
+                                                     daemon.migration_listen)):
+        if tls is None and not is_loopback(address[0]):
+            log.warning("%s listens on %s without TLS: guest memory and tokens cross the "
+                        "network in clear (serve with --tls-dir)", what, address[0])
     probe = daemon.context.iommu
     if probe is not None:
         log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,
@@ -535,13 +564,14 @@ def run_daemon(
 
         runner = web.AppRunner(make_app(daemon), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, listen[0], listen[1])
+        site = web.TCPSite(runner, listen[0], listen[1], ssl_context=(
+            logging_server_context(tls, "control API") if tls is not None else None))
         await site.start()
         server = site._server
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
-        daemon.control_url = f"http://{host}:{port}"
+        daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
         daemon.write_ready_file()
         log.info(
             "host %s: control %s, migration %s:%d",

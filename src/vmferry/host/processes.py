@@ -15,6 +15,7 @@ from pathlib import Path
 from vmferry.errors import HostError
 from vmferry.host.auth import TOKEN_FILE_ENV, load_or_create_token
 from vmferry.host.client import HostClient
+from vmferry.host.tls import TlsConfig
 
 
 @dataclass
@@ -27,10 +28,13 @@ class HostProcess:
     token: str = ""
     #: the directory save, restore and stream_file paths are confined to
     images_dir: Path = Path()
+    #: the host's TLS directory when it serves TLS (its certificate is the client's too)
+    tls_dir: Path | None = None
 
     def client(self, timeout: float = 30.0) -> HostClient:
-        """A control-API client for this host, with its token."""
-        return HostClient(self.control_url, self.token, timeout)
+        """A control-API client for this host, with its token (and certificate)."""
+        tls = TlsConfig.load(self.tls_dir).client_context() if self.tls_dir else None
+        return HostClient(self.control_url, self.token, timeout, tls)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -54,6 +58,7 @@ def spawn_host(
     timeout: float = 30.0,
     extra_args: list[str] | None = None,
     token_file: Path | None = None,
+    tls_dir: Path | None = None,
 ) -> HostProcess:
     """Start ``vmferry host serve`` and wait for its ready file.  The host's token file is
     ``token_file``, else ``$VMFERRY_TOKEN_FILE``, else ``token`` beside ``state_dir`` (so
@@ -86,6 +91,7 @@ def spawn_host(
         "--token-file",
         str(token_file),
         *(["--images-dir", str(images_dir)] if images_dir is not None else []),
+        *(["--tls-dir", str(tls_dir)] if tls_dir is not None else []),
         *(extra_args or []),
     ]
     proc = subprocess.Popen(
@@ -96,7 +102,7 @@ def spawn_host(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
-    host = HostProcess(name, state_dir, proc, token=token,
+    host = HostProcess(name, state_dir, proc, token=token, tls_dir=tls_dir,
                        images_dir=images_dir or Path(extra[extra.index("--images-dir") + 1]))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -33,6 +33,7 @@ import json
 import select
 import selectors
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -78,13 +79,17 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
 
 
 def readable(sock: socket.socket) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     r, _, _ = select.select([sock], [], [], 0)
     return bool(r)
 
 
 def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
-    """sendmsg() the buffers completely; returns bytes sent."""
+    """sendmsg() the buffers completely (TLS: one sendall each); returns bytes sent."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg: coalesce small buffers into records
+        return _send_tls(sock, pending)
     total = 0
     while pending:
         sent = sock.sendmsg(pending[:64])
@@ -98,6 +103,27 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
                 pending[0] = head[sent:]
                 sent = 0
     return total
+
+
+#: buffers smaller than this are copied together before they go into a TLS record
+_COALESCE = 16 * 1024
+
+
+def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> int:
+    small = bytearray()
+    for view in views:
+        if view.nbytes < _COALESCE:
+            small += view
+            if len(small) < _COALESCE:
+                continue
+        if small:
+            sock.sendall(small)
+            small = bytearray()
+        if view.nbytes >= _COALESCE:
+            sock.sendall(view)
+    if small:
+        sock.sendall(small)
+    return sum(v.nbytes for v in views)
 
 
 def recv_into_decoder(sock: socket.socket, decoder: StreamDecoder) -> int:
@@ -124,6 +150,8 @@ class _Pending:
     addr: Any
     deadline: float
     buf: bytearray = field(default_factory=bytearray)
+    #: False while a TLS handshake is still under way
+    secure: bool = True
 
 
 def _parse_hello(buf: bytearray) -> dict[str, Any] | str | None:
@@ -153,12 +181,16 @@ def serve_handshakes(
     on_refuse: Callable[[socket.socket, Any, str], None],
     deadline_s: float = HANDSHAKE_DEADLINE_S,
     max_pending: int = MAX_PENDING,
+    tls: ssl.SSLContext | None = None,
+    tls_error: Callable[[BaseException, Any], str] | None = None,
 ) -> None:
     """Accept connections and read their HELLO frames, all in this one thread: a
     connection that has not sent its whole HELLO within ``deadline_s`` (however slowly it
     trickles bytes) or sends a bad one goes to ``on_refuse``; one with a HELLO goes, in
     blocking mode, to ``on_hello``, which owns it from then on.  At most ``max_pending``
-    connections wait at once.  Returns when ``stopping()`` or the listener is closed."""
+    connections wait at once.  With ``tls`` (a server context) the TLS handshake runs here
+    as well, non-blocking and within the same deadline; ``tls_error`` words its failures.
+    Returns when ``stopping()`` or the listener is closed."""
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ, None)
@@ -178,13 +210,25 @@ def serve_handshakes(
                 return
             for key, _ in events:
                 if key.data is None:
-                    if not _accept(listener, sel, pending, deadline_s, max_pending, on_refuse):
+                    if not _accept(listener, sel, pending, deadline_s, max_pending, on_refuse,
+                                   tls):
                         return
                     continue
                 p = key.data
+                if not p.secure:
+                    done = _tls_step(p, sel)
+                    if isinstance(done, BaseException):
+                        drop(p, tls_error(done, p.addr) if tls_error else
+                             f"TLS handshake failed: {done}")
+                    if done is not True:
+                        continue
                 try:
-                    chunk = p.conn.recv(MAX_HELLO + _LEN.size - len(p.buf))
-                except BlockingIOError:
+                    want = MAX_HELLO + _LEN.size - len(p.buf)
+                    chunk = p.conn.recv(want)
+                    while (isinstance(p.conn, ssl.SSLSocket) and p.conn.pending()
+                           and 0 < len(chunk) < want):
+                        chunk += p.conn.recv(want - len(chunk))
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     continue
                 except OSError:
                     chunk = b""
@@ -209,6 +253,25 @@ def serve_handshakes(
         sel.close()
 
 
+def _tls_step(p: _Pending, sel: selectors.BaseSelector) -> bool | BaseException:
+    """Advance a pending connection's TLS handshake: True once done, False to wait for
+    the socket, or the error that ended it."""
+    assert isinstance(p.conn, ssl.SSLSocket)
+    try:
+        p.conn.do_handshake()
+    except ssl.SSLWantReadError:
+        sel.modify(p.conn, selectors.EVENT_READ, p)
+        return False
+    except ssl.SSLWantWriteError:
+        sel.modify(p.conn, selectors.EVENT_READ | selectors.EVENT_WRITE, p)
+        return False
+    except (ssl.SSLError, OSError) as exc:
+        return exc
+    sel.modify(p.conn, selectors.EVENT_READ, p)
+    p.secure = True
+    return True
+
+
 def _accept(
     listener: socket.socket,
     sel: selectors.BaseSelector,
@@ -216,6 +279,7 @@ def _accept(
     deadline_s: float,
     max_pending: int,
     on_refuse: Callable[[socket.socket, Any, str], None],
+    tls: ssl.SSLContext | None = None,
 ) -> bool:
     """Take one new connection into ``pending``; False if the listener is gone."""
     try:
@@ -228,7 +292,13 @@ def _accept(
     if len(pending) >= max_pending:
         on_refuse(conn, addr, f"{max_pending} connections already wait for their hello")
         return True
-    p = _Pending(conn, addr, time.monotonic() + deadline_s)
+    if tls is not None:
+        try:
+            conn = tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError) as exc:
+            on_refuse(conn, addr, f"TLS setup failed: {exc}")
+            return True
+    p = _Pending(conn, addr, time.monotonic() + deadline_s, secure=tls is None)
     pending[conn.fileno()] = p
     sel.register(conn, selectors.EVENT_READ, p)
     return True

@@ -68,7 +68,7 @@ def test_issue10_13_fuzzed_requests_never_500(tmp_path: Path,
     # keep every VM small and every peer unreachable: the fuzzer must not allocate or dial
     monkeypatch.setattr(resources, "memory_available_mib", lambda: 64)
 
-    def no_peer(url: str, body: Any, token: Any) -> Any:
+    def no_peer(*args: Any) -> Any:
         raise ApiError(502, "no peers in this test", "PeerUnreachable", "setup")
 
     monkeypatch.setattr(migration, "_ask_destination", no_peer)
