@@ -7,7 +7,11 @@ A fault is ``PHASE:ACTION``:
   END, before the destination's answer);
 * actions: ``cut`` (close the connection), ``corrupt`` (flip a payload byte after its
   checksum was computed: the destination must refuse the record), ``version`` (announce
-  stream version 2: the destination must refuse the stream; phase ``setup`` only).
+  stream version 2: the destination must refuse the stream; phase ``setup`` only),
+  ``unlogged-write`` (once the first batch of pass 1 is out, store into guest page 0
+  behind the dirty log's back, as a DMA the log never sees: the destination ends up with
+  other RAM than the source and verification must catch it before COMMIT; phase
+  ``active`` only).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from vmferry.migration.stream import format as fmt
 from vmferry.migration.stream.records import Buffer
 
 PHASES = ("setup", "active", "device", "ack")
-ACTIONS = ("cut", "corrupt", "version")
+ACTIONS = ("cut", "corrupt", "version", "unlogged-write")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Fault:
             )
         if action == "version" and phase != "setup":
             raise ConfigError("the version fault applies to the setup phase only")
+        if action == "unlogged-write" and phase != "active":
+            raise ConfigError("the unlogged-write fault applies to the active phase only")
         return cls(phase, action)
 
     def __str__(self) -> str:
@@ -53,6 +59,8 @@ def apply(fault: Fault | None, phase: str, buffers: list[Buffer]) -> list[Buffer
         return buffers
     if fault.action == "cut":
         raise CutConnection(f"injected fault {fault}")
+    if fault.action == "unlogged-write":  # the sender does it (it needs the guest)
+        return buffers
     out = list(buffers)
     if fault.action == "version":
         head = bytearray(out[0])

@@ -138,6 +138,7 @@ class SourceWorker:
         self.params, self.fault, self.incoming = params, fault, incoming
         self.prev_state = prev_state
         self.committed = False
+        self.verification: dict[str, Any] = {"requested": params.verify}
         assert hosted.vm is not None and hosted.runner is not None
         self.runner: VmRunner = hosted.runner
         self.session = SourceSession(hosted.vm, params, MonotonicClock(), guest=self.runner)
@@ -177,6 +178,14 @@ class SourceWorker:
             warnings = self.session.preflight(self.incoming.get("capabilities"))
         for w in warnings:
             log.warning("job %s pre-flight: %s", self.job.id, w)
+
+    def _unlogged_write(self) -> None:
+        """Fault ``active:unlogged-write``: change page 0 without a dirty mark, once."""
+        assert self.hosted.vm is not None
+        with self.runner.lock:
+            ram = self.hosted.vm.ram
+            ram.device_write(0, bytes(b ^ 0xFF for b in ram.read(0, 64)))
+        self.fault = None
 
     def _abort_incoming(self, reason: str) -> None:
         """Tell the destination to forget the token it handed out."""
@@ -228,6 +237,10 @@ class SourceWorker:
             send_buffers(sock, wire)
             if self.tee is not None:
                 self.tee.writelines(wire)
+            if phase == "active" and self.fault is not None and self.fault.action == (
+                "unlogged-write"
+            ):
+                self._unlogged_write()
             self._publish()
             bufs = self.session.next_buffers()
             self.job.status = self.session.status.value
@@ -248,6 +261,16 @@ class SourceWorker:
                 str(reply.get("step", "destination load")),
             )
         ack = reply.get("ack", {})
+        # Verification guards the point of no return: the destination's digests came
+        # with LOADED and are compared here, before COMMIT.  On a mismatch the source
+        # sends ABORT (the destination discards its VM) and fails: its guest resumes.
+        self.verification = self.session.verification(ack)
+        if self.verification["requested"] and not self.verification["verified"]:
+            reason = (f"verification failed before commit: destination state differs in "
+                      f"{self.verification['differ'] or 'its digests (none sent)'}")
+            with contextlib.suppress(OSError):
+                send_frame(sock, "abort", reason=reason)
+            raise MigrationError(reason, "verification")
         self.committed = True
         send_frame(sock, "commit")
         try:
@@ -261,18 +284,19 @@ class SourceWorker:
         if resumed["type"] != "resumed":
             raise PeerError(f"destination failed after commit: {resumed}", "commit")
         stats = self.session.complete(ack)
-        verification = self._verify(ack)
+        verification = self.verification
         post_load = resumed.get("post_load", {})
         self.job.stats = {**stats.to_json(), "verification": verification,
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
-        self.job.status = "completed"
         if not self.job.stats["destination_ok"]:
             log.warning("job %s: post-load work failed on the destination: %s", self.job.id,
                         sorted(k for k, r in post_load.items() if not r.get("ok", True)))
         self.hosted.runstate = "migrated"
-        self.hosted.release()
         self.daemon.store.set_runstate(self.hosted.name, "migrated")
+        self.hosted.release()
+        # "completed" only once the husk is released: a destroy may follow at once
+        self.job.status = "completed"
         self.daemon.save_job(self.job)
         log.info(
             "job %s: %s migrated, downtime %.1f ms",
@@ -280,20 +304,6 @@ class SourceWorker:
             self.hosted.name,
             stats.downtime.total_ms,
         )
-
-    def _verify(self, ack: dict[str, Any]) -> dict[str, Any]:
-        if not self.params.verify:
-            return {"requested": False}
-        src = self.session.switchover_digests()
-        dst = ack.get("digests", {})
-        return {
-            "requested": True,
-            "source": src,
-            "destination": dst,
-            "ram_equal": src.get("ram") == dst.get("ram"),
-            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
-            "verified": bool(dst) and src == dst,
-        }
 
     def _peer_reason(self, sock: socket.socket | None) -> str | None:
         """If the destination explained itself before closing, its words."""
@@ -327,7 +337,7 @@ class SourceWorker:
             log.error("job %s failed after commit: %s", self.job.id, reason)
             return
         stats = self.session.fail(step, reason, cancelled=cancelled)
-        self.job.stats = stats.to_json()
+        self.job.stats = {**stats.to_json(), "verification": self.verification}
         self.job.status = stats.status.value
         self.job.error, self.job.step = reason, step
         self.hosted.runstate = self.prev_state
@@ -440,6 +450,8 @@ class DestinationWorker:
         send_frame(self.conn, "loaded", ack=ack)
         self.step = "awaiting commit"
         commit = recv_frame(self.conn)
+        if commit["type"] == "abort":  # the source found our state differs from its own
+            raise MigrationError(f"source aborted: {commit.get('reason', '')}", self.step)
         if commit["type"] != "commit":
             raise PeerError(f"expected commit, got {commit['type']}", self.step)
         self.step = "resume"

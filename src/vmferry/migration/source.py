@@ -198,6 +198,7 @@ class SourceSession:
         self._bounce = np.empty(BATCH_BYTES + MAX_RUN_BYTES, dtype=np.uint8)
         self._bounce_used = 0
         self.source_digests: dict[str, str] = {}
+        self.source_digest_ms = 0.0
 
     # --- driving ---------------------------------------------------------------------
 
@@ -468,10 +469,36 @@ class SourceSession:
     # --- the end ---------------------------------------------------------------------
 
     def switchover_digests(self) -> dict[str, str]:
-        """Digests of RAM and vCPUs as sent (the guest is paused from switchover on)."""
+        """Digests of RAM and vCPUs as sent (the guest is paused from switchover on).
+        Taken once, right after END, while the destination loads."""
         if not self.source_digests:
+            t0 = self.clock.monotonic()
             self.source_digests = state_digests(self.vm)
+            self.source_digest_ms = (self.clock.monotonic() - t0) * 1e3
         return self.source_digests
+
+    def verification(self, ack: Mapping[str, Any]) -> dict[str, Any]:
+        """Compare the destination's digests (sent with LOADED, before COMMIT) with the
+        source's.  The caller must not commit unless ``verified`` is true: a mismatch
+        fails the migration and the source resumes (:meth:`fail`).  Without ``verify``
+        in the parameters: ``{"requested": False}``."""
+        if not self.params.verify:
+            return {"requested": False}
+        t0 = self.clock.monotonic()
+        src = self.switchover_digests()
+        dst = ack.get("digests", {})
+        dst = dict(dst) if isinstance(dst, Mapping) else {}
+        report: dict[str, Any] = {
+            "requested": True,
+            "source": src,
+            "destination": dst,
+            "ram_equal": src.get("ram") == dst.get("ram"),
+            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
+            "differ": sorted(k for k in set(src) | set(dst) if src.get(k) != dst.get(k)),
+            "verified": bool(dst) and src == dst,
+            "compare_ms": (self.clock.monotonic() - t0) * 1e3,
+        }
+        return report
 
     def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
         """The destination resumed: close the books.  The source VM stays paused."""
