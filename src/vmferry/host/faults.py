@@ -4,7 +4,8 @@ A fault is ``PHASE:ACTION``:
 
 * phases: ``setup`` (after the handshake, before the stream), ``active`` (after the first
   batch of pass 1), ``device`` (after the first batch with vCPUs paused), ``ack`` (after
-  END, before the destination's answer);
+  END, before the destination's answer), ``commit`` (the COMMIT frame: ``corrupt`` sends
+  it damaged, ``cut`` closes the connection right after it, so RESUMED never arrives);
 * actions: ``cut`` (close the connection), ``corrupt`` (flip a payload byte after its
   checksum was computed: the destination must refuse the record), ``version`` (announce
   stream version 2: the destination must refuse the stream; phase ``setup`` only),
@@ -22,7 +23,7 @@ from vmferry.errors import ConfigError
 from vmferry.migration.stream import format as fmt
 from vmferry.migration.stream.records import Buffer
 
-PHASES = ("setup", "active", "device", "ack")
+PHASES = ("setup", "active", "device", "ack", "commit")
 ACTIONS = ("cut", "corrupt", "version", "unlogged-write")
 
 
@@ -41,6 +42,8 @@ class Fault:
             )
         if action == "version" and phase != "setup":
             raise ConfigError("the version fault applies to the setup phase only")
+        if phase == "commit" and action not in ("corrupt", "cut"):
+            raise ConfigError("the commit phase takes the corrupt or cut fault")
         if action == "unlogged-write" and phase != "active":
             raise ConfigError("the unlogged-write fault applies to the active phase only")
         return cls(phase, action)

@@ -206,6 +206,11 @@ class SourceSession:
     def status(self) -> Status:
         return self.stats.status
 
+    @property
+    def guest_paused(self) -> bool:
+        """Whether this session paused the guest (it is in downtime until COMMIT)."""
+        return self._paused_by_us
+
     def preflight(self, destination: Mapping[str, Any] | None) -> list[str]:
         """Ask every handler before anything moves (``destination``: the destination's
         capabilities per handler).  Raises MigrationRefused; returns warnings."""
