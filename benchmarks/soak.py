@@ -94,7 +94,7 @@ def migrate_once(side: Side) -> tuple[Side, dict[str, Any]]:
     src.switchover_digests()
     ack = dst.finish(start=False)  # LOADED
     report = src.verification(ack)
-    if not report["verified"]:
+    if not report["commit_allowed"]:
         dst.abort()
         src.fail("verification", f"digests differ in {report['differ']}")
         return side, {"ok": False, "differ": report["differ"]}

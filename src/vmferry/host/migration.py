@@ -375,9 +375,9 @@ class SourceWorker:
         # with LOADED and are compared here, before COMMIT.  On a mismatch the source
         # sends ABORT (the destination discards its VM) and fails: its guest resumes.
         self.verification = self.session.verification(ack)
-        if self.verification["requested"] and not self.verification["verified"]:
+        if self.verification["requested"] and not self.verification["commit_allowed"]:
             reason = (f"verification failed before commit: destination state differs in "
-                      f"{self.verification['differ'] or 'its digests (none sent)'}")
+                      f"{self.verification['blocking'] or 'its digests (none sent)'}")
             with contextlib.suppress(OSError):
                 send_frame(sock, "abort", reason=reason)
             raise MigrationError(reason, "verification")

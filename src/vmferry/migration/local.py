@@ -60,8 +60,8 @@ def migrate_locally(
     source.switchover_digests()
     ack = destination.finish(start=False)  # LOADED
     report = source.verification(ack)
-    if report["requested"] and not report["verified"]:
-        reason = f"destination state differs from the source's in {report['differ']}"
+    if report["requested"] and not report["commit_allowed"]:
+        reason = f"destination state differs from the source's in {report['blocking']}"
         destination.abort()
         source.fail("verification", reason)
         raise MigrationError(reason, "verification")

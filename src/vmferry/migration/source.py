@@ -484,9 +484,14 @@ class SourceSession:
 
     def verification(self, ack: Mapping[str, Any]) -> dict[str, Any]:
         """Compare the destination's digests (sent with LOADED, before COMMIT) with the
-        source's.  The caller must not commit unless ``verified`` is true: a mismatch
-        fails the migration and the source resumes (:meth:`fail`).  Without ``verify``
-        in the parameters: ``{"requested": False}``."""
+        source's.  The caller must not commit unless ``commit_allowed``: a mismatch that
+        ``blocking`` lists fails the migration and the source resumes (:meth:`fail`).
+
+        RAM and vCPU digests always block.  A handler's digest blocks too unless the
+        pre-flight warned that the destination will change that kind of state (a TCE
+        entry it cannot back, a degraded firmware register): the difference is then the
+        announced one and is reported (``differ``, ``verified`` false) without blocking.
+        Without ``verify`` in the parameters: ``{"requested": False}``."""
         if not self.params.verify:
             return {"requested": False}
         t0 = self.clock.monotonic()
@@ -503,6 +508,10 @@ class SourceSession:
             "verified": bool(dst) and src == dst,
             "compare_ms": (self.clock.monotonic() - t0) * 1e3,
         }
+        announced = bool(self.stats.warnings)
+        report["blocking"] = [k for k in report["differ"]
+                              if k in ("ram", "vcpu") or not announced]
+        report["commit_allowed"] = bool(dst) and not report["blocking"]
         return report
 
     def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
