@@ -129,12 +129,11 @@ def soak_local(migrations: int, memory_mib: int, rate: float) -> list[dict[str, 
 
 
 def soak_daemons(migrations: int, memory_mib: int, rate: float) -> list[dict[str, Any]]:
-    from vmferry.host.client import HostClient
     from vmferry.host.processes import spawn_host
 
     root = Path(tempfile.mkdtemp(prefix="vmferry-soak-"))
     procs = [spawn_host("A", root / "A"), spawn_host("B", root / "B")]
-    clients = [HostClient(p.control_url) for p in procs]
+    clients = [p.client() for p in procs]
     where = dict.fromkeys(PATTERNS, 0)
     rows: list[dict[str, Any]] = []
     try:

@@ -39,7 +39,7 @@ def _wait(client: HostClient, job_id: str) -> dict[str, Any]:
 def measure(sizes: list[int], runs: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="vmferry-verify-"))
     procs = [spawn_host("A", root / "A"), spawn_host("B", root / "B")]
-    clients = [HostClient(p.control_url, timeout=120) for p in procs]
+    clients = [p.client() for p in procs]
     out: dict[str, Any] = {}
     try:
         for mib in sizes:

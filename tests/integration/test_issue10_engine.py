@@ -165,7 +165,6 @@ def test_issue10_3_and_8_restarts_never_run_a_vm_twice_or_blank(tmp_path: Any) -
     ``memory_lost``, not running with blank RAM.  Why 3: the source daemon dies right
     after COMMIT; on restart it asks the destination through the job's persisted state
     instead of booting a second copy, and if nobody can tell, it waits for the operator."""
-    from vmferry.host.client import HostClient
     from vmferry.host.processes import spawn_host
 
     a = spawn_host("A", tmp_path / "A")
@@ -180,12 +179,12 @@ def test_issue10_3_and_8_restarts_never_run_a_vm_twice_or_blank(tmp_path: Any) -
         a.kill()
         _mark_crashed_after_commit(tmp_path / "A", "v-crash", job["id"])
         a = spawn_host("A", tmp_path / "A")
-        ca = HostClient(a.control_url)
+        ca = a.client()
         assert ca.get("/v1/vms/v-crash")["runstate"] == "migrated"
         assert ca.get(f"/v1/jobs/{job['id']}")["status"] == "completed"
         b.stop()
         b = spawn_host("B", tmp_path / "B")
-        vm = HostClient(b.control_url).get("/v1/vms/v-arrived")
+        vm = b.client().get("/v1/vms/v-arrived")
         assert vm["runstate"] == "paused" and vm["memory_lost"], vm  # not running, blank
         assert "did not survive" in vm["note"]
         # and with the destination gone, the VM waits for the operator, not booted
@@ -193,7 +192,7 @@ def test_issue10_3_and_8_restarts_never_run_a_vm_twice_or_blank(tmp_path: Any) -
         a.kill()
         _mark_crashed_after_commit(tmp_path / "A", "v-crash", job["id"])
         a = spawn_host("A", tmp_path / "A", timeout=60)
-        vm = HostClient(a.control_url).get("/v1/vms/v-crash")
+        vm = a.client().get("/v1/vms/v-crash")
         assert vm["runstate"] == "needs-attention" and "vm destroy" in vm["note"], vm
     finally:
         a.stop()

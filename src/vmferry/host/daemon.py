@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
+from vmferry.host.auth import is_loopback, load_or_create_token
 from vmferry.host.iommu import probe_host
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
@@ -156,8 +157,12 @@ class HostDaemon:
         listen: tuple[str, int] = ("127.0.0.1", 0),
         migration_listen: tuple[str, int] | None = None,
         context: HostContext | None = None,
+        token: str | None = None,
     ) -> None:
         self.name = name
+        #: the cluster's control-API bearer token: required of every request here, and
+        #: presented to peers
+        self.token = token
         self.context = with_iommu_probe(context if context is not None else HostContext(name))
         self.state_dir = state_dir
         self.listen = listen
@@ -233,7 +238,7 @@ class HostDaemon:
             self._rebuild_lost(hosted, "a migration was under way before COMMIT; ")
             return
         outcome = ask_destination_outcome(job.peer, job.progress.get("peer_job"), hosted.name,
-                                          wait_s=RECOVER_ASK_S)
+                                          self.token, wait_s=RECOVER_ASK_S)
         if outcome == "resumed":
             hosted.runstate, hosted.note = "migrated", f"runs on {job.peer} (job {job.id})"
             job.status, job.error = "completed", ""
@@ -474,6 +479,12 @@ class HostDaemon:
             self.store.set_runstate(name, "migrating")
         return start_source_job(self, hosted, job, prev_state)
 
+    def forget_job(self, job: Job) -> None:
+        """A job refused before anything moved leaves nothing behind."""
+        with self.lock:
+            self.jobs.pop(job.id, None)
+        self.store.delete_job(job.id)
+
     def end_source_job(self, hosted: HostedVm, runstate: str, note: str = "") -> None:
         """A source job let go of its VM: record the runstate it leaves the VM in."""
         with self.lock:
@@ -550,19 +561,27 @@ def run_daemon(
     listen: tuple[str, int],
     migration_listen: tuple[str, int] | None = None,
     context: HostContext | None = None,
+    token_file: Path | None = None,
 ) -> None:
-    """Run a host in the foreground until SIGINT/SIGTERM."""
+    """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
+    token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
+    for a loopback address: a host others can reach shares an explicit token file with its
+    cluster)."""
     from vmferry.host.api import make_app
 
+    if token_file is None and not is_loopback(listen[0]):
+        raise ConfigError(
+            f"the control API would listen on {listen[0]}, beyond this machine: "
+            "give the cluster's --token-file"
+        )
     state_dir.mkdir(parents=True, exist_ok=True)
+    token = load_or_create_token(token_file or state_dir / "token")
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    if listen[0] not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("control API listens on %s: it is reachable beyond this machine", listen[0])
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token)
     probe = daemon.context.iommu
     if probe is not None:
         log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,

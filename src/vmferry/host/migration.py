@@ -94,16 +94,25 @@ def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
 # --- source ------------------------------------------------------------------------------
 
 
-def _ask_destination(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POST /v1/incoming on the destination: its one-time token and capabilities."""
+def _ask_destination(url: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+    """POST /v1/incoming on the destination (with the cluster's token): its one-time token
+    and capabilities.  ApiError 502 if it cannot be reached or answers nonsense; its own
+    refusal (a name it holds: 409) keeps the destination's status."""
     try:
-        reply = HostClient(url, timeout=30.0).post("/v1/incoming", body)
-    except ApiError:
-        raise
+        reply = HostClient(url, token, timeout=30.0).post("/v1/incoming", body)
+    except ApiError as exc:
+        if exc.status == 401:
+            raise ApiError(502, f"destination {url} refused this host's token: the hosts "
+                                "do not share a --token-file", "PeerUnauthorized",
+                           "setup") from exc
+        raise ApiError(exc.status, f"destination {url}: {exc.message}", exc.kind,
+                       exc.step or "setup") from exc
     except HostError as exc:
-        raise PeerError(f"destination control API unreachable: {exc}", "setup") from exc
-    if not isinstance(reply, dict):
-        raise PeerError("destination answered /v1/incoming with no object", "setup")
+        raise ApiError(502, f"destination control API unreachable: {exc}", "PeerUnreachable",
+                       "setup") from exc
+    if not isinstance(reply, dict) or not isinstance(reply.get("token"), str):
+        raise ApiError(502, "destination answered /v1/incoming without a token",
+                       "PeerError", "setup")
     return reply
 
 
@@ -120,7 +129,8 @@ def stall_bound_s(params: MigrationParams, ram_bytes: int, *, loading: bool = Fa
 
 
 def ask_destination_outcome(
-    peer: str, peer_job: object, vm_name: str, wait_s: float = SETTLE_S
+    peer: str, peer_job: object, vm_name: str, token: str | None = None,
+    wait_s: float = SETTLE_S,
 ) -> str:
     """After COMMIT went out and RESUMED did not come back: ask the destination's control
     API (its job is persisted at every step) whether it resumed the VM.  ``"resumed"``
@@ -129,7 +139,7 @@ def ask_destination_outcome(
     of why it cannot tell -- after retrying for ``wait_s`` seconds."""
     if not isinstance(peer_job, str):
         return "no destination job is on record"
-    client = HostClient(peer, timeout=2.0)
+    client = HostClient(peer, token, timeout=2.0)
     end = time.monotonic() + wait_s
     why = "no answer"
     while True:
@@ -155,8 +165,10 @@ def start_source_job(
     daemon: HostDaemon, hosted: HostedVm, job: Job, prev_state: str
 ) -> Job:
     """Start the source side of ``job``; the daemon has already marked the VM
-    ``migrating`` (one step with the check).  If anything fails before the worker runs,
-    the job fails, the VM is given back in ``prev_state`` and the error propagates."""
+    ``migrating`` (one step with the check, so a second request meanwhile gets 409 naming
+    this job).  If anything fails before the worker runs (the destination refuses or
+    cannot be reached), the job is forgotten, the VM is given back in ``prev_state`` and
+    the error propagates: a refused request leaves nothing behind."""
     try:
         params, fault = parse_params(job.params)
         assert hosted.vm is not None and hosted.runner is not None
@@ -168,14 +180,13 @@ def start_source_job(
                 "verify": params.verify,
                 "peer": daemon.control_url,
             },
+            daemon.token,
         )
         job.progress["peer_job"] = incoming.get("job")
         daemon.save_job(job)
         worker = SourceWorker(daemon, hosted, job, params, fault, incoming, prev_state)
-    except Exception as exc:
-        job.status, job.step = "failed", "setup"
-        job.error = exc.reason if isinstance(exc, MigrationError) else str(exc)
-        daemon.save_job(job)
+    except Exception:
+        daemon.forget_job(job)
         daemon.end_source_job(hosted, prev_state)
         raise
     job.thread = threading.Thread(target=worker.run, name=f"mig-src-{job.id}", daemon=True)
@@ -437,7 +448,8 @@ class SourceWorker:
             outcome = "not-resumed"
         else:
             outcome = ask_destination_outcome(
-                self.job.peer, self.job.progress.get("peer_job"), self.hosted.name
+                self.job.peer, self.job.progress.get("peer_job"), self.hosted.name,
+                self.daemon.token,
             )
         if outcome == "resumed":
             self._completed(ack, {}, f"{reason}; the destination confirmed it runs the VM")

@@ -156,6 +156,9 @@ class Store:
             ),
         )
 
+    def delete_job(self, job_id: str) -> None:
+        self._run("DELETE FROM jobs WHERE id=?", (job_id,))
+
     def jobs(self, job_id: str | None = None) -> list[JobRow]:
         sql = ("SELECT id, vm, role, peer, status, params, stats, error, step, created, "
                "updated, progress FROM jobs")
