@@ -81,32 +81,39 @@ def read_stream(data: Any, *, payloads: bool = True) -> QemuStream:
     return stream
 
 
+#: QEMU's descriptions are tens to hundreds of KiB; refuse to parse more than this
+MAX_DESCRIPTION = 64 << 20
+_SCAN_CHUNK = 1 << 20
+
+
 def find_description(buf: memoryview) -> tuple[dict[str, Any], int] | None:
     """The JSON VM description at the end of ``buf`` and the offset of its 0x06 byte.
 
     JSON text holds no raw 0x06 byte, so the marker is among the last five 0x06 bytes
-    (the other four could sit in the length field); None when there is none.
+    (the other four could sit in the length field); None when there is none.  The scan
+    goes backwards 1 MiB at a time and stops after five hits or MAX_DESCRIPTION bytes.
     """
     size = len(buf)
     if size < 6 or buf[size - 1] != ord("}"):
         return None
-    window = 1 << 16
-    while True:
-        lo = max(0, size - window)
-        tail = bytes(buf[lo:])
-        hits: list[int] = []
-        at = len(tail)
+    hits: list[int] = []
+    hi = size
+    while hi > 0 and len(hits) < 5 and size - hi <= MAX_DESCRIPTION + 5:
+        lo = max(0, hi - _SCAN_CHUNK)
+        chunk = bytes(buf[lo:hi])
+        at = len(chunk)
         while len(hits) < 5:
-            at = tail.rfind(b"\x06", 0, at)
+            at = chunk.rfind(b"\x06", 0, at)
             if at < 0:
                 break
             hits.append(lo + at)
-        if len(hits) == 5 or lo == 0:
-            break
-        window *= 4
+        hi = lo
     for q in hits:
         if q + 5 < size and U32.unpack_from(buf, q + 1)[0] == size - q - 5 \
                 and buf[q + 5] == ord("{"):
+            if size - q - 5 > MAX_DESCRIPTION:
+                raise OversizedRecord(f"QEMU stream: VM description of {size - q - 5} bytes, "
+                                      f"at most {MAX_DESCRIPTION} expected", q)
             try:
                 desc = json.loads(bytes(buf[q + 5:]))
             except (ValueError, RecursionError) as exc:
