@@ -105,6 +105,14 @@ def inspect(file: Path, as_json: bool) -> None:
         f"vCPUs: {len(v.vcpus)}; devices: {len(v.devices)}; "
         f"components: {', '.join(v.components) or 'none'}"
     )
+    for x in v.x86_vcpus:
+        console.print(
+            f"x86 vCPU {x['vcpu']} (KVM state): rip {x['rip']}, rflags {x['rflags']}, "
+            f"{x['msrs']} MSRs, XSAVE {x['xsave_bytes']} bytes, "
+            f"{x['cpuid_entries']} CPUID entries"
+        )
+    if v.kvm_clock_ns is not None:
+        console.print(f"KVM clock: {v.kvm_clock_ns} ns")
 
 
 def _print_qemu(file: Path, s: QemuStream) -> None:

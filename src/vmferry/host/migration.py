@@ -34,6 +34,7 @@ from vmferry.host.transport import (
     send_buffers,
     send_frame,
 )
+from vmferry.host.vcpus import Populator
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -424,6 +425,7 @@ class SourceWorker:
     def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str) -> None:
         stats = self.session.complete(ack)
         self.job.stats = {**stats.to_json(), "verification": self.verification,
+                          "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
         if not self.job.stats["destination_ok"]:
@@ -527,6 +529,7 @@ class DestinationWorker:
         self.session: DestinationSession | None = None
         self.job: Job | None = None
         self.step = "handshake"
+        self.populator: Populator | None = None
 
     def run(self) -> None:
         try:
@@ -543,6 +546,8 @@ class DestinationWorker:
             log.exception("incoming migration from %s", self.addr)
             self._fail(describe_failure(exc))
         finally:
+            if self.populator is not None:
+                self.populator.stop()
             with contextlib.suppress(OSError):
                 self.conn.close()
 
@@ -568,13 +573,19 @@ class DestinationWorker:
             return None
         self.session = DestinationSession(
             MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
-            factory=self.daemon.build_vm,
+            factory=self._build_staging,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status, self.job.step = "active", "receiving stream"
         self.daemon.save_job(self.job)
         return hello
+
+    def _build_staging(self, definition: Any) -> Any:
+        """The staging VM, its RAM faulted in from a thread while the stream arrives."""
+        vm = self.daemon.build_vm(definition)
+        self.populator = Populator(vm.ram)
+        return vm
 
     @staticmethod
     def _check_name(expected: str) -> Any:
@@ -608,6 +619,8 @@ class DestinationWorker:
                 self.session.receive(rec)
                 self.step = f"receiving stream (pass {self.session.passes + 1})"
         self.step = "load"
+        if self.populator is not None:
+            self.populator.stop()
         vm = self.session.vm
         assert vm is not None
         ack = self.session.finish(start=False)
@@ -638,6 +651,8 @@ class DestinationWorker:
                        post_load=post_load)
 
     def _fail(self, reason: str) -> None:
+        if self.populator is not None:
+            self.populator.stop()
         if self.job is not None and self.job.status == "completed":
             log.warning("incoming VM %s: %s (after it resumed here)", self.job.vm, reason)
             return

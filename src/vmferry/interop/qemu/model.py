@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmferry.hw.devtree import DeviceTree
+from vmferry.hw.kvm import regs as R
 from vmferry.hw.spapr.persist import WindowState
 from vmferry.machine.arm64 import CpregList
 
@@ -152,15 +153,11 @@ class CpuRegisters:
 
     def firmware(self) -> list[tuple[int, int, int]]:
         """(position in the list, register id, value) of each KVM firmware register."""
-        from vmferry.hw.kvm import regs as R
-
         return [(i, rid, v) for i, (rid, v) in enumerate(zip(self.cpregs.ids,
                                                              self.cpregs.values, strict=True))
                 if R.is_firmware(rid)]
 
     def to_json(self) -> dict[str, Any]:
-        from vmferry.hw.kvm import regs as R
-
         fw = self.firmware()
         return {"section": self.section, "instance_id": self.instance_id,
                 "count": len(self.cpregs.ids),
