@@ -172,6 +172,11 @@ def test_demo_json_and_stream_inspect(tmp_path: Path) -> None:
     report = json.loads(out.stdout)
     assert report["status"] == "completed" and report["verified"] is True
     assert report["iterations"] >= 1 and report["downtime_ms"] > 0
+    if report["backend"] == "kvm":  # issue 11 item 7: a real guest moved and ran on
+        g = report["guest_progress"]
+        assert g["continued"] and g["after_resume"] > g["before_stop"] > 0
+    else:
+        assert "KVM not usable here" in report["backend_note"]
     assert set(report["ram"]) >= {"transferred", "total", "duplicate", "normal"}
     assert report["ram"]["transferred"] == stream.stat().st_size
     drivers = {d["driver"] for d in report["devices"].values()}

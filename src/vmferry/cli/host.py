@@ -9,6 +9,7 @@ import click
 
 from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
+from vmferry.host.tls import TlsConfig, make_certs
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
@@ -76,6 +77,14 @@ def command() -> None:
     "<state-dir>/token, only for a loopback --listen); hosts that migrate to each other "
     "share it",
 )
+@click.option(
+    "--tls-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="serve the control API and the migration listener over mutual TLS with the "
+    "certificate in this directory (from 'vmferry host certs'); peers need one of the "
+    "same CA",
+)
 def serve(
     name: str,
     listen: str,
@@ -85,9 +94,12 @@ def serve(
     mitigation: str | None,
     platform_file: Path | None,
     token_file: Path | None,
+    tls_dir: Path | None,
 ) -> None:
-    """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
+    """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP), both over
+    mutual TLS with --tls-dir."""
     platform = load_platform(platform_file) if platform_file is not None else {}
+    tls = TlsConfig.load(tls_dir) if tls_dir is not None else None
     run_daemon(
         name,
         state_dir,
@@ -95,7 +107,20 @@ def serve(
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
         token_file,
+        tls,
     )
+
+
+@command.command("certs")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="directory for the CA and one sub-directory per host")
+@click.option("--hosts", required=True, metavar="A,B,...", help="host names, comma-separated")
+def certs(out: Path, hosts: str) -> None:
+    """Create a cluster CA and a certificate per host (for host serve --tls-dir OUT/HOST)."""
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    for d in make_certs(out, names):
+        click.echo(f"{d.name}: --tls-dir {d}")
+    click.echo(f"CA key: {out / 'ca.key'} (keep it offline; the hosts do not need it)")
 
 
 def load_platform(path: Path) -> dict[str, Any]:

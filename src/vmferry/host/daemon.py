@@ -47,6 +47,7 @@ from vmferry.host.auth import is_loopback, load_or_create_token
 from vmferry.host.iommu import probe_host
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
+from vmferry.host.tls import TlsConfig, logging_server_context
 from vmferry.host.vcpus import VcpuThreads, install_kick_handler
 from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
 from vmferry.machine.x86 import kvm_status
@@ -164,8 +165,11 @@ class HostDaemon:
         migration_listen: tuple[str, int] | None = None,
         context: HostContext | None = None,
         token: str | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.name = name
+        #: mutual TLS for the control API, the migration listener and calls to peers
+        self.tls = tls
         #: the cluster's control-API bearer token: required of every request here, and
         #: presented to peers
         self.token = token
@@ -247,7 +251,7 @@ class HostDaemon:
             self._rebuild_lost(hosted, "a migration was under way before COMMIT; ")
             return
         outcome = ask_destination_outcome(job.peer, job.progress.get("peer_job"), hosted.name,
-                                          self.token, wait_s=RECOVER_ASK_S)
+                                          self.token, wait_s=RECOVER_ASK_S, tls=self.tls)
         if outcome == "resumed":
             hosted.runstate, hosted.note = "migrated", f"runs on {job.peer} (job {job.id})"
             job.status, job.error = "completed", ""
@@ -580,6 +584,7 @@ def run_daemon(
     migration_listen: tuple[str, int] | None = None,
     context: HostContext | None = None,
     token_file: Path | None = None,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
     token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
@@ -599,7 +604,12 @@ def run_daemon(
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls)
+    for what, address in (("control API", listen), ("migration listener",
+                                                     daemon.migration_listen)):
+        if tls is None and not is_loopback(address[0]):
+            log.warning("%s listens on %s without TLS: guest memory and tokens cross the "
+                        "network in clear (serve with --tls-dir)", what, address[0])
     probe = daemon.context.iommu
     if probe is not None:
         log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,
@@ -614,13 +624,14 @@ def run_daemon(
 
         runner = web.AppRunner(make_app(daemon), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, listen[0], listen[1])
+        site = web.TCPSite(runner, listen[0], listen[1], ssl_context=(
+            logging_server_context(tls, "control API") if tls is not None else None))
         await site.start()
         server = site._server
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
-        daemon.control_url = f"http://{host}:{port}"
+        daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
         daemon.write_ready_file()
         log.info(
             "host %s: control %s, migration %s:%d",

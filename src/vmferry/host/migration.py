@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -27,6 +28,7 @@ from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.runner import VmRunner
+from vmferry.host.tls import TlsConfig, explain
 from vmferry.host.transport import (
     readable,
     recv_frame,
@@ -95,12 +97,27 @@ def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
 # --- source ------------------------------------------------------------------------------
 
 
-def _ask_destination(url: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+def _check_peer_tls(tls: TlsConfig | None, url: str) -> None:
+    """A TLS host talks only to TLS peers; a plaintext host cannot talk to a TLS one."""
+    if tls is not None and not url.startswith("https://"):
+        raise ApiError(502, f"this host serves TLS and refuses the plaintext destination "
+                            f"{url} (give its https:// URL; it must serve with --tls-dir)",
+                       "PeerNotTls", "setup")  # fmt: skip
+    if tls is None and url.startswith("https://"):
+        raise ApiError(502, f"destination {url} serves TLS and this host has no certificate "
+                            "of its cluster (serve this host with --tls-dir)", "PeerTls",
+                       "setup")  # fmt: skip
+
+
+def _ask_destination(url: str, body: dict[str, Any], token: str | None,
+                     tls: TlsConfig | None = None) -> dict[str, Any]:  # fmt: skip
     """POST /v1/incoming on the destination (with the cluster's token): its one-time token
     and capabilities.  ApiError 502 if it cannot be reached or answers nonsense; its own
     refusal (a name it holds: 409) keeps the destination's status."""
     try:
-        reply = HostClient(url, token, timeout=30.0).post("/v1/incoming", body)
+        _check_peer_tls(tls, url)
+        ctx = tls.client_context() if tls is not None else None
+        reply = HostClient(url, token, timeout=30.0, tls=ctx).post("/v1/incoming", body)
     except ApiError as exc:
         if exc.status == 401:
             raise ApiError(502, f"destination {url} refused this host's token: the hosts "
@@ -131,7 +148,7 @@ def stall_bound_s(params: MigrationParams, ram_bytes: int, *, loading: bool = Fa
 
 def ask_destination_outcome(
     peer: str, peer_job: object, vm_name: str, token: str | None = None,
-    wait_s: float = SETTLE_S,
+    wait_s: float = SETTLE_S, tls: TlsConfig | None = None,
 ) -> str:
     """After COMMIT went out and RESUMED did not come back: ask the destination's control
     API (its job is persisted at every step) whether it resumed the VM.  ``"resumed"``
@@ -140,7 +157,8 @@ def ask_destination_outcome(
     of why it cannot tell -- after retrying for ``wait_s`` seconds."""
     if not isinstance(peer_job, str):
         return "no destination job is on record"
-    client = HostClient(peer, token, timeout=2.0)
+    client = HostClient(peer, token, timeout=2.0,
+                        tls=tls.client_context() if tls is not None else None)
     end = time.monotonic() + wait_s
     why = "no answer"
     while True:
@@ -182,6 +200,7 @@ def start_source_job(
                 "peer": daemon.control_url,
             },
             daemon.token,
+            daemon.tls,
         )
         job.progress["peer_job"] = incoming.get("job")
         daemon.save_job(job)
@@ -249,6 +268,8 @@ class SourceWorker:
             self._fail(str(exc))
         except MigrationError as exc:
             self._fail(exc.reason, exc.step or None, cancelled=self.job.cancel.is_set())
+        except ssl.SSLError as exc:
+            self._fail(explain(exc, "the destination", server=False))
         except OSError as exc:
             reason = self._peer_reason(sock) or f"connection lost: {exc.strerror or exc}"
             self._fail(reason)
@@ -308,12 +329,24 @@ class SourceWorker:
     def _abort_incoming(self, reason: str) -> None:
         """Tell the destination to forget the token it handed out."""
         host, port = self.incoming["migration_address"]
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 5) as sock:
+        with contextlib.suppress(OSError), self._dial(host, port, 5) as sock:
             send_frame(sock, "hello", token=self.incoming["token"], abort=reason)
+
+    def _dial(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A connection to the destination's listener (TLS when this host serves it)."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if self.daemon.tls is None:
+            return sock
+        try:
+            return self.daemon.tls.client_context().wrap_socket(sock)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise PeerError(explain(exc, f"destination {host}:{port}", server=False),
+                            "handshake") from exc
 
     def _connect(self) -> socket.socket:
         host, port = self.incoming["migration_address"]
-        sock = socket.create_connection((host, port), timeout=HELLO_TIMEOUT_S)
+        sock = self._dial(host, port, HELLO_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._bound = HELLO_TIMEOUT_S
         send_frame(
@@ -451,7 +484,7 @@ class SourceWorker:
         else:
             outcome = ask_destination_outcome(
                 self.job.peer, self.job.progress.get("peer_job"), self.hosted.name,
-                self.daemon.token,
+                self.daemon.token, tls=self.daemon.tls,
             )
         if outcome == "resumed":
             self._completed(ack, {}, f"{reason}; the destination confirmed it runs the VM")
@@ -531,8 +564,25 @@ class DestinationWorker:
         self.step = "handshake"
         self.populator: Populator | None = None
 
+    def _tls(self) -> bool:
+        """The TLS handshake, when this host serves TLS; False (refused) if it failed."""
+        if self.daemon.tls is None:
+            return True
+        self.conn.settimeout(HELLO_TIMEOUT_S)
+        try:
+            self.conn = self.daemon.tls.server_context().wrap_socket(self.conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            peer = f"{self.addr[0]}:{self.addr[1]}"
+            msg = f"refused migration connection from {peer}: " + explain(exc, peer, server=True)
+            log.warning(msg)
+            self.daemon.store.log("refused", msg)
+            return False
+        return True
+
     def run(self) -> None:
         try:
+            if not self._tls():
+                return
             hello = self._handshake()
             if hello is not None:
                 self._receive(hello)

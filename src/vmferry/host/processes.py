@@ -15,6 +15,7 @@ from pathlib import Path
 from vmferry.errors import HostError
 from vmferry.host.auth import TOKEN_FILE_ENV, load_or_create_token
 from vmferry.host.client import HostClient
+from vmferry.host.tls import TlsConfig
 
 
 @dataclass
@@ -25,10 +26,13 @@ class HostProcess:
     control_url: str = ""
     #: the control API's bearer token (from the host's token file)
     token: str = ""
+    #: the host's TLS directory when it serves TLS (its certificate is the client's too)
+    tls_dir: Path | None = None
 
     def client(self, timeout: float = 30.0) -> HostClient:
-        """A control-API client for this host, with its token."""
-        return HostClient(self.control_url, self.token, timeout)
+        """A control-API client for this host, with its token (and certificate)."""
+        tls = TlsConfig.load(self.tls_dir).client_context() if self.tls_dir else None
+        return HostClient(self.control_url, self.token, timeout, tls)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -52,6 +56,7 @@ def spawn_host(
     timeout: float = 30.0,
     extra_args: list[str] | None = None,
     token_file: Path | None = None,
+    tls_dir: Path | None = None,
 ) -> HostProcess:
     """Start ``vmferry host serve`` and wait for its ready file.  The host's token file is
     ``token_file``, else ``$VMFERRY_TOKEN_FILE``, else ``token`` beside ``state_dir`` (so
@@ -79,6 +84,7 @@ def spawn_host(
         str(state_dir),
         "--token-file",
         str(token_file),
+        *(["--tls-dir", str(tls_dir)] if tls_dir is not None else []),
         *(extra_args or []),
     ]
     proc = subprocess.Popen(
@@ -89,7 +95,7 @@ def spawn_host(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
-    host = HostProcess(name, state_dir, proc, token=token)
+    host = HostProcess(name, state_dir, proc, token=token, tls_dir=tls_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,9 @@ MAX_FRAME = 1024 * 1024
 
 #: how often a bounded wait (``on_stall``) looks up from the socket, seconds
 POLL_S = 0.2
+
+#: the bound on one TLS send to a peer that takes nothing (TLS sends are not polled)
+TLS_SEND_TIMEOUT_S = 10.0
 
 #: called with the seconds the peer has made no progress; raises to stop waiting
 OnStall = Callable[[float], None]
@@ -106,6 +110,8 @@ def recv_frame(sock: socket.socket, on_stall: OnStall | None = None) -> dict[str
 
 
 def readable(sock: socket.socket) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     r, _, _ = select.select([sock], [], [], 0)
     return bool(r)
 
@@ -113,8 +119,15 @@ def readable(sock: socket.socket) -> bool:
 def send_buffers(
     sock: socket.socket, buffers: Sequence[Buffer], on_stall: OnStall | None = None
 ) -> int:
-    """sendmsg() the buffers completely; returns bytes sent."""
+    """sendmsg() the buffers completely (TLS: one sendall each); returns bytes sent.
+    Over TLS a stalled peer is not polled (a TLS record cannot be half-written and
+    retried): each sendall gets :data:`TLS_SEND_TIMEOUT_S` instead."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg: coalesce small buffers into records
+        if on_stall is not None:
+            on_stall(0.0)  # a cancel still takes effect between sends
+            sock.settimeout(TLS_SEND_TIMEOUT_S)
+        return _send_tls(sock, pending)
     total = 0
     waiter = _Waiter(sock, on_stall)
     while pending:
@@ -134,6 +147,27 @@ def send_buffers(
                 pending[0] = head[sent:]
                 sent = 0
     return total
+
+
+#: buffers smaller than this are copied together before they go into a TLS record
+_COALESCE = 16 * 1024
+
+
+def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> int:
+    small = bytearray()
+    for view in views:
+        if view.nbytes < _COALESCE:
+            small += view
+            if len(small) < _COALESCE:
+                continue
+        if small:
+            sock.sendall(small)
+            small = bytearray()
+        if view.nbytes >= _COALESCE:
+            sock.sendall(view)
+    if small:
+        sock.sendall(small)
+    return sum(v.nbytes for v in views)
 
 
 def recv_into_decoder(sock: socket.socket, decoder: StreamDecoder) -> int:

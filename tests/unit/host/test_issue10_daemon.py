@@ -103,7 +103,7 @@ def test_issue10_3_restart_after_commit_asks_the_destination(
     asked: list[tuple[str, object, str]] = []
 
     def ask(peer: str, peer_job: object, vm: str, token: str | None = None,
-            wait_s: float = 0) -> str:
+            **kw: object) -> str:
         asked.append((peer, peer_job, vm))
         return outcome
 

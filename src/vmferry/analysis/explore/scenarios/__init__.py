@@ -11,7 +11,7 @@ import importlib
 from vmferry.analysis.explore.api import Scenario
 
 _MODULES: tuple[str, ...] = (
-    "dirty_log", "iommu_probe", "lpm_update", "tce_indirect", "vfio_data_stream",
+    "dirty_log", "iommu_probe", "lpm_update", "switchover", "tce_indirect", "vfio_data_stream",
 )
 
 
