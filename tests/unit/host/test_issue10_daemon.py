@@ -53,7 +53,7 @@ def test_issue10_3_second_migrate_gets_409_naming_the_job(
     asked = threading.Event()
     release = threading.Event()
 
-    def slow_destination(url: str, body: dict[str, Any], token: object = None) -> dict[str, Any]:
+    def slow_destination(url: str, body: dict[str, Any], *more: object) -> dict[str, Any]:
         asked.set()
         release.wait(10)
         raise ApiError(503, "destination busy")
