@@ -1,4 +1,4 @@
-"""The import rules of ARCHITECTURE.md, enforced.
+"""The import rules of docs/architecture.md, enforced.
 
 A module in a layer may import only modules of layers to its left.  ``errors`` and ``sync``
 form the base every layer may use.  ``hw``, ``guest``, ``machine``, ``migration`` and
