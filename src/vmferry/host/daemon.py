@@ -32,12 +32,15 @@ from typing import Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
 from vmferry.host.auth import is_loopback, load_or_create_token
+from vmferry.host.files import ImagesDir
 from vmferry.host.iommu import probe_host
+from vmferry.host.models import VmDefinitionModel, validate
+from vmferry.host.resources import check_fits
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
 from vmferry.host.tls import TlsConfig, logging_server_context
 from vmferry.host.vcpus import VcpuThreads, install_kick_handler
-from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
 from vmferry.machine.x86 import kvm_status
 from vmferry.migration.destination import DestinationSession
 
@@ -53,6 +56,8 @@ class HostedVm:
     runstate: str  # running | paused | migrating | migrated
     vm: VM | None = None
     runner: VmRunner | None = None
+    #: the runstate a save started from (the VM is ``saving`` meanwhile)
+    saved_from: str = "running"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -137,6 +142,7 @@ class HostDaemon:
         context: HostContext | None = None,
         token: str | None = None,
         tls: TlsConfig | None = None,
+        images_dir: Path | None = None,
     ) -> None:
         self.name = name
         #: mutual TLS for the control API, the migration listener and calls to peers
@@ -158,6 +164,10 @@ class HostDaemon:
         self.control_url = ""
         self.migration_address: tuple[str, int] = ("", 0)
         state_dir.mkdir(parents=True, exist_ok=True)
+        #: where save, restore and stream_file paths live (nothing outside it is touched)
+        self.images = ImagesDir(images_dir or state_dir / "images", state_dir)
+        #: how long a reservation from /v1/incoming holds a VM name without a source
+        self.reservation_ttl_s = TOKEN_TTL_S
         self.store = Store(state_dir / "host.sqlite3")
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
@@ -267,20 +277,28 @@ class HostDaemon:
             raise ApiError(404, f"no VM named {name!r} on host {self.name}")
         return hosted
 
-    def create(self, definition: dict[str, Any], start: bool = False) -> HostedVm:
+    def check_definition(self, definition: object) -> VmDefinition:
+        """A definition this host can build: well-formed (ApiError 400 naming the field)
+        and within the host's resources (ApiError 422 ``VmTooLarge``).  Allocates
+        nothing."""
+        model = validate(VmDefinitionModel, definition, "VM definition")
+        check_fits(model, self.name)
         try:
-            parsed = load_definition(definition)
+            return load_definition(definition)  # type: ignore[arg-type]
         except ConfigError as exc:
-            raise ApiError(400, str(exc)) from exc
+            raise ApiError(400, f"invalid VM definition: {exc}", "ConfigError") from exc
+
+    def create(self, definition: dict[str, Any], start: bool = False) -> HostedVm:
+        parsed = self.check_definition(definition)
         with self.lock:
             self.check_name_free(parsed.name)
             self._check_assignment(parsed.name, parsed.to_dict())
             hosted = HostedVm(parsed.name, parsed.to_dict(), "paused")
             try:
                 self._boot(hosted, start)
-            except VmferryError as exc:
+            except (VmferryError, ValueError, OverflowError, UnicodeError) as exc:
                 hosted.release()
-                raise ApiError(400, f"cannot create VM: {exc}") from exc
+                raise ApiError(400, f"cannot create VM: {exc}", type(exc).__name__) from exc
             self.vms[parsed.name] = hosted
         self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
         log.info("created VM %s (%s)", hosted.name, hosted.runstate)
@@ -337,11 +355,31 @@ class HostDaemon:
         hosted = self.get_vm(name)
         if hosted.runstate == "migrating":
             raise ApiError(409, f"VM {name} is migrating; cancel the job first")
+        if hosted.runstate == "saving":
+            raise ApiError(409, f"VM {name} is being saved; destroy it once that finished")
         with self.lock:
             self.vms.pop(name, None)
         hosted.release()
         self.store.delete_vm(name)
         log.info("destroyed VM %s", name)
+
+    def begin_save(self, name: str) -> HostedVm:
+        """Mark a running or paused VM ``saving`` (one check-and-mark under the lock);
+        ApiError 409 otherwise.  :meth:`end_save` puts its runstate back."""
+        hosted = self.get_vm(name)
+        with self.lock:
+            if hosted.vm is None or hosted.runner is None or hosted.runstate not in (
+                "running", "paused"
+            ):
+                raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot be saved")
+            hosted.saved_from = hosted.runstate
+            hosted.runstate = "saving"
+        return hosted
+
+    def end_save(self, hosted: HostedVm) -> None:
+        with self.lock:
+            if hosted.runstate == "saving":
+                hosted.runstate = hosted.saved_from
 
     def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]:
         """Take in a VM a destination session loaded (by migration or from a snapshot):
@@ -406,11 +444,16 @@ class HostDaemon:
     ) -> tuple[Incoming, dict[str, Any]]:
         """Get ready for a VM; returns the one-time token and this host's capabilities
         for it (from a scratch VM built here: the same code that will receive it)."""
+        parsed = self.check_definition(definition)
+        if parsed.name != vm_name:
+            raise ApiError(400, f"the definition is of VM {parsed.name!r}, not {vm_name!r}")
+        self.check_name_free(vm_name)
+        # the capabilities come from a scratch VM whose RAM is never touched (zero fill)
         try:
-            load_definition(definition)
-            scratch = self.build_vm({**definition, "fill": "zero"})  # capabilities only
-        except VmferryError as exc:
-            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
+            scratch = self.build_vm({**parsed.to_dict(), "fill": "zero"})
+        except (VmferryError, ValueError, OverflowError, UnicodeError) as exc:
+            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}",
+                           type(exc).__name__) from exc
         try:
             capabilities = scratch.capabilities()
         finally:
@@ -420,8 +463,8 @@ class HostDaemon:
             job = self.new_job(vm_name, "destination", peer, {"verify": verify})
             self._check_assignment(vm_name, definition)
             inc = Incoming(
-                secrets.token_hex(16), vm_name, verify, job.id, time.monotonic() + TOKEN_TTL_S,
-                definition,
+                secrets.token_hex(16), vm_name, verify, job.id,
+                time.monotonic() + self.reservation_ttl_s, parsed.to_dict(),
             )
             self.incoming[inc.token] = inc
         log.info("expecting VM %s from %s (job %s)", vm_name, peer, job.id)
@@ -430,14 +473,23 @@ class HostDaemon:
     def claim_token(self, token: object) -> Incoming | None:
         """One-time use: the token is gone whether or not it was valid."""
         with self.lock:
-            now = time.monotonic()
-            for t, inc in list(self.incoming.items()):
-                if inc.expires < now:
-                    del self.incoming[t]
-                    self._expire(inc)
+            self.expire_reservations()
             if not isinstance(token, str):
                 return None
             return self.incoming.pop(token, None)
+
+    def expire_reservations(self) -> int:
+        """Drop reservations no source claimed in time (their ``setup`` jobs fail, the
+        names are free again); called on a timer and before a token is claimed.  Returns
+        how many expired."""
+        with self.lock:
+            now = time.monotonic()
+            gone = [t for t, inc in self.incoming.items() if inc.expires < now]
+            for t in gone:
+                inc = self.incoming.pop(t)
+                self._expire(inc)
+                log.info("reservation for VM %s expired (job %s)", inc.vm, inc.job_id)
+        return len(gone)
 
     def _expire(self, inc: Incoming) -> None:
         job = self.jobs.get(inc.job_id)
@@ -471,6 +523,7 @@ def run_daemon(
     context: HostContext | None = None,
     token_file: Path | None = None,
     tls: TlsConfig | None = None,
+    images_dir: Path | None = None,
 ) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
     token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
@@ -490,7 +543,8 @@ def run_daemon(
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls,
+                        images_dir)
     for what, address in (("control API", listen), ("migration listener",
                                                      daemon.migration_listen)):
         if tls is None and not is_loopback(address[0]):
