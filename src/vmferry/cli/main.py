@@ -14,7 +14,7 @@ import click
 from vmferry.errors import VmferryError
 
 _COMMANDS: tuple[str, ...] = (
-    "demo", "host", "vm", "migrate", "job", "stream", "matrix", "explore", "lpm",
+    "demo", "host", "vm", "migrate", "job", "stream", "matrix", "explore", "lpm", "events",
 )
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from vmferry import __version__
 from vmferry.errors import ApiError, VmferryError
+from vmferry.host import observe
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.iommu import describe as describe_iommu
 from vmferry.host.snapshot import restore_vm, save_vm
@@ -197,6 +198,7 @@ def make_app(d: HostDaemon) -> web.Application:
 
     app = web.Application(middlewares=[errors], client_max_size=8 * 1024 * 1024)
     app.add_routes(routes)
+    observe.add_routes(app, d)
     return app
 
 
@@ -254,5 +256,6 @@ OPENAPI: dict[str, Any] = {
         "/v1/jobs/{id}": {"parameters": _ID, "get": _op("Show a job with statistics")},
         "/v1/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel a running job")},
         "/v1/events": {"get": _op("Recent host events (refused connections ...)")},
+        **observe.OPENAPI_PATHS,
     },
 }

@@ -26,6 +26,7 @@ from vmferry.errors import (
 from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
+from vmferry.host.outcome import downtime_overrun
 from vmferry.host.runner import VmRunner
 from vmferry.host.transport import (
     readable,
@@ -50,7 +51,7 @@ ACK_TIMEOUT_S = 120.0
 STATS_EVERY_S = 0.1
 
 
-HOST_PARAMS = ("fault", "stream_file")
+HOST_PARAMS = ("fault", "stream_file", "undefine_source")
 
 
 def destination_ok(post_load: dict[str, Any]) -> bool:
@@ -214,6 +215,7 @@ class SourceWorker:
         while bufs:
             if self.job.cancel.is_set():
                 raise MigrationError("cancelled by the operator", self.session.current_step())
+            self._retune()
             phase = "setup" if first else self._phase()
             first = False
             delay = self.session.pacing_delay()
@@ -231,6 +233,14 @@ class SourceWorker:
             self._publish()
             bufs = self.session.next_buffers()
             self.job.status = self.session.status.value
+
+    def _retune(self) -> None:
+        """Apply parameter changes the operator made since the last batch."""
+        with self.daemon.lock:
+            changes, self.job.retune = self.job.retune, {}
+        if changes:
+            self.session.retune(changes)
+            self.params = self.session.params
 
     def _await_ack(self, sock: socket.socket) -> None:
         if self.params.verify:  # taken now, while the destination loads, not in downtime
@@ -266,13 +276,20 @@ class SourceWorker:
         self.job.stats = {**stats.to_json(), "verification": verification,
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
+        overrun = downtime_overrun(self.job.stats, self.params.downtime_limit_ms)
+        if overrun:
+            self.job.stats["warnings"] = [*self.job.stats.get("warnings", []), overrun]
+            log.warning("job %s: %s", self.job.id, overrun)
         self.job.status = "completed"
         if not self.job.stats["destination_ok"]:
             log.warning("job %s: post-load work failed on the destination: %s", self.job.id,
                         sorted(k for k, r in post_load.items() if not r.get("ok", True)))
         self.hosted.runstate = "migrated"
         self.hosted.release()
-        self.daemon.store.set_runstate(self.hosted.name, "migrated")
+        if self.job.params.get("undefine_source"):
+            self.daemon.undefine(self.hosted.name)
+        else:
+            self.daemon.store.set_runstate(self.hosted.name, "migrated")
         self.daemon.save_job(self.job)
         log.info(
             "job %s: %s migrated, downtime %.1f ms",
@@ -313,6 +330,7 @@ class SourceWorker:
         if now - self._last_stats >= STATS_EVERY_S:
             self._last_stats = now
             self.job.stats = self.session.stats.to_json()
+            self.daemon.publish_job(self.job)
 
     def _fail(self, reason: str, step: str | None = None, cancelled: bool = False) -> None:
         step = step or self.session.current_step()
