@@ -192,10 +192,34 @@ class HostError(VmferryError):
     """A host daemon, its store, transport or control API failed."""
 
 
-class ApiError(HostError):
-    """A control API request failed; ``status`` is the HTTP status."""
+#: The ``kind`` an API error carries when its raiser names none, by HTTP status.
+API_ERROR_KINDS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "TooLarge",
+    422: "Unprocessable",
+    500: "InternalError",
+    502: "PeerUnreachable",
+    503: "Unavailable",
+}
 
-    def __init__(self, status: int, message: str) -> None:
+
+class ApiError(HostError):
+    """A control API request failed; ``status`` is the HTTP status, ``kind`` a stable name
+    a script can test (``"NotFound"``, ``"VmTooLarge"``, ...), ``step`` where it failed
+    (empty when the request failed as a whole)."""
+
+    def __init__(self, status: int, message: str, kind: str = "", step: str = "") -> None:
         self.status = status
         self.message = message
+        self.kind = kind or API_ERROR_KINDS.get(status, "Error")
+        self.step = step
         super().__init__(f"HTTP {status}: {message}")
+
+    def to_json(self) -> dict[str, object]:
+        """The body the control API answers with: ``{"error": {kind, message, step}}``."""
+        return {"error": {"kind": self.kind, "message": self.message, "step": self.step}}

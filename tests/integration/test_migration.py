@@ -131,12 +131,11 @@ def test_token_is_single_use(pair: Pair) -> None:
 
 
 def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
-    from vmferry.host.client import HostClient
     from vmferry.host.processes import spawn_host
 
     h = spawn_host("R", tmp_path / "R")
     try:
-        c = HostClient(h.control_url)
+        c = h.client()
         c.post("/v1/vms", {"definition": {"name": "keep", "memory_mib": 8}, "start": False})
         c.post("/v1/vms", {"definition": {"name": "run", "memory_mib": 8}, "start": True})
         inc = c.post(
@@ -146,7 +145,7 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
         h.stop()
     h = spawn_host("R", tmp_path / "R")
     try:
-        c = HostClient(h.control_url)
+        c = h.client()
         states = {v["name"]: v["runstate"] for v in c.get("/v1/vms")}
         assert states == {"keep": "paused", "run": "running"}
         job = c.get(f"/v1/jobs/{inc['job']}")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,7 +183,7 @@ def test_item8_event_stream_follows_a_job(pair: Pair) -> None:
     pair.create("evented")
     job = pair.migrate("evented", wait=False)
     seen: list[dict[str, Any]] = []
-    for event in stream_events(pair.a_proc.control_url, job=job["id"]):
+    for event in stream_events(pair.a_proc.control_url, token=pair.a.token, job=job["id"]):
         assert event.kind == "job" and event.data["id"] == job["id"]
         seen.append(event.data)
         if event.data["status"] == "completed":
@@ -198,7 +197,7 @@ def test_item8_event_stream_follows_a_job(pair: Pair) -> None:
 def test_item8_metrics(pair: Pair) -> None:
     pair.create("metered")
     job = pair.migrate("metered")
-    text = urllib.request.urlopen(f"{pair.a_proc.control_url}/metrics").read().decode()
+    text = pair.a.request_bytes("GET", "/metrics").decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("vmferry_vm_runstate", "vmferry_migration_transferred_bytes",
                  "vmferry_migration_passes", "vmferry_migration_downtime_seconds",
@@ -224,7 +223,7 @@ def test_item8_metrics(pair: Pair) -> None:
         s.sendall(b"\x00" * 64)
         s.settimeout(5)
         s.recv(4096)
-    text = urllib.request.urlopen(f"{pair.b_proc.control_url}/metrics").read().decode()
+    text = pair.b.request_bytes("GET", "/metrics").decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert value("vmferry_refused_connections") >= before + 1
 

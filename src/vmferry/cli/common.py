@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 
+from vmferry.host.auth import client_token
 from vmferry.host.client import HostClient
 
 console = Console()
@@ -24,8 +26,19 @@ HOST_OPTION = click.option(
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 
+#: ``vmferry --token-file FILE``, set by the command group before any command runs
+_token_file: Path | None = None
+
+
+def set_token_file(path: Path | None) -> None:
+    global _token_file
+    _token_file = path
+
+
 def client(url: str) -> HostClient:
-    return HostClient(url)
+    """A client for the host at ``url`` presenting the token from ``VMFERRY_TOKEN`` or
+    ``--token-file`` (``VMFERRY_TOKEN_FILE``)."""
+    return HostClient(url, client_token(_token_file))
 
 
 def emit_json(data: Any) -> None:

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from vmferry.cli.common import HOST_OPTION, JSON_OPTION, console
+from vmferry.cli.common import HOST_OPTION, JSON_OPTION, client, console
 from vmferry.cli.progress import passes_of
 from vmferry.host.events import Event, stream_events
 
@@ -44,7 +44,8 @@ def command(host_url: str, job_id: str | None, vm: str | None, count: int | None
     seen = 0
     last: dict[str, str] = {}
     try:
-        for event in stream_events(host_url, job=job_id, vm=vm):
+        for event in stream_events(host_url, token=client(host_url).token, job=job_id,
+                                   vm=vm):
             if as_json:
                 sys.stdout.write(json.dumps({"seq": event.seq, "kind": event.kind,
                                              "at": event.at, "data": event.data}) + "\n")

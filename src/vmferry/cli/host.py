@@ -66,6 +66,14 @@ def command() -> None:
     help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"], "
     "[spapr] and [lpm] tables for pseries guests)",
 )
+@click.option(
+    "--token-file",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="the cluster's control-API token (created with mode 0600 if missing; default "
+    "<state-dir>/token, only for a loopback --listen); hosts that migrate to each other "
+    "share it",
+)
 def serve(
     name: str,
     listen: str,
@@ -74,6 +82,7 @@ def serve(
     profile: str | None,
     mitigation: str | None,
     platform_file: Path | None,
+    token_file: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
     platform = load_platform(platform_file) if platform_file is not None else {}
@@ -83,6 +92,7 @@ def serve(
         parse_address(listen),
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
+        token_file,
     )
 
 

@@ -28,9 +28,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from vmferry.cli.common import console, err_console, human_bytes
+from vmferry.cli.common import client, console, err_console, human_bytes
 from vmferry.errors import ApiError, HostError
-from vmferry.host.client import HostClient
 from vmferry.host.events import stream_events
 from vmferry.host.outcome import Exit, Verdict, downtime_limit, verdict
 
@@ -77,7 +76,7 @@ def dirty_mib_per_s(pages_per_s: float, psize: int) -> float:
 
 def job_updates(url: str, job_id: str) -> Iterator[dict[str, Any]]:
     """The job's state each time it changes, ending with its finished state."""
-    for event in stream_events(url, job=job_id):
+    for event in stream_events(url, token=client(url).token, job=job_id):
         if event.kind != "job":
             continue
         yield event.data
@@ -112,7 +111,7 @@ def follow_with_interrupt(url: str, job_id: str, *, live: bool, lines: bool,
         err_console.print(f"[yellow]cancelling job {job_id}[/] (Ctrl-C again to detach)",
                           highlight=False)
         try:
-            HostClient(url).post(f"/v1/jobs/{job_id}/cancel")
+            client(url).post(f"/v1/jobs/{job_id}/cancel")
         except ApiError as exc:
             if exc.status != 409:  # 409: it finished meanwhile
                 raise
@@ -132,7 +131,7 @@ def whereabouts(job: dict[str, Any], source_url: str) -> str:
     if job.get("status") == "completed":
         return f"VM {name} now runs on the destination ({job.get('peer')})"
     try:
-        runstate = HostClient(source_url, timeout=10).get(f"/v1/vms/{name}").get("runstate")
+        runstate = client(source_url).get(f"/v1/vms/{name}").get("runstate")
     except (HostError, AttributeError):
         runstate = "in an unknown state"
     return f"VM {name} stays on the source host ({source_url}), {runstate}"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
+from vmferry.host.auth import is_loopback, load_or_create_token
 from vmferry.host.events import EventBus
 from vmferry.host.iommu import probe_host
 from vmferry.host.runner import VmRunner
@@ -131,8 +132,12 @@ class HostDaemon:
         listen: tuple[str, int] = ("127.0.0.1", 0),
         migration_listen: tuple[str, int] | None = None,
         context: HostContext | None = None,
+        token: str | None = None,
     ) -> None:
         self.name = name
+        #: the cluster's control-API bearer token: required of every request here, and
+        #: presented to peers
+        self.token = token
         self.context = with_iommu_probe(context if context is not None else HostContext(name))
         self.state_dir = state_dir
         self.listen = listen
@@ -418,7 +423,7 @@ class HostDaemon:
         from vmferry.host.client import HostClient
 
         try:
-            info = HostClient(destination, timeout=10.0).get("/v1/host")
+            info = HostClient(destination, self.token, timeout=10.0).get("/v1/host")
         except HostError:
             return  # unreachable: asking it for a token reports that, with the step
         if not isinstance(info, dict):
@@ -550,11 +555,15 @@ def run_daemon(
     listen: tuple[str, int],
     migration_listen: tuple[str, int] | None = None,
     context: HostContext | None = None,
+    token_file: Path | None = None,
 ) -> None:
-    """Run a host in the foreground until SIGINT/SIGTERM.  Every way it cannot start is
-    a HostError of one line (the traceback of an unexpected one goes to the log)."""
+    """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
+    token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
+    for a loopback address: a host others can reach shares an explicit token file with its
+    cluster).  Every way it cannot start is a one-line VmferryError (the traceback of an
+    unexpected one goes to the log)."""
     try:
-        _run_daemon(name, state_dir, listen, migration_listen, context)
+        _run_daemon(name, state_dir, listen, migration_listen, context, token_file)
     except VmferryError:
         raise
     except OSError as exc:
@@ -572,17 +581,25 @@ def _run_daemon(
     listen: tuple[str, int],
     migration_listen: tuple[str, int] | None,
     context: HostContext | None,
+    token_file: Path | None,
 ) -> None:
     from vmferry.host.api import make_app
 
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context)
+    if token_file is None and not is_loopback(listen[0]):
+        raise ConfigError(
+            f"the control API would listen on {listen[0]}, beyond this machine: "
+            "give the cluster's --token-file"
+        )
+    if state_dir.exists() and not state_dir.is_dir():
+        raise HostError(f"state dir {state_dir} is not a directory")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token = load_or_create_token(token_file or state_dir / "token")
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    if listen[0] not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("control API listens on %s: it is reachable beyond this machine", listen[0])
     probe = daemon.context.iommu
     if probe is not None:
         log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,

@@ -63,7 +63,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
         say("starting host daemons A and B on 127.0.0.1")
         hosts.append(spawn_host("A", workdir / "A"))
         hosts.append(spawn_host("B", workdir / "B"))
-        a, b = (HostClient(h.control_url) for h in hosts)
+        a, b = (h.client() for h in hosts)
         definition = {
             "name": "demo-vm",
             "arch": "generic",

@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmferry.errors import ApiError, HostError
+from vmferry.errors import HostError
+from vmferry.host.client import error_from_body
 
 HEARTBEAT_S = 1.0
 QUEUE_SIZE = 512
@@ -133,11 +134,12 @@ def matches(event: Event, job: str | None, vm: str | None) -> bool:
 # --- the blocking client -------------------------------------------------------------------
 
 
-def stream_events(url: str, *, job: str | None = None, vm: str | None = None,
-                  stall_s: float = 10.0) -> Iterator[Event]:
+def stream_events(url: str, *, token: str | None = None, job: str | None = None,
+                  vm: str | None = None, stall_s: float = 10.0) -> Iterator[Event]:
     """Events from a host's ``/v1/events/stream``, as they happen, until the host closes
-    the stream.  HostError if it cannot be reached or goes quiet for ``stall_s``
-    seconds (it sends a heartbeat every second); ApiError for an HTTP error."""
+    the stream (``token``: the control API's bearer token).  HostError if it cannot be
+    reached or goes quiet for ``stall_s`` seconds (it sends a heartbeat every second);
+    ApiError for an HTTP error."""
     parts = urllib.parse.urlsplit(url)
     query = urllib.parse.urlencode({k: v for k, v in (("job", job), ("vm", vm)) if v})
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
@@ -145,25 +147,16 @@ def stream_events(url: str, *, job: str | None = None, vm: str | None = None,
     try:
         try:
             conn.request("GET", f"/v1/events/stream{'?' + query if query else ''}",
-                         headers={"Accept": "text/event-stream"})
+                         headers={"Accept": "text/event-stream",
+                                  **({"Authorization": f"Bearer {token}"} if token else {})})
             resp = conn.getresponse()
         except OSError as exc:
             raise HostError(f"cannot reach host at {url}: {exc.strerror or exc}") from exc
         if resp.status != 200:
-            raise ApiError(resp.status, _error_text(resp.read()))
+            raise error_from_body(resp.status, resp.read(), resp.reason or "error")
         yield from _parse(resp, url)
     finally:
         conn.close()
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        err = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return body.decode(errors="replace")[:200]
-    if isinstance(err, Mapping):
-        return str(err.get("message", err))
-    return str(err)
 
 
 def _parse(resp: http.client.HTTPResponse, url: str) -> Iterator[Event]:

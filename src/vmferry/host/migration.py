@@ -87,16 +87,25 @@ def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
 # --- source ------------------------------------------------------------------------------
 
 
-def _ask_destination(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POST /v1/incoming on the destination: its one-time token and capabilities."""
+def _ask_destination(url: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+    """POST /v1/incoming on the destination (with the cluster's token): its one-time token
+    and capabilities.  ApiError 502 if it cannot be reached or answers nonsense; its own
+    refusal (a name it holds: 409) keeps the destination's status."""
     try:
-        reply = HostClient(url, timeout=30.0).post("/v1/incoming", body)
-    except ApiError:
-        raise
+        reply = HostClient(url, token, timeout=30.0).post("/v1/incoming", body)
+    except ApiError as exc:
+        if exc.status == 401:
+            raise ApiError(502, f"destination {url} refused this host's token: the hosts "
+                                "do not share a --token-file", "PeerUnauthorized",
+                           "setup") from exc
+        raise ApiError(exc.status, f"destination {url}: {exc.message}", exc.kind,
+                       exc.step or "setup") from exc
     except HostError as exc:
-        raise PeerError(f"destination control API unreachable: {exc}", "setup") from exc
-    if not isinstance(reply, dict):
-        raise PeerError("destination answered /v1/incoming with no object", "setup")
+        raise ApiError(502, f"destination control API unreachable: {exc}", "PeerUnreachable",
+                       "setup") from exc
+    if not isinstance(reply, dict) or not isinstance(reply.get("token"), str):
+        raise ApiError(502, "destination answered /v1/incoming without a token",
+                       "PeerError", "setup")
     return reply
 
 
@@ -113,6 +122,7 @@ def start_source_job(
             "verify": params.verify,
             "peer": daemon.control_url,
         },
+        daemon.token,
     )
     job = daemon.new_job(hosted.name, "source", destination, {**raw})
     prev_state = hosted.runstate
