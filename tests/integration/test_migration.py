@@ -169,7 +169,7 @@ def test_demo_json_and_stream_inspect(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["status"] == "completed" and report["verified"] is True
-    assert report["iterations"] >= 1 and report["downtime_ms"] > 0
+    assert report["iterations"] >= 1 and report["downtime"] > 0
     assert set(report["ram"]) >= {"transferred", "total", "duplicate", "normal"}
     assert report["ram"]["transferred"] == stream.stat().st_size
     drivers = {d["driver"] for d in report["devices"].values()}

@@ -74,6 +74,12 @@ def command() -> None:
     "<state-dir>/token, only for a loopback --listen); hosts that migrate to each other "
     "share it",
 )
+@click.option(
+    "--qmp-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="give each VM a QMP socket DIR/<vm>.qmp (QEMU Machine Protocol)",
+)
 def serve(
     name: str,
     listen: str,
@@ -83,6 +89,7 @@ def serve(
     mitigation: str | None,
     platform_file: Path | None,
     token_file: Path | None,
+    qmp_dir: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
     platform = load_platform(platform_file) if platform_file is not None else {}
@@ -93,6 +100,7 @@ def serve(
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
         token_file,
+        qmp_dir=qmp_dir,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -253,3 +254,26 @@ def set_cmd(host_url: str, job_id: str, downtime: float | None, bandwidth: float
         return
     console.print(f"job {job_id}: downtime limit {limit_text(job)}, bandwidth "
                   f"{bw_text(job)}", highlight=False)
+
+
+@command.command("report")
+@HOST_OPTION
+@click.argument("job_id")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="write an HTML page with the charts (inline SVG)")
+@click.option("--png", "png_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="write the charts as a PNG image")
+def report(host_url: str, job_id: str, html_file: Path | None, png_file: Path | None) -> None:
+    """Chart a migration's passes: bytes sent, bandwidth against dirty rate, expected
+    downtime against the limit, throttle."""
+    if html_file is None and png_file is None:
+        raise click.UsageError("give --html FILE and/or --png FILE")
+    from vmferry.cli.charts import write_html, write_png  # matplotlib: only when asked
+
+    job = client(host_url).get(f"/v1/jobs/{job_id}")
+    if html_file is not None:
+        write_html(job, html_file)
+        console.print(f"wrote {html_file}", highlight=False)
+    if png_file is not None:
+        write_png(job, png_file)
+        console.print(f"wrote {png_file}", highlight=False)

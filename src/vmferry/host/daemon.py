@@ -556,14 +556,17 @@ def run_daemon(
     migration_listen: tuple[str, int] | None = None,
     context: HostContext | None = None,
     token_file: Path | None = None,
+    *,
+    qmp_dir: Path | None = None,
 ) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
     token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
     for a loopback address: a host others can reach shares an explicit token file with its
-    cluster).  Every way it cannot start is a one-line VmferryError (the traceback of an
-    unexpected one goes to the log)."""
+    cluster).  With ``qmp_dir``, each VM gets a QMP socket there (:mod:`vmferry.host.qmp`).
+    Every way it cannot start is a one-line VmferryError (the traceback of an unexpected
+    one goes to the log)."""
     try:
-        _run_daemon(name, state_dir, listen, migration_listen, context, token_file)
+        _run_daemon(name, state_dir, listen, migration_listen, context, token_file, qmp_dir)
     except VmferryError:
         raise
     except OSError as exc:
@@ -582,8 +585,10 @@ def _run_daemon(
     migration_listen: tuple[str, int] | None,
     context: HostContext | None,
     token_file: Path | None,
+    qmp_dir: Path | None,
 ) -> None:
     from vmferry.host.api import make_app
+    from vmferry.host.qmp import QmpServer
 
     if token_file is None and not is_loopback(listen[0]):
         raise ConfigError(
@@ -621,6 +626,9 @@ def _run_daemon(
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
         daemon.control_url = f"http://{host}:{port}"
+        qmp = QmpServer(daemon, qmp_dir) if qmp_dir is not None else None
+        if qmp is not None:
+            await qmp.start()
         daemon.write_ready_file()
         log.info(
             "host %s: control %s, migration %s:%d",
@@ -634,6 +642,8 @@ def _run_daemon(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("host %s stopping", name)
+        if qmp is not None:
+            await qmp.stop()
         await asyncio.to_thread(daemon.shutdown)
         await runner.cleanup()
 

@@ -296,11 +296,10 @@ class SourceWorker:
                         sorted(k for k, r in post_load.items() if not r.get("ok", True)))
         self.hosted.runstate = "migrated"
         self.hosted.release()
+        self.daemon.store.set_runstate(self.hosted.name, "migrated")
+        self.daemon.save_job(self.job)
         if self.job.params.get("undefine_source"):
             self.daemon.undefine(self.hosted.name)
-        else:
-            self.daemon.store.set_runstate(self.hosted.name, "migrated")
-        self.daemon.save_job(self.job)
         log.info(
             "job %s: %s migrated, downtime %.1f ms",
             self.job.id,
