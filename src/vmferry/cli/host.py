@@ -13,6 +13,7 @@ from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
 from vmferry.machine.vm import HostContext, read_toml
+from vmferry.machine.x86 import KvmPlatform
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -64,7 +65,8 @@ def command() -> None:
     default=None,
     type=click.Path(path_type=Path, dir_okay=False),
     help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"], "
-    "[spapr] and [lpm] tables for pseries guests)",
+    "[spapr] and [lpm] tables for pseries guests, a [kvm] table with hide_msrs, "
+    "refuse_msrs and hide_cpuid for x86_64 guests)",
 )
 @click.option(
     "--token-file",
@@ -112,6 +114,8 @@ def load_platform(path: Path) -> dict[str, Any]:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
     if PLATFORM_TABLE in platform:
         platform_params(platform[PLATFORM_TABLE])
+    if "kvm" in platform:
+        KvmPlatform.parse(platform)
     return platform
 
 

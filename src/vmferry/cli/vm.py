@@ -26,6 +26,15 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
     console.print(vm_table(vm))
     for line in report_lines(vm.get("report") or {}):
         console.print(line, highlight=False)
+    g = vm.get("guest")
+    if g:
+        console.print(
+            f"guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
+            f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
+            f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
+            + (f"; CRASHED: {g['crashed']}" if g.get("crashed") else ""),
+            highlight=False,
+        )
     if "digests" in vm:
         digests = vm["digests"]
         console.print(f"ram digest  {digests['ram']}\nvcpu digest {digests['vcpu']}")
@@ -41,7 +50,8 @@ def vm_table(vm: dict[str, Any]) -> Table:
     rows = [
         ("Name", vm["name"]),
         ("State", vm["runstate"]),
-        ("Arch", str(d.get("arch", "generic"))),
+        ("Arch", str(d.get("arch", "generic"))
+                 + (f" ({vm['backend']} backend)" if "backend" in vm else "")),
         ("Memory", f"{d['memory_mib']} MiB"),
         ("vCPUs", str(d.get("vcpus", 1))),
         ("Dirty rate", f"{work['dirty_rate_mbps']:g} MB/s, 10^6 bytes/s ("

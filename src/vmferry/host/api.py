@@ -163,6 +163,7 @@ def make_app(d: HostDaemon) -> web.Application:
                 "migration_address": list(d.migration_address),
                 "vms": len(d.vms),
                 "iommu": describe_iommu(d.context.iommu),
+                "kvm": d.kvm,
                 **host_profile_json(d),
             }
         )

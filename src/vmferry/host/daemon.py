@@ -37,7 +37,9 @@ from vmferry.host.events import EventBus
 from vmferry.host.iommu import probe_host
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
+from vmferry.host.vcpus import VcpuThreads, install_kick_handler
 from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+from vmferry.machine.x86 import kvm_status
 from vmferry.migration.destination import DestinationSession
 
 log = logging.getLogger("vmferry.host")
@@ -64,6 +66,10 @@ class HostedVm:
             out["vcpus"] = len(self.vm.vcpus)
             out["throttle_pct"] = self.vm.workload.throttle_pct
             out["pages_dirtied"] = self.vm.workload.pages_written
+            out["backend"] = self.vm.backend
+            guest = self.vm.guest_info()
+            if guest is not None:
+                out["guest"] = guest
             # handlers read device and IOMMU state the guest's thread changes
             lock = self.runner.lock if self.runner is not None else contextlib.nullcontext()
             with lock:
@@ -138,7 +144,10 @@ class HostDaemon:
         #: the cluster's control-API bearer token: required of every request here, and
         #: presented to peers
         self.token = token
-        self.context = with_iommu_probe(context if context is not None else HostContext(name))
+        self.context = with_vcpu_threads(
+            with_iommu_probe(context if context is not None else HostContext(name)))
+        #: whether this host can run x86_64 guests on KVM, and why not
+        self.kvm = kvm_status()
         self.state_dir = state_dir
         self.listen = listen
         self.migration_listen = migration_listen or (listen[0], 0)
@@ -475,7 +484,7 @@ class HostDaemon:
         for it (from a scratch VM built here: the same code that will receive it)."""
         try:
             load_definition(definition)
-            scratch = self.build_vm(definition)
+            scratch = self.build_vm({**definition, "fill": "zero"})  # capabilities only
         except VmferryError as exc:
             raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
         try:
@@ -547,6 +556,15 @@ def with_iommu_probe(context: HostContext) -> HostContext:
         return context
     arch = getattr(context.profile, "arch", None)
     return dataclasses.replace(context, iommu=probe_host(arch, context.platform))
+
+
+def with_vcpu_threads(context: HostContext) -> HostContext:
+    """The context with this host's vCPU threads (real guests need them)."""
+    if context.vcpu_threads is not None:
+        return context
+    with contextlib.suppress(HostError):  # not the main thread: a caller installs it
+        install_kick_handler()
+    return dataclasses.replace(context, vcpu_threads=VcpuThreads)
 
 
 def run_daemon(

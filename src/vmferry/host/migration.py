@@ -35,6 +35,7 @@ from vmferry.host.transport import (
     send_buffers,
     send_frame,
 )
+from vmferry.host.vcpus import Populator
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -284,6 +285,7 @@ class SourceWorker:
         verification = self._verify(ack)
         post_load = resumed.get("post_load", {})
         self.job.stats = {**stats.to_json(), "verification": verification,
+                          "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
         overrun = downtime_overrun(self.job.stats, self.params.downtime_limit_ms)
@@ -383,6 +385,7 @@ class DestinationWorker:
         self.session: DestinationSession | None = None
         self.job: Job | None = None
         self.step = "handshake"
+        self.populator: Populator | None = None
 
     def run(self) -> None:
         try:
@@ -399,6 +402,8 @@ class DestinationWorker:
             log.exception("incoming migration from %s", self.addr)
             self._fail(describe_failure(exc))
         finally:
+            if self.populator is not None:
+                self.populator.stop()
             with contextlib.suppress(OSError):
                 self.conn.close()
 
@@ -424,12 +429,18 @@ class DestinationWorker:
             return None
         self.session = DestinationSession(
             MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
-            factory=self.daemon.build_vm,
+            factory=self._build_staging,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status = "active"
         return hello
+
+    def _build_staging(self, definition: Any) -> Any:
+        """The staging VM, its RAM faulted in from a thread while the stream arrives."""
+        vm = self.daemon.build_vm(definition)
+        self.populator = Populator(vm.ram)
+        return vm
 
     @staticmethod
     def _check_name(expected: str) -> Any:
@@ -461,6 +472,8 @@ class DestinationWorker:
                 self.session.receive(rec)
                 self.step = f"receiving stream (pass {self.session.passes + 1})"
         self.step = "load"
+        if self.populator is not None:
+            self.populator.stop()
         vm = self.session.vm
         assert vm is not None
         ack = self.session.finish(start=False)
@@ -483,6 +496,8 @@ class DestinationWorker:
         log.info("incoming VM %s resumed (job %s)", vm.name, self.job.id)
 
     def _fail(self, reason: str) -> None:
+        if self.populator is not None:
+            self.populator.stop()
         if self.session is not None:
             self.session.abort()
         log.warning("incoming migration failed at %s: %s", self.step, reason)

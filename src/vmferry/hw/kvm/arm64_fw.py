@@ -153,7 +153,7 @@ class HostMitigation:
 
 
 class Wa2Semantics(Enum):
-    NONE = "none"          # no WA_2 register (before 5.3)
+    NONE = "none"          # no WA_2 register (before 5.3; discoverable from 4.18)
     DYNAMIC = "dynamic"    # 5.3 .. 5.9: raw levels, per-vCPU ENABLED flag
     NARROWED = "narrowed"  # 5.10+: two reported states, incoming values narrowed
 
@@ -224,7 +224,9 @@ def arch_features_answer(caps: KernelCaps, host: HostMitigation, wa: Workaround)
     if wa is Workaround.WA3:
         return (P.SmcccRet.SUCCESS if level is WaLevel.AVAIL
                 else P.SMCCC_ARCH_WORKAROUND_RET_UNAFFECTED)
-    if caps.wa2_semantics is Wa2Semantics.DYNAMIC and level is WaLevel.AVAIL:
+    if caps.wa2_semantics is not Wa2Semantics.NARROWED and level is WaLevel.AVAIL:
+        # 4.18-5.9 kvm_hvc_call_handler: a dynamically mitigating host (KVM_SSBD_KERNEL)
+        # answers SUCCESS, the guest then toggles the mitigation with WA_2 calls.
         return P.SmcccRet.SUCCESS
     if level is WaLevel.AVAIL and host.ssbs_everywhere:
         return P.SmcccRet.NOT_SUPPORTED
@@ -401,7 +403,9 @@ class KvmVcpu:
         self.mp_state = (MpState.STOPPED if KVM_ARM_VCPU_POWER_OFF in feats
                          else MpState.RUNNABLE)
         if vm.caps.wa2_semantics is Wa2Semantics.DYNAMIC:
-            self.wa2_flag = vm.host.wa2 is not WaLevel.NOT_AVAIL
+            # kvm_reset_vcpu (5.3-5.9): the flag starts on only when the host mitigates
+            # dynamically (KVM_SSBD_KERNEL, register level AVAIL); other hosts leave it off.
+            self.wa2_flag = vm.host.wa2 is WaLevel.AVAIL
 
     def run(self) -> None:
         """``KVM_RUN`` (first entry): marks the VM as having run, under ``config_lock``."""
@@ -574,7 +578,13 @@ class KvmVcpu:
         if value & WA2_ENABLED and level != WA2_AVAIL:
             raise KvmError(errno.EINVAL, "KVM_SET_ONE_REG", rid, value, "ENABLED without AVAIL")
         if host_level == WA2_AVAIL:
-            self.wa2_flag = bool(value & WA2_ENABLED) or level == WA2_NOT_REQUIRED
+            # kvm_arm_set_fw_reg's final switch (virt/kvm/arm/psci.c, 5.3-5.9) only runs for
+            # a dynamically mitigating host and has two cases: AVAIL copies the ENABLED bit,
+            # NOT_REQUIRED forces the flag on.  Levels 0 and 1 leave the flag as it was.
+            if level == WA2_AVAIL:
+                self.wa2_flag = bool(value & WA2_ENABLED)
+            elif level == WA2_NOT_REQUIRED:
+                self.wa2_flag = True
         self._fault_store(rid, value)
 
     def _fault_store(self, rid: int, value: int) -> None:
@@ -795,7 +805,7 @@ def guest_protection(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> 
         return Protection.UNAFFECTED
     if level is WaLevel.NOT_AVAIL or not caps.smccc_1_1 or wa not in caps.wa_discoverable:
         return Protection.NONE
-    if wa is not Workaround.WA2 or caps.wa2_semantics is Wa2Semantics.DYNAMIC:
+    if wa is not Workaround.WA2 or caps.wa2_semantics is not Wa2Semantics.NARROWED:
         return Protection.CALLS
     return Protection.SSBS if host.ssbs_everywhere else Protection.PERMANENT
 

@@ -380,7 +380,10 @@ class VfioMigrationDevice:
             raise VfioError(errno.EINVAL, "GET and SET together need PROBE")
         index = flags & VFIO_DEVICE_FEATURE_MASK
         if index not in _MIG_FEATURES:
-            raise VfioError(errno.EINVAL, f"feature {index:#x} unknown (no driver hook)")
+            # vfio_ioctl_device_feature hands an index it does not own to the driver's
+            # device_feature hook; every modelled variant driver uses
+            # vfio_pci_core_ioctl_feature, whose default case is -ENOTTY.
+            raise VfioError(errno.ENOTTY, f"feature {index:#x} unknown to vfio-pci-core")
         if self.driver is None or (index == Feature.MIG_PRECOPY_INFOV2
                                    and not self.precopy_v2_supported):  # fmt: skip
             raise VfioError(errno.ENOTTY, f"{self.name}: feature {index} not supported")
