@@ -243,7 +243,10 @@ class SourceWorker:
                 self.tee.writelines(wire)
             self._publish()
             bufs = self.session.next_buffers()
-            self.job.status = self.session.status.value
+            if self.job.status != self.session.status.value:  # event subscribers see each
+                self.job.status = self.session.status.value   # phase (QMP: STOP at device)
+                self.job.stats = self.session.stats.to_json()
+                self.daemon.publish_job(self.job)
 
     def _retune(self) -> None:
         """Apply parameter changes the operator made since the last batch."""

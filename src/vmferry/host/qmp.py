@@ -341,12 +341,12 @@ class VmQmp:
         npass = len(passes) if isinstance(passes, list) else 0
         old_status, old_pass = self.job_state.get(job["id"], ("", -1))
         if status != old_status:
-            if status == "device":
-                self.broadcast("STOP")
+            if status == "device" or (status == "completed" and old_status != "device"):
+                self.broadcast("STOP")  # the vCPUs stopped for the switchover
             self.broadcast("MIGRATION", {"status": status})
             if status in ("failed", "cancelled") and old_status == "device":
                 self.broadcast("RESUME")
-        if status == "active" and npass != old_pass:
+        if status == "active" and (old_status != "active" or npass != old_pass):
             self.broadcast("MIGRATION_PASS", {"pass": npass + 1})
         self.job_state[job["id"]] = (status, npass)
 
