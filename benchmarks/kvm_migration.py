@@ -156,7 +156,8 @@ def qemu_run(root: Path, memory_mib: int, multifd: int, tag: str) -> dict[str, A
          f"mem-path={backing},share=on", "-machine", "pc,memory-backend=m0",
          "-qmp", f"unix:{src_sock},server=on,wait=off"], stderr=subprocess.DEVNULL)
     dst = subprocess.Popen(
-        [*common, "-machine", "pc", "-incoming", "defer",
+        [*common, "-object", f"memory-backend-ram,id=m0,size={memory_mib}M",
+         "-machine", "pc,memory-backend=m0", "-incoming", "defer",
          "-qmp", f"unix:{dst_sock},server=on,wait=off"], stderr=subprocess.DEVNULL)
     qs = qd = None
     try:
@@ -209,6 +210,8 @@ def main() -> None:
     parser.add_argument("--dirty-rate-mbps", type=float, default=40.0,
                         help="the dirtying guest's rate (what a guest sustains here)")
     parser.add_argument("--skip-qemu", action="store_true")
+    parser.add_argument("--only", default="",
+                        help="comma-separated configurations to run (default: all)")
     args = parser.parse_args()
     usable, why = kvm_usable()
     if not usable:
@@ -219,6 +222,8 @@ def main() -> None:
     configs: dict[str, list[dict[str, Any]]] = {"vmferry_idle": [], "vmferry_dirtying": []}
     if not args.skip_qemu:
         configs |= {"qemu_single": [], "qemu_multifd4": []}
+    if args.only:
+        configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
     try:
         for rnd in range(args.rounds):
             for name, runs in configs.items():
@@ -237,7 +242,7 @@ def main() -> None:
                            "qemu": qemu_version, "dirty_rate_mbps": args.dirty_rate_mbps,
                            "load_average": os.getloadavg(),
                            "configs": {k: summary(v) for k, v in configs.items()}}
-    if not args.skip_qemu:
+    if {"qemu_single", "qemu_multifd4", "vmferry_idle", "vmferry_dirtying"} <= set(configs):
         c = out["configs"]
         best = max(("qemu_single", "qemu_multifd4"), key=lambda k: c[k]["median_ram_gbps"])
         out["best_qemu"] = best

@@ -29,6 +29,10 @@ faulty modes exist to reproduce.
      |    +-- MigrationRefused       pre-flight said no, before any downtime
      |    +-- MigrationCancelled
      |    +-- PeerError              the other side reported an error or went away
+     |    +-- ChannelError           the inter-host control protocol was broken
+     |         +-- LocalChannelError   we drove the channel wrongly (send in the wrong state)
+     |         +-- RemoteChannelError  the peer sent an illegal frame or vanished mid-exchange
+     |         +-- ChannelTimeout      the peer did not answer before the driver's deadline
      +-- HostError                   daemon, transport, store, control API
           +-- ApiError               an HTTP control request failed (status + message)
 
@@ -183,6 +187,28 @@ class MigrationCancelled(MigrationError):
 
 class PeerError(MigrationError):
     """The other side reported an error or the connection to it broke."""
+
+
+class ChannelError(MigrationError):
+    """The inter-host control protocol (:mod:`vmferry.migration.channel`) was broken.
+    ``step`` names the channel state the connection was in."""
+
+
+class LocalChannelError(ChannelError):
+    """Our side drove the channel wrongly: a send the state does not allow (a bug here)."""
+
+
+class RemoteChannelError(ChannelError, PeerError):
+    """The peer sent an illegal or undecodable frame, or the connection ended
+    mid-exchange.  ``data`` holds the offending bytes when there are any."""
+
+    def __init__(self, message: str, step: str = "", data: bytes = b"") -> None:
+        super().__init__(message, step)
+        self.data = data
+
+
+class ChannelTimeout(ChannelError):
+    """The peer did not answer before the deadline the driver set for that state."""
 
 
 # --- host -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Conformance checks of spec/iommu-probe.md §12, one test per check number."""
+"""Conformance checks of docs/models/iommu-probe.md §12, one test per check number."""
 
 from __future__ import annotations
 
@@ -718,7 +718,7 @@ def test_check_52_random_fuzz() -> None:
         assert_hazard(found, *OWN_HAZARD[mode])
 
 
-#: each faulty switch and the §11.5 topology reproducing it
+#: each faulty switch and the docs/models/iommu-probe.md §11.5 topology reproducing it
 OWN_TOPOLOGY = {
     "pre_6_7+probe_unlocked": "R0",
     "v6_15+relock_no_recheck": "R2",

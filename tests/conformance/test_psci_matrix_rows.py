@@ -1,4 +1,5 @@
-"""Conformance check 41: every row of spec section 6 (6.2 rows 1-14, 6.3, 6.4, 6.5).
+"""Conformance check 41: every row of docs/models/psci-firmware-registers.md §6 (6.2 rows 1-14,
+6.3, 6.4, 6.5).
 
 Each case runs a migration cell on the models (``run_cell``: boot, probe, save, encode,
 decode, load, start) in QEMU mode, and again with pre-flight to show the same case is then

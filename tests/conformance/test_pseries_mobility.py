@@ -1,4 +1,4 @@
-"""Conformance checks of spec pseries-mobility.md section 13, one test per check."""
+"""Conformance checks of docs/models/pseries-mobility.md §13, one test per check."""
 
 from __future__ import annotations
 

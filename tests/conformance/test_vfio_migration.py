@@ -1,4 +1,4 @@
-"""Conformance checks of spec/vfio-migration-v2.md section 12, one test per check."""
+"""Conformance checks of docs/models/vfio-migration-v2.md §12, one test per check."""
 
 from __future__ import annotations
 

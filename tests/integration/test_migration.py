@@ -170,6 +170,11 @@ def test_demo_json_and_stream_inspect(tmp_path: Path) -> None:
     report = json.loads(out.stdout)
     assert report["status"] == "completed" and report["verified"] is True
     assert report["iterations"] >= 1 and report["downtime"] > 0
+    if report["backend"] == "kvm":  # issue 11 item 7: a real guest moved and ran on
+        g = report["guest_progress"]
+        assert g["continued"] and g["after_resume"] > g["before_stop"] > 0
+    else:
+        assert "KVM not usable here" in report["backend_note"]
     assert set(report["ram"]) >= {"transferred", "total", "duplicate", "normal"}
     assert report["ram"]["transferred"] == stream.stat().st_size
     drivers = {d["driver"] for d in report["devices"].values()}
@@ -210,7 +215,7 @@ def test_snapshot_save_and_restore(fresh_pair: Pair, tmp_path: Path) -> None:
     pair = fresh_pair
     pair.create("snap", workload={"dirty_rate_mbps": 5})
     url = pair.a_proc.control_url
-    file = tmp_path / "snap.vmf"
+    file = pair.images / "snap.vmf"
     out = cli("vm", "save", "--host", url, "snap", str(file), "--json")
     assert out.returncode == 0, out.stderr
     assert pair.a.get("/v1/vms/snap")["runstate"] == "running"
@@ -225,7 +230,7 @@ def test_snapshot_save_and_restore(fresh_pair: Pair, tmp_path: Path) -> None:
     assert len(digest(pair.b, "snap")["ram"]) == len(saved["ram"])
     dup = cli("vm", "restore", "--host", pair.b_proc.control_url, str(file))
     assert dup.returncode == 1 and "exists" in dup.stderr
-    bad = tmp_path / "bad.vmf"
+    bad = pair.images / "bad.vmf"
     data = bytearray(file.read_bytes())
     data[len(data) // 3] ^= 1
     bad.write_bytes(bytes(data))
@@ -240,7 +245,7 @@ def test_snapshot_of_a_paused_vm_restores_bit_for_bit(fresh_pair: Pair, tmp_path
     pair.create("still", workload={"dirty_rate_mbps": 5})
     pair.a.post("/v1/vms/still/pause")
     before = digest(pair.a, "still")
-    file = tmp_path / "still.vmf"
+    file = pair.images / "still.vmf"
     pair.a.post("/v1/vms/still/save", {"path": str(file)})
     pair.b.post("/v1/restore", {"path": str(file), "start": False})
     assert digest(pair.b, "still") == before

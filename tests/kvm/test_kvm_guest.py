@@ -169,3 +169,14 @@ def test_item1_random_fill_keeps_the_program() -> None:
         assert vm.check_progress() == [True]
     finally:
         vm.close()
+
+
+def test_item9_populate_faults_pages_in_without_changing_them() -> None:
+    vm = x86_vm(mib=8, rate=0)
+    try:
+        before = vm.ram.digest()
+        assert vm.kram.populate(0, vm.ram.npages)
+        assert vm.ram.digest() == before
+        assert not vm.kram.populate(vm.ram.npages, 1)  # outside RAM: refused
+    finally:
+        vm.close()

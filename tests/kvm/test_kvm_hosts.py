@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from vmferry.host.client import HostClient
+from vmferry.host.demo import choose_backend
 from vmferry.host.processes import HostProcess, spawn_host
 
 from ..integration.conftest import wait_job
@@ -182,3 +183,9 @@ def test_item6_channel_cut_in_any_phase(hosts: Hosts, phase: str) -> None:
         assert name not in [v["name"] for v in hosts.b.get("/v1/vms")]
     finally:
         hosts.a.delete(f"/v1/vms/{name}")
+
+
+def test_item7_demo_backend_choice() -> None:
+    assert choose_backend("model") == ("model", "simulated guest (as asked)")
+    backend, note = choose_backend("auto")
+    assert backend == "kvm" and note.startswith("real x86_64 guest on KVM")

@@ -9,9 +9,11 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from vmferry.host.auth import client_token
 from vmferry.host.client import HostClient
+from vmferry.host.tls import TlsConfig
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,6 +30,8 @@ JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 #: ``vmferry --token-file FILE``, set by the command group before any command runs
 _token_file: Path | None = None
+#: ``vmferry --tls-dir DIR`` (or VMFERRY_TLS_DIR): the certificate the CLI presents
+_tls_dir: Path | None = None
 
 
 def set_token_file(path: Path | None) -> None:
@@ -35,10 +39,23 @@ def set_token_file(path: Path | None) -> None:
     _token_file = path
 
 
+def set_tls_dir(path: Path | None) -> None:
+    global _tls_dir
+    _tls_dir = path
+
+
 def client(url: str) -> HostClient:
     """A client for the host at ``url`` presenting the token from ``VMFERRY_TOKEN`` or
-    ``--token-file`` (``VMFERRY_TOKEN_FILE``)."""
-    return HostClient(url, client_token(_token_file))
+    ``--token-file`` (``VMFERRY_TOKEN_FILE``) and, for an https:// host, the certificate
+    in ``--tls-dir`` (``VMFERRY_TLS_DIR``)."""
+    tls = TlsConfig.load(_tls_dir).client_context() if _tls_dir is not None else None
+    return HostClient(url, client_token(_token_file), tls=tls)
+
+
+def esc(value: object) -> str:
+    """Text from a host, a stream or a file, safe to put into rich markup: ``[/x]`` in a
+    VM name or an error message prints as it is, never as (broken) markup."""
+    return escape(str(value))
 
 
 def emit_json(data: Any) -> None:

@@ -44,8 +44,8 @@ def command(host_url: str, job_id: str | None, vm: str | None, count: int | None
     seen = 0
     last: dict[str, str] = {}
     try:
-        for event in stream_events(host_url, token=client(host_url).token, job=job_id,
-                                   vm=vm):
+        c = client(host_url)
+        for event in stream_events(host_url, token=c.token, job=job_id, vm=vm, tls=c.tls):
             if as_json:
                 sys.stdout.write(json.dumps({"seq": event.seq, "kind": event.kind,
                                              "at": event.at, "data": event.data}) + "\n")

@@ -9,9 +9,11 @@ import click
 
 from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
+from vmferry.host.tls import TlsConfig, make_certs
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
+from vmferry.machine.vfio import PLATFORM_KEY as VFIO_PLATFORM_KEY
 from vmferry.machine.vm import HostContext, read_toml
 from vmferry.machine.x86 import KvmPlatform
 
@@ -77,6 +79,21 @@ def command() -> None:
     "share it",
 )
 @click.option(
+    "--images-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="the only directory save, restore and --stream-file paths may name (default "
+    "<state-dir>/images)",
+)
+@click.option(
+    "--tls-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="serve the control API and the migration listener over mutual TLS with the "
+    "certificate in this directory (from 'vmferry host certs'); peers need one of the "
+    "same CA",
+)
+@click.option(
     "--qmp-dir",
     default=None,
     type=click.Path(path_type=Path, file_okay=False),
@@ -91,10 +108,14 @@ def serve(
     mitigation: str | None,
     platform_file: Path | None,
     token_file: Path | None,
+    images_dir: Path | None,
+    tls_dir: Path | None,
     qmp_dir: Path | None,
 ) -> None:
-    """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
+    """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP), both over
+    mutual TLS with --tls-dir."""
     platform = load_platform(platform_file) if platform_file is not None else {}
+    tls = TlsConfig.load(tls_dir) if tls_dir is not None else None
     run_daemon(
         name,
         state_dir,
@@ -102,14 +123,36 @@ def serve(
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
         token_file,
+        tls=tls,
+        images_dir=images_dir,
         qmp_dir=qmp_dir,
     )
+
+
+@command.command("certs")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="directory for the CA and one sub-directory per host")
+@click.option("--hosts", required=True, metavar="A,B,...", help="host names, comma-separated")
+def certs(out: Path, hosts: str) -> None:
+    """Create a cluster CA and a certificate per host (for host serve --tls-dir OUT/HOST)."""
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    for d in make_certs(out, names):
+        click.echo(f"{d.name}: --tls-dir {d}")
+    click.echo(f"CA key: {out / 'ca.key'} (keep it offline; the hosts do not need it)")
+
+
+#: the tables and keys a host platform file may carry
+PLATFORM_KEYS = frozenset({"spapr", PLATFORM_TABLE, "iommu", VFIO_PLATFORM_KEY})
 
 
 def load_platform(path: Path) -> dict[str, Any]:
     """A host platform description from a TOML file; ConfigError if it is unreadable or
     a table it carries is wrong (checked before the daemon starts)."""
     platform = read_toml(path, "platform file")
+    unknown = set(platform) - PLATFORM_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown platform keys {sorted(unknown)}; known: "
+                          f"{sorted(PLATFORM_KEYS)}")
     if "spapr" in platform:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
     if PLATFORM_TABLE in platform:

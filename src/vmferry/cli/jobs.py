@@ -8,8 +8,17 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from vmferry.cli.common import HOST_OPTION, JSON_OPTION, client, console, emit_json, err_console
+from vmferry.cli.common import (
+    HOST_OPTION,
+    JSON_OPTION,
+    client,
+    console,
+    emit_json,
+    err_console,
+    esc,
+)
 from vmferry.cli.progress import (
     Detached,
     bw_text,
@@ -83,7 +92,8 @@ def _follow(url: str, job_id: str, as_json: bool, cancel: bool) -> tuple[dict[st
     "--stream-file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="also write the exact stream sent to this file (on the source host)",
+    help="also write the exact stream sent to this file (in the source host's images "
+    "directory)",
 )
 @click.option(
     "--compat",
@@ -168,9 +178,9 @@ def show(host_url: str, job_id: str | None, as_json: bool) -> None:
             console.print(pass_table(data, title="pre-copy passes"))
         v = verdict(data)
         for w in v.warnings:
-            console.print(f"[yellow]warning[/]: {w}", highlight=False)
+            console.print(f"[yellow]warning[/]: {esc(w)}", highlight=False)
         for p in v.problems:
-            console.print(f"[red]problem[/]: {p}", highlight=False)
+            console.print(f"[red]problem[/]: {esc(p)}", highlight=False)
     else:
         console.print(job_list_table(data))
 
@@ -186,10 +196,10 @@ def job_list_table(jobs: list[dict[str, Any]]) -> Table:
             v = verdict(job)
             problem = "; ".join(v.problems + v.warnings)
         table.add_row(
-            job["id"], job["role"], job["vm"], job["status"],
+            *(Text(str(x)) for x in (job["id"], job["role"], job["vm"], job["status"])),
             str(len(passes_of(job)) if source else st.get("passes", "")),
             f"{st['downtime']:.1f} ms" if source and job["status"] == "completed" else "",
-            problem)
+            Text(problem))
     return table
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from vmferry.cli.common import emit_json, set_token_file
+from vmferry.cli.common import emit_json, set_tls_dir, set_token_file
 from vmferry.errors import ApiError, MigrationError, VmferryError
 
 _COMMANDS: tuple[str, ...] = (
@@ -28,9 +28,18 @@ _COMMANDS: tuple[str, ...] = (
     default=None,
     help="the hosts' control-API token file (or set VMFERRY_TOKEN / VMFERRY_TOKEN_FILE)",
 )
-def cli(token_file: Path | None) -> None:
+@click.option(
+    "--tls-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    envvar="VMFERRY_TLS_DIR",
+    help="a certificate of the hosts' cluster, presented to https:// hosts (or set "
+    "VMFERRY_TLS_DIR)",
+)
+def cli(token_file: Path | None, tls_dir: Path | None) -> None:
     """Live migration of VMs with assigned devices and a paravirtual IOMMU."""
     set_token_file(token_file)
+    set_tls_dir(tls_dir)
 
 
 for _name in _COMMANDS:

@@ -28,7 +28,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from vmferry.cli.common import client, console, err_console, human_bytes
+from vmferry.cli.common import client, console, err_console, esc, human_bytes
 from vmferry.errors import ApiError, HostError
 from vmferry.host.events import stream_events
 from vmferry.host.outcome import Exit, Verdict, downtime_limit, verdict
@@ -76,7 +76,8 @@ def dirty_mib_per_s(pages_per_s: float, psize: int) -> float:
 
 def job_updates(url: str, job_id: str) -> Iterator[dict[str, Any]]:
     """The job's state each time it changes, ending with its finished state."""
-    for event in stream_events(url, token=client(url).token, job=job_id):
+    c = client(url)
+    for event in stream_events(url, token=c.token, job=job_id, tls=c.tls):
         if event.kind != "job":
             continue
         yield event.data
@@ -108,7 +109,7 @@ def follow_with_interrupt(url: str, job_id: str, *, live: bool, lines: bool,
         if not cancel:
             raise Detached from None
     try:  # from here on, another Ctrl-C detaches
-        err_console.print(f"[yellow]cancelling job {job_id}[/] (Ctrl-C again to detach)",
+        err_console.print(f"[yellow]cancelling job {esc(job_id)}[/] (Ctrl-C again to detach)",
                           highlight=False)
         try:
             client(url).post(f"/v1/jobs/{job_id}/cancel")
@@ -262,15 +263,15 @@ def print_summary(job: dict[str, Any], *, with_passes: bool = True) -> Verdict:
     if with_passes and passes_of(job):
         console.print(pass_table(job, title="pre-copy passes"))
     if job.get("status") == "completed" and job.get("role", "source") == "source":
-        console.print(downtime_line(job))
+        console.print(esc(downtime_line(job)))
         for line in destination_lines(stats):
-            console.print(line, highlight=False)
+            console.print(esc(line), highlight=False)
     for w in v.warnings:
-        console.print(f"[yellow]warning[/]: {w}", highlight=False)
+        console.print(f"[yellow]warning[/]: {esc(w)}", highlight=False)
     for p in v.problems:
-        console.print(f"[red]problem[/]: {p}", highlight=False)
+        console.print(f"[red]problem[/]: {esc(p)}", highlight=False)
     style = {Exit.OK: "green", Exit.DESTINATION_PROBLEM: "red"}.get(v.code, "red")
-    console.print(f"[{style}]{v.headline}[/]", highlight=False)
+    console.print(f"[{style}]{esc(v.headline)}[/]", highlight=False)
     return v
 
 
@@ -358,7 +359,7 @@ def job_info_table(job: dict[str, Any]) -> Table:
     if job.get("role") != "source":
         rows = [r for r in rows[:3]] + [("Passes received", str(st.get("passes", 0)))]
     for k, v in rows:
-        t.add_row(k + ":", v)
+        t.add_row(k + ":", Text(v))  # text from the host, never markup
     return t
 
 

@@ -9,8 +9,17 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from vmferry.cli.common import HOST_OPTION, JSON_OPTION, client, console, emit_json, human_bytes
+from vmferry.cli.common import (
+    HOST_OPTION,
+    JSON_OPTION,
+    client,
+    console,
+    emit_json,
+    esc,
+    human_bytes,
+)
 from vmferry.machine.vm import load_definition
 
 
@@ -25,14 +34,14 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
         return
     console.print(vm_table(vm))
     for line in report_lines(vm.get("report") or {}):
-        console.print(line, highlight=False)
+        console.print(esc(line), highlight=False)
     g = vm.get("guest")
     if g:
         console.print(
             f"guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
             f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
             f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
-            + (f"; CRASHED: {g['crashed']}" if g.get("crashed") else ""),
+            + (f"; CRASHED: {esc(g['crashed'])}" if g.get("crashed") else ""),
             highlight=False,
         )
     if "digests" in vm:
@@ -70,7 +79,7 @@ def vm_table(vm: dict[str, Any]) -> Table:
     for dev in d.get("dma_devices") or []:
         rows.append(("DMA device", f"{dev.get('name')} on liobn {dev.get('liobn', 0):#x}"))
     for k, v in rows:
-        t.add_row(k + ":", v)
+        t.add_row(k + ":", Text(v))  # text from the host, never markup
     return t
 
 
@@ -137,9 +146,9 @@ def list_(host_url: str, as_json: bool) -> None:
     for vm in vms:
         d = vm["definition"]
         table.add_row(
-            vm["name"],
-            vm["runstate"],
-            d["arch"],
+            esc(vm["name"]),
+            esc(vm["runstate"]),
+            esc(d["arch"]),
             human_bytes(d["memory_mib"] * 1024 * 1024),
             str(d["vcpus"]),
         )
@@ -181,7 +190,7 @@ def pause(host_url: str, name: str, as_json: bool) -> None:
 def destroy(host_url: str, name: str, as_json: bool) -> None:
     """Destroy a VM and free its memory."""
     out = client(host_url).delete(f"/v1/vms/{name}")
-    emit_json(out) if as_json else console.print(f"destroyed {name}")
+    emit_json(out) if as_json else console.print(f"destroyed {esc(name)}")
 
 
 @command.command("save")
@@ -190,12 +199,14 @@ def destroy(host_url: str, name: str, as_json: bool) -> None:
 @click.argument("file")
 @JSON_OPTION
 def save(host_url: str, name: str, file: str, as_json: bool) -> None:
-    """Save a VM to FILE (a path on the host) as a vmferry stream; it keeps running."""
-    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": str(Path(file).resolve())})
+    """Save a VM to FILE as a vmferry stream; it keeps running.  FILE is a path in the
+    host's images directory (relative to it, or absolute inside it)."""
+    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": file})
     if as_json:
         emit_json(out)
     else:
-        console.print(f"saved {name} to {out['path']} ({human_bytes(out['bytes'])})")
+        console.print(f"saved {esc(name)} to {esc(out['path'])} "
+                      f"({human_bytes(out['bytes'])})")
 
 
 @command.command("restore")
@@ -204,10 +215,10 @@ def save(host_url: str, name: str, file: str, as_json: bool) -> None:
 @click.option("--start/--paused", default=True, show_default=True)
 @JSON_OPTION
 def restore(host_url: str, file: str, start: bool, as_json: bool) -> None:
-    """Restore a VM from a stream FILE (a path on the host)."""
-    out = client(host_url).post("/v1/restore", {"path": str(Path(file).resolve()),
-                                                "start": start})
-    emit_json(out) if as_json else console.print(f"restored {out['vm']} ({out['runstate']})")
+    """Restore a VM from a stream FILE in the host's images directory."""
+    out = client(host_url).post("/v1/restore", {"path": file, "start": start})
+    emit_json(out) if as_json else console.print(f"restored {esc(out['vm'])} "
+                                                 f"({esc(out['runstate'])})")
 
 
 @command.command("dtb")

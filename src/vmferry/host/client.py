@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from typing import Any
 
 import aiohttp
 
 from vmferry.errors import ApiError, ConfigError, HostError
+from vmferry.host.tls import explain
 
 #: attempts for a request that did not reach the host
 RETRIES = 3
@@ -50,15 +52,19 @@ def error_from_body(status: int, body: bytes, reason: str) -> ApiError:
 class AsyncHostClient:
     """One host's control API.  Use as ``async with AsyncHostClient(url, token) as c``."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        #: the client side of mutual TLS (presents our certificate) for https:// hosts
+        self.tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AsyncHostClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self.tls) if self.tls is not None else None,
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=self.timeout, connect=CONNECT_TIMEOUT_S),
         )
@@ -90,8 +96,20 @@ class AsyncHostClient:
                     if resp.status >= 400:
                         raise error_from_body(resp.status, raw, resp.reason or "error")
                     return raw
+            except aiohttp.ClientSSLError as exc:  # the TLS handshake failed: no retry
+                cause = getattr(exc, "certificate_error", None) or exc.os_error
+                raise HostError(f"cannot reach host at {self.url}: "
+                                f"{explain(cause, self.url, server=False)}") from exc
             except aiohttp.ClientConnectorError as exc:  # nothing reached the host
                 last = exc
+            except aiohttp.ServerDisconnectedError as exc:
+                last = exc
+                if self.url.startswith("http://"):  # a TLS host drops a plaintext client
+                    raise HostError(f"cannot reach host at {self.url}: it closed the "
+                                    "connection (does it serve TLS? use its https:// URL "
+                                    "and --tls-dir)") from exc  # fmt: skip
+                if method != "GET":
+                    break
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last = exc
                 if method != "GET":
@@ -122,14 +140,16 @@ class HostClient:
     """A synchronous facade: each call runs one :class:`AsyncHostClient` request on its
     own event loop (call it from threads that run no loop: the CLI, workers, tests)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.tls = tls
 
     def _run(self, method: str, path: str, body: Any, raw: bool) -> Any:
         async def call() -> Any:
-            async with AsyncHostClient(self.url, self.token, self.timeout) as c:
+            async with AsyncHostClient(self.url, self.token, self.timeout, self.tls) as c:
                 if raw:
                     return await c.request_bytes(method, path, body)
                 return await c.request(method, path, body)

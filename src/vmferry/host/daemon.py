@@ -34,11 +34,15 @@ from typing import IO, Any
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
 from vmferry.host.auth import is_loopback, load_or_create_token
 from vmferry.host.events import EventBus
+from vmferry.host.files import ImagesDir
 from vmferry.host.iommu import probe_host
+from vmferry.host.models import VmDefinitionModel, validate
+from vmferry.host.resources import check_fits
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
+from vmferry.host.tls import TlsConfig, logging_server_context
 from vmferry.host.vcpus import VcpuThreads, install_kick_handler
-from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
 from vmferry.machine.x86 import kvm_status
 from vmferry.migration.destination import DestinationSession
 
@@ -54,6 +58,8 @@ class HostedVm:
     runstate: str  # running | paused | migrating | migrated
     vm: VM | None = None
     runner: VmRunner | None = None
+    #: the runstate a save started from (the VM is ``saving`` meanwhile)
+    saved_from: str = "running"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -139,8 +145,12 @@ class HostDaemon:
         migration_listen: tuple[str, int] | None = None,
         context: HostContext | None = None,
         token: str | None = None,
+        tls: TlsConfig | None = None,
+        images_dir: Path | None = None,
     ) -> None:
         self.name = name
+        #: mutual TLS for the control API, the migration listener and calls to peers
+        self.tls = tls
         #: the cluster's control-API bearer token: required of every request here, and
         #: presented to peers
         self.token = token
@@ -158,6 +168,10 @@ class HostDaemon:
         self.control_url = ""
         self.migration_address: tuple[str, int] = ("", 0)
         self._state_lock = lock_state_dir(state_dir)
+        #: where save, restore and stream_file paths live (nothing outside it is touched)
+        self.images = ImagesDir(images_dir or state_dir / "images", state_dir)
+        #: how long a reservation from /v1/incoming holds a VM name without a source
+        self.reservation_ttl_s = TOKEN_TTL_S
         self.store = Store(state_dir / "host.sqlite3")
         self.events = EventBus()
         self.store.on_vm_change = self._vm_changed
@@ -278,20 +292,28 @@ class HostDaemon:
             raise ApiError(404, f"no VM named {name!r} on host {self.name}")
         return hosted
 
-    def create(self, definition: dict[str, Any], start: bool = False) -> HostedVm:
+    def check_definition(self, definition: object) -> VmDefinition:
+        """A definition this host can build: well-formed (ApiError 400 naming the field)
+        and within the host's resources (ApiError 422 ``VmTooLarge``).  Allocates
+        nothing."""
+        model = validate(VmDefinitionModel, definition, "VM definition")
+        check_fits(model, self.name)
         try:
-            parsed = load_definition(definition)
+            return load_definition(definition)  # type: ignore[arg-type]
         except ConfigError as exc:
-            raise ApiError(400, str(exc)) from exc
+            raise ApiError(400, f"invalid VM definition: {exc}", "ConfigError") from exc
+
+    def create(self, definition: dict[str, Any], start: bool = False) -> HostedVm:
+        parsed = self.check_definition(definition)
         with self.lock:
             self.check_name_free(parsed.name)
             self._check_assignment(parsed.name, parsed.to_dict())
             hosted = HostedVm(parsed.name, parsed.to_dict(), "paused")
             try:
                 self._boot(hosted, start)
-            except VmferryError as exc:
+            except (VmferryError, ValueError, OverflowError, UnicodeError) as exc:
                 hosted.release()
-                raise ApiError(400, f"cannot create VM: {exc}") from exc
+                raise ApiError(400, f"cannot create VM: {exc}", type(exc).__name__) from exc
             self.vms[parsed.name] = hosted
         self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
         log.info("created VM %s (%s)", hosted.name, hosted.runstate)
@@ -363,11 +385,31 @@ class HostDaemon:
         hosted = self.get_vm(name)
         if hosted.runstate == "migrating":
             raise ApiError(409, f"VM {name} is migrating; cancel the job first")
+        if hosted.runstate == "saving":
+            raise ApiError(409, f"VM {name} is being saved; destroy it once that finished")
         with self.lock:
             self.vms.pop(name, None)
         hosted.release()
         self.store.delete_vm(name)
         log.info("destroyed VM %s", name)
+
+    def begin_save(self, name: str) -> HostedVm:
+        """Mark a running or paused VM ``saving`` (one check-and-mark under the lock);
+        ApiError 409 otherwise.  :meth:`end_save` puts its runstate back."""
+        hosted = self.get_vm(name)
+        with self.lock:
+            if hosted.vm is None or hosted.runner is None or hosted.runstate not in (
+                "running", "paused"
+            ):
+                raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot be saved")
+            hosted.saved_from = hosted.runstate
+            hosted.runstate = "saving"
+        return hosted
+
+    def end_save(self, hosted: HostedVm) -> None:
+        with self.lock:
+            if hosted.runstate == "saving":
+                hosted.runstate = hosted.saved_from
 
     def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]:
         """Take in a VM a destination session loaded (by migration or from a snapshot):
@@ -432,7 +474,8 @@ class HostDaemon:
         from vmferry.host.client import HostClient
 
         try:
-            info = HostClient(destination, self.token, timeout=10.0).get("/v1/host")
+            ctx = self.tls.client_context() if self.tls is not None else None
+            info = HostClient(destination, self.token, timeout=10.0, tls=ctx).get("/v1/host")
         except HostError:
             return  # unreachable: asking it for a token reports that, with the step
         if not isinstance(info, dict):
@@ -482,11 +525,16 @@ class HostDaemon:
     ) -> tuple[Incoming, dict[str, Any]]:
         """Get ready for a VM; returns the one-time token and this host's capabilities
         for it (from a scratch VM built here: the same code that will receive it)."""
+        parsed = self.check_definition(definition)
+        if parsed.name != vm_name:
+            raise ApiError(400, f"the definition is of VM {parsed.name!r}, not {vm_name!r}")
+        self.check_name_free(vm_name)
+        # the capabilities come from a scratch VM whose RAM is never touched (zero fill)
         try:
-            load_definition(definition)
-            scratch = self.build_vm({**definition, "fill": "zero"})  # capabilities only
-        except VmferryError as exc:
-            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
+            scratch = self.build_vm({**parsed.to_dict(), "fill": "zero"})
+        except (VmferryError, ValueError, OverflowError, UnicodeError) as exc:
+            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}",
+                           type(exc).__name__) from exc
         try:
             capabilities = scratch.capabilities()
         finally:
@@ -496,8 +544,8 @@ class HostDaemon:
             job = self.new_job(vm_name, "destination", peer, {"verify": verify})
             self._check_assignment(vm_name, definition)
             inc = Incoming(
-                secrets.token_hex(16), vm_name, verify, job.id, time.monotonic() + TOKEN_TTL_S,
-                definition,
+                secrets.token_hex(16), vm_name, verify, job.id,
+                time.monotonic() + self.reservation_ttl_s, parsed.to_dict(),
             )
             self.incoming[inc.token] = inc
         log.info("expecting VM %s from %s (job %s)", vm_name, peer, job.id)
@@ -506,14 +554,23 @@ class HostDaemon:
     def claim_token(self, token: object) -> Incoming | None:
         """One-time use: the token is gone whether or not it was valid."""
         with self.lock:
-            now = time.monotonic()
-            for t, inc in list(self.incoming.items()):
-                if inc.expires < now:
-                    del self.incoming[t]
-                    self._expire(inc)
+            self.expire_reservations()
             if not isinstance(token, str):
                 return None
             return self.incoming.pop(token, None)
+
+    def expire_reservations(self) -> int:
+        """Drop reservations no source claimed in time (their ``setup`` jobs fail, the
+        names are free again); called on a timer and before a token is claimed.  Returns
+        how many expired."""
+        with self.lock:
+            now = time.monotonic()
+            gone = [t for t, inc in self.incoming.items() if inc.expires < now]
+            for t in gone:
+                inc = self.incoming.pop(t)
+                self._expire(inc)
+                log.info("reservation for VM %s expired (job %s)", inc.vm, inc.job_id)
+        return len(gone)
 
     def _expire(self, inc: Incoming) -> None:
         job = self.jobs.get(inc.job_id)
@@ -574,6 +631,8 @@ def run_daemon(
     migration_listen: tuple[str, int] | None = None,
     context: HostContext | None = None,
     token_file: Path | None = None,
+    tls: TlsConfig | None = None,
+    images_dir: Path | None = None,
     *,
     qmp_dir: Path | None = None,
 ) -> None:
@@ -584,7 +643,8 @@ def run_daemon(
     Every way it cannot start is a one-line VmferryError (the traceback of an unexpected
     one goes to the log)."""
     try:
-        _run_daemon(name, state_dir, listen, migration_listen, context, token_file, qmp_dir)
+        _run_daemon(name, state_dir, listen, migration_listen, context, token_file, tls,
+                    images_dir, qmp_dir)
     except VmferryError:
         raise
     except OSError as exc:
@@ -603,6 +663,8 @@ def _run_daemon(
     migration_listen: tuple[str, int] | None,
     context: HostContext | None,
     token_file: Path | None,
+    tls: TlsConfig | None,
+    images_dir: Path | None,
     qmp_dir: Path | None,
 ) -> None:
     from vmferry.host.api import make_app
@@ -617,12 +679,18 @@ def _run_daemon(
         raise HostError(f"state dir {state_dir} is not a directory")
     state_dir.mkdir(parents=True, exist_ok=True)
     token = load_or_create_token(token_file or state_dir / "token")
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls,
+                        images_dir)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
+    for what, address in (("control API", listen), ("migration listener",
+                                                     daemon.migration_listen)):
+        if tls is None and not is_loopback(address[0]):
+            log.warning("%s listens on %s without TLS: guest memory and tokens cross the "
+                        "network in clear (serve with --tls-dir)", what, address[0])
     probe = daemon.context.iommu
     if probe is not None:
         log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,
@@ -637,12 +705,14 @@ def _run_daemon(
 
         runner = web.AppRunner(make_app(daemon), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, listen[0], listen[1])
+        site = web.TCPSite(runner, listen[0], listen[1], ssl_context=(
+            logging_server_context(tls, "control API") if tls is not None else None))
         await site.start()
         server = site._server
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
+        daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
         daemon.control_url = f"http://{host}:{port}"
         qmp = QmpServer(daemon, qmp_dir) if qmp_dir is not None else None
         if qmp is not None:

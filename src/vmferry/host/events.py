@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import ssl
 import threading
 import time
 import urllib.parse
@@ -135,15 +136,21 @@ def matches(event: Event, job: str | None, vm: str | None) -> bool:
 
 
 def stream_events(url: str, *, token: str | None = None, job: str | None = None,
-                  vm: str | None = None, stall_s: float = 10.0) -> Iterator[Event]:
+                  vm: str | None = None, stall_s: float = 10.0,
+                  tls: ssl.SSLContext | None = None) -> Iterator[Event]:
     """Events from a host's ``/v1/events/stream``, as they happen, until the host closes
     the stream (``token``: the control API's bearer token).  HostError if it cannot be
     reached or goes quiet for ``stall_s`` seconds (it sends a heartbeat every second);
     ApiError for an HTTP error."""
     parts = urllib.parse.urlsplit(url)
     query = urllib.parse.urlencode({k: v for k, v in (("job", job), ("vm", vm)) if v})
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
-                                      timeout=stall_s)
+    host = parts.hostname or "127.0.0.1"
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":  # mutual TLS: the client certificate in ``tls``
+        conn = http.client.HTTPSConnection(host, parts.port or 443, timeout=stall_s,
+                                           context=tls)
+    else:
+        conn = http.client.HTTPConnection(host, parts.port or 80, timeout=stall_s)
     try:
         try:
             conn.request("GET", f"/v1/events/stream{'?' + query if query else ''}",

@@ -7,11 +7,13 @@ and turns every way a connection can fail into a session failure with the step n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
+import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import (
     ApiError,
@@ -26,16 +28,21 @@ from vmferry.errors import (
 from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
+from vmferry.host.files import Output
+from vmferry.host.models import MigrationParamsModel, validate
 from vmferry.host.outcome import downtime_overrun
 from vmferry.host.runner import VmRunner
+from vmferry.host.tls import TlsConfig, explain
 from vmferry.host.transport import (
     readable,
     recv_frame,
     recv_into_decoder,
     send_buffers,
     send_frame,
+    serve_handshakes,
 )
 from vmferry.host.vcpus import Populator
+from vmferry.machine.vm import load_definition
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -62,38 +69,43 @@ def destination_ok(post_load: dict[str, Any]) -> bool:
     return all(r.get("ok", True) for r in post_load.values() if isinstance(r, dict))
 
 
-def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
-    known = {
-        "downtime_limit_ms",
-        "max_bandwidth_mib",
-        "offline",
-        "max_passes",
-        "auto_converge",
-        "verify",
-        "compat",
-        "allow_degraded",
-        *HOST_PARAMS,
-    }
-    unknown = set(raw) - known
-    if unknown:
-        raise ApiError(400, f"unknown migration parameters {sorted(unknown)}")
+def parse_params(raw: object) -> tuple[MigrationParams, Fault | None]:
+    """Migration parameters from a request, every one checked (types, ranges, the
+    convergence policy they make); ApiError 400 before anything else happens."""
+    model = validate(MigrationParamsModel, raw, "migration parameters")
     try:
-        fault = Fault.parse(raw["fault"]) if raw.get("fault") else None
-        params = MigrationParams(**{k: v for k, v in raw.items() if k not in HOST_PARAMS})
-    except (TypeError, ConfigError) as exc:
-        raise ApiError(400, f"bad migration parameters: {exc}") from exc
+        fault = Fault.parse(model.fault) if model.fault else None
+        params = MigrationParams(**model.model_dump(exclude=set(HOST_PARAMS)))
+        params.policy()
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise ApiError(400, f"bad migration parameters: {exc}", "InvalidRequest") from exc
     return params, fault
 
 
 # --- source ------------------------------------------------------------------------------
 
 
-def _ask_destination(url: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+def _check_peer_tls(tls: TlsConfig | None, url: str) -> None:
+    """A TLS host talks only to TLS peers; a plaintext host cannot talk to a TLS one."""
+    if tls is not None and not url.startswith("https://"):
+        raise ApiError(502, f"this host serves TLS and refuses the plaintext destination "
+                            f"{url} (give its https:// URL; it must serve with --tls-dir)",
+                       "PeerNotTls", "setup")  # fmt: skip
+    if tls is None and url.startswith("https://"):
+        raise ApiError(502, f"destination {url} serves TLS and this host has no certificate "
+                            "of its cluster (serve this host with --tls-dir)", "PeerTls",
+                       "setup")  # fmt: skip
+
+
+def _ask_destination(url: str, body: dict[str, Any], token: str | None,
+                     tls: TlsConfig | None = None) -> dict[str, Any]:  # fmt: skip
     """POST /v1/incoming on the destination (with the cluster's token): its one-time token
     and capabilities.  ApiError 502 if it cannot be reached or answers nonsense; its own
     refusal (a name it holds: 409) keeps the destination's status."""
     try:
-        reply = HostClient(url, token, timeout=30.0).post("/v1/incoming", body)
+        _check_peer_tls(tls, url)
+        ctx = tls.client_context() if tls is not None else None
+        reply = HostClient(url, token, timeout=30.0, tls=ctx).post("/v1/incoming", body)
     except ApiError as exc:
         if exc.status == 401:
             raise ApiError(502, f"destination {url} refused this host's token: the hosts "
@@ -113,23 +125,31 @@ def _ask_destination(url: str, body: dict[str, Any], token: str | None) -> dict[
 def start_source_job(
     daemon: HostDaemon, hosted: HostedVm, destination: str, raw: dict[str, Any]
 ) -> Job:
-    params, fault = parse_params(raw)
+    params, fault = parse_params(raw)  # every check before a token, job or mark exists
     assert hosted.vm is not None and hosted.runner is not None
-    incoming = _ask_destination(
-        destination,
-        {
-            "vm": hosted.name,
-            "definition": hosted.definition,
-            "verify": params.verify,
-            "peer": daemon.control_url,
-        },
-        daemon.token,
-    )
+    stream_file = raw.get("stream_file")
+    tee = daemon.images.create(stream_file) if stream_file else None
+    try:
+        incoming = _ask_destination(
+            destination,
+            {
+                "vm": hosted.name,
+                "definition": hosted.definition,
+                "verify": params.verify,
+                "peer": daemon.control_url,
+            },
+            daemon.token,
+            daemon.tls,
+        )
+    except BaseException:
+        if tee is not None:
+            tee.discard()
+        raise
     job = daemon.new_job(hosted.name, "source", destination, {**raw})
     prev_state = hosted.runstate
     hosted.runstate = "migrating"
     daemon.store.set_runstate(hosted.name, "migrating")
-    worker = SourceWorker(daemon, hosted, job, params, fault, incoming, prev_state)
+    worker = SourceWorker(daemon, hosted, job, params, fault, incoming, prev_state, tee)
     job.thread = threading.Thread(target=worker.run, name=f"mig-src-{job.id}", daemon=True)
     job.thread.start()
     return job
@@ -145,6 +165,7 @@ class SourceWorker:
         fault: Fault | None,
         incoming: dict[str, Any],
         prev_state: str,
+        tee: Output | None = None,
     ) -> None:
         self.daemon, self.hosted, self.job = daemon, hosted, job
         self.params, self.fault, self.incoming = params, fault, incoming
@@ -154,8 +175,8 @@ class SourceWorker:
         self.runner: VmRunner = hosted.runner
         self.session = SourceSession(hosted.vm, params, MonotonicClock(), guest=self.runner)
         self._last_stats = 0.0
-        path = job.params.get("stream_file")
-        self.tee: BinaryIO | None = open(path, "wb") if path else None  # noqa: SIM115
+        #: the stream copy (``stream_file``), renamed into place if the migration completes
+        self.tee = tee
 
     def run(self) -> None:
         sock: socket.socket | None = None
@@ -171,6 +192,8 @@ class SourceWorker:
             self._fail(str(exc))
         except MigrationError as exc:
             self._fail(exc.reason, exc.step or None, cancelled=self.job.cancel.is_set())
+        except ssl.SSLError as exc:
+            self._fail(explain(exc, "the destination", server=False))
         except OSError as exc:
             reason = self._peer_reason(sock) or f"connection lost: {exc.strerror or exc}"
             self._fail(reason)
@@ -182,7 +205,18 @@ class SourceWorker:
                 with contextlib.suppress(OSError):
                     sock.close()
             if self.tee is not None:
-                self.tee.close()
+                self._finish_tee()
+
+    def _finish_tee(self) -> None:
+        assert self.tee is not None
+        if self.job.status != "completed":
+            self.tee.discard()
+            return
+        try:
+            self.tee.commit()
+        except OSError as exc:
+            self.tee.discard()
+            log.warning("job %s: stream copy not kept: %s", self.job.id, exc.strerror)
 
     def _preflight(self) -> None:
         with self.runner.lock:  # handlers inspect device state the guest's thread changes
@@ -193,12 +227,24 @@ class SourceWorker:
     def _abort_incoming(self, reason: str) -> None:
         """Tell the destination to forget the token it handed out."""
         host, port = self.incoming["migration_address"]
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 5) as sock:
+        with contextlib.suppress(OSError), self._dial(host, port, 5) as sock:
             send_frame(sock, "hello", token=self.incoming["token"], abort=reason)
+
+    def _dial(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A connection to the destination's listener (TLS when this host serves it)."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if self.daemon.tls is None:
+            return sock
+        try:
+            return self.daemon.tls.client_context().wrap_socket(sock)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise PeerError(explain(exc, f"destination {host}:{port}", server=False),
+                            "handshake") from exc
 
     def _connect(self) -> socket.socket:
         host, port = self.incoming["migration_address"]
-        sock = socket.create_connection((host, port), timeout=HELLO_TIMEOUT_S)
+        sock = self._dial(host, port, HELLO_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         send_frame(
             sock,
@@ -240,7 +286,7 @@ class SourceWorker:
             wire = apply(self.fault, phase, bufs)
             send_buffers(sock, wire)
             if self.tee is not None:
-                self.tee.writelines(wire)
+                self.tee.file.writelines(wire)
             self._publish()
             bufs = self.session.next_buffers()
             if self.job.status != self.session.status.value:  # event subscribers see each
@@ -371,27 +417,77 @@ class SourceWorker:
 # --- destination -------------------------------------------------------------------------
 
 
+def _version_ok(version: object) -> bool:
+    """A hello's ``stream_version``: ``[major, minor]`` integers with our major."""
+    return (
+        isinstance(version, list) and len(version) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in version)
+        and version[0] == MAJOR
+    )
+
+
 def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
-    while not daemon.stopping:
-        try:
-            conn, addr = listener.accept()
-        except OSError:
-            return
-        threading.Thread(
-            target=DestinationWorker(daemon, conn, addr).run, name=f"mig-dst-{addr[1]}", daemon=True
-        ).start()
+    """The migration listener: HELLOs are read by the handshake gate (one thread, an
+    overall deadline); a connection gets its worker thread only once its HELLO arrived."""
+
+    def on_hello(conn: socket.socket, addr: Any, hello: dict[str, Any]) -> None:
+        worker = DestinationWorker(daemon, conn, addr, hello)
+        threading.Thread(target=worker.run, name=f"mig-dst-{addr[1]}", daemon=True).start()
+
+    def on_refuse(conn: socket.socket, addr: Any, reason: str) -> None:
+        refuse_connection(daemon, conn, addr, reason)
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    def tls_error(exc: BaseException, addr: Any) -> str:
+        return explain(exc, f"{addr[0]}:{addr[1]}", server=True)
+
+    tls = daemon.tls.server_context() if daemon.tls is not None else None
+    serve_handshakes(listener, lambda: daemon.stopping, on_hello, on_refuse, tls=tls,
+                     tls_error=tls_error)
+
+
+def refuse_connection(daemon: HostDaemon, conn: socket.socket, addr: Any, reason: str) -> None:
+    """Log a refused migration connection (and record it) and tell the peer why."""
+    msg = f"refused migration connection from {addr[0]}:{addr[1]}: {reason}"
+    log.warning(msg)
+    daemon.store.log("refused", msg)
+    with contextlib.suppress(OSError):
+        conn.setblocking(True)
+        conn.settimeout(1.0)
+        send_frame(conn, "reject", reason=reason)
 
 
 class DestinationWorker:
-    def __init__(self, daemon: HostDaemon, conn: socket.socket, addr: Any) -> None:
+    def __init__(self, daemon: HostDaemon, conn: socket.socket, addr: Any,
+                 hello: dict[str, Any]) -> None:
         self.daemon, self.conn, self.addr = daemon, conn, addr
+        self.hello = hello
         self.session: DestinationSession | None = None
         self.job: Job | None = None
         self.step = "handshake"
         self.populator: Populator | None = None
 
+    def _tls(self) -> bool:
+        """The TLS handshake, when this host serves TLS; False (refused) if it failed.
+        (The listener's handshake gate has usually done it already.)"""
+        if self.daemon.tls is None or isinstance(self.conn, ssl.SSLSocket):
+            return True
+        self.conn.settimeout(HELLO_TIMEOUT_S)
+        try:
+            self.conn = self.daemon.tls.server_context().wrap_socket(self.conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            peer = f"{self.addr[0]}:{self.addr[1]}"
+            msg = f"refused migration connection from {peer}: " + explain(exc, peer, server=True)
+            log.warning(msg)
+            self.daemon.store.log("refused", msg)
+            return False
+        return True
+
     def run(self) -> None:
         try:
+            if not self._tls():
+                return
             hello = self._handshake()
             if hello is not None:
                 self._receive(hello)
@@ -412,11 +508,7 @@ class DestinationWorker:
 
     def _handshake(self) -> dict[str, Any] | None:
         self.conn.settimeout(HELLO_TIMEOUT_S)
-        try:
-            hello = recv_frame(self.conn)
-        except (PeerError, OSError) as exc:
-            self._refuse(f"no valid hello: {exc}")
-            return None
+        hello = self.hello
         inc = self.daemon.claim_token(hello.get("token")) if hello.get("type") == "hello" else None
         if inc is None:
             self._refuse("unknown or expired migration token")
@@ -427,11 +519,13 @@ class DestinationWorker:
             self.job.error = str(hello["abort"])
             self.daemon.save_job(self.job)
             return None
-        if hello.get("stream_version", [0])[0] != MAJOR:
-            self._refuse(f"stream version {hello.get('stream_version')} not supported")
+        if not _version_ok(hello.get("stream_version")):
+            self._refuse(f"stream version {str(hello.get('stream_version'))[:40]} not "
+                         f"supported (this host reads {MAJOR}.x)")
             return None
         self.session = DestinationSession(
-            MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
+            MonotonicClock(), verify=inc.verify,
+            check_config=self._check_approved(inc.vm, inc.definition),
             factory=self._build_staging,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
@@ -446,21 +540,25 @@ class DestinationWorker:
         return vm
 
     @staticmethod
-    def _check_name(expected: str) -> Any:
+    def _check_approved(expected: str, approved: dict[str, Any]) -> Any:
+        """The stream's VM must be exactly the definition this host approved at
+        /v1/incoming (and checked against its resources): the same name and the same
+        memory, vCPUs, devices and every other key."""
+        want = json.dumps(approved, sort_keys=True)
+
         def check(config: Any) -> None:
-            if config.get("name") != expected:
-                raise ConfigError(
-                    f"stream carries VM {config.get('name')!r}, expected {expected!r}"
-                )
+            if not isinstance(config, dict) or config.get("name") != expected:
+                name = config.get("name") if isinstance(config, dict) else None
+                raise ConfigError(f"stream carries VM {name!r}, expected {expected!r}")
+            got = json.dumps(load_definition(config).to_dict(), sort_keys=True)
+            if got != want:
+                raise ConfigError(f"stream carries a definition of VM {expected} that differs "
+                                  "from the one this host approved")
 
         return check
 
     def _refuse(self, reason: str) -> None:
-        msg = f"refused migration connection from {self.addr[0]}:{self.addr[1]}: {reason}"
-        log.warning(msg)
-        self.daemon.store.log("refused", msg)
-        with contextlib.suppress(OSError):
-            send_frame(self.conn, "reject", reason=reason)
+        refuse_connection(self.daemon, self.conn, self.addr, reason)
 
     def _receive(self, hello: dict[str, Any]) -> None:
         assert self.session is not None and self.job is not None

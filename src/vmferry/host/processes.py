@@ -15,6 +15,7 @@ from pathlib import Path
 from vmferry.errors import HostError
 from vmferry.host.auth import TOKEN_FILE_ENV, load_or_create_token
 from vmferry.host.client import HostClient
+from vmferry.host.tls import TlsConfig
 
 
 @dataclass
@@ -25,10 +26,15 @@ class HostProcess:
     control_url: str = ""
     #: the control API's bearer token (from the host's token file)
     token: str = ""
+    #: the directory save, restore and stream_file paths are confined to
+    images_dir: Path = Path()
+    #: the host's TLS directory when it serves TLS (its certificate is the client's too)
+    tls_dir: Path | None = None
 
     def client(self, timeout: float = 30.0) -> HostClient:
-        """A control-API client for this host, with its token."""
-        return HostClient(self.control_url, self.token, timeout)
+        """A control-API client for this host, with its token (and certificate)."""
+        tls = TlsConfig.load(self.tls_dir).client_context() if self.tls_dir else None
+        return HostClient(self.control_url, self.token, timeout, tls)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -52,15 +58,20 @@ def spawn_host(
     timeout: float = 30.0,
     extra_args: list[str] | None = None,
     token_file: Path | None = None,
+    tls_dir: Path | None = None,
 ) -> HostProcess:
     """Start ``vmferry host serve`` and wait for its ready file.  The host's token file is
     ``token_file``, else ``$VMFERRY_TOKEN_FILE``, else ``token`` beside ``state_dir`` (so
-    hosts started under one directory form one cluster); it is created if missing."""
+    hosts started under one directory form one cluster); it is created if missing.  Unless
+    ``extra_args`` name one, the images directory is ``images`` beside ``state_dir``
+    (shared the same way)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     if token_file is None:
         env = os.environ.get(TOKEN_FILE_ENV)
         token_file = Path(env) if env else state_dir.parent / "token"
     token = load_or_create_token(token_file)
+    extra = extra_args or []
+    images_dir = None if "--images-dir" in extra else state_dir.parent / "images"
     ready = state_dir / "ready.json"
     with contextlib.suppress(FileNotFoundError):
         ready.unlink()
@@ -79,6 +90,8 @@ def spawn_host(
         str(state_dir),
         "--token-file",
         str(token_file),
+        *(["--images-dir", str(images_dir)] if images_dir is not None else []),
+        *(["--tls-dir", str(tls_dir)] if tls_dir is not None else []),
         *(extra_args or []),
     ]
     proc = subprocess.Popen(
@@ -89,7 +102,8 @@ def spawn_host(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
-    host = HostProcess(name, state_dir, proc, token=token)
+    host = HostProcess(name, state_dir, proc, token=token, tls_dir=tls_dir,
+                       images_dir=images_dir or Path(extra[extra.index("--images-dir") + 1]))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

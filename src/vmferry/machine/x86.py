@@ -54,7 +54,6 @@ KEYS = frozenset({"dirty_log"})
 DIRTY_LOG_MODES = {"get": "KVM_GET_DIRTY_LOG",
                    "manual-protect": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (GET + CLEAR)"}
 SLOT = 0
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 IDLE_SLEEP_S = 0.02
 MIN_SLEEP_S = 0.001
 MAX_SLEEP_S = 0.02
@@ -212,12 +211,8 @@ class KvmGuestRam(GuestRam):
         takes pages much faster.  False if this kernel cannot."""
         if first < 0 or count <= 0 or first + count > self.npages:
             return False
-        try:
-            self._mmap.madvise(MADV_POPULATE_WRITE, first * self.page_size,
-                               count * self.page_size)
-        except (OSError, ValueError):
-            return False
-        return True
+        return kvm.populate_write(self.address + first * self.page_size,
+                                  count * self.page_size)
 
     def attach(self, vm: kvm.KvmVm, mode: str) -> None:
         self.kvm_vm = vm

@@ -1,4 +1,5 @@
-"""The iommu-probe scenario against the spec's race/mode presence table (§11.3)."""
+"""The iommu-probe scenario against the race/mode presence table (docs/models/iommu-probe.md
+§11.3)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from vmferry.analysis.explore import Report, replay, run_scenario
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.analysis.explore.scenarios.iommu_probe import SCENARIO
 
-#: spec §11.3: race -> presets where the faulty outcome must occur
+#: docs/models/iommu-probe.md §11.3: race -> presets where the faulty outcome must occur
 PRESENCE = {
     "R0": set(),
     "R1": {"pre_6_7"},

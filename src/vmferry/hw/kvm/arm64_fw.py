@@ -19,7 +19,8 @@ SET is a pure "may a guest from that host run here?" check.
 One-reg routing (kernel ``arch/arm64/kvm/guest.c``): uninitialised vCPU -> ENOEXEC; a high
 word other than ``0x60000000`` -> EINVAL; CORE ids -> the core register file; FW (and, from
 5.19, FW_FEAT_BMAP) ids -> the firmware handlers; everything else -> system registers
-(unknown -> ENOENT).  Firmware SET order and errnos follow spec section 4.4 per era.
+(unknown -> ENOENT).  Firmware SET order and errnos follow docs/models/psci-firmware-registers.md
+§4.4 per era.
 
 The hypercall handler (:meth:`KvmVcpu.hvc`) first serves SMCCC-owned ids (absent before
 4.16), then bitmap-gated services (5.19+), then dispatches PSCI on the effective version
@@ -160,7 +161,7 @@ class Wa2Semantics(Enum):
 
 @dataclass(frozen=True)
 class KernelCaps:
-    """What one host kernel era implements (spec sections 1, 3.2, 4)."""
+    """What one host kernel era implements (docs/models/psci-firmware-registers.md §1, §3.2, §4)."""
 
     kernel: str
     era: str
@@ -190,7 +191,8 @@ class KernelCaps:
 
 @dataclass(frozen=True)
 class FwFaults:
-    """Named faulty modes (spec section 8.3); all off is the correct kernel."""
+    """Named faulty modes (docs/models/psci-firmware-registers.md §8.3); all off is the correct
+    kernel."""
 
     store_wa_on_set: bool = False
     per_vcpu_psci: bool = False
@@ -213,7 +215,8 @@ def host_reg_level(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> in
 
 
 def arch_features_answer(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> int:
-    """KVM's ``SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_n)`` answer on this host (spec 3.2)."""
+    """KVM's ``SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_n)`` answer on this host
+    (docs/models/psci-firmware-registers.md §3.2)."""
     if not caps.smccc_1_1 or wa not in caps.wa_discoverable:
         return P.SmcccRet.NOT_SUPPORTED
     level = host.level(wa)
@@ -278,7 +281,8 @@ class MpState(Enum):
     STOPPED = "stopped"
 
 
-#: Hypercall services gated by a bitmap register bit (spec 3.3): fid -> (register, bit).
+#: Hypercall services gated by a bitmap register bit (docs/models/psci-firmware-registers.md §3.3):
+#: fid -> (register, bit).
 SERVICE_GATES: dict[int, tuple[int, int]] = {
     **dict.fromkeys(P.TRNG_IDS, (R.KVM_REG_ARM_STD_BMAP, 0)),
     **dict.fromkeys(P.PV_TIME_IDS, (R.KVM_REG_ARM_STD_HYP_BMAP, 0)),
@@ -513,7 +517,7 @@ class KvmVcpu:
             return level
         return self.vm.bmaps[rid]
 
-    # -- firmware SET (spec 4.4, evaluated in the kernel's order) -------------------------------
+    # -- firmware SET (docs/models/psci-firmware-registers.md §4.4, in the kernel's order) ---
 
     def _set_fw(self, rid: int, value: int) -> None:
         if rid == R.KVM_REG_ARM_PSCI_VERSION:

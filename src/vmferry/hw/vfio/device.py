@@ -7,7 +7,7 @@ reaches it two ways:
 
 * the binary uAPI, ``ioctl(cmd, arg)`` over a byte buffer standing for user memory (a
   read-only buffer faults on copy-out, a short one on copy-in), with the kernel's
-  validation order (section 3 of the spec) and an :class:`FdTable` for ``data_fd``;
+  validation order (docs/models/vfio-migration-v2.md §3) and an :class:`FdTable` for ``data_fd``;
 * a Pythonic face: ``set_state(new) -> DataStream | None``, ``get_state()``,
   ``data_size()``, ``migration_flags``, ``reset()``.
 
@@ -19,7 +19,7 @@ recover sends the device to ERROR, left only by ``reset()``.  ``reset()`` follow
 deferred-reset pattern: it never blocks on ``state_mutex``; if someone holds it, the
 holder performs the reset when it unlocks.
 
-Faults (named, off by default) reproduce the hazards of the spec's section 11.3:
+Faults (named, off by default) reproduce the hazards of docs/models/vfio-migration-v2.md §11.3:
 ``commit_before_step``, ``leak_on_copyout_fault``, ``precopy_info_unlocked``,
 ``no_state_mutex``, ``echo_precopy_flags``, ``fd_outlives_close``,
 ``reset_takes_state_mutex``; the FSM mode ``error_sentinel_loop`` reproduces the pre-2026
@@ -62,7 +62,15 @@ from vmferry.hw.vfio.states import (
     Feature,
     MigrationFlags,
 )
-from vmferry.hw.vfio.stream import Buffer, DataStream, FdTable, PrecopyInfo, copy_in, copy_out
+from vmferry.hw.vfio.stream import (
+    Buffer,
+    DataStream,
+    FdTable,
+    PrecopyInfo,
+    StreamKind,
+    copy_in,
+    copy_out,
+)
 from vmferry.sync import ModelLock, current_thread, yield_point
 
 S = DeviceState
@@ -314,6 +322,8 @@ class VfioMigrationDevice:
                 yield_point("stream write", stream, write=True)
                 if stream.disabled or stream.errored:
                     raise VfioError(errno.ENODEV, f"{stream.name} is disabled or in error")
+                if stream.kind is not StreamKind.RESUMING:
+                    raise VfioError(errno.EBADF, f"{stream.name} is a saving stream")
                 taken = driver.resume_write(stream, data)
                 stream.pos += taken
                 return taken
@@ -440,7 +450,8 @@ class VfioMigrationDevice:
     # --- invariants ---------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
-        """Raise a HazardError if the model broke an invariant of spec section 11.2."""
+        """Raise a HazardError if the model broke an invariant of docs/models/vfio-migration-v2.md
+        §11.2."""
         driver = self.driver
         if driver is None:
             return

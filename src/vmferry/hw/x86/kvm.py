@@ -166,6 +166,19 @@ _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl.restype = ctypes.c_int
 
 
+_madvise = _libc.madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+
+
+def populate_write(addr: int, length: int) -> bool:
+    """Fault ``[addr, addr + length)`` of this process's memory in, writable, without
+    changing its contents (``madvise(MADV_POPULATE_WRITE)``; the GIL is released, so
+    another thread keeps running).  False where the kernel cannot."""
+    return int(_madvise(addr, length, MADV_POPULATE_WRITE)) == 0
+
+
 class KvmError(KernelError):
     """A KVM ioctl failed (``errno`` as the kernel returned it) or KVM is not usable."""
 

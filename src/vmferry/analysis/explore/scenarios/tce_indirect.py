@@ -3,7 +3,8 @@
 A vCPU maps two entries with H_PUT_TCE_INDIRECT from a list page in guest RAM; another
 guest thread (a second vCPU, or a device DMA-ing into the page) stores a new value into
 one list slot.  The seed thread's v4 patch validated every entry and then read the list
-again to apply it, so the value applied can differ from the value validated (spec §10).
+again to apply it, so the value applied can differ from the value validated
+(docs/models/spapr-tce.md §10).
 
 Cases (the writer's new value for list slot 1):
 
