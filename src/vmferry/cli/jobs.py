@@ -183,24 +183,34 @@ def show(host_url: str, job_id: str | None, as_json: bool) -> None:
             console.print(f"[red]problem[/]: {esc(p)}", highlight=False)
     else:
         console.print(job_list_table(data))
+        for line in job_problems(data):
+            console.print(esc(line), highlight=False, soft_wrap=True)
 
 
 def job_list_table(jobs: list[dict[str, Any]]) -> Table:
-    table = Table("job", "role", "vm", "status", "passes", "downtime", "problem or warning")
+    table = Table("job", "role", "vm", "status", "passes", "downtime")
     table.columns[0].no_wrap = True
     for job in jobs:
         st = job.get("stats", {})
         source = job["role"] == "source"
-        problem = job.get("error") or ""
-        if job["status"] == "completed":
-            v = verdict(job)
-            problem = "; ".join(v.problems + v.warnings)
         table.add_row(
             *(Text(str(x)) for x in (job["id"], job["role"], job["vm"], job["status"])),
             str(len(passes_of(job)) if source else st.get("passes", "")),
-            f"{st['downtime']:.1f} ms" if source and job["status"] == "completed" else "",
-            Text(problem))
+            f"{st['downtime']:.1f} ms" if source and job["status"] == "completed" else "")
     return table
+
+
+def job_problems(jobs: list[dict[str, Any]]) -> list[str]:
+    """One line per job that failed or reported a problem or warning (below the table,
+    where long messages stay whole)."""
+    out: list[str] = []
+    for job in jobs:
+        if job["status"] == "completed":
+            v = verdict(job)
+            out += [f"{job['id']}: {w}" for w in v.problems + v.warnings]
+        elif job.get("error"):
+            out.append(f"{job['id']}: {job['status']} at {job.get('step')}: {job['error']}")
+    return out
 
 
 @command.command("watch")

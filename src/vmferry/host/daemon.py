@@ -528,7 +528,7 @@ class HostDaemon:
         parsed = self.check_definition(definition)
         if parsed.name != vm_name:
             raise ApiError(400, f"the definition is of VM {parsed.name!r}, not {vm_name!r}")
-        self.check_name_free(vm_name)
+        self.check_name_free(vm_name, leftover_ok=True)
         # the capabilities come from a scratch VM whose RAM is never touched (zero fill)
         try:
             scratch = self.build_vm({**parsed.to_dict(), "fill": "zero"})
