@@ -146,8 +146,10 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
     h = spawn_host("R", tmp_path / "R")
     try:
         c = h.client()
-        states = {v["name"]: v["runstate"] for v in c.get("/v1/vms")}
-        assert states == {"keep": "paused", "run": "running"}
+        vms = {v["name"]: v for v in c.get("/v1/vms")}
+        # no guest memory survives a restart: rebuilt, paused, and said so
+        assert {n: v["runstate"] for n, v in vms.items()} == {"keep": "paused", "run": "paused"}
+        assert all(v["memory_lost"] and "did not survive" in v["note"] for v in vms.values())
         job = c.get(f"/v1/jobs/{inc['job']}")
         assert job["status"] == "failed" and "restarted" in job["error"]
     finally:

@@ -142,7 +142,7 @@ def certs(out: Path, hosts: str) -> None:
 
 
 #: the tables and keys a host platform file may carry
-PLATFORM_KEYS = frozenset({"spapr", PLATFORM_TABLE, "iommu", VFIO_PLATFORM_KEY})
+PLATFORM_KEYS = frozenset({"spapr", PLATFORM_TABLE, "iommu", "kvm", VFIO_PLATFORM_KEY})
 
 
 def load_platform(path: Path) -> dict[str, Any]:

@@ -9,6 +9,18 @@ The daemon is the only place where the sans-IO engine meets sockets and threads:
   ``recv_into`` the decoder's buffer, which release the GIL while the kernel copies.
 
 ``self.lock`` guards ``vms``, ``jobs`` and ``incoming``; the store has its own lock.
+
+Runstates: ``running``, ``paused``, ``migrating`` (a source job owns the VM: ``HostedVm.job``),
+``migrated`` (it runs on the destination now; this is the husk), ``needs-attention`` (the
+daemon cannot tell whether the VM runs elsewhere; ``HostedVm.note`` says what to do) and
+``failed``.  The check that a VM may migrate and its ``migrating`` mark are one step under
+``self.lock``, so a second request for the same VM gets 409 naming the running job.
+
+A restarted daemon has lost every guest's memory.  :meth:`HostDaemon.recover` rebuilds
+running and paused VMs from their definitions but leaves them *paused*, flagged
+``memory_lost`` with a note; a VM left ``migrating`` is settled from its job's persisted
+progress (and, if COMMIT may have been sent, by asking the destination); a ``migrated``
+husk is never booted.
 """
 
 from __future__ import annotations
@@ -49,15 +61,23 @@ from vmferry.migration.destination import DestinationSession
 log = logging.getLogger("vmferry.host")
 
 TOKEN_TTL_S = 120.0
+#: how long a restarting daemon asks a destination what became of a committed migration
+RECOVER_ASK_S = 2.0
 
 
 @dataclass
 class HostedVm:
     name: str
     definition: dict[str, Any]
-    runstate: str  # running | paused | migrating | migrated
+    runstate: str  # running | paused | migrating | migrated | needs-attention | failed
     vm: VM | None = None
     runner: VmRunner | None = None
+    #: the source job that owns the VM while it is ``migrating``
+    job: str | None = None
+    #: why the VM is in its runstate, for the operator (persisted with the runstate)
+    note: str = ""
+    #: rebuilt from its definition by a restarted daemon: the guest's memory was lost
+    memory_lost: bool = False
     #: the runstate a save started from (the VM is ``saving`` meanwhile)
     saved_from: str = "running"
 
@@ -67,6 +87,12 @@ class HostedVm:
             "runstate": self.runstate,
             "definition": self.definition,
         }
+        if self.job is not None:
+            out["job"] = self.job
+        if self.note:
+            out["note"] = self.note
+        if self.memory_lost:
+            out["memory_lost"] = True
         if self.vm is not None:
             out["memory_bytes"] = self.vm.ram.size
             out["vcpus"] = len(self.vm.vcpus)
@@ -109,6 +135,8 @@ class Job:
     #: parameter changes for the running migration, taken by its worker (under the lock)
     retune: dict[str, Any] = field(default_factory=dict)
     thread: threading.Thread | None = None
+    #: persisted engine bookkeeping: ``peer_job``, ``commit_sent`` (see store.py)
+    progress: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> JobRow:
         return JobRow(
@@ -123,6 +151,7 @@ class Job:
             self.step,
             self.created,
             time.time(),
+            dict(self.progress),
         )
 
 
@@ -188,42 +217,83 @@ class HostDaemon:
     # --- start-up and shut-down ------------------------------------------------------
 
     def recover(self) -> None:
-        """Reload VMs and jobs from the store after a (re)start."""
-        for name, definition, runstate in self.store.vms():
-            hosted = HostedVm(name, definition, runstate)
-            if runstate in ("running", "paused", "migrating"):
-                try:
-                    self._boot(hosted, start=runstate != "paused")
-                except VmferryError as exc:
-                    log.error("cannot restore VM %s: %s", name, exc)
-                    hosted.runstate = "failed"
-                if hosted.runstate == "migrating":
-                    hosted.runstate = "running"
-                self.store.set_runstate(name, hosted.runstate)
-            self.vms[name] = hosted
+        """Reload VMs and jobs from the store after a (re)start.  No guest memory survived
+        a restart: see the module docstring for what each runstate comes back as."""
         for row in self.store.jobs():
             if row.status in ("setup", "active", "device"):
-                row = JobRow(
-                    **{
-                        **row.__dict__,
-                        "status": "failed",
-                        "error": "the host daemon restarted during the job",
-                        "step": row.step or "unknown",
-                    }
+                row = dataclasses.replace(
+                    row, status="failed", error="the host daemon restarted during the job",
+                    step=row.step or "unknown",
                 )
                 self.store.put_job(row)
-            self.jobs[row.id] = Job(
-                row.id,
-                row.vm,
-                row.role,
-                row.peer,
-                row.params,
-                row.status,
-                row.stats,
-                row.error,
-                row.step,
-                row.created,
-            )
+            self.jobs[row.id] = Job(row.id, row.vm, row.role, row.peer, row.params, row.status,
+                                    row.stats, row.error, row.step, row.created,
+                                    progress=dict(row.progress))
+        # a VM that arrived here but whose job never got to "completed" was never
+        # confirmed to its source, which resumes it: drop our copy
+        last_arrival = {j.vm: j for j in sorted(self.jobs.values(), key=lambda j: j.created)
+                        if j.role == "destination"}
+        arrived_unconfirmed = {vm for vm, j in last_arrival.items()
+                               if j.step == "resume" and j.status != "completed"}
+        notes = self.store.notes()
+        for name, definition, runstate in self.store.vms():
+            if name in arrived_unconfirmed and runstate in ("running", "paused"):
+                log.warning("VM %s: its arrival (COMMIT) was never confirmed; dropped", name)
+                self.store.delete_vm(name)
+                continue
+            hosted = HostedVm(name, definition, runstate, note=notes.get(name, ""))
+            self.vms[name] = hosted
+            if runstate in ("running", "paused"):
+                self._rebuild_lost(hosted, "")
+            elif runstate == "migrating":
+                self._recover_migrating(hosted)
+
+    def _rebuild_lost(self, hosted: HostedVm, why: str) -> None:
+        """Rebuild a VM whose memory did not survive a restart: paused, flagged, noted."""
+        was = hosted.runstate
+        note = (f"{why}the host daemon restarted and this VM's memory did not survive; it "
+                f"was rebuilt from its definition, paused (it was {was}). `vm start` runs "
+                f"it from fresh memory, `vm destroy` removes it.")
+        try:
+            self._boot(hosted, start=False)
+            hosted.memory_lost, hosted.note = True, note
+        except VmferryError as exc:
+            log.error("cannot restore VM %s: %s", hosted.name, exc)
+            hosted.runstate, hosted.note = "failed", f"cannot rebuild after a restart: {exc}"
+        self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+        log.warning("VM %s: %s", hosted.name, hosted.note)
+
+    def _recover_migrating(self, hosted: HostedVm) -> None:
+        """A VM left ``migrating``: settle it from its source job's persisted progress."""
+        from vmferry.host.migration import ask_destination_outcome
+
+        jobs = [j for j in self.jobs.values() if j.vm == hosted.name and j.role == "source"]
+        job = max(jobs, key=lambda j: j.created) if jobs else None
+        if job is None or not job.progress.get("commit_sent"):
+            # the destination resumes only on COMMIT, which was never sent: it has nothing
+            self._rebuild_lost(hosted, "a migration was under way before COMMIT; ")
+            return
+        outcome = ask_destination_outcome(job.peer, job.progress.get("peer_job"), hosted.name,
+                                          self.token, wait_s=RECOVER_ASK_S, tls=self.tls)
+        if outcome == "resumed":
+            hosted.runstate, hosted.note = "migrated", f"runs on {job.peer} (job {job.id})"
+            job.status, job.error = "completed", ""
+            job.step = "confirmed by the destination after a restart of this daemon"
+            self.save_job(job)
+            self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+        elif outcome == "not-resumed":
+            self._rebuild_lost(hosted, f"the destination {job.peer} says it never resumed "
+                                       f"the VM (job {job.id}); ")
+        else:
+            hosted.runstate = "needs-attention"
+            hosted.note = (
+                f"the host daemon restarted after COMMIT of job {job.id} was sent to "
+                f"{job.peer}, and {job.peer} cannot tell ({outcome}) whether it runs the VM. "
+                f"Check `vmferry vm show {hosted.name} --host {job.peer}`: if it runs there, "
+                f"`vmferry vm destroy {hosted.name}` here; if not, `vmferry vm start "
+                f"{hosted.name}` here runs it from its definition (its memory was lost).")
+            self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+            log.error("VM %s needs attention: %s", hosted.name, hosted.note)
 
     def build_vm(self, definition: Mapping[str, Any]) -> VM:
         """A VM as this host builds it (its profile and platform apply)."""
@@ -370,24 +440,37 @@ class HostDaemon:
                                     f"VM {other} on host {self.name}")
 
     def set_running(self, name: str, run: bool) -> HostedVm:
-        hosted = self.get_vm(name)
-        if hosted.runstate not in ("running", "paused") or hosted.runner is None:
-            raise ApiError(409, f"VM {name} is {hosted.runstate}")
-        if run:
-            hosted.runner.resume()
-        else:
-            hosted.runner.pause()
-        hosted.runstate = "running" if run else "paused"
-        self.store.set_runstate(name, hosted.runstate)
+        """Start or pause a VM.  Starting a ``needs-attention`` VM is the operator's word
+        that it runs nowhere else: its paused guest (or, if its memory was lost, a fresh
+        one from its definition) runs here."""
+        with self.lock:
+            hosted = self.get_vm(name)
+            if hosted.runstate == "needs-attention" and run:
+                if hosted.vm is None:
+                    self._boot(hosted, start=False)
+                    hosted.memory_lost = True
+                hosted.runstate = "paused"
+            if hosted.runstate not in ("running", "paused") or hosted.runner is None:
+                why = f" ({hosted.note})" if hosted.note else ""
+                job = f" in job {hosted.job}" if hosted.job else ""
+                raise ApiError(409, f"VM {name} is {hosted.runstate}{job}{why}")
+            if run:
+                hosted.runner.resume()
+            else:
+                hosted.runner.pause()
+            hosted.runstate = "running" if run else "paused"
+            hosted.note = "" if not hosted.memory_lost else hosted.note
+            self.store.set_runstate(name, hosted.runstate, hosted.note)
         return hosted
 
     def destroy(self, name: str) -> None:
-        hosted = self.get_vm(name)
-        if hosted.runstate == "migrating":
-            raise ApiError(409, f"VM {name} is migrating; cancel the job first")
-        if hosted.runstate == "saving":
-            raise ApiError(409, f"VM {name} is being saved; destroy it once that finished")
         with self.lock:
+            hosted = self.get_vm(name)
+            if hosted.runstate == "migrating":
+                raise ApiError(409, f"VM {name} is migrating in job {hosted.job}; cancel the "
+                                    "job first")
+            if hosted.runstate == "saving":
+                raise ApiError(409, f"VM {name} is being saved; destroy it once that finished")
             self.vms.pop(name, None)
         hosted.release()
         self.store.delete_vm(name)
@@ -414,15 +497,22 @@ class HostDaemon:
     def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]:
         """Take in a VM a destination session loaded (by migration or from a snapshot):
         start its guest thread, run its handlers' post-load work under the runner's lock,
-        register it.  Returns the post-load reports."""
+        register it.  Returns the post-load reports.  If the post-load work raises, the
+        guest thread is stopped again and nothing is registered."""
         vm = session.vm
         if vm is None:
             raise HostError("adopt_loaded() without a loaded VM")
         runner = VmRunner(vm)
         if running:
             runner.resume()
-        with runner.lock:
-            post_load = session.resume(run=False)
+        try:
+            with runner.lock:
+                post_load = session.resume(run=False)
+        except BaseException:
+            runner.stop()
+            with runner.lock:
+                vm.pause()
+            raise
         session.hand_over()
         hosted = HostedVm(
             vm.name, vm.definition.to_dict(), "running" if running else "paused", vm, runner
@@ -461,13 +551,33 @@ class HostDaemon:
         return job.row().to_json()
 
     def migrate(self, name: str, destination: str, params: dict[str, Any]) -> Job:
-        from vmferry.host.migration import start_source_job
+        from vmferry.host.migration import parse_params, start_source_job
 
-        hosted = self.get_vm(name)
-        if hosted.runstate not in ("running", "paused") or hosted.vm is None:
-            raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot migrate")
+        parse_params(params)  # refuse bad parameters before anything changes
         self._check_not_self(destination)
-        return start_source_job(self, hosted, destination, params)
+        with self.lock:  # the check and the mark are one step
+            hosted = self.get_vm(name)
+            if hosted.runstate == "migrating":
+                raise ApiError(409, f"VM {name} is already migrating in job {hosted.job}")
+            if hosted.runstate not in ("running", "paused") or hosted.vm is None:
+                raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot migrate")
+            prev_state = hosted.runstate
+            job = self.new_job(name, "source", destination, {**params})
+            hosted.runstate, hosted.job = "migrating", job.id
+            self.store.set_runstate(name, "migrating")
+        return start_source_job(self, hosted, job, prev_state)
+
+    def forget_job(self, job: Job) -> None:
+        """A job refused before anything moved leaves nothing behind."""
+        with self.lock:
+            self.jobs.pop(job.id, None)
+        self.store.delete_job(job.id)
+
+    def end_source_job(self, hosted: HostedVm, runstate: str, note: str = "") -> None:
+        """A source job let go of its VM: record the runstate it leaves the VM in."""
+        with self.lock:
+            hosted.runstate, hosted.job, hosted.note = runstate, None, note
+            self.store.set_runstate(hosted.name, runstate, note)
 
     def _check_not_self(self, destination: str) -> None:
         """HTTP 409 if ``destination`` is this host (under whatever URL)."""
@@ -491,6 +601,10 @@ class HostDaemon:
         job = self.get_job(job_id)
         if job.status in ("completed", "failed", "cancelled"):
             raise ApiError(409, f"job {job_id} already {job.status}")
+        if job.role == "source" and job.progress.get("commit_sent"):
+            raise ApiError(409, f"job {job_id} is past COMMIT: the destination {job.peer} "
+                                "may already run the VM, so the migration cannot be undone; "
+                                "it settles by itself (see the job's step and error)")
         job.cancel.set()
         return job
 

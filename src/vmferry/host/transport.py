@@ -19,6 +19,11 @@ A control frame is a big-endian u32 length (at most 1 MiB) and a UTF-8 JSON obje
 a ``type`` key.  The destination may send ERROR at any time; the source looks for it
 between batches.
 
+Waiting is bounded by the caller: :func:`send_buffers` and :func:`recv_frame` take an
+``on_stall(seconds)`` callback.  With it the socket is polled in short slices and the
+callback learns, after every slice that moved nothing, how long the peer has made no
+progress; it raises to give up (a stalled peer, an operator's cancel).
+
 The listener reads every connection's HELLO in one thread (:func:`serve_handshakes`),
 with an overall deadline from the moment it accepted the connection and a cap on how
 many may wait: an idle or trickling connection costs a file descriptor, never a thread,
@@ -48,29 +53,64 @@ _LEN = struct.Struct(">I")
 MAX_FRAME = 1024 * 1024
 
 
-def send_frame(sock: socket.socket, kind: str, **fields: Any) -> None:
+#: how often a bounded wait (``on_stall``) looks up from the socket, seconds
+POLL_S = 0.2
+
+#: the bound on one TLS send to a peer that takes nothing (TLS sends are not polled)
+TLS_SEND_TIMEOUT_S = 10.0
+
+#: called with the seconds the peer has made no progress; raises to stop waiting
+OnStall = Callable[[float], None]
+
+
+def send_frame(sock: socket.socket, kind: str, *, on_stall: OnStall | None = None,
+               **fields: Any) -> None:
     body = json.dumps({"type": kind, **fields}).encode()
-    sock.sendall(_LEN.pack(len(body)) + body)
+    send_buffers(sock, [_LEN.pack(len(body)) + body], on_stall)
 
 
-def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+class _Waiter:
+    """Polls a socket in :data:`POLL_S` slices and reports stalls to ``on_stall``."""
+
+    def __init__(self, sock: socket.socket, on_stall: OnStall | None) -> None:
+        self.on_stall = on_stall
+        if on_stall is not None:
+            sock.settimeout(POLL_S)
+        self.last = time.monotonic()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def stalled(self, exc: TimeoutError) -> None:
+        if self.on_stall is None:
+            raise exc
+        self.on_stall(time.monotonic() - self.last)
+
+
+def _recv_exact(sock: socket.socket, n: int, what: str, waiter: _Waiter) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:])
+        try:
+            k = sock.recv_into(view[got:])
+        except TimeoutError as exc:
+            waiter.stalled(exc)
+            continue
         if k == 0:
             raise PeerError(f"connection closed while reading {what}")
         got += k
+        waiter.progress()
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket) -> dict[str, Any]:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, "a control frame"))
+def recv_frame(sock: socket.socket, on_stall: OnStall | None = None) -> dict[str, Any]:
+    waiter = _Waiter(sock, on_stall)
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, "a control frame", waiter))
     if n > MAX_FRAME:
         raise PeerError(f"control frame of {n} bytes is over the {MAX_FRAME} limit")
     try:
-        msg = json.loads(_recv_exact(sock, n, "a control frame"))
+        msg = json.loads(_recv_exact(sock, n, "a control frame", waiter))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PeerError(f"control frame is not JSON: {exc}") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
@@ -85,14 +125,27 @@ def readable(sock: socket.socket) -> bool:
     return bool(r)
 
 
-def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
-    """sendmsg() the buffers completely (TLS: one sendall each); returns bytes sent."""
+def send_buffers(
+    sock: socket.socket, buffers: Sequence[Buffer], on_stall: OnStall | None = None
+) -> int:
+    """sendmsg() the buffers completely (TLS: one sendall each); returns bytes sent.
+    Over TLS a stalled peer is not polled (a TLS record cannot be half-written and
+    retried): each sendall gets :data:`TLS_SEND_TIMEOUT_S` instead."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
     if isinstance(sock, ssl.SSLSocket):  # no sendmsg: coalesce small buffers into records
+        if on_stall is not None:
+            on_stall(0.0)  # a cancel still takes effect between sends
+            sock.settimeout(TLS_SEND_TIMEOUT_S)
         return _send_tls(sock, pending)
     total = 0
+    waiter = _Waiter(sock, on_stall)
     while pending:
-        sent = sock.sendmsg(pending[:64])
+        try:
+            sent = sock.sendmsg(pending[:64])
+        except TimeoutError as exc:
+            waiter.stalled(exc)
+            continue
+        waiter.progress()
         total += sent
         while sent:
             head = pending[0]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -190,9 +189,7 @@ class KvmGuestRam(GuestRam):
     without a look."""
 
     def __init__(self, size: int) -> None:
-        super().__init__(size, PAGE_4K)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):
-            self._mmap.madvise(mmap.MADV_NOHUGEPAGE)
+        super().__init__(size, PAGE_4K, huge_pages=False)
         self.kvm_vm: kvm.KvmVm | None = None
         self.mode = "get"
         self.reads = 0
@@ -234,8 +231,10 @@ class KvmGuestRam(GuestRam):
         super().start_dirty_log()
 
     def get_dirty_log(self) -> DirtyLog:
-        bitmap = self._read_kvm() | self.dirty
-        self.dirty[:] = False
+        from_kvm = self._read_kvm()  # KVM's get-and-clear is atomic against the guest
+        with self.log_guard:  # and the VMM's own marks are taken the same way
+            from_vmm, self.dirty = self.dirty, np.zeros(self.npages, dtype=np.bool_)
+        bitmap = from_kvm | from_vmm
         count = int(np.count_nonzero(bitmap))
         self.pages_reported += count
         self.history.append((self.now(), count))

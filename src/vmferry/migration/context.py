@@ -61,6 +61,11 @@ class MigrationStats:
     setup_time_ms: float = 0.0
     total_time_ms: float = 0.0
     expected_downtime_ms: float = 0.0
+    #: the downtime predicted at the stop decision, and what it was made of
+    predicted_downtime_ms: float = 0.0
+    predicted: dict[str, float] = field(default_factory=dict)
+    #: the link's bandwidth as the last pass measured it (0.0: too small to measure)
+    link_bandwidth_bps: float = 0.0
     downtime: Downtime = field(default_factory=Downtime)
     ram_total: int = 0
     ram_page_size: int = 0
@@ -80,6 +85,13 @@ class MigrationStats:
     error_step: str = ""
     warnings: list[str] = field(default_factory=list)
 
+    def _prediction_error(self) -> dict[str, float]:
+        """How far the prediction was off, in percent of the actual downtime."""
+        if self.status is not Status.COMPLETED or not self.predicted or not self.downtime.total_ms:
+            return {}
+        err = (self.predicted_downtime_ms - self.downtime.total_ms) / self.downtime.total_ms
+        return {"downtime-prediction-error-pct": round(err * 100, 1)}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status.value,
@@ -87,6 +99,9 @@ class MigrationStats:
             "total-time": round(self.total_time_ms, 3),
             "expected-downtime": round(self.expected_downtime_ms, 3),
             "downtime": round(self.downtime.total_ms, 3),
+            "predicted-downtime": round(self.predicted_downtime_ms, 3),
+            "predicted-downtime-breakdown": {k: round(v, 3) for k, v in self.predicted.items()},
+            **self._prediction_error(),
             "downtime-breakdown": {k: round(v, 3) for k, v in asdict(self.downtime).items()},
             "ram": {
                 "transferred": self.ram_transferred,

@@ -84,6 +84,28 @@ class GuestControl(Protocol):
         ...
 
 
+class LinkProbe(Protocol):
+    """What the host measures about the link, for the downtime prediction."""
+
+    def in_flight_bytes(self) -> int:
+        """Bytes handed to the link that the destination has not consumed yet."""
+        ...
+
+    def round_trip_s(self) -> float:
+        """One request-reply round trip to the destination host, measured."""
+        ...
+
+    def bandwidth_bps(self) -> float:
+        """Bytes per second measured on this link before (0.0: never)."""
+        ...
+
+
+#: a pass that moved fewer bytes than this does not measure the link's bandwidth
+MEASURABLE_BYTES = 16 * MIB
+#: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
+SWITCHOVER_ROUND_TRIPS = 1.5
+
+
 class DirectControl:
     """GuestControl straight on a VM (single-threaded use and tests)."""
 
@@ -175,8 +197,10 @@ class SourceSession:
         clock: Clock,
         guest: GuestControl | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        link: LinkProbe | None = None,
     ) -> None:
         self.vm = vm
+        self.link = link
         self.params = params
         self.clock = clock
         self.guest = guest if guest is not None else DirectControl(vm)
@@ -201,12 +225,18 @@ class SourceSession:
         self.source_digests: dict[str, str] = {}
         #: the bandwidth cap is measured from here (moved when the cap changes)
         self._pace_from: tuple[float, int] | None = None
+        self.source_digest_ms = 0.0
 
     # --- driving ---------------------------------------------------------------------
 
     @property
     def status(self) -> Status:
         return self.stats.status
+
+    @property
+    def guest_paused(self) -> bool:
+        """Whether this session paused the guest (it is in downtime until COMMIT)."""
+        return self._paused_by_us
 
     def preflight(self, destination: Mapping[str, Any] | None) -> list[str]:
         """Ask every handler before anything moves (``destination``: the destination's
@@ -311,6 +341,11 @@ class SourceSession:
         seconds = max(now - t_pass, 1e-9)
         pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
         bandwidth = pass_bytes / seconds
+        self.stats.link_bandwidth_bps = bandwidth if pass_bytes >= MEASURABLE_BYTES else 0.0
+        if pass_bytes < MEASURABLE_BYTES and self.link is not None:
+            # a pass this small measures the session's own overhead, not the link: a VM of
+            # untouched RAM and a large device state would never converge on it
+            bandwidth = max(bandwidth, self.link.bandwidth_bps())
         remaining = dirty_pages * self.vm.ram.page_size
         with self.guest.held():
             remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
@@ -345,7 +380,25 @@ class SourceSession:
         if d.throttle_pct != self.stats.throttle_pct:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
+        if d.switchover and not self.params.offline:  # offline: all of it is downtime
+            self._predict(dirty_pages * self.vm.ram.page_size, remaining, bandwidth)
         return d.switchover
+
+    def _predict(self, ram_bytes: int, remaining: int, bandwidth: float) -> None:
+        """The downtime predicted at the stop decision: what is left (dirty pages and
+        pending device state) and what is still in flight, at the bandwidth just measured,
+        and the switchover's round trips as the host measured them."""
+        bw = max(bandwidth, 1.0)
+        in_flight = self.link.in_flight_bytes() if self.link is not None else 0
+        rtt = self.link.round_trip_s() if self.link is not None else 0.0
+        parts = {
+            "final_ram_ms": ram_bytes / bw * 1e3,
+            "state_ms": (remaining - ram_bytes) / bw * 1e3,
+            "in_flight_ms": in_flight / bw * 1e3,
+            "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
+        }
+        self.stats.predicted = parts
+        self.stats.predicted_downtime_ms = sum(parts.values())
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
@@ -493,10 +546,45 @@ class SourceSession:
     # --- the end ---------------------------------------------------------------------
 
     def switchover_digests(self) -> dict[str, str]:
-        """Digests of RAM and vCPUs as sent (the guest is paused from switchover on)."""
+        """Digests of RAM and vCPUs as sent (the guest is paused from switchover on).
+        Taken once, right after END, while the destination loads."""
         if not self.source_digests:
+            t0 = self.clock.monotonic()
             self.source_digests = state_digests(self.vm)
+            self.source_digest_ms = (self.clock.monotonic() - t0) * 1e3
         return self.source_digests
+
+    def verification(self, ack: Mapping[str, Any]) -> dict[str, Any]:
+        """Compare the destination's digests (sent with LOADED, before COMMIT) with the
+        source's.  The caller must not commit unless ``commit_allowed``: a mismatch that
+        ``blocking`` lists fails the migration and the source resumes (:meth:`fail`).
+
+        RAM and vCPU digests always block.  A handler's digest blocks too unless the
+        pre-flight warned that the destination will change that kind of state (a TCE
+        entry it cannot back, a degraded firmware register): the difference is then the
+        announced one and is reported (``differ``, ``verified`` false) without blocking.
+        Without ``verify`` in the parameters: ``{"requested": False}``."""
+        if not self.params.verify:
+            return {"requested": False}
+        t0 = self.clock.monotonic()
+        src = self.switchover_digests()
+        dst = ack.get("digests", {})
+        dst = dict(dst) if isinstance(dst, Mapping) else {}
+        report: dict[str, Any] = {
+            "requested": True,
+            "source": src,
+            "destination": dst,
+            "ram_equal": src.get("ram") == dst.get("ram"),
+            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
+            "differ": sorted(k for k in set(src) | set(dst) if src.get(k) != dst.get(k)),
+            "verified": bool(dst) and src == dst,
+            "compare_ms": (self.clock.monotonic() - t0) * 1e3,
+        }
+        announced = bool(self.stats.warnings)
+        report["blocking"] = [k for k in report["differ"]
+                              if k in ("ram", "vcpu") or not announced]
+        report["commit_allowed"] = bool(dst) and not report["blocking"]
+        return report
 
     def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
         """The destination resumed: close the books.  The source VM stays paused."""
