@@ -33,6 +33,7 @@ from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.files import Output
 from vmferry.host.models import MigrationParamsModel, validate
+from vmferry.host.outcome import downtime_overrun
 from vmferry.host.populate import Populator
 from vmferry.host.runner import VmRunner
 from vmferry.host.tls import TlsConfig, explain
@@ -75,7 +76,7 @@ VERIFY_S_PER_GIB = 1.0
 SETTLE_S = 5.0
 
 
-HOST_PARAMS = ("fault", "stream_file")
+HOST_PARAMS = ("fault", "stream_file", "undefine_source")
 
 
 def destination_ok(post_load: dict[str, Any]) -> bool:
@@ -435,6 +436,7 @@ class SourceWorker:
         first = True
         while bufs:
             self._check_cancel()
+            self._retune()
             phase = "setup" if first else self._phase()
             first = False
             self._persist(self.session.status.value, self.session.current_step())
@@ -459,6 +461,14 @@ class SourceWorker:
             self._publish()
             bufs = self.session.next_buffers()
         self._persist(self.session.status.value, self.session.current_step())
+
+    def _retune(self) -> None:
+        """Apply parameter changes the operator made since the last batch."""
+        with self.daemon.lock:
+            changes, self.job.retune = self.job.retune, {}
+        if changes:
+            self.session.retune(changes)
+            self.params = self.session.params
 
     def _await_ack(self, sock: socket.socket) -> None:
         if self.params.verify:  # taken now, while the destination loads
@@ -523,6 +533,10 @@ class SourceWorker:
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
+        overrun = downtime_overrun(self.job.stats, self.params.downtime_limit_ms)
+        if overrun:
+            self.job.stats["warnings"] = [*self.job.stats.get("warnings", []), overrun]
+            log.warning("job %s: %s", self.job.id, overrun)
         if not self.job.stats["destination_ok"]:
             log.warning("job %s: post-load work failed on the destination: %s", self.job.id,
                         sorted(k for k, r in post_load.items() if not r.get("ok", True)))
@@ -533,6 +547,8 @@ class SourceWorker:
         self._persist("completed", "completed")
         log.info("job %s: %s migrated, downtime %.1f ms", self.job.id, self.hosted.name,
                  stats.downtime.total_ms)
+        if self.job.params.get("undefine_source"):
+            self.daemon.undefine(self.hosted.name)
 
     def _settle_after_commit(
         self, reason: str, frame: dict[str, Any] | None, ack: dict[str, Any]
@@ -588,6 +604,7 @@ class SourceWorker:
         if now - self._last_stats >= STATS_EVERY_S:
             self._last_stats = now
             self.job.stats = self.session.stats.to_json()
+            self.daemon.publish_job(self.job)
 
     def _fail(self, reason: str, step: str | None = None, cancelled: bool = False) -> None:
         step = step or self.session.current_step()

@@ -41,6 +41,7 @@ class PassRecord:
     dirty_pages_rate: float  # pages per second
     expected_downtime_ms: float
     throttle_pct: int
+    downtime_limit_ms: float = 0.0  # the limit the pass's decision used
 
 
 @dataclass
@@ -67,6 +68,7 @@ class MigrationStats:
     link_bandwidth_bps: float = 0.0
     downtime: Downtime = field(default_factory=Downtime)
     ram_total: int = 0
+    ram_page_size: int = 0
     ram_transferred: int = 0
     ram_remaining: int = 0
     ram_duplicate: int = 0
@@ -112,6 +114,7 @@ class MigrationStats:
                 "mbps": round(self.ram_mbps, 3),
                 "dirty-sync-count": self.dirty_sync_count,
                 "pages-per-second": round(self.ram_pages_per_second, 1),
+                "page-size": self.ram_page_size,
             },
             "device-bytes": self.device_bytes,
             "cpu-throttle-percentage": self.throttle_pct,

@@ -32,6 +32,7 @@ stops dirty logging, lifts the throttle and resumes the vCPUs if the session pau
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -205,7 +206,7 @@ class SourceSession:
         self.guest = guest if guest is not None else DirectControl(vm)
         self.extra_config = dict(extra_config or {})
         self.policy = params.policy()
-        self.stats = MigrationStats(ram_total=vm.ram.size)
+        self.stats = MigrationStats(ram_total=vm.ram.size, ram_page_size=vm.ram.page_size)
         self.encoder = StreamEncoder()
         self._gen: Generator[list[Buffer], None, None] | None = None
         self._was_running = vm.running
@@ -222,6 +223,8 @@ class SourceSession:
         self._bounce = np.empty(BATCH_BYTES + MAX_RUN_BYTES, dtype=np.uint8)
         self._bounce_used = 0
         self.source_digests: dict[str, str] = {}
+        #: the bandwidth cap is measured from here (moved when the cap changes)
+        self._pace_from: tuple[float, int] | None = None
         self.source_digest_ms = 0.0
 
     # --- driving ---------------------------------------------------------------------
@@ -273,9 +276,28 @@ class SourceSession:
         cap = self.params.max_bandwidth_mib
         if cap is None or self.stats.status is Status.SETUP:
             return 0.0
-        allowed = cap * MIB * (self.clock.monotonic() - self._t_active)
-        excess = self.encoder.bytes_out - allowed
+        t0, sent0 = self._pace_from or (self._t_active, 0)
+        allowed = cap * MIB * (self.clock.monotonic() - t0)
+        excess = self.encoder.bytes_out - sent0 - allowed
         return max(0.0, excess / (cap * MIB))
+
+    def retune(self, changes: Mapping[str, Any]) -> None:
+        """Change ``downtime_limit_ms`` and/or ``max_bandwidth_mib`` (None: unlimited)
+        while the migration runs, as QMP ``migrate-set-parameters`` does: the decision at
+        the end of the current pass and the pacing from now on use the new values.
+        ConfigError for another key or a bad value (nothing changes then)."""
+        unknown = set(changes) - {"downtime_limit_ms", "max_bandwidth_mib"}
+        if unknown:
+            raise ConfigError(f"cannot change {sorted(unknown)} during a migration")
+        try:
+            params = dataclasses.replace(self.params, **changes)
+        except TypeError as exc:
+            raise ConfigError(f"bad migration parameters: {exc}") from exc
+        policy = dataclasses.replace(self.policy,
+                                     downtime_limit_s=params.downtime_limit_ms / 1e3)
+        if params.max_bandwidth_mib != self.params.max_bandwidth_mib:
+            self._pace_from = (self.clock.monotonic(), self.encoder.bytes_out)
+        self.params, self.policy = params, policy
 
     # --- the phases ------------------------------------------------------------------
 
@@ -344,6 +366,7 @@ class SourceSession:
                 dirty_pages_rate=dirty_pages / seconds,
                 expected_downtime_ms=min(d.expected_downtime_s, 1e9) * 1e3,
                 throttle_pct=self.stats.throttle_pct,
+                downtime_limit_ms=self.policy.downtime_limit_s * 1e3,
             )
         )
         self._pass_normal = self._pass_duplicate = 0
