@@ -274,8 +274,11 @@ def main() -> None:
             results["zero_4g"].append(vmferry_case(
                 a, b, b_url, f"zero{n}", {"memory_mib": 4096, "vcpus": 2, "fill": "zero"},
                 0.1))  # fmt: skip
-        tls = tls_case(work, {"memory_mib": mib, "vcpus": 2, "fill": "random"},
-                       results["idle"][-1])  # fmt: skip
+        try:  # reported, never fatal: the figures above must still come out
+            tls = tls_case(work, {"memory_mib": mib, "vcpus": 2, "fill": "random"},
+                           results["idle"][-1])  # fmt: skip
+        except Exception as exc:
+            tls = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         for h in hosts:
             h.stop()
