@@ -81,17 +81,28 @@ def races(
 
 
 @command.command("replay")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def replay_cmd(file: Path, as_json: bool) -> None:
-    """Re-run a saved failing schedule; exit 1 when it reproduces the failure."""
+    """Re-run a saved failing schedule.
+
+    Exit 1 when the schedule fails again, 0 when it now runs clean, 2 when the file is
+    unusable (unreadable, malformed, or no longer fits the scenario: the reason is printed).
+    """
     try:
         result = replay(file)
     except (ReplayScriptError, ScheduleMismatch, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        if as_json:
+            click.echo(json.dumps({"status": "unusable", "reason": str(exc)}))
+        else:
+            click.echo(f"{file}: unusable replay script: {exc}", err=True)
+        sys.exit(2)
     failure = result.failure
+    status = "passes" if failure is None else (
+        "reproduced" if result.reproduced else "different-failure")
     if as_json:
         click.echo(json.dumps({
+            "status": status,
             "scenario": result.scenario, "mode": result.mode, "case": result.case,
             "expected_hazard": result.expected_hazard, "reproduced": result.reproduced,
             "failure": failure.to_json() if failure is not None else None,
@@ -100,7 +111,7 @@ def replay_cmd(file: Path, as_json: bool) -> None:
         console = Console()
         where = f"{result.scenario} / {result.mode} / {result.case}"
         if failure is None:
-            console.print(f"[green]{where}: the schedule ran clean[/green]")
+            console.print(f"[green]{where}: the schedule now passes[/green]")
         else:
             verdict = "reproduced" if result.reproduced else "different failure"
             console.print(f"[red]{where}: {verdict}: {failure.hazard}[/red]")

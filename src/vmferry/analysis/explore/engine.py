@@ -550,4 +550,8 @@ def run_schedule(factory: Callable[[], Instance], steps: Sequence[Step], max_ste
     """Re-run one recorded schedule exactly."""
     outcome = run_once(factory, max_steps, _Fixed(steps))
     assert outcome is not None  # _Fixed never cuts a run
+    if outcome.error is None and len(outcome.schedule) < len(steps):
+        raise ScheduleMismatch(
+            f"the run ends after {len(outcome.schedule)} of the {len(steps)} recorded steps"
+        )
     return outcome
