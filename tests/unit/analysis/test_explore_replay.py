@@ -19,12 +19,17 @@ from vmferry.analysis.explore.report import Failure
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.cli.main import cli
 
-FAULTY = sorted(
-    (scenario.name, mode, case.name)
-    for scenario in all_scenarios().values()
-    for case in scenario.cases
-    for mode in case.fails_in
-)
+def _faulty() -> list[tuple[str, str, str]]:
+    """(scenario, mode, first case failing in it) for every faulty mode of every scenario."""
+    out: dict[tuple[str, str], str] = {}
+    for scenario in all_scenarios().values():
+        for case in scenario.cases:
+            for mode in sorted(case.fails_in):
+                out.setdefault((scenario.name, mode), case.name)
+    return sorted((s, m, c) for (s, m), c in out.items())
+
+
+FAULTY = _faulty()
 
 
 def _cli(*args: str) -> tuple[int, str]:
