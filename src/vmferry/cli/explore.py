@@ -23,7 +23,7 @@ from vmferry.analysis.explore import (
     run_scenario,
 )
 from vmferry.analysis.explore.api import Scenario
-from vmferry.analysis.explore.runner import DEFAULT
+from vmferry.analysis.explore.runner import DEFAULT, DEFAULT_STRATEGY
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.errors import ConfigError
 
@@ -37,7 +37,8 @@ def command() -> None:
 @click.option("--scenario", "scenario_name", help="Scenario to explore (see --list).")
 @click.option("--mode", default=None, help="Model mode (default: the scenario's correct one).")
 @click.option("--case", "case_name", default=None, help="Only this case of the scenario.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="exhaustive", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULT_STRATEGY,
+              show_default=True, help="dpor, sleep (sleep sets), naive or random walks.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random-walk seed.")
 @click.option("--preemption-bound", type=click.IntRange(min=0), default=None,
               help="Preemption bound (default: the scenario's).")

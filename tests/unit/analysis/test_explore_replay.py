@@ -19,6 +19,7 @@ from vmferry.analysis.explore.report import Failure
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.cli.main import cli
 
+
 def _faulty() -> list[tuple[str, str, str]]:
     """(scenario, mode, first case failing in it) for every faulty mode of every scenario."""
     out: dict[tuple[str, str], str] = {}

@@ -32,6 +32,10 @@ class Instance:
     check: Callable[[], None] = _nothing
     #: a hashable digest of the shared state, for state-hash pruning (None: no pruning)
     state: Callable[[], Hashable] | None = None
+    #: the access of each thread's first step (its code before its first yield point), as
+    #: ``yield_point`` declares one (an object, ``vmferry.sync.Accesses``, ``LOCAL``); a
+    #: thread not listed touches everything there
+    starts: Mapping[str, Hashable] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

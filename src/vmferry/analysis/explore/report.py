@@ -96,7 +96,10 @@ class Report:
     mode: str
     strategy: str
     schedules_explored: int = 0
+    #: runs cut short (sleep-set blocked or a state explored before) ...
     pruned: int = 0
+    #: ... of which by state hashing
+    pruned_by_state: int = 0
     failures: list[Failure] = field(default_factory=list)
     #: failing schedules in total (``failures`` keeps one per distinct case/hazard/message)
     failing_schedules: int = 0
@@ -121,6 +124,7 @@ class Report:
             "seed": self.seed,
             "schedules_explored": self.schedules_explored,
             "pruned": self.pruned,
+            "pruned_by_state": self.pruned_by_state,
             "failing_schedules": self.failing_schedules,
             "failures": [f.to_json() for f in self.failures],
             "elapsed_s": round(self.elapsed_s, 6),

@@ -29,7 +29,13 @@ from vmferry.analysis.explore.report import (
 )
 from vmferry.errors import ConfigError
 
-STRATEGIES = ("exhaustive", "random")
+#: exhaustive searches: source-DPOR with sleep sets, sleep sets (with state hashing) over
+#: every enabled choice, plain enumeration; then seeded random walks
+STRATEGIES = ("dpor", "sleep", "naive", "random")
+DEFAULT_STRATEGY = "dpor"
+#: older names still accepted
+_ALIASES = {"exhaustive": "sleep"}
+_REDUCTION = {"dpor": "dpor", "sleep": "sleep", "naive": "none", "random": "none"}
 DEFAULT_RANDOM_RUNS = 1000
 DEFAULT_FAILURES_DIR = Path("explore-failures")
 #: distinct failures kept per case (all failing schedules are still counted)
@@ -53,7 +59,7 @@ def explore(
     instance_factory: Callable[[], Instance],
     *,
     name: str = AD_HOC,
-    strategy: str = "exhaustive",
+    strategy: str = DEFAULT_STRATEGY,
     preemption_bound: int | None = None,
     max_depth: int | None = None,
     seed: int = 0,
@@ -66,10 +72,12 @@ def explore(
 ) -> Report:
     """Explore the interleavings of ad-hoc threads built by ``instance_factory``.
 
-    ``strategy`` is ``"exhaustive"`` (bounded DFS with sleep sets and state hashing) or
+    ``strategy`` is ``"dpor"`` (source-DPOR with sleep sets), ``"sleep"`` (bounded DFS
+    with sleep sets and state hashing), ``"naive"`` (every bounded schedule) or
     ``"random"`` (``max_schedules`` seeded random walks, default 1000).  Raises
     ConfigError for an unknown strategy or a negative bound.
     """
+    strategy = _ALIASES.get(strategy, strategy)
     limits = _limits(strategy, preemption_bound, max_depth, max_schedules, max_steps)
     limits.por, limits.state_hashing, limits.stop_on_failure = por, state_hashing, stop_on_failure
     report = Report(name, AD_HOC, strategy, preemption_bound=preemption_bound, seed=seed)
@@ -83,7 +91,7 @@ def run_scenario(
     scenario: Scenario,
     mode: str | None = None,
     case: str | None = None,
-    strategy: str = "exhaustive",
+    strategy: str = DEFAULT_STRATEGY,
     preemption_bound: int | None = None,
     seed: int = 0,
     max_schedules: int | None = None,
@@ -98,6 +106,7 @@ def run_scenario(
     (default: :func:`default_failures_dir`; None: do not save).  Raises ConfigError for an
     unknown mode, case or strategy.
     """
+    strategy = _ALIASES.get(strategy, strategy)
     mode = scenario.default_mode if mode is None else mode
     if mode not in scenario.modes:
         raise ConfigError(f"scenario {scenario.name}: unknown mode {mode!r}")
@@ -165,7 +174,10 @@ def _limits(
     for label, value in (("preemption bound", bound), ("depth", depth), ("max_schedules", cap)):
         if value is not None and value < 0:
             raise ConfigError(f"{label} must be >= 0, got {value}")
-    return SearchLimits(bound, depth, cap, steps)
+    limits = SearchLimits(bound, depth, cap, steps, reduction=_REDUCTION[strategy])
+    if strategy == "naive":
+        limits.por = limits.state_hashing = False
+    return limits
 
 
 def _cases(scenario: Scenario, case: str | None) -> tuple[Case, ...]:
@@ -194,6 +206,7 @@ def _explore_case(
     report.elapsed_s += time.perf_counter() - started
     report.schedules_explored += stats.schedules
     report.pruned += stats.pruned
+    report.pruned_by_state += stats.pruned_by_state
     report.complete = report.complete and stats.complete
     report.failing_schedules += len(stats.outcomes)
     _collect(report, case, stats.outcomes)
