@@ -22,7 +22,8 @@ The ``obj``/``write`` arguments of ``yield_point`` declare the shared access the
 starting there makes, for the explorer's partial-order reduction (sleep sets, DPOR): two
 steps that touch different objects, or only read the same one, commute.  ``obj`` is any
 hashable naming the object (a lock, a model object, ``("dev", "D")``); several objects are
-declared with :class:`Accesses`, and ``LOCAL`` declares a step that touches nothing shared.  A yield point that declares nothing (``obj=None``)
+declared with :class:`Accesses`, and ``LOCAL`` declares a step that touches nothing
+shared.  A yield point that declares nothing (``obj=None``)
 conflicts with everything, so leaving a declaration out costs reduction, never soundness.
 ``wait_until`` takes the same declaration for the step that resumes the waiting thread
 (``ModelLock`` declares its own lock); without one, a resumption conflicts with everything.

@@ -25,8 +25,10 @@ Exhaustive search is a depth-first walk over choice sequences with:
   when their footprints share no object that one of them writes.  A footprint is the
   announced access plus every known :class:`~vmferry.sync.ModelLock` whose owner changed
   during the step (a release happens before its ``unlock`` yield point).  Thread start
-  steps (unless the instance declares their access in ``Instance.starts``), and resumptions from a ``wait_until`` that declares no access, touch unknown
-  state, so they are dependent with everything;
+  steps (unless the instance declares their access in ``Instance.starts``), and
+  resumptions from a ``wait_until`` that declares no access, touch unknown state, so they
+  are dependent with everything.  A thread whose next step takes a ``ModelLock`` is not
+  enabled while another thread holds it (no blocked attempt is a step);
 * optional **state hashing** -- when the instance provides ``state()``, a node whose
   (shared state, per-thread control path, last thread) was already explored with no more
   preemptions and no larger sleep set is pruned.
