@@ -46,12 +46,17 @@ def command() -> None:
               help="Stop after this many schedules (random: number of walks).")
 @click.option("--failures-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where failing schedules are saved (default ./explore-failures).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Explore the cases on N Ray workers (needs: pip install 'vmferry[ray]').")
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster instead of starting a local Ray runtime.")
 @click.option("--list", "list_only", is_flag=True, help="List scenarios, cases and modes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def races(
     scenario_name: str | None, mode: str | None, case_name: str | None, strategy: str,
     seed: int, preemption_bound: int | None, max_schedules: int | None,
-    failures_dir: Path | None, list_only: bool, as_json: bool,
+    failures_dir: Path | None, workers: int, ray_address: str | None, list_only: bool,
+    as_json: bool,
 ) -> None:
     """Explore a scenario; exit 1 when a failing schedule was found."""
     scenarios = all_scenarios()
@@ -71,6 +76,7 @@ def races(
             scenario, mode=mode, case=case_name, strategy=strategy,
             preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
             failures_dir=DEFAULT if failures_dir is None else failures_dir,
+            workers=workers, ray_address=ray_address,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -126,7 +132,8 @@ def _list(scenarios: Mapping[str, Scenario], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"scenarios": [
             {"name": s.name, "description": s.description, "default_mode": s.default_mode,
-             "modes": list(s.modes), "cases": [c.name for c in s.cases]}
+             "modes": list(s.modes), "cases": [c.name for c in s.cases],
+             "deterministic_modes": sorted(s.deterministic)}
             for s in items
         ]}))
         return
@@ -148,7 +155,9 @@ def _show(report: Report) -> None:
     console.print(
         f"{status} {report.scenario} mode={report.mode} strategy={report.strategy} "
         f"schedules={report.schedules_explored} pruned={report.pruned} "
+        f"(by state {report.pruned_by_state}) "
         f"failing={report.failing_schedules} complete={report.complete} "
+        f"{'deterministic=True ' if report.deterministic else ''}"
         f"time={report.elapsed_s:.2f}s"
     )
     for failure in report.failures:

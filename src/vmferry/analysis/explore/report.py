@@ -109,6 +109,8 @@ class Report:
     preemption_bound: int | None = None
     seed: int = 0
     cases: list[str] = field(default_factory=list)
+    #: the mode's hazard fails on every schedule (not a race)
+    deterministic: bool = False
 
     @property
     def ok(self) -> bool:
@@ -126,6 +128,7 @@ class Report:
             "pruned": self.pruned,
             "pruned_by_state": self.pruned_by_state,
             "failing_schedules": self.failing_schedules,
+            "deterministic": self.deterministic,
             "failures": [f.to_json() for f in self.failures],
             "elapsed_s": round(self.elapsed_s, 6),
             "complete": self.complete,

@@ -98,13 +98,18 @@ def run_scenario(
     *,
     failures_dir: Path | str | _Default | None = DEFAULT,
     stop_on_failure: bool = False,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> Report:
     """Explore every case of ``scenario`` (or only ``case``) in ``mode``.
 
     ``mode`` defaults to the scenario's default (correct) mode, ``preemption_bound`` to the
     scenario's.  Failing schedules are saved as replay scripts in ``failures_dir``
-    (default: :func:`default_failures_dir`; None: do not save).  Raises ConfigError for an
-    unknown mode, case or strategy.
+    (default: :func:`default_failures_dir`; None: do not save).  ``workers`` > 1 (or a
+    ``ray_address``) explores the cases as Ray tasks (see
+    :mod:`vmferry.analysis.explore.distributed`); the report is the same as with one
+    worker.  Raises ConfigError for an unknown mode, case or strategy, or when Ray is
+    needed and not installed.
     """
     strategy = _ALIASES.get(strategy, strategy)
     mode = scenario.default_mode if mode is None else mode
@@ -113,15 +118,40 @@ def run_scenario(
     bound = scenario.preemption_bound if preemption_bound is None else preemption_bound
     limits = _limits(strategy, bound, None, max_schedules, scenario.max_steps)
     limits.stop_on_failure = stop_on_failure
-    report = Report(scenario.name, mode, strategy, preemption_bound=bound, seed=seed)
-    for chosen in _cases(scenario, case):
-        report.cases.append(chosen.name)
-        _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed)
-        for i, failure in enumerate(report.failures):
-            if failure.scenario == AD_HOC:
-                report.failures[i] = _relabel(failure, scenario.name, mode)
+    report = Report(scenario.name, mode, strategy, preemption_bound=bound, seed=seed,
+                    deterministic=mode in scenario.deterministic)
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    chosen_cases = _cases(scenario, case)
+    if workers > 1 or ray_address is not None:
+        if strategy == "random":
+            raise ConfigError("random walks run in one process (drop --workers)")
+        from vmferry.analysis.explore.distributed import run_cases
+
+        parts = run_cases(scenario.name, [c.name for c in chosen_cases], mode, limits, seed,
+                          strategy, bound, workers=workers, address=ray_address)
+        for part in parts:
+            _merge(report, part)
+    else:
+        for chosen in chosen_cases:
+            report.cases.append(chosen.name)
+            _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed)
+    for i, failure in enumerate(report.failures):
+        if failure.scenario == AD_HOC:
+            report.failures[i] = _relabel(failure, scenario.name, mode)
     _save(report, failures_dir)
     return report
+
+
+def _merge(report: Report, part: Report) -> None:
+    report.cases.extend(part.cases)
+    report.elapsed_s += part.elapsed_s
+    report.schedules_explored += part.schedules_explored
+    report.pruned += part.pruned
+    report.pruned_by_state += part.pruned_by_state
+    report.complete = report.complete and part.complete
+    report.failing_schedules += part.failing_schedules
+    report.failures.extend(part.failures)
 
 
 @dataclass(frozen=True)

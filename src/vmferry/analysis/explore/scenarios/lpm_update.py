@@ -111,10 +111,12 @@ SCENARIO = Scenario(
               dynamic=True, user="driver", fails_in=frozenset({"no_pf_skip"})),
     ),
     preemption_bound=2,
+    deterministic=frozenset({"no_pf_skip"}),
     mode_help={
         "correct": "seed patch: platform-facilities delete/add ignored by device_type",
         "upstream": "newest kernel as read (seed patch, single-node attach, no retries)",
-        "no_pf_skip": "before the seed patch: container released under its vio leaves",
+        "no_pf_skip": "before the seed patch: container released under its vio leaves "
+                      "(deterministic: every schedule fails, not a race)",
         "merge_readd": "delete+add of an unchanged phandle applied as property updates",
     },
 )

@@ -172,8 +172,10 @@ SCENARIO = Scenario(
     ),
     mode_help={
         "correct": "orphaned files are disabled under their lock; info checks under the mutex",
-        "stale_fd": "the driver forgets an ended session's file without disabling it",
+        "stale_fd": "the driver forgets an ended session's file without disabling it "
+                    "(deterministic: every schedule fails, not a race)",
         "precopy_info_unlocked": "precopy info checks the state without state_mutex",
     },
     preemption_bound=2,
+    deterministic=frozenset({"stale_fd"}),
 )
