@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vmferry.analysis.explore import run_scenario
 from vmferry.analysis.explore import distributed as dist
+from vmferry.analysis.explore import run_scenario
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.cli.main import cli
 from vmferry.errors import ConfigError
