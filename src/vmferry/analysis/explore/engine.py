@@ -53,6 +53,7 @@ import greenlet
 
 from vmferry import sync
 from vmferry.analysis.explore.api import Instance
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.errors import Deadlock, HazardError, NonTermination
 
 Step = tuple[str, str]
@@ -83,6 +84,8 @@ class Footprint:
 
 
 EVERYTHING = Footprint(everything=True)
+#: one-object footprints by (canonical number, write), shared by every execution
+_SINGLE: dict[tuple[int, bool], Footprint] = {}
 
 
 class ThreadStatus(Enum):
@@ -239,8 +242,7 @@ class _Execution:
             thread.status = ThreadStatus.READY
             thread.ready = None
         self.last = name
-        with sync.scheduled(self):
-            thread.glet.switch()
+        thread.glet.switch()  # the hook is installed for the whole execution (run_once)
         changed = [i for i, lock in enumerate(self.locks[: len(owners)]) if lock.owner != owners[i]]
         if changed and not fp.everything:
             nums = frozenset(self.canon[self.locks[i]] for i in changed)
@@ -248,18 +250,31 @@ class _Execution:
         return fp, thread.error
 
     def state_key(self) -> Hashable | None:
+        """The instance's shared-state fingerprint plus every thread's own state.
+
+        A thread's state is its control path (``pc``), its status, and the locals of its
+        suspended model frames (code position and values, canonically numbered): two
+        schedules that reach the same shared state with a thread holding different values
+        it read earlier are different states.
+        """
         if self.instance.state is None:
             return None
-        threads = tuple((t.name, t.pc, t.status.value) for t in self.threads.values())
-        return (self.instance.state(), threads, self.last)
+        threads = tuple(
+            (t.name, t.pc, t.status.value, _frames(t.glet) if t.status is not
+             ThreadStatus.DONE else ())
+            for t in self.threads.values()
+        )
+        return (self.instance.state(), fingerprint(threads), self.last)
 
     def teardown(self) -> None:
         """Unwind every suspended thread so no greenlet outlives the execution."""
         self.aborting = True
+        live = [t for t in self.threads.values() if t.status is not ThreadStatus.DONE and t.glet]
+        if not live:
+            return
         with sync.scheduled(self):
-            for thread in self.threads.values():
-                if thread.status is not ThreadStatus.DONE and thread.glet:
-                    thread.glet.throw(_Abort)
+            for thread in live:
+                thread.glet.throw(_Abort)
 
     # --- internals ----------------------------------------------------------------------
 
@@ -285,8 +300,12 @@ class _Execution:
             reads = frozenset(self._number(o) for o in obj.reads)
             writes = frozenset(self._number(o) for o in obj.writes)
             return Footprint(reads - writes, writes)
-        one = frozenset((self._number(obj),))
-        return Footprint(writes=one) if write else Footprint(reads=one)
+        key = (self._number(obj), write)
+        fp = _SINGLE.get(key)
+        if fp is None:
+            one = frozenset((key[0],))
+            fp = _SINGLE[key] = Footprint(writes=one) if write else Footprint(reads=one)
+        return fp
 
     def _number(self, obj: Hashable) -> int:
         num = self.canon.get(obj)
@@ -297,10 +316,25 @@ class _Execution:
         return num
 
 
-def _checked(execution: _Execution, fn: Callable[[], None]) -> BaseException | None:
+_ENGINE_FILES = frozenset({__file__, sync.__file__})
+
+
+def _frames(glet: Any) -> tuple[tuple[str, int, dict[str, Any]], ...]:
+    """The suspended model frames of a thread: (function, position, locals), innermost
+    first; the explorer's and sync's own frames are left out."""
+    out = []
+    frame = glet.gr_frame if glet else None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename not in _ENGINE_FILES:
+            out.append((code.co_qualname, frame.f_lasti, dict(frame.f_locals)))
+        frame = frame.f_back
+    return tuple(out)
+
+
+def _checked(fn: Callable[[], None]) -> BaseException | None:
     try:
-        with sync.scheduled(execution):
-            fn()
+        fn()
     except Exception as exc:
         return exc
     return None
@@ -323,7 +357,8 @@ def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) 
     """Run one execution, asking ``chooser`` at every step.  None if the chooser cut it."""
     execution = _Execution(factory(), max_steps)
     try:
-        return _drive(execution, chooser)
+        with sync.scheduled(execution):
+            return _drive(execution, chooser)
     finally:
         execution.teardown()
 
@@ -347,7 +382,7 @@ def _drive(execution: _Execution, chooser: Chooser) -> Outcome | None:
         depth += 1
         if error is not None:
             return Outcome(tuple(execution.schedule), error, name)
-        bad = _checked(execution, execution.instance.invariant)
+        bad = _checked(execution.instance.invariant)
         if bad is not None:
             return Outcome(tuple(execution.schedule), bad)
 
@@ -360,7 +395,7 @@ def _end(execution: _Execution) -> Outcome:
             if t.status is not ThreadStatus.DONE
         )
         return Outcome(schedule, Deadlock(f"every live thread is blocked: {stuck}"))
-    return Outcome(schedule, _checked(execution, execution.instance.check))
+    return Outcome(schedule, _checked(execution.instance.check))
 
 
 # --- search -----------------------------------------------------------------------------

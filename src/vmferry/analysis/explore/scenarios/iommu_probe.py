@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.errors import InvariantViolation
 from vmferry.hw.iommu.checks import check_quiescent, check_step, leaked_objects
 from vmferry.hw.iommu.core import Device, device_state
@@ -115,7 +116,8 @@ def _instance(
     # client prologues declared, the reduction lost the v6_15+no_ready_flag failure of R0
     # that naive enumeration finds, so every thread start conflicts with everything
     del starts
-    return Instance(named, invariant=invariant, check=check)
+    return Instance(named, invariant=invariant, check=check,
+                    state=lambda: fingerprint(world.kernel, world.results))
 
 
 def _expect(cond: bool, message: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.clock import ManualClock
 from vmferry.errors import InvariantViolation
 from vmferry.guest.drivers import Nx842, VioBus
@@ -87,7 +88,8 @@ def _build(mode: str, *, dynamic: bool, user: str) -> Instance:
             raise AssertionError("tree differs from the destination description")
 
     return Instance(threads={"mobility": mobility, user: users[user]}, check=check,
-                    invariant=lambda: None, state=None)
+                    invariant=lambda: None,
+                    state=lambda: fingerprint(tree, handler, bus, nx, seen, skip=(src, dst)))
 
 
 def _case(name: str, description: str, *, dynamic: bool, user: str,
