@@ -4,7 +4,11 @@ Prints one JSON object.  Cases (each a real migration between two host processes
 
 * ``idle_random``: an idle VM of incompressible RAM (default 2 GiB);
 * ``dirty_50``: a VM whose workload dirties 50 MB/s (hot set), default 2 GiB;
-* ``zero_4g``: a 4 GiB VM that never touched its memory.
+* ``zero_4g``: a 4 GiB VM that never touched its memory;
+* ``tls_idle_random``: ``idle_random`` between two hosts serving mutual TLS
+  (``host serve --tls-dir``), with its ratio to the plaintext run of the same process.
+
+``--tls-only`` runs just the two idle cases (plaintext and TLS).
 
 Baseline, measured in the same run: a child process sends the same volume over a
 loopback TCP socket to another that ``recv_into``s it into a freshly mapped anonymous
@@ -28,6 +32,7 @@ from typing import Any
 
 from vmferry.host.client import HostClient
 from vmferry.host.processes import spawn_host
+from vmferry.host.tls import make_certs
 
 MIB = 1024 * 1024
 
@@ -99,22 +104,43 @@ def migrate_case(
     }
 
 
+def tls_case(work: Path, definition: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+    """The idle case between two TLS hosts, and its ratio to the plaintext run."""
+    make_certs(work / "pki", ["C", "D"])
+    hosts = [spawn_host("C", work / "C", tls_dir=work / "pki" / "C"),
+             spawn_host("D", work / "D", tls_dir=work / "pki" / "D")]  # fmt: skip
+    try:
+        c: HostClient = hosts[0].client(timeout=120)
+        out = migrate_case(c, hosts[1].control_url, "idle-tls", definition, 0.2)
+    finally:
+        for h in hosts:
+            h.stop()
+    out["ratio_to_plaintext"] = round(out["gb_per_s"] / plain["gb_per_s"], 3)
+    out["pass1_ratio_to_plaintext"] = round(
+        out["pass1_gb_per_s"] / plain["pass1_gb_per_s"], 3) if plain["pass1_gb_per_s"] else 0
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory-mib", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="256 MiB cases (smoke run)")
+    ap.add_argument("--tls-only", action="store_true", help="only idle: plaintext and TLS")
     args = ap.parse_args()
     mib = 256 if args.quick else args.memory_mib
     work = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
     hosts = []
     try:
         hosts = [spawn_host("A", work / "A"), spawn_host("B", work / "B")]
-        a = HostClient(hosts[0].control_url, timeout=120)
+        a = hosts[0].client(timeout=120)
         b_url = hosts[1].control_url
+        idle_def = {"memory_mib": mib, "vcpus": 2, "fill": "random"}
+        idle = migrate_case(a, b_url, "idle", idle_def, 0.2)
+        tls = tls_case(work, idle_def, idle)
+        if args.tls_only:
+            print(json.dumps({"idle_random": idle, "tls_idle_random": tls}, indent=2))
+            return
         base = baseline(mib * MIB)
-        idle = migrate_case(
-            a, b_url, "idle", {"memory_mib": mib, "vcpus": 2, "fill": "random"}, 0.2
-        )
         dirty = migrate_case(
             a,
             b_url,
@@ -140,6 +166,7 @@ def main() -> None:
                 **idle,
                 "ratio_to_baseline": round(idle["gb_per_s"] / base["gb_per_s"], 3),
             },
+            "tls_idle_random": tls,
             "dirty_50mbps": dirty,
             "zero": zero,
             "targets": {

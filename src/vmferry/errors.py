@@ -29,6 +29,10 @@ faulty modes exist to reproduce.
      |    +-- MigrationRefused       pre-flight said no, before any downtime
      |    +-- MigrationCancelled
      |    +-- PeerError              the other side reported an error or went away
+     |    +-- ChannelError           the inter-host control protocol was broken
+     |         +-- LocalChannelError   we drove the channel wrongly (send in the wrong state)
+     |         +-- RemoteChannelError  the peer sent an illegal frame or vanished mid-exchange
+     |         +-- ChannelTimeout      the peer did not answer before the driver's deadline
      +-- HostError                   daemon, transport, store, control API
           +-- ApiError               an HTTP control request failed (status + message)
 
@@ -185,6 +189,28 @@ class PeerError(MigrationError):
     """The other side reported an error or the connection to it broke."""
 
 
+class ChannelError(MigrationError):
+    """The inter-host control protocol (:mod:`vmferry.migration.channel`) was broken.
+    ``step`` names the channel state the connection was in."""
+
+
+class LocalChannelError(ChannelError):
+    """Our side drove the channel wrongly: a send the state does not allow (a bug here)."""
+
+
+class RemoteChannelError(ChannelError, PeerError):
+    """The peer sent an illegal or undecodable frame, or the connection ended
+    mid-exchange.  ``data`` holds the offending bytes when there are any."""
+
+    def __init__(self, message: str, step: str = "", data: bytes = b"") -> None:
+        super().__init__(message, step)
+        self.data = data
+
+
+class ChannelTimeout(ChannelError):
+    """The peer did not answer before the deadline the driver set for that state."""
+
+
 # --- host -------------------------------------------------------------------------------
 
 
@@ -192,10 +218,34 @@ class HostError(VmferryError):
     """A host daemon, its store, transport or control API failed."""
 
 
-class ApiError(HostError):
-    """A control API request failed; ``status`` is the HTTP status."""
+#: The ``kind`` an API error carries when its raiser names none, by HTTP status.
+API_ERROR_KINDS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "TooLarge",
+    422: "Unprocessable",
+    500: "InternalError",
+    502: "PeerUnreachable",
+    503: "Unavailable",
+}
 
-    def __init__(self, status: int, message: str) -> None:
+
+class ApiError(HostError):
+    """A control API request failed; ``status`` is the HTTP status, ``kind`` a stable name
+    a script can test (``"NotFound"``, ``"VmTooLarge"``, ...), ``step`` where it failed
+    (empty when the request failed as a whole)."""
+
+    def __init__(self, status: int, message: str, kind: str = "", step: str = "") -> None:
         self.status = status
         self.message = message
+        self.kind = kind or API_ERROR_KINDS.get(status, "Error")
+        self.step = step
         super().__init__(f"HTTP {status}: {message}")
+
+    def to_json(self) -> dict[str, object]:
+        """The body the control API answers with: ``{"error": {kind, message, step}}``."""
+        return {"error": {"kind": self.kind, "message": self.message, "step": self.step}}

@@ -50,7 +50,8 @@ def make(
 
 
 def call(io: SpaprIommu, opcode: int, *args: int, vcpu: int = 0) -> HcallResult:
-    """A guest hypercall followed by the INV checks (spec: after every hypercall)."""
+    """A guest hypercall followed by the INV checks (docs/models/spapr-tce.md §11: after every
+    hypercall)."""
     result = io.hcall(opcode, *args, vcpu=vcpu)
     assert result.ret != 9999, "H_TOO_HARD reached the guest"
     io.check_invariants()

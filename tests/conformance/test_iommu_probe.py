@@ -1,4 +1,4 @@
-"""Conformance checks of spec/iommu-probe.md §12, one test per check number."""
+"""Conformance checks of docs/models/iommu-probe.md §12, one test per check number."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from vmferry.hw.iommu.errors import Errno, LockdepError
 from vmferry.hw.iommu.fwspec import IOMMU_FWSPEC_PCI_RC_ATS
 from vmferry.hw.iommu.kernel import Kernel
 from vmferry.hw.iommu.topology import IommuHandle, client, iommu, register, register_and_trigger
+from vmferry.testing.explore import assert_hazard
 
 ENODEV, EINVAL, EPROBE_DEFER = -Errno.ENODEV, -Errno.EINVAL, -Errno.EPROBE_DEFER
 
@@ -714,10 +715,10 @@ def test_check_52_random_fuzz() -> None:
         found = run_scenario(SCENARIO, mode=mode, case=case, strategy="random",
                              seed=0, max_schedules=2000, failures_dir=None,
                              stop_on_failure=True)
-        assert found.failures, (case, mode)
+        assert_hazard(found, *OWN_HAZARD[mode])
 
 
-#: each faulty switch and the §11.5 topology reproducing it
+#: each faulty switch and the docs/models/iommu-probe.md §11.5 topology reproducing it
 OWN_TOPOLOGY = {
     "pre_6_7+probe_unlocked": "R0",
     "v6_15+relock_no_recheck": "R2",
@@ -727,4 +728,15 @@ OWN_TOPOLOGY = {
     "v6_15+leaky_of_xlate_driver": "leak",
     "v6_15+cleanup_overreach+relock_no_recheck": "overreach",
     "v6_15+cleanup_underreach": "underreach",
+}
+#: the hazard and message each switch's own topology must end in
+OWN_HAZARD = {
+    "pre_6_7+probe_unlocked": ("invariant-violation", "invariant 2: probe_device called 2"),
+    "v6_15+relock_no_recheck": ("invariant-violation", "invariant 2: probe_device called 2"),
+    "v6_15+no_default_domain_gate": ("invariant-violation", "invariant 7: D bound with direct"),
+    "v6_15+no_ready_flag": ("invariant-violation", "invariant 8: off-path configure"),
+    "v6_15+cache_fwspec_ptr": ("use-after-free", "fwspec#"),
+    "v6_15+leaky_of_xlate_driver": ("memory-leak", "invariant 9"),
+    "v6_15+cleanup_overreach+relock_no_recheck": ("null-deref", "D->iommu"),
+    "v6_15+cleanup_underreach": ("invariant-violation", "invariant 6: configure of D failed"),
 }

@@ -1,4 +1,4 @@
-"""Conformance checks of spec psci-firmware-registers.md, section 10, by number."""
+"""Conformance checks of docs/models/psci-firmware-registers.md §10, by number."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Conformance check 41: every row of spec section 6 (6.2 rows 1-14, 6.3, 6.4, 6.5).
+"""Conformance check 41: every row of docs/models/psci-firmware-registers.md §6 (6.2 rows 1-14,
+6.3, 6.4, 6.5).
 
 Each case runs a migration cell on the models (``run_cell``: boot, probe, save, encode,
 decode, load, start) in QEMU mode, and again with pre-flight to show the same case is then
@@ -12,8 +13,9 @@ import errno
 import pytest
 
 from vmferry.analysis.matrix import Cell, CellSpec, MatrixContext, run_cell
-from vmferry.guest.psci_client import Arm64Guest
+from vmferry.guest.psci_client import Arm64Guest, Decision, Status
 from vmferry.hw.kvm import regs as R
+from vmferry.hw.kvm.arm64_fw import Workaround
 from vmferry.machine.arm64 import (
     Arm64InitError,
     Arm64Machine,
@@ -301,9 +303,26 @@ def test_section_6_4_invalid_encodings(bad: int) -> None:
     assert info.value.rid == R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2
 
 
-def test_section_6_4_dynamic_source_enabled_value() -> None:
-    state = _with_wa2(Arm64Machine(load_profile(K4)).save(), 0x12)
-    Arm64Machine(load_profile(K4, {"mitigation": "not_required"})).load(state)
+@pytest.mark.parametrize(("dst_wa2", "status"), [(A, Status.MITIGATED), (N, Status.UNAFFECTED)])
+def test_section_6_4_dynamic_source_enabled_value(dst_wa2: str, status: Status) -> None:
+    """A 5.3-5.9 source whose host mitigates dynamically sends WA_2 = AVAIL|ENABLED (0x12):
+    kvm_reset_vcpu turned the vCPU's flag on, kvm_arm_get_fw_reg reports it.  A 5.10+
+    destination whose level is NOT_REQUIRED (3) narrows 0x12 to 3 and accepts it; its WA_2
+    then reads 3, and the guest (which chose firmware calls at boot) stays protected."""
+    src = Arm64Machine(load_profile(K3).with_mitigation(parse_mitigation(A)))
+    guest = Arm64Guest()
+    view = guest.boot(src.port(), src.protection())
+    assert view.decision(Workaround.WA2) is Decision.FIRMWARE_CALLS
+    state = src.save()
+    assert state.vcpus[0].cpregs.get(R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2) == 0x12
+    rest = "wa1=not_required,wa3=not_required"
+    dest = Arm64Machine(load_profile(K4).with_mitigation(
+        parse_mitigation(f"wa2={dst_wa2},{rest}")))
+    dest.load(state)
+    dest.start()
+    assert dest.port().get_one_reg(R.KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2) == 3
+    after = guest.status_on(dest.protection())
+    assert after[Workaround.WA2] is status and after[Workaround.WA2].protected
 
 
 # --- 6.5 presence -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Conformance checks of spec pseries-mobility.md section 13, one test per check."""
+"""Conformance checks of docs/models/pseries-mobility.md §13, one test per check."""
 
 from __future__ import annotations
 
@@ -205,8 +205,8 @@ def _assoc_firmware(faults: dict[tuple[str, int], int]) -> tuple[RtasFirmware, D
     return RtasFirmware(src, dst, faults=faults), dst
 
 
-@pytest.mark.parametrize(("check", "status"), [(7, -2), (8, 9901)])
-def test_check_7_8_busy_and_delay(check: int, status: int) -> None:
+def check_busy_and_delay(check: int, status: int) -> None:
+    """Checks 7 and 8: the update retries after a busy / extended-delay status."""
     fw, _ = _assoc_firmware({("ibm,update-nodes", 1): status})
     tree = guest()
     before = snapshot(tree)
@@ -226,11 +226,11 @@ def test_check_7_8_busy_and_delay(check: int, status: int) -> None:
 
 
 def test_check_7_busy_retry() -> None:
-    test_check_7_8_busy_and_delay(7, -2)
+    check_busy_and_delay(7, -2)
 
 
 def test_check_8_extended_delay_retry() -> None:
-    test_check_7_8_busy_and_delay(8, 9901)
+    check_busy_and_delay(8, 9901)
 
 
 def _cpu_props_handler(pages: list[tuple[int, bytes]], mode: str = "correct",

@@ -1,4 +1,4 @@
-"""Conformance checks of spec/spapr-tce.md, one test per numbered check."""
+"""Conformance checks of docs/models/spapr-tce.md §14, one test per numbered check."""
 
 from __future__ import annotations
 

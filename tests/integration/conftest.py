@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from vmferry.host.auth import TOKEN_FILE_ENV, load_or_create_token
 from vmferry.host.client import HostClient
 from vmferry.host.processes import HostProcess, spawn_host
 
@@ -18,7 +20,7 @@ FINISHED = ("completed", "failed", "cancelled")
 class Pair:
     def __init__(self, a: HostProcess, b: HostProcess) -> None:
         self.a_proc, self.b_proc = a, b
-        self.a, self.b = HostClient(a.control_url), HostClient(b.control_url)
+        self.a, self.b = a.client(), b.client()
 
     def create(self, name: str, **kw: Any) -> dict[str, Any]:
         definition = {"name": name, "memory_mib": 32, "vcpus": 2, "fill": "random", **kw}
@@ -60,6 +62,23 @@ def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         check=check,
         timeout=120,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One control-API token file for every host and CLI call of the session: hosts
+    started by spawn_host and CLI subprocesses find it through VMFERRY_TOKEN_FILE."""
+    path = tmp_path_factory.mktemp("cluster") / "token"
+    load_or_create_token(path)
+    old = os.environ.get(TOKEN_FILE_ENV)
+    os.environ[TOKEN_FILE_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop(TOKEN_FILE_ENV, None)
+        else:
+            os.environ[TOKEN_FILE_ENV] = old
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Host]]
         for key, (profile, mitigation) in wanted.items():
             proc = spawn_host(key, root / key,
                               extra_args=["--profile", profile, "--mitigation", mitigation])
-            out[key] = Host(proc, HostClient(proc.control_url), profile, mitigation)
+            out[key] = Host(proc, proc.client(), profile, mitigation)
         yield out
     finally:
         for host in out.values():

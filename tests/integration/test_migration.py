@@ -131,12 +131,11 @@ def test_token_is_single_use(pair: Pair) -> None:
 
 
 def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
-    from vmferry.host.client import HostClient
     from vmferry.host.processes import spawn_host
 
     h = spawn_host("R", tmp_path / "R")
     try:
-        c = HostClient(h.control_url)
+        c = h.client()
         c.post("/v1/vms", {"definition": {"name": "keep", "memory_mib": 8}, "start": False})
         c.post("/v1/vms", {"definition": {"name": "run", "memory_mib": 8}, "start": True})
         inc = c.post(
@@ -146,7 +145,7 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
         h.stop()
     h = spawn_host("R", tmp_path / "R")
     try:
-        c = HostClient(h.control_url)
+        c = h.client()
         states = {v["name"]: v["runstate"] for v in c.get("/v1/vms")}
         assert states == {"keep": "paused", "run": "running"}
         job = c.get(f"/v1/jobs/{inc['job']}")
@@ -171,6 +170,11 @@ def test_demo_json_and_stream_inspect(tmp_path: Path) -> None:
     report = json.loads(out.stdout)
     assert report["status"] == "completed" and report["verified"] is True
     assert report["iterations"] >= 1 and report["downtime_ms"] > 0
+    if report["backend"] == "kvm":  # issue 11 item 7: a real guest moved and ran on
+        g = report["guest_progress"]
+        assert g["continued"] and g["after_resume"] > g["before_stop"] > 0
+    else:
+        assert "KVM not usable here" in report["backend_note"]
     assert set(report["ram"]) >= {"transferred", "total", "duplicate", "normal"}
     assert report["ram"]["transferred"] == stream.stat().st_size
     drivers = {d["driver"] for d in report["devices"].values()}

@@ -16,7 +16,6 @@ import libfdt
 import pytest
 
 from tests.integration.conftest import cli, wait_job
-from vmferry.host.client import HostClient
 from vmferry.host.processes import HostProcess, spawn_host
 from vmferry.hw.devtree import DeviceTree, load_fdt
 from vmferry.hw.spapr.platform import generate_pseries_tree
@@ -63,8 +62,8 @@ class Hosts:
             path = tmp / f"{name}.toml"
             path.write_text(text)
             self.procs.append(spawn_host(name, tmp / name, extra_args=["--platform", str(path)]))
-        self.a = HostClient(self.procs[0].control_url)
-        self.b = HostClient(self.procs[1].control_url)
+        self.a = self.procs[0].client()
+        self.b = self.procs[1].client()
 
     def migrate(self, name: str) -> dict[str, Any]:
         job = self.a.post(f"/v1/vms/{name}/migrate",

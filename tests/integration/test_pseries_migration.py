@@ -61,8 +61,8 @@ class Hosts:
                 path.write_text(text)
                 args = ["--platform", str(path)]
             self.procs.append(spawn_host(name, tmp / name, extra_args=args))
-        self.a = HostClient(self.procs[0].control_url)
-        self.b = HostClient(self.procs[1].control_url)
+        self.a = self.procs[0].client()
+        self.b = self.procs[1].client()
 
     def migrate(self, name: str) -> dict[str, Any]:
         job = self.a.post(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 
+from vmferry.host.auth import client_token
 from vmferry.host.client import HostClient
+from vmferry.host.tls import TlsConfig
 
 console = Console()
 err_console = Console(stderr=True)
@@ -24,8 +27,28 @@ HOST_OPTION = click.option(
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 
+#: ``vmferry --token-file FILE``, set by the command group before any command runs
+_token_file: Path | None = None
+#: ``vmferry --tls-dir DIR`` (or VMFERRY_TLS_DIR): the certificate the CLI presents
+_tls_dir: Path | None = None
+
+
+def set_token_file(path: Path | None) -> None:
+    global _token_file
+    _token_file = path
+
+
+def set_tls_dir(path: Path | None) -> None:
+    global _tls_dir
+    _tls_dir = path
+
+
 def client(url: str) -> HostClient:
-    return HostClient(url)
+    """A client for the host at ``url`` presenting the token from ``VMFERRY_TOKEN`` or
+    ``--token-file`` (``VMFERRY_TOKEN_FILE``) and, for an https:// host, the certificate
+    in ``--tls-dir`` (``VMFERRY_TLS_DIR``)."""
+    tls = TlsConfig.load(_tls_dir).client_context() if _tls_dir is not None else None
+    return HostClient(url, client_token(_token_file), tls=tls)
 
 
 def emit_json(data: Any) -> None:

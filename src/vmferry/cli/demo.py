@@ -37,6 +37,13 @@ from vmferry.host.demo import DemoOptions, run_demo
     default=None,
     help="also write the exact stream that was sent",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "kvm", "model"]),
+    default="auto",
+    show_default=True,
+    help="kvm: a real x86_64 guest; model: the simulated guest; auto: kvm where usable",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(
     memory_mib: int,
@@ -44,6 +51,7 @@ def command(
     dirty_rate_mbps: float,
     downtime_limit: float,
     stream_file: str | None,
+    backend: str,
     as_json: bool,
 ) -> None:
     """Start two hosts, live-migrate a VM between them and prove the result."""
@@ -53,6 +61,7 @@ def command(
         dirty_rate_mbps=dirty_rate_mbps,
         downtime_limit_ms=downtime_limit,
         stream_file=stream_file,
+        backend=backend,
     )
     report = run_demo(
         opts, say=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]>[/] {s}"))
@@ -96,6 +105,11 @@ def _print(r: dict[str, Any]) -> None:
         f"{v.get('vcpu_equal')}; destination VM {r['destination_runstate']}"
     )
     _print_devices("demo-vm", r["devices"])
+    g = r.get("guest_progress")
+    if g is not None:
+        mark = "[green]continued[/]" if g["continued"] else "[red]DID NOT continue[/]"
+        console.print(f"guest ({r['backend']}): progress {g['before_stop']} when stopped, "
+                      f"{g['after_resume']} after the resume on B: {mark}")
     for name, vm in r.get("vms", {}).items():
         ok = "[green]verified[/]" if vm["verified"] else "[red]NOT verified[/]"
         console.print(

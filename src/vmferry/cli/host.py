@@ -9,10 +9,12 @@ import click
 
 from vmferry.errors import ConfigError
 from vmferry.host.daemon import run_daemon
+from vmferry.host.tls import TlsConfig, make_certs
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
 from vmferry.machine.vm import HostContext, read_toml
+from vmferry.machine.x86 import KvmPlatform
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -64,7 +66,24 @@ def command() -> None:
     default=None,
     type=click.Path(path_type=Path, dir_okay=False),
     help="TOML file describing the host platform (e.g. vfio_drivers = [\"pds\", \"mlx5\"], "
-    "[spapr] and [lpm] tables for pseries guests)",
+    "[spapr] and [lpm] tables for pseries guests, a [kvm] table with hide_msrs, "
+    "refuse_msrs and hide_cpuid for x86_64 guests)",
+)
+@click.option(
+    "--token-file",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="the cluster's control-API token (created with mode 0600 if missing; default "
+    "<state-dir>/token, only for a loopback --listen); hosts that migrate to each other "
+    "share it",
+)
+@click.option(
+    "--tls-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="serve the control API and the migration listener over mutual TLS with the "
+    "certificate in this directory (from 'vmferry host certs'); peers need one of the "
+    "same CA",
 )
 def serve(
     name: str,
@@ -74,16 +93,34 @@ def serve(
     profile: str | None,
     mitigation: str | None,
     platform_file: Path | None,
+    token_file: Path | None,
+    tls_dir: Path | None,
 ) -> None:
-    """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP)."""
+    """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP), both over
+    mutual TLS with --tls-dir."""
     platform = load_platform(platform_file) if platform_file is not None else {}
+    tls = TlsConfig.load(tls_dir) if tls_dir is not None else None
     run_daemon(
         name,
         state_dir,
         parse_address(listen),
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
+        token_file,
+        tls,
     )
+
+
+@command.command("certs")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="directory for the CA and one sub-directory per host")
+@click.option("--hosts", required=True, metavar="A,B,...", help="host names, comma-separated")
+def certs(out: Path, hosts: str) -> None:
+    """Create a cluster CA and a certificate per host (for host serve --tls-dir OUT/HOST)."""
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    for d in make_certs(out, names):
+        click.echo(f"{d.name}: --tls-dir {d}")
+    click.echo(f"CA key: {out / 'ca.key'} (keep it offline; the hosts do not need it)")
 
 
 def load_platform(path: Path) -> dict[str, Any]:
@@ -94,6 +131,8 @@ def load_platform(path: Path) -> dict[str, Any]:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
     if PLATFORM_TABLE in platform:
         platform_params(platform[PLATFORM_TABLE])
+    if "kvm" in platform:
+        KvmPlatform.parse(platform)
     return platform
 
 

@@ -27,7 +27,16 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
     console.print(
         f"[bold]{vm['name']}[/]  {vm['runstate']}  arch={d['arch']}  "
         f"memory={d['memory_mib']} MiB  vcpus={d['vcpus']}"
+        + (f"  backend={vm['backend']}" if "backend" in vm else "")
     )
+    g = vm.get("guest")
+    if g:
+        console.print(
+            f"  guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
+            f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
+            f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
+            + (f"; CRASHED: {g['crashed']}" if g.get("crashed") else "")
+        )
     if "digests" in vm:
         digests = vm["digests"]
         console.print(f"  ram digest  {digests['ram']}\n  vcpu digest {digests['vcpu']}")

@@ -10,7 +10,7 @@ cpus_read_unlock, mitigations, 24x7.  The walk asks firmware for pages of
 deletes it (``dlpar_detach_node``), updates it (``ibm,update-properties`` pages) or adds
 a subtree below it (``ibm,configure-connector``), then drops the lookup reference.
 
-Every behaviour the spec found questionable upstream is a named switch on
+Every questionable upstream behaviour (docs/models/pseries-mobility.md §12.3) is a named switch on
 :class:`MobilityOptions`; :data:`MODES` groups them:
 
 ``correct``     (default) platform-facilities delete/add ignored by device_type (the seed

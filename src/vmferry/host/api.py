@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from vmferry import __version__
-from vmferry.errors import ApiError, VmferryError
+from vmferry.errors import ApiError, HostError, MigrationError, PeerError, VmferryError
+from vmferry.host.auth import bearer_matches
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.iommu import describe as describe_iommu
 from vmferry.host.snapshot import restore_vm, save_vm
@@ -21,19 +25,96 @@ from vmferry.machine.pseries_dt import device_tree_handler
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+log = logging.getLogger("vmferry.host.api")
+
 
 def _ok(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
 
 
+#: routes anyone may call without the token: none.  (Kept as data so a route that must be
+#: open -- a health probe, say -- is one visible line.)
+OPEN_ROUTES: frozenset[str] = frozenset()
+
+
+def error_response(exc: ApiError) -> web.Response:
+    """``{"error": {"kind", "message", "step"}}`` with the error's status."""
+    return _ok(exc.to_json(), exc.status)
+
+
+def _status_for(exc: VmferryError) -> int:
+    if isinstance(exc, PeerError):
+        return 502
+    return 400
+
+
+def make_auth(d: HostDaemon) -> Middleware:
+    """The bearer-token check every request passes first; refusals are logged (at most
+    a few a minute, then counted, so a flood cannot fill the log)."""
+    token = d.token
+    if not token:
+        raise HostError("the control API needs a token")
+    limiter = _LogLimiter()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_ROUTES or bearer_matches(
+            request.headers.get("Authorization"), token
+        ):
+            return await handler(request)
+        what = "wrong" if "Authorization" in request.headers else "no"
+        note = limiter.note()
+        if note is not None:
+            msg = (f"refused control request from {request.remote}: {what} token "
+                   f"({request.method} {request.path[:200]!r}){note}")
+            log.warning(msg)
+            d.store.log("unauthorized", msg)
+        return error_response(ApiError(401, "a valid bearer token is required "
+                                            "(--token-file or VMFERRY_TOKEN)"))
+
+    return auth
+
+
+class _LogLimiter:
+    """Lets ``burst`` log lines through per ``window_s``; then counts the rest."""
+
+    def __init__(self, burst: int = 10, window_s: float = 60.0) -> None:
+        self.burst, self.window_s = burst, window_s
+        self.start, self.seen, self.dropped = 0.0, 0, 0
+
+    def note(self) -> str | None:
+        now = time.monotonic()
+        if now - self.start > self.window_s:
+            dropped, self.dropped = self.dropped, 0
+            self.start, self.seen = now, 0
+            if dropped:
+                self.seen += 1
+                return f" ({dropped} more refused and not logged)"
+        self.seen += 1
+        if self.seen > self.burst:
+            self.dropped += 1
+            return None
+        return ""
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as ``{"error": {"kind", "message", "step"}}`` with its status."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return _ok({"error": exc.message}, exc.status)
+        return error_response(exc)
     except VmferryError as exc:
-        return _ok({"error": str(exc), "kind": type(exc).__name__}, 400)
+        step = exc.step if isinstance(exc, MigrationError) else ""
+        message = exc.reason if isinstance(exc, MigrationError) else str(exc)
+        return error_response(ApiError(_status_for(exc), message, type(exc).__name__, step))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(ApiError(exc.status, exc.reason))
+    except Exception:
+        log.exception("control request %s %s", request.method, request.path[:200])
+        return error_response(ApiError(500, "internal error (see the host's log)"))
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -81,6 +162,7 @@ def make_app(d: HostDaemon) -> web.Application:
                 "migration_address": list(d.migration_address),
                 "vms": len(d.vms),
                 "iommu": describe_iommu(d.context.iommu),
+                "kvm": d.kvm,
                 **host_profile_json(d),
             }
         )
@@ -195,7 +277,7 @@ def make_app(d: HostDaemon) -> web.Application:
     async def events(request: web.Request) -> web.Response:
         return _ok(d.store.events())
 
-    app = web.Application(middlewares=[errors], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[errors, make_auth(d)], client_max_size=8 * 1024 * 1024)
     app.add_routes(routes)
     return app
 

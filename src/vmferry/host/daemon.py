@@ -31,10 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
+from vmferry.host.auth import is_loopback, load_or_create_token
 from vmferry.host.iommu import probe_host
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
+from vmferry.host.tls import TlsConfig, logging_server_context
+from vmferry.host.vcpus import VcpuThreads, install_kick_handler
 from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+from vmferry.machine.x86 import kvm_status
 from vmferry.migration.destination import DestinationSession
 
 log = logging.getLogger("vmferry.host")
@@ -61,6 +65,10 @@ class HostedVm:
             out["vcpus"] = len(self.vm.vcpus)
             out["throttle_pct"] = self.vm.workload.throttle_pct
             out["pages_dirtied"] = self.vm.workload.pages_written
+            out["backend"] = self.vm.backend
+            guest = self.vm.guest_info()
+            if guest is not None:
+                out["guest"] = guest
             # handlers read device and IOMMU state the guest's thread changes
             lock = self.runner.lock if self.runner is not None else contextlib.nullcontext()
             with lock:
@@ -127,9 +135,19 @@ class HostDaemon:
         listen: tuple[str, int] = ("127.0.0.1", 0),
         migration_listen: tuple[str, int] | None = None,
         context: HostContext | None = None,
+        token: str | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.name = name
-        self.context = with_iommu_probe(context if context is not None else HostContext(name))
+        #: mutual TLS for the control API, the migration listener and calls to peers
+        self.tls = tls
+        #: the cluster's control-API bearer token: required of every request here, and
+        #: presented to peers
+        self.token = token
+        self.context = with_vcpu_threads(
+            with_iommu_probe(context if context is not None else HostContext(name)))
+        #: whether this host can run x86_64 guests on KVM, and why not
+        self.kvm = kvm_status()
         self.state_dir = state_dir
         self.listen = listen
         self.migration_listen = migration_listen or (listen[0], 0)
@@ -390,7 +408,7 @@ class HostDaemon:
         for it (from a scratch VM built here: the same code that will receive it)."""
         try:
             load_definition(definition)
-            scratch = self.build_vm(definition)
+            scratch = self.build_vm({**definition, "fill": "zero"})  # capabilities only
         except VmferryError as exc:
             raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
         try:
@@ -436,25 +454,48 @@ def with_iommu_probe(context: HostContext) -> HostContext:
     return dataclasses.replace(context, iommu=probe_host(arch, context.platform))
 
 
+def with_vcpu_threads(context: HostContext) -> HostContext:
+    """The context with this host's vCPU threads (real guests need them)."""
+    if context.vcpu_threads is not None:
+        return context
+    with contextlib.suppress(HostError):  # not the main thread: a caller installs it
+        install_kick_handler()
+    return dataclasses.replace(context, vcpu_threads=VcpuThreads)
+
+
 def run_daemon(
     name: str,
     state_dir: Path,
     listen: tuple[str, int],
     migration_listen: tuple[str, int] | None = None,
     context: HostContext | None = None,
+    token_file: Path | None = None,
+    tls: TlsConfig | None = None,
 ) -> None:
-    """Run a host in the foreground until SIGINT/SIGTERM."""
+    """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
+    token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
+    for a loopback address: a host others can reach shares an explicit token file with its
+    cluster)."""
     from vmferry.host.api import make_app
 
+    if token_file is None and not is_loopback(listen[0]):
+        raise ConfigError(
+            f"the control API would listen on {listen[0]}, beyond this machine: "
+            "give the cluster's --token-file"
+        )
     state_dir.mkdir(parents=True, exist_ok=True)
+    token = load_or_create_token(token_file or state_dir / "token")
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    if listen[0] not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("control API listens on %s: it is reachable beyond this machine", listen[0])
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls)
+    for what, address in (("control API", listen), ("migration listener",
+                                                     daemon.migration_listen)):
+        if tls is None and not is_loopback(address[0]):
+            log.warning("%s listens on %s without TLS: guest memory and tokens cross the "
+                        "network in clear (serve with --tls-dir)", what, address[0])
     probe = daemon.context.iommu
     if probe is not None:
         log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,
@@ -469,13 +510,14 @@ def run_daemon(
 
         runner = web.AppRunner(make_app(daemon), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, listen[0], listen[1])
+        site = web.TCPSite(runner, listen[0], listen[1], ssl_context=(
+            logging_server_context(tls, "control API") if tls is not None else None))
         await site.start()
         server = site._server
         assert server is not None
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
-        daemon.control_url = f"http://{host}:{port}"
+        daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
         daemon.write_ready_file()
         log.info(
             "host %s: control %s, migration %s:%d",

@@ -20,6 +20,7 @@ from typing import Any
 
 from vmferry.host.client import HostClient
 from vmferry.host.processes import HostProcess, spawn_host
+from vmferry.hw.x86.kvm import kvm_usable
 
 
 @dataclass
@@ -35,6 +36,19 @@ class DemoOptions:
     extra_definition: dict[str, Any] = field(default_factory=dict)
     #: VFIO devices: mlx5 + pds on the main VM, a second VM with hisi_acc alone
     devices: bool = True
+    #: "auto": a real x86-64 guest on KVM where /dev/kvm is usable, else the simulated
+    #: guest; "kvm" or "model" to insist
+    backend: str = "auto"
+
+
+def choose_backend(wanted: str) -> tuple[str, str]:
+    """(backend, note): ``kvm`` where KVM is usable (or wanted), else ``model``."""
+    if wanted == "model":
+        return "model", "simulated guest (as asked)"
+    usable, why = kvm_usable()
+    if usable or wanted == "kvm":
+        return "kvm", f"real x86_64 guest on KVM ({why})"
+    return "model", f"KVM not usable here ({why}): using the simulated guest"
 
 
 MIB = 1024 * 1024
@@ -63,10 +77,12 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
         say("starting host daemons A and B on 127.0.0.1")
         hosts.append(spawn_host("A", workdir / "A"))
         hosts.append(spawn_host("B", workdir / "B"))
-        a, b = (HostClient(h.control_url) for h in hosts)
+        a, b = (h.client() for h in hosts)
+        backend, note = choose_backend(opts.backend)
+        say(note)
         definition = {
             "name": "demo-vm",
-            "arch": "generic",
+            "arch": "x86_64" if backend == "kvm" else "generic",
             "memory_mib": opts.memory_mib,
             "vcpus": opts.vcpus,
             "fill": opts.fill,
@@ -89,6 +105,10 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
             params["stream_file"] = str(Path(opts.stream_file).resolve())
         say(f"live-migrating demo-vm A -> B (downtime limit {opts.downtime_limit_ms:g} ms)")
         report = _report(_migrate(a, "demo-vm", hosts[1].control_url, params), b)
+        report["backend"], report["backend_note"] = backend, note
+        if backend == "kvm":
+            report["guest_progress"] = _guest_progress(report, b)
+            report["verified"] = report["verified"] and report["guest_progress"]["continued"]
         if opts.devices:
             say("live-migrating demo-acc A -> B")
             params = {"downtime_limit_ms": opts.downtime_limit_ms, "verify": True}
@@ -104,6 +124,22 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
 
 _SUMMARY = ("status", "error", "verified", "downtime_ms", "total_time_ms", "iterations",
             "devices")  # fmt: skip
+
+
+def _guest_progress(report: dict[str, Any], dest: HostClient) -> dict[str, Any]:
+    """The real guest's progress counter when the source stopped it and on the destination
+    after the resume (waiting up to 5 s for it to move on)."""
+    before = report.get("source_report", {}).get("x86-cpu", {}).get("progress_at_stop")
+    after = None
+    end = time.monotonic() + 5.0
+    while time.monotonic() < end:
+        with contextlib.suppress(Exception):
+            after = dest.get("/v1/vms/demo-vm")["guest"]["progress"]
+        if before is not None and after is not None and after > before:
+            break
+        time.sleep(0.05)
+    return {"before_stop": before, "after_resume": after,
+            "continued": before is not None and after is not None and after > before}
 
 
 def _migrate(a: HostClient, name: str, destination: str, params: dict[str, Any]) -> Any:
@@ -176,4 +212,6 @@ def _report(job: dict[str, Any], dest: HostClient, name: str = "demo-vm") -> dic
             )
         },
         "throttle_pct": stats.get("cpu-throttle-percentage", 0),
+        "warnings": stats.get("warnings", []),
+        "source_report": stats.get("source_report", {}),
     }

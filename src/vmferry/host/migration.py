@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -27,6 +28,7 @@ from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.runner import VmRunner
+from vmferry.host.tls import TlsConfig, explain
 from vmferry.host.transport import (
     readable,
     recv_frame,
@@ -34,6 +36,7 @@ from vmferry.host.transport import (
     send_buffers,
     send_frame,
 )
+from vmferry.host.vcpus import Populator
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -86,16 +89,40 @@ def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
 # --- source ------------------------------------------------------------------------------
 
 
-def _ask_destination(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POST /v1/incoming on the destination: its one-time token and capabilities."""
+def _check_peer_tls(tls: TlsConfig | None, url: str) -> None:
+    """A TLS host talks only to TLS peers; a plaintext host cannot talk to a TLS one."""
+    if tls is not None and not url.startswith("https://"):
+        raise ApiError(502, f"this host serves TLS and refuses the plaintext destination "
+                            f"{url} (give its https:// URL; it must serve with --tls-dir)",
+                       "PeerNotTls", "setup")  # fmt: skip
+    if tls is None and url.startswith("https://"):
+        raise ApiError(502, f"destination {url} serves TLS and this host has no certificate "
+                            "of its cluster (serve this host with --tls-dir)", "PeerTls",
+                       "setup")  # fmt: skip
+
+
+def _ask_destination(url: str, body: dict[str, Any], token: str | None,
+                     tls: TlsConfig | None = None) -> dict[str, Any]:  # fmt: skip
+    """POST /v1/incoming on the destination (with the cluster's token): its one-time token
+    and capabilities.  ApiError 502 if it cannot be reached or answers nonsense; its own
+    refusal (a name it holds: 409) keeps the destination's status."""
     try:
-        reply = HostClient(url, timeout=30.0).post("/v1/incoming", body)
-    except ApiError:
-        raise
+        _check_peer_tls(tls, url)
+        ctx = tls.client_context() if tls is not None else None
+        reply = HostClient(url, token, timeout=30.0, tls=ctx).post("/v1/incoming", body)
+    except ApiError as exc:
+        if exc.status == 401:
+            raise ApiError(502, f"destination {url} refused this host's token: the hosts "
+                                "do not share a --token-file", "PeerUnauthorized",
+                           "setup") from exc
+        raise ApiError(exc.status, f"destination {url}: {exc.message}", exc.kind,
+                       exc.step or "setup") from exc
     except HostError as exc:
-        raise PeerError(f"destination control API unreachable: {exc}", "setup") from exc
-    if not isinstance(reply, dict):
-        raise PeerError("destination answered /v1/incoming with no object", "setup")
+        raise ApiError(502, f"destination control API unreachable: {exc}", "PeerUnreachable",
+                       "setup") from exc
+    if not isinstance(reply, dict) or not isinstance(reply.get("token"), str):
+        raise ApiError(502, "destination answered /v1/incoming without a token",
+                       "PeerError", "setup")
     return reply
 
 
@@ -112,6 +139,8 @@ def start_source_job(
             "verify": params.verify,
             "peer": daemon.control_url,
         },
+        daemon.token,
+        daemon.tls,
     )
     job = daemon.new_job(hosted.name, "source", destination, {**raw})
     prev_state = hosted.runstate
@@ -159,6 +188,8 @@ class SourceWorker:
             self._fail(str(exc))
         except MigrationError as exc:
             self._fail(exc.reason, exc.step or None, cancelled=self.job.cancel.is_set())
+        except ssl.SSLError as exc:
+            self._fail(explain(exc, "the destination", server=False))
         except OSError as exc:
             reason = self._peer_reason(sock) or f"connection lost: {exc.strerror or exc}"
             self._fail(reason)
@@ -181,12 +212,24 @@ class SourceWorker:
     def _abort_incoming(self, reason: str) -> None:
         """Tell the destination to forget the token it handed out."""
         host, port = self.incoming["migration_address"]
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 5) as sock:
+        with contextlib.suppress(OSError), self._dial(host, port, 5) as sock:
             send_frame(sock, "hello", token=self.incoming["token"], abort=reason)
+
+    def _dial(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A connection to the destination's listener (TLS when this host serves it)."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if self.daemon.tls is None:
+            return sock
+        try:
+            return self.daemon.tls.client_context().wrap_socket(sock)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise PeerError(explain(exc, f"destination {host}:{port}", server=False),
+                            "handshake") from exc
 
     def _connect(self) -> socket.socket:
         host, port = self.incoming["migration_address"]
-        sock = socket.create_connection((host, port), timeout=HELLO_TIMEOUT_S)
+        sock = self._dial(host, port, HELLO_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         send_frame(
             sock,
@@ -264,6 +307,7 @@ class SourceWorker:
         verification = self._verify(ack)
         post_load = resumed.get("post_load", {})
         self.job.stats = {**stats.to_json(), "verification": verification,
+                          "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
         self.job.status = "completed"
@@ -356,9 +400,27 @@ class DestinationWorker:
         self.session: DestinationSession | None = None
         self.job: Job | None = None
         self.step = "handshake"
+        self.populator: Populator | None = None
+
+    def _tls(self) -> bool:
+        """The TLS handshake, when this host serves TLS; False (refused) if it failed."""
+        if self.daemon.tls is None:
+            return True
+        self.conn.settimeout(HELLO_TIMEOUT_S)
+        try:
+            self.conn = self.daemon.tls.server_context().wrap_socket(self.conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            peer = f"{self.addr[0]}:{self.addr[1]}"
+            msg = f"refused migration connection from {peer}: " + explain(exc, peer, server=True)
+            log.warning(msg)
+            self.daemon.store.log("refused", msg)
+            return False
+        return True
 
     def run(self) -> None:
         try:
+            if not self._tls():
+                return
             hello = self._handshake()
             if hello is not None:
                 self._receive(hello)
@@ -372,6 +434,8 @@ class DestinationWorker:
             log.exception("incoming migration from %s", self.addr)
             self._fail(describe_failure(exc))
         finally:
+            if self.populator is not None:
+                self.populator.stop()
             with contextlib.suppress(OSError):
                 self.conn.close()
 
@@ -397,12 +461,18 @@ class DestinationWorker:
             return None
         self.session = DestinationSession(
             MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
-            factory=self.daemon.build_vm,
+            factory=self._build_staging,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status = "active"
         return hello
+
+    def _build_staging(self, definition: Any) -> Any:
+        """The staging VM, its RAM faulted in from a thread while the stream arrives."""
+        vm = self.daemon.build_vm(definition)
+        self.populator = Populator(vm.ram)
+        return vm
 
     @staticmethod
     def _check_name(expected: str) -> Any:
@@ -434,6 +504,8 @@ class DestinationWorker:
                 self.session.receive(rec)
                 self.step = f"receiving stream (pass {self.session.passes + 1})"
         self.step = "load"
+        if self.populator is not None:
+            self.populator.stop()
         vm = self.session.vm
         assert vm is not None
         ack = self.session.finish(start=False)
@@ -456,6 +528,8 @@ class DestinationWorker:
         log.info("incoming VM %s resumed (job %s)", vm.name, self.job.id)
 
     def _fail(self, reason: str) -> None:
+        if self.populator is not None:
+            self.populator.stop()
         if self.session is not None:
             self.session.abort()
         log.warning("incoming migration failed at %s: %s", self.step, reason)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.errors import HostError
+from vmferry.host.auth import TOKEN_FILE_ENV, load_or_create_token
+from vmferry.host.client import HostClient
+from vmferry.host.tls import TlsConfig
 
 
 @dataclass
@@ -21,6 +24,15 @@ class HostProcess:
     state_dir: Path
     proc: subprocess.Popen[bytes]
     control_url: str = ""
+    #: the control API's bearer token (from the host's token file)
+    token: str = ""
+    #: the host's TLS directory when it serves TLS (its certificate is the client's too)
+    tls_dir: Path | None = None
+
+    def client(self, timeout: float = 30.0) -> HostClient:
+        """A control-API client for this host, with its token (and certificate)."""
+        tls = TlsConfig.load(self.tls_dir).client_context() if self.tls_dir else None
+        return HostClient(self.control_url, self.token, timeout, tls)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -43,8 +55,17 @@ def spawn_host(
     listen: str = "127.0.0.1:0",
     timeout: float = 30.0,
     extra_args: list[str] | None = None,
+    token_file: Path | None = None,
+    tls_dir: Path | None = None,
 ) -> HostProcess:
+    """Start ``vmferry host serve`` and wait for its ready file.  The host's token file is
+    ``token_file``, else ``$VMFERRY_TOKEN_FILE``, else ``token`` beside ``state_dir`` (so
+    hosts started under one directory form one cluster); it is created if missing."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    if token_file is None:
+        env = os.environ.get(TOKEN_FILE_ENV)
+        token_file = Path(env) if env else state_dir.parent / "token"
+    token = load_or_create_token(token_file)
     ready = state_dir / "ready.json"
     with contextlib.suppress(FileNotFoundError):
         ready.unlink()
@@ -61,6 +82,9 @@ def spawn_host(
         listen,
         "--state-dir",
         str(state_dir),
+        "--token-file",
+        str(token_file),
+        *(["--tls-dir", str(tls_dir)] if tls_dir is not None else []),
         *(extra_args or []),
     ]
     proc = subprocess.Popen(
@@ -71,7 +95,7 @@ def spawn_host(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
-    host = HostProcess(name, state_dir, proc)
+    host = HostProcess(name, state_dir, proc, token=token, tls_dir=tls_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -68,13 +69,17 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
 
 
 def readable(sock: socket.socket) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     r, _, _ = select.select([sock], [], [], 0)
     return bool(r)
 
 
 def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
-    """sendmsg() the buffers completely; returns bytes sent."""
+    """sendmsg() the buffers completely (TLS: one sendall each); returns bytes sent."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg: coalesce small buffers into records
+        return _send_tls(sock, pending)
     total = 0
     while pending:
         sent = sock.sendmsg(pending[:64])
@@ -88,6 +93,27 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
                 pending[0] = head[sent:]
                 sent = 0
     return total
+
+
+#: buffers smaller than this are copied together before they go into a TLS record
+_COALESCE = 16 * 1024
+
+
+def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> int:
+    small = bytearray()
+    for view in views:
+        if view.nbytes < _COALESCE:
+            small += view
+            if len(small) < _COALESCE:
+                continue
+        if small:
+            sock.sendall(small)
+            small = bytearray()
+        if view.nbytes >= _COALESCE:
+            sock.sendall(view)
+    if small:
+        sock.sendall(small)
+    return sum(v.nbytes for v in views)
 
 
 def recv_into_decoder(sock: socket.socket, decoder: StreamDecoder) -> int:

@@ -31,3 +31,4 @@ __all__ = [
 # Architectures beyond "generic" register themselves in ARCHES when imported.
 from vmferry.machine import arm64_handler as _arm64  # noqa: F401
 from vmferry.machine import pseries as _pseries  # noqa: F401
+from vmferry.machine import x86 as _x86  # noqa: F401

@@ -13,12 +13,14 @@ Persist contract: :meth:`Arm64Machine.save` (``cpu_pre_save``: GET every listed 
 -> :class:`Arm64State`; :func:`encode_state` / :func:`decode_state` for the stream;
 :meth:`Arm64Machine.load` applies a state on the destination in one of two merge modes:
 
-* ``classic`` -- QEMU before the 2025/2026 fix (spec 5.3): length gate
+Section numbers (§) refer to ``docs/models/psci-firmware-registers.md``.
+
+* ``classic`` -- QEMU before the 2025/2026 fix (§5.3): length gate
   ``src_len <= dst_len``; a walk that stops when *either* list ends, so unknown registers
   sorting after the destination's last one are **silently dropped**; an unknown register
   sorting before a known one fails; then every register is SET (failures reported after
   the loop, which continues);
-* ``strict`` -- the 2025/2026 algorithm (spec 5.4): gate ``src_len <= dst_len + 10``, full
+* ``strict`` -- the 2025/2026 algorithm (§5.4): gate ``src_len <= dst_len + 10``, full
   walk, any unexpected register fails unless a tolerance (:data:`TOLERANCES`) admits it.
 
 Load failures are :class:`CpuLoadError` naming the step, register, value and errno.  A
@@ -115,7 +117,7 @@ class Arm64StateDecodeError(MalformedRecord):
     """The arm64 component record is malformed."""
 
 
-# --- tolerances (QEMU 2025/2026, spec 5.4) ----------------------------------------------------
+# --- tolerances (QEMU 2025/2026, docs/models/psci-firmware-registers.md §5.4)
 
 
 @dataclass(frozen=True)
@@ -447,7 +449,8 @@ class Arm64Machine:
              continue_after_failed_post_load: bool = False) -> LoadReport:
         """Destination ``cpu_post_load`` for every vCPU; CpuLoadError on the first failure.
 
-        ``continue_after_failed_post_load`` is the faulty mode of spec 8.3: failed SETs are
+        ``continue_after_failed_post_load`` is the faulty mode of
+        docs/models/psci-firmware-registers.md §8.3: failed SETs are
         reported in ``LoadReport.failed`` and the VM is left to start half-applied.
         """
         if self.started:

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 QEMU learns that a destination cannot take a guest only while loading the "cpu" section,
 after the source has stopped the guest; and some incompatible migrations load fine and
-leave the guest silently without a Spectre mitigation (spec 6.6).  Pre-flight moves every
+leave the guest silently without a Spectre mitigation (docs/models/psci-firmware-registers.md
+§6.6).  Pre-flight moves every
 check it can see to before the first RAM page:
 
 1. The **destination** describes itself (:func:`describe_destination`): it builds a scratch

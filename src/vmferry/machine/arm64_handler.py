@@ -31,7 +31,8 @@ The handler's hooks, in the engine's order:
                    so its record asks for the strict one)
 ``load_complete``  destination: one-reg SETs with the merge of the envelope -- strict after
                    pre-flight, QEMU's classic merge (trailing unknown registers silently
-                   dropped, spec 5.3) in ``qemu`` mode; CpuLoadError fails the migration
+                   dropped, docs/models/psci-firmware-registers.md §5.3) in ``qemu`` mode;
+                   CpuLoadError fails the migration
                    after the source stopped, and the source resumes
 ``post_load``      the guest's mitigation status on the destination (the job's
                    ``destination_report``)

@@ -59,7 +59,17 @@ class ComponentData:
     data: bytes | bytearray | memoryview
 
 
-StatePiece: TypeAlias = DeviceData | ComponentData
+@dataclass(frozen=True)
+class ArchState:
+    """Architecture state with a stream record type of its own (an x86-64 vCPU's KVM state,
+    the KVM clock): ``kind`` names the record type, ``data`` is its documented payload.
+    The destination routes it to the handler whose ``arch_kinds`` contain ``kind``."""
+
+    kind: str
+    data: bytes
+
+
+StatePiece: TypeAlias = DeviceData | ComponentData | ArchState
 
 
 class Component(Protocol):
@@ -82,6 +92,9 @@ class MigrationHandler:
     @property
     def device_ids(self) -> frozenset[str]:
         return frozenset()
+
+    #: the :class:`ArchState` kinds this handler saves and loads
+    arch_kinds: frozenset[str] = frozenset()
 
     # --- both sides ------------------------------------------------------------------
     def advance(self, seconds: float) -> None:

@@ -36,13 +36,13 @@ Host platform (``vmferry host serve --platform FILE``, table ``[spapr]``)::
     iommu_page_shift       largest hardware IOMMU page (12, 16 or 24; default 16)
     tce_mode               TCE model mode of this host (default "correct")
 
-Across migration the guest view of every window travels as the ``spapr-tce`` component;
-the destination rebuilds its hardware tables with its own map (spec §9.3): untranslatable
-entries are cleared and counted in ``post_load`` (the job's ``destination_report``), a
-failed replay fails the load and the source resumes.  Device DMA bypasses the CPU's dirty
-log; while ``dma_devices`` (which have no dirty tracking of their own) run, every page
-mapped with WRITE in their windows is marked dirty after each burst of DMA.  VFIO devices
-log their own DMA.
+Across migration the guest view of every window travels as the ``spapr-tce`` component; the
+destination rebuilds its hardware tables with its own map (docs/models/spapr-tce.md §9.3):
+untranslatable entries are cleared and counted in ``post_load`` (the job's
+``destination_report``), a failed replay fails the load and the source resumes. Device DMA
+bypasses the CPU's dirty log; while ``dma_devices`` (which have no dirty tracking of their
+own) run, every page mapped with WRITE in their windows is marked dirty after each burst
+of DMA.  VFIO devices log their own DMA.
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ def _memslots(raw: object) -> tuple[tuple[int, int], ...]:
 
 
 class SpaprTceHandler(BlobHandler):
-    """The sPAPR IOMMU of a VM: TCE guest view in the stream, rebuild on load (§9.3)."""
+    """The sPAPR IOMMU of a VM: TCE guest view in the stream, rebuild on load
+    (docs/models/spapr-tce.md §9.3)."""
 
     name = "spapr-tce"
 
@@ -288,7 +289,7 @@ class SpaprTceHandler(BlobHandler):
             return {}
         return {"rebuild": _rebuild_json(self.rebuild), "invariants": _invariants(self.iommu)}
 
-    # --- pre-copy marking (spec §9.3 point 4) -------------------------------------------
+    # --- pre-copy marking (docs/models/spapr-tce.md §9.3 point 4) ------------------------------
 
     def mark_dma_writable(self) -> None:
         """Count every page mapped with WRITE in a window of an untracked device as dirty.

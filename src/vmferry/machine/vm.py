@@ -41,6 +41,7 @@ from vmferry.errors import ConfigError, MalformedRecord, ModelError
 from vmferry.guest.workload import Workload, WorkloadSpec
 from vmferry.hw.memory import GuestMemory
 from vmferry.machine.handlers import (
+    ArchState,
     Component,
     ComponentData,
     ComponentHandler,
@@ -69,6 +70,9 @@ class HostContext:
     #: the host's IOMMU boot probe (a ``vmferry.hw.iommu.BootResult``), None if it has none:
     #: device assignment takes IOMMU groups from it
     iommu: Any = None
+    #: runs a real VM's vCPUs in threads (``vmferry.machine.x86.VcpuThreads``), None on a
+    #: host that runs no real guests
+    vcpu_threads: Any = None
 
 
 class HypercallResult(Protocol):
@@ -103,6 +107,8 @@ class ArchSupport:
     page_size: int = PAGE_4K
     extra_keys: frozenset[str] = frozenset()
     setup: SetupHook | None = None
+    #: builds the VM when the architecture needs a VM class of its own (x86_64 on KVM)
+    factory: Callable[[VmDefinition, HostContext], VM] | None = None
 
 
 ARCHES: dict[str, ArchSupport] = {"generic": ArchSupport("generic")}
@@ -182,13 +188,26 @@ class VM:
         self.host = host if host is not None else HostContext()
         self.name = definition.name
         self.arch = ARCHES[definition.arch]
-        self.ram = GuestRam(definition.memory_mib * MIB, self.arch.page_size)
+        self.ram = self._make_ram()
         self.vcpus = [Vcpu(i) for i in range(definition.vcpus)]
-        self.workload = Workload(definition.workload, self.ram)
+        self.workload = self._make_workload()
         self.handlers: dict[str, MigrationHandler] = {}
         self.guest_time = 0.0
         self._hypercalls: HypercallHandler | None = None
         self._device_memory: Callable[[str], GuestMemory] | None = None
+
+    #: what runs the guest: "model" (this process simulates it) or "kvm"
+    backend = "model"
+
+    def _make_ram(self) -> GuestRam:
+        return GuestRam(self.definition.memory_mib * MIB, self.arch.page_size)
+
+    def _make_workload(self) -> Workload:
+        return Workload(self.definition.workload, self.ram)
+
+    def guest_info(self) -> dict[str, Any] | None:
+        """What the guest itself reports (a real guest's progress), or None."""
+        return None
 
     # --- composition -----------------------------------------------------------------
 
@@ -238,6 +257,11 @@ class VM:
             if h is not None:
                 return h
             raise MalformedRecord(f"state for unknown component {piece.name!r}")
+        if isinstance(piece, ArchState):
+            for h in self.handlers.values():
+                if piece.kind in h.arch_kinds:
+                    return h
+            raise MalformedRecord(f"{piece.kind} state but the VM has no handler for it")
         for h in self.handlers.values():
             if piece.device in h.device_ids:
                 return h
@@ -359,7 +383,9 @@ def create_vm(
     """Build a paused VM from a definition (dict, parsed definition or TOML path) on
     ``host`` (default: a host with no profile)."""
     parsed = definition if isinstance(definition, VmDefinition) else load_definition(definition)
-    vm = VM(parsed, host)
+    host = host if host is not None else HostContext()
+    arch = ARCHES[parsed.arch]
+    vm = arch.factory(parsed, host) if arch.factory is not None else VM(parsed, host)
     try:
         if vm.arch.setup is not None:
             vm.arch.setup(vm, parsed.extra, vm.host)

@@ -17,6 +17,7 @@ resumed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ from vmferry.errors import (
     StreamUsageError,
     VmferryError,
 )
-from vmferry.machine.handlers import ComponentData, DeviceData, StatePiece
+from vmferry.machine.handlers import ArchState, ComponentData, DeviceData, StatePiece
 from vmferry.machine.vcpu import VcpuState
 from vmferry.machine.vm import VM, create_vm, load_definition
 from vmferry.migration.source import state_digests
@@ -38,6 +39,7 @@ from vmferry.migration.stream import (
     ComponentRecord,
     DeviceChunk,
     End,
+    KvmClockRecord,
     PassEnd,
     RamPages,
     RamScatter,
@@ -45,6 +47,7 @@ from vmferry.migration.stream import (
     Record,
     VcpuRecord,
     VmConfig,
+    X86VcpuRecord,
 )
 
 #: Called with the incoming configuration before anything is built; raise to refuse.
@@ -97,6 +100,10 @@ class DestinationSession:
         elif isinstance(rec, DeviceChunk):
             piece = DeviceData(rec.device, rec.phase, rec.seq, rec.data)
             vm.handler_for(piece).load(piece)
+        elif isinstance(rec, X86VcpuRecord | KvmClockRecord):
+            kind = "x86_vcpu" if isinstance(rec, X86VcpuRecord) else "kvm_clock"
+            piece = ArchState(kind, rec.data)
+            vm.handler_for(piece).load(piece)
         elif isinstance(rec, PassEnd):
             self.passes = rec.number
         elif isinstance(rec, End):
@@ -109,7 +116,9 @@ class DestinationSession:
             definition = load_definition(rec.config)
             if self.check_config is not None:
                 self.check_config(rec.config)
-            self.vm = self.factory(definition.to_dict() | dict(rec.config))
+            # every page arrives in the stream: the staging VM is built unfilled
+            self.vm = self.factory(definition.to_dict() | dict(rec.config) | {"fill": "zero"})
+            self.vm.definition = dataclasses.replace(self.vm.definition, fill=definition.fill)
         except ConfigError as exc:
             raise MalformedRecord(f"VM configuration refused: {exc}") from exc
         for h in self.vm.handlers.values():

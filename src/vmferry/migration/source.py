@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
-from vmferry.machine.handlers import DeviceData, StatePiece
+from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
 from vmferry.migration.context import Downtime, MigrationStats, PassRecord, Status
 from vmferry.migration.precopy import ConvergencePolicy, decide
@@ -59,7 +59,7 @@ from vmferry.migration.stream import (
     VcpuRecord,
     VmConfig,
 )
-from vmferry.migration.stream.records import Buffer, Record
+from vmferry.migration.stream.records import ARCH_RECORDS, Buffer, Record
 
 MIB = 1024 * 1024
 BATCH_BYTES = 4 * MIB
@@ -365,6 +365,8 @@ class SourceSession:
             if isinstance(p, DeviceData):
                 rec = DeviceChunk(p.device, p.phase, p.seq, p.data)
                 self.stats.device_bytes += len(p.data)
+            elif isinstance(p, ArchState):
+                rec = ARCH_RECORDS[p.kind](p.data)
             else:
                 rec = ComponentRecord(p.name, p.data)
             out += self.encoder.encode(rec)

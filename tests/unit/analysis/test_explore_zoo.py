@@ -19,6 +19,7 @@ from vmferry.analysis.explore import (
 )
 from vmferry.errors import ConfigError, DoubleFree, UseAfterFree
 from vmferry.sync import ModelLock, wait_until, yield_point
+from vmferry.testing.explore import assert_hazard
 
 # --- programs ---------------------------------------------------------------------------
 
@@ -350,7 +351,8 @@ def test_preemption_bound_zero_runs_threads_to_completion() -> None:
     report = run(lambda: lost_update(False), preemption_bound=0, por=False, state_hashing=False)
     assert report.failures == []  # the bug needs a preemption
     assert report.schedules_explored == 2  # A then B, B then A
-    assert run(lambda: lost_update(False), preemption_bound=1).failures
+    preempted = run(lambda: lost_update(False), preemption_bound=1)
+    assert_hazard(preempted, "assertion", "counter is 1, expected 2")
 
 
 def test_random_walk_is_seeded_and_finds_the_bug() -> None:

@@ -1,14 +1,15 @@
-"""The iommu-probe scenario against the spec's race/mode presence table (§11.3)."""
+"""The iommu-probe scenario against the race/mode presence table (docs/models/iommu-probe.md
+§11.3)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vmferry.analysis.explore import replay, run_scenario
+from vmferry.analysis.explore import Report, replay, run_scenario
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.analysis.explore.scenarios.iommu_probe import SCENARIO
 
-#: spec §11.3: race -> presets where the faulty outcome must occur
+#: docs/models/iommu-probe.md §11.3: race -> presets where the faulty outcome must occur
 PRESENCE = {
     "R0": set(),
     "R1": {"pre_6_7"},
@@ -18,6 +19,28 @@ PRESENCE = {
     "R5": set(),
 }
 PRESETS = ("pre_6_7", "global_lock", "v6_15")
+#: the hazard (kind, message fragment) each race's faulty outcome is; R1 has three
+#: outcomes and the explorer reports whichever schedule it meets first
+HAZARD: dict[str, tuple[tuple[str, str], ...]] = {
+    "R0": (("invariant-violation", "invariant 2: probe_device called 2 times for D"),),
+    "R1": (("invariant-violation", "D ends in S0, not S5"),
+           ("null-deref", "D->iommu in dev_iommu_fwspec_set"),
+           ("use-after-free", "fwspec#")),
+    "R2": (("invariant-violation", "invariant 2: probe_device called 2 times for D"),),
+    "R3": (("invariant-violation", "invariant 7: D"),),
+    "R4": (("invariant-violation", "out-of-order probe: D's default domain"),
+           ("invariant-violation", "invariant 8: off-path configure created a fwspec for D")),
+    "R5": (("use-after-free", "fwspec#"),),
+}
+
+
+def assert_named_hazard(report: Report, race: str) -> None:
+    """Every failure is one of the race's named hazards (never an unclassified crash)."""
+    assert report.failures, f"{race}: no failure found"
+    for failure in report.failures:
+        assert failure.hazard != "exception", failure.message
+        assert any(failure.hazard == kind and text in failure.message
+                   for kind, text in HAZARD[race]), (race, failure.hazard, failure.message)
 
 
 def test_registered_with_correct_default() -> None:
@@ -32,8 +55,10 @@ def test_presence_table(race: str, preset: str) -> None:
     faulty = preset in PRESENCE[race]
     report = run_scenario(SCENARIO, mode=preset, case=race, failures_dir=None,
                           stop_on_failure=faulty)
-    assert bool(report.failures) is faulty
-    if not faulty:
+    if faulty:
+        assert_named_hazard(report, race)
+    else:
+        assert report.failures == []
         assert report.complete and report.schedules_explored > 0
     case = next(c for c in SCENARIO.cases if c.name == race)
     assert (preset in case.fails_in) is faulty
@@ -48,7 +73,7 @@ def test_presence_table(race: str, preset: str) -> None:
 def test_switch_reproduces_its_race(mode: str, case: str) -> None:
     report = run_scenario(SCENARIO, mode=mode, case=case, failures_dir=None,
                           stop_on_failure=True)
-    assert report.failures
+    assert_named_hazard(report, case)
 
 
 def test_failing_schedule_replays(tmp_path: object) -> None:

@@ -84,7 +84,8 @@ def test_preflight_never_fails_after_stop_nor_degrades_silently(
         if q.outcome == "degraded":
             assert pre[key].outcome == "refused", key
         elif q.outcome == "fails_after_stop" and pre[key].outcome != "refused":
-            # only the tolerated VENDOR_HYP_BMAP_2 = 0 (spec 5.4) lets pre-flight proceed
+            # only the tolerated VENDOR_HYP_BMAP_2 = 0 (docs/models/psci-firmware-registers.md
+            # §5.4) lets pre-flight proceed
             assert pre[key].outcome == "migrates", key
             assert q.register == "VENDOR_HYP_BMAP_2", key
 

@@ -34,6 +34,12 @@ def test_faulty_mode_exits_1_with_failures_json(tmp_path: Path) -> None:
     assert data["schedules_explored"] > 0 and data["failures"]
     failure = data["failures"][0]
     assert {"case", "hazard", "message", "schedule"} <= set(failure)
+    assert failure["case"] == "R1"
+    assert (failure["hazard"], failure["message"]) in {
+        ("invariant-violation", "InvariantViolation: D ends in S0, not S5"),
+        ("null-deref", "NullDeref: NULL pointer dereference: D->iommu in dev_iommu_fwspec_set"),
+        ("use-after-free", "UseAfterFree: fwspec#2 used after free"),
+    }
     saved = list(tmp_path.iterdir())
     assert saved
     code, out = run("replay", str(saved[0]))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +9,7 @@ from hypothesis import strategies as st
 from vmferry.errors import StreamDecodeError
 from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.arm64_fw import KvmError
-from vmferry.machine.arm64 import Arm64Machine, decode_state, encode_state
+from vmferry.machine.arm64 import Arm64Machine, Arm64State, decode_state, encode_state
 from vmferry.machine.profiles import load_profile
 
 
@@ -77,5 +75,9 @@ _SAMPLE = encode_state(Arm64Machine(load_profile("arm64-linux-5.19")).save())
     st.integers(0, len(_SAMPLE)),
     st.dictionaries(st.integers(0, len(_SAMPLE) - 1), st.integers(1, 255), max_size=4)))
 def test_decode_never_raises_untyped(data: bytes) -> None:
-    with contextlib.suppress(StreamDecodeError):
-        decode_state(data)
+    try:
+        state = decode_state(data)
+    except StreamDecodeError as exc:
+        assert str(exc), "a typed decode error must say what is wrong"
+    else:
+        assert isinstance(state, Arm64State)

@@ -12,7 +12,8 @@ from vmferry.hw.kvm.arm64_fw import HostMitigation, WaLevel
 from vmferry.machine.profiles import list_profiles, load_profile, parse_mitigation, parse_profile
 
 ERAS = {"arm64-linux-4.15": (0, "K0"), "arm64-linux-4.16": (0, "K1"),
-        "arm64-linux-4.17": (1, "K2"), "arm64-linux-5.3": (3, "K3"),
+        "arm64-linux-4.17": (1, "K2"), "arm64-linux-4.18": (1, "K2.1"),
+        "arm64-linux-5.3": (3, "K3"),
         "arm64-linux-5.17": (4, "K4"), "arm64-linux-5.19": (7, "K5"),
         "arm64-linux-6.13": (7, "K6"), "arm64-linux-6.15": (8, "K7")}
 

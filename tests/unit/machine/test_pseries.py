@@ -414,7 +414,8 @@ def test_a_failed_replay_on_the_destination_gives_the_source_back() -> None:
 
 def test_without_the_dma_dirty_rule_pre_copy_loses_device_writes() -> None:
     """Device DMA bypasses the CPU's dirty log: only marking WRITE-mapped pages dirty
-    (spec §9.3 point 4) gets the pages a device wrote after they were sent across."""
+    (docs/models/spapr-tce.md §9.3 point 4) gets the pages a device wrote after they were sent
+    across."""
     src = dma_vm()
     src.start()
     run(src, 20)

@@ -69,7 +69,7 @@ class NodeFlag(enum.Flag):
 
 
 class Reconfig(enum.Enum):
-    """``OF_RECONFIG_*`` actions (symbolic only, as the spec asks)."""
+    """``OF_RECONFIG_*`` actions (symbolic only)."""
 
     ATTACH_NODE = "attach-node"
     DETACH_NODE = "detach-node"
@@ -619,7 +619,7 @@ class DeviceTree:
         return sum(n.refcount for n in self.walk())
 
     def check_invariants(self) -> None:
-        """The spec's invariants 1-4 over the reachable tree."""
+        """Invariants 1-4 of docs/models/pseries-mobility.md §12.2 over the reachable tree."""
         for node in self.walk():
             if node.released:
                 raise UseAfterFree(f"released node {node.path()!r} is reachable")

@@ -1,5 +1,5 @@
 """The IOMMU core's device probe: iommu_fwspec, dev->iommu, of_xlate, groups, both
-concurrent entry points, and the historical races (spec: iommu-probe.md).
+concurrent entry points, and the historical races (docs/models/iommu-probe.md).
 
 Public surface::
 

@@ -1,4 +1,5 @@
-"""The probe model's invariants (spec §11.4), checked after scheduler steps and at the end.
+"""The probe model's invariants (docs/models/iommu-probe.md §11.4), checked after scheduler steps
+and at the end.
 
 Invariants 2, 4, 6, 7 and 8 are checked where the event happens (core, OF glue, driver
 core) through :meth:`Kernel.violate`; 5 is every hazard the heap and locks raise.  This

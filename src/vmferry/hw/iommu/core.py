@@ -1,4 +1,5 @@
-"""The IOMMU core's device probe (drivers/iommu/iommu.c as of v6.15 + 6.15.1, spec §2-§7).
+"""The IOMMU core's device probe (drivers/iommu/iommu.c as of v6.15 + 6.15.1,
+docs/models/iommu-probe.md §2-§7).
 
 Theory of operation
 -------------------
@@ -17,11 +18,11 @@ historical behaviour.
 
 Every access to state another thread can see is preceded by a
 :func:`vmferry.sync.yield_point` naming the device/group/instance touched, so the explorer
-can interleave exactly the steps of the spec's race tables.  Kernel paths return 0 or a
-negative :class:`~vmferry.hw.iommu.errors.Errno`; hazards raise.
+can interleave exactly the steps of the race tables (docs/models/iommu-probe.md §6).
+Kernel paths return 0 or a negative :class:`~vmferry.hw.iommu.errors.Errno`; hazards raise.
 
-Device states (spec §5.6): S0 idle, S1 init, S2 configured, S3 driver-probed, S4 grouped,
-S5 probed -- see :func:`device_state`.
+Device states (docs/models/iommu-probe.md §5.6): S0 idle, S1 init, S2 configured,
+S3 driver-probed, S4 grouped, S5 probed -- see :func:`device_state`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class Module:
 
 
 class IommuOps(Protocol):
-    """``struct iommu_ops`` (probe-related members, spec §2.7); see drivers.py."""
+    """``struct iommu_ops`` (probe-related members, docs/models/iommu-probe.md §2.7); see
+    drivers.py."""
 
     name: str
     owner: Module | None
@@ -168,7 +170,7 @@ class Group:
 
 @dataclass(eq=False)
 class Device:
-    """``struct device`` (the fields the probe touches, spec §2.1)."""
+    """``struct device`` (the fields the probe touches, docs/models/iommu-probe.md §2.1)."""
 
     name: str
     bus: Bus | None = None
@@ -198,7 +200,8 @@ class Device:
 
 
 def device_state(dev: Device) -> str:
-    """The spec's §5.6 state name of ``dev`` (S0..S5), or "?" for a state outside it."""
+    """The docs/models/iommu-probe.md §5.6 state name of ``dev`` (S0..S5), or "?" for a state
+    outside it."""
     if dev.iommu is None:
         return "S0" if dev.iommu_group is None else "?"
     if dev.iommu.freed:
@@ -308,7 +311,7 @@ class IommuCore:
     # --- fwspec ------------------------------------------------------------------------
 
     def fwspec_init(self, dev: Device, fwnode: DtNode | None) -> int:
-        """``iommu_fwspec_init`` (spec §2.3, steps 1-6)."""
+        """``iommu_fwspec_init`` (docs/models/iommu-probe.md §2.3, steps 1-6)."""
         inst = self.find_instance(fwnode)
         if inst is None:
             return self.k.drivers.check_state(dev)
@@ -365,7 +368,7 @@ class IommuCore:
     # --- probe -------------------------------------------------------------------------
 
     def probe_device(self, dev: Device) -> int:
-        """``iommu_probe_device`` (notifier / replay entry, spec §5.2 C)."""
+        """``iommu_probe_device`` (notifier / replay entry, docs/models/iommu-probe.md §5.2 C)."""
         locked = not self.mode.probe_unlocked
         if locked:
             self._lock()
@@ -379,7 +382,8 @@ class IommuCore:
         return 0
 
     def probe_device_locked(self, dev: Device, group_list: list[Group] | None) -> int:
-        """``__iommu_probe_device`` (spec §5.2 A); the caller holds the probe lock."""
+        """``__iommu_probe_device`` (docs/models/iommu-probe.md §5.2 A); the caller holds the probe
+        lock."""
         if not self.mode.probe_unlocked:
             self.assert_probe_lock("__iommu_probe_device")
         yield_point(f"test {dev.name}.iommu_group", dev.key, write=False)
@@ -424,7 +428,8 @@ class IommuCore:
         return ret
 
     def init_device(self, dev: Device) -> int:
-        """``iommu_init_device`` (spec §5.2 B): dev_iommu, parsing, driver probe, group."""
+        """``iommu_init_device`` (docs/models/iommu-probe.md §5.2 B): dev_iommu, parsing, driver
+        probe, group."""
         if self.dev_iommu_get(dev) is None:
             return -Errno.ENOMEM
         self.initialising[dev.name] = current_thread()
@@ -609,7 +614,7 @@ class IommuCore:
         self.k.violate(7, message)
 
     def use_default_domain(self, dev: Device) -> int:
-        """``iommu_device_use_default_domain`` at driver bind (spec §5.3)."""
+        """``iommu_device_use_default_domain`` at driver bind (docs/models/iommu-probe.md §5.3)."""
         yield_point(f"read {dev.name}.iommu_group", dev.key, write=False)
         group = dev.iommu_group
         if group is None:
@@ -641,7 +646,8 @@ class IommuCore:
     # --- registration and the bus walk -------------------------------------------------------
 
     def device_register(self, inst: IommuDevice, ops: IommuOps, hwnode: DtNode | None) -> int:
-        """``iommu_device_register`` (spec §5.1): list, walk every bus, then ready."""
+        """``iommu_device_register`` (docs/models/iommu-probe.md §5.1): list, walk every bus, then
+        ready."""
         if ops.in_module and ops.owner is None:
             self.k.warn("iommu ops in a module without owner", inst.name)
             return -Errno.EINVAL
@@ -719,7 +725,8 @@ class IommuCore:
     # --- removal ---------------------------------------------------------------------------
 
     def release_device(self, dev: Device) -> None:
-        """``iommu_release_device`` (BUS_NOTIFY_REMOVED_DEVICE, unregister; spec §5.5)."""
+        """``iommu_release_device`` (BUS_NOTIFY_REMOVED_DEVICE, unregister;
+        docs/models/iommu-probe.md §5.5)."""
         yield_point(f"release {dev.name}", dev.key)
         group = dev.iommu_group
         if group is not None:

@@ -1,5 +1,6 @@
 """The driver core's side of the probe: buses, client drivers, ``really_probe``, the
-deferred-probe list and ``driver_deferred_probe_check_state`` (spec §4.4, §5.3).
+deferred-probe list and ``driver_deferred_probe_check_state`` (docs/models/iommu-probe.md §4.4,
+§5.3).
 
 ``really_probe`` sets ``dev.driver`` *before* running the bus ``dma_configure`` hook and
 clears it again when that hook fails; -EPROBE_DEFER puts the device on the deferred list,
@@ -37,7 +38,8 @@ class Driver:
 
 
 class Bus:
-    """A bus with a ``dma_configure`` hook (platform/PCI semantics of spec §5.3)."""
+    """A bus with a ``dma_configure`` hook (platform/PCI semantics of docs/models/iommu-probe.md
+    §5.3)."""
 
     def __init__(self, name: str, kernel: Kernel) -> None:
         self.name = name

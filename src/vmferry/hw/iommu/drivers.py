@@ -1,11 +1,13 @@
-"""Reference IOMMU drivers plugged into the core through their ops (spec §2.7, §8).
+"""Reference IOMMU drivers plugged into the core through their ops (docs/models/iommu-probe.md
+§2.7, §8).
 
 :class:`SmmuDriver` behaves like an SMMU-style driver: ``of_xlate`` appends the first
 specifier cell to the fwspec, ``probe_device`` rejects devices whose fwspec does not name
 one of its instances and allocates its per-device data (``dev_iommu_priv_set``),
 ``release_device`` frees it.  In the ``leaky_of_xlate_driver`` mode the per-device data is
 allocated in ``of_xlate`` instead (the Exynos pattern) and freed only by ``release_device``,
-so every configure attempt that ends in an error or -EPROBE_DEFER leaks it (spec §8).
+so every configure attempt that ends in an error or -EPROBE_DEFER leaks it
+(docs/models/iommu-probe.md §8).
 
 Fault knobs (``fail_of_xlate``, ``fail_probe``, ``null_group``) drive the error paths of
 the conformance checks.

@@ -1,4 +1,5 @@
-"""``struct iommu_fwspec`` and ``struct dev_iommu`` (v6.11+ layout, spec §2.2-§2.3).
+"""``struct iommu_fwspec`` and ``struct dev_iommu`` (v6.11+ layout, docs/models/iommu-probe.md
+§2.2-§2.3).
 
 The operations on them (``iommu_fwspec_init``, ``_add_ids``, ``_free``, ``dev_iommu_get``
 and ``_free``) need the instance list and the probe lock, so they live on

@@ -1,7 +1,8 @@
 """A host kernel as far as the IOMMU probe is concerned: the composition root.
 
 :class:`Kernel` owns the heap, the warning log, the IOMMU core, the OF glue, the driver
-core and the buses (``platform`` and ``pci``).  Invariant numbers refer to spec §11.4;
+core and the buses (``platform`` and ``pci``).  Invariant numbers refer to
+docs/models/iommu-probe.md §11.4;
 :meth:`Kernel.violate` raises :class:`~vmferry.errors.InvariantViolation` for the numbers
 being checked and records the others.
 """

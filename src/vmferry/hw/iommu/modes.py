@@ -1,4 +1,4 @@
-"""Mode switches of the probe model and the three presets of the spec (§11.3).
+"""Mode switches of the probe model and the three presets of docs/models/iommu-probe.md §11.3.
 
 A mode is a set of switches, each reproducing one historical bug.  Presets name the
 designs: ``pre_6_7`` (v6.2-rc1 ... v6.6), ``global_lock`` (v6.7 ... v6.14) and ``v6_15``

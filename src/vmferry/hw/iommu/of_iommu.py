@@ -1,5 +1,6 @@
 """DT side of the probe: ``of_iommu_configure``, ``of_iommu_xlate`` and
-``of_dma_configure_id`` (drivers/iommu/of_iommu.c, drivers/of/device.c; spec §4.1-§4.2).
+``of_dma_configure_id`` (drivers/iommu/of_iommu.c, drivers/of/device.c; docs/models/iommu-probe.md
+§4.1-§4.2).
 
 Return contract of :meth:`OfIommu.configure` (v6.8+): 0 = an IOMMU was configured, -ENODEV
 = not behind any IOMMU, -EPROBE_DEFER = try again later, other negative = fatal.
@@ -40,7 +41,8 @@ class OfIommu:
     # --- of_iommu_configure ------------------------------------------------------------
 
     def configure(self, dev: Device, master_np: DtNode | None, id: int | None = None) -> int:
-        """``of_iommu_configure(dev, master_np, id)`` (spec §4.1 steps 1-9)."""
+        """``of_iommu_configure(dev, master_np, id)`` (docs/models/iommu-probe.md §4.1 steps
+        1-9)."""
         if master_np is None:
             return -Errno.ENODEV
         core = self.k.core

@@ -19,7 +19,8 @@ SET is a pure "may a guest from that host run here?" check.
 One-reg routing (kernel ``arch/arm64/kvm/guest.c``): uninitialised vCPU -> ENOEXEC; a high
 word other than ``0x60000000`` -> EINVAL; CORE ids -> the core register file; FW (and, from
 5.19, FW_FEAT_BMAP) ids -> the firmware handlers; everything else -> system registers
-(unknown -> ENOENT).  Firmware SET order and errnos follow spec section 4.4 per era.
+(unknown -> ENOENT).  Firmware SET order and errnos follow docs/models/psci-firmware-registers.md
+§4.4 per era.
 
 The hypercall handler (:meth:`KvmVcpu.hvc`) first serves SMCCC-owned ids (absent before
 4.16), then bitmap-gated services (5.19+), then dispatches PSCI on the effective version
@@ -153,14 +154,14 @@ class HostMitigation:
 
 
 class Wa2Semantics(Enum):
-    NONE = "none"          # no WA_2 register (before 5.3)
+    NONE = "none"          # no WA_2 register (before 5.3; discoverable from 4.18)
     DYNAMIC = "dynamic"    # 5.3 .. 5.9: raw levels, per-vCPU ENABLED flag
     NARROWED = "narrowed"  # 5.10+: two reported states, incoming values narrowed
 
 
 @dataclass(frozen=True)
 class KernelCaps:
-    """What one host kernel era implements (spec sections 1, 3.2, 4)."""
+    """What one host kernel era implements (docs/models/psci-firmware-registers.md §1, §3.2, §4)."""
 
     kernel: str
     era: str
@@ -190,7 +191,8 @@ class KernelCaps:
 
 @dataclass(frozen=True)
 class FwFaults:
-    """Named faulty modes (spec section 8.3); all off is the correct kernel."""
+    """Named faulty modes (docs/models/psci-firmware-registers.md §8.3); all off is the correct
+    kernel."""
 
     store_wa_on_set: bool = False
     per_vcpu_psci: bool = False
@@ -213,7 +215,8 @@ def host_reg_level(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> in
 
 
 def arch_features_answer(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> int:
-    """KVM's ``SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_n)`` answer on this host (spec 3.2)."""
+    """KVM's ``SMCCC_ARCH_FEATURES(ARCH_WORKAROUND_n)`` answer on this host
+    (docs/models/psci-firmware-registers.md §3.2)."""
     if not caps.smccc_1_1 or wa not in caps.wa_discoverable:
         return P.SmcccRet.NOT_SUPPORTED
     level = host.level(wa)
@@ -224,7 +227,9 @@ def arch_features_answer(caps: KernelCaps, host: HostMitigation, wa: Workaround)
     if wa is Workaround.WA3:
         return (P.SmcccRet.SUCCESS if level is WaLevel.AVAIL
                 else P.SMCCC_ARCH_WORKAROUND_RET_UNAFFECTED)
-    if caps.wa2_semantics is Wa2Semantics.DYNAMIC and level is WaLevel.AVAIL:
+    if caps.wa2_semantics is not Wa2Semantics.NARROWED and level is WaLevel.AVAIL:
+        # 4.18-5.9 kvm_hvc_call_handler: a dynamically mitigating host (KVM_SSBD_KERNEL)
+        # answers SUCCESS, the guest then toggles the mitigation with WA_2 calls.
         return P.SmcccRet.SUCCESS
     if level is WaLevel.AVAIL and host.ssbs_everywhere:
         return P.SmcccRet.NOT_SUPPORTED
@@ -276,7 +281,8 @@ class MpState(Enum):
     STOPPED = "stopped"
 
 
-#: Hypercall services gated by a bitmap register bit (spec 3.3): fid -> (register, bit).
+#: Hypercall services gated by a bitmap register bit (docs/models/psci-firmware-registers.md §3.3):
+#: fid -> (register, bit).
 SERVICE_GATES: dict[int, tuple[int, int]] = {
     **dict.fromkeys(P.TRNG_IDS, (R.KVM_REG_ARM_STD_BMAP, 0)),
     **dict.fromkeys(P.PV_TIME_IDS, (R.KVM_REG_ARM_STD_HYP_BMAP, 0)),
@@ -401,7 +407,9 @@ class KvmVcpu:
         self.mp_state = (MpState.STOPPED if KVM_ARM_VCPU_POWER_OFF in feats
                          else MpState.RUNNABLE)
         if vm.caps.wa2_semantics is Wa2Semantics.DYNAMIC:
-            self.wa2_flag = vm.host.wa2 is not WaLevel.NOT_AVAIL
+            # kvm_reset_vcpu (5.3-5.9): the flag starts on only when the host mitigates
+            # dynamically (KVM_SSBD_KERNEL, register level AVAIL); other hosts leave it off.
+            self.wa2_flag = vm.host.wa2 is WaLevel.AVAIL
 
     def run(self) -> None:
         """``KVM_RUN`` (first entry): marks the VM as having run, under ``config_lock``."""
@@ -509,7 +517,7 @@ class KvmVcpu:
             return level
         return self.vm.bmaps[rid]
 
-    # -- firmware SET (spec 4.4, evaluated in the kernel's order) -------------------------------
+    # -- firmware SET (docs/models/psci-firmware-registers.md §4.4, in the kernel's order) ---
 
     def _set_fw(self, rid: int, value: int) -> None:
         if rid == R.KVM_REG_ARM_PSCI_VERSION:
@@ -574,7 +582,13 @@ class KvmVcpu:
         if value & WA2_ENABLED and level != WA2_AVAIL:
             raise KvmError(errno.EINVAL, "KVM_SET_ONE_REG", rid, value, "ENABLED without AVAIL")
         if host_level == WA2_AVAIL:
-            self.wa2_flag = bool(value & WA2_ENABLED) or level == WA2_NOT_REQUIRED
+            # kvm_arm_set_fw_reg's final switch (virt/kvm/arm/psci.c, 5.3-5.9) only runs for
+            # a dynamically mitigating host and has two cases: AVAIL copies the ENABLED bit,
+            # NOT_REQUIRED forces the flag on.  Levels 0 and 1 leave the flag as it was.
+            if level == WA2_AVAIL:
+                self.wa2_flag = bool(value & WA2_ENABLED)
+            elif level == WA2_NOT_REQUIRED:
+                self.wa2_flag = True
         self._fault_store(rid, value)
 
     def _fault_store(self, rid: int, value: int) -> None:
@@ -795,7 +809,7 @@ def guest_protection(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> 
         return Protection.UNAFFECTED
     if level is WaLevel.NOT_AVAIL or not caps.smccc_1_1 or wa not in caps.wa_discoverable:
         return Protection.NONE
-    if wa is not Workaround.WA2 or caps.wa2_semantics is Wa2Semantics.DYNAMIC:
+    if wa is not Workaround.WA2 or caps.wa2_semantics is not Wa2Semantics.NARROWED:
         return Protection.CALLS
     return Protection.SSBS if host.ssbs_everywhere else Protection.PERMANENT
 

@@ -191,7 +191,8 @@ class PsciFunction:
 _V02, _V10, _V11, _V13 = KVM_ARM_PSCI_0_2, KVM_ARM_PSCI_1_0, KVM_ARM_PSCI_1_1, KVM_ARM_PSCI_1_3
 _A, _N, _S = Gate.ALWAYS, Gate.NEVER, Gate.SYSTEM_SUSPEND_CAP
 
-#: The standard PSCI functions (spec section 2.2/2.3): name, n, has SMC64 form, since, gate.
+#: The standard PSCI functions (docs/models/psci-firmware-registers.md §2.2, §2.3): name, n, has
+#: SMC64 form, since, gate.
 PSCI_FUNCTIONS: Final[tuple[PsciFunction, ...]] = (
     PsciFunction("PSCI_VERSION", 0, False, _V02, _A),
     PsciFunction("CPU_SUSPEND", 1, True, _V02, _A),

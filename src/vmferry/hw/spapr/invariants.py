@@ -1,4 +1,4 @@
-"""The INV rules of the sPAPR TCE specification, checked against a :class:`SpaprIommu`.
+"""The INV rules (docs/models/spapr-tce.md §11), checked against a :class:`SpaprIommu`.
 
 * INV-1/INV-2 (pins and counts): every hardware entry with a permission holds its UA in the
   UA cache (and only those do), points into a pinned preregistered region, and each

@@ -10,7 +10,7 @@ dispatches exactly like KVM in front of a VMM: the kernel handler runs first and
 answers H_TOO_HARD, the VMM handler re-executes the whole hypercall -- so the guest never
 sees 9999.  Devices DMA through the hardware tables (:meth:`dma_write`, :meth:`dma_read`).
 
-:meth:`check_invariants` checks the specification's INV rules (pin safety and mapped
+:meth:`check_invariants` checks the INV rules of docs/models/spapr-tce.md §11 (pin safety and mapped
 counts, hardware/guest-view agreement, cache coherence, no lock left held) and raises the
 first hazard any faulty mode recorded.
 """
@@ -314,7 +314,7 @@ class SpaprIommu:
         """Guest ranges (gpa, length) a device may write right now (WRITE in the guest view).
 
         The sPAPR IOMMU has no DMA dirty log: while devices run, a migration source treats
-        these pages as dirty on every pass (spec §9.3 point 4).
+        these pages as dirty on every pass (docs/models/spapr-tce.md §9.3 point 4).
         """
         out: list[tuple[int, int]] = []
         for table in self.qemu.tables.values():

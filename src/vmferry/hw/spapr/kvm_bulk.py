@@ -54,13 +54,13 @@ class BulkPaths:
         uas = np.zeros(len(gpas), dtype=U64)
         ok = np.zeros(len(gpas), dtype=np.bool_)
         for slot in self.host.slots:
-            hit = (gpas >= U64(slot.gpa)) & (gpas + U64(stt.page_size) <= U64(slot.gpa + slot.size))
+            hit = (gpas >= U64(slot.gpa)) & (gpas < U64(slot.gpa + slot.size))
             uas[hit] = gpas[hit] - U64(slot.gpa) + U64(slot.ua)
             ok |= hit
         if not ok.all():
             return HRet.H_TOO_HARD
         for table in stt.tables():
-            size = U64(max(table.page_size, stt.page_size))
+            size = U64(table.page_size)  # one hardware IOMMU page, as mm_iommu_lookup
             covered = np.zeros(len(uas), dtype=np.bool_)
             for region in self.mm.regions:
                 if region.pageshift < table.page_shift:

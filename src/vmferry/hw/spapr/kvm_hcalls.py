@@ -6,17 +6,24 @@ KVM handles H_PUT_TCE, H_GET_TCE, H_PUT_TCE_INDIRECT and H_STUFF_TCE for LIOBNs 
 an in-kernel table; whatever it cannot finish it answers with H_TOO_HARD, which the
 dispatcher (:class:`~vmferry.hw.spapr.iommu.SpaprIommu`) turns into a VMM redo.
 
-Correct mode (the default) reads an indirect list **once** into a 512-entry per-vCPU buffer,
-validates every entry of that snapshot before any table changes, sends no-permission
-entries through the unmap path, and updates each entry in every attached hardware table or
-(on failure) clears it in all of them with accounting and a kill.  Ranges are checked whole
-against the window, and one lock per table serialises updates.
+The ``correct`` mode (the default) is **vmferry's stricter variant; no kernel does this**.
+It reads an indirect list **once** into a 512-entry per-vCPU buffer, validates every entry
+of that snapshot before any table changes, sends no-permission entries through the unmap
+path, and updates each entry in every attached hardware table or (on failure) clears it in
+all of them with accounting and a kill.  Ranges are checked whole against the window, and
+one lock per table serialises updates.
 
-The faulty quirks (:class:`~vmferry.hw.spapr.tce.Quirk`) reproduce the current kernel: two
-passes over the list in guest memory, no alignment re-check on the re-read value, NONE
-entries mapped, partial multi-table updates, rollback clears without accounting or kill (or
-at the wrong index, as older kernels), no per-entry serialisation, first-page-only range
-checks.  Each records a hazard or breaks an invariant the model checks.
+The ``kernel`` mode is what ``arch/powerpc/kvm/book3s_64_vio.c`` does; its quirks
+(:class:`~vmferry.hw.spapr.tce.Quirk`, :data:`~vmferry.hw.spapr.tce.KERNEL_HANDLER_QUIRKS`)
+are two passes over the list in guest memory (validate, then re-read and apply), no
+alignment re-check on the re-read value, NONE entries mapped, partial multi-table updates,
+rollback clears without accounting or kill, no per-entry serialisation, first-page-only
+range checks.  Other faulty modes switch single quirks on (or older kernels' ones, such as
+the rollback at the wrong index).  Each records a hazard or breaks an invariant the model
+checks.
+
+Validation (:meth:`KvmTce.validate`) is the kernel's in every mode: one hardware IOMMU page
+of preregistered memory per attached table, and a memslot for the page holding the address.
 
 Bulk paths (H_STUFF_TCE, and H_PUT_TCE_INDIRECT when the batch is clean) are vectorised with
 numpy; they produce exactly the state of the per-entry loop, which stays as the fallback.
@@ -134,18 +141,26 @@ class KvmTce:
     # --- validation --------------------------------------------------------------------
 
     def validate(self, stt: GuestTceTable, tce: int) -> int:
-        """``kvmppc_tce_validate``: H_SUCCESS or H_TOO_HARD; nothing changes."""
+        """``kvmppc_tce_validate``: H_SUCCESS or H_TOO_HARD; nothing changes.
+
+        As lenient as the kernel: the address must be aligned to the guest TCE page
+        (``iommu_tce_check_gpa``); ``kvmppc_tce_to_ua`` only asks that the page holding the
+        address lies in a memslot (not the whole TCE page); and for each attached hardware
+        table ``mm_iommu_lookup`` asks for preregistered memory covering **one hardware
+        IOMMU page** at that address.  With 64 KiB guest pages over 4 KiB IOMMU pages the
+        other 15 subpages are checked only when they are mapped (``do_map``), where a miss
+        is H_TOO_HARD with the entry rolled back.
+        """
         if tce_direction(tce) == DmaDirection.NONE:
             return HRet.H_SUCCESS
         gpa = tce_address(tce)
         if gpa & (stt.page_size - 1):
             return HRet.H_TOO_HARD
-        slot = self.host.slot_of_gpa(gpa)
-        if slot is None or gpa + stt.page_size > slot.gpa + slot.size:
+        ua = self.host.gpa_to_ua(gpa)
+        if ua is None:
             return HRet.H_TOO_HARD
-        ua = slot.ua + (gpa - slot.gpa)
         for table in stt.tables():
-            region = self.mm.lookup(ua, max(table.page_size, stt.page_size))
+            region = self.mm.lookup(ua, table.page_size)
             if region is None:
                 return HRet.H_TOO_HARD
             try:

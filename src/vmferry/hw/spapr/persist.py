@@ -3,10 +3,10 @@
 What travels is the *guest view* of every window (LIOBN, bus offset, page shift, number of
 entries, raw TCE values including poison values), as QEMU's ``spapr_iommu`` section does.
 Host addresses never travel: the destination rebuilds its hardware tables from the guest
-view with its own gpa -> hpa map (spec §9.3) -- upstream QEMU does not, and blocks such
-migrations.  Entries the destination cannot translate (guest address outside its RAM, not
-preregistered, or too small a backing page) are cleared in hardware and counted in the
-:class:`RebuildReport`; any other failure to map fails the load.
+view with its own gpa -> hpa map (docs/models/spapr-tce.md §9.3) -- upstream QEMU does not,
+and blocks such migrations. Entries the destination cannot translate (guest address outside
+its RAM, not preregistered, or too small a backing page) are cleared in hardware and counted
+in the :class:`RebuildReport`; any other failure to map fails the load.
 
 Wire format (all big-endian)::
 
@@ -163,7 +163,8 @@ def _decode_window(data: bytes, pos: int) -> tuple[WindowState, int]:
 
 
 def restore(iommu: SpaprIommu, state: SpaprTceState) -> RebuildReport:
-    """post_load for every window, then the explicit replay into hardware (§9.3).
+    """post_load for every window, then the explicit replay into hardware (docs/models/spapr-tce.md
+    §9.3).
 
     Raises TceRestoreError for a LIOBN the destination does not have or a replay failure.
     """

@@ -3,7 +3,8 @@
 :func:`generate_pseries_tree` builds a tree shaped like the one QEMU's ``pseries``
 machine and PowerVM hand to a guest (root, ``chosen``, ``rtas``, ``cpus`` with cache
 nodes, ``memory@0``, ``ibm,dynamic-reconfiguration-memory``, ``vdevice`` and
-``ibm,platform-facilities`` with the three NX/RNG leaves of the spec's fixture).  Every
+``ibm,platform-facilities`` with the three NX/RNG leaves of the fixture in
+docs/models/pseries-mobility.md §10).  Every
 node carries ``ibm,phandle`` (LoPAR requires it of every node update-nodes may report).
 The *platform* keywords are what differs between hosts: NUMA associativity domain,
 cache geometry, the platform-facility properties firmware may change across a move.
@@ -176,7 +177,7 @@ def _vdevice(b: _Builder, root: DeviceNode) -> None:
 
 
 def _platform_facilities(b: _Builder, root: DeviceNode, params: PlatformParams) -> None:
-    """The spec's section 10 fixture; phandles as logged in the seed thread."""
+    """The fixture of docs/models/pseries-mobility.md §10; phandles as logged in the seed thread."""
     pool = be32(params.shared_interrupt_pool)
     cop = params.max_sync_cop_len
     pf = b.node(root, PLATFORM_FACILITIES, [

@@ -10,8 +10,9 @@ Listener errors are only logged; the hypercall result is H_SUCCESS or H_PARAMETE
 Indirect lists and stuff ranges are processed entry by entry and stop at the first
 failure (entries before it stay applied).  Count 0 returns H_PARAMETER.
 
-Correct mode differs in one place (H12): when the new mapping cannot be established, the
-entry is unmapped in hardware rather than left holding the previous mapping.
+vmferry's stricter ``correct`` mode differs from QEMU in one place (H12): when the new
+mapping cannot be established, the entry is unmapped in hardware rather than left holding
+the previous mapping.
 """
 
 from __future__ import annotations

@@ -22,9 +22,21 @@ The package splits the host stack into:
 
 Modes
 -----
-``correct`` is the default.  Each faulty mode switches on a set of :class:`Quirk` flags that
-reproduce one upstream behaviour of the specification's hazard table; ``upstream`` switches
-on every quirk of the current kernel (K-now) and QEMU together.
+``correct`` is the default, and it is **vmferry's stricter variant, not any kernel's
+behaviour**: no kernel copies the H_PUT_TCE_INDIRECT list once into a per-vCPU buffer, sends
+no-permission entries through the unmap path, or rolls a failed entry back in every table.
+It is a proposal whose safety the explorer checks.
+
+``kernel`` is the in-kernel TCE handlers as upstream has them
+(``arch/powerpc/kvm/book3s_64_vio.c``): the indirect list is validated in one pass over
+guest memory, then **read again** and applied (the kernel's comment argues this is safe
+because the checks that matter run again on the re-read value).  Which of those re-read
+values a guest can get applied, and with what result, is the matrix in
+``docs/models/spapr-tce.md`` §10.
+
+Each other faulty mode switches on a set of :class:`Quirk` flags that reproduce one
+upstream behaviour of the hazard table (``docs/models/spapr-tce.md`` §13); ``upstream``
+switches on every quirk of the current kernel and QEMU together.
 """
 
 from __future__ import annotations
@@ -112,7 +124,9 @@ def encode_tce_list(values: list[int] | npt.NDArray[np.uint64]) -> bytes:
 
 
 class Quirk(Enum):
-    """One upstream behaviour the correct mode fixes (spec hazard id in the value)."""
+    """One upstream behaviour that vmferry's stricter ``correct`` mode does not have.
+
+    The value names the hazard id of ``docs/models/spapr-tce.md`` §13."""
 
     DOUBLE_READ = "H1: indirect list read twice (validate pass, then re-read pass)"
     NO_ALIGN_RECHECK = "H2: re-read entries are not re-checked for page alignment"
@@ -128,6 +142,15 @@ class Quirk(Enum):
     NO_REBUILD = "H13: destination hardware tables are not rebuilt after migration"
     RANGE_FIRST_PAGE = "H16: only the first page of a range is checked against the window"
 
+
+#: what the current kernel's TCE hypercall handlers do (book3s_64_vio.c): validate the
+#: indirect list, re-read it without re-checking alignment, map no-permission entries,
+#: stop at the failing table, roll back without accounting, no per-entry lock, range
+#: checked on its first page only
+KERNEL_HANDLER_QUIRKS: frozenset[Quirk] = frozenset({
+    Quirk.DOUBLE_READ, Quirk.NO_ALIGN_RECHECK, Quirk.ZERO_ENTRY_MAP, Quirk.PARTIAL_TABLES,
+    Quirk.ROLLBACK_UNACCOUNTED, Quirk.NO_ENTRY_LOCK, Quirk.RANGE_FIRST_PAGE,
+})
 
 MODES: dict[str, frozenset[Quirk]] = {
     "correct": frozenset(),
@@ -145,12 +168,17 @@ MODES: dict[str, frozenset[Quirk]] = {
     "no_rebuild": frozenset({Quirk.NO_REBUILD}),
     "range_first_page": frozenset({Quirk.RANGE_FIRST_PAGE}),
     "upstream": frozenset(set(Quirk) - {Quirk.ROLLBACK_INDEX, Quirk.IMMEDIATE_FREE}),
+    #: the KVM hypercall handlers of the current kernel, nothing from QEMU or VFIO
+    "kernel": KERNEL_HANDLER_QUIRKS,
 }
 
 MODE_HELP: dict[str, str] = {
-    name: ("every fix applied" if not quirks else "; ".join(sorted(q.value for q in quirks)))
-    for name, quirks in MODES.items()
+    name: "; ".join(sorted(q.value for q in quirks)) for name, quirks in MODES.items()
 }
+MODE_HELP["correct"] = ("vmferry's stricter variant (no kernel has it): list read once, "
+                        "every hazard of the table prevented")
+MODE_HELP["kernel"] = ("the kernel's own handlers: validate the list, then re-read it; "
+                       + MODE_HELP["kernel"])
 
 
 def quirks_of(mode: str) -> frozenset[Quirk]:

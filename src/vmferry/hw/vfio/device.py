@@ -7,7 +7,7 @@ reaches it two ways:
 
 * the binary uAPI, ``ioctl(cmd, arg)`` over a byte buffer standing for user memory (a
   read-only buffer faults on copy-out, a short one on copy-in), with the kernel's
-  validation order (section 3 of the spec) and an :class:`FdTable` for ``data_fd``;
+  validation order (docs/models/vfio-migration-v2.md §3) and an :class:`FdTable` for ``data_fd``;
 * a Pythonic face: ``set_state(new) -> DataStream | None``, ``get_state()``,
   ``data_size()``, ``migration_flags``, ``reset()``.
 
@@ -19,7 +19,7 @@ recover sends the device to ERROR, left only by ``reset()``.  ``reset()`` follow
 deferred-reset pattern: it never blocks on ``state_mutex``; if someone holds it, the
 holder performs the reset when it unlocks.
 
-Faults (named, off by default) reproduce the hazards of the spec's section 11.3:
+Faults (named, off by default) reproduce the hazards of docs/models/vfio-migration-v2.md §11.3:
 ``commit_before_step``, ``leak_on_copyout_fault``, ``precopy_info_unlocked``,
 ``no_state_mutex``, ``echo_precopy_flags``, ``fd_outlives_close``,
 ``reset_takes_state_mutex``; the FSM mode ``error_sentinel_loop`` reproduces the pre-2026
@@ -380,7 +380,10 @@ class VfioMigrationDevice:
             raise VfioError(errno.EINVAL, "GET and SET together need PROBE")
         index = flags & VFIO_DEVICE_FEATURE_MASK
         if index not in _MIG_FEATURES:
-            raise VfioError(errno.EINVAL, f"feature {index:#x} unknown (no driver hook)")
+            # vfio_ioctl_device_feature hands an index it does not own to the driver's
+            # device_feature hook; every modelled variant driver uses
+            # vfio_pci_core_ioctl_feature, whose default case is -ENOTTY.
+            raise VfioError(errno.ENOTTY, f"feature {index:#x} unknown to vfio-pci-core")
         if self.driver is None or (index == Feature.MIG_PRECOPY_INFOV2
                                    and not self.precopy_v2_supported):  # fmt: skip
             raise VfioError(errno.ENOTTY, f"{self.name}: feature {index} not supported")
@@ -437,7 +440,8 @@ class VfioMigrationDevice:
     # --- invariants ---------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
-        """Raise a HazardError if the model broke an invariant of spec section 11.2."""
+        """Raise a HazardError if the model broke an invariant of docs/models/vfio-migration-v2.md
+        §11.2."""
         driver = self.driver
         if driver is None:
             return

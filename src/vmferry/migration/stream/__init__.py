@@ -6,6 +6,7 @@ from vmferry.migration.stream.records import (
     ComponentRecord,
     DeviceChunk,
     End,
+    KvmClockRecord,
     PassEnd,
     RamPages,
     RamScatter,
@@ -13,6 +14,7 @@ from vmferry.migration.stream.records import (
     Record,
     VcpuRecord,
     VmConfig,
+    X86VcpuRecord,
 )
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "DeviceChunk",
     "DevicePhase",
     "End",
+    "KvmClockRecord",
     "PassEnd",
     "RamPages",
     "RamScatter",
@@ -33,4 +36,5 @@ __all__ = [
     "StreamEncoder",
     "VcpuRecord",
     "VmConfig",
+    "X86VcpuRecord",
 ]

@@ -31,7 +31,7 @@ from vmferry.machine.handlers import DevicePhase as DevicePhase  # one definitio
 
 MAGIC = b"VMFERRY\x00"
 MAJOR = 1
-MINOR = 0
+MINOR = 1  # 1: X86_VCPU and KVM_CLOCK records
 
 FILE_HEADER = struct.Struct(">8sHHI")
 RECORD_HEADER = struct.Struct(">HHI")
@@ -52,6 +52,8 @@ class RecordType(enum.IntEnum):
     PASS_END = 7  # end of a RAM pass (statistics and inspection)
     END = 8  # end of stream
     RAM_SCATTER = 9  # scattered pages: a list of page numbers, then their data (or zero)
+    X86_VCPU = 10  # one x86-64 vCPU's whole KVM state (layout: vmferry.hw.x86.state)
+    KVM_CLOCK = 11  # the VM's KVM clock (layout: vmferry.hw.x86.state)
 
 
 # Payload layouts (the fixed part; variable data follows).
@@ -82,6 +84,8 @@ MAX_PAYLOAD: dict[RecordType, int] = {
     RecordType.PASS_END: PASS_END.size,
     RecordType.END: 0,
     RecordType.RAM_SCATTER: RAM_SCATTER.size + MAX_SCATTER_PAGES * 8 + MAX_RAM_RUN_BYTES,
+    RecordType.X86_VCPU: 2 * MIB,
+    RecordType.KVM_CLOCK: 8 + 48,
 }
 
 #: Payload lengths that are fixed rather than bounded.
@@ -89,4 +93,5 @@ EXACT_PAYLOAD: dict[RecordType, int] = {
     RecordType.RAM_ZERO: RAM_ZERO.size,
     RecordType.PASS_END: PASS_END.size,
     RecordType.END: 0,
+    RecordType.KVM_CLOCK: 8 + 48,
 }

@@ -12,12 +12,14 @@ from vmferry.migration.stream.records import (
     Buffer,
     ComponentRecord,
     DeviceChunk,
+    KvmClockRecord,
     PassEnd,
     RamPages,
     RamScatter,
     RamZero,
     VcpuRecord,
     VmConfig,
+    X86VcpuRecord,
 )
 
 
@@ -34,6 +36,8 @@ class StreamSummary:
     vcpus: dict[int, int] = field(default_factory=dict)  # index -> register count
     devices: dict[str, dict[str, int]] = field(default_factory=dict)
     components: dict[str, int] = field(default_factory=dict)
+    x86_vcpus: list[dict[str, Any]] = field(default_factory=list)
+    kvm_clock_ns: int | None = None
     complete: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -52,6 +56,8 @@ class StreamSummary:
             "vcpus": {str(k): v for k, v in sorted(self.vcpus.items())},
             "devices": self.devices,
             "components": self.components,
+            **({"x86_vcpus": self.x86_vcpus} if self.x86_vcpus else {}),
+            **({"kvm_clock_ns": self.kvm_clock_ns} if self.kvm_clock_ns is not None else {}),
         }
 
 
@@ -95,3 +101,7 @@ def _account(s: StreamSummary, rec: object) -> None:
         dev["bytes"] += len(rec.data)
     elif isinstance(rec, ComponentRecord):
         s.components[rec.name] = len(rec.data)
+    elif isinstance(rec, X86VcpuRecord):
+        s.x86_vcpus.append(rec.state.summary())
+    elif isinstance(rec, KvmClockRecord):
+        s.kvm_clock_ns = rec.state.clock_ns

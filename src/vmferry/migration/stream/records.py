@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmferry.errors import MalformedRecord
+from vmferry.hw.x86.state import KvmClockState, X86VcpuState
 from vmferry.migration.stream import format as fmt
 from vmferry.migration.stream.format import DevicePhase, RecordType
 
@@ -230,6 +231,50 @@ class ComponentRecord:
 
 
 @dataclass(frozen=True)
+class X86VcpuRecord:
+    """One x86-64 vCPU's whole KVM state: REGS, SREGS, FPU, XSAVE, XCRS, VCPU_EVENTS,
+    MP_STATE, every MSR and the CPUID it was given (versioned layout in
+    :mod:`vmferry.hw.x86.state`)."""
+
+    TYPE: ClassVar[RecordType] = RecordType.X86_VCPU
+    data: bytes
+
+    @property
+    def state(self) -> X86VcpuState:
+        return X86VcpuState.decode(self.data)
+
+    def parts(self) -> list[Buffer]:
+        return [self.data]
+
+    @classmethod
+    def parse(cls, payload: Buffer) -> X86VcpuRecord:
+        data = bytes(payload)
+        X86VcpuState.decode(data)  # validates the layout
+        return cls(data)
+
+
+@dataclass(frozen=True)
+class KvmClockRecord:
+    """The VM's KVM clock (versioned layout in :mod:`vmferry.hw.x86.state`)."""
+
+    TYPE: ClassVar[RecordType] = RecordType.KVM_CLOCK
+    data: bytes
+
+    @property
+    def state(self) -> KvmClockState:
+        return KvmClockState.decode(self.data)
+
+    def parts(self) -> list[Buffer]:
+        return [self.data]
+
+    @classmethod
+    def parse(cls, payload: Buffer) -> KvmClockRecord:
+        data = bytes(payload)
+        KvmClockState.decode(data)
+        return cls(data)
+
+
+@dataclass(frozen=True)
 class PassEnd:
     TYPE: ClassVar[RecordType] = RecordType.PASS_END
     number: int
@@ -257,8 +302,14 @@ class End:
 
 Record: TypeAlias = (
     VmConfig | RamPages | RamZero | RamScatter | VcpuRecord | DeviceChunk | ComponentRecord
-    | PassEnd | End
+    | PassEnd | End | X86VcpuRecord | KvmClockRecord
 )
+
+#: ArchState kinds (see :class:`vmferry.machine.handlers.ArchState`) and their records
+ARCH_RECORDS: dict[str, type[X86VcpuRecord] | type[KvmClockRecord]] = {
+    "x86_vcpu": X86VcpuRecord,
+    "kvm_clock": KvmClockRecord,
+}
 
 PARSERS: dict[RecordType, Callable[[Buffer], Record]] = {
     RecordType.VM_CONFIG: VmConfig.parse,
@@ -270,4 +321,6 @@ PARSERS: dict[RecordType, Callable[[Buffer], Record]] = {
     RecordType.PASS_END: PassEnd.parse,
     RecordType.END: End.parse,
     RecordType.RAM_SCATTER: RamScatter.parse,
+    RecordType.X86_VCPU: X86VcpuRecord.parse,
+    RecordType.KVM_CLOCK: KvmClockRecord.parse,
 }

@@ -1,15 +1,16 @@
-"""``iommu-probe``: the races of the IOMMU core's device probe (spec §6, §8, §11.3).
+"""``iommu-probe``: the races of the IOMMU core's device probe (docs/models/iommu-probe.md §6, §8,
+§11.3).
 
 One case per race.  Each builds a fresh :class:`~vmferry.hw.iommu.kernel.Kernel` in the
-requested mode, the topology of the spec's schedule, and the threads of the two entry
+requested mode, the topology of the race's schedule, and the threads of the two entry
 points (``W*``: an IOMMU registering and walking the buses, then re-triggering deferred
 probes; ``C``: a client driver probing with deferred retries).
 
 Which invariants are asserted: in the v6.15 design every §11.4 invariant, after every
 step and at the end; in the legacy presets only hazards (invariant 5) plus the faulty
 outcome each case is about (R0: invariants 1-2, R3: invariant 7, R4: the out-of-order
-default domain).  ``fails_in`` is the spec's presence table (§11.3) extended to the
-switch modes.
+default domain).  ``fails_in`` is the presence table of docs/models/iommu-probe.md
+§11.3 extended to the switch modes.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def _expect_probed(dev: Device, *, bound: bool) -> None:
 def _expect_walked(dev: Device) -> None:
     """After two walks a driver-less client is probed (S5) -- or, when one walk's failed
     probe freed the dev_iommu the other walk was parsing into, left in S0 for its driver
-    bind to probe (a residual window of the v6.15 design, not one of the spec's races)."""
+    bind to probe (a residual window of the v6.15 design, not one of the races of
+    docs/models/iommu-probe.md §6)."""
     state = device_state(dev)
     _expect(state in ("S5", "S0"), f"{dev.name} ends in {state}, not S5 or S0")
 
@@ -215,7 +217,8 @@ def build_r1(mode: str) -> Instance:
 def build_r3(mode: str) -> Instance:
     world, dev, threads = _client_vs_walk(mode, frozenset({7}))
     if world.kernel.mode.legacy_flow:
-        # legacy presets: C's of_iommu_configure ran first, D's fwspec exists (spec R3)
+        # legacy presets: C's of_iommu_configure ran first, D's fwspec exists
+        # (docs/models/iommu-probe.md §6 R3)
         _seed_fwspec(world.kernel, dev, _iommu_of(world, "X"))
 
     def final() -> None:

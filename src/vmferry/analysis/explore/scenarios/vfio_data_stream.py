@@ -10,7 +10,7 @@ bytes.  Modes:
 * ``correct``: the model as shipped;
 * ``stale_fd``: the driver forgets the old file without disabling it (it stays live);
 * ``precopy_info_unlocked``: the precopy-info query checks the state without
-  ``state_mutex`` (the TOCTOU of spec section 11.3).
+  ``state_mutex`` (the TOCTOU of docs/models/vfio-migration-v2.md §11.3).
 """
 
 from __future__ import annotations
