@@ -1,8 +1,11 @@
 """Explorer throughput and reduction, per scenario and strategy, in one run.
 
 For every registered scenario (default mode, the scenario's preemption bound, every case)
-it runs the ``naive``, ``sleep`` and ``dpor`` strategies and reports schedules explored,
-wall time, schedules per second, and the reduction factor (naive schedules / schedules).
+it runs the ``naive``, ``sleep`` (sleep sets, no state hashing: the search as it was) and
+``dpor`` strategies and reports schedules explored, wall time, schedules per second, and
+the reduction factor (naive schedules / schedules); ``--state-hashing`` names scenarios
+also run with sleep sets plus state hashing (slower per schedule: the key fingerprints the
+model and every thread's frames).
 
 Baseline: the engine as it was before issue 15 (``--baseline-rev``, read from git and
 loaded beside the current one) runs its sleep-set search and its naive enumeration on the
@@ -33,10 +36,12 @@ from vmferry.analysis.explore.scenarios import all_scenarios
 STRATEGIES = ("naive", "sleep", "dpor")
 
 
-def measure(scenario: str, strategy: str, workers: int = 1) -> dict[str, Any]:
+def measure(scenario: str, strategy: str, workers: int = 1, *,
+            state_hashing: bool = False) -> dict[str, Any]:
     sc = all_scenarios()[scenario]
     started = time.perf_counter()
-    report = run_scenario(sc, strategy=strategy, failures_dir=None, workers=workers)
+    report = run_scenario(sc, strategy=strategy, failures_dir=None, workers=workers,
+                          state_hashing=state_hashing)
     elapsed = time.perf_counter() - started
     assert report.complete and not report.failures, (scenario, strategy, report.failures[:1])
     return {"schedules": report.schedules_explored, "pruned": report.pruned,
@@ -80,19 +85,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline-rev", default="94afd01")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
+    parser.add_argument("--state-hashing", default="vfio-data-stream",
+                        help="scenarios also run with sleep sets plus state hashing")
     args = parser.parse_args()
     out: dict[str, Any] = {"benchmark": "explore_throughput", "scenarios": {}}
     for name, sc in all_scenarios().items():
+        if args.only and name not in args.only.split(","):
+            continue
         row: dict[str, Any] = {"mode": sc.default_mode, "preemption_bound": sc.preemption_bound}
         for strategy in STRATEGIES:
             row[strategy] = measure(name, strategy)
+        if name in args.state_hashing.split(","):
+            row["sleep+state"] = measure(name, "sleep", state_hashing=True)
         naive = row["naive"]["schedules"]
         row["reduction_factor"] = {
             s: round(naive / max(row[s]["schedules"], 1), 2) for s in ("sleep", "dpor")
         }
         out["scenarios"][name] = row
         print(f"# {name} done", file=sys.stderr, flush=True)
-    engine = legacy_engine(args.baseline_rev)
+    engine = legacy_engine(args.baseline_rev) if "iommu-probe" in out["scenarios"] else None
     if engine is not None:
         old = {"rev": args.baseline_rev, "sleep": baseline(engine, True),
                "naive": baseline(engine, False)}
@@ -104,7 +116,8 @@ def main() -> None:
         old["dpor_over_baseline_sleep_schedules_per_s"] = round(
             now["dpor"]["schedules_per_s"] / old["sleep"]["schedules_per_s"], 2)
         out["baseline"] = old
-    if not args.no_ray and importlib.util.find_spec("ray") is not None:
+    if not args.no_ray and importlib.util.find_spec("ray") is not None \
+            and "iommu-probe" in out["scenarios"]:
         one = measure("iommu-probe", "dpor")
         two = measure("iommu-probe", "dpor", workers=2)
         assert one["schedules"] == two["schedules"]

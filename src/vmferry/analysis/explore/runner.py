@@ -100,6 +100,7 @@ def run_scenario(
     stop_on_failure: bool = False,
     workers: int = 1,
     ray_address: str | None = None,
+    state_hashing: bool = True,
 ) -> Report:
     """Explore every case of ``scenario`` (or only ``case``) in ``mode``.
 
@@ -118,6 +119,7 @@ def run_scenario(
     bound = scenario.preemption_bound if preemption_bound is None else preemption_bound
     limits = _limits(strategy, bound, None, max_schedules, scenario.max_steps)
     limits.stop_on_failure = stop_on_failure
+    limits.state_hashing = limits.state_hashing and state_hashing
     report = Report(scenario.name, mode, strategy, preemption_bound=bound, seed=seed,
                     deterministic=mode in scenario.deterministic)
     if workers < 1:
