@@ -77,3 +77,18 @@ def test_item1_dpor_reaches_every_outcome_naive_reaches(ops: list[list[Op]]) -> 
     assert outcomes["dpor"] == outcomes["naive"]
     assert outcomes["sleep"] == outcomes["naive"]
     assert counts["dpor"] <= counts["naive"]
+
+
+def test_item1_iommu_probe_dpor_finds_naives_failure_kinds_with_fewer_schedules() -> None:
+    from vmferry.analysis.explore import run_scenario
+    from vmferry.analysis.explore.scenarios import all_scenarios
+
+    scenario = all_scenarios()["iommu-probe"]
+    found: dict[str, tuple[int, set[str]]] = {}
+    for strategy in ("naive", "dpor"):
+        report = run_scenario(scenario, mode="v6_15+relock_no_recheck", case="R0",
+                              strategy=strategy, failures_dir=None)
+        found[strategy] = (report.schedules_explored, {f.hazard for f in report.failures})
+    assert found["naive"][1] == {"invariant-violation", "null-deref"}
+    assert found["dpor"][1] == found["naive"][1]
+    assert 3 * found["dpor"][0] < found["naive"][0]
