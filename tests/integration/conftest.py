@@ -21,6 +21,8 @@ class Pair:
     def __init__(self, a: HostProcess, b: HostProcess) -> None:
         self.a_proc, self.b_proc = a, b
         self.a, self.b = a.client(), b.client()
+        #: the images directory both hosts save to and restore from
+        self.images = a.images_dir
 
     def create(self, name: str, **kw: Any) -> dict[str, Any]:
         definition = {"name": name, "memory_mib": 32, "vcpus": 2, "fill": "random", **kw}

@@ -220,7 +220,7 @@ def test_snapshot_restores_the_guest_view_or_refuses(hosts: dict[str, Host],
     src = hosts["new"]
     create(src, "snap")
     before = guest(src, "snap")
-    file = tmp_path / "snap.vmf"
+    file = src.proc.images_dir / "snap.vmf"
     src.client.post("/v1/vms/snap/save", {"path": str(file)})
     with pytest.raises(ApiError, match=r"CpuLoadError: post_load merge: .* unknown to the dest"):
         hosts["old"].client.post("/v1/restore", {"path": str(file)})

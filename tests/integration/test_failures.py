@@ -51,7 +51,7 @@ def test_cancel_from_the_cli(pair: Pair) -> None:
     job = pair.migrate("slow", wait=False, max_bandwidth_mib=8)
     time.sleep(0.5)
     out = cli("job", "cancel", "--host", pair.a_proc.control_url, job["id"], "--json")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
     job = wait_job(pair.a, job["id"])
     assert job["status"] == "cancelled" and "cancelled" in job["error"]
     assert job["step"].startswith("ram pass")

@@ -146,8 +146,10 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
     h = spawn_host("R", tmp_path / "R")
     try:
         c = h.client()
-        states = {v["name"]: v["runstate"] for v in c.get("/v1/vms")}
-        assert states == {"keep": "paused", "run": "running"}
+        vms = {v["name"]: v for v in c.get("/v1/vms")}
+        # no guest memory survives a restart: rebuilt, paused, and said so
+        assert {n: v["runstate"] for n, v in vms.items()} == {"keep": "paused", "run": "paused"}
+        assert all(v["memory_lost"] and "did not survive" in v["note"] for v in vms.values())
         job = c.get(f"/v1/jobs/{inc['job']}")
         assert job["status"] == "failed" and "restarted" in job["error"]
     finally:
@@ -215,7 +217,7 @@ def test_snapshot_save_and_restore(fresh_pair: Pair, tmp_path: Path) -> None:
     pair = fresh_pair
     pair.create("snap", workload={"dirty_rate_mbps": 5})
     url = pair.a_proc.control_url
-    file = tmp_path / "snap.vmf"
+    file = pair.images / "snap.vmf"
     out = cli("vm", "save", "--host", url, "snap", str(file), "--json")
     assert out.returncode == 0, out.stderr
     assert pair.a.get("/v1/vms/snap")["runstate"] == "running"
@@ -230,7 +232,7 @@ def test_snapshot_save_and_restore(fresh_pair: Pair, tmp_path: Path) -> None:
     assert len(digest(pair.b, "snap")["ram"]) == len(saved["ram"])
     dup = cli("vm", "restore", "--host", pair.b_proc.control_url, str(file))
     assert dup.returncode == 1 and "exists" in dup.stderr
-    bad = tmp_path / "bad.vmf"
+    bad = pair.images / "bad.vmf"
     data = bytearray(file.read_bytes())
     data[len(data) // 3] ^= 1
     bad.write_bytes(bytes(data))
@@ -245,7 +247,7 @@ def test_snapshot_of_a_paused_vm_restores_bit_for_bit(fresh_pair: Pair, tmp_path
     pair.create("still", workload={"dirty_rate_mbps": 5})
     pair.a.post("/v1/vms/still/pause")
     before = digest(pair.a, "still")
-    file = tmp_path / "still.vmf"
+    file = pair.images / "still.vmf"
     pair.a.post("/v1/vms/still/save", {"path": str(file)})
     pair.b.post("/v1/restore", {"path": str(file), "start": False})
     assert digest(pair.b, "still") == before

@@ -160,7 +160,7 @@ def test_dtb_errors(hosts: Hosts) -> None:
 
 def test_snapshot_restored_on_another_platform_is_updated(hosts: Hosts, tmp_path: Path) -> None:
     hosts.b.post("/v1/vms", {"definition": definition("lpm3"), "start": True})
-    path = tmp_path / "lpm3.vmf"
+    path = hosts.procs[1].images_dir / "lpm3.vmf"
     hosts.b.post("/v1/vms/lpm3/save", {"path": str(path)})
     hosts.b.delete("/v1/vms/lpm3")
     hosts.a.post("/v1/restore", {"path": str(path), "start": True})

@@ -168,7 +168,7 @@ def test_snapshot_of_a_vm_with_devices(
     pair: Pair, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     create(pair, "vf-snap", MLX5, PDS)
-    file = tmp_path_factory.mktemp("snap") / "vf-snap.vmf"
+    file = pair.images / "vf-snap.vmf"
     pair.a.post("/v1/vms/vf-snap/save", {"path": str(file)})
     assert_source_devices_running(pair, "vf-snap")  # the saved VM runs on, devices too
     pair.b.post("/v1/restore", {"path": str(file), "start": True})

@@ -153,10 +153,10 @@ def test_item6_destination_killed_mid_stream(tmp_path: Path) -> None:
         b.stop()
 
 
-def test_item4_vm_save_and_restore(hosts: Hosts, tmp_path: Path) -> None:
+def test_item4_vm_save_and_restore(hosts: Hosts) -> None:
     hosts.create("snap1", vcpus=1)
     before = advancing(hosts.a, "snap1")
-    path = tmp_path / "snap1.vmferry"
+    path = hosts.a_proc.images_dir / "snap1.vmferry"  # both hosts share it
     hosts.a.post("/v1/vms/snap1/save", {"path": str(path)})
     assert advancing(hosts.a, "snap1") > before  # the saved VM runs on
     hosts.a.delete("/v1/vms/snap1")

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from vmferry.host.auth import client_token
 from vmferry.host.client import HostClient
@@ -49,6 +50,12 @@ def client(url: str) -> HostClient:
     in ``--tls-dir`` (``VMFERRY_TLS_DIR``)."""
     tls = TlsConfig.load(_tls_dir).client_context() if _tls_dir is not None else None
     return HostClient(url, client_token(_token_file), tls=tls)
+
+
+def esc(value: object) -> str:
+    """Text from a host, a stream or a file, safe to put into rich markup: ``[/x]`` in a
+    VM name or an error message prints as it is, never as (broken) markup."""
+    return escape(str(value))
 
 
 def emit_json(data: Any) -> None:

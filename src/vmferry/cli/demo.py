@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from vmferry.cli.common import console, emit_json, human_bytes
+from vmferry.cli.common import console, emit_json, esc, human_bytes
 from vmferry.host.demo import DemoOptions, run_demo
 
 
@@ -75,7 +75,8 @@ def command(
 
 def _print(r: dict[str, Any]) -> None:
     if r["status"] != "completed":
-        console.print(f"[red]migration {r['status']}[/] at {r['step']}: {r['error']}")
+        console.print(f"[red]migration {esc(r['status'])}[/] at {esc(r['step'])}: "
+                      f"{esc(r['error'])}")
         return
     t = Table("pass", "pages", "zero", "sent", "ms", "MB/s", "dirtied", "exp. ms", "thr.",
               title="pre-copy passes (exp. ms: expected downtime; thr.: auto-converge)")

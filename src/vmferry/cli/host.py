@@ -13,6 +13,7 @@ from vmferry.host.tls import TlsConfig, make_certs
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
+from vmferry.machine.vfio import PLATFORM_KEY as VFIO_PLATFORM_KEY
 from vmferry.machine.vm import HostContext, read_toml
 from vmferry.machine.x86 import KvmPlatform
 
@@ -78,6 +79,13 @@ def command() -> None:
     "share it",
 )
 @click.option(
+    "--images-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="the only directory save, restore and --stream-file paths may name (default "
+    "<state-dir>/images)",
+)
+@click.option(
     "--tls-dir",
     default=None,
     type=click.Path(path_type=Path, file_okay=False),
@@ -94,6 +102,7 @@ def serve(
     mitigation: str | None,
     platform_file: Path | None,
     token_file: Path | None,
+    images_dir: Path | None,
     tls_dir: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP), both over
@@ -107,7 +116,8 @@ def serve(
         parse_address(migration_listen) if migration_listen else None,
         HostContext(name, host_profile(profile, mitigation), platform),
         token_file,
-        tls,
+        tls=tls,
+        images_dir=images_dir,
     )
 
 
@@ -123,10 +133,18 @@ def certs(out: Path, hosts: str) -> None:
     click.echo(f"CA key: {out / 'ca.key'} (keep it offline; the hosts do not need it)")
 
 
+#: the tables and keys a host platform file may carry
+PLATFORM_KEYS = frozenset({"spapr", PLATFORM_TABLE, "iommu", "kvm", VFIO_PLATFORM_KEY})
+
+
 def load_platform(path: Path) -> dict[str, Any]:
     """A host platform description from a TOML file; ConfigError if it is unreadable or
     a table it carries is wrong (checked before the daemon starts)."""
     platform = read_toml(path, "platform file")
+    unknown = set(platform) - PLATFORM_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown platform keys {sorted(unknown)}; known: "
+                          f"{sorted(PLATFORM_KEYS)}")
     if "spapr" in platform:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
     if PLATFORM_TABLE in platform:

@@ -9,7 +9,7 @@ from typing import Any, cast
 import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vmferry.cli.common import JSON_OPTION, client, console, emit_json, human_bytes
+from vmferry.cli.common import JSON_OPTION, client, console, emit_json, esc, human_bytes
 from vmferry.host.client import HostClient
 
 FINISHED = ("completed", "failed", "cancelled")
@@ -55,11 +55,12 @@ def watch(c: HostClient, job_id: str, show_progress: bool) -> dict[str, Any]:
 def summary(job: dict[str, Any]) -> None:
     st = job.get("stats", {})
     if job["status"] != "completed":
-        console.print(f"[red]{job['status']}[/] at {job.get('step') or '?'}: {job.get('error')}")
+        console.print(f"[red]{esc(job['status'])}[/] at {esc(job.get('step') or '?')}: "
+                      f"{esc(job.get('error'))}")
         return
     ram = st.get("ram", {})
     for warning in st.get("warnings", []):
-        console.print(f"[yellow]warning[/]: {warning}")
+        console.print(f"[yellow]warning[/]: {esc(warning)}")
     console.print(
         f"[green]completed[/]: total {st.get('total-time', 0):.0f} ms, "
         f"downtime {st.get('downtime', 0):.1f} ms, {len(st.get('passes', []))} passes, "
@@ -99,7 +100,8 @@ def summary(job: dict[str, Any]) -> None:
     "--stream-file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="also write the exact stream sent to this file (on the source host)",
+    help="also write the exact stream sent to this file (in the source host's images "
+    "directory)",
 )
 @click.option(
     "--compat",
@@ -153,7 +155,7 @@ def migrate(
     if as_json:
         emit_json(job)
     else:
-        summary(job) if not no_wait else console.print(f"job {job['id']} started")
+        summary(job) if not no_wait else console.print(f"job {esc(job['id'])} started")
     if not no_wait and job["status"] != "completed":
         sys.exit(1)
 
@@ -176,8 +178,9 @@ def show(host_url: str, job_id: str | None, as_json: bool) -> None:
         return
     for job in data if isinstance(data, list) else [data]:
         console.print(
-            f"[bold]{job['id']}[/] {job['role']:<11} {job['vm']:<16} {job['status']}"
-            + (f"  ({job['step']}: {job['error']})" if job.get("error") else "")
+            f"[bold]{esc(job['id'])}[/] {esc(job['role']):<11} {esc(job['vm']):<16} "
+            f"{esc(job['status'])}"
+            + (f"  ({esc(job['step'])}: {esc(job['error'])})" if job.get("error") else "")
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from vmferry.cli.common import JSON_OPTION, console, emit_json
+from vmferry.cli.common import JSON_OPTION, console, emit_json, esc
 from vmferry.clock import ManualClock
 from vmferry.guest.mobility import MODES, MobilityReport, run_post_migration_updates
 from vmferry.hw.devtree.fdt import FdtDecodeError, dump_fdt, load_fdt
@@ -74,7 +74,7 @@ def plan(source: Path, destination: Path, as_json: bool) -> None:
         return
     for kind, rows in data.items():
         for row in rows:
-            console.print(f"{kind:6} {row}")
+            console.print(f"{kind:6} {esc(row)}")
 
 
 def _report_json(r: MobilityReport) -> dict[str, Any]:
@@ -109,11 +109,13 @@ def apply(guest: Path, source: Path, destination: Path, mode: str, output: Path 
         emit_json(data)
     else:
         for c in rep.changes:
-            console.print(f"{c.kind:16} {c.path} {c.prop}")
+            console.print(f"{c.kind:16} {esc(c.path)} {esc(c.prop)}")
         for h in rep.hazards:
-            console.print(f"[red]{h.hazard}[/] {h.node} ({h.holder}): {h.message}")
+            console.print(f"[red]{esc(h.hazard)}[/] {esc(h.node)} ({esc(h.holder)}): "
+                          f"{esc(h.message)}")
         for leak in rep.leaks:
-            console.print(f"[yellow]leak[/] {leak.node} {leak.state} {dict(leak.holders)}")
+            console.print(f"[yellow]leak[/] {esc(leak.node)} {esc(leak.state)} "
+                          f"{esc(dict(leak.holders))}")
         console.print(f"rc={rep.rc} exposure window {rep.exposure_window_s * 1000:.1f} ms")
     if not rep.ok:
         sys.exit(1)

@@ -18,7 +18,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from vmferry.cli.common import JSON_OPTION, console, emit_json, human_bytes
+from vmferry.cli.common import JSON_OPTION, console, emit_json, esc, human_bytes
 from vmferry.errors import ConfigError, StreamDecodeError
 from vmferry.interop.qemu import QemuStream, check_stream, is_qemu_stream, read_stream
 from vmferry.migration.stream.inspect import summarize
@@ -89,13 +89,13 @@ def inspect(file: Path, as_json: bool) -> None:
         return
     vm = v.vm
     console.print(
-        f"[bold]{file}[/]: vmferry stream v{v.version[0]}.{v.version[1]}, "
-        f"{human_bytes(v.bytes)}, VM {vm.get('name')} ({vm.get('arch')}, "
-        f"{vm.get('memory_mib')} MiB, {vm.get('vcpus')} vCPUs)"
+        f"[bold]{esc(file)}[/]: vmferry stream v{v.version[0]}.{v.version[1]}, "
+        f"{human_bytes(v.bytes)}, VM {esc(vm.get('name'))} ({esc(vm.get('arch'))}, "
+        f"{esc(vm.get('memory_mib'))} MiB, {esc(vm.get('vcpus'))} vCPUs)"
     )
     table = Table("record", "count")
     for name, count in sorted(v.records.items()):
-        table.add_row(name, str(count))
+        table.add_row(esc(name), str(count))
     console.print(table)
     console.print(
         f"RAM: {v.pages_raw} raw pages ({human_bytes(v.page_bytes)}), "
@@ -103,7 +103,7 @@ def inspect(file: Path, as_json: bool) -> None:
     )
     console.print(
         f"vCPUs: {len(v.vcpus)}; devices: {len(v.devices)}; "
-        f"components: {', '.join(v.components) or 'none'}"
+        f"components: {esc(', '.join(v.components)) or 'none'}"
     )
     for x in v.x86_vcpus:
         console.print(

@@ -10,7 +10,15 @@ from typing import Any
 import click
 from rich.table import Table
 
-from vmferry.cli.common import HOST_OPTION, JSON_OPTION, client, console, emit_json, human_bytes
+from vmferry.cli.common import (
+    HOST_OPTION,
+    JSON_OPTION,
+    client,
+    console,
+    emit_json,
+    esc,
+    human_bytes,
+)
 from vmferry.machine.vm import load_definition
 
 
@@ -25,9 +33,9 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
         return
     d = vm["definition"]
     console.print(
-        f"[bold]{vm['name']}[/]  {vm['runstate']}  arch={d['arch']}  "
-        f"memory={d['memory_mib']} MiB  vcpus={d['vcpus']}"
-        + (f"  backend={vm['backend']}" if "backend" in vm else "")
+        f"[bold]{esc(vm['name'])}[/]  {esc(vm['runstate'])}  arch={esc(d['arch'])}  "
+        f"memory={esc(d['memory_mib'])} MiB  vcpus={esc(d['vcpus'])}"
+        + (f"  backend={esc(vm['backend'])}" if "backend" in vm else "")
     )
     g = vm.get("guest")
     if g:
@@ -35,11 +43,12 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
             f"  guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
             f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
             f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
-            + (f"; CRASHED: {g['crashed']}" if g.get("crashed") else "")
+            + (f"; CRASHED: {esc(g['crashed'])}" if g.get("crashed") else "")
         )
     if "digests" in vm:
         digests = vm["digests"]
-        console.print(f"  ram digest  {digests['ram']}\n  vcpu digest {digests['vcpu']}")
+        console.print(f"  ram digest  {esc(digests['ram'])}\n  vcpu digest "
+                      f"{esc(digests['vcpu'])}")
 
 
 @command.command("create")
@@ -67,9 +76,9 @@ def list_(host_url: str, as_json: bool) -> None:
     for vm in vms:
         d = vm["definition"]
         table.add_row(
-            vm["name"],
-            vm["runstate"],
-            d["arch"],
+            esc(vm["name"]),
+            esc(vm["runstate"]),
+            esc(d["arch"]),
             human_bytes(d["memory_mib"] * 1024 * 1024),
             str(d["vcpus"]),
         )
@@ -111,7 +120,7 @@ def pause(host_url: str, name: str, as_json: bool) -> None:
 def destroy(host_url: str, name: str, as_json: bool) -> None:
     """Destroy a VM and free its memory."""
     out = client(host_url).delete(f"/v1/vms/{name}")
-    emit_json(out) if as_json else console.print(f"destroyed {name}")
+    emit_json(out) if as_json else console.print(f"destroyed {esc(name)}")
 
 
 @command.command("save")
@@ -120,12 +129,14 @@ def destroy(host_url: str, name: str, as_json: bool) -> None:
 @click.argument("file")
 @JSON_OPTION
 def save(host_url: str, name: str, file: str, as_json: bool) -> None:
-    """Save a VM to FILE (a path on the host) as a vmferry stream; it keeps running."""
-    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": str(Path(file).resolve())})
+    """Save a VM to FILE as a vmferry stream; it keeps running.  FILE is a path in the
+    host's images directory (relative to it, or absolute inside it)."""
+    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": file})
     if as_json:
         emit_json(out)
     else:
-        console.print(f"saved {name} to {out['path']} ({human_bytes(out['bytes'])})")
+        console.print(f"saved {esc(name)} to {esc(out['path'])} "
+                      f"({human_bytes(out['bytes'])})")
 
 
 @command.command("restore")
@@ -134,10 +145,10 @@ def save(host_url: str, name: str, file: str, as_json: bool) -> None:
 @click.option("--start/--paused", default=True, show_default=True)
 @JSON_OPTION
 def restore(host_url: str, file: str, start: bool, as_json: bool) -> None:
-    """Restore a VM from a stream FILE (a path on the host)."""
-    out = client(host_url).post("/v1/restore", {"path": str(Path(file).resolve()),
-                                                "start": start})
-    emit_json(out) if as_json else console.print(f"restored {out['vm']} ({out['runstate']})")
+    """Restore a VM from a stream FILE in the host's images directory."""
+    out = client(host_url).post("/v1/restore", {"path": file, "start": start})
+    emit_json(out) if as_json else console.print(f"restored {esc(out['vm'])} "
+                                                 f"({esc(out['runstate'])})")
 
 
 @command.command("dtb")

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -19,6 +20,17 @@ from vmferry.errors import ApiError, HostError, MigrationError, PeerError, Vmfer
 from vmferry.host.auth import bearer_matches
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.iommu import describe as describe_iommu
+from vmferry.host.models import (
+    MAX_BODY,
+    CreateRequest,
+    IncomingRequest,
+    MigrateRequest,
+    RestoreRequest,
+    SaveRequest,
+    openapi_schemas,
+    parse_body,
+    validate,
+)
 from vmferry.host.snapshot import restore_vm, save_vm
 from vmferry.machine.profiles import HostProfile
 from vmferry.machine.pseries_dt import device_tree_handler
@@ -26,6 +38,7 @@ from vmferry.machine.pseries_dt import device_tree_handler
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("vmferry.host.api")
+T = TypeVar("T")
 
 
 def _ok(data: Any, status: int = 200) -> web.Response:
@@ -117,14 +130,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(ApiError(500, "internal error (see the host's log)"))
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
+async def _body(request: web.Request) -> Any:
+    """The request's JSON body (parsed without NaN/Infinity and with a depth limit)."""
+    return parse_body(await request.read())
 
 
 def host_profile_json(d: HostDaemon) -> dict[str, Any]:
@@ -141,15 +149,55 @@ def host_profile_json(d: HostDaemon) -> dict[str, Any]:
     }
 
 
-def _string(body: dict[str, Any], key: str, what: str) -> str:
-    """A required string field of a request body; HTTP 400 naming it otherwise."""
-    value = body.get(key)
-    if not isinstance(value, str):
-        raise ApiError(400, f"{key} ({what}) required")
-    return value
+class FileWork:
+    """Blocking file work (save, restore) on a few threads of its own, so it can never
+    take the threads the rest of the API needs; past ``queue`` waiting requests the
+    answer is 503 at once."""
+
+    def __init__(self, workers: int = 2, queue: int = 4) -> None:
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="file-work")
+        self.slots = threading.BoundedSemaphore(workers + queue)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.slots.acquire(blocking=False):
+            raise ApiError(503, "too many saves and restores in progress; try again",
+                           "Busy")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.slots.release()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def make_app(d: HostDaemon) -> web.Application:
+async def _expire_reservations(d: HostDaemon, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(d.expire_reservations)
+
+
+def make_app(d: HostDaemon, sweep_every_s: float = 1.0) -> web.Application:
+    """The control API of ``d``.  Routes are registered by topic (``_host_routes``,
+    ``_vm_routes``, ...); a new topic adds its own function to ``ROUTE_GROUPS``."""
+    files = FileWork()
+    app = web.Application(middlewares=[errors, make_auth(d)], client_max_size=MAX_BODY)
+    for group in ROUTE_GROUPS:
+        app.add_routes(group(d, files))
+
+    async def sweeper(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_expire_reservations(d, sweep_every_s))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        files.close()
+
+    app.cleanup_ctx.append(sweeper)
+    return app
+
+
+def _host_routes(d: HostDaemon, files: FileWork) -> web.RouteTableDef:
     routes = web.RouteTableDef()
 
     @routes.get("/v1/host")
@@ -171,6 +219,16 @@ def make_app(d: HostDaemon) -> web.Application:
     async def openapi(request: web.Request) -> web.Response:
         return _ok(OPENAPI)
 
+    @routes.get("/v1/events")
+    async def events(request: web.Request) -> web.Response:
+        return _ok(d.store.events())
+
+    return routes
+
+
+def _vm_routes(d: HostDaemon, files: FileWork) -> web.RouteTableDef:
+    routes = web.RouteTableDef()
+
     @routes.get("/v1/vms")
     async def list_vms(request: web.Request) -> web.Response:
         with d.lock:
@@ -179,8 +237,11 @@ def make_app(d: HostDaemon) -> web.Application:
     @routes.post("/v1/vms")
     async def create(request: web.Request) -> web.Response:
         body = await _body(request)
-        start = bool(body.pop("start", False)) if "definition" in body else False
-        definition = body.get("definition", body)
+        if isinstance(body, dict) and "definition" in body:
+            req = validate(CreateRequest, body)
+            definition, start = req.definition, req.start
+        else:  # a bare definition
+            definition, start = body, False
         hosted = await asyncio.to_thread(d.create, definition, start)
         return _ok(hosted.to_json(), 201)
 
@@ -223,36 +284,37 @@ def make_app(d: HostDaemon) -> web.Application:
 
     @routes.post("/v1/vms/{name}/save")
     async def save(request: web.Request) -> web.Response:
-        path = Path(_string(await _body(request), "path", "a file on this host"))
-        out = await asyncio.to_thread(save_vm, d, request.match_info["name"], path)
+        req = validate(SaveRequest, await _body(request))
+        out = await files.run(save_vm, d, request.match_info["name"], req.path)
         return _ok(out)
 
     @routes.post("/v1/restore")
     async def restore(request: web.Request) -> web.Response:
-        body = await _body(request)
-        path = Path(_string(body, "path", "a file on this host"))
-        out = await asyncio.to_thread(restore_vm, d, path, bool(body.get("start", True)))
+        req = validate(RestoreRequest, await _body(request))
+        out = await files.run(restore_vm, d, req.path, req.start)
         return _ok(out, 201)
+
+    return routes
+
+
+def _migration_routes(d: HostDaemon, files: FileWork) -> web.RouteTableDef:
+    routes = web.RouteTableDef()
 
     @routes.post("/v1/vms/{name}/migrate")
     async def migrate(request: web.Request) -> web.Response:
         body = await _body(request)
-        dest = _string(body, "destination", "control URL of the destination host")
-        params = body.get("params", {})
-        if not isinstance(params, dict):
-            raise ApiError(400, "params must be an object")
-        job = await asyncio.to_thread(d.migrate, request.match_info["name"], dest, params)
+        req = validate(MigrateRequest, body)
+        params = body.get("params", {})  # as given: the job records what was asked
+        job = await asyncio.to_thread(d.migrate, request.match_info["name"], req.destination,
+                                      params)
         return _ok(d.job_json(job), 202)
 
     @routes.post("/v1/incoming")
     async def incoming(request: web.Request) -> web.Response:
-        body = await _body(request)
-        name, definition = body.get("vm"), body.get("definition")
-        if not isinstance(name, str) or not isinstance(definition, dict):
-            raise ApiError(400, "vm (name) and definition (object) required")
+        req = validate(IncomingRequest, await _body(request))
         inc, caps = await asyncio.to_thread(
-            d.expect_incoming,
-            name, definition, bool(body.get("verify")), str(body.get("peer", request.remote)),
+            d.expect_incoming, req.vm, req.definition, req.verify, req.peer or
+            str(request.remote),
         )
         return _ok(
             {"token": inc.token, "job": inc.job_id, "capabilities": caps,
@@ -273,51 +335,81 @@ def make_app(d: HostDaemon) -> web.Application:
     async def cancel(request: web.Request) -> web.Response:
         return _ok(d.job_json(d.cancel(request.match_info["id"])))
 
-    @routes.get("/v1/events")
-    async def events(request: web.Request) -> web.Response:
-        return _ok(d.store.events())
-
-    app = web.Application(middlewares=[errors, make_auth(d)], client_max_size=8 * 1024 * 1024)
-    app.add_routes(routes)
-    return app
+    return routes
 
 
-def _op(summary: str, body: bool = False, code: str = "200") -> dict[str, Any]:
+#: every group of routes the control API serves
+ROUTE_GROUPS: list[Callable[[HostDaemon, FileWork], web.RouteTableDef]] = [
+    _host_routes, _vm_routes, _migration_routes,
+]
+
+
+def _ref(model: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model}"}
+
+
+def _op(summary: str, reply: str | dict[str, Any] | None = None, body: str | None = None,
+        code: str = "200") -> dict[str, Any]:
+    content: dict[str, Any] = {}
+    if reply is not None:
+        content = {"application/json": {"schema": _ref(reply) if isinstance(reply, str)
+                                        else reply}}
+    error = {"content": {"application/json": {"schema": _ref("ErrorBody")}}}
     op: dict[str, Any] = {
         "summary": summary,
+        "security": [{"bearer": []}],
         "responses": {
-            code: {"description": "OK", "content": {"application/json": {}}},
-            "4XX": {"description": 'error: {"error": message}'},
+            code: {"description": "OK", "content": content},
+            "400": {"description": "invalid request", **error},
+            "401": {"description": "no valid bearer token", **error},
+            "404": {"description": "unknown VM or job", **error},
+            "409": {"description": "conflict with the VM's or job's state", **error},
+            "422": {"description": "the VM does not fit this host (VmTooLarge)", **error},
+            "502": {"description": "a peer host cannot be reached", **error},
         },
     }
-    if body:
-        op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    if body is not None:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": _ref(body)}}}
     return op
+
+
+def _list(model: str) -> dict[str, Any]:
+    return {"type": "array", "items": _ref(model)}
 
 
 _NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_OBJECT: dict[str, Any] = {"type": "object"}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "vmferry host control API", "version": __version__},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": openapi_schemas(),
+    },
+    "security": [{"bearer": []}],
     "paths": {
-        "/v1/host": {"get": _op("This host: name, version, migration address, profile")},
-        "/v1/openapi.json": {"get": _op("This document")},
+        "/v1/host": {"get": _op("This host: name, version, migration address, profile",
+                                "HostInfo")},
+        "/v1/openapi.json": {"get": _op("This document", _OBJECT)},
         "/v1/vms": {
-            "get": _op("List VMs"),
-            "post": _op("Create a VM from a definition ({definition, start})", True, "201"),
+            "get": _op("List VMs", _list("VmInfo")),
+            "post": _op("Create a VM from a definition ({definition, start}, or a bare "
+                        "definition)", "VmInfo", "CreateRequest", "201"),
         },
         "/v1/vms/{name}": {
             "parameters": _NAME,
-            "get": _op("Show a VM (?digest=1 for digests)"),
-            "delete": _op("Destroy a VM"),
+            "get": _op("Show a VM (?digest=1 for digests)", "VmInfo"),
+            "delete": _op("Destroy a VM", _OBJECT),
         },
-        "/v1/vms/{name}/start": {"parameters": _NAME, "post": _op("Run the vCPUs")},
-        "/v1/vms/{name}/pause": {"parameters": _NAME, "post": _op("Pause the vCPUs")},
+        "/v1/vms/{name}/start": {"parameters": _NAME, "post": _op("Run the vCPUs", "VmInfo")},
+        "/v1/vms/{name}/pause": {"parameters": _NAME,
+                                 "post": _op("Pause the vCPUs", "VmInfo")},
         "/v1/vms/{name}/migrate": {
             "parameters": _NAME,
-            "post": _op("Live-migrate ({destination, params})", True, "202"),
+            "post": _op("Live-migrate", "JobInfo", "MigrateRequest", "202"),
         },
         "/v1/vms/{name}/dtb": {
             "parameters": _NAME,
@@ -325,16 +417,21 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/vms/{name}/save": {
             "parameters": _NAME,
-            "post": _op("Save the VM's state to a stream file on this host ({path})", True),
+            "post": _op("Save the VM's state to a stream file in the images directory",
+                        "SaveReply", "SaveRequest"),
         },
-        "/v1/restore": {"post": _op("Restore a VM from a stream file ({path, start})", True,
-                                    "201")},
+        "/v1/restore": {"post": _op("Restore a VM from a stream file in the images directory",
+                                    "RestoreReply", "RestoreRequest", "201")},
         "/v1/incoming": {
-            "post": _op("Expect an incoming VM; returns a one-time token", True, "201")
+            "post": _op("Expect an incoming VM; returns a one-time token", "IncomingReply",
+                        "IncomingRequest", "201")
         },
-        "/v1/jobs": {"get": _op("List migration jobs")},
-        "/v1/jobs/{id}": {"parameters": _ID, "get": _op("Show a job with statistics")},
-        "/v1/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel a running job")},
-        "/v1/events": {"get": _op("Recent host events (refused connections ...)")},
+        "/v1/jobs": {"get": _op("List migration jobs", _list("JobInfo"))},
+        "/v1/jobs/{id}": {"parameters": _ID, "get": _op("Show a job with statistics",
+                                                        "JobInfo")},
+        "/v1/jobs/{id}/cancel": {"parameters": _ID, "post": _op("Cancel a running job",
+                                                                "JobInfo")},
+        "/v1/events": {"get": _op("Recent host events (refused connections ...)",
+                                  {"type": "array", "items": _OBJECT})},
     },
 }

@@ -9,6 +9,18 @@ The daemon is the only place where the sans-IO engine meets sockets and threads:
   ``recv_into`` the decoder's buffer, which release the GIL while the kernel copies.
 
 ``self.lock`` guards ``vms``, ``jobs`` and ``incoming``; the store has its own lock.
+
+Runstates: ``running``, ``paused``, ``migrating`` (a source job owns the VM: ``HostedVm.job``),
+``migrated`` (it runs on the destination now; this is the husk), ``needs-attention`` (the
+daemon cannot tell whether the VM runs elsewhere; ``HostedVm.note`` says what to do) and
+``failed``.  The check that a VM may migrate and its ``migrating`` mark are one step under
+``self.lock``, so a second request for the same VM gets 409 naming the running job.
+
+A restarted daemon has lost every guest's memory.  :meth:`HostDaemon.recover` rebuilds
+running and paused VMs from their definitions but leaves them *paused*, flagged
+``memory_lost`` with a note; a VM left ``migrating`` is settled from its job's persisted
+progress (and, if COMMIT may have been sent, by asking the destination); a ``migrated``
+husk is never booted.
 """
 
 from __future__ import annotations
@@ -32,27 +44,40 @@ from typing import Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
 from vmferry.host.auth import is_loopback, load_or_create_token
+from vmferry.host.files import ImagesDir
 from vmferry.host.iommu import probe_host
+from vmferry.host.models import VmDefinitionModel, validate
+from vmferry.host.resources import check_fits
 from vmferry.host.runner import VmRunner
 from vmferry.host.store import JobRow, Store
 from vmferry.host.tls import TlsConfig, logging_server_context
 from vmferry.host.vcpus import VcpuThreads, install_kick_handler
-from vmferry.machine.vm import VM, HostContext, create_vm, load_definition
+from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
 from vmferry.machine.x86 import kvm_status
 from vmferry.migration.destination import DestinationSession
 
 log = logging.getLogger("vmferry.host")
 
 TOKEN_TTL_S = 120.0
+#: how long a restarting daemon asks a destination what became of a committed migration
+RECOVER_ASK_S = 2.0
 
 
 @dataclass
 class HostedVm:
     name: str
     definition: dict[str, Any]
-    runstate: str  # running | paused | migrating | migrated
+    runstate: str  # running | paused | migrating | migrated | needs-attention | failed
     vm: VM | None = None
     runner: VmRunner | None = None
+    #: the source job that owns the VM while it is ``migrating``
+    job: str | None = None
+    #: why the VM is in its runstate, for the operator (persisted with the runstate)
+    note: str = ""
+    #: rebuilt from its definition by a restarted daemon: the guest's memory was lost
+    memory_lost: bool = False
+    #: the runstate a save started from (the VM is ``saving`` meanwhile)
+    saved_from: str = "running"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -60,6 +85,12 @@ class HostedVm:
             "runstate": self.runstate,
             "definition": self.definition,
         }
+        if self.job is not None:
+            out["job"] = self.job
+        if self.note:
+            out["note"] = self.note
+        if self.memory_lost:
+            out["memory_lost"] = True
         if self.vm is not None:
             out["memory_bytes"] = self.vm.ram.size
             out["vcpus"] = len(self.vm.vcpus)
@@ -100,6 +131,8 @@ class Job:
     created: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    #: persisted engine bookkeeping: ``peer_job``, ``commit_sent`` (see store.py)
+    progress: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> JobRow:
         return JobRow(
@@ -114,6 +147,7 @@ class Job:
             self.step,
             self.created,
             time.time(),
+            dict(self.progress),
         )
 
 
@@ -137,6 +171,7 @@ class HostDaemon:
         context: HostContext | None = None,
         token: str | None = None,
         tls: TlsConfig | None = None,
+        images_dir: Path | None = None,
     ) -> None:
         self.name = name
         #: mutual TLS for the control API, the migration listener and calls to peers
@@ -158,6 +193,10 @@ class HostDaemon:
         self.control_url = ""
         self.migration_address: tuple[str, int] = ("", 0)
         state_dir.mkdir(parents=True, exist_ok=True)
+        #: where save, restore and stream_file paths live (nothing outside it is touched)
+        self.images = ImagesDir(images_dir or state_dir / "images", state_dir)
+        #: how long a reservation from /v1/incoming holds a VM name without a source
+        self.reservation_ttl_s = TOKEN_TTL_S
         self.store = Store(state_dir / "host.sqlite3")
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
@@ -165,42 +204,83 @@ class HostDaemon:
     # --- start-up and shut-down ------------------------------------------------------
 
     def recover(self) -> None:
-        """Reload VMs and jobs from the store after a (re)start."""
-        for name, definition, runstate in self.store.vms():
-            hosted = HostedVm(name, definition, runstate)
-            if runstate in ("running", "paused", "migrating"):
-                try:
-                    self._boot(hosted, start=runstate != "paused")
-                except VmferryError as exc:
-                    log.error("cannot restore VM %s: %s", name, exc)
-                    hosted.runstate = "failed"
-                if hosted.runstate == "migrating":
-                    hosted.runstate = "running"
-                self.store.set_runstate(name, hosted.runstate)
-            self.vms[name] = hosted
+        """Reload VMs and jobs from the store after a (re)start.  No guest memory survived
+        a restart: see the module docstring for what each runstate comes back as."""
         for row in self.store.jobs():
             if row.status in ("setup", "active", "device"):
-                row = JobRow(
-                    **{
-                        **row.__dict__,
-                        "status": "failed",
-                        "error": "the host daemon restarted during the job",
-                        "step": row.step or "unknown",
-                    }
+                row = dataclasses.replace(
+                    row, status="failed", error="the host daemon restarted during the job",
+                    step=row.step or "unknown",
                 )
                 self.store.put_job(row)
-            self.jobs[row.id] = Job(
-                row.id,
-                row.vm,
-                row.role,
-                row.peer,
-                row.params,
-                row.status,
-                row.stats,
-                row.error,
-                row.step,
-                row.created,
-            )
+            self.jobs[row.id] = Job(row.id, row.vm, row.role, row.peer, row.params, row.status,
+                                    row.stats, row.error, row.step, row.created,
+                                    progress=dict(row.progress))
+        # a VM that arrived here but whose job never got to "completed" was never
+        # confirmed to its source, which resumes it: drop our copy
+        last_arrival = {j.vm: j for j in sorted(self.jobs.values(), key=lambda j: j.created)
+                        if j.role == "destination"}
+        arrived_unconfirmed = {vm for vm, j in last_arrival.items()
+                               if j.step == "resume" and j.status != "completed"}
+        notes = self.store.notes()
+        for name, definition, runstate in self.store.vms():
+            if name in arrived_unconfirmed and runstate in ("running", "paused"):
+                log.warning("VM %s: its arrival (COMMIT) was never confirmed; dropped", name)
+                self.store.delete_vm(name)
+                continue
+            hosted = HostedVm(name, definition, runstate, note=notes.get(name, ""))
+            self.vms[name] = hosted
+            if runstate in ("running", "paused"):
+                self._rebuild_lost(hosted, "")
+            elif runstate == "migrating":
+                self._recover_migrating(hosted)
+
+    def _rebuild_lost(self, hosted: HostedVm, why: str) -> None:
+        """Rebuild a VM whose memory did not survive a restart: paused, flagged, noted."""
+        was = hosted.runstate
+        note = (f"{why}the host daemon restarted and this VM's memory did not survive; it "
+                f"was rebuilt from its definition, paused (it was {was}). `vm start` runs "
+                f"it from fresh memory, `vm destroy` removes it.")
+        try:
+            self._boot(hosted, start=False)
+            hosted.memory_lost, hosted.note = True, note
+        except VmferryError as exc:
+            log.error("cannot restore VM %s: %s", hosted.name, exc)
+            hosted.runstate, hosted.note = "failed", f"cannot rebuild after a restart: {exc}"
+        self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+        log.warning("VM %s: %s", hosted.name, hosted.note)
+
+    def _recover_migrating(self, hosted: HostedVm) -> None:
+        """A VM left ``migrating``: settle it from its source job's persisted progress."""
+        from vmferry.host.migration import ask_destination_outcome
+
+        jobs = [j for j in self.jobs.values() if j.vm == hosted.name and j.role == "source"]
+        job = max(jobs, key=lambda j: j.created) if jobs else None
+        if job is None or not job.progress.get("commit_sent"):
+            # the destination resumes only on COMMIT, which was never sent: it has nothing
+            self._rebuild_lost(hosted, "a migration was under way before COMMIT; ")
+            return
+        outcome = ask_destination_outcome(job.peer, job.progress.get("peer_job"), hosted.name,
+                                          self.token, wait_s=RECOVER_ASK_S, tls=self.tls)
+        if outcome == "resumed":
+            hosted.runstate, hosted.note = "migrated", f"runs on {job.peer} (job {job.id})"
+            job.status, job.error = "completed", ""
+            job.step = "confirmed by the destination after a restart of this daemon"
+            self.save_job(job)
+            self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+        elif outcome == "not-resumed":
+            self._rebuild_lost(hosted, f"the destination {job.peer} says it never resumed "
+                                       f"the VM (job {job.id}); ")
+        else:
+            hosted.runstate = "needs-attention"
+            hosted.note = (
+                f"the host daemon restarted after COMMIT of job {job.id} was sent to "
+                f"{job.peer}, and {job.peer} cannot tell ({outcome}) whether it runs the VM. "
+                f"Check `vmferry vm show {hosted.name} --host {job.peer}`: if it runs there, "
+                f"`vmferry vm destroy {hosted.name}` here; if not, `vmferry vm start "
+                f"{hosted.name}` here runs it from its definition (its memory was lost).")
+            self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+            log.error("VM %s needs attention: %s", hosted.name, hosted.note)
 
     def build_vm(self, definition: Mapping[str, Any]) -> VM:
         """A VM as this host builds it (its profile and platform apply)."""
@@ -267,20 +347,28 @@ class HostDaemon:
             raise ApiError(404, f"no VM named {name!r} on host {self.name}")
         return hosted
 
-    def create(self, definition: dict[str, Any], start: bool = False) -> HostedVm:
+    def check_definition(self, definition: object) -> VmDefinition:
+        """A definition this host can build: well-formed (ApiError 400 naming the field)
+        and within the host's resources (ApiError 422 ``VmTooLarge``).  Allocates
+        nothing."""
+        model = validate(VmDefinitionModel, definition, "VM definition")
+        check_fits(model, self.name)
         try:
-            parsed = load_definition(definition)
+            return load_definition(definition)  # type: ignore[arg-type]
         except ConfigError as exc:
-            raise ApiError(400, str(exc)) from exc
+            raise ApiError(400, f"invalid VM definition: {exc}", "ConfigError") from exc
+
+    def create(self, definition: dict[str, Any], start: bool = False) -> HostedVm:
+        parsed = self.check_definition(definition)
         with self.lock:
             self.check_name_free(parsed.name)
             self._check_assignment(parsed.name, parsed.to_dict())
             hosted = HostedVm(parsed.name, parsed.to_dict(), "paused")
             try:
                 self._boot(hosted, start)
-            except VmferryError as exc:
+            except (VmferryError, ValueError, OverflowError, UnicodeError) as exc:
                 hosted.release()
-                raise ApiError(400, f"cannot create VM: {exc}") from exc
+                raise ApiError(400, f"cannot create VM: {exc}", type(exc).__name__) from exc
             self.vms[parsed.name] = hosted
         self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
         log.info("created VM %s (%s)", hosted.name, hosted.runstate)
@@ -322,39 +410,79 @@ class HostDaemon:
                                     f"VM {other} on host {self.name}")
 
     def set_running(self, name: str, run: bool) -> HostedVm:
-        hosted = self.get_vm(name)
-        if hosted.runstate not in ("running", "paused") or hosted.runner is None:
-            raise ApiError(409, f"VM {name} is {hosted.runstate}")
-        if run:
-            hosted.runner.resume()
-        else:
-            hosted.runner.pause()
-        hosted.runstate = "running" if run else "paused"
-        self.store.set_runstate(name, hosted.runstate)
+        """Start or pause a VM.  Starting a ``needs-attention`` VM is the operator's word
+        that it runs nowhere else: its paused guest (or, if its memory was lost, a fresh
+        one from its definition) runs here."""
+        with self.lock:
+            hosted = self.get_vm(name)
+            if hosted.runstate == "needs-attention" and run:
+                if hosted.vm is None:
+                    self._boot(hosted, start=False)
+                    hosted.memory_lost = True
+                hosted.runstate = "paused"
+            if hosted.runstate not in ("running", "paused") or hosted.runner is None:
+                why = f" ({hosted.note})" if hosted.note else ""
+                job = f" in job {hosted.job}" if hosted.job else ""
+                raise ApiError(409, f"VM {name} is {hosted.runstate}{job}{why}")
+            if run:
+                hosted.runner.resume()
+            else:
+                hosted.runner.pause()
+            hosted.runstate = "running" if run else "paused"
+            hosted.note = "" if not hosted.memory_lost else hosted.note
+            self.store.set_runstate(name, hosted.runstate, hosted.note)
         return hosted
 
     def destroy(self, name: str) -> None:
-        hosted = self.get_vm(name)
-        if hosted.runstate == "migrating":
-            raise ApiError(409, f"VM {name} is migrating; cancel the job first")
         with self.lock:
+            hosted = self.get_vm(name)
+            if hosted.runstate == "migrating":
+                raise ApiError(409, f"VM {name} is migrating in job {hosted.job}; cancel the "
+                                    "job first")
+            if hosted.runstate == "saving":
+                raise ApiError(409, f"VM {name} is being saved; destroy it once that finished")
             self.vms.pop(name, None)
         hosted.release()
         self.store.delete_vm(name)
         log.info("destroyed VM %s", name)
 
+    def begin_save(self, name: str) -> HostedVm:
+        """Mark a running or paused VM ``saving`` (one check-and-mark under the lock);
+        ApiError 409 otherwise.  :meth:`end_save` puts its runstate back."""
+        hosted = self.get_vm(name)
+        with self.lock:
+            if hosted.vm is None or hosted.runner is None or hosted.runstate not in (
+                "running", "paused"
+            ):
+                raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot be saved")
+            hosted.saved_from = hosted.runstate
+            hosted.runstate = "saving"
+        return hosted
+
+    def end_save(self, hosted: HostedVm) -> None:
+        with self.lock:
+            if hosted.runstate == "saving":
+                hosted.runstate = hosted.saved_from
+
     def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]:
         """Take in a VM a destination session loaded (by migration or from a snapshot):
         start its guest thread, run its handlers' post-load work under the runner's lock,
-        register it.  Returns the post-load reports."""
+        register it.  Returns the post-load reports.  If the post-load work raises, the
+        guest thread is stopped again and nothing is registered."""
         vm = session.vm
         if vm is None:
             raise HostError("adopt_loaded() without a loaded VM")
         runner = VmRunner(vm)
         if running:
             runner.resume()
-        with runner.lock:
-            post_load = session.resume(run=False)
+        try:
+            with runner.lock:
+                post_load = session.resume(run=False)
+        except BaseException:
+            runner.stop()
+            with runner.lock:
+                vm.pause()
+            raise
         session.hand_over()
         hosted = HostedVm(
             vm.name, vm.definition.to_dict(), "running" if running else "paused", vm, runner
@@ -387,17 +515,41 @@ class HostDaemon:
         return job.row().to_json()
 
     def migrate(self, name: str, destination: str, params: dict[str, Any]) -> Job:
-        from vmferry.host.migration import start_source_job
+        from vmferry.host.migration import parse_params, start_source_job
 
-        hosted = self.get_vm(name)
-        if hosted.runstate not in ("running", "paused") or hosted.vm is None:
-            raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot migrate")
-        return start_source_job(self, hosted, destination, params)
+        parse_params(params)  # refuse bad parameters before anything changes
+        with self.lock:  # the check and the mark are one step
+            hosted = self.get_vm(name)
+            if hosted.runstate == "migrating":
+                raise ApiError(409, f"VM {name} is already migrating in job {hosted.job}")
+            if hosted.runstate not in ("running", "paused") or hosted.vm is None:
+                raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot migrate")
+            prev_state = hosted.runstate
+            job = self.new_job(name, "source", destination, {**params})
+            hosted.runstate, hosted.job = "migrating", job.id
+            self.store.set_runstate(name, "migrating")
+        return start_source_job(self, hosted, job, prev_state)
+
+    def forget_job(self, job: Job) -> None:
+        """A job refused before anything moved leaves nothing behind."""
+        with self.lock:
+            self.jobs.pop(job.id, None)
+        self.store.delete_job(job.id)
+
+    def end_source_job(self, hosted: HostedVm, runstate: str, note: str = "") -> None:
+        """A source job let go of its VM: record the runstate it leaves the VM in."""
+        with self.lock:
+            hosted.runstate, hosted.job, hosted.note = runstate, None, note
+            self.store.set_runstate(hosted.name, runstate, note)
 
     def cancel(self, job_id: str) -> Job:
         job = self.get_job(job_id)
         if job.status in ("completed", "failed", "cancelled"):
             raise ApiError(409, f"job {job_id} already {job.status}")
+        if job.role == "source" and job.progress.get("commit_sent"):
+            raise ApiError(409, f"job {job_id} is past COMMIT: the destination {job.peer} "
+                                "may already run the VM, so the migration cannot be undone; "
+                                "it settles by itself (see the job's step and error)")
         job.cancel.set()
         return job
 
@@ -406,11 +558,16 @@ class HostDaemon:
     ) -> tuple[Incoming, dict[str, Any]]:
         """Get ready for a VM; returns the one-time token and this host's capabilities
         for it (from a scratch VM built here: the same code that will receive it)."""
+        parsed = self.check_definition(definition)
+        if parsed.name != vm_name:
+            raise ApiError(400, f"the definition is of VM {parsed.name!r}, not {vm_name!r}")
+        self.check_name_free(vm_name)
+        # the capabilities come from a scratch VM whose RAM is never touched (zero fill)
         try:
-            load_definition(definition)
-            scratch = self.build_vm({**definition, "fill": "zero"})  # capabilities only
-        except VmferryError as exc:
-            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}") from exc
+            scratch = self.build_vm({**parsed.to_dict(), "fill": "zero"})
+        except (VmferryError, ValueError, OverflowError, UnicodeError) as exc:
+            raise ApiError(400, f"host {self.name} cannot run the VM: {exc}",
+                           type(exc).__name__) from exc
         try:
             capabilities = scratch.capabilities()
         finally:
@@ -420,8 +577,8 @@ class HostDaemon:
             job = self.new_job(vm_name, "destination", peer, {"verify": verify})
             self._check_assignment(vm_name, definition)
             inc = Incoming(
-                secrets.token_hex(16), vm_name, verify, job.id, time.monotonic() + TOKEN_TTL_S,
-                definition,
+                secrets.token_hex(16), vm_name, verify, job.id,
+                time.monotonic() + self.reservation_ttl_s, parsed.to_dict(),
             )
             self.incoming[inc.token] = inc
         log.info("expecting VM %s from %s (job %s)", vm_name, peer, job.id)
@@ -430,14 +587,23 @@ class HostDaemon:
     def claim_token(self, token: object) -> Incoming | None:
         """One-time use: the token is gone whether or not it was valid."""
         with self.lock:
-            now = time.monotonic()
-            for t, inc in list(self.incoming.items()):
-                if inc.expires < now:
-                    del self.incoming[t]
-                    self._expire(inc)
+            self.expire_reservations()
             if not isinstance(token, str):
                 return None
             return self.incoming.pop(token, None)
+
+    def expire_reservations(self) -> int:
+        """Drop reservations no source claimed in time (their ``setup`` jobs fail, the
+        names are free again); called on a timer and before a token is claimed.  Returns
+        how many expired."""
+        with self.lock:
+            now = time.monotonic()
+            gone = [t for t, inc in self.incoming.items() if inc.expires < now]
+            for t in gone:
+                inc = self.incoming.pop(t)
+                self._expire(inc)
+                log.info("reservation for VM %s expired (job %s)", inc.vm, inc.job_id)
+        return len(gone)
 
     def _expire(self, inc: Incoming) -> None:
         job = self.jobs.get(inc.job_id)
@@ -471,6 +637,7 @@ def run_daemon(
     context: HostContext | None = None,
     token_file: Path | None = None,
     tls: TlsConfig | None = None,
+    images_dir: Path | None = None,
 ) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
     token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
@@ -490,7 +657,8 @@ def run_daemon(
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls)
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls,
+                        images_dir)
     for what, address in (("control API", listen), ("migration listener",
                                                      daemon.migration_listen)):
         if tls is None and not is_loopback(address[0]):

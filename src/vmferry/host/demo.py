@@ -75,7 +75,10 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
     hosts: list[HostProcess] = []
     try:
         say("starting host daemons A and B on 127.0.0.1")
-        hosts.append(spawn_host("A", workdir / "A"))
+        # the stream copy goes where it was asked for: A's images directory is there
+        images = (["--images-dir", str(Path(opts.stream_file).resolve().parent)]
+                  if opts.stream_file else [])
+        hosts.append(spawn_host("A", workdir / "A", extra_args=images))
         hosts.append(spawn_host("B", workdir / "B"))
         a, b = (h.client() for h in hosts)
         backend, note = choose_backend(opts.backend)

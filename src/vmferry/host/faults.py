@@ -4,10 +4,15 @@ A fault is ``PHASE:ACTION``:
 
 * phases: ``setup`` (after the handshake, before the stream), ``active`` (after the first
   batch of pass 1), ``device`` (after the first batch with vCPUs paused), ``ack`` (after
-  END, before the destination's answer);
+  END, before the destination's answer), ``commit`` (the COMMIT frame: ``corrupt`` sends
+  it damaged, ``cut`` closes the connection right after it, so RESUMED never arrives);
 * actions: ``cut`` (close the connection), ``corrupt`` (flip a payload byte after its
   checksum was computed: the destination must refuse the record), ``version`` (announce
-  stream version 2: the destination must refuse the stream; phase ``setup`` only).
+  stream version 2: the destination must refuse the stream; phase ``setup`` only),
+  ``unlogged-write`` (once the first batch of pass 1 is out, store into guest page 0
+  behind the dirty log's back, as a DMA the log never sees: the destination ends up with
+  other RAM than the source and verification must catch it before COMMIT; phase
+  ``active`` only).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from vmferry.errors import ConfigError
 from vmferry.migration.stream import format as fmt
 from vmferry.migration.stream.records import Buffer
 
-PHASES = ("setup", "active", "device", "ack")
-ACTIONS = ("cut", "corrupt", "version")
+PHASES = ("setup", "active", "device", "ack", "commit")
+ACTIONS = ("cut", "corrupt", "version", "unlogged-write")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,10 @@ class Fault:
             )
         if action == "version" and phase != "setup":
             raise ConfigError("the version fault applies to the setup phase only")
+        if phase == "commit" and action not in ("corrupt", "cut"):
+            raise ConfigError("the commit phase takes the corrupt or cut fault")
+        if action == "unlogged-write" and phase != "active":
+            raise ConfigError("the unlogged-write fault applies to the active phase only")
         return cls(phase, action)
 
     def __str__(self) -> str:
@@ -53,6 +62,8 @@ def apply(fault: Fault | None, phase: str, buffers: list[Buffer]) -> list[Buffer
         return buffers
     if fault.action == "cut":
         raise CutConnection(f"injected fault {fault}")
+    if fault.action == "unlogged-write":  # the sender does it (it needs the guest)
+        return buffers
     out = list(buffers)
     if fault.action == "version":
         head = bytearray(out[0])

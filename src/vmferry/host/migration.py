@@ -7,12 +7,13 @@ and turns every way a connection can fail into a session failure with the step n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import (
     ApiError,
@@ -27,6 +28,8 @@ from vmferry.errors import (
 from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
+from vmferry.host.files import Output
+from vmferry.host.models import MigrationParamsModel, validate
 from vmferry.host.runner import VmRunner
 from vmferry.host.tls import TlsConfig, explain
 from vmferry.host.transport import (
@@ -35,8 +38,10 @@ from vmferry.host.transport import (
     recv_into_decoder,
     send_buffers,
     send_frame,
+    serve_handshakes,
 )
 from vmferry.host.vcpus import Populator
+from vmferry.machine.vm import load_definition
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -49,8 +54,16 @@ log = logging.getLogger("vmferry.host.migration")
 
 HELLO_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
-ACK_TIMEOUT_S = 120.0
 STATS_EVERY_S = 0.1
+#: the source's bound on a destination that makes no progress while the guest runs
+ACTIVE_STALL_S = 30.0
+#: ... and while the guest is paused: STALL_BASE_S + STALL_PER_LIMIT x the downtime limit
+#: (+ VERIFY_S_PER_GIB a GiB of RAM while the destination digests it); see stall_bound_s
+STALL_BASE_S = 2.0
+STALL_PER_LIMIT = 4.0
+VERIFY_S_PER_GIB = 1.0
+#: how long the source asks a destination that went silent after COMMIT what happened
+SETTLE_S = 5.0
 
 
 HOST_PARAMS = ("fault", "stream_file")
@@ -63,26 +76,16 @@ def destination_ok(post_load: dict[str, Any]) -> bool:
     return all(r.get("ok", True) for r in post_load.values() if isinstance(r, dict))
 
 
-def parse_params(raw: dict[str, Any]) -> tuple[MigrationParams, Fault | None]:
-    known = {
-        "downtime_limit_ms",
-        "max_bandwidth_mib",
-        "offline",
-        "max_passes",
-        "auto_converge",
-        "verify",
-        "compat",
-        "allow_degraded",
-        *HOST_PARAMS,
-    }
-    unknown = set(raw) - known
-    if unknown:
-        raise ApiError(400, f"unknown migration parameters {sorted(unknown)}")
+def parse_params(raw: object) -> tuple[MigrationParams, Fault | None]:
+    """Migration parameters from a request, every one checked (types, ranges, the
+    convergence policy they make); ApiError 400 before anything else happens."""
+    model = validate(MigrationParamsModel, raw, "migration parameters")
     try:
-        fault = Fault.parse(raw["fault"]) if raw.get("fault") else None
-        params = MigrationParams(**{k: v for k, v in raw.items() if k not in HOST_PARAMS})
-    except (TypeError, ConfigError) as exc:
-        raise ApiError(400, f"bad migration parameters: {exc}") from exc
+        fault = Fault.parse(model.fault) if model.fault else None
+        params = MigrationParams(**model.model_dump(exclude=set(HOST_PARAMS)))
+        params.policy()
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise ApiError(400, f"bad migration parameters: {exc}", "InvalidRequest") from exc
     return params, fault
 
 
@@ -126,33 +129,108 @@ def _ask_destination(url: str, body: dict[str, Any], token: str | None,
     return reply
 
 
+def stall_bound_s(params: MigrationParams, ram_bytes: int, *, loading: bool = False) -> float:
+    """How long the source, with the guest paused, waits for a destination that makes no
+    progress before it gives up: ``STALL_BASE_S`` plus ``STALL_PER_LIMIT`` times the
+    downtime limit, and while it waits for LOADED with verification on, the time the
+    destination needs to digest the guest's RAM (``VERIFY_S_PER_GIB`` a GiB).  With the
+    default 300 ms limit: 3.2 s (4.2 s for LOADED of a verified 1 GiB guest)."""
+    bound = STALL_BASE_S + STALL_PER_LIMIT * params.downtime_limit_ms / 1e3
+    if loading and params.verify:
+        bound += VERIFY_S_PER_GIB * ram_bytes / 2**30
+    return bound
+
+
+def ask_destination_outcome(
+    peer: str, peer_job: object, vm_name: str, token: str | None = None,
+    wait_s: float = SETTLE_S, tls: TlsConfig | None = None,
+) -> str:
+    """After COMMIT went out and RESUMED did not come back: ask the destination's control
+    API (its job is persisted at every step) whether it resumed the VM.  ``"resumed"``
+    (its job completed and it holds the VM with its memory), ``"not-resumed"`` (its job
+    failed or was cancelled: it never ran the VM, or stopped it again), or a description
+    of why it cannot tell -- after retrying for ``wait_s`` seconds."""
+    if not isinstance(peer_job, str):
+        return "no destination job is on record"
+    client = HostClient(peer, token, timeout=2.0,
+                        tls=tls.client_context() if tls is not None else None)
+    end = time.monotonic() + wait_s
+    why = "no answer"
+    while True:
+        try:
+            job = client.get(f"/v1/jobs/{peer_job}")
+            status = job.get("status") if isinstance(job, dict) else None
+            if status in ("failed", "cancelled"):
+                return "not-resumed"
+            if status == "completed":
+                vm = client.get(f"/v1/vms/{vm_name}")
+                if isinstance(vm, dict) and vm.get("memory_lost"):
+                    return f"{peer} restarted since and lost the VM's memory"
+                return "resumed"
+            why = f"its job {peer_job} is still {status}"
+        except VmferryError as exc:
+            why = f"its control API does not answer: {exc}"
+        if time.monotonic() >= end:
+            return why
+        time.sleep(0.2)
+
+
 def start_source_job(
-    daemon: HostDaemon, hosted: HostedVm, destination: str, raw: dict[str, Any]
+    daemon: HostDaemon, hosted: HostedVm, job: Job, prev_state: str
 ) -> Job:
-    params, fault = parse_params(raw)
-    assert hosted.vm is not None and hosted.runner is not None
-    incoming = _ask_destination(
-        destination,
-        {
-            "vm": hosted.name,
-            "definition": hosted.definition,
-            "verify": params.verify,
-            "peer": daemon.control_url,
-        },
-        daemon.token,
-        daemon.tls,
-    )
-    job = daemon.new_job(hosted.name, "source", destination, {**raw})
-    prev_state = hosted.runstate
-    hosted.runstate = "migrating"
-    daemon.store.set_runstate(hosted.name, "migrating")
-    worker = SourceWorker(daemon, hosted, job, params, fault, incoming, prev_state)
+    """Start the source side of ``job``; the daemon has already checked the parameters
+    and marked the VM ``migrating`` (one step with the check, so a second request
+    meanwhile gets 409 naming this job).  If anything fails before the worker runs (the
+    stream file, the destination refuses or cannot be reached), the job is forgotten, the
+    VM is given back in ``prev_state`` and the error propagates: a refused request leaves
+    nothing behind."""
+    tee: Output | None = None
+    try:
+        params, fault = parse_params(job.params)
+        assert hosted.vm is not None and hosted.runner is not None
+        stream_file = job.params.get("stream_file")
+        tee = daemon.images.create(stream_file) if stream_file else None
+        incoming = _ask_destination(
+            job.peer,
+            {
+                "vm": hosted.name,
+                "definition": hosted.definition,
+                "verify": params.verify,
+                "peer": daemon.control_url,
+            },
+            daemon.token,
+            daemon.tls,
+        )
+        job.progress["peer_job"] = incoming.get("job")
+        daemon.save_job(job)
+        worker = SourceWorker(daemon, hosted, job, params, fault, incoming, prev_state, tee)
+    except BaseException:
+        if tee is not None:
+            tee.discard()
+        daemon.forget_job(job)
+        daemon.end_source_job(hosted, prev_state)
+        raise
     job.thread = threading.Thread(target=worker.run, name=f"mig-src-{job.id}", daemon=True)
     job.thread.start()
     return job
 
 
 class SourceWorker:
+    """The source's side of the migration connection.
+
+    The exchange (kept in one place so it can move onto a sans-IO protocol object)::
+
+        HELLO -> WELCOME; stream ... END;
+        <- LOADED {ack, digests}   compare digests (verify); differ: ABORT, fail, resume
+        persist commit_sent; COMMIT ->
+        <- RESUMED                 completed: the husk is released
+        anything else after COMMIT: settle (see _settle_after_commit)
+
+    Every wait is bounded (:func:`stall_bound_s` while the guest is paused,
+    ``ACTIVE_STALL_S`` while it runs) and looks at the job's cancel flag, which takes
+    effect in every phase before COMMIT; the daemon refuses a cancel after it.
+    """
+
     def __init__(
         self,
         daemon: HostDaemon,
@@ -162,21 +240,25 @@ class SourceWorker:
         fault: Fault | None,
         incoming: dict[str, Any],
         prev_state: str,
+        tee: Output | None = None,
     ) -> None:
         self.daemon, self.hosted, self.job = daemon, hosted, job
         self.params, self.fault, self.incoming = params, fault, incoming
         self.prev_state = prev_state
         self.committed = False
+        self.verification: dict[str, Any] = {"requested": params.verify}
         assert hosted.vm is not None and hosted.runner is not None
         self.runner: VmRunner = hosted.runner
         self.session = SourceSession(hosted.vm, params, MonotonicClock(), guest=self.runner)
         self._last_stats = 0.0
-        path = job.params.get("stream_file")
-        self.tee: BinaryIO | None = open(path, "wb") if path else None  # noqa: SIM115
+        self._bound = ACTIVE_STALL_S
+        #: the stream copy (``stream_file``), renamed into place if the migration completes
+        self.tee = tee
 
     def run(self) -> None:
         sock: socket.socket | None = None
         try:
+            self._check_cancel()
             self._preflight()
             sock = self._connect()
             self._send_stream(sock)
@@ -201,13 +283,61 @@ class SourceWorker:
                 with contextlib.suppress(OSError):
                     sock.close()
             if self.tee is not None:
-                self.tee.close()
+                self._finish_tee()
+
+    def _finish_tee(self) -> None:
+        assert self.tee is not None
+        if self.job.status != "completed":
+            self.tee.discard()
+            return
+        try:
+            self.tee.commit()
+        except OSError as exc:
+            self.tee.discard()
+            log.warning("job %s: stream copy not kept: %s", self.job.id, exc.strerror)
+
+    # --- bounded waits -----------------------------------------------------------------
+
+    def _check_cancel(self) -> None:
+        if self.job.cancel.is_set() and not self.committed:
+            raise MigrationError("cancelled by the operator", self.session.current_step())
+
+    def _on_stall(self, seconds: float) -> None:
+        """Called while a send or receive makes no progress: cancel, or give up."""
+        self._check_cancel()
+        if seconds > self._bound:
+            paused = "with the guest paused " if self.session.guest_paused else ""
+            raise PeerError(
+                f"the destination made no progress for {seconds:.1f} s {paused}"
+                f"(bound {self._bound:.1f} s)", self.session.current_step())
+
+    def _set_bound(self, *, loading: bool = False) -> None:
+        if self.session.guest_paused:
+            self._bound = stall_bound_s(self.params, self.session.vm.ram.size, loading=loading)
+        else:
+            self._bound = ACTIVE_STALL_S
+
+    def _persist(self, status: str, step: str = "") -> None:
+        """Job state at every step, so a restarted daemon knows how far it got."""
+        if (status, step) != (self.job.status, self.job.step):
+            self.job.status, self.job.step = status, step
+            self.daemon.save_job(self.job)
+
+    # --- the exchange ------------------------------------------------------------------
 
     def _preflight(self) -> None:
         with self.runner.lock:  # handlers inspect device state the guest's thread changes
             warnings = self.session.preflight(self.incoming.get("capabilities"))
         for w in warnings:
             log.warning("job %s pre-flight: %s", self.job.id, w)
+
+    def _unlogged_write(self) -> None:
+        """Fault ``active:unlogged-write``: change page 0 without a dirty mark, once."""
+        assert self.hosted.vm is not None
+        with self.runner.lock:
+            ram = self.hosted.vm.ram
+            ram.device_write(0, bytes(b ^ 0xFF for b in ram.read(0, 64)))
+        self.fault = None
 
     def _abort_incoming(self, reason: str) -> None:
         """Tell the destination to forget the token it handed out."""
@@ -231,18 +361,19 @@ class SourceWorker:
         host, port = self.incoming["migration_address"]
         sock = self._dial(host, port, HELLO_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._bound = HELLO_TIMEOUT_S
         send_frame(
             sock,
             "hello",
+            on_stall=self._on_stall,
             token=self.incoming["token"],
             stream_version=[MAJOR, MINOR],
             runstate=self.prev_state,
             source=self.daemon.name,
         )
-        reply = recv_frame(sock)
+        reply = recv_frame(sock, self._on_stall)
         if reply["type"] != "welcome":
             raise PeerError(f"destination refused: {reply.get('reason', reply)}", "handshake")
-        sock.settimeout(IDLE_TIMEOUT_S)
         return sock
 
     def _phase(self) -> str:
@@ -255,10 +386,10 @@ class SourceWorker:
         bufs = self.session.start()
         first = True
         while bufs:
-            if self.job.cancel.is_set():
-                raise MigrationError("cancelled by the operator", self.session.current_step())
+            self._check_cancel()
             phase = "setup" if first else self._phase()
             first = False
+            self._persist(self.session.status.value, self.session.current_step())
             delay = self.session.pacing_delay()
             if delay > 0:
                 time.sleep(min(delay, 0.5))
@@ -268,22 +399,29 @@ class SourceWorker:
                 reason = self._peer_reason(sock) or "destination closed the connection"
                 raise PeerError(reason, self.session.current_step())
             wire = apply(self.fault, phase, bufs)
-            send_buffers(sock, wire)
+            self._set_bound()
+            send_buffers(sock, wire, self._on_stall)
             if self.tee is not None:
-                self.tee.writelines(wire)
+                self.tee.file.writelines(wire)
+            if phase == "active" and self.fault is not None and self.fault.action == (
+                "unlogged-write"
+            ):
+                self._unlogged_write()
             self._publish()
             bufs = self.session.next_buffers()
-            self.job.status = self.session.status.value
+        self._persist(self.session.status.value, self.session.current_step())
 
     def _await_ack(self, sock: socket.socket) -> None:
-        if self.params.verify:  # taken now, while the destination loads, not in downtime
+        if self.params.verify:  # taken now, while the destination loads
             self.session.switchover_digests()
         if self.fault is not None and self.fault.phase == "ack":
             apply(self.fault, "ack", [])
-        sock.settimeout(ACK_TIMEOUT_S)
+        self._set_bound(loading=True)
         try:
-            reply = recv_frame(sock)
+            reply = recv_frame(sock, self._on_stall)
         except PeerError as exc:
+            if exc.step:
+                raise
             raise PeerError(str(exc), "awaiting destination load") from exc
         if reply["type"] != "loaded":
             raise PeerError(
@@ -291,53 +429,97 @@ class SourceWorker:
                 str(reply.get("step", "destination load")),
             )
         ack = reply.get("ack", {})
+        # Verification guards the point of no return: the destination's digests came
+        # with LOADED and are compared here, before COMMIT.  On a mismatch the source
+        # sends ABORT (the destination discards its VM) and fails: its guest resumes.
+        self.verification = self.session.verification(ack)
+        if self.verification["requested"] and not self.verification["commit_allowed"]:
+            reason = (f"verification failed before commit: destination state differs in "
+                      f"{self.verification['blocking'] or 'its digests (none sent)'}")
+            with contextlib.suppress(OSError):
+                send_frame(sock, "abort", reason=reason)
+            raise MigrationError(reason, "verification")
+        self._check_cancel()  # the last moment a cancel takes effect
+        # COMMIT is persisted before it is sent: a daemon that restarts from here on
+        # must ask the destination instead of booting the VM again.
         self.committed = True
-        send_frame(sock, "commit")
+        self.job.progress["commit_sent"] = True
+        self._persist("device", "commit")
+        self._set_bound()
         try:
-            resumed = recv_frame(sock)
+            self._send_commit(sock)
+            resumed = recv_frame(sock, self._on_stall)
         except (PeerError, OSError) as exc:
-            raise PeerError(
-                f"no resume confirmation after commit ({exc}); the destination "
-                "may be running the VM, so the source stays paused",
-                "commit",
-            ) from exc
+            self._settle_after_commit(f"no resume confirmation after commit ({exc})", None, ack)
+            return
         if resumed["type"] != "resumed":
-            raise PeerError(f"destination failed after commit: {resumed}", "commit")
+            self._settle_after_commit(f"destination failed after commit: "
+                                      f"{resumed.get('reason', resumed)}", resumed, ack)
+            return
+        self._completed(ack, resumed.get("post_load", {}), "")
+
+    def _send_commit(self, sock: socket.socket) -> None:
+        if self.fault is not None and self.fault.phase == "commit":
+            if self.fault.action == "corrupt":  # a COMMIT damaged in flight
+                body = b'{"type": "comm\xffit"}'
+                sock.sendall(len(body).to_bytes(4, "big") + body)
+                return
+            send_frame(sock, "commit", on_stall=self._on_stall)
+            raise CutConnection(f"injected fault {self.fault}")  # RESUMED never arrives
+        send_frame(sock, "commit", on_stall=self._on_stall)
+
+    def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str) -> None:
         stats = self.session.complete(ack)
-        verification = self._verify(ack)
-        post_load = resumed.get("post_load", {})
-        self.job.stats = {**stats.to_json(), "verification": verification,
+        self.job.stats = {**stats.to_json(), "verification": self.verification,
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
-        self.job.status = "completed"
         if not self.job.stats["destination_ok"]:
             log.warning("job %s: post-load work failed on the destination: %s", self.job.id,
                         sorted(k for k, r in post_load.items() if not r.get("ok", True)))
-        self.hosted.runstate = "migrated"
+        self.daemon.end_source_job(self.hosted, "migrated", note)
         self.hosted.release()
-        self.daemon.store.set_runstate(self.hosted.name, "migrated")
-        self.daemon.save_job(self.job)
-        log.info(
-            "job %s: %s migrated, downtime %.1f ms",
-            self.job.id,
-            self.hosted.name,
-            stats.downtime.total_ms,
-        )
+        # "completed" only once the husk is released: a destroy may follow at once
+        self.job.error = note
+        self._persist("completed", "completed")
+        log.info("job %s: %s migrated, downtime %.1f ms", self.job.id, self.hosted.name,
+                 stats.downtime.total_ms)
 
-    def _verify(self, ack: dict[str, Any]) -> dict[str, Any]:
-        if not self.params.verify:
-            return {"requested": False}
-        src = self.session.switchover_digests()
-        dst = ack.get("digests", {})
-        return {
-            "requested": True,
-            "source": src,
-            "destination": dst,
-            "ram_equal": src.get("ram") == dst.get("ram"),
-            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
-            "verified": bool(dst) and src == dst,
-        }
+    def _settle_after_commit(
+        self, reason: str, frame: dict[str, Any] | None, ack: dict[str, Any]
+    ) -> None:
+        """COMMIT went out but RESUMED did not come back.  A destination that says it
+        failed while awaiting COMMIT never resumed; otherwise its control API is asked.
+        Resumed there: the migration completed.  Never resumed: the source resumes.
+        Cannot tell: the guest stays paused here, the VM ``needs-attention``."""
+        if frame is not None and frame.get("step") == "awaiting commit":
+            outcome = "not-resumed"
+        else:
+            outcome = ask_destination_outcome(
+                self.job.peer, self.job.progress.get("peer_job"), self.hosted.name,
+                self.daemon.token, tls=self.daemon.tls,
+            )
+        if outcome == "resumed":
+            self._completed(ack, {}, f"{reason}; the destination confirmed it runs the VM")
+        elif outcome == "not-resumed":
+            self.committed = False  # the destination never ran it: undo as before COMMIT
+            self._fail(f"{reason}; the destination never resumed the VM, so the source "
+                       "resumed it", "commit")
+        else:
+            self._needs_attention(reason, outcome)
+
+    def _needs_attention(self, reason: str, why: str) -> None:
+        peer, name = self.job.peer, self.hosted.name
+        note = (f"COMMIT of job {self.job.id} was sent but the outcome is unknown ({why}); "
+                f"the guest is paused here. Check `vmferry vm show {name} --host {peer}`: "
+                f"if it runs there, `vmferry vm destroy {name}` here; if not, `vmferry vm "
+                f"start {name}` here resumes it")
+        self.job.error = f"{reason}; {note}"
+        self.job.stats = {**self.session.stats.to_json(), "status": "failed",
+                          "verification": self.verification}
+        self.daemon.end_source_job(self.hosted, "needs-attention", note)
+        self._persist("failed", "commit")
+        log.error("job %s: %s", self.job.id, self.job.error)
 
     def _peer_reason(self, sock: socket.socket | None) -> str | None:
         """If the destination explained itself before closing, its words."""
@@ -363,48 +545,74 @@ class SourceWorker:
         if self.session.status is Status.COMPLETED:
             return
         if self.committed:  # past the point of no return: never run the guest twice
-            self.job.status, self.job.error, self.job.step = "failed", reason, "commit"
-            self.job.stats = {**self.session.stats.to_json(), "status": "failed"}
-            self.hosted.runstate = "paused"
-            self.daemon.store.set_runstate(self.hosted.name, "paused")
-            self.daemon.save_job(self.job)
-            log.error("job %s failed after commit: %s", self.job.id, reason)
+            self._settle_after_commit(reason, None, {})
             return
         stats = self.session.fail(step, reason, cancelled=cancelled)
-        self.job.stats = stats.to_json()
-        self.job.status = stats.status.value
-        self.job.error, self.job.step = reason, step
-        self.hosted.runstate = self.prev_state
-        self.daemon.store.set_runstate(self.hosted.name, self.prev_state)
-        self.daemon.save_job(self.job)
+        self.job.stats = {**stats.to_json(), "verification": self.verification}
+        self.job.error = reason
+        self.daemon.end_source_job(self.hosted, self.prev_state)
+        self._persist(stats.status.value, step)
         log.warning("job %s %s at %s: %s", self.job.id, self.job.status, step, reason)
 
 
 # --- destination -------------------------------------------------------------------------
 
 
+def _version_ok(version: object) -> bool:
+    """A hello's ``stream_version``: ``[major, minor]`` integers with our major."""
+    return (
+        isinstance(version, list) and len(version) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in version)
+        and version[0] == MAJOR
+    )
+
+
 def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
-    while not daemon.stopping:
-        try:
-            conn, addr = listener.accept()
-        except OSError:
-            return
-        threading.Thread(
-            target=DestinationWorker(daemon, conn, addr).run, name=f"mig-dst-{addr[1]}", daemon=True
-        ).start()
+    """The migration listener: HELLOs are read by the handshake gate (one thread, an
+    overall deadline); a connection gets its worker thread only once its HELLO arrived."""
+
+    def on_hello(conn: socket.socket, addr: Any, hello: dict[str, Any]) -> None:
+        worker = DestinationWorker(daemon, conn, addr, hello)
+        threading.Thread(target=worker.run, name=f"mig-dst-{addr[1]}", daemon=True).start()
+
+    def on_refuse(conn: socket.socket, addr: Any, reason: str) -> None:
+        refuse_connection(daemon, conn, addr, reason)
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    def tls_error(exc: BaseException, addr: Any) -> str:
+        return explain(exc, f"{addr[0]}:{addr[1]}", server=True)
+
+    tls = daemon.tls.server_context() if daemon.tls is not None else None
+    serve_handshakes(listener, lambda: daemon.stopping, on_hello, on_refuse, tls=tls,
+                     tls_error=tls_error)
+
+
+def refuse_connection(daemon: HostDaemon, conn: socket.socket, addr: Any, reason: str) -> None:
+    """Log a refused migration connection (and record it) and tell the peer why."""
+    msg = f"refused migration connection from {addr[0]}:{addr[1]}: {reason}"
+    log.warning(msg)
+    daemon.store.log("refused", msg)
+    with contextlib.suppress(OSError):
+        conn.setblocking(True)
+        conn.settimeout(1.0)
+        send_frame(conn, "reject", reason=reason)
 
 
 class DestinationWorker:
-    def __init__(self, daemon: HostDaemon, conn: socket.socket, addr: Any) -> None:
+    def __init__(self, daemon: HostDaemon, conn: socket.socket, addr: Any,
+                 hello: dict[str, Any]) -> None:
         self.daemon, self.conn, self.addr = daemon, conn, addr
+        self.hello = hello
         self.session: DestinationSession | None = None
         self.job: Job | None = None
         self.step = "handshake"
         self.populator: Populator | None = None
 
     def _tls(self) -> bool:
-        """The TLS handshake, when this host serves TLS; False (refused) if it failed."""
-        if self.daemon.tls is None:
+        """The TLS handshake, when this host serves TLS; False (refused) if it failed.
+        (The listener's handshake gate has usually done it already.)"""
+        if self.daemon.tls is None or isinstance(self.conn, ssl.SSLSocket):
             return True
         self.conn.settimeout(HELLO_TIMEOUT_S)
         try:
@@ -441,11 +649,7 @@ class DestinationWorker:
 
     def _handshake(self) -> dict[str, Any] | None:
         self.conn.settimeout(HELLO_TIMEOUT_S)
-        try:
-            hello = recv_frame(self.conn)
-        except (PeerError, OSError) as exc:
-            self._refuse(f"no valid hello: {exc}")
-            return None
+        hello = self.hello
         inc = self.daemon.claim_token(hello.get("token")) if hello.get("type") == "hello" else None
         if inc is None:
             self._refuse("unknown or expired migration token")
@@ -456,16 +660,19 @@ class DestinationWorker:
             self.job.error = str(hello["abort"])
             self.daemon.save_job(self.job)
             return None
-        if hello.get("stream_version", [0])[0] != MAJOR:
-            self._refuse(f"stream version {hello.get('stream_version')} not supported")
+        if not _version_ok(hello.get("stream_version")):
+            self._refuse(f"stream version {str(hello.get('stream_version'))[:40]} not "
+                         f"supported (this host reads {MAJOR}.x)")
             return None
         self.session = DestinationSession(
-            MonotonicClock(), verify=inc.verify, check_config=self._check_name(inc.vm),
+            MonotonicClock(), verify=inc.verify,
+            check_config=self._check_approved(inc.vm, inc.definition),
             factory=self._build_staging,
         )
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
-        self.job.status = "active"
+        self.job.status, self.job.step = "active", "receiving stream"
+        self.daemon.save_job(self.job)
         return hello
 
     def _build_staging(self, definition: Any) -> Any:
@@ -475,21 +682,25 @@ class DestinationWorker:
         return vm
 
     @staticmethod
-    def _check_name(expected: str) -> Any:
+    def _check_approved(expected: str, approved: dict[str, Any]) -> Any:
+        """The stream's VM must be exactly the definition this host approved at
+        /v1/incoming (and checked against its resources): the same name and the same
+        memory, vCPUs, devices and every other key."""
+        want = json.dumps(approved, sort_keys=True)
+
         def check(config: Any) -> None:
-            if config.get("name") != expected:
-                raise ConfigError(
-                    f"stream carries VM {config.get('name')!r}, expected {expected!r}"
-                )
+            if not isinstance(config, dict) or config.get("name") != expected:
+                name = config.get("name") if isinstance(config, dict) else None
+                raise ConfigError(f"stream carries VM {name!r}, expected {expected!r}")
+            got = json.dumps(load_definition(config).to_dict(), sort_keys=True)
+            if got != want:
+                raise ConfigError(f"stream carries a definition of VM {expected} that differs "
+                                  "from the one this host approved")
 
         return check
 
     def _refuse(self, reason: str) -> None:
-        msg = f"refused migration connection from {self.addr[0]}:{self.addr[1]}: {reason}"
-        log.warning(msg)
-        self.daemon.store.log("refused", msg)
-        with contextlib.suppress(OSError):
-            send_frame(self.conn, "reject", reason=reason)
+        refuse_connection(self.daemon, self.conn, self.addr, reason)
 
     def _receive(self, hello: dict[str, Any]) -> None:
         assert self.session is not None and self.job is not None
@@ -498,6 +709,8 @@ class DestinationWorker:
         while not decoder.done:
             if self.daemon.stopping:
                 raise PeerError("destination host is shutting down", self.step)
+            if self.job.cancel.is_set():
+                raise MigrationError("cancelled by the operator on the destination", self.step)
             if recv_into_decoder(self.conn, decoder) == 0:
                 decoder.eof()
             for rec in decoder.events():
@@ -512,24 +725,35 @@ class DestinationWorker:
         send_frame(self.conn, "loaded", ack=ack)
         self.step = "awaiting commit"
         commit = recv_frame(self.conn)
+        if commit["type"] == "abort":  # the source found our state differs from its own
+            raise MigrationError(f"source aborted: {commit.get('reason', '')}", self.step)
         if commit["type"] != "commit":
             raise PeerError(f"expected commit, got {commit['type']}", self.step)
+        # After COMMIT.  The job is persisted "completed" once the VM runs here and
+        # before RESUMED goes out, so a source that never gets RESUMED can learn the
+        # outcome from this host's control API; "failed" always means it does not run here.
         self.step = "resume"
+        self.job.step = "resume"
+        self.daemon.save_job(self.job)
         t0 = time.monotonic()
         post_load = self.daemon.adopt_loaded(self.session, hello.get("runstate") != "paused")
-        send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3,
-                   post_load=post_load)
-        self.job.status = "completed"
+        self.job.status, self.job.step = "completed", "resumed"
         self.job.stats = {
             "ack": {k: v for k, v in ack.items() if k != "digests"},
             "passes": self.session.passes,
         }
         self.daemon.save_job(self.job)
         log.info("incoming VM %s resumed (job %s)", vm.name, self.job.id)
+        with contextlib.suppress(OSError):
+            send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3,
+                       post_load=post_load)
 
     def _fail(self, reason: str) -> None:
         if self.populator is not None:
             self.populator.stop()
+        if self.job is not None and self.job.status == "completed":
+            log.warning("incoming VM %s: %s (after it resumed here)", self.job.vm, reason)
+            return
         if self.session is not None:
             self.session.abort()
         log.warning("incoming migration failed at %s: %s", self.step, reason)

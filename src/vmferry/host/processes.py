@@ -26,6 +26,8 @@ class HostProcess:
     control_url: str = ""
     #: the control API's bearer token (from the host's token file)
     token: str = ""
+    #: the directory save, restore and stream_file paths are confined to
+    images_dir: Path = Path()
     #: the host's TLS directory when it serves TLS (its certificate is the client's too)
     tls_dir: Path | None = None
 
@@ -60,12 +62,16 @@ def spawn_host(
 ) -> HostProcess:
     """Start ``vmferry host serve`` and wait for its ready file.  The host's token file is
     ``token_file``, else ``$VMFERRY_TOKEN_FILE``, else ``token`` beside ``state_dir`` (so
-    hosts started under one directory form one cluster); it is created if missing."""
+    hosts started under one directory form one cluster); it is created if missing.  Unless
+    ``extra_args`` name one, the images directory is ``images`` beside ``state_dir``
+    (shared the same way)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     if token_file is None:
         env = os.environ.get(TOKEN_FILE_ENV)
         token_file = Path(env) if env else state_dir.parent / "token"
     token = load_or_create_token(token_file)
+    extra = extra_args or []
+    images_dir = None if "--images-dir" in extra else state_dir.parent / "images"
     ready = state_dir / "ready.json"
     with contextlib.suppress(FileNotFoundError):
         ready.unlink()
@@ -84,6 +90,7 @@ def spawn_host(
         str(state_dir),
         "--token-file",
         str(token_file),
+        *(["--images-dir", str(images_dir)] if images_dir is not None else []),
         *(["--tls-dir", str(tls_dir)] if tls_dir is not None else []),
         *(extra_args or []),
     ]
@@ -95,7 +102,8 @@ def spawn_host(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
-    host = HostProcess(name, state_dir, proc, token=token, tls_dir=tls_dir)
+    host = HostProcess(name, state_dir, proc, token=token, tls_dir=tls_dir,
+                       images_dir=images_dir or Path(extra[extra.index("--images-dir") + 1]))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -19,6 +19,9 @@ class VmRunner:
     def __init__(self, vm: VM) -> None:
         self.vm = vm
         self.lock = threading.Lock()
+        # the guest's writes (this thread) and the migration's get-and-clear of the dirty
+        # log (another thread) share this lock, so no dirty mark falls between the two
+        vm.ram.log_guard = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"vm-{vm.name}", daemon=True)
         self._thread.start()

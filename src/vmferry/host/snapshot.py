@@ -8,12 +8,9 @@ every record before using it, and registers the VM only once the whole file was 
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmferry.errors import ApiError, ConfigError, HostError, StreamDecodeError, VmferryError
+from vmferry.errors import ApiError, BadMagic, ConfigError, HostError, VmferryError
 from vmferry.host.clocks import MonotonicClock
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -25,47 +22,61 @@ if TYPE_CHECKING:
 CHUNK = 8 * 1024 * 1024
 
 
-def save_vm(daemon: HostDaemon, name: str, path: Path) -> dict[str, Any]:
-    """Write VM ``name`` to ``path`` as a vmferry stream; the VM keeps its runstate."""
-    hosted = daemon.get_vm(name)
-    if hosted.vm is None or hosted.runner is None or hosted.runstate not in ("running",
-                                                                             "paused"):
-        raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot be saved")
-    was_running = hosted.vm.running
+def save_vm(daemon: HostDaemon, name: str, path: str) -> dict[str, Any]:
+    """Write VM ``name`` to ``path`` (inside the images directory) as a vmferry stream; the
+    VM keeps its runstate.  On any failure the save undoes itself: the guest runs again if
+    it ran, its devices are back to RUNNING, and no file is left behind."""
+    hosted = daemon.begin_save(name)
+    assert hosted.vm is not None and hosted.runner is not None
+    try:
+        out = daemon.images.create(path)
+    except BaseException:
+        daemon.end_save(hosted)
+        raise
     session = SourceSession(hosted.vm, MigrationParams(offline=True), MonotonicClock(),
                             guest=hosted.runner)
-    tmp = path.with_name(path.name + ".partial")
+    was_running = hosted.vm.running
     try:
-        with tmp.open("wb") as f:
-            bufs = session.start()
-            while bufs:
-                f.writelines(bufs)
-                bufs = session.next_buffers()
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        session.fail("write snapshot", str(exc))
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise HostError(f"save {name} to {path}: {exc.strerror or exc}") from exc
+        bufs = session.start()
+        while bufs:
+            out.file.writelines(bufs)
+            bufs = session.next_buffers()
+        out.commit()
+    except BaseException as exc:
+        out.discard()
+        step = session.current_step()
+        session.fail(step, describe(exc))
+        daemon.end_save(hosted)
+        if isinstance(exc, OSError):
+            raise HostError(f"save {name} to {path}: {exc.strerror or exc}") from exc
+        if isinstance(exc, VmferryError | ValueError | UnicodeError | OverflowError):
+            raise ApiError(400, f"save {name}: {describe(exc)} (the VM runs on as before)",
+                           type(exc).__name__, step) from exc
+        raise
     stats = session.complete({})
-    for h in hosted.vm.handlers.values():
-        h.resume_source()
+    with hosted.runner.lock:
+        for h in hosted.vm.handlers.values():
+            h.resume_source()
     if was_running:
         hosted.runner.resume()
-    return {"vm": name, "path": str(path), "bytes": path.stat().st_size,
+    daemon.end_save(hosted)
+    return {"vm": name, "path": str(out.path), "bytes": out.path.stat().st_size,
             "stats": stats.to_json()}
 
 
-def restore_vm(daemon: HostDaemon, path: Path, start: bool = True) -> dict[str, Any]:
-    """Build a VM from the stream in ``path``; nothing is registered unless all of it
-    decodes and loads."""
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def restore_vm(daemon: HostDaemon, path: str, start: bool = True) -> dict[str, Any]:
+    """Build a VM from the stream in ``path`` (a regular file inside the images directory);
+    nothing is registered unless all of it decodes and loads."""
+    f, where = daemon.images.open_read(path)
     session = DestinationSession(MonotonicClock(), factory=daemon.build_vm,
-                                 check_config=lambda cfg: _free_name(daemon, cfg))
+                                 check_config=lambda cfg: _check_config(daemon, cfg))
     decoder = StreamDecoder()
     try:
-        with path.open("rb") as f:
+        with f:
             while chunk := f.read(CHUNK):
                 decoder.feed(chunk)
                 for rec in decoder.events():
@@ -75,17 +86,29 @@ def restore_vm(daemon: HostDaemon, path: Path, start: bool = True) -> dict[str, 
     except OSError as exc:
         session.abort()
         raise HostError(f"restore from {path}: {exc.strerror or exc}") from exc
-    except (StreamDecodeError, VmferryError) as exc:
+    except BadMagic as exc:  # not ours: say nothing of what the file holds
         session.abort()
-        raise ApiError(400, f"restore from {path}: {type(exc).__name__}: {exc}") from exc
+        raise ApiError(400, f"restore from {path}: not a vmferry stream",
+                       "BadMagic") from exc
+    except ApiError:
+        session.abort()
+        raise
+    except (VmferryError, ValueError, UnicodeError, OverflowError) as exc:
+        session.abort()
+        raise ApiError(400, f"restore from {path}: {describe(exc)}",
+                       type(exc).__name__) from exc
+    except BaseException:
+        session.abort()
+        raise
     vm = session.vm
     assert vm is not None
     daemon.adopt_loaded(session, start)
-    return {"vm": vm.name, "path": str(path), "runstate": "running" if start else "paused"}
+    return {"vm": vm.name, "path": str(where), "runstate": "running" if start else "paused"}
 
 
-def _free_name(daemon: HostDaemon, config: Any) -> None:
-    try:
-        daemon.check_name_free(str(config.get("name")))
-    except ApiError as exc:  # inside the session a refusal is a configuration error
-        raise ConfigError(exc.message) from exc
+def _check_config(daemon: HostDaemon, config: Any) -> None:
+    """A restored VM's configuration: a free name, a definition this host can hold."""
+    if not isinstance(config, dict):
+        raise ConfigError("the stream's configuration is not a table")
+    daemon.check_definition(config.get("definition", config))
+    daemon.check_name_free(str(config.get("name")))

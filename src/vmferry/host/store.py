@@ -1,4 +1,9 @@
-"""SQLite persistence for a host: VM definitions and runstates, jobs and their statistics."""
+"""SQLite persistence for a host: VM definitions and runstates, jobs and their statistics.
+
+A job row is written at every step of a migration (its status, step and ``progress``: the
+engine's bookkeeping -- the destination's job id, whether COMMIT was sent), so a daemon
+that restarts knows how far each migration got and which peer to ask about it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,8 @@ CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY,
     definition TEXT NOT NULL,
     runstate TEXT NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -30,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     step TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    progress TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -54,6 +61,8 @@ class JobRow:
     step: str
     created: float
     updated: float
+    #: engine bookkeeping: ``peer_job`` (the other side's job id), ``commit_sent``
+    progress: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +77,7 @@ class JobRow:
             "step": self.step,
             "created": self.created,
             "updated": self.updated,
+            "progress": self.progress,
         }
 
 
@@ -79,6 +89,8 @@ class Store:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            _add_column(self._db, "vms", "note", "TEXT NOT NULL DEFAULT ''")
+            _add_column(self._db, "jobs", "progress", "TEXT NOT NULL DEFAULT '{}'")
         except sqlite3.Error as exc:
             raise HostError(f"open store {path}: {exc}") from exc
         self._lock = threading.Lock()
@@ -96,15 +108,19 @@ class Store:
 
     # --- VMs -------------------------------------------------------------------------
 
-    def put_vm(self, name: str, definition: dict[str, Any], runstate: str) -> None:
+    def put_vm(self, name: str, definition: dict[str, Any], runstate: str,
+               note: str = "") -> None:
         self._run(
-            "INSERT OR REPLACE INTO vms VALUES (?, ?, ?, ?)",
-            (name, json.dumps(definition), runstate, time.time()),
+            "INSERT OR REPLACE INTO vms (name, definition, runstate, updated, note) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (name, json.dumps(definition), runstate, time.time(), note),
         )
 
-    def set_runstate(self, name: str, runstate: str) -> None:
+    def set_runstate(self, name: str, runstate: str, note: str = "") -> None:
+        """The VM's runstate and the note that explains it (cleared when not given)."""
         self._run(
-            "UPDATE vms SET runstate=?, updated=? WHERE name=?", (runstate, time.time(), name)
+            "UPDATE vms SET runstate=?, note=?, updated=? WHERE name=?",
+            (runstate, note, time.time(), name),
         )
 
     def delete_vm(self, name: str) -> None:
@@ -114,11 +130,16 @@ class Store:
         rows = self._run("SELECT name, definition, runstate FROM vms ORDER BY name")
         return [(n, json.loads(d), r) for n, d, r in rows]
 
+    def notes(self) -> dict[str, str]:
+        """VM name -> the note that explains its runstate (only VMs that have one)."""
+        return {n: t for n, t in self._run("SELECT name, note FROM vms WHERE note != ''")}
+
     # --- jobs ------------------------------------------------------------------------
 
     def put_job(self, job: JobRow) -> None:
         self._run(
-            "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO jobs (id, vm, role, peer, status, params, stats, error, "
+            "step, created, updated, progress) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 job.id,
                 job.vm,
@@ -131,11 +152,17 @@ class Store:
                 job.step,
                 job.created,
                 job.updated,
+                json.dumps(job.progress),
             ),
         )
 
+    def delete_job(self, job_id: str) -> None:
+        self._run("DELETE FROM jobs WHERE id=?", (job_id,))
+
     def jobs(self, job_id: str | None = None) -> list[JobRow]:
-        sql = "SELECT * FROM jobs" + (" WHERE id=?" if job_id else "") + " ORDER BY created"
+        sql = ("SELECT id, vm, role, peer, status, params, stats, error, step, created, "
+               "updated, progress FROM jobs")
+        sql += (" WHERE id=?" if job_id else "") + " ORDER BY created"
         rows = self._run(sql, (job_id,) if job_id else ())
         return [
             JobRow(
@@ -150,6 +177,7 @@ class Store:
                 r[8],
                 r[9],
                 r[10],
+                json.loads(r[11]),
             )
             for r in rows
         ]
@@ -164,3 +192,10 @@ class Store:
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._run("SELECT at, kind, message FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return [{"at": a, "kind": k, "message": m} for a, k, m in rows]
+
+
+def _add_column(db: sqlite3.Connection, table: str, column: str, decl: str) -> None:
+    """Bring a store written by an older vmferry up to this schema."""
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    if column not in have:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")

@@ -20,8 +20,18 @@ Writers store data *before* marking pages dirty.  Together with get-and-clear th
 the pre-copy invariant: a page whose contents changed after the sender read it is dirty
 again when the next pass starts.
 
+Get-and-clear is atomic against marks, as KVM's is (KVM exchanges each bitmap word with
+``xchg``): every mark lands either in the log one call returns or in the next one, never
+between the two.  Here the marks and the get-and-clear take ``log_guard`` and the get
+*swaps* the bitmap for a fresh one instead of copying and clearing it.  This object is
+sans-IO and does not know who writes concurrently: single-threaded use needs nothing, the
+host's guest thread installs a ``threading.Lock`` (:mod:`vmferry.host.runner`), and the
+interleaving explorer a :class:`~vmferry.sync.ModelLock` (scenario ``dirty-log``).
+``log_mode = "copy_then_clear"`` keeps the historical bug for that scenario: the log is
+copied and then cleared without the guard, and a mark that lands in between is lost.
+
 Invariant: ``dirty`` and ``populated`` have one entry per page; ``dirty`` is all False
-while logging is off.
+while logging is off; ``dirty`` is marked and replaced only under ``log_guard``.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,11 +47,14 @@ import numpy.typing as npt
 import xxhash
 
 from vmferry.errors import ConfigError, GuestMemoryError
+from vmferry.sync import yield_point
 
 PAGE_4K = 4096
 PAGE_64K = 65536
 _SUPPORTED_PAGE_SIZES = (PAGE_4K, PAGE_64K)
 _HUGE = 2 * 1024 * 1024
+#: "atomic": get-and-clear under the guard (correct); "copy_then_clear": the lost-mark bug
+LOG_MODES = ("atomic", "copy_then_clear")
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -71,7 +85,9 @@ class DirtyLog:
 class GuestRam:
     """``size`` bytes of guest RAM in ``page_size`` pages, backed by anonymous memory."""
 
-    def __init__(self, size: int, page_size: int = PAGE_4K) -> None:
+    def __init__(self, size: int, page_size: int = PAGE_4K, *, log_mode: str = "atomic") -> None:
+        if log_mode not in LOG_MODES:
+            raise ConfigError(f"dirty log mode {log_mode!r} is not one of {LOG_MODES}")
         if page_size not in _SUPPORTED_PAGE_SIZES:
             raise ConfigError(f"page size {page_size} not supported ({_SUPPORTED_PAGE_SIZES})")
         if size <= 0 or size % page_size:
@@ -88,6 +104,10 @@ class GuestRam:
         self.dirty: BoolArray = np.zeros(self.npages, dtype=np.bool_)
         self.populated: BoolArray = np.zeros(self.npages, dtype=np.bool_)
         self.logging = False
+        self.log_mode = log_mode
+        #: taken by every dirty mark and by get-and-clear; whoever runs guest writers
+        #: concurrently with the log reader installs a real lock (see the module docstring)
+        self.log_guard: AbstractContextManager[object] = contextlib.nullcontext()
 
     # --- plain access ----------------------------------------------------------------
 
@@ -161,14 +181,18 @@ class GuestRam:
     def _mark(self, where: slice | IntArray) -> None:
         self.populated[where] = True
         if self.logging:
-            self.dirty[where] = True
+            yield_point("mark dirty", ("dirty-log", id(self)))
+            with self.log_guard:
+                if self.logging:
+                    self.dirty[where] = True
 
     def mark_dirty(self, gpa: int, n: int) -> None:
         """Count ``[gpa, gpa + n)`` as written in the dirty log without touching it: for a
         device that may have written there by DMA, which the CPU's dirty log never sees."""
         self._check(gpa, n)
         if n and self.logging:
-            self.dirty[gpa // self.page_size : (gpa + n - 1) // self.page_size + 1] = True
+            with self.log_guard:
+                self.dirty[gpa // self.page_size : (gpa + n - 1) // self.page_size + 1] = True
 
     def gather(self, index: IntArray, out: npt.NDArray[np.uint8]) -> None:
         """Copy pages ``index`` into ``out`` (shaped (len(index), page_size))."""
@@ -183,7 +207,8 @@ class GuestRam:
             self.pages[touched] = 0
             self.populated[touched] = False
             if self.logging:
-                self.dirty[touched] = True
+                with self.log_guard:
+                    self.dirty[touched] = True
 
     def zero_mask_at(self, index: IntArray) -> BoolArray:
         """Which of pages ``index`` are all zero (vectorised).
@@ -207,18 +232,28 @@ class GuestRam:
     # --- dirty log -------------------------------------------------------------------
 
     def start_dirty_log(self) -> None:
-        self.dirty[:] = False
-        self.logging = True
+        with self.log_guard:
+            self.dirty = np.zeros(self.npages, dtype=np.bool_)
+            self.logging = True
 
     def stop_dirty_log(self) -> None:
-        self.logging = False
-        self.dirty[:] = False
+        with self.log_guard:
+            self.logging = False
+            self.dirty = np.zeros(self.npages, dtype=np.bool_)
 
     def get_dirty_log(self) -> DirtyLog:
-        """Return the dirty pages and clear the log (get-and-clear)."""
-        snapshot = self.dirty.copy()
-        self.dirty[:] = False
-        return DirtyLog(self.page_size, snapshot)
+        """Return the dirty pages and clear the log, atomically against every mark: a
+        page marked during the call is in this log or in the next one."""
+        if self.log_mode == "copy_then_clear":  # the historical bug, for the explorer
+            snapshot = self.dirty.copy()
+            yield_point("dirty log copied", ("dirty-log", id(self)))
+            self.dirty[:] = False
+            return DirtyLog(self.page_size, snapshot)
+        yield_point("get dirty log", ("dirty-log", id(self)))
+        fresh = np.zeros(self.npages, dtype=np.bool_)  # calloc'd: no cost until touched
+        with self.log_guard:
+            taken, self.dirty = self.dirty, fresh
+        return DirtyLog(self.page_size, taken)
 
     # --- classification and digests --------------------------------------------------
 

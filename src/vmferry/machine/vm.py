@@ -146,7 +146,7 @@ class VmDefinition:
         if unknown:
             raise ConfigError(f"unknown VM definition keys for arch {arch}: {sorted(unknown)}")
         name = d.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"VM name {name!r} must match {_NAME.pattern}")
         memory_mib, vcpus = d.get("memory_mib", 1024), d.get("vcpus", 1)
         if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib <= 0:

@@ -234,8 +234,10 @@ class KvmGuestRam(GuestRam):
         super().start_dirty_log()
 
     def get_dirty_log(self) -> DirtyLog:
-        bitmap = self._read_kvm() | self.dirty
-        self.dirty[:] = False
+        from_kvm = self._read_kvm()  # KVM's get-and-clear is atomic against the guest
+        with self.log_guard:  # and the VMM's own marks are taken the same way
+            from_vmm, self.dirty = self.dirty, np.zeros(self.npages, dtype=np.bool_)
+        bitmap = from_kvm | from_vmm
         count = int(np.count_nonzero(bitmap))
         self.pages_reported += count
         self.history.append((self.now(), count))

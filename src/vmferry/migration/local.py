@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmferry.clock import ManualClock
+from vmferry.errors import MigrationError
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.source import SourceSession
 from vmferry.migration.stream import StreamDecoder
@@ -50,9 +51,20 @@ def migrate_locally(
     clock: ManualClock,
     **kw: Any,
 ) -> dict[str, Any]:
-    """A whole migration in process: transfer, load, complete; returns the ack."""
+    """A whole migration in process: transfer, load, verify, commit, resume, complete;
+    returns the ack.  The exchange is the one the hosts run (LOADED, the source's check
+    of the destination's digests, COMMIT, RESUMED): a verification mismatch fails the
+    source session (its guest resumes), discards the destination's VM and raises
+    MigrationError at step ``verification``."""
     transfer(source, destination, clock, **kw)
     source.switchover_digests()
-    ack = destination.finish()
+    ack = destination.finish(start=False)  # LOADED
+    report = source.verification(ack)
+    if report["requested"] and not report["commit_allowed"]:
+        reason = f"destination state differs from the source's in {report['blocking']}"
+        destination.abort()
+        source.fail("verification", reason)
+        raise MigrationError(reason, "verification")
+    ack["post_load"] = destination.resume()  # COMMIT, then RESUMED
     source.complete(ack)
     return ack

@@ -198,12 +198,18 @@ class SourceSession:
         self._bounce = np.empty(BATCH_BYTES + MAX_RUN_BYTES, dtype=np.uint8)
         self._bounce_used = 0
         self.source_digests: dict[str, str] = {}
+        self.source_digest_ms = 0.0
 
     # --- driving ---------------------------------------------------------------------
 
     @property
     def status(self) -> Status:
         return self.stats.status
+
+    @property
+    def guest_paused(self) -> bool:
+        """Whether this session paused the guest (it is in downtime until COMMIT)."""
+        return self._paused_by_us
 
     def preflight(self, destination: Mapping[str, Any] | None) -> list[str]:
         """Ask every handler before anything moves (``destination``: the destination's
@@ -470,10 +476,45 @@ class SourceSession:
     # --- the end ---------------------------------------------------------------------
 
     def switchover_digests(self) -> dict[str, str]:
-        """Digests of RAM and vCPUs as sent (the guest is paused from switchover on)."""
+        """Digests of RAM and vCPUs as sent (the guest is paused from switchover on).
+        Taken once, right after END, while the destination loads."""
         if not self.source_digests:
+            t0 = self.clock.monotonic()
             self.source_digests = state_digests(self.vm)
+            self.source_digest_ms = (self.clock.monotonic() - t0) * 1e3
         return self.source_digests
+
+    def verification(self, ack: Mapping[str, Any]) -> dict[str, Any]:
+        """Compare the destination's digests (sent with LOADED, before COMMIT) with the
+        source's.  The caller must not commit unless ``commit_allowed``: a mismatch that
+        ``blocking`` lists fails the migration and the source resumes (:meth:`fail`).
+
+        RAM and vCPU digests always block.  A handler's digest blocks too unless the
+        pre-flight warned that the destination will change that kind of state (a TCE
+        entry it cannot back, a degraded firmware register): the difference is then the
+        announced one and is reported (``differ``, ``verified`` false) without blocking.
+        Without ``verify`` in the parameters: ``{"requested": False}``."""
+        if not self.params.verify:
+            return {"requested": False}
+        t0 = self.clock.monotonic()
+        src = self.switchover_digests()
+        dst = ack.get("digests", {})
+        dst = dict(dst) if isinstance(dst, Mapping) else {}
+        report: dict[str, Any] = {
+            "requested": True,
+            "source": src,
+            "destination": dst,
+            "ram_equal": src.get("ram") == dst.get("ram"),
+            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
+            "differ": sorted(k for k in set(src) | set(dst) if src.get(k) != dst.get(k)),
+            "verified": bool(dst) and src == dst,
+            "compare_ms": (self.clock.monotonic() - t0) * 1e3,
+        }
+        announced = bool(self.stats.warnings)
+        report["blocking"] = [k for k in report["differ"]
+                              if k in ("ram", "vcpu") or not announced]
+        report["commit_allowed"] = bool(dst) and not report["blocking"]
+        return report
 
     def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
         """The destination resumed: close the books.  The source VM stays paused."""

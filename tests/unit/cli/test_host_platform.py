@@ -48,6 +48,8 @@ def test_a_platform_file_builds_vms_with_this_hosts_memory_map(tmp_path: Path) -
     ("text", "match"),
     [
         ("[spapr\n", "invalid TOML"),
+        ("[spapr]\n[sparp]\nx = 1\n", "unknown platform keys"),
+        ("vfio_driver = [\"mlx5\"]\n", "unknown platform keys"),
         ("[spapr]\niommu_page_shift = 13\n", "iommu_page_shift"),
         ("[spapr]\nmemslots = [{size_mib = 1, backing_shift = 24}]\n", "whole backing pages"),
     ],

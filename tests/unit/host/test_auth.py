@@ -111,3 +111,19 @@ def test_unreachable_peer_is_502(tmp_path: Path) -> None:
         assert err.value.status == 502 and err.value.kind == "PeerUnreachable"
         assert err.value.step == "setup"
         assert c.get("/v1/vms/v")["runstate"] == "paused" and c.get("/v1/jobs") == []
+
+
+def test_issue13_4_cli_json_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from vmferry.cli.main import main
+
+    with app_host(tmp_path / "A") as host:
+        monkeypatch.setenv("VMFERRY_TOKEN", TOKEN)
+        monkeypatch.setattr("sys.argv", ["vmferry", "vm", "show", "--host", host.url, "ghost",
+                                         "--json"])
+        with pytest.raises(SystemExit) as code:
+            main()
+        assert code.value.code == 1
+        out = json.loads(capsys.readouterr().out)
+        assert out["status"] == 404 and out["error"]["kind"] == "NotFound"
+        assert "ghost" in out["error"]["message"]

@@ -28,6 +28,8 @@ from vmferry.errors import StreamDecodeError
 from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Property
 
 _BOOT_CPUID_OFFSET = 28  # fdt_header.boot_cpuid_phys
+#: the deepest tree import accepts (Linux's unflattening stops at FDT_MAX_DEPTH, 64)
+MAX_DEPTH = 64
 
 
 class FdtDecodeError(StreamDecodeError):
@@ -67,25 +69,45 @@ def load_fdt(blob: bytes | bytearray, *, observe: bool = False) -> DeviceTree:
     return tree
 
 
+def _ascii_name(get: Any, what: str, off: int) -> Any:
+    """A name libfdt decodes, refused unless printable ASCII (the devicetree spec's
+    character sets are ASCII; libfdt raises SystemError on other bytes)."""
+    try:
+        out = get(off)
+    except (SystemError, UnicodeError, ValueError) as exc:
+        raise FdtDecodeError(f"{what} is not ASCII", offset=off) from exc
+    name = out if isinstance(out, str) else out.name
+    if not all(0x20 < ord(c) < 0x7F for c in name):
+        raise FdtDecodeError(f"{what} {name[:64]!r} has characters outside printable ASCII",
+                             offset=off)
+    return out
+
+
 def _load_props(fdt: Any, off: int, node: DeviceNode) -> None:
     poff = fdt.first_property_offset(off, libfdt.QUIET_NOTFOUND)
     while poff >= 0:
-        prop = fdt.get_property_by_offset(poff)
+        prop = _ascii_name(fdt.get_property_by_offset, "a property name", poff)
+        if prop.name in node._props:
+            raise FdtDecodeError(f"node {node.name!r} has property {prop.name!r} twice",
+                                 offset=poff)
         node._props[prop.name] = Property(prop.name, bytes(prop))
         poff = fdt.next_property_offset(poff, libfdt.QUIET_NOTFOUND)
 
 
 def _load_children(fdt: Any, off: int, tree: DeviceTree, parent: DeviceNode) -> None:
-    stack = [(off, parent)]
+    stack = [(off, parent, 0)]
     while stack:
-        o, p = stack.pop()
-        kids: list[tuple[int, DeviceNode]] = []
+        o, p, depth = stack.pop()
+        kids: list[tuple[int, DeviceNode, int]] = []
         c = fdt.first_subnode(o, libfdt.QUIET_NOTFOUND)
         while c >= 0:
-            node = tree.add_boot_node(p, fdt.get_name(c))
+            if depth + 1 > MAX_DEPTH:
+                raise FdtDecodeError(f"device tree deeper than {MAX_DEPTH} levels", offset=c)
+            name = _ascii_name(fdt.get_name, "a node name", c)
+            node = tree.add_boot_node(p, name)
             _load_props(fdt, c, node)
             tree._rehash_phandle(node)
-            kids.append((c, node))
+            kids.append((c, node, depth + 1))
             c = fdt.next_subnode(c, libfdt.QUIET_NOTFOUND)
         stack.extend(reversed(kids))
 

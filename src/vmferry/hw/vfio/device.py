@@ -62,7 +62,15 @@ from vmferry.hw.vfio.states import (
     Feature,
     MigrationFlags,
 )
-from vmferry.hw.vfio.stream import Buffer, DataStream, FdTable, PrecopyInfo, copy_in, copy_out
+from vmferry.hw.vfio.stream import (
+    Buffer,
+    DataStream,
+    FdTable,
+    PrecopyInfo,
+    StreamKind,
+    copy_in,
+    copy_out,
+)
 from vmferry.sync import ModelLock, current_thread, yield_point
 
 S = DeviceState
@@ -314,6 +322,8 @@ class VfioMigrationDevice:
                 yield_point("stream write", stream, write=True)
                 if stream.disabled or stream.errored:
                     raise VfioError(errno.ENODEV, f"{stream.name} is disabled or in error")
+                if stream.kind is not StreamKind.RESUMING:
+                    raise VfioError(errno.EBADF, f"{stream.name} is a saving stream")
                 taken = driver.resume_write(stream, data)
                 stream.pos += taken
                 return taken

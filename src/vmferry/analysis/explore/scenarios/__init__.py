@@ -10,8 +10,9 @@ import importlib
 
 from vmferry.analysis.explore.api import Scenario
 
-_MODULES: tuple[str, ...] = ("iommu_probe", "lpm_update", "switchover", "tce_indirect",
-                             "vfio_data_stream")
+_MODULES: tuple[str, ...] = (
+    "dirty_log", "iommu_probe", "lpm_update", "switchover", "tce_indirect", "vfio_data_stream",
+)
 
 
 def all_scenarios() -> dict[str, Scenario]:

@@ -53,6 +53,7 @@ from vmferry.migration.channel import (
     Welcome,
     decide,
 )
+from vmferry.migration.channel.frames import COMMAND_OF
 from vmferry.migration.stream.records import Buffer
 from vmferry.sync import wait_until, yield_point
 from vmferry.testing.pipes import End, pipe_pair
@@ -123,7 +124,7 @@ def _step(host: Host, label: str, obj: Hashable | None) -> None:
 def _send(host: Host, conn: Connection, end: End, event: Event) -> None:
     """``event`` on the wire; ConnectionResetError (the channel told) if it did not go."""
     buffers = conn.send(event)
-    _step(host, f"send {type(event).__name__.upper()}", id(end.out))
+    _step(host, f"send {COMMAND_OF[type(event)].name}", id(end.out))
     try:
         end.send(buffers)
     except ConnectionResetError:

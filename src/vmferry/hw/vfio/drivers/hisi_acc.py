@@ -142,7 +142,8 @@ class HisiAccDriver(VariantDriver):
 
     def _buffer(self, stream: DataStream) -> bytearray:
         buf = stream.parser
-        assert isinstance(buf, bytearray)
+        if not isinstance(buf, bytearray):
+            raise VfioError(errno.EBADF, f"{stream.name} is not a resuming stream")
         return buf
 
     def resume_write(self, stream: DataStream, data: memoryview) -> int:

@@ -153,7 +153,8 @@ class Mlx5Driver(ImageDriver):
 
     def _parser(self, stream: DataStream) -> _Parser:
         parser = stream.parser
-        assert isinstance(parser, _Parser)
+        if not isinstance(parser, _Parser):
+            raise VfioError(errno.EBADF, f"{stream.name} is not a resuming stream")
         return parser
 
     def resume_write(self, stream: DataStream, data: memoryview) -> int:

@@ -98,7 +98,8 @@ class PdsDriver(ImageDriver):
 
     def _restore(self, stream: DataStream) -> _Restore:
         restore = stream.parser
-        assert isinstance(restore, _Restore)
+        if not isinstance(restore, _Restore):
+            raise VfioError(errno.EBADF, f"{stream.name} is not a resuming stream")
         return restore
 
     def resume_write(self, stream: DataStream, data: memoryview) -> int:
