@@ -171,7 +171,7 @@ def test_demo_json_and_stream_inspect(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["status"] == "completed" and report["verified"] is True
-    assert report["iterations"] >= 1 and report["downtime_ms"] > 0
+    assert report["iterations"] >= 1 and report["downtime"] > 0
     if report["backend"] == "kvm":  # issue 11 item 7: a real guest moved and ran on
         g = report["guest_progress"]
         assert g["continued"] and g["after_resume"] > g["before_stop"] > 0

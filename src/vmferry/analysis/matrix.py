@@ -38,7 +38,6 @@ reports: the guest's mitigation status on the source before and on the destinati
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
 from collections import Counter
@@ -421,26 +420,8 @@ def to_markdown(cells: Sequence[Cell]) -> str:
 
 
 def to_html(cells: Sequence[Cell]) -> str:
-    head = (
-        "<tr><th>Source</th><th>Destination</th><th>Guest PSCI</th>"
-        "<th>Src mitig. -&gt; Dst mitig.</th><th>Outcome</th><th>Why</th></tr>"
-    )
-    rows = [
-        "<tr>"
-        + "".join(
-            f"<td>{html.escape(x)}</td>"
-            for x in (c.source, c.destination, c.guest_psci, pairs, c.outcome, c.reason)
-        )
-        + "</tr>"
-        for c, pairs in _grouped(cells)
-    ]
-    counts = "".join(f"<li>{o}: {n}</li>" for o, n in summary(cells).items())
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>arm64 migration matrix"
-        "</title></head><body><h1>arm64 migration matrix</h1><ul>"
-        + counts
-        + "</ul><table>"
-        + head
-        + "".join(rows)
-        + "</table></body></html>\n"
-    )
+    """A coloured source x destination grid per guest PSCI setting, with a legend and the
+    reason on each cell (see :mod:`vmferry.analysis.matrix_html`)."""
+    from vmferry.analysis.matrix_html import to_html as render
+
+    return render(cells)

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from vmferry.cli.common import console, emit_json, esc, human_bytes
+from vmferry.cli.progress import mib_per_s
 from vmferry.host.demo import DemoOptions, run_demo
 
 
@@ -26,7 +27,7 @@ from vmferry.host.demo import DemoOptions, run_demo
     type=click.FloatRange(0),
     default=20.0,
     show_default=True,
-    help="guest dirty rate in MB/s (0 = idle guest)",
+    help="guest dirty rate in MB/s, 10^6 bytes per second (0 = idle guest)",
 )
 @click.option(
     "--downtime-limit", type=click.FloatRange(1), default=300.0, show_default=True, metavar="MS"
@@ -78,18 +79,18 @@ def _print(r: dict[str, Any]) -> None:
         console.print(f"[red]migration {esc(r['status'])}[/] at {esc(r['step'])}: "
                       f"{esc(r['error'])}")
         return
-    t = Table("pass", "pages", "zero", "sent", "ms", "MB/s", "dirtied", "exp. ms", "thr.",
+    t = Table("pass", "pages", "zero", "sent", "ms", "MiB/s", "dirtied", "exp. ms", "thr.",
               title="pre-copy passes (exp. ms: expected downtime; thr.: auto-converge)")
     for p in r["passes"]:
         t.add_row(str(p["number"]), str(p["pages"]), str(p["duplicate"]),
                   human_bytes(p["bytes"]), f"{p['seconds'] * 1e3:.0f}",
-                  f"{p['mbps'] / 8:.0f}", str(p["dirty_pages"]),
+                  f"{mib_per_s(p['mbps']):.0f}", str(p["dirty_pages"]),
                   f"{p['expected_downtime_ms']:.1f}", f"{p['throttle_pct']}%")
     console.print(t)
-    ram, b = r["ram"], r["downtime_breakdown"]
+    ram, b = r["ram"], r["downtime-breakdown"]
     console.print(
-        f"setup {r['setup_time_ms']:.1f} ms, total {r['total_time_ms']:.0f} ms; "
-        f"[bold]downtime {r['downtime_ms']:.1f} ms[/] (final RAM {b.get('final_ram_ms', 0):.1f}, "
+        f"setup {r['setup-time']:.1f} ms, total {r['total-time']:.0f} ms; "
+        f"[bold]downtime {r['downtime']:.1f} ms[/] (final RAM {b.get('final_ram_ms', 0):.1f}, "
         f"state {b.get('state_ms', 0):.1f}, resume {b.get('resume_ms', 0):.1f}; "
         f"verification {b.get('verification_ms', 0):.0f} ms not counted)"
     )
@@ -114,7 +115,7 @@ def _print(r: dict[str, Any]) -> None:
     for name, vm in r.get("vms", {}).items():
         ok = "[green]verified[/]" if vm["verified"] else "[red]NOT verified[/]"
         console.print(
-            f"{name}: migration {vm['status']}, downtime {vm['downtime_ms']:.1f} ms, "
+            f"{name}: migration {vm['status']}, downtime {vm['downtime']:.1f} ms, "
             f"{vm['iterations']} passes; {ok}"
         )
         _print_devices(name, vm["devices"])

@@ -5,9 +5,11 @@ Formatting only: the exploring is :func:`vmferry.analysis.explore.run_scenario`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import click
@@ -25,6 +27,7 @@ from vmferry.analysis.explore import (
 from vmferry.analysis.explore.api import Scenario
 from vmferry.analysis.explore.runner import DEFAULT, DEFAULT_STRATEGY
 from vmferry.analysis.explore.scenarios import all_scenarios
+from vmferry.cli.common import err_console
 from vmferry.errors import ConfigError
 
 
@@ -71,13 +74,15 @@ def races(
             f"unknown scenario {scenario_name!r} (known: {', '.join(sorted(scenarios))})",
             param_hint="--scenario",
         )
+    what = f"exploring {scenario.name} ({mode or scenario.default_mode}, {strategy})"
     try:
-        report = run_scenario(
-            scenario, mode=mode, case=case_name, strategy=strategy,
-            preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
-            failures_dir=DEFAULT if failures_dir is None else failures_dir,
-            workers=workers, ray_address=ray_address,
-        )
+        with _working(what, quiet=as_json):
+            report = run_scenario(
+                scenario, mode=mode, case=case_name, strategy=strategy,
+                preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
+                failures_dir=DEFAULT if failures_dir is None else failures_dir,
+                workers=workers, ray_address=ray_address,
+            )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if as_json:
@@ -85,6 +90,15 @@ def races(
     else:
         _show(report)
     sys.exit(1 if report.failures else 0)
+
+
+def _working(what: str, quiet: bool) -> AbstractContextManager[object]:
+    """A spinner on a terminal; else one line on stderr (none with ``quiet``)."""
+    if err_console.is_terminal:
+        return err_console.status(what + " ...")
+    if not quiet:
+        click.echo(what + " ...", err=True)
+    return contextlib.nullcontext()
 
 
 @command.command("replay")

@@ -93,6 +93,12 @@ def command() -> None:
     "certificate in this directory (from 'vmferry host certs'); peers need one of the "
     "same CA",
 )
+@click.option(
+    "--qmp-dir",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="give each VM a QMP socket DIR/<vm>.qmp (QEMU Machine Protocol)",
+)
 def serve(
     name: str,
     listen: str,
@@ -104,6 +110,7 @@ def serve(
     token_file: Path | None,
     images_dir: Path | None,
     tls_dir: Path | None,
+    qmp_dir: Path | None,
 ) -> None:
     """Serve a host: control API (HTTP+JSON) and migration listener (raw TCP), both over
     mutual TLS with --tls-dir."""
@@ -118,6 +125,7 @@ def serve(
         token_file,
         tls=tls,
         images_dir=images_dir,
+        qmp_dir=qmp_dir,
     )
 
 

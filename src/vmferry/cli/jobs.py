@@ -3,69 +3,61 @@
 from __future__ import annotations
 
 import sys
-import time
-from typing import Any, cast
+from pathlib import Path
+from typing import Any
 
 import click
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 
-from vmferry.cli.common import JSON_OPTION, client, console, emit_json, esc, human_bytes
-from vmferry.host.client import HostClient
-
-FINISHED = ("completed", "failed", "cancelled")
-
-
-def watch(c: HostClient, job_id: str, show_progress: bool) -> dict[str, Any]:
-    """Poll a job until it finishes; a progress bar on a terminal."""
-    if not show_progress:
-        while (job := c.get(f"/v1/jobs/{job_id}"))["status"] not in FINISHED:
-            time.sleep(0.1)
-        return cast(dict[str, Any], job)
-    cols = (
-        TextColumn("[bold]{task.fields[status]:>9}"),
-        BarColumn(),
-        TextColumn(
-            "{task.percentage:>5.1f}%  pass {task.fields[npass]}  "
-            "remaining {task.fields[remaining]}  {task.fields[rate]}"
-        ),
-        TimeElapsedColumn(),
-    )
-    with Progress(*cols, console=console, transient=False) as progress:
-        task = progress.add_task(
-            "migrate", total=1.0, status="setup", npass=1, remaining="?", rate=""
-        )
-        while True:
-            job = c.get(f"/v1/jobs/{job_id}")
-            ram = job.get("stats", {}).get("ram", {})
-            total = max(ram.get("total", 0), 1)
-            done = min(ram.get("transferred", 0) / total, 1.0)
-            progress.update(
-                task,
-                completed=done if job["status"] != "completed" else 1.0,
-                status=job["status"],
-                npass=len(job.get("stats", {}).get("passes", [])) + 1,
-                remaining=human_bytes(ram.get("remaining", 0)),
-                rate=f"{ram.get('mbps', 0) / 8:.0f} MB/s",
-            )
-            if job["status"] in FINISHED:
-                return cast(dict[str, Any], job)
-            time.sleep(0.1)
+from vmferry.cli.common import (
+    HOST_OPTION,
+    JSON_OPTION,
+    client,
+    console,
+    emit_json,
+    err_console,
+    esc,
+)
+from vmferry.cli.progress import (
+    Detached,
+    bw_text,
+    detach_message,
+    follow,
+    follow_with_interrupt,
+    job_info_table,
+    limit_text,
+    pass_table,
+    passes_of,
+    print_summary,
+    whereabouts,
+)
+from vmferry.host.outcome import Exit, verdict
 
 
-def summary(job: dict[str, Any]) -> None:
-    st = job.get("stats", {})
-    if job["status"] != "completed":
-        console.print(f"[red]{esc(job['status'])}[/] at {esc(job.get('step') or '?')}: "
-                      f"{esc(job.get('error'))}")
-        return
-    ram = st.get("ram", {})
-    for warning in st.get("warnings", []):
-        console.print(f"[yellow]warning[/]: {esc(warning)}")
-    console.print(
-        f"[green]completed[/]: total {st.get('total-time', 0):.0f} ms, "
-        f"downtime {st.get('downtime', 0):.1f} ms, {len(st.get('passes', []))} passes, "
-        f"{human_bytes(ram.get('transferred', 0))} sent"
-    )
+def _finish(job: dict[str, Any], as_json: bool, cancelled: bool = False,
+            source_url: str = "") -> None:
+    """Print the job's end (JSON or words) and exit with its verdict's code."""
+    if as_json:
+        emit_json(job)
+        code = verdict(job).code
+    else:
+        code = print_summary(job).code
+    if cancelled:
+        err_console.print(whereabouts(job, source_url), highlight=False)
+        if job.get("status") != "completed":
+            code = Exit.INTERRUPTED
+    sys.exit(int(code))
+
+
+def _follow(url: str, job_id: str, as_json: bool, cancel: bool) -> tuple[dict[str, Any], bool]:
+    terminal = console.is_terminal
+    try:
+        return follow_with_interrupt(url, job_id, live=terminal and not as_json,
+                                     lines=not terminal and not as_json, cancel=cancel)
+    except Detached:
+        err_console.print(detach_message(url, job_id), highlight=False)
+        sys.exit(int(Exit.INTERRUPTED))
 
 
 @click.command("migrate")
@@ -117,6 +109,8 @@ def summary(job: dict[str, Any]) -> None:
     help="let pre-flight proceed, with a warning, where the guest would lose a mitigation",
 )
 @click.option("--fault", default=None, metavar="PHASE:ACTION", hidden=True)
+@click.option("--undefinesource", "undefine_source", is_flag=True,
+              help="forget the VM on the source host once it runs on the destination")
 @click.option("--no-wait", is_flag=True, help="return once the job started")
 @JSON_OPTION
 def migrate(
@@ -131,10 +125,15 @@ def migrate(
     compat: str,
     allow_degraded: bool,
     fault: str | None,
+    undefine_source: bool,
     no_wait: bool,
     as_json: bool,
 ) -> None:
-    """Live-migrate VM from one host to another."""
+    """Live-migrate VM from one host to another.
+
+    Exit status: 0 completed; 1 failed or cancelled (the VM stays on the source); 3
+    completed but the destination reported a problem; 130 interrupted (Ctrl-C cancels
+    the migration, a second Ctrl-C detaches and leaves it running)."""
     params: dict[str, Any] = {
         "downtime_limit_ms": downtime,
         "offline": offline,
@@ -148,16 +147,14 @@ def migrate(
         params["stream_file"] = stream_file
     if fault:
         params["fault"] = fault
-    c = client(src)
-    job = c.post(f"/v1/vms/{vm}/migrate", {"destination": dst, "params": params})
-    if not no_wait:
-        job = watch(c, job["id"], show_progress=not as_json and sys.stdout.isatty())
-    if as_json:
-        emit_json(job)
-    else:
-        summary(job) if not no_wait else console.print(f"job {esc(job['id'])} started")
-    if not no_wait and job["status"] != "completed":
-        sys.exit(1)
+    if undefine_source:
+        params["undefine_source"] = True
+    job = client(src).post(f"/v1/vms/{vm}/migrate", {"destination": dst, "params": params})
+    if no_wait:
+        emit_json(job) if as_json else console.print(f"job {job['id']} started")
+        return
+    job, cancelled = _follow(src, job["id"], as_json, cancel=True)
+    _finish(job, as_json, cancelled, src)
 
 
 @click.group("job")
@@ -166,43 +163,137 @@ def command() -> None:
 
 
 @command.command("show")
-@click.option("--host", "host_url", required=True, metavar="URL")
+@HOST_OPTION
 @click.argument("job_id", required=False)
 @JSON_OPTION
 def show(host_url: str, job_id: str | None, as_json: bool) -> None:
-    """Show one job, or list them all."""
+    """Show one job's statistics (as virsh domjobinfo), or list the jobs."""
     c = client(host_url)
     data = c.get(f"/v1/jobs/{job_id}") if job_id else c.get("/v1/jobs")
     if as_json:
         emit_json(data)
-        return
-    for job in data if isinstance(data, list) else [data]:
-        console.print(
-            f"[bold]{esc(job['id'])}[/] {esc(job['role']):<11} {esc(job['vm']):<16} "
-            f"{esc(job['status'])}"
-            + (f"  ({esc(job['step'])}: {esc(job['error'])})" if job.get("error") else "")
-        )
+    elif isinstance(data, dict):
+        console.print(job_info_table(data))
+        if passes_of(data):
+            console.print(pass_table(data, title="pre-copy passes"))
+        v = verdict(data)
+        for w in v.warnings:
+            console.print(f"[yellow]warning[/]: {esc(w)}", highlight=False)
+        for p in v.problems:
+            console.print(f"[red]problem[/]: {esc(p)}", highlight=False)
+    else:
+        console.print(job_list_table(data))
+        for line in job_problems(data):
+            console.print(esc(line), highlight=False, soft_wrap=True)
+
+
+def job_list_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table("job", "role", "vm", "status", "passes", "downtime")
+    table.columns[0].no_wrap = True
+    for job in jobs:
+        st = job.get("stats", {})
+        source = job["role"] == "source"
+        table.add_row(
+            *(Text(str(x)) for x in (job["id"], job["role"], job["vm"], job["status"])),
+            str(len(passes_of(job)) if source else st.get("passes", "")),
+            f"{st['downtime']:.1f} ms" if source and job["status"] == "completed" else "")
+    return table
+
+
+def job_problems(jobs: list[dict[str, Any]]) -> list[str]:
+    """One line per job that failed or reported a problem or warning (below the table,
+    where long messages stay whole)."""
+    out: list[str] = []
+    for job in jobs:
+        if job["status"] == "completed":
+            v = verdict(job)
+            out += [f"{job['id']}: {w}" for w in v.problems + v.warnings]
+        elif job.get("error"):
+            out.append(f"{job['id']}: {job['status']} at {job.get('step')}: {job['error']}")
+    return out
 
 
 @command.command("watch")
-@click.option("--host", "host_url", required=True, metavar="URL")
+@HOST_OPTION
 @click.argument("job_id")
+@click.option("--cancel-on-interrupt", is_flag=True,
+              help="Ctrl-C cancels the job (a second Ctrl-C detaches); without it, Ctrl-C "
+              "only stops watching")
 @JSON_OPTION
-def watch_cmd(host_url: str, job_id: str, as_json: bool) -> None:
-    """Follow a job until it finishes."""
-    job = watch(client(host_url), job_id, show_progress=not as_json and sys.stdout.isatty())
-    emit_json(job) if as_json else summary(job)
-    if job["status"] != "completed":
-        sys.exit(1)
+def watch_cmd(host_url: str, job_id: str, cancel_on_interrupt: bool, as_json: bool) -> None:
+    """Follow a job until it finishes (exit status as for migrate)."""
+    job, cancelled = _follow(host_url, job_id, as_json, cancel=cancel_on_interrupt)
+    _finish(job, as_json, cancelled, host_url)
 
 
 @command.command("cancel")
-@click.option("--host", "host_url", required=True, metavar="URL")
+@HOST_OPTION
 @click.argument("job_id")
 @JSON_OPTION
 def cancel(host_url: str, job_id: str, as_json: bool) -> None:
-    """Cancel a running migration; the source VM keeps running."""
+    """Cancel a running migration and wait until it settled; the source VM keeps running."""
     c = client(host_url)
     c.post(f"/v1/jobs/{job_id}/cancel")
-    job = watch(c, job_id, show_progress=False)
-    emit_json(job) if as_json else summary(job)
+    if as_json:
+        job = follow(host_url, job_id, live=False, lines=False)
+        emit_json(job)
+        return
+    if console.is_terminal:
+        with err_console.status(f"cancelling job {job_id} ..."):
+            job = follow(host_url, job_id, live=False, lines=False)
+    else:
+        print(f"cancelling job {job_id} ...", flush=True)
+        job = follow(host_url, job_id, live=False, lines=False)
+    console.print(f"job {job_id} {job['status']}"
+                  + (f" at {job['step']}" if job.get("step") else ""), highlight=False)
+    console.print(whereabouts(job, host_url), highlight=False)
+
+
+@command.command("set")
+@HOST_OPTION
+@click.argument("job_id")
+@click.option("--downtime-limit", "downtime", type=click.FloatRange(min=0, min_open=True),
+              default=None, metavar="MS", help="new downtime limit (virsh migrate-setmaxdowntime)")
+@click.option("--max-bandwidth", "bandwidth", type=click.FloatRange(min=0), default=None,
+              metavar="MIBPS", help="new bandwidth cap in MiB/s, 0 for unlimited "
+              "(virsh migrate-setspeed)")
+@JSON_OPTION
+def set_cmd(host_url: str, job_id: str, downtime: float | None, bandwidth: float | None,
+            as_json: bool) -> None:
+    """Change a running migration's downtime limit and bandwidth cap."""
+    changes: dict[str, Any] = {}
+    if downtime is not None:
+        changes["downtime_limit_ms"] = downtime
+    if bandwidth is not None:
+        changes["max_bandwidth_mib"] = bandwidth or None
+    if not changes:
+        raise click.UsageError("give --downtime-limit and/or --max-bandwidth")
+    job = client(host_url).post(f"/v1/jobs/{job_id}/params", changes)
+    if as_json:
+        emit_json(job)
+        return
+    console.print(f"job {job_id}: downtime limit {limit_text(job)}, bandwidth "
+                  f"{bw_text(job)}", highlight=False)
+
+
+@command.command("report")
+@HOST_OPTION
+@click.argument("job_id")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="write an HTML page with the charts (inline SVG)")
+@click.option("--png", "png_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="write the charts as a PNG image")
+def report(host_url: str, job_id: str, html_file: Path | None, png_file: Path | None) -> None:
+    """Chart a migration's passes: bytes sent, bandwidth against dirty rate, expected
+    downtime against the limit, throttle."""
+    if html_file is None and png_file is None:
+        raise click.UsageError("give --html FILE and/or --png FILE")
+    from vmferry.cli.charts import write_html, write_png  # matplotlib: only when asked
+
+    job = client(host_url).get(f"/v1/jobs/{job_id}")
+    if html_file is not None:
+        write_html(job, html_file)
+        console.print(f"wrote {html_file}", highlight=False)
+    if png_file is not None:
+        write_png(job, png_file)
+        console.print(f"wrote {png_file}", highlight=False)

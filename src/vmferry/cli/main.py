@@ -16,7 +16,7 @@ from vmferry.cli.common import emit_json, set_tls_dir, set_token_file
 from vmferry.errors import ApiError, MigrationError, VmferryError
 
 _COMMANDS: tuple[str, ...] = (
-    "demo", "host", "vm", "migrate", "job", "stream", "matrix", "explore", "lpm",
+    "demo", "host", "vm", "migrate", "job", "stream", "matrix", "explore", "lpm", "events",
 )
 
 

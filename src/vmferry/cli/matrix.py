@@ -3,20 +3,50 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vmferry.analysis.matrix import (
     COMPAT_MODES,
     GUEST_PSCI,
     MITIGATIONS,
-    run_matrix,
+    Cell,
+    CellSpec,
+    MatrixContext,
+    run_cell,
     specs,
     to_html,
     to_markdown,
 )
+from vmferry.cli.common import err_console
 from vmferry.errors import ConfigError
 from vmferry.machine.profiles import list_profiles
+
+PROGRESS_EVERY_S = 3.0
+
+
+def _run_with_progress(todo: list[CellSpec], lines: bool) -> list[Cell]:
+    """Every cell, with progress on stderr: a bar on a terminal, else (with ``lines``) a
+    line every few seconds (standard output carries only the matrix)."""
+    ctx = MatrixContext()
+    out: list[Cell] = []
+    if err_console.is_terminal:
+        with Progress(TextColumn("matrix"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err_console, transient=True) as bar:
+            for spec in bar.track(todo, description="cells"):
+                if (cell := run_cell(spec, ctx)) is not None:
+                    out.append(cell)
+        return out
+    last = time.monotonic()
+    for i, spec in enumerate(todo, 1):
+        if (cell := run_cell(spec, ctx)) is not None:
+            out.append(cell)
+        if lines and time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            click.echo(f"matrix: {i} of {len(todo)} cells", err=True)
+    return out
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -48,7 +78,9 @@ def _check(items: list[str], allowed: tuple[str, ...] | list[str], what: str) ->
 @click.option("--json", "fmt", flag_value="json", help="A JSON list of cells.")
 @click.option("--markdown", "fmt", flag_value="markdown", default=True,
               help="A markdown table (default).")
-@click.option("--html", "fmt", flag_value="html", help="An HTML table.")
+@click.option("--html", "fmt", flag_value="html",
+              help="An HTML page: a coloured source x destination grid per guest PSCI "
+                   "setting, with a legend and the reason on each cell.")
 def command(profiles: str | None, guest_psci: str, mitigations: str, compat: str,
             allow_degraded: bool, fmt: str) -> None:
     """Every (source, destination, guest PSCI, source and destination mitigation) cell."""
@@ -59,7 +91,8 @@ def command(profiles: str | None, guest_psci: str, mitigations: str, compat: str
     _check(psci, GUEST_PSCI, "guest PSCI choice")
     levels = _split(mitigations) or []
     _check(levels, MITIGATIONS, "mitigation level")
-    cells = run_matrix(specs(names, psci, levels, compat, allow_degraded))
+    cells = _run_with_progress(list(specs(names, psci, levels, compat, allow_degraded)),
+                               lines=fmt != "json")
     if fmt == "json":
         click.echo(json.dumps([c.to_json() for c in cells], indent=1))
     elif fmt == "html":

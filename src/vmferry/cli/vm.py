@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from vmferry.cli.common import (
     HOST_OPTION,
@@ -31,24 +32,93 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(vm)
         return
-    d = vm["definition"]
-    console.print(
-        f"[bold]{esc(vm['name'])}[/]  {esc(vm['runstate'])}  arch={esc(d['arch'])}  "
-        f"memory={esc(d['memory_mib'])} MiB  vcpus={esc(d['vcpus'])}"
-        + (f"  backend={esc(vm['backend'])}" if "backend" in vm else "")
-    )
+    console.print(vm_table(vm))
+    for line in report_lines(vm.get("report") or {}):
+        console.print(esc(line), highlight=False)
     g = vm.get("guest")
     if g:
         console.print(
-            f"  guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
+            f"guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
             f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
             f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
-            + (f"; CRASHED: {esc(g['crashed'])}" if g.get("crashed") else "")
+            + (f"; CRASHED: {esc(g['crashed'])}" if g.get("crashed") else ""),
+            highlight=False,
         )
     if "digests" in vm:
         digests = vm["digests"]
-        console.print(f"  ram digest  {esc(digests['ram'])}\n  vcpu digest "
-                      f"{esc(digests['vcpu'])}")
+        console.print(f"ram digest  {digests['ram']}\nvcpu digest {digests['vcpu']}")
+
+
+def vm_table(vm: dict[str, Any]) -> Table:
+    """What the VM is: arch, size, devices, workload, throttle (units in each value)."""
+    d = vm["definition"]
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    work = d.get("workload") or {}
+    rows = [
+        ("Name", vm["name"]),
+        ("State", vm["runstate"]),
+        ("Arch", str(d.get("arch", "generic"))
+                 + (f" ({vm['backend']} backend)" if "backend" in vm else "")),
+        ("Memory", f"{d['memory_mib']} MiB"),
+        ("vCPUs", str(d.get("vcpus", 1))),
+        ("Dirty rate", f"{work['dirty_rate_mbps']:g} MB/s, 10^6 bytes/s ("
+                       f"{work.get('pattern', 'uniform')} pattern, as defined)"
+                       if work.get("dirty_rate_mbps") else "idle guest"),
+        ("Throttle", f"{vm.get('throttle_pct', 0)} %"),
+        ("Pages dirtied", str(vm.get("pages_dirtied", "-"))),
+    ]
+    for dev in d.get("devices") or []:
+        host = f" on {dev['host_device']}" if dev.get("host_device") else ""
+        rows.append(("VFIO device", f"{dev.get('id')} ({dev.get('driver')}){host}"))
+    for w in d.get("tce_windows") or []:
+        rows.append(("TCE window", f"liobn {w['liobn']:#x} at {w.get('offset', 0):#x}, "
+                                   f"{w['size_mib']} MiB, {1 << w.get('page_shift', 12)} B "
+                                   "pages"))
+    for dev in d.get("dma_devices") or []:
+        rows.append(("DMA device", f"{dev.get('name')} on liobn {dev.get('liobn', 0):#x}"))
+    for k, v in rows:
+        t.add_row(k + ":", Text(v))  # text from the host, never markup
+    return t
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The handlers' reports in words: firmware and guest view (arm64), TCE windows
+    (pseries), device tree check, VFIO devices."""
+    out: list[str] = []
+    arm = report.get("arm64")
+    if isinstance(arm, dict):
+        fw, guest = arm.get("firmware", {}), arm.get("guest", {})
+        out.append(f"firmware: profile {fw.get('profile')}, PSCI {fw.get('psci_version')}, "
+                   f"host mitigation {fw.get('mitigation')} (guest PSCI choice "
+                   f"{arm.get('psci_choice')})")
+        mit = guest.get("mitigation") or {}
+        prot = ", ".join(f"{k} {v}" for k, v in sorted(mit.items())) or "unknown"
+        out.append(f"guest: PSCI {guest.get('psci_version')}, SMCCC 1.1 "
+                   f"{'yes' if guest.get('smccc_1_1') else 'no'}; protection: {prot}"
+                   + (f"; LOST: {', '.join(guest['lost'])}" if guest.get("lost") else ""))
+    tce = report.get("spapr-tce")
+    if isinstance(tce, dict):
+        for w in tce.get("windows", []):
+            out.append(f"TCE window {w['liobn']:#x}: {w.get('mapped', 0)} of "
+                       f"{w.get('entries', 0)} entries mapped")
+        out.append(f"TCE: {tce.get('dma_faults', 0)} DMA faults, invariants "
+                   f"{tce.get('invariants')}")
+    dt = report.get("pseries-dt")
+    if isinstance(dt, dict):
+        check = dt.get("check")
+        if check == "ok" or not isinstance(check, list):
+            out.append(f"device tree: check {check}")
+        else:
+            out.append(f"device tree: {len(check)} problems: " + "; ".join(map(str, check[:3]))
+                       + ("; ..." if len(check) > 3 else ""))
+    vfio = report.get("vfio")
+    if isinstance(vfio, dict):
+        for ident, dev in sorted((vfio.get("devices") or {}).items()):
+            out.append(f"VFIO {ident} ({dev.get('driver')}): {dev.get('state')}, "
+                       f"{dev.get('dma_writes', 0)} DMA writes")
+    return out
 
 
 @command.command("create")

@@ -17,6 +17,7 @@ from aiohttp.typedefs import Middleware
 
 from vmferry import __version__
 from vmferry.errors import ApiError, HostError, MigrationError, PeerError, VmferryError
+from vmferry.host import observe
 from vmferry.host.auth import bearer_matches
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.iommu import describe as describe_iommu
@@ -184,6 +185,7 @@ def make_app(d: HostDaemon, sweep_every_s: float = 1.0) -> web.Application:
     app = web.Application(middlewares=[errors, make_auth(d)], client_max_size=MAX_BODY)
     for group in ROUTE_GROUPS:
         app.add_routes(group(d, files))
+    observe.add_routes(app, d)  # event stream, /metrics, live job parameters
 
     async def sweeper(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_expire_reservations(d, sweep_every_s))
@@ -433,5 +435,6 @@ OPENAPI: dict[str, Any] = {
                                                                 "JobInfo")},
         "/v1/events": {"get": _op("Recent host events (refused connections ...)",
                                   {"type": "array", "items": _OBJECT})},
+        **observe.OPENAPI_PATHS,
     },
 }

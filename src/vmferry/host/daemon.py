@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -40,10 +41,11 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
 from vmferry.host.auth import is_loopback, load_or_create_token
+from vmferry.host.events import EventBus
 from vmferry.host.files import ImagesDir
 from vmferry.host.iommu import probe_host
 from vmferry.host.models import VmDefinitionModel, validate
@@ -130,6 +132,8 @@ class Job:
     step: str = ""
     created: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: parameter changes for the running migration, taken by its worker (under the lock)
+    retune: dict[str, Any] = field(default_factory=dict)
     thread: threading.Thread | None = None
     #: persisted engine bookkeeping: ``peer_job``, ``commit_sent`` (see store.py)
     progress: dict[str, Any] = field(default_factory=dict)
@@ -192,14 +196,23 @@ class HostDaemon:
         self.incoming: dict[str, Incoming] = {}
         self.control_url = ""
         self.migration_address: tuple[str, int] = ("", 0)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_lock = lock_state_dir(state_dir)
         #: where save, restore and stream_file paths live (nothing outside it is touched)
         self.images = ImagesDir(images_dir or state_dir / "images", state_dir)
         #: how long a reservation from /v1/incoming holds a VM name without a source
         self.reservation_ttl_s = TOKEN_TTL_S
         self.store = Store(state_dir / "host.sqlite3")
+        self.events = EventBus()
+        self.store.on_vm_change = self._vm_changed
+        self.store.on_log = self._logged
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
+
+    def _vm_changed(self, name: str, runstate: str) -> None:
+        self.events.publish("vm", {"name": name, "runstate": runstate})
+
+    def _logged(self, kind: str, message: str) -> None:
+        self.events.publish("host", {"kind": kind, "message": message})
 
     # --- start-up and shut-down ------------------------------------------------------
 
@@ -332,7 +345,9 @@ class HostDaemon:
                     hosted.runner.stop()
         with contextlib.suppress(OSError):
             (self.state_dir / "ready.json").unlink()
+        self.events.close()
         self.store.close()
+        self._state_lock.close()  # closing the file releases the lock
 
     @property
     def stopping(self) -> bool:
@@ -374,11 +389,26 @@ class HostDaemon:
         log.info("created VM %s (%s)", hosted.name, hosted.runstate)
         return hosted
 
-    def check_name_free(self, name: str) -> None:
-        """HTTP 409 if a VM of that name is here or on its way here."""
+    def check_name_free(self, name: str, leftover_ok: bool = False) -> None:
+        """HTTP 409 if a VM of that name is here or on its way here.  With
+        ``leftover_ok``, the record a VM left when it migrated away does not count: a VM
+        coming back replaces it."""
         with self.lock:
-            if name in self.vms or name in {i.vm for i in self.incoming.values()}:
+            here = self.vms.get(name)
+            if here is not None and leftover_ok and here.runstate == "migrated":
+                here = None
+            if here is not None or name in {i.vm for i in self.incoming.values()}:
                 raise ApiError(409, f"a VM named {name!r} exists on host {self.name}")
+
+    def undefine(self, name: str) -> None:
+        """Forget the record a VM left behind when it migrated away."""
+        with self.lock:
+            hosted = self.vms.get(name)
+            if hosted is None or hosted.runstate != "migrated":
+                return
+            del self.vms[name]
+        self.store.delete_vm(name)
+        log.info("undefined VM %s (it migrated away)", name)
 
     def _groups_of(self, definition: Mapping[str, Any]) -> dict[int, str]:
         """IOMMU group -> host device, for the host functions a definition assigns."""
@@ -499,10 +529,16 @@ class HostDaemon:
         with self.lock:
             self.jobs[job.id] = job
         self.store.put_job(job.row())
+        self.publish_job(job)
         return job
 
     def save_job(self, job: Job) -> None:
         self.store.put_job(job.row())
+        self.publish_job(job)
+
+    def publish_job(self, job: Job) -> None:
+        """Tell event subscribers the job's current state (status and statistics)."""
+        self.events.publish("job", self.job_json(job))
 
     def get_job(self, job_id: str) -> Job:
         with self.lock:
@@ -518,6 +554,7 @@ class HostDaemon:
         from vmferry.host.migration import parse_params, start_source_job
 
         parse_params(params)  # refuse bad parameters before anything changes
+        self._check_not_self(destination)
         with self.lock:  # the check and the mark are one step
             hosted = self.get_vm(name)
             if hosted.runstate == "migrating":
@@ -542,6 +579,24 @@ class HostDaemon:
             hosted.runstate, hosted.job, hosted.note = runstate, None, note
             self.store.set_runstate(hosted.name, runstate, note)
 
+    def _check_not_self(self, destination: str) -> None:
+        """HTTP 409 if ``destination`` is this host (under whatever URL)."""
+        from vmferry.host.client import HostClient
+
+        try:
+            ctx = self.tls.client_context() if self.tls is not None else None
+            info = HostClient(destination, self.token, timeout=10.0, tls=ctx).get("/v1/host")
+        except HostError:
+            return  # unreachable: asking it for a token reports that, with the step
+        if not isinstance(info, dict):
+            return
+        same_url = bool(self.control_url) and info.get("control_url") == self.control_url
+        same_listener = list(info.get("migration_address") or []) == list(
+            self.migration_address) and self.migration_address[1] != 0
+        if same_url or same_listener:
+            raise ApiError(409, f"source and destination are the same host ({self.name} at "
+                                f"{destination})")
+
     def cancel(self, job_id: str) -> Job:
         job = self.get_job(job_id)
         if job.status in ("completed", "failed", "cancelled"):
@@ -553,6 +608,32 @@ class HostDaemon:
         job.cancel.set()
         return job
 
+    def set_job_params(self, job_id: str, changes: dict[str, Any]) -> Job:
+        """Change ``downtime_limit_ms`` / ``max_bandwidth_mib`` (null: unlimited) of a
+        running source job; its worker applies them before it sends more.  HTTP 400 for
+        other keys or bad values, 409 for a job that is not a running source job."""
+        from vmferry.migration.source import MigrationParams
+
+        job = self.get_job(job_id)
+        allowed = {"downtime_limit_ms", "max_bandwidth_mib"}
+        if not changes or set(changes) - allowed:
+            raise ApiError(400, f"only {sorted(allowed)} can change during a migration, "
+                                f"got {sorted(changes)}")
+        if job.role != "source" or job.status not in ("setup", "active"):
+            raise ApiError(409, f"job {job_id} is a {job.role} job in status {job.status}; "
+                                "only a running source job takes new parameters")
+        merged = {k: job.params.get(k) for k in allowed if k in job.params}
+        try:
+            MigrationParams(**{**merged, **changes}).policy()
+        except (TypeError, ConfigError) as exc:
+            raise ApiError(400, f"bad migration parameters: {exc}") from exc
+        with self.lock:
+            job.retune.update(changes)
+            job.params = {**job.params, **changes}
+        self.save_job(job)
+        log.info("job %s: parameters changed: %s", job_id, changes)
+        return job
+
     def expect_incoming(
         self, vm_name: str, definition: dict[str, Any], verify: bool, peer: str
     ) -> tuple[Incoming, dict[str, Any]]:
@@ -561,7 +642,7 @@ class HostDaemon:
         parsed = self.check_definition(definition)
         if parsed.name != vm_name:
             raise ApiError(400, f"the definition is of VM {parsed.name!r}, not {vm_name!r}")
-        self.check_name_free(vm_name)
+        self.check_name_free(vm_name, leftover_ok=True)
         # the capabilities come from a scratch VM whose RAM is never touched (zero fill)
         try:
             scratch = self.build_vm({**parsed.to_dict(), "fill": "zero"})
@@ -573,7 +654,7 @@ class HostDaemon:
         finally:
             scratch.close()
         with self.lock:
-            self.check_name_free(vm_name)
+            self.check_name_free(vm_name, leftover_ok=True)
             job = self.new_job(vm_name, "destination", peer, {"verify": verify})
             self._check_assignment(vm_name, definition)
             inc = Incoming(
@@ -612,6 +693,34 @@ class HostDaemon:
             self.save_job(job)
 
 
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """Create ``state_dir`` if needed and take its lock: one daemon per state dir.
+    Returns the open lock file (closing it releases the lock); HostError naming the
+    other daemon's pid if one holds it, or if the directory cannot be used."""
+    path = state_dir / "daemon.lock"
+    if state_dir.exists() and not state_dir.is_dir():
+        raise HostError(f"state dir {state_dir} is not a directory")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+    except OSError as exc:
+        raise HostError(f"state dir {state_dir} cannot be used: "
+                        f"{exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "unknown"
+        fh.close()
+        raise HostError(f"state dir {state_dir} is in use by another vmferry host daemon "
+                        f"(pid {pid})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 def with_iommu_probe(context: HostContext) -> HostContext:
     """The context with the host's IOMMU boot probe run (hosts that have IOMMUs)."""
     if context.iommu is not None:
@@ -638,27 +747,59 @@ def run_daemon(
     token_file: Path | None = None,
     tls: TlsConfig | None = None,
     images_dir: Path | None = None,
+    *,
+    qmp_dir: Path | None = None,
 ) -> None:
     """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
     token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
     for a loopback address: a host others can reach shares an explicit token file with its
-    cluster)."""
+    cluster).  With ``qmp_dir``, each VM gets a QMP socket there (:mod:`vmferry.host.qmp`).
+    Every way it cannot start is a one-line VmferryError (the traceback of an unexpected
+    one goes to the log)."""
+    try:
+        _run_daemon(name, state_dir, listen, migration_listen, context, token_file, tls,
+                    images_dir, qmp_dir)
+    except VmferryError:
+        raise
+    except OSError as exc:
+        raise HostError(f"host {name}: {exc.strerror or exc}"
+                        + (f": {exc.filename}" if exc.filename else "")) from exc
+    except Exception as exc:
+        log.exception("host %s failed", name)
+        raise HostError(f"host {name} failed: {type(exc).__name__}: {exc} "
+                        f"(details in {state_dir / 'daemon.log'})") from exc
+
+
+def _run_daemon(
+    name: str,
+    state_dir: Path,
+    listen: tuple[str, int],
+    migration_listen: tuple[str, int] | None,
+    context: HostContext | None,
+    token_file: Path | None,
+    tls: TlsConfig | None,
+    images_dir: Path | None,
+    qmp_dir: Path | None,
+) -> None:
     from vmferry.host.api import make_app
+    from vmferry.host.qmp import QmpServer
 
     if token_file is None and not is_loopback(listen[0]):
         raise ConfigError(
             f"the control API would listen on {listen[0]}, beyond this machine: "
             "give the cluster's --token-file"
         )
+    if state_dir.exists() and not state_dir.is_dir():
+        raise HostError(f"state dir {state_dir} is not a directory")
     state_dir.mkdir(parents=True, exist_ok=True)
     token = load_or_create_token(token_file or state_dir / "token")
+    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls,
+                        images_dir)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls,
-                        images_dir)
     for what, address in (("control API", listen), ("migration listener",
                                                      daemon.migration_listen)):
         if tls is None and not is_loopback(address[0]):
@@ -686,6 +827,10 @@ def run_daemon(
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
         daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
+        daemon.control_url = f"http://{host}:{port}"
+        qmp = QmpServer(daemon, qmp_dir) if qmp_dir is not None else None
+        if qmp is not None:
+            await qmp.start()
         daemon.write_ready_file()
         log.info(
             "host %s: control %s, migration %s:%d",
@@ -699,10 +844,9 @@ def run_daemon(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("host %s stopping", name)
+        if qmp is not None:
+            await qmp.stop()
         await asyncio.to_thread(daemon.shutdown)
         await runner.cleanup()
 
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        raise HostError(f"host {name}: {exc}") from exc
+    asyncio.run(main())

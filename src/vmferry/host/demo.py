@@ -125,7 +125,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-_SUMMARY = ("status", "error", "verified", "downtime_ms", "total_time_ms", "iterations",
+_SUMMARY = ("status", "error", "verified", "downtime", "total-time", "iterations",
             "devices")  # fmt: skip
 
 
@@ -194,10 +194,11 @@ def _report(job: dict[str, Any], dest: HostClient, name: str = "demo-vm") -> dic
         "devices": devices,
         "device_bytes": stats.get("device-bytes", 0),
         "destination_runstate": dest_vm.get("runstate"),
-        "downtime_ms": stats.get("downtime", 0.0),
-        "downtime_breakdown": stats.get("downtime-breakdown", {}),
-        "total_time_ms": stats.get("total-time", 0.0),
-        "setup_time_ms": stats.get("setup-time", 0.0),
+        # the job's names and units (QMP's): times in ms
+        "downtime": stats.get("downtime", 0.0),
+        "downtime-breakdown": stats.get("downtime-breakdown", {}),
+        "total-time": stats.get("total-time", 0.0),
+        "setup-time": stats.get("setup-time", 0.0),
         "iterations": len(stats.get("passes", [])),
         "passes": stats.get("passes", []),
         "ram": {
@@ -214,7 +215,7 @@ def _report(job: dict[str, Any], dest: HostClient, name: str = "demo-vm") -> dic
                 "pages-per-second",
             )
         },
-        "throttle_pct": stats.get("cpu-throttle-percentage", 0),
+        "cpu-throttle-percentage": stats.get("cpu-throttle-percentage", 0),
         "warnings": stats.get("warnings", []),
         "source_report": stats.get("source_report", {}),
     }

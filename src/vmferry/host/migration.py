@@ -7,10 +7,13 @@ and turns every way a connection can fail into a session failure with the step n
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import socket
 import ssl
+import sys
+import termios
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,8 @@ from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.files import Output
 from vmferry.host.models import MigrationParamsModel, validate
+from vmferry.host.outcome import downtime_overrun
+from vmferry.host.populate import Populator
 from vmferry.host.runner import VmRunner
 from vmferry.host.tls import TlsConfig, explain
 from vmferry.host.transport import (
@@ -40,7 +45,6 @@ from vmferry.host.transport import (
     send_frame,
     serve_handshakes,
 )
-from vmferry.host.vcpus import Populator
 from vmferry.machine.vm import load_definition
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
@@ -55,6 +59,12 @@ log = logging.getLogger("vmferry.host.migration")
 HELLO_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 STATS_EVERY_S = 0.1
+#: the destination's socket receive buffer: a bounded backlog at the switchover (less to
+#: drain while the guest is paused, and a known amount for the downtime prediction)
+RECEIVE_BUFFER = 2 * 1024 * 1024
+#: the best bandwidth a pass measured to each destination (its control URL), kept for
+#: migrations whose passes are too small to measure it themselves
+_LINK_BANDWIDTH: dict[str, float] = {}
 #: the source's bound on a destination that makes no progress while the guest runs
 ACTIVE_STALL_S = 30.0
 #: ... and while the guest is paused: STALL_BASE_S + STALL_PER_LIMIT x the downtime limit
@@ -66,7 +76,7 @@ VERIFY_S_PER_GIB = 1.0
 SETTLE_S = 5.0
 
 
-HOST_PARAMS = ("fault", "stream_file")
+HOST_PARAMS = ("fault", "stream_file", "undefine_source")
 
 
 def destination_ok(post_load: dict[str, Any]) -> bool:
@@ -249,7 +259,11 @@ class SourceWorker:
         self.verification: dict[str, Any] = {"requested": params.verify}
         assert hosted.vm is not None and hosted.runner is not None
         self.runner: VmRunner = hosted.runner
-        self.session = SourceSession(hosted.vm, params, MonotonicClock(), guest=self.runner)
+        self.session = SourceSession(
+            hosted.vm, params, MonotonicClock(), guest=self.runner, link=self
+        )
+        self._sock: socket.socket | None = None
+        self._rtt_s = 0.0
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
         #: the stream copy (``stream_file``), renamed into place if the migration completes
@@ -260,7 +274,8 @@ class SourceWorker:
         try:
             self._check_cancel()
             self._preflight()
-            sock = self._connect()
+            self._rtt_s = self._measure_round_trip()
+            sock = self._sock = self._connect()
             self._send_stream(sock)
             self._await_ack(sock)
         except MigrationRefused as exc:
@@ -331,6 +346,40 @@ class SourceWorker:
         for w in warnings:
             log.warning("job %s pre-flight: %s", self.job.id, w)
 
+    def _measure_round_trip(self) -> float:
+        """Median of three control-API round trips to the destination host."""
+        client = HostClient(self.job.peer, self.daemon.token, timeout=5.0)
+        samples = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            try:
+                client.get("/v1/host")
+            except (ApiError, HostError):
+                return 0.0
+            samples.append(time.monotonic() - t0)
+        return sorted(samples)[1]
+
+    def round_trip_s(self) -> float:
+        return self._rtt_s
+
+    def bandwidth_bps(self) -> float:
+        return _LINK_BANDWIDTH.get(self.job.peer, 0.0)
+
+    def _remember_bandwidth(self) -> None:
+        measured = self.session.stats.link_bandwidth_bps
+        if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
+            _LINK_BANDWIDTH[self.job.peer] = measured
+
+    def in_flight_bytes(self) -> int:
+        """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
+        queue is not empty (the destination is behind), its full receive buffer."""
+        queued = 0
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                raw = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                queued = int.from_bytes(raw, sys.byteorder, signed=True)
+        return queued + RECEIVE_BUFFER if queued > 0 else 0
+
     def _unlogged_write(self) -> None:
         """Fault ``active:unlogged-write``: change page 0 without a dirty mark, once."""
         assert self.hosted.vm is not None
@@ -387,6 +436,7 @@ class SourceWorker:
         first = True
         while bufs:
             self._check_cancel()
+            self._retune()
             phase = "setup" if first else self._phase()
             first = False
             self._persist(self.session.status.value, self.session.current_step())
@@ -398,6 +448,7 @@ class SourceWorker:
             if readable(sock):
                 reason = self._peer_reason(sock) or "destination closed the connection"
                 raise PeerError(reason, self.session.current_step())
+            self._remember_bandwidth()
             wire = apply(self.fault, phase, bufs)
             self._set_bound()
             send_buffers(sock, wire, self._on_stall)
@@ -410,6 +461,14 @@ class SourceWorker:
             self._publish()
             bufs = self.session.next_buffers()
         self._persist(self.session.status.value, self.session.current_step())
+
+    def _retune(self) -> None:
+        """Apply parameter changes the operator made since the last batch."""
+        with self.daemon.lock:
+            changes, self.job.retune = self.job.retune, {}
+        if changes:
+            self.session.retune(changes)
+            self.params = self.session.params
 
     def _await_ack(self, sock: socket.socket) -> None:
         if self.params.verify:  # taken now, while the destination loads
@@ -474,6 +533,10 @@ class SourceWorker:
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
                           "destination_ok": destination_ok(post_load)}
+        overrun = downtime_overrun(self.job.stats, self.params.downtime_limit_ms)
+        if overrun:
+            self.job.stats["warnings"] = [*self.job.stats.get("warnings", []), overrun]
+            log.warning("job %s: %s", self.job.id, overrun)
         if not self.job.stats["destination_ok"]:
             log.warning("job %s: post-load work failed on the destination: %s", self.job.id,
                         sorted(k for k, r in post_load.items() if not r.get("ok", True)))
@@ -484,6 +547,8 @@ class SourceWorker:
         self._persist("completed", "completed")
         log.info("job %s: %s migrated, downtime %.1f ms", self.job.id, self.hosted.name,
                  stats.downtime.total_ms)
+        if self.job.params.get("undefine_source"):
+            self.daemon.undefine(self.hosted.name)
 
     def _settle_after_commit(
         self, reason: str, frame: dict[str, Any] | None, ack: dict[str, Any]
@@ -539,6 +604,7 @@ class SourceWorker:
         if now - self._last_stats >= STATS_EVERY_S:
             self._last_stats = now
             self.job.stats = self.session.stats.to_json()
+            self.daemon.publish_job(self.job)
 
     def _fail(self, reason: str, step: str | None = None, cancelled: bool = False) -> None:
         step = step or self.session.current_step()
@@ -669,6 +735,8 @@ class DestinationWorker:
             check_config=self._check_approved(inc.vm, inc.definition),
             factory=self._build_staging,
         )
+        with contextlib.suppress(OSError):
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER // 2)
         send_frame(self.conn, "welcome", host=self.daemon.name)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status, self.job.step = "active", "receiving stream"

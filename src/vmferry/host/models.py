@@ -138,6 +138,8 @@ class MigrationParamsModel(Strict):
     fault: str | None = Field(default=None, max_length=64)
     #: also write the exact stream sent to this file in the images directory
     stream_file: FileName | None = None
+    #: forget the VM on the source once it runs on the destination (virsh --undefinesource)
+    undefine_source: bool = False
 
 
 class MigrateRequest(Strict):

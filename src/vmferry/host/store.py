@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,10 @@ class Store:
         except sqlite3.Error as exc:
             raise HostError(f"open store {path}: {exc}") from exc
         self._lock = threading.Lock()
+        #: called after a VM's runstate is written (name, runstate; "undefined" on delete)
+        self.on_vm_change: Callable[[str, str], None] | None = None
+        #: called after an event is logged (kind, message)
+        self.on_log: Callable[[str, str], None] | None = None
 
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -115,6 +120,11 @@ class Store:
             "VALUES (?, ?, ?, ?, ?)",
             (name, json.dumps(definition), runstate, time.time(), note),
         )
+        self._vm_changed(name, runstate)
+
+    def _vm_changed(self, name: str, runstate: str) -> None:
+        if self.on_vm_change is not None:
+            self.on_vm_change(name, runstate)
 
     def set_runstate(self, name: str, runstate: str, note: str = "") -> None:
         """The VM's runstate and the note that explains it (cleared when not given)."""
@@ -122,9 +132,11 @@ class Store:
             "UPDATE vms SET runstate=?, note=?, updated=? WHERE name=?",
             (runstate, note, time.time(), name),
         )
+        self._vm_changed(name, runstate)
 
     def delete_vm(self, name: str) -> None:
         self._run("DELETE FROM vms WHERE name=?", (name,))
+        self._vm_changed(name, "undefined")
 
     def vms(self) -> list[tuple[str, dict[str, Any], str]]:
         rows = self._run("SELECT name, definition, runstate FROM vms ORDER BY name")
@@ -188,6 +200,12 @@ class Store:
         self._run(
             "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message)
         )
+        if self.on_log is not None:
+            self.on_log(kind, message)
+
+    def count_events(self, kind: str) -> int:
+        """How many events of ``kind`` this store holds (e.g. refused connections)."""
+        return int(self._run("SELECT COUNT(*) FROM events WHERE kind=?", (kind,))[0][0])
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._run("SELECT at, kind, message FROM events ORDER BY id DESC LIMIT ?", (limit,))

@@ -88,36 +88,3 @@ class VcpuThreads:
         for i in range(len(self._threads)):
             self.vm.kvm_vcpus[i].immediate_exit = False
         self._threads = []
-
-
-class Populator:
-    """Faults a staging VM's RAM in from a thread while its stream arrives, from the top
-    of RAM down (the stream fills it from the bottom up): the receiving thread then
-    copies into memory that is already there.  For RAM that can (``ram.populate``)."""
-
-    CHUNK_PAGES = 8192  # 32 MiB of 4 KiB pages
-
-    def __init__(self, ram: object) -> None:
-        self.populate = getattr(ram, "populate", None)
-        self.npages = int(getattr(ram, "npages", 0))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if self.populate is not None:
-            self._thread = threading.Thread(target=self._run, name="populate", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        assert self.populate is not None
-        end = self.npages
-        while end > 0 and not self._stop.is_set():
-            first = max(0, end - self.CHUNK_PAGES)
-            if not self.populate(first, end - first):
-                return
-            end = first
-
-    def stop(self) -> None:
-        """Stop and wait (before the RAM may be closed)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None

@@ -2,10 +2,18 @@
 
 Theory of operation
 -------------------
-RAM is one private anonymous mapping (``MAP_PRIVATE | MAP_ANONYMOUS``, ``MADV_HUGEPAGE``
-where the kernel offers it), seen through numpy.  Nothing is faulted in at creation: a
-1 GiB guest that never touches its memory costs nothing, and a fresh destination pays
-first-touch only for pages it actually receives.
+RAM is one private anonymous mapping (``MAP_PRIVATE | MAP_ANONYMOUS``), seen through
+numpy.  Nothing is faulted in at creation: a 1 GiB guest that never touches its memory
+costs nothing, and a fresh destination pays first-touch only for pages it actually
+receives.
+
+The mapping is in 4 KiB pages (``MADV_NOHUGEPAGE``) unless asked otherwise: measured on
+this machine kind, a destination populates 4 KiB pages ahead of the stream faster than
+transparent huge pages (docs/performance.md has the figures).  A destination host
+populates the memory from a thread while the stream arrives (``MADV_POPULATE_WRITE``, see
+``vmferry.host.populate``); :attr:`GuestRam.address` and :attr:`GuestRam.write_frontier`
+(one past the highest page stored so far) are what that thread needs to stay ahead of the
+receiver without populating memory that never gets data.
 
 Two per-page bitmaps (numpy ``bool`` arrays, one byte a page) sit beside the memory:
 
@@ -53,6 +61,9 @@ PAGE_4K = 4096
 PAGE_64K = 65536
 _SUPPORTED_PAGE_SIZES = (PAGE_4K, PAGE_64K)
 _HUGE = 2 * 1024 * 1024
+#: back guest RAM with transparent huge pages?  No: chosen by measurement (see the module
+#: docstring and docs/performance.md)
+HUGE_PAGES = False
 #: "atomic": get-and-clear under the guard (correct); "copy_then_clear": the lost-mark bug
 LOG_MODES = ("atomic", "copy_then_clear")
 
@@ -85,7 +96,14 @@ class DirtyLog:
 class GuestRam:
     """``size`` bytes of guest RAM in ``page_size`` pages, backed by anonymous memory."""
 
-    def __init__(self, size: int, page_size: int = PAGE_4K, *, log_mode: str = "atomic") -> None:
+    def __init__(
+        self,
+        size: int,
+        page_size: int = PAGE_4K,
+        *,
+        log_mode: str = "atomic",
+        huge_pages: bool = HUGE_PAGES,
+    ) -> None:
         if log_mode not in LOG_MODES:
             raise ConfigError(f"dirty log mode {log_mode!r} is not one of {LOG_MODES}")
         if page_size not in _SUPPORTED_PAGE_SIZES:
@@ -95,9 +113,11 @@ class GuestRam:
         self.size = size
         self.page_size = page_size
         self.npages = size // page_size
+        self.huge_pages = huge_pages
         self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if size >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
-            self._mmap.madvise(mmap.MADV_HUGEPAGE)
+        advice = "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE"
+        if size >= _HUGE and hasattr(mmap, advice):
+            self._mmap.madvise(getattr(mmap, advice))
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._mmap, dtype=np.uint8)
         self.pages: npt.NDArray[np.uint8] = self.bytes.reshape(self.npages, page_size)
         self._words = self.bytes.view(np.uint64).reshape(self.npages, page_size // 8)
@@ -108,6 +128,13 @@ class GuestRam:
         #: taken by every dirty mark and by get-and-clear; whoever runs guest writers
         #: concurrently with the log reader installs a real lock (see the module docstring)
         self.log_guard: AbstractContextManager[object] = contextlib.nullcontext()
+        #: one past the highest page stored through this object (a receiver's position)
+        self.write_frontier = 0
+
+    @property
+    def address(self) -> int:
+        """Where the memory starts in this process (for madvise from the host)."""
+        return int(self.bytes.ctypes.data)
 
     # --- plain access ----------------------------------------------------------------
 
@@ -152,6 +179,7 @@ class GuestRam:
             raise GuestMemoryError(f"pages [{first}, {first + k}) do not fit guest RAM")
         self.pages[first : first + k] = data
         self._mark(slice(first, first + k))
+        self.write_frontier = max(self.write_frontier, first + k)
 
     def fill_words(
         self, first: int, count: int, produce: Callable[[npt.NDArray[np.uint64]], object]
@@ -161,13 +189,18 @@ class GuestRam:
             raise GuestMemoryError(f"pages [{first}, {first + count}) do not fit guest RAM")
         produce(self._words[first : first + count].reshape(-1))
         self._mark(slice(first, first + count))
+        self.write_frontier = max(self.write_frontier, first + count)
 
     def scatter_pages(self, index: IntArray, data: npt.NDArray[np.uint8]) -> None:
         """Store ``data[i]`` into page ``index[i]`` (vectorised; for workloads and DMA)."""
-        if index.size and (int(index.min()) < 0 or int(index.max()) >= self.npages):
+        if not index.size:
+            return
+        top = int(index.max())
+        if int(index.min()) < 0 or top >= self.npages:
             raise GuestMemoryError("page index outside guest RAM")
         self.pages[index] = data
         self._mark(index)
+        self.write_frontier = max(self.write_frontier, top + 1)
 
     def poke_words(self, index: IntArray, word: int, values: npt.NDArray[np.uint64]) -> None:
         """Store one 64-bit word at word offset ``word`` of each page in ``index``."""
@@ -217,8 +250,8 @@ class GuestRam:
         at once (random data: nearly every page); only live pages that start with a zero
         word are scanned whole."""
         mask = ~self.populated[index]
-        first_words = self._words[index, 0]
-        suspects = np.flatnonzero(~mask & (first_words == 0))
+        live = np.flatnonzero(~mask)  # never-written pages are not read (not even faulted)
+        suspects = live[self._words[index[live], 0] == 0]
         if suspects.size:
             mask[suspects] = ~self._words[index[suspects]].any(axis=1)
         return mask

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -190,9 +189,7 @@ class KvmGuestRam(GuestRam):
     without a look."""
 
     def __init__(self, size: int) -> None:
-        super().__init__(size, PAGE_4K)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):
-            self._mmap.madvise(mmap.MADV_NOHUGEPAGE)
+        super().__init__(size, PAGE_4K, huge_pages=False)
         self.kvm_vm: kvm.KvmVm | None = None
         self.mode = "get"
         self.reads = 0

@@ -41,6 +41,7 @@ class PassRecord:
     dirty_pages_rate: float  # pages per second
     expected_downtime_ms: float
     throttle_pct: int
+    downtime_limit_ms: float = 0.0  # the limit the pass's decision used
 
 
 @dataclass
@@ -60,8 +61,14 @@ class MigrationStats:
     setup_time_ms: float = 0.0
     total_time_ms: float = 0.0
     expected_downtime_ms: float = 0.0
+    #: the downtime predicted at the stop decision, and what it was made of
+    predicted_downtime_ms: float = 0.0
+    predicted: dict[str, float] = field(default_factory=dict)
+    #: the link's bandwidth as the last pass measured it (0.0: too small to measure)
+    link_bandwidth_bps: float = 0.0
     downtime: Downtime = field(default_factory=Downtime)
     ram_total: int = 0
+    ram_page_size: int = 0
     ram_transferred: int = 0
     ram_remaining: int = 0
     ram_duplicate: int = 0
@@ -78,6 +85,13 @@ class MigrationStats:
     error_step: str = ""
     warnings: list[str] = field(default_factory=list)
 
+    def _prediction_error(self) -> dict[str, float]:
+        """How far the prediction was off, in percent of the actual downtime."""
+        if self.status is not Status.COMPLETED or not self.predicted or not self.downtime.total_ms:
+            return {}
+        err = (self.predicted_downtime_ms - self.downtime.total_ms) / self.downtime.total_ms
+        return {"downtime-prediction-error-pct": round(err * 100, 1)}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status.value,
@@ -85,6 +99,9 @@ class MigrationStats:
             "total-time": round(self.total_time_ms, 3),
             "expected-downtime": round(self.expected_downtime_ms, 3),
             "downtime": round(self.downtime.total_ms, 3),
+            "predicted-downtime": round(self.predicted_downtime_ms, 3),
+            "predicted-downtime-breakdown": {k: round(v, 3) for k, v in self.predicted.items()},
+            **self._prediction_error(),
             "downtime-breakdown": {k: round(v, 3) for k, v in asdict(self.downtime).items()},
             "ram": {
                 "transferred": self.ram_transferred,
@@ -97,6 +114,7 @@ class MigrationStats:
                 "mbps": round(self.ram_mbps, 3),
                 "dirty-sync-count": self.dirty_sync_count,
                 "pages-per-second": round(self.ram_pages_per_second, 1),
+                "page-size": self.ram_page_size,
             },
             "device-bytes": self.device_bytes,
             "cpu-throttle-percentage": self.throttle_pct,

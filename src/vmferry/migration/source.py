@@ -32,6 +32,7 @@ stops dirty logging, lifts the throttle and resumes the vCPUs if the session pau
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -81,6 +82,28 @@ class GuestControl(Protocol):
         """Guest time stands still inside (handler hooks that overlap a running guest,
         such as device pre-copy, run here)."""
         ...
+
+
+class LinkProbe(Protocol):
+    """What the host measures about the link, for the downtime prediction."""
+
+    def in_flight_bytes(self) -> int:
+        """Bytes handed to the link that the destination has not consumed yet."""
+        ...
+
+    def round_trip_s(self) -> float:
+        """One request-reply round trip to the destination host, measured."""
+        ...
+
+    def bandwidth_bps(self) -> float:
+        """Bytes per second measured on this link before (0.0: never)."""
+        ...
+
+
+#: a pass that moved fewer bytes than this does not measure the link's bandwidth
+MEASURABLE_BYTES = 16 * MIB
+#: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
+SWITCHOVER_ROUND_TRIPS = 1.5
 
 
 class DirectControl:
@@ -174,14 +197,16 @@ class SourceSession:
         clock: Clock,
         guest: GuestControl | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        link: LinkProbe | None = None,
     ) -> None:
         self.vm = vm
+        self.link = link
         self.params = params
         self.clock = clock
         self.guest = guest if guest is not None else DirectControl(vm)
         self.extra_config = dict(extra_config or {})
         self.policy = params.policy()
-        self.stats = MigrationStats(ram_total=vm.ram.size)
+        self.stats = MigrationStats(ram_total=vm.ram.size, ram_page_size=vm.ram.page_size)
         self.encoder = StreamEncoder()
         self._gen: Generator[list[Buffer], None, None] | None = None
         self._was_running = vm.running
@@ -198,6 +223,8 @@ class SourceSession:
         self._bounce = np.empty(BATCH_BYTES + MAX_RUN_BYTES, dtype=np.uint8)
         self._bounce_used = 0
         self.source_digests: dict[str, str] = {}
+        #: the bandwidth cap is measured from here (moved when the cap changes)
+        self._pace_from: tuple[float, int] | None = None
         self.source_digest_ms = 0.0
 
     # --- driving ---------------------------------------------------------------------
@@ -249,9 +276,28 @@ class SourceSession:
         cap = self.params.max_bandwidth_mib
         if cap is None or self.stats.status is Status.SETUP:
             return 0.0
-        allowed = cap * MIB * (self.clock.monotonic() - self._t_active)
-        excess = self.encoder.bytes_out - allowed
+        t0, sent0 = self._pace_from or (self._t_active, 0)
+        allowed = cap * MIB * (self.clock.monotonic() - t0)
+        excess = self.encoder.bytes_out - sent0 - allowed
         return max(0.0, excess / (cap * MIB))
+
+    def retune(self, changes: Mapping[str, Any]) -> None:
+        """Change ``downtime_limit_ms`` and/or ``max_bandwidth_mib`` (None: unlimited)
+        while the migration runs, as QMP ``migrate-set-parameters`` does: the decision at
+        the end of the current pass and the pacing from now on use the new values.
+        ConfigError for another key or a bad value (nothing changes then)."""
+        unknown = set(changes) - {"downtime_limit_ms", "max_bandwidth_mib"}
+        if unknown:
+            raise ConfigError(f"cannot change {sorted(unknown)} during a migration")
+        try:
+            params = dataclasses.replace(self.params, **changes)
+        except TypeError as exc:
+            raise ConfigError(f"bad migration parameters: {exc}") from exc
+        policy = dataclasses.replace(self.policy,
+                                     downtime_limit_s=params.downtime_limit_ms / 1e3)
+        if params.max_bandwidth_mib != self.params.max_bandwidth_mib:
+            self._pace_from = (self.clock.monotonic(), self.encoder.bytes_out)
+        self.params, self.policy = params, policy
 
     # --- the phases ------------------------------------------------------------------
 
@@ -295,6 +341,11 @@ class SourceSession:
         seconds = max(now - t_pass, 1e-9)
         pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
         bandwidth = pass_bytes / seconds
+        self.stats.link_bandwidth_bps = bandwidth if pass_bytes >= MEASURABLE_BYTES else 0.0
+        if pass_bytes < MEASURABLE_BYTES and self.link is not None:
+            # a pass this small measures the session's own overhead, not the link: a VM of
+            # untouched RAM and a large device state would never converge on it
+            bandwidth = max(bandwidth, self.link.bandwidth_bps())
         remaining = dirty_pages * self.vm.ram.page_size
         with self.guest.held():
             remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
@@ -315,6 +366,7 @@ class SourceSession:
                 dirty_pages_rate=dirty_pages / seconds,
                 expected_downtime_ms=min(d.expected_downtime_s, 1e9) * 1e3,
                 throttle_pct=self.stats.throttle_pct,
+                downtime_limit_ms=self.policy.downtime_limit_s * 1e3,
             )
         )
         self._pass_normal = self._pass_duplicate = 0
@@ -328,7 +380,25 @@ class SourceSession:
         if d.throttle_pct != self.stats.throttle_pct:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
+        if d.switchover and not self.params.offline:  # offline: all of it is downtime
+            self._predict(dirty_pages * self.vm.ram.page_size, remaining, bandwidth)
         return d.switchover
+
+    def _predict(self, ram_bytes: int, remaining: int, bandwidth: float) -> None:
+        """The downtime predicted at the stop decision: what is left (dirty pages and
+        pending device state) and what is still in flight, at the bandwidth just measured,
+        and the switchover's round trips as the host measured them."""
+        bw = max(bandwidth, 1.0)
+        in_flight = self.link.in_flight_bytes() if self.link is not None else 0
+        rtt = self.link.round_trip_s() if self.link is not None else 0.0
+        parts = {
+            "final_ram_ms": ram_bytes / bw * 1e3,
+            "state_ms": (remaining - ram_bytes) / bw * 1e3,
+            "in_flight_ms": in_flight / bw * 1e3,
+            "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
+        }
+        self.stats.predicted = parts
+        self.stats.predicted_downtime_ms = sum(parts.values())
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram

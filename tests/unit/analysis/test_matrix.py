@@ -115,4 +115,5 @@ def test_renderers(qemu_cells: list[Cell]) -> None:
     assert "| Source | Destination | Guest PSCI |" in md
     assert "fails_after_stop" in md and "degraded" in md
     page = to_html(subset)
-    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    assert page.startswith("<!DOCTYPE html>") and '<table class="grid"' in page
+    assert 'id="legend"' in page and "fails after the source stopped" in page

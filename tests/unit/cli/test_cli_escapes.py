@@ -8,8 +8,8 @@ from pathlib import Path
 from click.testing import CliRunner
 from tests.unit.host.apphost import TOKEN, app_host
 
-from vmferry.cli.jobs import summary
 from vmferry.cli.main import cli
+from vmferry.cli.progress import print_summary as summary
 
 MARKUP = "[/x] [bold]oops[/bold] [/]"
 

@@ -31,7 +31,7 @@ def test_html_and_allow_degraded() -> None:
     result = CliRunner().invoke(cli, ["matrix", "--profiles", PROFILES, "--html",
                                       "--allow-degraded", "--mitigations", "avail,not_avail"])
     assert result.exit_code == 0, result.output
-    assert "<table>" in result.output and "degraded" in result.output
+    assert '<table class="grid"' in result.output and "degraded" in result.output
 
 
 def test_unknown_profile_is_an_error() -> None:
