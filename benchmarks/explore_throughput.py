@@ -1,85 +1,130 @@
-"""Explorer throughput on ``iommu-probe`` and the partial-order reduction's effect.
+"""Explorer throughput and reduction, per scenario and strategy, in one run.
 
-Runs, in one process and on the same scenario/mode/bound:
+For every registered scenario (default mode, the scenario's preemption bound, every case)
+it runs the ``naive``, ``sleep`` (sleep sets, no state hashing: the search as it was) and
+``dpor`` strategies and reports schedules explored, wall time, schedules per second, and
+the reduction factor (naive schedules / schedules); ``--state-hashing`` names scenarios
+also run with sleep sets plus state hashing (slower per schedule: the key fingerprints the
+model and every thread's frames).
 
-* naive bounded enumeration (no sleep sets, no state hashing) -- the baseline;
-* the explorer's default search (sleep sets);
-* seeded random walks;
+Baseline: the engine as it was before issue 15 (``--baseline-rev``, read from git and
+loaded beside the current one) runs its sleep-set search and its naive enumeration on the
+same ``iommu-probe`` cases in the same process; ``speedup`` is the current engine's
+schedules/s over the baseline's for the same kind of search.
 
-and prints one JSON object: schedules explored, wall time and schedules per second for
-each, and the reduction factor (naive schedules / reduced schedules) per case and overall.
+Then ``iommu-probe`` with ``dpor`` on 1 and on 2 Ray workers (local runtime), if Ray is
+installed.  Prints one JSON object.
 
-    PYTHONPATH=src python benchmarks/explore_throughput.py [--bound 2] [--cases R1,R2,R3]
+    python benchmarks/explore_throughput.py [--baseline-rev 94afd01] [--no-ray]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from vmferry.analysis.explore import explore
-from vmferry.analysis.explore.scenarios.iommu_probe import SCENARIO
+from vmferry.analysis.explore import run_scenario
+from vmferry.analysis.explore.scenarios import all_scenarios
+
+STRATEGIES = ("naive", "sleep", "dpor")
 
 
-def measure(case: str, mode: str, bound: int, por: bool) -> dict[str, float]:
-    build = next(c for c in SCENARIO.cases if c.name == case).build
+def measure(scenario: str, strategy: str, workers: int = 1, *,
+            state_hashing: bool = False) -> dict[str, Any]:
+    sc = all_scenarios()[scenario]
     started = time.perf_counter()
-    report = explore(lambda: build(mode), preemption_bound=bound, por=por,
-                     state_hashing=False, max_steps=SCENARIO.max_steps, failures_dir=None)
+    report = run_scenario(sc, strategy=strategy, failures_dir=None, workers=workers,
+                          state_hashing=state_hashing)
     elapsed = time.perf_counter() - started
-    assert report.complete and not report.failures, (case, mode, report.failures[:1])
+    assert report.complete and not report.failures, (scenario, strategy, report.failures[:1])
     return {"schedules": report.schedules_explored, "pruned": report.pruned,
-            "seconds": round(elapsed, 4),
+            "pruned_by_state": report.pruned_by_state, "seconds": round(elapsed, 3),
             "schedules_per_s": round(report.schedules_explored / elapsed, 1)}
 
 
-def random_rate(case: str, mode: str, runs: int) -> dict[str, float]:
-    build = next(c for c in SCENARIO.cases if c.name == case).build
-    started = time.perf_counter()
-    report = explore(lambda: build(mode), strategy="random", seed=1, max_schedules=runs,
-                     max_steps=SCENARIO.max_steps, failures_dir=None)
+def legacy_engine(rev: str) -> ModuleType | None:
+    """The explorer engine at ``rev``, loaded as a separate module (None without git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(root), "show", f"{rev}:src/vmferry/analysis/explore/engine.py"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    spec = importlib.util.spec_from_loader("explore_engine_baseline", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    exec(compile(source, f"{rev}:engine.py", "exec"), module.__dict__)
+    return module
+
+
+def baseline(engine: ModuleType, por: bool) -> dict[str, Any]:
+    sc = all_scenarios()["iommu-probe"]
+    schedules, started = 0, time.perf_counter()
+    for case in sc.cases:
+        limits = engine.SearchLimits(sc.preemption_bound, None, None, sc.max_steps)
+        limits.por = limits.state_hashing = por
+        build = case.build
+        stats = engine.search(lambda build=build: build(sc.default_mode), limits)
+        schedules += stats.schedules
     elapsed = time.perf_counter() - started
-    return {"schedules": report.schedules_explored, "seconds": round(elapsed, 4),
-            "schedules_per_s": round(report.schedules_explored / elapsed, 1)}
+    return {"schedules": schedules, "seconds": round(elapsed, 3),
+            "schedules_per_s": round(schedules / elapsed, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--bound", type=int, default=2)
-    parser.add_argument("--mode", default=SCENARIO.default_mode)
-    parser.add_argument("--cases", default="R0,R1,R2,R3")
-    parser.add_argument("--random-runs", type=int, default=500)
+    parser.add_argument("--baseline-rev", default="94afd01")
+    parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
+    parser.add_argument("--state-hashing", default="vfio-data-stream",
+                        help="scenarios also run with sleep sets plus state hashing")
     args = parser.parse_args()
-    per_case = {}
-    totals = {"naive": 0.0, "reduced": 0.0, "naive_s": 0.0, "reduced_s": 0.0}
-    for case in args.cases.split(","):
-        naive = measure(case, args.mode, args.bound, por=False)
-        reduced = measure(case, args.mode, args.bound, por=True)
-        per_case[case] = {
-            "naive": naive, "por": reduced,
-            "reduction_factor": round(naive["schedules"] / reduced["schedules"], 2),
-            "time_ratio": round(naive["seconds"] / reduced["seconds"], 2),
+    out: dict[str, Any] = {"benchmark": "explore_throughput", "scenarios": {}}
+    for name, sc in all_scenarios().items():
+        if args.only and name not in args.only.split(","):
+            continue
+        row: dict[str, Any] = {"mode": sc.default_mode, "preemption_bound": sc.preemption_bound}
+        for strategy in STRATEGIES:
+            row[strategy] = measure(name, strategy)
+        if name in args.state_hashing.split(","):
+            row["sleep+state"] = measure(name, "sleep", state_hashing=True)
+        naive = row["naive"]["schedules"]
+        row["reduction_factor"] = {
+            s: round(naive / max(row[s]["schedules"], 1), 2) for s in ("sleep", "dpor")
         }
-        totals["naive"] += naive["schedules"]
-        totals["reduced"] += reduced["schedules"]
-        totals["naive_s"] += naive["seconds"]
-        totals["reduced_s"] += reduced["seconds"]
-    first = args.cases.split(",")[0]
-    print(json.dumps({
-        "benchmark": "explore_throughput",
-        "scenario": SCENARIO.name, "mode": args.mode, "preemption_bound": args.bound,
-        "cases": per_case,
-        "total": {
-            "naive_schedules": int(totals["naive"]),
-            "por_schedules": int(totals["reduced"]),
-            "reduction_factor": round(totals["naive"] / totals["reduced"], 2),
-            "naive_schedules_per_s": round(totals["naive"] / totals["naive_s"], 1),
-            "por_schedules_per_s": round(totals["reduced"] / totals["reduced_s"], 1),
-            "time_ratio": round(totals["naive_s"] / totals["reduced_s"], 2),
-        },
-        "random_walk": random_rate(first, args.mode, args.random_runs),
-    }, indent=2))
+        out["scenarios"][name] = row
+        print(f"# {name} done", file=sys.stderr, flush=True)
+    engine = legacy_engine(args.baseline_rev) if "iommu-probe" in out["scenarios"] else None
+    if engine is not None:
+        old = {"rev": args.baseline_rev, "sleep": baseline(engine, True),
+               "naive": baseline(engine, False)}
+        now = out["scenarios"]["iommu-probe"]
+        old["speedup"] = {
+            s: round(now[s]["schedules_per_s"] / old[s]["schedules_per_s"], 2)
+            for s in ("sleep", "naive")
+        }
+        old["dpor_over_baseline_sleep_schedules_per_s"] = round(
+            now["dpor"]["schedules_per_s"] / old["sleep"]["schedules_per_s"], 2)
+        out["baseline"] = old
+    if not args.no_ray and importlib.util.find_spec("ray") is not None \
+            and "iommu-probe" in out["scenarios"]:
+        one = measure("iommu-probe", "dpor")
+        two = measure("iommu-probe", "dpor", workers=2)
+        assert one["schedules"] == two["schedules"]
+        out["workers"] = {"scenario": "iommu-probe", "strategy": "dpor",
+                          "one_worker_s": one["seconds"], "two_workers_s": two["seconds"],
+                          "ratio": round(one["seconds"] / two["seconds"], 2)}
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,21 @@ the single thread already holds) as :class:`~vmferry.errors.Deadlock` instead of
 Under the explorer (``vmferry.analysis.explore``) a :class:`SchedulerHook` is installed with
 :func:`scheduled`.  Each model thread then runs on its own greenlet; ``yield_point`` hands
 control back to the scheduler, which decides who runs next, and ``ModelLock.acquire``
-blocks the calling thread until the lock is free.  The ``obj``/``write`` arguments describe
-the shared access for the partial-order reduction: two steps that touch different objects,
-or only read the same one, commute.
+blocks the calling thread until the lock is free.
+
+Declaring accesses
+------------------
+The ``obj``/``write`` arguments of ``yield_point`` declare the shared access the step
+starting there makes, for the explorer's partial-order reduction (sleep sets, DPOR): two
+steps that touch different objects, or only read the same one, commute.  ``obj`` is any
+hashable naming the object (a lock, a model object, ``("dev", "D")``); several objects are
+declared with :class:`Accesses`, and ``LOCAL`` declares a step that touches nothing
+shared.  A yield point that declares nothing (``obj=None``)
+conflicts with everything, so leaving a declaration out costs reduction, never soundness.
+``wait_until`` takes the same declaration for the step that resumes the waiting thread
+(``ModelLock`` declares its own lock); without one, a resumption conflicts with everything.
+The declaration covers what the thread does from the yield point up to its next yield
+point or wait.
 
 This module sits beside :mod:`vmferry.errors` at the bottom of the layer stack so that
 ``hw`` models may import it; it imports nothing else from vmferry.
@@ -49,6 +61,37 @@ class SchedulerHook(Protocol):
         """Name of the model thread that is running."""
 
 
+class AccessHook(SchedulerHook, Protocol):
+    """A scheduler that also takes the access declared for a resumption (the explorer)."""
+
+    def wait_access(
+        self, label: str, ready: Callable[[], bool], obj: Hashable | None, write: bool
+    ) -> None:
+        """As ``wait``; the resumed step makes the declared access."""
+
+    def acquire_point(self, label: str, lock: ModelLock) -> None:
+        """A yield point whose step takes ``lock``: not enabled while another holds it."""
+
+
+class Accesses:
+    """Several objects touched by one step: ``Accesses(reads=(a,), writes=(b, c))``.
+
+    ``Accesses()`` (also :data:`LOCAL`) declares a step that touches no shared state.
+    """
+
+    __slots__ = ("reads", "writes")
+
+    def __init__(self, *, reads: tuple[Hashable, ...] = (), writes: tuple[Hashable, ...] = ()):
+        self.reads = tuple(reads)
+        self.writes = tuple(writes)
+
+    def __repr__(self) -> str:
+        return f"Accesses(reads={self.reads!r}, writes={self.writes!r})"
+
+
+LOCAL = Accesses()
+"""The access of a step that touches no shared state (commutes with every other step)."""
+
 _hook: SchedulerHook | None = None
 
 
@@ -72,11 +115,21 @@ def yield_point(label: str, obj: Hashable | None = None, *, write: bool = True) 
         hook.yield_point(label, obj, write)
 
 
-def wait_until(label: str, ready: Callable[[], bool]) -> None:
-    """Block until ``ready()``; without a scheduler, a false condition is a deadlock."""
+def wait_until(
+    label: str, ready: Callable[[], bool], obj: Hashable | None = None, *, write: bool = True
+) -> None:
+    """Block until ``ready()``; without a scheduler, a false condition is a deadlock.
+
+    ``obj``/``write`` declare the access of the step that resumes the thread (what
+    ``ready`` reads and what the thread touches before its next yield point).
+    """
     hook = _hook
     if hook is not None:
-        hook.wait(label, ready)
+        wait_access = getattr(hook, "wait_access", None) if obj is not None else None
+        if wait_access is not None:  # an AccessHook
+            wait_access(label, ready, obj, write)
+        else:
+            hook.wait(label, ready)
     elif not ready():
         raise Deadlock(f"{label}: would block forever (single thread, no scheduler)")
 
@@ -100,10 +153,15 @@ class ModelLock:
 
     def acquire(self) -> None:
         me = current_thread()
-        yield_point(f"lock {self.name}", self, write=True)
+        hook = _hook
+        gate = getattr(hook, "acquire_point", None) if hook is not None else None
+        if gate is not None:  # an AccessHook: the step is enabled only when the lock is free
+            gate(f"lock {self.name}", self)
+        else:
+            yield_point(f"lock {self.name}", self, write=True)
         if self.owner == me:
             raise Deadlock(f"{me} takes {self.name} which it already holds")
-        wait_until(f"lock {self.name}", lambda: self.owner is None)
+        wait_until(f"lock {self.name}", lambda: self.owner is None, self, write=True)
         self.owner = me
 
     def release(self) -> None:
@@ -111,6 +169,8 @@ class ModelLock:
         if self.owner != me:
             raise InvariantViolation(f"{me} releases {self.name} held by {self.owner}")
         self.owner = None
+        # the release itself belongs to the step that ran up to here (the explorer sees
+        # the owner change); the step starting at this yield point touches nothing shared
         yield_point(f"unlock {self.name}", self, write=True)
 
     @property

@@ -25,7 +25,7 @@ from vmferry.analysis.explore import (
     run_scenario,
 )
 from vmferry.analysis.explore.api import Scenario
-from vmferry.analysis.explore.runner import DEFAULT
+from vmferry.analysis.explore.runner import DEFAULT, DEFAULT_STRATEGY
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.cli.common import err_console
 from vmferry.errors import ConfigError
@@ -40,7 +40,8 @@ def command() -> None:
 @click.option("--scenario", "scenario_name", help="Scenario to explore (see --list).")
 @click.option("--mode", default=None, help="Model mode (default: the scenario's correct one).")
 @click.option("--case", "case_name", default=None, help="Only this case of the scenario.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="exhaustive", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULT_STRATEGY,
+              show_default=True, help="dpor, sleep (sleep sets), naive or random walks.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random-walk seed.")
 @click.option("--preemption-bound", type=click.IntRange(min=0), default=None,
               help="Preemption bound (default: the scenario's).")
@@ -48,12 +49,17 @@ def command() -> None:
               help="Stop after this many schedules (random: number of walks).")
 @click.option("--failures-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where failing schedules are saved (default ./explore-failures).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Explore the cases on N Ray workers (needs: pip install 'vmferry[ray]').")
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster instead of starting a local Ray runtime.")
 @click.option("--list", "list_only", is_flag=True, help="List scenarios, cases and modes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def races(
     scenario_name: str | None, mode: str | None, case_name: str | None, strategy: str,
     seed: int, preemption_bound: int | None, max_schedules: int | None,
-    failures_dir: Path | None, list_only: bool, as_json: bool,
+    failures_dir: Path | None, workers: int, ray_address: str | None, list_only: bool,
+    as_json: bool,
 ) -> None:
     """Explore a scenario; exit 1 when a failing schedule was found."""
     scenarios = all_scenarios()
@@ -75,6 +81,7 @@ def races(
                 scenario, mode=mode, case=case_name, strategy=strategy,
                 preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
                 failures_dir=DEFAULT if failures_dir is None else failures_dir,
+                workers=workers, ray_address=ray_address,
             )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -95,17 +102,28 @@ def _working(what: str, quiet: bool) -> AbstractContextManager[object]:
 
 
 @command.command("replay")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def replay_cmd(file: Path, as_json: bool) -> None:
-    """Re-run a saved failing schedule; exit 1 when it reproduces the failure."""
+    """Re-run a saved failing schedule.
+
+    Exit 1 when the schedule fails again, 0 when it now runs clean, 2 when the file is
+    unusable (unreadable, malformed, or no longer fits the scenario: the reason is printed).
+    """
     try:
         result = replay(file)
     except (ReplayScriptError, ScheduleMismatch, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        if as_json:
+            click.echo(json.dumps({"status": "unusable", "reason": str(exc)}))
+        else:
+            click.echo(f"{file}: unusable replay script: {exc}", err=True)
+        sys.exit(2)
     failure = result.failure
+    status = "passes" if failure is None else (
+        "reproduced" if result.reproduced else "different-failure")
     if as_json:
         click.echo(json.dumps({
+            "status": status,
             "scenario": result.scenario, "mode": result.mode, "case": result.case,
             "expected_hazard": result.expected_hazard, "reproduced": result.reproduced,
             "failure": failure.to_json() if failure is not None else None,
@@ -114,7 +132,7 @@ def replay_cmd(file: Path, as_json: bool) -> None:
         console = Console()
         where = f"{result.scenario} / {result.mode} / {result.case}"
         if failure is None:
-            console.print(f"[green]{where}: the schedule ran clean[/green]")
+            console.print(f"[green]{where}: the schedule now passes[/green]")
         else:
             verdict = "reproduced" if result.reproduced else "different failure"
             console.print(f"[red]{where}: {verdict}: {failure.hazard}[/red]")
@@ -128,7 +146,8 @@ def _list(scenarios: Mapping[str, Scenario], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"scenarios": [
             {"name": s.name, "description": s.description, "default_mode": s.default_mode,
-             "modes": list(s.modes), "cases": [c.name for c in s.cases]}
+             "modes": list(s.modes), "cases": [c.name for c in s.cases],
+             "deterministic_modes": sorted(s.deterministic)}
             for s in items
         ]}))
         return
@@ -150,7 +169,9 @@ def _show(report: Report) -> None:
     console.print(
         f"{status} {report.scenario} mode={report.mode} strategy={report.strategy} "
         f"schedules={report.schedules_explored} pruned={report.pruned} "
+        f"(by state {report.pruned_by_state}) "
         f"failing={report.failing_schedules} complete={report.complete} "
+        f"{'deterministic=True ' if report.deterministic else ''}"
         f"time={report.elapsed_s:.2f}s"
     )
     for failure in report.failures:

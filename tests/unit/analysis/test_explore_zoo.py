@@ -331,10 +331,11 @@ def test_race_free_programs_pass(factory: Callable[[], Instance]) -> None:
 
 def test_por_finds_the_same_bugs_with_fewer_schedules() -> None:
     for factory in (lambda: lost_update(False), lambda: double_free(False), aba):
-        naive = run(factory, por=False, state_hashing=False)
-        reduced = run(factory)
-        assert hazards(naive) == hazards(reduced)
-        assert reduced.schedules_explored <= naive.schedules_explored
+        naive = run(factory, strategy="naive", preemption_bound=2)
+        for strategy in ("sleep", "dpor"):
+            reduced = run(factory, strategy=strategy, preemption_bound=2)
+            assert hazards(naive) == hazards(reduced), strategy
+            assert reduced.schedules_explored <= naive.schedules_explored
 
 
 def test_independent_threads_collapse() -> None:
@@ -445,8 +446,8 @@ def counters(n: int) -> Instance:
 
 
 def test_state_hashing_prunes_converging_orders() -> None:
-    plain = run(lambda: counters(2), state_hashing=False, preemption_bound=3)
-    hashed = run(lambda: counters(2), preemption_bound=3)
+    plain = run(lambda: counters(2), strategy="sleep", state_hashing=False, preemption_bound=3)
+    hashed = run(lambda: counters(2), strategy="sleep", preemption_bound=3)
     assert plain.failures == hashed.failures == []
     assert hashed.schedules_explored < plain.schedules_explored
-    assert hashed.pruned > 0 and hashed.complete
+    assert hashed.pruned_by_state > 0 and hashed.complete

@@ -72,4 +72,4 @@ def test_replay_rejects_malformed_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.replay"
     bad.write_text("garbage\n")
     code, out = run("replay", str(bad))
-    assert code == 1 and "expected" in out
+    assert code == 2 and "expected" in out

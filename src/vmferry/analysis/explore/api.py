@@ -32,6 +32,10 @@ class Instance:
     check: Callable[[], None] = _nothing
     #: a hashable digest of the shared state, for state-hash pruning (None: no pruning)
     state: Callable[[], Hashable] | None = None
+    #: the access of each thread's first step (its code before its first yield point), as
+    #: ``yield_point`` declares one (an object, ``vmferry.sync.Accesses``, ``LOCAL``); a
+    #: thread not listed touches everything there
+    starts: Mapping[str, Hashable] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,12 @@ class Scenario:
     mode_help: Mapping[str, str] = field(default_factory=dict)
     preemption_bound: int | None = None
     max_steps: int = 10_000
+    #: faulty modes whose hazard is not a race: every schedule fails (a lifetime bug that
+    #: no interleaving avoids); reported as ``"deterministic": true``
+    deterministic: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.default_mode not in self.modes:
             raise ValueError(f"{self.name}: default mode {self.default_mode!r} not in modes")
+        if not self.deterministic <= set(self.modes):
+            raise ValueError(f"{self.name}: deterministic modes {sorted(self.deterministic)}")

@@ -17,14 +17,18 @@ Exhaustive search is a depth-first walk over choice sequences with:
 
 * a **preemption bound** -- switching away from a thread that could have continued costs
   one preemption; branches that would exceed the bound are not generated;
+* **source-DPOR** (``reduction="dpor"``, see :class:`_Dpor`): only the orders of racing
+  steps are explored, with sleep sets;
 * **sleep sets** (Godefroid) -- after exploring thread ``u`` at a node, ``u`` is put to
   sleep in the siblings' subtrees for as long as only steps independent of ``u``'s step
   run; a node whose enabled threads are all asleep is pruned.  Two steps are independent
   when their footprints share no object that one of them writes.  A footprint is the
   announced access plus every known :class:`~vmferry.sync.ModelLock` whose owner changed
   during the step (a release happens before its ``unlock`` yield point).  Thread start
-  steps and resumptions from ``wait_until`` touch unknown state, so they are dependent
-  with everything;
+  steps (unless the instance declares their access in ``Instance.starts``), and
+  resumptions from a ``wait_until`` that declares no access, touch unknown state, so they
+  are dependent with everything.  A thread whose next step takes a ``ModelLock`` is not
+  enabled while another thread holds it (no blocked attempt is a step);
 * optional **state hashing** -- when the instance provides ``state()``, a node whose
   (shared state, per-thread control path, last thread) was already explored with no more
   preemptions and no larger sleep set is pruned.
@@ -49,6 +53,7 @@ import greenlet
 
 from vmferry import sync
 from vmferry.analysis.explore.api import Instance
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.errors import Deadlock, HazardError, NonTermination
 
 Step = tuple[str, str]
@@ -79,6 +84,8 @@ class Footprint:
 
 
 EVERYTHING = Footprint(everything=True)
+#: one-object footprints by (canonical number, write), shared by every execution
+_SINGLE: dict[tuple[int, bool], Footprint] = {}
 
 
 class ThreadStatus(Enum):
@@ -95,6 +102,8 @@ class _Thread:
     label: str = START_LABEL
     footprint: Footprint = EVERYTHING
     ready: Callable[[], bool] | None = None
+    #: a READY thread whose next step takes a lock is enabled only while ``gate()``
+    gate: Callable[[], bool] | None = None
     #: hash chain of the labels this thread has executed: its control path
     pc: int = 0
     error: BaseException | None = None
@@ -146,6 +155,8 @@ class _Execution:
         self.last: str | None = None
         for name, fn in instance.threads.items():
             thread = _Thread(name, greenlet.greenlet(self._body(fn), parent=self.scheduler))
+            if name in instance.starts:
+                thread.footprint = self._announce(instance.starts[name], True)
             self.threads[name] = thread
             self.by_glet[thread.glet] = thread
 
@@ -163,7 +174,23 @@ class _Execution:
         if self.aborting:
             raise _Abort
 
+    def acquire_point(self, label: str, lock: sync.ModelLock) -> None:
+        thread = self.by_glet.get(greenlet.getcurrent())
+        if thread is None:
+            return
+        name = thread.name
+        thread.gate = lambda: lock.owner is None or lock.owner == name
+        try:
+            self.yield_point(label, lock, True)
+        finally:
+            thread.gate = None
+
     def wait(self, label: str, ready: Callable[[], bool]) -> None:
+        self.wait_access(label, ready, None, True)
+
+    def wait_access(
+        self, label: str, ready: Callable[[], bool], obj: Hashable | None, write: bool
+    ) -> None:
         thread = self.by_glet.get(greenlet.getcurrent())
         if thread is None:
             if not ready():
@@ -174,7 +201,7 @@ class _Execution:
                 raise _Abort
             thread.status = ThreadStatus.BLOCKED
             thread.label = f"resume {label}"
-            thread.footprint = EVERYTHING
+            thread.footprint = self._announce(obj, write)
             thread.ready = ready
             self.scheduler.switch()
             if self.aborting:
@@ -190,7 +217,8 @@ class _Execution:
         out = []
         for thread in self.threads.values():
             if thread.status is ThreadStatus.READY:
-                out.append(thread.name)
+                if thread.gate is None or thread.gate():
+                    out.append(thread.name)
             elif thread.status is ThreadStatus.BLOCKED:
                 assert thread.ready is not None
                 if thread.ready():
@@ -214,8 +242,7 @@ class _Execution:
             thread.status = ThreadStatus.READY
             thread.ready = None
         self.last = name
-        with sync.scheduled(self):
-            thread.glet.switch()
+        thread.glet.switch()  # the hook is installed for the whole execution (run_once)
         changed = [i for i, lock in enumerate(self.locks[: len(owners)]) if lock.owner != owners[i]]
         if changed and not fp.everything:
             nums = frozenset(self.canon[self.locks[i]] for i in changed)
@@ -223,18 +250,31 @@ class _Execution:
         return fp, thread.error
 
     def state_key(self) -> Hashable | None:
+        """The instance's shared-state fingerprint plus every thread's own state.
+
+        A thread's state is its control path (``pc``), its status, and the locals of its
+        suspended model frames (code position and values, canonically numbered): two
+        schedules that reach the same shared state with a thread holding different values
+        it read earlier are different states.
+        """
         if self.instance.state is None:
             return None
-        threads = tuple((t.name, t.pc, t.status.value) for t in self.threads.values())
-        return (self.instance.state(), threads, self.last)
+        threads = tuple(
+            (t.name, t.pc, t.status.value, _frames(t.glet) if t.status is not
+             ThreadStatus.DONE else ())
+            for t in self.threads.values()
+        )
+        return (self.instance.state(), fingerprint(threads), self.last)
 
     def teardown(self) -> None:
         """Unwind every suspended thread so no greenlet outlives the execution."""
         self.aborting = True
+        live = [t for t in self.threads.values() if t.status is not ThreadStatus.DONE and t.glet]
+        if not live:
+            return
         with sync.scheduled(self):
-            for thread in self.threads.values():
-                if thread.status is not ThreadStatus.DONE and thread.glet:
-                    thread.glet.throw(_Abort)
+            for thread in live:
+                thread.glet.throw(_Abort)
 
     # --- internals ----------------------------------------------------------------------
 
@@ -256,19 +296,45 @@ class _Execution:
     def _announce(self, obj: Hashable | None, write: bool) -> Footprint:
         if obj is None:
             return EVERYTHING
+        if isinstance(obj, sync.Accesses):
+            reads = frozenset(self._number(o) for o in obj.reads)
+            writes = frozenset(self._number(o) for o in obj.writes)
+            return Footprint(reads - writes, writes)
+        key = (self._number(obj), write)
+        fp = _SINGLE.get(key)
+        if fp is None:
+            one = frozenset((key[0],))
+            fp = _SINGLE[key] = Footprint(writes=one) if write else Footprint(reads=one)
+        return fp
+
+    def _number(self, obj: Hashable) -> int:
         num = self.canon.get(obj)
         if num is None:
             num = self.canon[obj] = len(self.canon)
             if isinstance(obj, sync.ModelLock):
                 self.locks.append(obj)
-        one = frozenset((num,))
-        return Footprint(writes=one) if write else Footprint(reads=one)
+        return num
 
 
-def _checked(execution: _Execution, fn: Callable[[], None]) -> BaseException | None:
+_ENGINE_FILES = frozenset({__file__, sync.__file__})
+
+
+def _frames(glet: Any) -> tuple[tuple[str, int, dict[str, Any]], ...]:
+    """The suspended model frames of a thread: (function, position, locals), innermost
+    first; the explorer's and sync's own frames are left out."""
+    out = []
+    frame = glet.gr_frame if glet else None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename not in _ENGINE_FILES:
+            out.append((code.co_qualname, frame.f_lasti, dict(frame.f_locals)))
+        frame = frame.f_back
+    return tuple(out)
+
+
+def _checked(fn: Callable[[], None]) -> BaseException | None:
     try:
-        with sync.scheduled(execution):
-            fn()
+        fn()
     except Exception as exc:
         return exc
     return None
@@ -291,7 +357,8 @@ def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) 
     """Run one execution, asking ``chooser`` at every step.  None if the chooser cut it."""
     execution = _Execution(factory(), max_steps)
     try:
-        return _drive(execution, chooser)
+        with sync.scheduled(execution):
+            return _drive(execution, chooser)
     finally:
         execution.teardown()
 
@@ -315,7 +382,7 @@ def _drive(execution: _Execution, chooser: Chooser) -> Outcome | None:
         depth += 1
         if error is not None:
             return Outcome(tuple(execution.schedule), error, name)
-        bad = _checked(execution, execution.instance.invariant)
+        bad = _checked(execution.instance.invariant)
         if bad is not None:
             return Outcome(tuple(execution.schedule), bad)
 
@@ -325,10 +392,10 @@ def _end(execution: _Execution) -> Outcome:
     if not execution.finished():
         stuck = ", ".join(
             f"{t.name} at {t.label!r}" for t in execution.threads.values()
-            if t.status is ThreadStatus.BLOCKED
+            if t.status is not ThreadStatus.DONE
         )
         return Outcome(schedule, Deadlock(f"every live thread is blocked: {stuck}"))
-    return Outcome(schedule, _checked(execution, execution.instance.check))
+    return Outcome(schedule, _checked(execution.instance.check))
 
 
 # --- search -----------------------------------------------------------------------------
@@ -340,6 +407,9 @@ class SearchLimits:
     max_depth: int | None = None
     max_schedules: int | None = None
     max_steps: int = 10_000
+    #: "sleep": sleep sets over every enabled choice; "dpor": source-DPOR with sleep sets;
+    #: "none": plain bounded enumeration (``por=False`` means "none" too)
+    reduction: str = "sleep"
     por: bool = True
     state_hashing: bool = True
     #: stop at the first failing schedule
@@ -349,7 +419,10 @@ class SearchLimits:
 @dataclass
 class SearchStats:
     schedules: int = 0
+    #: runs cut short: every enabled thread asleep (sleep sets) or a state seen before
     pruned: int = 0
+    #: of ``pruned``, the runs cut because state hashing found an explored state
+    pruned_by_state: int = 0
     complete: bool = True
     outcomes: list[Outcome] = field(default_factory=list)
 
@@ -378,6 +451,8 @@ class _Node:
     chosen: str = ""
     #: footprint of every choice explored here so far (the chosen one included)
     explored: dict[str, Footprint] = field(default_factory=dict)
+    #: threads enabled here (DPOR adds backtrack choices among them)
+    enabled: tuple[str, ...] = ()
 
     def cost(self, name: str) -> int:
         """Preemptions spent by running ``name`` here."""
@@ -404,9 +479,13 @@ class _Dfs:
             if self.stats.record(outcome) and self.limits.stop_on_failure:
                 self.stats.complete = False
                 break
+            self._after_run()
             if not self._backtrack():
                 break
         return self.stats
+
+    def _after_run(self) -> None:
+        """Hook: the run along the current stack ended."""
 
     def _backtrack(self) -> bool:
         while self.stack:
@@ -439,6 +518,7 @@ class _Dfs:
         sleep = self._inherited_sleep(depth) if self.limits.por else {}
         preemptions = self._preemptions_at(depth)
         if not self._fresh_state(execution, preemptions, sleep):
+            self.stats.pruned_by_state += 1
             return None
         last = execution.last
         node = _Node(sleep, [], preemptions, last, last in enabled)
@@ -489,6 +569,162 @@ class _Dfs:
         return [n for n in ordered if node.preemptions + node.cost(n) <= bound]
 
 
+class _Dpor(_Dfs):
+    """Source-DPOR with sleep sets (Abdulla, Aronis, Jonsson, Sagonas, POPL 2014).
+
+    Each run starts with one choice per node (the running thread if it may continue,
+    else the first enabled one).  After the run, every *race* -- a pair of dependent
+    steps ``e`` < ``e'`` of different threads with no third step ordered between them by
+    happens-before -- is reversed: some thread among the *initials* of ``notdep(e).e'``
+    (the steps after ``e`` that do not happen after it, then ``e'``) is added to the
+    backtrack set of the node before ``e``, unless one of them is already there, already
+    explored, or asleep.  Happens-before comes from program order plus dependent
+    footprints, with vector clocks; only steps at or past the node where the run
+    diverged from the previous one are looked at (earlier races were handled then).
+
+    A thread that is not enabled at the node before ``e`` (it was blocked) cannot be
+    scheduled there: every enabled thread is added instead, as classic DPOR does.
+
+    With a preemption bound, a backtrack choice over the bound is not taken; as in
+    bounded POR (Coons, Musuvathi, McKinley, OOPSLA 2013) the racing thread is also added
+    at the last context switch before ``e``, where running it costs no extra preemption.
+    Bounded DPOR is not complete in general (a schedule within the bound may only be
+    reachable through one over it); the module's tests compare it with naive enumeration.
+    State hashing is not used: pruning a revisited state would drop the races of the
+    subtree explored from it the first time.
+    """
+
+    def __init__(self, factory: Callable[[], Instance], limits: SearchLimits) -> None:
+        super().__init__(factory, limits)
+        self.diverge = 0
+        self.names: list[str] = []
+        self.tindex: dict[str, int] = {}
+
+    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+        if not self.names:
+            self.names = list(execution.threads)
+            self.tindex = {name: i for i, name in enumerate(self.names)}
+        return super().choose(execution, depth, enabled)
+
+    def _new_node(self, execution: _Execution, depth: int, enabled: list[str]) -> _Node | None:
+        sleep = self._inherited_sleep(depth)
+        last = execution.last
+        node = _Node(sleep, [], self._preemptions_at(depth), last, last in enabled,
+                     enabled=tuple(enabled))
+        todo = self._order(node, enabled)
+        if not todo:
+            return None
+        node.chosen = todo[0]
+        return node
+
+    def _backtrack(self) -> bool:
+        found = super()._backtrack()
+        self.diverge = len(self.stack) - 1
+        return found
+
+    def _after_run(self) -> None:
+        stack = self.stack
+        n = len(stack)
+        width = len(self.names)
+        thr = [self.tindex[node.chosen] for node in stack]
+        clocks: list[list[int]] = []
+        pos = [0] * n
+        before: list[tuple[int, ...]] = []
+        count = [0] * width
+        last_of = [-1] * width
+        last_write: dict[int, int] = {}
+        reads: dict[int, list[int]] = {}
+        last_all = -1
+        zero = [0] * width
+        for j in range(n):
+            p = thr[j]
+            fp = stack[j].explored[stack[j].chosen]
+            before.append(tuple(count))
+            prev = clocks[last_of[p]] if last_of[p] >= 0 else zero
+            deps: list[int] = []
+            if fp.everything:
+                deps = [e for e in last_of if e >= 0]
+            else:
+                if last_all >= 0:
+                    deps.append(last_all)
+                for o in fp.reads:
+                    w = last_write.get(o)
+                    if w is not None:
+                        deps.append(w)
+                for o in fp.writes:
+                    w = last_write.get(o)
+                    if w is not None:
+                        deps.append(w)
+                    deps.extend(reads.get(o, ()))
+            clock = list(prev)
+            for i in deps:
+                other = clocks[i]
+                for r in range(width):
+                    if other[r] > clock[r]:
+                        clock[r] = other[r]
+            count[p] += 1
+            clock[p] = pos[j] = count[p]
+            clocks.append(clock)
+            if j >= self.diverge:
+                races = {i for i in deps if thr[i] != p and prev[thr[i]] < pos[i]}
+                if len(races) > 1:
+                    races = {i for i in races if not any(
+                        k != i and clocks[k][thr[i]] >= pos[i] for k in races)}
+                for i in sorted(races):
+                    self._reverse(i, j, thr, clocks, pos, before)
+            if fp.everything:
+                last_all = j
+                last_write.clear()
+                reads.clear()
+            else:
+                for o in fp.writes:
+                    last_write[o] = j
+                    reads[o] = []
+                for o in fp.reads - fp.writes:
+                    reads.setdefault(o, []).append(j)
+            last_of[p] = j
+
+    def _reverse(self, i: int, j: int, thr: list[int], clocks: list[list[int]],
+                 pos: list[int], before: list[tuple[int, ...]]) -> None:
+        """Make sure some initial of ``notdep(i).j`` is explored at the node before ``i``."""
+        t, p, base, width = thr[i], thr[j], before[i], len(self.names)
+        initials: list[str] = []
+        seen: set[int] = set()
+        for k in range(i + 1, j):
+            clock = clocks[k]
+            if clock[t] >= pos[i]:
+                continue  # happens after i: not in notdep(i)
+            q = thr[k]
+            if q in seen:
+                continue
+            seen.add(q)
+            if all(clock[r] <= base[r] for r in range(width) if r != q):
+                initials.append(self.names[q])
+        if p not in seen:
+            clock = clocks[j]
+            if all(clock[r] <= base[r] for r in range(width) if r not in (p, t)):
+                initials.append(self.names[p])
+        self._add_backtrack(i, initials)
+        if self.limits.preemption_bound is not None:
+            k = i - 1
+            while k > 0 and thr[k - 1] == thr[k]:
+                k -= 1
+            if k >= 0 and thr[k] != p:
+                self._add_backtrack(k, [self.names[p]], fallback=False)
+
+    def _add_backtrack(self, depth: int, initials: list[str], *, fallback: bool = True) -> None:
+        node = self.stack[depth]
+        if any(q in node.explored or q in node.todo or q in node.sleep for q in initials):
+            return
+        allowed = self._order(node, list(node.enabled))
+        fresh = [q for q in allowed if q not in node.explored and q not in node.todo]
+        pick = [q for q in fresh if q in initials]
+        if pick:
+            node.todo.append(pick[0])
+        elif fallback and not any(q in node.enabled for q in initials):
+            node.todo.extend(fresh)
+
+
 class _RandomWalk:
     """Seeded uniform choice among enabled threads."""
 
@@ -531,6 +767,10 @@ class ScheduleMismatch(ValueError):
 
 def search(factory: Callable[[], Instance], limits: SearchLimits) -> SearchStats:
     """Exhaustive bounded search (see the module docstring)."""
+    if limits.reduction == "dpor" and limits.por:
+        return _Dpor(factory, limits).run()
+    if limits.reduction == "none":
+        limits.por = limits.state_hashing = False
     return _Dfs(factory, limits).run()
 
 
@@ -550,4 +790,8 @@ def run_schedule(factory: Callable[[], Instance], steps: Sequence[Step], max_ste
     """Re-run one recorded schedule exactly."""
     outcome = run_once(factory, max_steps, _Fixed(steps))
     assert outcome is not None  # _Fixed never cuts a run
+    if outcome.error is None and len(outcome.schedule) < len(steps):
+        raise ScheduleMismatch(
+            f"the run ends after {len(outcome.schedule)} of the {len(steps)} recorded steps"
+        )
     return outcome

@@ -18,7 +18,9 @@ A failing schedule is saved as a short text script that names the scenario, mode
     end
 
 ``steps N T label`` stands for N identical consecutive steps, ``repeat N`` ... ``end`` for
-N repetitions of the block of steps between them.  The label after the thread
+N repetitions of the block of steps between them.  A label that parsing would not keep as
+it is (leading or trailing whitespace, a control character, a leading double quote) is
+written as a JSON string: ``step mobility "of_node_get "``.  The label after the thread
 name is checked on replay: a script that no longer fits the model is rejected with a
 :class:`~vmferry.analysis.explore.engine.ScheduleMismatch` naming the step.
 """
@@ -26,6 +28,7 @@ name is checked on replay: a script that no longer fits the model is rejected wi
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +96,10 @@ class Report:
     mode: str
     strategy: str
     schedules_explored: int = 0
+    #: runs cut short (sleep-set blocked or a state explored before) ...
     pruned: int = 0
+    #: ... of which by state hashing
+    pruned_by_state: int = 0
     failures: list[Failure] = field(default_factory=list)
     #: failing schedules in total (``failures`` keeps one per distinct case/hazard/message)
     failing_schedules: int = 0
@@ -103,6 +109,8 @@ class Report:
     preemption_bound: int | None = None
     seed: int = 0
     cases: list[str] = field(default_factory=list)
+    #: the mode's hazard fails on every schedule (not a race)
+    deterministic: bool = False
 
     @property
     def ok(self) -> bool:
@@ -118,7 +126,9 @@ class Report:
             "seed": self.seed,
             "schedules_explored": self.schedules_explored,
             "pruned": self.pruned,
+            "pruned_by_state": self.pruned_by_state,
             "failing_schedules": self.failing_schedules,
+            "deterministic": self.deterministic,
             "failures": [f.to_json() for f in self.failures],
             "elapsed_s": round(self.elapsed_s, 6),
             "complete": self.complete,
@@ -201,7 +211,26 @@ def _parse_step(rest: str, number: int) -> Step:
     name, _, label = rest.partition(" ")
     if not name or not label:
         raise ReplayScriptError(f"line {number}: a step needs a thread and a label")
+    if label.startswith('"'):
+        try:
+            decoded = json.loads(label)
+        except ValueError as exc:
+            raise ReplayScriptError(f"line {number}: bad quoted label {label!r}") from exc
+        if not isinstance(decoded, str):
+            raise ReplayScriptError(f"line {number}: bad quoted label {label!r}")
+        label = decoded
     return (name, label)
+
+
+def encode_label(label: str) -> str:
+    """``label`` as a script writes it: as is, or JSON-quoted when parsing would change it."""
+    plain = (
+        label
+        and label == label.strip()
+        and not label.startswith('"')
+        and label.isprintable()
+    )
+    return label if plain else json.dumps(label)
 
 
 def _step_lines(schedule: tuple[Step, ...]) -> list[str]:
@@ -210,7 +239,7 @@ def _step_lines(schedule: tuple[Step, ...]) -> list[str]:
     i = 0
     while i < len(schedule):
         period, reps = _best_period(schedule, i)
-        block = [f"step {name} {label}" for name, label in schedule[i : i + period]]
+        block = [f"step {name} {encode_label(label)}" for name, label in schedule[i : i + period]]
         if reps == 1:
             out += block
         elif period == 1:

@@ -29,7 +29,13 @@ from vmferry.analysis.explore.report import (
 )
 from vmferry.errors import ConfigError
 
-STRATEGIES = ("exhaustive", "random")
+#: exhaustive searches: source-DPOR with sleep sets, sleep sets (with state hashing) over
+#: every enabled choice, plain enumeration; then seeded random walks
+STRATEGIES = ("dpor", "sleep", "naive", "random")
+DEFAULT_STRATEGY = "dpor"
+#: older names still accepted
+_ALIASES = {"exhaustive": "sleep"}
+_REDUCTION = {"dpor": "dpor", "sleep": "sleep", "naive": "none", "random": "none"}
 DEFAULT_RANDOM_RUNS = 1000
 DEFAULT_FAILURES_DIR = Path("explore-failures")
 #: distinct failures kept per case (all failing schedules are still counted)
@@ -53,7 +59,7 @@ def explore(
     instance_factory: Callable[[], Instance],
     *,
     name: str = AD_HOC,
-    strategy: str = "exhaustive",
+    strategy: str = DEFAULT_STRATEGY,
     preemption_bound: int | None = None,
     max_depth: int | None = None,
     seed: int = 0,
@@ -66,10 +72,12 @@ def explore(
 ) -> Report:
     """Explore the interleavings of ad-hoc threads built by ``instance_factory``.
 
-    ``strategy`` is ``"exhaustive"`` (bounded DFS with sleep sets and state hashing) or
+    ``strategy`` is ``"dpor"`` (source-DPOR with sleep sets), ``"sleep"`` (bounded DFS
+    with sleep sets and state hashing), ``"naive"`` (every bounded schedule) or
     ``"random"`` (``max_schedules`` seeded random walks, default 1000).  Raises
     ConfigError for an unknown strategy or a negative bound.
     """
+    strategy = _ALIASES.get(strategy, strategy)
     limits = _limits(strategy, preemption_bound, max_depth, max_schedules, max_steps)
     limits.por, limits.state_hashing, limits.stop_on_failure = por, state_hashing, stop_on_failure
     report = Report(name, AD_HOC, strategy, preemption_bound=preemption_bound, seed=seed)
@@ -83,36 +91,69 @@ def run_scenario(
     scenario: Scenario,
     mode: str | None = None,
     case: str | None = None,
-    strategy: str = "exhaustive",
+    strategy: str = DEFAULT_STRATEGY,
     preemption_bound: int | None = None,
     seed: int = 0,
     max_schedules: int | None = None,
     *,
     failures_dir: Path | str | _Default | None = DEFAULT,
     stop_on_failure: bool = False,
+    workers: int = 1,
+    ray_address: str | None = None,
+    state_hashing: bool = True,
 ) -> Report:
     """Explore every case of ``scenario`` (or only ``case``) in ``mode``.
 
     ``mode`` defaults to the scenario's default (correct) mode, ``preemption_bound`` to the
     scenario's.  Failing schedules are saved as replay scripts in ``failures_dir``
-    (default: :func:`default_failures_dir`; None: do not save).  Raises ConfigError for an
-    unknown mode, case or strategy.
+    (default: :func:`default_failures_dir`; None: do not save).  ``workers`` > 1 (or a
+    ``ray_address``) explores the cases as Ray tasks (see
+    :mod:`vmferry.analysis.explore.distributed`); the report is the same as with one
+    worker.  Raises ConfigError for an unknown mode, case or strategy, or when Ray is
+    needed and not installed.
     """
+    strategy = _ALIASES.get(strategy, strategy)
     mode = scenario.default_mode if mode is None else mode
     if mode not in scenario.modes:
         raise ConfigError(f"scenario {scenario.name}: unknown mode {mode!r}")
     bound = scenario.preemption_bound if preemption_bound is None else preemption_bound
     limits = _limits(strategy, bound, None, max_schedules, scenario.max_steps)
     limits.stop_on_failure = stop_on_failure
-    report = Report(scenario.name, mode, strategy, preemption_bound=bound, seed=seed)
-    for chosen in _cases(scenario, case):
-        report.cases.append(chosen.name)
-        _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed)
-        for i, failure in enumerate(report.failures):
-            if failure.scenario == AD_HOC:
-                report.failures[i] = _relabel(failure, scenario.name, mode)
+    limits.state_hashing = limits.state_hashing and state_hashing
+    report = Report(scenario.name, mode, strategy, preemption_bound=bound, seed=seed,
+                    deterministic=mode in scenario.deterministic)
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    chosen_cases = _cases(scenario, case)
+    if workers > 1 or ray_address is not None:
+        if strategy == "random":
+            raise ConfigError("random walks run in one process (drop --workers)")
+        from vmferry.analysis.explore.distributed import run_cases
+
+        parts = run_cases(scenario.name, [c.name for c in chosen_cases], mode, limits, seed,
+                          strategy, bound, workers=workers, address=ray_address)
+        for part in parts:
+            _merge(report, part)
+    else:
+        for chosen in chosen_cases:
+            report.cases.append(chosen.name)
+            _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed)
+    for i, failure in enumerate(report.failures):
+        if failure.scenario == AD_HOC:
+            report.failures[i] = _relabel(failure, scenario.name, mode)
     _save(report, failures_dir)
     return report
+
+
+def _merge(report: Report, part: Report) -> None:
+    report.cases.extend(part.cases)
+    report.elapsed_s += part.elapsed_s
+    report.schedules_explored += part.schedules_explored
+    report.pruned += part.pruned
+    report.pruned_by_state += part.pruned_by_state
+    report.complete = report.complete and part.complete
+    report.failing_schedules += part.failing_schedules
+    report.failures.extend(part.failures)
 
 
 @dataclass(frozen=True)
@@ -165,7 +206,10 @@ def _limits(
     for label, value in (("preemption bound", bound), ("depth", depth), ("max_schedules", cap)):
         if value is not None and value < 0:
             raise ConfigError(f"{label} must be >= 0, got {value}")
-    return SearchLimits(bound, depth, cap, steps)
+    limits = SearchLimits(bound, depth, cap, steps, reduction=_REDUCTION[strategy])
+    if strategy == "naive":
+        limits.por = limits.state_hashing = False
+    return limits
 
 
 def _cases(scenario: Scenario, case: str | None) -> tuple[Case, ...]:
@@ -194,6 +238,7 @@ def _explore_case(
     report.elapsed_s += time.perf_counter() - started
     report.schedules_explored += stats.schedules
     report.pruned += stats.pruned
+    report.pruned_by_state += stats.pruned_by_state
     report.complete = report.complete and stats.complete
     report.failing_schedules += len(stats.outcomes)
     _collect(report, case, stats.outcomes)

@@ -159,5 +159,6 @@ class DriverCore:
             ret = self.really_probe(dev, drv)
             if ret != -Errno.EPROBE_DEFER:
                 return ret
-            wait_until(f"deferred retry {dev.name}", self._triggered_since(seen))
+            wait_until(f"deferred retry {dev.name}", self._triggered_since(seen),
+                       "deferred_trigger", write=False)
         return ret

@@ -80,15 +80,14 @@ def copy_out(arg: Buffer, offset: int, data: bytes) -> None:
 class DataStream:
     """The open file of one data-transfer session."""
 
-    _serial = 0
-
     def __init__(
         self, kind: StreamKind, owner: StreamOwner, name: str,
         *, disabled_read: DisabledRead = "enodev",
     ) -> None:  # fmt: skip
-        DataStream._serial += 1
         self.kind = kind
-        self.name = f"{name}#{DataStream._serial}"
+        #: ``name`` is unique per device (the driver numbers its sessions), never a
+        #: process-wide serial: labels built from it must be the same in every run
+        self.name = name
         self.lock = ModelLock(f"{self.name}.lock")
         self.disabled_read: DisabledRead = disabled_read
         #: invariant: >= 0; 0 means released (no fd, no driver reference)

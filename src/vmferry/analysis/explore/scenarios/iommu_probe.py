@@ -15,10 +15,11 @@ default domain).  ``fails_in`` is the presence table of docs/models/iommu-probe.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.errors import InvariantViolation
 from vmferry.hw.iommu.checks import check_quiescent, check_step, leaked_objects
 from vmferry.hw.iommu.core import Device, device_state
@@ -29,6 +30,7 @@ from vmferry.hw.iommu.errors import Errno, MemoryLeak
 from vmferry.hw.iommu.kernel import FULL_CHECKS, Kernel
 from vmferry.hw.iommu.modes import DEFAULT_MODE, PRESETS, SWITCHES, ProbeMode
 from vmferry.hw.iommu.topology import IommuHandle, client, iommu, register, register_and_trigger
+from vmferry.sync import Accesses
 
 MODES: tuple[str, ...] = (
     "v6_15",
@@ -82,11 +84,21 @@ def _world(mode: str, legacy_checks: frozenset[int] = frozenset()) -> World:
     return World(Kernel(probe_mode, checks=checks), {})
 
 
+def _registers(handle: IommuHandle) -> Accesses:
+    """A registration thread's first step: ``device_register`` sets the instance's ops."""
+    return Accesses(writes=(handle.inst.key,))
+
+
+#: a client thread's first step: ``probe_until_bound`` samples the deferred-trigger count
+_CLIENT_START = Accesses(reads=("deferred_trigger",))
+
+
 def _instance(
     world: World,
     threads: dict[str, Callable[[], int]],
     final: Callable[[], None],
     extra_invariant: Callable[[], None] | None = None,
+    starts: dict[str, Hashable] | None = None,
 ) -> Instance:
     kernel = world.kernel
 
@@ -101,7 +113,12 @@ def _instance(
         final()
 
     named = {name: world.run(name, fn) for name, fn in threads.items()}
-    return Instance(named, invariant=invariant, check=check)
+    # ``starts`` (each thread's first access) is not passed on: with the registration and
+    # client prologues declared, the reduction lost the v6_15+no_ready_flag failure of R0
+    # that naive enumeration finds, so every thread start conflicts with everything
+    del starts
+    return Instance(named, invariant=invariant, check=check,
+                    state=lambda: fingerprint(world.kernel, world.results))
 
 
 def _expect(cond: bool, message: str) -> None:
@@ -146,7 +163,8 @@ def build_r0(mode: str) -> Instance:
         _expect_walked(dev)
         _expect(world.results == {"W1": 0, "W2": 0}, f"walk results {world.results}")
 
-    return _instance(world, {"W1": lambda: register(k, x), "W2": lambda: register(k, y)}, final)
+    return _instance(world, {"W1": lambda: register(k, x), "W2": lambda: register(k, y)}, final,
+                     starts={"W1": _registers(x), "W2": _registers(y)})
 
 
 def _seed_fwspec(k: Kernel, dev: Device, handle: IommuHandle) -> None:
@@ -182,6 +200,10 @@ def _client_vs_walk(mode: str, legacy_checks: frozenset[int]) -> tuple[World, De
     return world, dev, threads
 
 
+def _client_vs_walk_starts(world: World) -> dict[str, Hashable]:
+    return {"C": _CLIENT_START, "W": _registers(_iommu_of(world, "X"))}
+
+
 def build_r1(mode: str) -> Instance:
     world, dev, threads = _client_vs_walk(mode, frozenset())
 
@@ -189,7 +211,7 @@ def build_r1(mode: str) -> Instance:
         _expect_probed(dev, bound=True)
         _expect(world.kernel.core.probe_calls.get("D") == 1, "D probed more than once")
 
-    return _instance(world, threads, final)
+    return _instance(world, threads, final, starts=_client_vs_walk_starts(world))
 
 
 def build_r3(mode: str) -> Instance:
@@ -208,7 +230,7 @@ def build_r3(mode: str) -> Instance:
         allowed = (0, 1) if dev.bound_during_probe else (1,)
         _expect(group.owner_cnt in allowed, f"owner_cnt is {group.owner_cnt}")
 
-    return _instance(world, threads, final)
+    return _instance(world, threads, final, starts=_client_vs_walk_starts(world))
 
 
 # --- R2: two walkers, lock dropped around dma_configure -----------------------------------
@@ -225,7 +247,8 @@ def build_r2(mode: str) -> Instance:
         _expect(world.results == {"W1": 0, "W2": 0}, f"registration results {world.results}")
         _expect(x.inst.ready and y.inst.ready, "an instance is not ready")
 
-    return _instance(world, {"W1": lambda: register(k, x), "W2": lambda: register(k, y)}, final)
+    return _instance(world, {"W1": lambda: register(k, x), "W2": lambda: register(k, y)}, final,
+                     starts={"W1": _registers(x), "W2": _registers(y)})
 
 
 # --- R4: replay runs ahead of the walk ----------------------------------------------------
@@ -253,7 +276,8 @@ def build_r4(mode: str) -> Instance:
             for other in others:
                 _expect_probed(other, bound=False)
 
-    return _instance(world, threads, final, out_of_order)
+    return _instance(world, threads, final, out_of_order,
+                     starts={"W": _registers(x), "C": _CLIENT_START})
 
 
 # --- R5: stale fwspec pointer after add_ids -----------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.clock import ManualClock
 from vmferry.errors import InvariantViolation
 from vmferry.guest.drivers import Nx842, VioBus
@@ -87,7 +88,8 @@ def _build(mode: str, *, dynamic: bool, user: str) -> Instance:
             raise AssertionError("tree differs from the destination description")
 
     return Instance(threads={"mobility": mobility, user: users[user]}, check=check,
-                    invariant=lambda: None, state=None)
+                    invariant=lambda: None,
+                    state=lambda: fingerprint(tree, handler, bus, nx, seen, skip=(src, dst)))
 
 
 def _case(name: str, description: str, *, dynamic: bool, user: str,
@@ -111,10 +113,12 @@ SCENARIO = Scenario(
               dynamic=True, user="driver", fails_in=frozenset({"no_pf_skip"})),
     ),
     preemption_bound=2,
+    deterministic=frozenset({"no_pf_skip"}),
     mode_help={
         "correct": "seed patch: platform-facilities delete/add ignored by device_type",
         "upstream": "newest kernel as read (seed patch, single-node attach, no retries)",
-        "no_pf_skip": "before the seed patch: container released under its vio leaves",
+        "no_pf_skip": "before the seed patch: container released under its vio leaves "
+                      "(deterministic: every schedule fails, not a race)",
         "merge_readd": "delete+add of an unchanged phandle applied as property updates",
     },
 )

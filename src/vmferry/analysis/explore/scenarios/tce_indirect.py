@@ -26,10 +26,11 @@ fails.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.hw.spapr.hcall import Hcall, HcallResult, HRet
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.tce import MODE_HELP, TCE_PCI_READ, TCE_PCI_WRITE, encode_tce_list
@@ -77,7 +78,11 @@ def _builder(first: list[int], new: int, page_shift: int) -> Callable[[str], Ins
             assert [r.ret for r in world.results] == [HRet.H_SUCCESS], world.results
             iommu.check_invariants()
 
-        return Instance({"vcpu0": vcpu, "guest1": writer}, invariant, check)
+        def state() -> Hashable:
+            return (memory.read(LIST, 8 * len(first)),
+                    fingerprint(iommu, world.results, skip=(memory,)))
+
+        return Instance({"vcpu0": vcpu, "guest1": writer}, invariant, check, state=state)
 
     return build
 

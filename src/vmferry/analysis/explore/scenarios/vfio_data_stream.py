@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.errors import UseAfterFree
 from vmferry.hw.vfio.device import VfioMigrationDevice
 from vmferry.hw.vfio.errors import VfioError
@@ -111,7 +112,8 @@ def _build_restart(mode: str) -> Instance:
         _check_reads(old, got, expected)
 
     return Instance({"reader": lambda: _read_once(old, got), "vmm": transition},
-                    invariant=lambda: None, check=check)  # fmt: skip
+                    invariant=lambda: None, check=check,
+                    state=lambda: fingerprint(dev, old, got))  # fmt: skip
 
 
 def _build_abandon(mode: str) -> Instance:
@@ -126,7 +128,8 @@ def _build_abandon(mode: str) -> Instance:
         _check_reads(old, got, expected)
 
     return Instance({"reader": lambda: _read_once(old, got),
-                     "vmm": lambda: _goto(dev, S.RUNNING)}, check=check)  # fmt: skip
+                     "vmm": lambda: _goto(dev, S.RUNNING)}, check=check,
+                    state=lambda: fingerprint(dev, old, got))  # fmt: skip
 
 
 def _build_precopy_info(mode: str) -> Instance:
@@ -142,7 +145,8 @@ def _build_precopy_info(mode: str) -> Instance:
                 raise
 
     return Instance({"info": query, "vmm": lambda: _goto(dev, S.RUNNING)},
-                    check=dev.check_invariants)  # fmt: skip
+                    check=dev.check_invariants,
+                    state=lambda: fingerprint(dev, stream))  # fmt: skip
 
 
 SCENARIO = Scenario(
@@ -172,8 +176,10 @@ SCENARIO = Scenario(
     ),
     mode_help={
         "correct": "orphaned files are disabled under their lock; info checks under the mutex",
-        "stale_fd": "the driver forgets an ended session's file without disabling it",
+        "stale_fd": "the driver forgets an ended session's file without disabling it "
+                    "(deterministic: every schedule fails, not a race)",
         "precopy_info_unlocked": "precopy info checks the state without state_mutex",
     },
     preemption_bound=2,
+    deterministic=frozenset({"stale_fd"}),
 )

@@ -128,6 +128,8 @@ class VariantDriver(ABC):
         #: every arc executed, in order (for tests and tracing)
         self.arcs_seen: list[tuple[DeviceState, DeviceState]] = []
         self.dma_writes = 0
+        #: data-transfer sessions opened so far (numbers the stream files per device)
+        self.sessions = 0
 
     # --- hardware -------------------------------------------------------------------------
 
@@ -201,7 +203,8 @@ class VariantDriver(ABC):
 
     def _open_saving(self, owner: StreamOwner, *, precopy: bool) -> DataStream:
         self._drop("saving")
-        stream = DataStream(StreamKind.SAVING, owner, f"{self.name}-save",
+        self.sessions += 1
+        stream = DataStream(StreamKind.SAVING, owner, f"{self.name}-save#{self.sessions}",
                             disabled_read=self.disabled_read)  # fmt: skip
         stream.phase = "precopy" if precopy else "final"
         self._save_open(stream, precopy=precopy)
@@ -211,7 +214,8 @@ class VariantDriver(ABC):
 
     def _open_resuming(self, owner: StreamOwner) -> DataStream:
         self._drop("resuming")
-        stream = DataStream(StreamKind.RESUMING, owner, f"{self.name}-resume",
+        self.sessions += 1
+        stream = DataStream(StreamKind.RESUMING, owner, f"{self.name}-resume#{self.sessions}",
                             disabled_read=self.disabled_read)  # fmt: skip
         self._resume_open(stream)
         stream.get()

@@ -1,0 +1,70 @@
+"""Exploration spread over Ray workers.
+
+The schedule tree of a scenario is split at its cases: each case's bounded search is an
+independent task (its own instance factory, its own DFS), so ``N`` Ray workers explore up
+to ``N`` cases at once.  Each task returns a partial :class:`Report`; they are merged in
+the scenario's case order, so the merged report -- schedule counts, pruned counts, failures
+and their order -- is identical to a single-process run's.  Only the wall time differs.
+
+Ray is an optional dependency (``pip install 'vmferry[ray]'``).  ``address`` joins an
+existing cluster (``ray.init(address=...)``); without it a local Ray runtime with
+``workers`` CPUs is started and shut down again after the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from vmferry.analysis.explore.engine import SearchLimits
+from vmferry.analysis.explore.report import Report
+from vmferry.errors import ConfigError
+
+RAY_HINT = "exploring with --workers needs Ray: pip install 'vmferry[ray]'"
+
+
+def _ray() -> Any:
+    try:
+        return importlib.import_module("ray")
+    except ImportError as exc:
+        raise ConfigError(RAY_HINT) from exc
+
+
+def explore_case_task(
+    scenario_name: str, case_name: str, mode: str, limits: SearchLimits, seed: int,
+    strategy: str, bound: int | None,
+) -> Report:
+    """One case of a registered scenario, explored in this process (a Ray task body)."""
+    from vmferry.analysis.explore.runner import _explore_case, _factory
+    from vmferry.analysis.explore.scenarios import all_scenarios
+
+    scenario = all_scenarios()[scenario_name]
+    (case,) = [c for c in scenario.cases if c.name == case_name]
+    part = Report(scenario_name, mode, strategy, preemption_bound=bound, seed=seed)
+    part.cases.append(case_name)
+    _explore_case(part, case_name, _factory(case, mode), limits, seed)
+    return part
+
+
+def run_cases(
+    scenario_name: str, cases: list[str], mode: str, limits: SearchLimits, seed: int,
+    strategy: str, bound: int | None, *, workers: int, address: str | None,
+) -> list[Report]:
+    """Explore ``cases`` as Ray tasks; the partial reports come back in ``cases`` order."""
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        if address is not None:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        task: Callable[..., Any] = ray.remote(num_cpus=1)(explore_case_task).remote
+        refs = [task(scenario_name, case, mode, limits, seed, strategy, bound)
+                for case in cases]
+        return list(ray.get(refs))
+    finally:
+        if started:
+            ray.shutdown()

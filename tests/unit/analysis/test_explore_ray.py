@@ -1,0 +1,57 @@
+"""Issue 15 item 5: exploration on Ray workers gives the single-process report."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vmferry.analysis.explore import distributed as dist
+from vmferry.analysis.explore import run_scenario
+from vmferry.analysis.explore.scenarios import all_scenarios
+from vmferry.cli.main import cli
+from vmferry.errors import ConfigError
+
+
+def _summary(report: object) -> dict[str, object]:
+    data = report.to_json()  # type: ignore[attr-defined]
+    data.pop("elapsed_s")
+    for failure in data["failures"]:
+        failure.pop("path")
+    return data
+
+
+def test_item5_two_ray_workers_match_one_process(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    scenario = all_scenarios()["tce-indirect"]
+    single = run_scenario(scenario, mode="upstream", preemption_bound=1, failures_dir=None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        spread = run_scenario(scenario, mode="upstream", preemption_bound=1, workers=2,
+                              failures_dir=tmp_path)
+        assert ray.is_initialized()  # an existing runtime is used, not shut down
+    finally:
+        ray.shutdown()
+    assert "unvalidated-tce" in {f.hazard for f in single.failures}
+    assert single.schedules_explored > 0
+    assert _summary(spread) == _summary(single)
+    assert all(f.path is not None and Path(f.path).is_file() for f in spread.failures)
+
+
+def test_item5_without_ray_workers_say_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.import_module
+
+    def no_ray(name: str, *args: object) -> object:
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dist.importlib, "import_module", no_ray)
+    scenario = all_scenarios()["tce-indirect"]
+    with pytest.raises(ConfigError, match=r"pip install 'vmferry\[ray\]'"):
+        run_scenario(scenario, workers=2, failures_dir=None)
+    result = CliRunner().invoke(cli, ["explore", "races", "--scenario", "tce-indirect",
+                                      "--workers", "2"])
+    assert result.exit_code == 2 and "vmferry[ray]" in result.output
