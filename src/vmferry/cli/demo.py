@@ -92,7 +92,7 @@ def _print(r: dict[str, Any]) -> None:
         f"setup {r['setup-time']:.1f} ms, total {r['total-time']:.0f} ms; "
         f"[bold]downtime {r['downtime']:.1f} ms[/] (final RAM {b.get('final_ram_ms', 0):.1f}, "
         f"state {b.get('state_ms', 0):.1f}, resume {b.get('resume_ms', 0):.1f}; "
-        f"verification {b.get('verification_ms', 0):.0f} ms not counted)"
+        f"verification {b.get('verification_ms', 0):.0f} ms)"
     )
     console.print(
         f"RAM {human_bytes(ram['total'])}: {human_bytes(ram['transferred'])} sent, "

@@ -89,7 +89,12 @@ def downtime_overrun(stats: Mapping[str, Any], limit_ms: float | None) -> str | 
     downtime = float(stats.get("downtime", 0.0))
     if downtime <= limit_ms:
         return None
-    return f"downtime {downtime:.1f} ms exceeded the limit of {limit_ms:g} ms"
+    msg = f"downtime {downtime:.1f} ms exceeded the limit of {limit_ms:g} ms"
+    breakdown = stats.get("downtime-breakdown")
+    verify_ms = breakdown.get("verification_ms", 0.0) if isinstance(breakdown, Mapping) else 0.0
+    if isinstance(verify_ms, int | float) and verify_ms > 0:
+        msg += f" (verification took {verify_ms:.1f} ms of it)"
+    return msg
 
 
 def downtime_limit(job: Mapping[str, Any]) -> float | None:

@@ -52,7 +52,7 @@ class Downtime:
     final_ram_ms: float = 0.0  # last RAM pass with vCPUs paused
     state_ms: float = 0.0  # vCPU, component and device state
     resume_ms: float = 0.0  # destination load, resume and its acknowledgement
-    verification_ms: float = 0.0  # digest checks on request; not part of total_ms
+    verification_ms: float = 0.0  # digest checks on request, guest paused; part of total_ms
 
 
 @dataclass

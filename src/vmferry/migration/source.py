@@ -592,7 +592,8 @@ class SourceSession:
             raise StreamUsageError(f"complete() in status {self.stats.status.value}")
         now = self.clock.monotonic()
         verify_ms = float(ack.get("verification_ms", 0.0))
-        total = (now - self._t_pause) * 1e3 - verify_ms
+        # the guest stays paused while the digests are compared: that is downtime too
+        total = (now - self._t_pause) * 1e3
         self.stats.downtime = Downtime(
             total_ms=total,
             final_ram_ms=(self._t_final_ram - self._t_pause) * 1e3,
@@ -600,7 +601,7 @@ class SourceSession:
             resume_ms=(now - self._t_end) * 1e3 - verify_ms,
             verification_ms=verify_ms,
         )
-        self.stats.total_time_ms = (now - self._t0) * 1e3 - verify_ms
+        self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.status = Status.COMPLETED
         self._close_generator()
         for h in self.vm.handlers.values():

@@ -61,3 +61,30 @@ def test_no_digests_is_not_verified() -> None:
     assert SourceSession(vm, MigrationParams(), ManualClock()).verification({}) == {
         "requested": False
     }
+
+
+
+def test_issue10_2_verification_pause_is_counted_as_downtime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guest stays paused while the digests are compared: the job's downtime must
+    include that time, not hide it in a separate figure."""
+    import vmferry.migration.destination as destination
+
+    vm = _vm()
+    clock = ManualClock()
+    real = destination.state_digests
+
+    def slow_digests(v: Any) -> Any:  # the destination's digest takes 250 ms
+        clock.advance(0.25)
+        return real(v)
+
+    monkeypatch.setattr(destination, "state_digests", slow_digests)
+    src = SourceSession(vm, MigrationParams(verify=True), clock)
+    migrate_locally(src, DestinationSession(clock, verify=True), clock)
+    d = src.stats.downtime
+    assert d.verification_ms == pytest.approx(250.0)
+    assert d.total_ms >= 250.0
+    parts = d.final_ram_ms + d.state_ms + d.resume_ms + d.verification_ms
+    assert parts == pytest.approx(d.total_ms)
+    assert src.stats.total_time_ms >= d.total_ms
