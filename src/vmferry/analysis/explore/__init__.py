@@ -7,7 +7,7 @@ hashing, random walks) and :mod:`vmferry.analysis.explore.report` for replay scr
 
 Public API::
 
-    run_scenario(scenario, mode=None, case=None, strategy="sleep",
+    run_scenario(scenario, mode=None, case=None, strategy="dpor",
                  preemption_bound=None, seed=0, max_schedules=None) -> Report
     explore(instance_factory, *, strategy=..., preemption_bound=..., ...) -> Report
     replay(script_or_path, instance_factory=None) -> ReplayResult

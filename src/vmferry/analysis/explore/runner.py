@@ -32,9 +32,7 @@ from vmferry.errors import ConfigError
 #: exhaustive searches: source-DPOR with sleep sets, sleep sets (with state hashing) over
 #: every enabled choice, plain enumeration; then seeded random walks
 STRATEGIES = ("dpor", "sleep", "naive", "random")
-#: sleep sets stay the default: bounded dpor misses failure kinds naive enumeration finds
-#: on iommu-probe R4 (pre_6_7+probe_unlocked), see docs/explore.md
-DEFAULT_STRATEGY = "sleep"
+DEFAULT_STRATEGY = "dpor"
 #: older names still accepted
 _ALIASES = {"exhaustive": "sleep"}
 _REDUCTION = {"dpor": "dpor", "sleep": "sleep", "naive": "none", "random": "none"}
