@@ -827,7 +827,6 @@ def _run_daemon(
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
         daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
-        daemon.control_url = f"http://{host}:{port}"
         qmp = QmpServer(daemon, qmp_dir) if qmp_dir is not None else None
         if qmp is not None:
             await qmp.start()
