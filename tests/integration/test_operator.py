@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,13 +246,3 @@ def test_item7_job_set_changes_a_running_migration(pair: Pair) -> None:
     assert bad.returncode == 1 and "status completed" in bad.stderr
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    root = tmp_path_factory.mktemp("ops")
-    a = spawn_host("A", root / "A")
-    b = spawn_host("B", root / "B")
-    try:
-        yield Pair(a, b)
-    finally:
-        a.stop()
-        b.stop()
