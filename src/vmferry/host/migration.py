@@ -28,6 +28,7 @@ from vmferry.errors import (
     StreamDecodeError,
     VmferryError,
 )
+from vmferry.host import datachannels
 from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
@@ -48,6 +49,7 @@ from vmferry.host.transport import (
 from vmferry.machine.vm import load_definition
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession, describe_failure
+from vmferry.migration.multichannel import MAX_CHANNELS
 from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import MAJOR, MINOR, StreamDecoder
 
@@ -76,7 +78,7 @@ VERIFY_S_PER_GIB = 1.0
 SETTLE_S = 5.0
 
 
-HOST_PARAMS = ("fault", "stream_file", "undefine_source")
+HOST_PARAMS = ("fault", "stream_file", "undefine_source", "parallel")
 
 
 def destination_ok(post_load: dict[str, Any]) -> bool:
@@ -263,6 +265,8 @@ class SourceWorker:
             hosted.vm, params, MonotonicClock(), guest=self.runner, link=self
         )
         self._sock: socket.socket | None = None
+        self.channels: datachannels.ChannelSink | None = None
+        self._welcome: dict[str, Any] = {}
         self._rtt_s = 0.0
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
@@ -276,6 +280,7 @@ class SourceWorker:
             self._preflight()
             self._rtt_s = self._measure_round_trip()
             sock = self._sock = self._connect()
+            self._open_channels()
             self._send_stream(sock)
             self._await_ack(sock)
         except MigrationRefused as exc:
@@ -294,6 +299,8 @@ class SourceWorker:
             log.exception("source job %s", self.job.id)
             self._fail(describe_failure(exc))
         finally:
+            if self.channels is not None:
+                self.channels.close()
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
@@ -378,7 +385,10 @@ class SourceWorker:
             with contextlib.suppress(OSError):
                 raw = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
                 queued = int.from_bytes(raw, sys.byteorder, signed=True)
-        return queued + RECEIVE_BUFFER if queued > 0 else 0
+        queued = queued + RECEIVE_BUFFER if queued > 0 else 0
+        if self.channels is not None:
+            queued += self.channels.in_flight_bytes()
+        return queued
 
     def _unlogged_write(self) -> None:
         """Fault ``active:unlogged-write``: change page 0 without a dirty mark, once."""
@@ -419,11 +429,41 @@ class SourceWorker:
             stream_version=[MAJOR, MINOR],
             runstate=self.prev_state,
             source=self.daemon.name,
+            parallel=self._parallel(),
         )
         reply = recv_frame(sock, self._on_stall)
         if reply["type"] != "welcome":
             raise PeerError(f"destination refused: {reply.get('reason', reply)}", "handshake")
+        self._welcome = reply
         return sock
+
+    def _parallel(self) -> int:
+        """Data channels asked for: the parameter, or the host's default; none when the
+        stream is also written to a file (the file must hold every page)."""
+        wanted = self.job.params.get("parallel")
+        if self.tee is not None:
+            return 0
+        return datachannels.DEFAULT_PARALLEL if wanted is None else int(wanted)
+
+    def _open_channels(self) -> None:
+        """RAM over parallel data channels when the destination agreed to them."""
+        count = self._welcome.get("parallel", 0)
+        if not isinstance(count, int) or count <= 0 or count != self._parallel():
+            return
+        host, port = self.incoming["migration_address"]
+        self._bound = HELLO_TIMEOUT_S
+        socks = datachannels.dial_channels(lambda: self._dial(host, port, HELLO_TIMEOUT_S),
+                                           self.incoming["token"], count, self._on_stall)
+        self.channels = datachannels.ChannelSink(socks, self.session,
+                                                 on_stall=self._channel_stall,
+                                                 check=self._check_cancel,
+                                                 progress=self._publish, fault=self.fault)
+        self.session.ram_sink = self.channels
+        self.job.progress["parallel"] = count
+
+    def _channel_stall(self, seconds: float) -> None:
+        self._set_bound()
+        self._on_stall(seconds)
 
     def _phase(self) -> str:
         st = self.session.status
@@ -449,7 +489,10 @@ class SourceWorker:
                 reason = self._peer_reason(sock) or "destination closed the connection"
                 raise PeerError(reason, self.session.current_step())
             self._remember_bandwidth()
-            wire = apply(self.fault, phase, bufs)
+            # with data channels, RAM (and a fault that damages it) travels there
+            corrupt_ram = self.fault is not None and self.fault.action == "corrupt"
+            wire = bufs if self.channels is not None and phase == "active" and corrupt_ram \
+                else apply(self.fault, phase, bufs)  # fmt: skip
             self._set_bound()
             send_buffers(sock, wire, self._on_stall)
             if self.tee is not None:
@@ -638,6 +681,9 @@ def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
     overall deadline); a connection gets its worker thread only once its HELLO arrived."""
 
     def on_hello(conn: socket.socket, addr: Any, hello: dict[str, Any]) -> None:
+        if hello.get("type") == "channel":  # a data channel of a migration under way
+            datachannels.accept(conn, addr, hello, on_refuse)
+            return
         worker = DestinationWorker(daemon, conn, addr, hello)
         threading.Thread(target=worker.run, name=f"mig-dst-{addr[1]}", daemon=True).start()
 
@@ -674,6 +720,9 @@ class DestinationWorker:
         self.job: Job | None = None
         self.step = "handshake"
         self.populator: Populator | None = None
+        self.channels: datachannels.ChannelGroup | None = None
+        self.staging: Any = None
+        self._staging_used = False
 
     def _tls(self) -> bool:
         """The TLS handshake, when this host serves TLS; False (refused) if it failed.
@@ -708,10 +757,17 @@ class DestinationWorker:
             log.exception("incoming migration from %s", self.addr)
             self._fail(describe_failure(exc))
         finally:
+            self._close_channels()
             if self.populator is not None:
                 self.populator.stop()
+            if self.staging is not None and not self._staging_used:
+                self.staging.close()  # built at the handshake, never used
             with contextlib.suppress(OSError):
                 self.conn.close()
+
+    def _close_channels(self) -> None:
+        if self.channels is not None:
+            self.channels.close()  # its threads stop writing before the RAM may go
 
     def _handshake(self) -> dict[str, Any] | None:
         self.conn.settimeout(HELLO_TIMEOUT_S)
@@ -735,19 +791,39 @@ class DestinationWorker:
             check_config=self._check_approved(inc.vm, inc.definition),
             factory=self._build_staging,
         )
+        # The staging VM (for KVM guests: its VM and memory slot) is built now, before
+        # the first byte of data: the stream's configuration must equal this definition.
+        self.staging = self.daemon.build_vm({**inc.definition, "fill": "zero"})
+        self.populator = Populator(self.staging.ram)
+        parallel = hello.get("parallel", 0)
+        if isinstance(parallel, int) and not isinstance(parallel, bool) \
+                and 1 <= parallel <= MAX_CHANNELS:  # fmt: skip
+            self.channels = datachannels.ChannelGroup(str(hello["token"]), parallel,
+                                                      self.staging.ram, self._wake)
+        else:
+            parallel = 0
         with contextlib.suppress(OSError):
             self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER // 2)
-        send_frame(self.conn, "welcome", host=self.daemon.name)
+        send_frame(self.conn, "welcome", host=self.daemon.name, parallel=parallel)
         self.conn.settimeout(IDLE_TIMEOUT_S)
         self.job.status, self.job.step = "active", "receiving stream"
         self.daemon.save_job(self.job)
         return hello
 
     def _build_staging(self, definition: Any) -> Any:
-        """The staging VM, its RAM faulted in from a thread while the stream arrives."""
+        """The staging VM built at the handshake (its RAM faulted in from a thread while
+        the stream arrives); the stream's configuration was checked against it."""
+        if self.staging is not None:
+            self._staging_used = True
+            return self.staging
         vm = self.daemon.build_vm(definition)
         self.populator = Populator(vm.ram)
         return vm
+
+    def _wake(self) -> None:
+        """A data channel failed: stop the main connection's wait for the stream."""
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RD)
 
     @staticmethod
     def _check_approved(expected: str, approved: dict[str, Any]) -> Any:
@@ -779,11 +855,26 @@ class DestinationWorker:
                 raise PeerError("destination host is shutting down", self.step)
             if self.job.cancel.is_set():
                 raise MigrationError("cancelled by the operator on the destination", self.step)
-            if recv_into_decoder(self.conn, decoder) == 0:
+            try:
+                got = recv_into_decoder(self.conn, decoder)
+            except TimeoutError:
+                # RAM may be moving over the data channels while the main one is quiet
+                if self.channels is not None and self.channels.active_within(IDLE_TIMEOUT_S):
+                    continue
+                raise
+            if got == 0:
+                if self.channels is not None and self.channels.error:
+                    raise PeerError(self.channels.error, self.step)
                 decoder.eof()
             for rec in decoder.events():
                 self.session.receive(rec)
                 self.step = f"receiving stream (pass {self.session.passes + 1})"
+        if self.channels is not None:
+            self.channels.wait_done(IDLE_TIMEOUT_S, self._check_receiving)
+            pages, zero = self.channels.totals()
+            self.session.pages_received += pages
+            self.session.zero_pages_received += zero
+            self._close_channels()
         self.step = "load"
         if self.populator is not None:
             self.populator.stop()
@@ -816,7 +907,15 @@ class DestinationWorker:
             send_frame(self.conn, "resumed", resume_ms=(time.monotonic() - t0) * 1e3,
                        post_load=post_load)
 
+    def _check_receiving(self) -> None:
+        assert self.job is not None
+        if self.daemon.stopping:
+            raise PeerError("destination host is shutting down", self.step)
+        if self.job.cancel.is_set():
+            raise MigrationError("cancelled by the operator on the destination", self.step)
+
     def _fail(self, reason: str) -> None:
+        self._close_channels()
         if self.populator is not None:
             self.populator.stop()
         if self.job is not None and self.job.status == "completed":

@@ -47,6 +47,7 @@ from vmferry.errors import ConfigError, MigrationError, StreamUsageError
 from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
 from vmferry.migration.context import Downtime, MigrationStats, PassRecord, Status
+from vmferry.migration.multichannel import RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -97,6 +98,16 @@ class LinkProbe(Protocol):
 
     def bandwidth_bps(self) -> float:
         """Bytes per second measured on this link before (0.0: never)."""
+        ...
+
+
+class RamSink(Protocol):
+    """Where RAM goes when it does not travel in the main stream: the host's parallel
+    data channels (:mod:`vmferry.migration.multichannel`).  ``send_pass`` returns once
+    every page of ``mask`` and each channel's SYNC of pass ``number`` were handed to the
+    channels; it adds the bytes it sends to the session's ``channel_bytes`` as it goes."""
+
+    def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
         ...
 
 
@@ -226,6 +237,15 @@ class SourceSession:
         #: the bandwidth cap is measured from here (moved when the cap changes)
         self._pace_from: tuple[float, int] | None = None
         self.source_digest_ms = 0.0
+        #: parallel data channels for RAM (None: RAM goes in the main stream)
+        self.ram_sink: RamSink | None = None
+        #: bytes the data channels sent so far (the sink adds to it while it sends)
+        self.channel_bytes = 0
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes of the main stream and the data channels."""
+        return self.encoder.bytes_out + self.channel_bytes
 
     # --- driving ---------------------------------------------------------------------
 
@@ -278,7 +298,7 @@ class SourceSession:
             return 0.0
         t0, sent0 = self._pace_from or (self._t_active, 0)
         allowed = cap * MIB * (self.clock.monotonic() - t0)
-        excess = self.encoder.bytes_out - sent0 - allowed
+        excess = self.bytes_out - sent0 - allowed
         return max(0.0, excess / (cap * MIB))
 
     def retune(self, changes: Mapping[str, Any]) -> None:
@@ -296,7 +316,7 @@ class SourceSession:
         policy = dataclasses.replace(self.policy,
                                      downtime_limit_s=params.downtime_limit_ms / 1e3)
         if params.max_bandwidth_mib != self.params.max_bandwidth_mib:
-            self._pace_from = (self.clock.monotonic(), self.encoder.bytes_out)
+            self._pace_from = (self.clock.monotonic(), self.bytes_out)
         self.params, self.policy = params, policy
 
     # --- the phases ------------------------------------------------------------------
@@ -339,7 +359,7 @@ class SourceSession:
         """Record the pass; True when it is time to switch over."""
         now = self.clock.monotonic()
         seconds = max(now - t_pass, 1e-9)
-        pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
+        pass_bytes = self.bytes_out - sum(p.bytes for p in self.stats.passes)
         bandwidth = pass_bytes / seconds
         self.stats.link_bandwidth_bps = bandwidth if pass_bytes >= MEASURABLE_BYTES else 0.0
         if pass_bytes < MEASURABLE_BYTES and self.link is not None:
@@ -423,7 +443,7 @@ class SourceSession:
         self.stats.ram_remaining = 0
         yield self._ship(batch)
         self._t_end = self.clock.monotonic()
-        self.stats.ram_transferred = self.encoder.bytes_out
+        self.stats.ram_transferred = self.bytes_out
 
     def _pause_guest(self) -> None:
         self._t_pause = self.clock.monotonic()
@@ -451,6 +471,17 @@ class SourceSession:
     # --- RAM runs --------------------------------------------------------------------
 
     def _send_pages(self, mask: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
+        if self.ram_sink is not None:
+            number = len(self.stats.passes) + 1
+            counts = self.ram_sink.send_pass(number, mask, self.stats.status is Status.DEVICE)
+            ps = self.vm.ram.page_size
+            self.stats.ram_normal += counts.normal
+            self.stats.ram_normal_bytes += counts.normal * ps
+            self.stats.ram_duplicate += counts.zero
+            self._pass_normal += counts.normal
+            self._pass_duplicate += counts.zero
+            self.stats.ram_transferred = self.bytes_out
+            return
         batch = _Batch()
         self._bounce_used = 0
         for rec in self._page_records(mask):
@@ -460,7 +491,7 @@ class SourceSession:
             batch.add(self.encoder.encode(rec))
         if batch.parts:
             yield self._ship(batch)
-        self.stats.ram_transferred = self.encoder.bytes_out
+        self.stats.ram_transferred = self.bytes_out
 
     def _page_records(self, mask: npt.NDArray[np.bool_]) -> Iterator[Record]:
         """The records for the pages in ``mask``: short runs as RAM_SCATTER lists, long
@@ -489,7 +520,7 @@ class SourceSession:
         """Hand a batch to the host.  The host sends it before asking for more, so the
         bounce buffer its RAM payloads view is free again from here on."""
         self._bounce_used = 0
-        self.stats.ram_transferred = self.encoder.bytes_out
+        self.stats.ram_transferred = self.bytes_out
         return batch.take()
 
     def _scatter(self, index: npt.NDArray[np.int64]) -> Generator[RamScatter, None, None]:
