@@ -457,9 +457,15 @@ class SourceWorker:
         self.channels = datachannels.ChannelSink(socks, self.session,
                                                  on_stall=self._channel_stall,
                                                  check=self._check_cancel,
-                                                 progress=self._publish, fault=self.fault)
+                                                 progress=self._channel_progress,
+                                                 fault=self.fault)
         self.session.ram_sink = self.channels
         self.job.progress["parallel"] = count
+
+    def _channel_progress(self) -> None:
+        """While the channels send a pass: the operator's changes, the job's figures."""
+        self._retune()
+        self._publish()
 
     def _channel_stall(self, seconds: float) -> None:
         self._set_bound()
