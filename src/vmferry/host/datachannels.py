@@ -63,8 +63,8 @@ DEFAULT_PARALLEL = 2
 #: bytes a channel thread hands to one sendmsg, and its snapshot buffer
 BATCH_BYTES = 8 * 1024 * 1024
 BOUNCE_BYTES = 2 * BATCH_BYTES
-#: pages per run dealt to a channel (4 MiB of 4 KiB pages)
-RUN_PAGES = 1024
+#: bytes per run dealt to a channel
+RUN_BYTES = 4 * 1024 * 1024
 #: the destination's socket receive buffer per channel (as the main connection's)
 RECEIVE_BUFFER = 2 * 1024 * 1024
 #: how long a channel waits for data, or at a pass barrier, before it gives up
@@ -101,12 +101,14 @@ class ChannelSink:
         self.corrupt = fault if fault is not None and fault.phase == "active" \
             and fault.action == "corrupt" else None  # fmt: skip
         self.writers = [ChannelWriter(i, self.ram.page_size) for i in range(len(socks))]
-        self.bounces = [np.empty(BOUNCE_BYTES, dtype=np.uint8) for _ in socks]
+        bounce = max(BOUNCE_BYTES, 2 * RUN_BYTES, 2 * self.ram.page_size)
+        self.bounces = [np.empty(bounce, dtype=np.uint8) for _ in socks]
         self.pool = ThreadPoolExecutor(len(socks), thread_name_prefix="mig-chan")
         self.lock = threading.Lock()
 
     def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
-        starts, lengths = page_runs(np.flatnonzero(mask), RUN_PAGES)
+        run_pages = max(1, RUN_BYTES // self.ram.page_size)
+        starts, lengths = page_runs(np.flatnonzero(mask), run_pages)
         dealt = deal_runs(starts, lengths, len(self.socks))
         futures = [self.pool.submit(self._send, i, number, runs, final)
                    for i, runs in enumerate(dealt)]

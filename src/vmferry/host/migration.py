@@ -465,6 +465,7 @@ class SourceWorker:
     def _channel_progress(self) -> None:
         """While the channels send a pass: the operator's changes, the job's figures."""
         self._retune()
+        self._persist(self.session.status.value, self.session.current_step())
         self._publish()
 
     def _channel_stall(self, seconds: float) -> None:
