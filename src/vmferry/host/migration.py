@@ -67,6 +67,12 @@ RECEIVE_BUFFER = 2 * 1024 * 1024
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
 #: migrations whose passes are too small to measure it themselves
 _LINK_BANDWIDTH: dict[str, float] = {}
+#: the destination's load and resume (s) as the last migration to it (its control URL)
+#: reported them, for the downtime prediction
+_DESTINATION_FIXED: dict[str, float] = {}
+#: job persists with the guest paused: the source's DEVICE, awaiting-resume and commit
+#: steps, the destination's resume and completed
+PAUSED_PERSISTS = 5
 #: the source's bound on a destination that makes no progress while the guest runs
 ACTIVE_STALL_S = 30.0
 #: ... and while the guest is paused: STALL_BASE_S + STALL_PER_LIMIT x the downtime limit
@@ -267,6 +273,8 @@ class SourceWorker:
         self._sock: socket.socket | None = None
         self.channels: datachannels.ChannelSink | None = None
         self._welcome: dict[str, Any] = {}
+        #: one persist of the job, measured (a decaying maximum)
+        self._persist_s = 0.0
         self._rtt_s = 0.0
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
@@ -343,7 +351,9 @@ class SourceWorker:
         """Job state at every step, so a restarted daemon knows how far it got."""
         if (status, step) != (self.job.status, self.job.step):
             self.job.status, self.job.step = status, step
+            t0 = time.monotonic()
             self.daemon.save_job(self.job)
+            self._persist_s = max(self._persist_s * 0.5, time.monotonic() - t0)
 
     # --- the exchange ------------------------------------------------------------------
 
@@ -371,6 +381,9 @@ class SourceWorker:
 
     def bandwidth_bps(self) -> float:
         return _LINK_BANDWIDTH.get(self.job.peer, 0.0)
+
+    def fixed_switchover_s(self) -> float:
+        return PAUSED_PERSISTS * self._persist_s + _DESTINATION_FIXED.get(self.job.peer, 0.0)
 
     def _remember_bandwidth(self) -> None:
         measured = self.session.stats.link_bandwidth_bps
@@ -565,7 +578,8 @@ class SourceWorker:
             self._settle_after_commit(f"destination failed after commit: "
                                       f"{resumed.get('reason', resumed)}", resumed, ack)
             return
-        self._completed(ack, resumed.get("post_load", {}), "")
+        self._completed(ack, resumed.get("post_load", {}), "",
+                        resumed.get("resume_ms", 0.0))
 
     def _send_commit(self, sock: socket.socket) -> None:
         if self.fault is not None and self.fault.phase == "commit":
@@ -577,8 +591,12 @@ class SourceWorker:
             raise CutConnection(f"injected fault {self.fault}")  # RESUMED never arrives
         send_frame(sock, "commit", on_stall=self._on_stall)
 
-    def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str) -> None:
+    def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str,
+                   resume_ms: float = 0.0) -> None:  # fmt: skip
         stats = self.session.complete(ack)
+        with contextlib.suppress(TypeError, ValueError):
+            _DESTINATION_FIXED[self.job.peer] = (float(ack.get("load_ms", 0.0))
+                                                 + float(resume_ms)) / 1e3
         self.job.stats = {**stats.to_json(), "verification": self.verification,
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,

@@ -100,6 +100,12 @@ class LinkProbe(Protocol):
         """Bytes per second measured on this link before (0.0: never)."""
         ...
 
+    def fixed_switchover_s(self) -> float:
+        """What the switchover costs beyond moving bytes, as measured here: the host's
+        own bookkeeping with the guest paused (persisting the job's steps) and the
+        destination's load and resume as the last migration to it reported them."""
+        ...
+
 
 class RamSink(Protocol):
     """Where RAM goes when it does not travel in the main stream: the host's parallel
@@ -241,6 +247,9 @@ class SourceSession:
         self.ram_sink: RamSink | None = None
         #: bytes the data channels sent so far (the sink adds to it while it sends)
         self.channel_bytes = 0
+        #: measured in pre-copy: stopping the guest, and one read of the dirty log
+        self._stop_s = 0.0
+        self._sync_s = 0.0
 
     @property
     def bytes_out(self) -> int:
@@ -321,6 +330,15 @@ class SourceSession:
 
     # --- the phases ------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """``guest.held()``, timed: entering it stops the guest as the switchover will,
+        so the pre-copy passes measure what stopping costs (a decaying maximum)."""
+        t0 = self.clock.monotonic()
+        with self.guest.held():
+            self._stop_s = max(self._stop_s * 0.5, self.clock.monotonic() - t0)
+            yield
+
     def _produce(self) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
         config = {**self.vm.definition.to_dict(), **self.extra_config}
@@ -338,7 +356,7 @@ class SourceSession:
         to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
         while True:
             t_pass = self.clock.monotonic()
-            with self.guest.held():
+            with self._held():
                 pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
             if pieces:
                 yield self._encode_pieces(pieces)
@@ -348,7 +366,9 @@ class SourceSession:
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
                 self._end_of_pass(t_pass, 0)
                 break
+            t_sync = self.clock.monotonic()
             dirty = ram.get_dirty_log()
+            self._sync_s = self.clock.monotonic() - t_sync
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
             if self._end_of_pass(t_pass, dirty.count):
@@ -411,11 +431,16 @@ class SourceSession:
         bw = max(bandwidth, 1.0)
         in_flight = self.link.in_flight_bytes() if self.link is not None else 0
         rtt = self.link.round_trip_s() if self.link is not None else 0.0
+        fixed = self.link.fixed_switchover_s() if self.link is not None else 0.0
         parts = {
             "final_ram_ms": ram_bytes / bw * 1e3,
             "state_ms": (remaining - ram_bytes) / bw * 1e3,
             "in_flight_ms": in_flight / bw * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
+            # measured during pre-copy: stopping the guest and the final dirty-log read
+            "stop_ms": (self._stop_s + self._sync_s) * 1e3,
+            # the hosts' bookkeeping and the destination's load and resume (measured)
+            "fixed_ms": fixed * 1e3,
         }
         self.stats.predicted = parts
         self.stats.predicted_downtime_ms = sum(parts.values())
