@@ -398,7 +398,8 @@ class HostDaemon:
             if here is not None and leftover_ok and here.runstate == "migrated":
                 here = None
             if here is not None or name in {i.vm for i in self.incoming.values()}:
-                raise ApiError(409, f"a VM named {name!r} exists on host {self.name}")
+                raise ApiError(409, f"a VM named {name!r} exists on host {self.name}",
+                               "VmExists")
 
     def undefine(self, name: str) -> None:
         """Forget the record a VM left behind when it migrated away."""

@@ -116,6 +116,8 @@ class CreateRequest(Strict):
 
 class SaveRequest(Strict):
     path: FileName
+    #: replace an existing file of that name (without it: 409 ``FileExists``)
+    force: bool = False
 
 
 class RestoreRequest(Strict):
