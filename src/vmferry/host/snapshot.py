@@ -25,8 +25,9 @@ CHUNK = 8 * 1024 * 1024
 def save_vm(daemon: HostDaemon, name: str, path: str, force: bool = False) -> dict[str, Any]:
     """Write VM ``name`` to ``path`` (inside the images directory) as a vmferry stream; the
     VM keeps its runstate.  An existing file is replaced only with ``force`` (else 409
-    ``FileExists``, before the VM is touched).  On any failure the save undoes itself: the guest runs again if
-    it ran, its devices are back to RUNNING, and no file is left behind."""
+    ``FileExists``, before the VM is touched).  On any failure the save undoes itself:
+    the guest runs again if it ran, its devices are back to RUNNING, and no file is left
+    behind."""
     if not force:  # refuse before the VM is touched (commit checks again, atomically)
         daemon.images.create(path, overwrite=False).discard()
     hosted = daemon.begin_save(name)
