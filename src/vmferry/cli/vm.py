@@ -69,6 +69,11 @@ def vm_table(vm: dict[str, Any]) -> Table:
         ("Throttle", f"{vm.get('throttle_pct', 0)} %"),
         ("Pages dirtied", str(vm.get("pages_dirtied", "-"))),
     ]
+    if vm.get("memory_lost"):
+        rows.insert(2, ("Memory lost", "yes: rebuilt from its definition after a restart of "
+                                       "the host daemon"))
+    if vm.get("note"):
+        rows.insert(2, ("Note", str(vm["note"])))
     for dev in d.get("devices") or []:
         host = f" on {dev['host_device']}" if dev.get("host_device") else ""
         rows.append(("VFIO device", f"{dev.get('id')} ({dev.get('driver')}){host}"))
