@@ -45,11 +45,12 @@ from vmferry.hw.x86.longmode import REG_NAMES, long_mode_sregs, pack_regs, unpac
 from vmferry.hw.x86.state import KvmClockState, X86VcpuState
 from vmferry.machine.handlers import ArchState, MigrationHandler, StatePiece
 from vmferry.machine.ram import PAGE_4K, DirtyLog, GuestRam
+from vmferry.machine.schema import ARCH_KEYS, KvmPlatformModel, check, x86_keys
 from vmferry.machine.vcpu import VcpuState
 from vmferry.machine.vm import ARCHES, VM, ArchSupport, HostContext, VmDefinition
 
 ARCH = "x86_64"
-KEYS = frozenset({"dirty_log"})
+KEYS = ARCH_KEYS[ARCH]
 DIRTY_LOG_MODES = {"get": "KVM_GET_DIRTY_LOG",
                    "manual-protect": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (GET + CLEAR)"}
 SLOT = 0
@@ -117,24 +118,9 @@ class KvmPlatform:
 
     @classmethod
     def parse(cls, platform: Mapping[str, Any]) -> KvmPlatform:
-        table = platform.get("kvm", {})
-        if not isinstance(table, Mapping):
-            raise ConfigError("platform [kvm] must be a table")
-        unknown = set(table) - {"hide_msrs", "refuse_msrs", "hide_cpuid"}
-        if unknown:
-            raise ConfigError(f"unknown platform [kvm] keys {sorted(unknown)}")
-
-        def msrs(key: str) -> frozenset[int]:
-            vals = table.get(key, [])
-            if not isinstance(vals, list) or not all(
-                    isinstance(v, int) and 0 <= v < 2**32 for v in vals):
-                raise ConfigError(f"platform [kvm] {key} must be a list of MSR numbers")
-            return frozenset(vals)
-
-        bits = []
-        for spec in table.get("hide_cpuid", []):
-            bits.append(parse_cpuid_bit(spec))
-        return cls(msrs("hide_msrs"), msrs("refuse_msrs"), frozenset(bits))
+        table = check(KvmPlatformModel, platform.get("kvm", {}), "platform [kvm]")
+        return cls(frozenset(table.hide_msrs), frozenset(table.refuse_msrs),
+                   frozenset(parse_cpuid_bit(b) for b in table.hide_cpuid))
 
 
 def parse_cpuid_bit(spec: object) -> tuple[int, int, str, int]:
@@ -305,10 +291,7 @@ class X86Vm(VM):
 
     def __init__(self, definition: VmDefinition, host: HostContext) -> None:
         prog.check_ram(definition.memory_mib * 1024 * 1024, definition.vcpus)
-        mode = definition.extra.get("dirty_log", "get")
-        if mode not in DIRTY_LOG_MODES:
-            raise ConfigError(f"dirty_log {mode!r} is not one of {sorted(DIRTY_LOG_MODES)}")
-        self.dirty_log_mode: str = mode
+        self.dirty_log_mode: str = x86_keys(definition.extra).dirty_log
         self.platform = KvmPlatform.parse(host.platform)
         self.kvm_vcpus: list[KvmVcpu] = []
         self._system: Kvm | None = None

@@ -50,3 +50,31 @@ def test_issue13_restore_name_conflict_is_409_vm_exists(tmp_path: Path) -> None:
             a.client().post("/v1/restore", {"path": "v.vmf"})
         assert (err.value.status, err.value.kind) == (409, "VmExists")
         assert "exists" in err.value.message
+
+
+def test_issue13_arch_keys_are_typed_and_unknown_ones_named(tmp_path: Path) -> None:
+    from vmferry.host.daemon import HostDaemon
+
+    d = HostDaemon("T", tmp_path)
+    try:
+        cases = [
+            ({"name": "a", "dirty_log": "get"}, "'dirty_log' is a key of arch x86_64"),
+            ({"name": "a", "arch": "x86_64", "dirty_log": "fast"}, "dirty_log"),
+            ({"name": "a", "arch": "arm64", "psci": "2.0"}, "psci"),
+            ({"name": "a", "arch": "arm64", "psci": "1.0", "tce_windows": []},
+             "'tce_windows' is a key of arch pseries"),
+            ({"name": "a", "arch": "pseries", "device_tree": {"mode": "nope"}},
+             "device_tree.mode"),
+            ({"name": "a", "arch": "pseries", "device_tree": {"user_spaces": "held"}},
+             "device_tree.user_spaces"),
+            ({"name": "a", "memory_mib": 8, "dirtylog": "get"}, "dirtylog"),
+        ]
+        for definition, named in cases:
+            with pytest.raises(ApiError) as err:
+                d.check_definition(definition)
+            assert err.value.status == 400 and named in err.value.message, (definition,
+                                                                             err.value.message)
+        assert d.check_definition({"name": "a", "arch": "pseries", "memory_mib": 64,
+                                   "device_tree": {"mode": "correct"}}).arch == "pseries"
+    finally:
+        d.shutdown()
