@@ -15,7 +15,7 @@ Architecture keys (beside the shared ones and ``devices``):
 ==========  ===============  =================================================================
 arch        key              model
 ==========  ===============  =================================================================
-x86_64      ``dirty_log``    ``"get"`` | ``"manual-protect"`` (:data:`DIRTY_LOGS`)
+x86_64      ``dirty_log``    ``"get"`` | ``"manual-protect"`` | ``"ring"`` (:data:`DIRTY_LOGS`)
 arm64       ``psci``         ``"default"`` or a PSCI version the VMM pins (:data:`PSCI_CHOICES`)
 pseries     ``tce_windows``  DMA windows (sizes checked by the host model)
 pseries     ``dma_devices``  emulated DMA devices
@@ -40,8 +40,8 @@ M = TypeVar("M", bound=BaseModel)
 
 #: how an x86_64 VM reads KVM's dirty log: ``KVM_GET_DIRTY_LOG``; manual protect (GET,
 #: then CLEAR of the pages read); the per-vCPU dirty ring (``KVM_CAP_DIRTY_LOG_RING_ACQ_REL``)
-DIRTY_LOGS = ("get", "manual-protect")
-DirtyLog = Literal["get", "manual-protect"]
+DIRTY_LOGS = ("get", "manual-protect", "ring")
+DirtyLog = Literal["get", "manual-protect", "ring"]
 #: the arm64 ``psci`` choices: the kernel's default, or a version pinned after vCPU init
 PSCI_CHOICES = ("default", "0.2", "1.0", "1.1", "1.2", "1.3")
 PsciChoice = Literal["default", "0.2", "1.0", "1.1", "1.2", "1.3"]
