@@ -460,14 +460,26 @@ class DirtyRing:
     def harvest(self) -> npt.NDArray[np.uint64]:
         """The page offsets of the entries KVM published since the last harvest (in the
         order KVM logged them), each marked RESET."""
-        order = (self.fetch + np.arange(self.n, dtype=np.int64)) % self.n
-        flags = self.entries["flags"][order]  # one pass over the flags, then the offsets
-        ready = (flags & DIRTY_GFN_DIRTY) != 0
-        count = self.n if ready.all() else int(np.argmin(ready))
-        taken = order[:count]
-        offsets = self.entries["offset"][taken].copy()
-        self.entries["flags"][taken] = DIRTY_GFN_RESET
-        self.fetch = (self.fetch + count) % self.n
+        # the flags first (in chunks from the fetch index, growing while all are ready,
+        # so a quiet ring costs one small read), then the offsets of the ready entries
+        flags, count, chunk = self.entries["flags"], 0, 256
+        while count < self.n:
+            a = (self.fetch + count) % self.n
+            b = min(a + chunk, self.n, a + self.n - count)
+            ready = (np.array(flags[a:b]) & DIRTY_GFN_DIRTY) != 0
+            if not ready.all():
+                count += int(np.argmin(ready))
+                break
+            count += b - a
+            chunk = min(chunk * 4, self.n)
+        if count == 0:
+            return np.zeros(0, dtype=np.uint64)
+        first, end = self.fetch, self.fetch + count
+        spans = [(first, min(end, self.n))] + ([(0, end - self.n)] if end > self.n else [])
+        offsets = np.concatenate([self.entries["offset"][a:b] for a, b in spans])
+        for a, b in spans:  # contiguous runs: slices, not gathers, over the shared pages
+            self.entries["flags"][a:b] = DIRTY_GFN_RESET
+        self.fetch = end % self.n
         self.harvested += count
         return offsets
 
