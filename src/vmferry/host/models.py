@@ -268,7 +268,8 @@ def describe(exc: ValidationError) -> str:
     out = []
     for err in exc.errors(include_url=False, include_input=False)[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "body"
-        out.append(f"{where}: {err['msg']}")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        out.append(f"{where}: {msg.removeprefix('Value error, ')}")
     more = exc.error_count() - len(out)
     return "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
 
