@@ -20,8 +20,9 @@ KVM logs only what the guest writes: the VMM's own writes are marked by the VMM
 
 from __future__ import annotations
 
-import threading
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -55,10 +56,11 @@ class KvmGuestRam(GuestRam):
         self.history: list[tuple[float, int]] = []
         self.now: Callable[[], float] = lambda: 0.0
         #: ring mode: the vCPUs' rings, what full-ring exits harvested since the last
-        #: read, and the lock that serialises harvests (the vCPU threads' and the reader's)
+        #: read, and the guard that serialises harvests (the vCPU threads' and the
+        #: reader's): this layer starts no threads, the host's vCPU threads install a lock
         self.rings: list[kvm.DirtyRing] = []
         self.ring_pending = np.zeros(self.npages, dtype=np.bool_)
-        self.ring_lock = threading.Lock()
+        self.ring_guard: AbstractContextManager[object] = contextlib.nullcontext()
         self.ring_full_exits = 0
 
     @property
@@ -92,7 +94,7 @@ class KvmGuestRam(GuestRam):
 
     def _harvest(self, into: np.ndarray[Any, np.dtype[np.bool_]]) -> int:
         """Ring mode: every ring's published entries into ``into``, then RESET.  Call with
-        ``ring_lock`` held; how many entries were harvested."""
+        ``ring_guard`` held; how many entries were harvested."""
         assert self.kvm_vm is not None
         count = 0
         for ring in self.rings:
@@ -107,7 +109,7 @@ class KvmGuestRam(GuestRam):
     def ring_full(self) -> None:
         """A vCPU stopped with ``KVM_EXIT_DIRTY_RING_FULL``: harvest (kept for the next
         read) so it can re-enter.  Called from the vCPU's thread."""
-        with self.ring_lock:
+        with self.ring_guard:
             self.ring_full_exits += 1
             self._harvest(self.ring_pending)
 
@@ -115,7 +117,7 @@ class KvmGuestRam(GuestRam):
         if self.kvm_vm is None:
             return np.zeros(self.npages, dtype=np.bool_)
         if self.mode == "ring":
-            with self.ring_lock:
+            with self.ring_guard:
                 bitmap, self.ring_pending = (self.ring_pending,
                                              np.zeros(self.npages, dtype=np.bool_))
                 self._harvest(bitmap)
