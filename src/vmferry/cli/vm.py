@@ -41,6 +41,8 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
             f"guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
             f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
             f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
+            + (f", {g['dirty_ring_full_exits']} full-ring exits"
+               if "dirty_ring_full_exits" in g else "")
             + (f"; CRASHED: {esc(g['crashed'])}" if g.get("crashed") else ""),
             highlight=False,
         )
