@@ -27,32 +27,34 @@ import contextlib
 import fcntl
 import logging
 import socket
+import ssl
 import sys
 import termios
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from vmferry.errors import PeerError, VmferryError
 from vmferry.host.faults import CutConnection, Fault, apply
-from vmferry.host.transport import OnStall, recv_frame, send_buffers, send_frame
+from vmferry.host.transport import OnStall, send_buffers
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.multichannel import (
     HEADER_SIZE,
-    MAX_CHANNELS,
+    HELLO,
     ChannelReader,
     ChannelWriter,
     Pages,
     RunCounts,
     Sync,
     Zero,
+    channel_hello,
     deal_runs,
     encode_runs,
+    parse_channel_hello,
 )
 from vmferry.migration.source import SourceSession, page_runs
 
@@ -69,6 +71,10 @@ RUN_BYTES = 4 * 1024 * 1024
 RECEIVE_BUFFER = 2 * 1024 * 1024
 #: how long a channel waits for data, or at a pass barrier, before it gives up
 IDLE_TIMEOUT_S = 60.0
+#: how long a channel's connection may take to say which migration it belongs to
+HELLO_TIMEOUT_S = 10.0
+#: the destination's answer to a channel hello it accepted
+ACCEPTED = b"\x01"
 #: how often the source's driving thread looks up (cancel) while the channels send
 POLL_S = 0.2
 
@@ -185,39 +191,20 @@ class ChannelSink:
 
 # --- destination -------------------------------------------------------------------------
 
-_groups: dict[str, ChannelGroup] = {}
-_groups_lock = threading.Lock()
-
-
-def accept(conn: socket.socket, addr: Any, hello: dict[str, Any],
-           refuse: Callable[[socket.socket, Any, str], None]) -> None:  # fmt: skip
-    """A ``channel`` hello from the listener: hand the connection to its migration's
-    group (the token is the one its main connection claimed), or refuse it."""
-    token, index = hello.get("token"), hello.get("index")
-    with _groups_lock:
-        group = _groups.get(token) if isinstance(token, str) else None
-    why = "unknown migration token for a data channel" if group is None else \
-        group.attach(index, conn)  # fmt: skip
-    if why:
-        refuse(conn, addr, why)
-        with contextlib.suppress(OSError):
-            conn.close()
-
 
 class ChannelGroup:
-    """The destination's data channels of one migration (see the module docstring)."""
+    """The destination's data channels of one migration (see the module docstring).
 
-    def __init__(self, token: str, count: int, ram: GuestRam,
-                 wake: Callable[[], None]) -> None:  # fmt: skip
-        if not 1 <= count <= MAX_CHANNELS:
-            raise ValueError(f"{count} data channels (1 to {MAX_CHANNELS})")
-        self.token, self.count, self.ram, self.wake = token, count, ram, wake
-        # no timeout at the barrier: a channel waits there while the others still move
-        # their part of a (possibly bandwidth-capped) pass; each of them is bounded by
-        # its socket's timeout, and a failure aborts the barrier
-        self.barrier = threading.Barrier(count)
-        #: when a channel last received something (the main connection is quiet meanwhile)
-        self.last = time.monotonic()
+    It listens on a port of its own (``port``, on the migration listener's address, TLS
+    when the host serves TLS), which the source learns from the destination's job
+    (``progress.data_port``); a connection joins with a channel hello carrying the
+    migration's token.  A wrong token, index or count closes the connection."""
+
+    def __init__(self, token: str, ram: GuestRam, host: str,
+                 tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        self.token, self.ram, self.tls = token, ram, tls
+        self.count = 0
+        self.barrier: threading.Barrier | None = None
         self.readers: dict[int, ChannelReader] = {}
         self.conns: dict[int, socket.socket] = {}
         self.threads: list[threading.Thread] = []
@@ -226,19 +213,60 @@ class ChannelGroup:
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.closed = False
-        with _groups_lock:
-            _groups[token] = self
+        #: when a channel last received something (the main connection is quiet meanwhile)
+        self.last = time.monotonic()
+        self.listener = socket.create_server((host, 0))
+        self.listener.settimeout(POLL_S)
+        self.port: int = self.listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, name="mig-chan-accept",
+                                          daemon=True)  # fmt: skip
+        self._acceptor.start()
 
-    def attach(self, index: object, conn: socket.socket) -> str:
-        """Take channel ``index``'s connection: '' or why it is refused."""
+    @property
+    def connected(self) -> bool:
+        return self.count > 0
+
+    def _accept(self) -> None:
+        while not self.closed and not self.error and (not self.count
+                                                      or len(self.conns) < self.count):
+            try:
+                conn, addr = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                conn.settimeout(HELLO_TIMEOUT_S)
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                head = bytearray(HELLO.size)
+                _recv_exact_into(conn, memoryview(head), "a channel hello")
+                token, index, count = parse_channel_hello(head)
+                why = self.attach(token, index, count, conn)
+            except (OSError, VmferryError) as exc:
+                why = str(exc)
+            if why:
+                log.warning("refused data channel from %s:%s: %s", addr[0], addr[1], why)
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    def attach(self, token: str, index: int, count: int, conn: socket.socket) -> str:
+        """Take channel ``index`` of ``count``: '' or why it is refused."""
         with self.lock:
             if self.closed or self.error:
                 return "the migration of this data channel is over"
-            if not isinstance(index, int) or isinstance(index, bool) \
-                    or not 0 <= index < self.count:  # fmt: skip
-                return f"data channel index {index!r} outside [0, {self.count})"
+            if token != self.token:
+                return "wrong migration token for a data channel"
+            if self.count and count != self.count:
+                return f"data channel {index} of {count}, the others said {self.count}"
             if index in self.conns:
                 return f"data channel {index} is already connected"
+            if not self.count:
+                self.count = count
+                # no timeout at the barrier: a channel waits there while the others still
+                # move their part of a (possibly bandwidth-capped) pass; each of them is
+                # bounded by its socket's timeout, and a failure aborts the barrier
+                self.barrier = threading.Barrier(count)
             self.conns[index] = conn
             reader = self.readers[index] = ChannelReader(index, self.ram.npages,
                                                          self.ram.page_size)
@@ -253,7 +281,7 @@ class ChannelGroup:
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER // 2)
             conn.settimeout(IDLE_TIMEOUT_S)
-            send_frame(conn, "welcome", channel=i)
+            conn.sendall(ACCEPTED)  # the source uses the channel only once it has this
             self._receive(conn, reader)
         except threading.BrokenBarrierError:
             self.fail(f"data channel {i}: another channel failed")
@@ -268,9 +296,10 @@ class ChannelGroup:
     def _receive(self, conn: socket.socket, reader: ChannelReader) -> None:
         head = bytearray(HEADER_SIZE)
         ram = self.ram
+        assert self.barrier is not None
         while not reader.finished:
             _recv_exact_into(conn, memoryview(head), "a data channel header")
-            if self.error:
+            if self.error or self.closed:
                 return
             self.last = time.monotonic()
             ev = reader.header(head)
@@ -294,24 +323,27 @@ class ChannelGroup:
                 return
             self.error = reason
         log.warning("incoming migration: %s", reason)
-        self.barrier.abort()
+        if self.barrier is not None:
+            self.barrier.abort()
         self._shutdown()
-        self.wake()
+
+    def check(self, step: str) -> None:
+        """PeerError if a channel failed."""
+        if self.error:
+            raise PeerError(self.error, step)
 
     def wait_done(self, bound_s: float, check: Callable[[], None]) -> None:
         """Until every channel delivered its final pass; PeerError if one failed, the
         channels never connected, or nothing finished within ``bound_s``."""
         end = time.monotonic() + bound_s
         while not self.done.wait(0.05):
-            if self.error:
-                raise PeerError(self.error, "receiving stream")
+            self.check("receiving stream")
             check()
             if time.monotonic() > end:
                 raise PeerError(f"the data channels did not finish within {bound_s:g} s "
-                                f"({len(self.conns)} of {self.count} connected, "
+                                f"({len(self.conns)} of {self.count or '?'} connected, "
                                 f"{self.finished} finished)", "receiving stream")
-        if self.error:
-            raise PeerError(self.error, "receiving stream")
+        self.check("receiving stream")
 
     def active_within(self, seconds: float) -> bool:
         """Whether a channel received something in the last ``seconds``."""
@@ -331,12 +363,14 @@ class ChannelGroup:
 
     def close(self) -> None:
         """Stop every channel thread (they write into guest memory: before that memory
-        may go) and close the connections."""
-        with _groups_lock:
-            _groups.pop(self.token, None)
+        may go) and close the connections and the port."""
         with self.lock:
             self.closed = True
-        self.barrier.abort()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self._acceptor.join()
+        if self.barrier is not None:
+            self.barrier.abort()
         self._shutdown()
         for t in list(self.threads):
             t.join()
@@ -354,26 +388,30 @@ def _recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:
         got += k
 
 
-def dial_channels(
-    dial: Callable[[], socket.socket], token: str, count: int, on_stall: OnStall
-) -> list[socket.socket]:
-    """Open ``count`` data channels (``dial()`` gives a connected socket) and wait for
-    each one's welcome; PeerError if the destination refuses one."""
+def dial_channels(address: tuple[str, int], token: str, count: int,
+                  tls: ssl.SSLContext | None) -> list[socket.socket]:  # fmt: skip
+    """Open ``count`` data channels to a destination's channel port, each with its hello
+    (TLS with ``tls``, a client context)."""
     socks: list[socket.socket] = []
     try:
         for i in range(count):
-            sock = dial()
+            sock = socket.create_connection(address, timeout=HELLO_TIMEOUT_S)
+            if tls is not None:
+                try:
+                    sock = tls.wrap_socket(sock)
+                except BaseException:
+                    sock.close()
+                    raise
             socks.append(sock)
-            send_frame(sock, "channel", on_stall=on_stall, token=token, index=i, of=count)
+            sock.sendall(channel_hello(token, i, count))
         for i, sock in enumerate(socks):
-            reply = recv_frame(sock, on_stall)
-            if reply.get("type") != "welcome":
-                raise PeerError(f"destination refused data channel {i}: "
-                                f"{reply.get('reason', reply)}", "handshake")
+            got = bytearray(1)
+            _recv_exact_into(sock, memoryview(got), f"data channel {i}'s acceptance")
+            if bytes(got) != ACCEPTED:
+                raise PeerError(f"destination refused data channel {i}", "handshake")
     except BaseException:
         for sock in socks:
             with contextlib.suppress(OSError):
                 sock.close()
         raise
     return socks
-

@@ -32,9 +32,9 @@ before the pass's barrier: a migration whose checksum fails is abandoned before 
 and the staging VM with it.  xxh3 and ``recv_into`` release the GIL on large buffers, so
 N receiving threads do run side by side.
 
-The channel's own handshake (a JSON ``channel`` frame carrying the migration's one-time
-token and the channel's index, answered by ``welcome``) is the host's business; this
-module starts after it.
+A channel opens with a 44-byte hello (:func:`channel_hello`): the magic
+``VMFCHAN\\x01``, the migration's one-time token (32 ASCII bytes), the channel's index and
+the number of channels (u16 each).
 """
 
 from __future__ import annotations
@@ -62,6 +62,34 @@ FINAL = 0x01
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 #: the most channels a migration opens
 MAX_CHANNELS = 16
+
+
+HELLO = struct.Struct(">8s32sHH")
+HELLO_MAGIC = b"VMFCHAN\x01"
+
+
+def channel_hello(token: str, index: int, count: int) -> bytes:
+    """The first bytes of data channel ``index`` of ``count``."""
+    raw = token.encode("ascii")
+    if len(raw) != 32 or not 0 <= index < count <= MAX_CHANNELS:
+        raise StreamUsageError("a channel hello takes a 32-character token and an index "
+                               f"below a count of at most {MAX_CHANNELS}")
+    return HELLO.pack(HELLO_MAGIC, raw, index, count)
+
+
+def parse_channel_hello(raw: Buffer) -> tuple[str, int, int]:
+    """(token, index, count) of a channel hello; MalformedRecord if it is not one."""
+    if memoryview(raw).nbytes != HELLO.size:
+        raise MalformedRecord(f"a channel hello is {HELLO.size} bytes")
+    magic, token, index, count = HELLO.unpack(raw)
+    if magic != HELLO_MAGIC:
+        raise MalformedRecord("not a vmferry data channel")
+    if not 0 <= index < count <= MAX_CHANNELS:
+        raise MalformedRecord(f"data channel {index} of {count} (at most {MAX_CHANNELS})")
+    try:
+        return token.decode("ascii"), index, count
+    except UnicodeDecodeError:
+        raise MalformedRecord("channel hello token is not ASCII") from None
 
 
 class ChannelRecord(enum.IntEnum):

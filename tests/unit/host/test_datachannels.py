@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from vmferry.host.datachannels import ChannelGroup
-from vmferry.host.transport import recv_frame
+from vmferry.errors import PeerError
+from vmferry.host.datachannels import ChannelGroup, dial_channels
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.multichannel import ChannelWriter
 
@@ -23,16 +23,12 @@ def until(cond: object, what: str) -> None:
         time.sleep(0.005)
 
 
-def group_of(n: int, ram: GuestRam) -> tuple[ChannelGroup, list[socket.socket], list[str]]:
-    woken: list[str] = []
-    group = ChannelGroup(f"t{id(ram)}", n, ram, lambda: woken.append("woken"))
-    ends = []
-    for i in range(n):
-        a, b = socket.socketpair()
-        assert group.attach(i, b) == ""
-        assert recv_frame(a)["type"] == "welcome"
-        ends.append(a)
-    return group, ends, woken
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def group_of(n: int, ram: GuestRam) -> tuple[ChannelGroup, list[socket.socket]]:
+    group = ChannelGroup(TOKEN, ram, "127.0.0.1")
+    return group, dial_channels(("127.0.0.1", group.port), TOKEN, n, None)
 
 
 def send(sock: socket.socket, bufs: list[bytes | memoryview]) -> None:
@@ -45,11 +41,12 @@ def test_issue17_item1_newer_copy_wins_across_channels() -> None:
     all arrive first; without the per-pass barrier its reader would store the pass-2
     copy before channel 0's pass-1 copy overwrote it."""
     ram = GuestRam(16 * PS)
-    group, (c0, c1), _ = group_of(2, ram)
+    group, (c0, c1) = group_of(2, ram)
     w0, w1 = ChannelWriter(0, PS), ChannelWriter(1, PS)
     old, new = b"\x01" * PS, b"\x02" * PS
     send(c1, [w1.sync(1), *w1.pages(2, 5, new), w1.sync(2, final=True)])
-    until(lambda: group.barrier.n_waiting == 1, "channel 1 waits at the pass-1 barrier")
+    until(lambda: group.barrier is not None and group.barrier.n_waiting == 1,
+          "channel 1 waits at the pass-1 barrier")
     assert ram.read(5 * PS, PS) == bytes(PS)  # nothing of pass 2 applied yet
     send(c0, [*w0.pages(1, 5, old), w0.sync(1), w0.sync(2, final=True)])
     group.wait_done(10, lambda: None)
@@ -58,15 +55,16 @@ def test_issue17_item1_newer_copy_wins_across_channels() -> None:
     group.close()
 
 
-def test_issue17_item1_a_cut_channel_fails_the_group_and_wakes_the_main_worker() -> None:
+def test_issue17_item1_a_cut_channel_fails_the_group() -> None:
     ram = GuestRam(16 * PS)
-    group, (c0, c1), woken = group_of(2, ram)
+    group, (c0, c1) = group_of(2, ram)
     w1 = ChannelWriter(1, PS)
     send(c1, [w1.sync(1)])  # channel 1 waits at the barrier for channel 0 ...
-    until(lambda: group.barrier.n_waiting == 1, "channel 1 at the barrier")
+    until(lambda: group.barrier is not None and group.barrier.n_waiting == 1,
+          "channel 1 at the barrier")
     c0.close()  # ... which is cut
     until(lambda: bool(group.error), "the group fails")
-    assert "data channel 0" in group.error and woken == ["woken"]
+    assert "data channel 0" in group.error
     with pytest.raises(Exception, match="data channel 0"):
         group.wait_done(5, lambda: None)
     group.close()  # joins every thread (they must stop before the RAM goes)
@@ -75,22 +73,22 @@ def test_issue17_item1_a_cut_channel_fails_the_group_and_wakes_the_main_worker()
 
 def test_issue17_item1_a_damaged_record_fails_the_group() -> None:
     ram = GuestRam(16 * PS)
-    group, (c0,), woken = group_of(1, ram)
+    group, (c0,) = group_of(1, ram)
     bufs = ChannelWriter(0, PS).pages(1, 2, b"\x05" * PS)
     send(c0, [bufs[0], b"\x06" * PS])
     until(lambda: bool(group.error), "the group fails")
-    assert "ChecksumMismatch" in group.error and woken
+    assert "ChecksumMismatch" in group.error
     group.close()
 
 
-def test_issue17_item1_channel_attach_is_checked() -> None:
+def test_issue17_item1_channel_hellos_are_checked() -> None:
     ram = GuestRam(16 * PS)
-    group = ChannelGroup("attach", 2, ram, lambda: None)
-    a, b = socket.socketpair()
-    assert "outside" in group.attach(2, b)
-    assert "outside" in group.attach(True, b)
-    assert group.attach(0, b) == ""
-    assert "already connected" in group.attach(0, b)
+    group = ChannelGroup(TOKEN, ram, "127.0.0.1")
+    with pytest.raises(PeerError):  # another migration's token: refused, closed
+        dial_channels(("127.0.0.1", group.port), "f" * 32, 2, None)
+    c0, _c1 = dial_channels(("127.0.0.1", group.port), TOKEN, 2, None)
+    assert "already connected" in group.attach(TOKEN, 0, 2, c0)
+    assert "the others said 2" in group.attach(TOKEN, 1, 3, c0)
+    assert group.count == 2 and not group.error
     group.close()
-    a.close()
     assert not any(t.is_alive() for t in group.threads)
