@@ -19,6 +19,7 @@ from vmferry.guest.mobility.core import (
     MobilityCore,
     NullDereference,
 )
+from vmferry.hw.devtree.builder import TreeBuilder
 from vmferry.hw.devtree.tree import Changeset, DeviceNode, HazardRecord, Property
 from vmferry.hw.spapr.rtas import PLATFORM_FACILITIES
 from vmferry.hw.spapr.workarea import (
@@ -159,7 +160,7 @@ class ConfigureConnectorClient(MobilityCore):
             raise CcProtocolError(msg)
         if rc in (Cc.NEXT_SIBLING, Cc.NEXT_CHILD):
             name = self._cc_str(wa, st, wa.u32(CcField.NAME_OFFSET))
-            node = self.tree.new_node(name)
+            node = TreeBuilder(self.tree).new_unlinked(name)
             if rc == Cc.NEXT_SIBLING:
                 assert st.last is not None
                 node.parent = st.last.parent
@@ -176,7 +177,7 @@ class ConfigureConnectorClient(MobilityCore):
             name = self._cc_str(wa, st, wa.u32(CcField.NAME_OFFSET))
             value = read_extended(wa.buf, st.extents, wa.u32(CcField.VALUE_OFFSET),
                                   wa.u32(CcField.VALUE_LENGTH))
-            st.last._props[name] = Property(name, value)
+            TreeBuilder(self.tree).set_property(st.last, Property(name, value))
         elif rc == Cc.PREV_PARENT:
             assert st.last is not None
             st.last = st.last.parent if st.last is not st.first else st.first

@@ -13,8 +13,8 @@ from vmferry.guest.mobility.core import (
     Change,
     MobilityCore,
     OutOfBoundsRead,
-    SharedBufferCorruption,
     PendingValue,
+    SharedBufferCorruption,
 )
 from vmferry.hw.devtree.tree import DeviceNode, Property
 from vmferry.hw.spapr.workarea import (

@@ -25,6 +25,7 @@ from typing import Any
 import libfdt
 
 from vmferry.errors import StreamDecodeError
+from vmferry.hw.devtree.builder import TreeBuilder
 from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Property
 
 _BOOT_CPUID_OFFSET = 28  # fdt_header.boot_cpuid_phys
@@ -63,9 +64,10 @@ def load_fdt(blob: bytes | bytearray, *, observe: bool = False) -> DeviceTree:
     tree.boot_cpuid_phys = fdt.boot_cpuid_phys()
     tree.reservations = [tuple(fdt.get_mem_rsv(i))[-2:] for i in range(fdt.num_mem_rsv())]
     tree.reservations = [(int(a), int(s)) for a, s in tree.reservations]
-    _load_props(fdt, 0, tree.root)
-    tree._finish_root()
-    _load_children(fdt, 0, tree, tree.root)
+    build = TreeBuilder(tree)
+    _load_props(fdt, 0, build, tree.root)
+    build.tree.index_phandle(tree.root)
+    _load_children(fdt, 0, build, tree.root)
     return tree
 
 
@@ -83,18 +85,18 @@ def _ascii_name(get: Any, what: str, off: int) -> Any:
     return out
 
 
-def _load_props(fdt: Any, off: int, node: DeviceNode) -> None:
+def _load_props(fdt: Any, off: int, build: TreeBuilder, node: DeviceNode) -> None:
     poff = fdt.first_property_offset(off, libfdt.QUIET_NOTFOUND)
     while poff >= 0:
         prop = _ascii_name(fdt.get_property_by_offset, "a property name", poff)
-        if prop.name in node._props:
+        if node.has_property(prop.name):
             raise FdtDecodeError(f"node {node.name!r} has property {prop.name!r} twice",
                                  offset=poff)
-        node._props[prop.name] = Property(prop.name, bytes(prop))
+        build.set_property(node, Property(prop.name, bytes(prop)))
         poff = fdt.next_property_offset(poff, libfdt.QUIET_NOTFOUND)
 
 
-def _load_children(fdt: Any, off: int, tree: DeviceTree, parent: DeviceNode) -> None:
+def _load_children(fdt: Any, off: int, build: TreeBuilder, parent: DeviceNode) -> None:
     stack = [(off, parent, 0)]
     while stack:
         o, p, depth = stack.pop()
@@ -104,9 +106,9 @@ def _load_children(fdt: Any, off: int, tree: DeviceTree, parent: DeviceNode) -> 
             if depth + 1 > MAX_DEPTH:
                 raise FdtDecodeError(f"device tree deeper than {MAX_DEPTH} levels", offset=c)
             name = _ascii_name(fdt.get_name, "a node name", c)
-            node = tree.add_boot_node(p, name)
-            _load_props(fdt, c, node)
-            tree._rehash_phandle(node)
+            node = build.tree.add_boot_node(p, name)
+            _load_props(fdt, c, build, node)
+            build.tree.index_phandle(node)
             kids.append((c, node, depth + 1))
             c = fdt.next_subnode(c, libfdt.QUIET_NOTFOUND)
         stack.extend(reversed(kids))
@@ -131,7 +133,7 @@ def _size_estimate(tree: DeviceTree) -> int:
     total = 4096 + 16 * (len(tree.reservations) + 1)
     for n in tree.walk():
         total += 16 + len(n.name)
-        total += sum(16 + len(p.value) + len(p.name) for p in n._props.values())
+        total += sum(16 + len(p.value) + len(p.name) for p in n.properties("fdt"))
     return total
 
 
@@ -144,7 +146,7 @@ def _dump_node(sw: Any, node: DeviceNode, name: str) -> None:
             sw.end_node()
             continue
         sw.begin_node(nm)
-        for p in n._props.values():
+        for p in n.properties("fdt"):
             sw.property(p.name, p.value)
         stack.append((n, nm, False))
         kids = list(n.children())
@@ -154,7 +156,7 @@ def _dump_node(sw: Any, node: DeviceNode, name: str) -> None:
 def structure(tree: DeviceTree) -> tuple[Structure, tuple[tuple[int, int], ...], int]:
     """A comparable value: ordered nodes/properties, reservations, boot cpu."""
     def rec(n: DeviceNode) -> Structure:
-        props = tuple((p.name, p.value) for p in n._props.values())
+        props = tuple((p.name, p.value) for p in n.properties("fdt"))
         return (n.name, props, tuple(rec(c) for c in n.children()))
     return rec(tree.root), tuple(tree.reservations), tree.boot_cpuid_phys
 
