@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +36,6 @@ from vmferry.errors import (
     UnsupportedVersion,
 )
 from vmferry.hw.spapr.hwtable import HardwareTable
-from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.qemu_hcalls import QemuTable
 from vmferry.hw.spapr.tce import (
     KVM_MAX_PAGE_SHIFT,
@@ -45,6 +45,10 @@ from vmferry.hw.spapr.tce import (
     TceRestoreError,
     tce_direction,
 )
+from vmferry.hw.spapr.windows import WindowSpec
+
+if TYPE_CHECKING:
+    from vmferry.hw.spapr.iommu import SpaprIommu
 
 MAGIC = b"STCE"
 VERSION = 1
