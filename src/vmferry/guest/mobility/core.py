@@ -21,7 +21,6 @@ from vmferry.hw.spapr.workarea import (
     NodeOp,
     Rc,
     WorkArea,
-    WorkAreaError,
     extended_delay_s,
     is_extended_delay,
 )
@@ -79,10 +78,6 @@ class RtasDataBuf:
 
 class CcProtocolError(ModelError):
     """configure-connector responses out of order (correct client)."""
-
-
-class PartialPropertyError(WorkAreaError):
-    """A split property value was interrupted (another name, or end of stream)."""
 
 
 class RtasInterface(Protocol):

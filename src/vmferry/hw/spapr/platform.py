@@ -109,11 +109,10 @@ def _assoc(params: PlatformParams, *tail: int) -> bytes:
 
 
 def _root(tree: DeviceTree, params: PlatformParams) -> None:
-    for p in (_p("compatible", _s("qemu,pseries")), _p("model", _s("IBM pSeries (emulated)")),
-              _p("#address-cells", be32(2)), _p("#size-cells", be32(2)),
-              _p("system-id", _s(params.system_id)), _p("ibm,phandle", be32(0x10000000))):
-        TreeBuilder(tree).set_property(tree.root, p)
-    tree.index_phandle(tree.root)
+    TreeBuilder(tree).set_root_properties((
+        _p("compatible", _s("qemu,pseries")), _p("model", _s("IBM pSeries (emulated)")),
+        _p("#address-cells", be32(2)), _p("#size-cells", be32(2)),
+        _p("system-id", _s(params.system_id)), _p("ibm,phandle", be32(0x10000000))))
 
 
 def _rtas(b: _Builder, root: DeviceNode, params: PlatformParams) -> None:

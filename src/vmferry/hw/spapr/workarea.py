@@ -157,11 +157,6 @@ class WorkArea:
             raise WorkAreaOverrun("unterminated string", off)
         return self.buf[off:end].decode("latin-1")
 
-    def bytes_at(self, off: int, n: int) -> bytes:
-        self._need(off, n)
-        return bytes(self.buf[off:off + n])
-
-
 def read_extended(wa: bytearray, extents: list[bytearray], off: int, n: int) -> bytes:
     """Read ``n`` bytes at ``off`` of the work area followed by its extent pages."""
     whole = bytes(wa) + b"".join(bytes(e) for e in extents)
