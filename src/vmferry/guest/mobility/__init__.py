@@ -10,8 +10,10 @@ cpus_read_unlock, mitigations, 24x7.  The walk asks firmware for pages of
 deletes it (``dlpar_detach_node``), updates it (``ibm,update-properties`` pages) or adds
 a subtree below it (``ibm,configure-connector``), then drops the lookup reference.
 
-Every questionable upstream behaviour (docs/models/pseries-mobility.md §12.3) is a named switch on
-:class:`MobilityOptions`; :data:`MODES` groups them:
+Every questionable upstream behaviour (docs/models/pseries-mobility.md §12.3) is a named switch
+(:data:`~vmferry.guest.mobility.core.SWITCHES`, setting :class:`MobilityOptions` fields);
+presets group them (:data:`MOBILITY_MODES`, the scheme of :mod:`vmferry.hw.modes`; a mode
+is ``preset[+switch...]``, :func:`options_of`), :data:`MODES` holds the presets' options:
 
 ``correct``     (default) platform-facilities delete/add ignored by device_type (the seed
                 patch); whole cc subtrees attached through a changeset; busy/extended
@@ -32,6 +34,7 @@ observe mode, and whatever is detected is listed in the :class:`MobilityReport`.
 
 from vmferry.guest.mobility.core import (
     HOLDER,
+    MOBILITY_MODES,
     MODES,
     Action,
     CcProtocolError,
@@ -45,6 +48,7 @@ from vmferry.guest.mobility.core import (
     SharedBufferCorruption,
     UserSpace,
     VirtualClock,
+    options_of,
 )
 from vmferry.guest.mobility.handler import (
     MobilityHandler,
@@ -54,8 +58,8 @@ from vmferry.guest.mobility.handler import (
 )
 
 __all__ = [
-    "HOLDER", "MODES", "Action", "CcProtocolError", "Change", "MobilityHandler",
+    "HOLDER", "MOBILITY_MODES", "MODES", "Action", "CcProtocolError", "Change", "MobilityHandler",
     "MobilityOptions", "MobilityReport", "MobilitySysfs", "NullDereference",
     "OutOfBoundsRead", "RtasDataBuf", "RtasInterface", "SharedBufferCorruption",
-    "UserSpace", "VirtualClock", "changed_paths", "run_post_migration_updates",
+    "UserSpace", "VirtualClock", "changed_paths", "options_of", "run_post_migration_updates",
 ]

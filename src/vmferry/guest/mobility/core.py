@@ -16,6 +16,7 @@ from typing import Protocol
 from vmferry.errors import HazardError, ModelError
 from vmferry.guest.drivers import CacheInfo
 from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, HazardRecord, LeakRecord
+from vmferry.hw.modes import Modes, Switch
 from vmferry.hw.spapr.workarea import (
     WORK_AREA_SIZE,
     NodeOp,
@@ -120,16 +121,62 @@ class MobilityOptions:
     max_retries: int = 64
 
 
-MODES: dict[str, MobilityOptions] = {}
-MODES["correct"] = MobilityOptions()
-MODES["upstream"] = MobilityOptions(
-    attach_whole_subtree=False, cc_client="kernel", skip_drc_on_failed_lookup=False,
-    retry_busy=False, bounds_check=False, partial_name_check=False,
-    user_space=UserSpace.IMMEDIATE)
-MODES["no_pf_skip"] = replace(MODES["upstream"], platfac_filter=False)
-MODES["misaligned_add"] = replace(MODES["correct"], skip_drc_on_failed_lookup=False)
-MODES["busy_abort"] = replace(MODES["correct"], retry_busy=False)
-MODES["merge_readd"] = replace(MODES["correct"], merge_readd=True)
+#: switch -> (the option values it sets, what it reproduces, hazard); the scheme every model
+#: uses (:mod:`vmferry.hw.modes`)
+SWITCHES: dict[str, tuple[dict[str, object], str, str]] = {
+    "single_node_attach": ({"attach_whole_subtree": False},
+                           "a cc subtree is attached one node at a time", "lost children"),
+    "kernel_cc_client": ({"cc_client": "kernel"}, "the newest kernel's cc client",
+                         "NULL dereference"),
+    "legacy_cc_client": ({"cc_client": "legacy"}, "the 2018-2021 cc client",
+                         "NULL dereference"),
+    "misaligned_add": ({"skip_drc_on_failed_lookup": False},
+                       "the drc word is skipped on a failed ADD lookup", "misparsed page"),
+    "busy_abort": ({"retry_busy": False}, "busy / extended delay aborts update-nodes",
+                   "update dropped"),
+    "no_bounds_check": ({"bounds_check": False}, "work areas are not bounds-checked",
+                        "out-of-bounds read"),
+    "no_partial_name_check": ({"partial_name_check": False},
+                              "split values are not name-checked", "corrupted property"),
+    "user_space_immediate": ({"user_space": UserSpace.IMMEDIATE},
+                             "user space runs from resume", "stale tree seen"),
+    "no_pf_skip": ({"platfac_filter": False},
+                   "platform-facilities delete/add not ignored", "use-after-free"),
+    "merge_readd": ({"merge_readd": True},
+                    "delete+add of a phandle becomes property updates (target design)", ""),
+    "legacy_attach_put_parent": ({"legacy_attach_put_parent": True},
+                                 "single-node attach puts the parent", "refcount underflow"),
+    "missing_token_is_error": ({"missing_token_is_error": True},
+                               "a missing update-nodes token is an error (pre-v5.11)", ""),
+    "no_cacheinfo_teardown": ({"cacheinfo_teardown": False},
+                              "cacheinfo is not torn down around the update", "stale cache"),
+    "no_cpus_read_lock": ({"cpus_read_lock": False},
+                          "cpu hotplug is not held off during the update", "offline race"),
+}
+
+_UPSTREAM = {"single_node_attach", "kernel_cc_client", "misaligned_add", "busy_abort",
+             "no_bounds_check", "no_partial_name_check", "user_space_immediate"}
+MOBILITY_MODES = Modes(
+    "LPM",
+    (Switch(name, what, hazard) for name, (_, what, hazard) in SWITCHES.items()),
+    {"correct": set(), "upstream": _UPSTREAM, "no_pf_skip": _UPSTREAM | {"no_pf_skip"},
+     "misaligned_add": {"misaligned_add"}, "busy_abort": {"busy_abort"},
+     "merge_readd": {"merge_readd"}},
+    "correct",
+)
+
+
+def options_of(mode: str) -> MobilityOptions:
+    """The options of ``preset[+switch...]``; UnknownMode (a ConfigError) if unknown."""
+    parsed = MOBILITY_MODES.parse(mode)
+    overrides: dict[str, object] = {}
+    for name in sorted(parsed.switches):
+        overrides.update(SWITCHES[name][0])
+    return replace(MobilityOptions(), **overrides)  # type: ignore[arg-type]
+
+
+#: the presets as options
+MODES: dict[str, MobilityOptions] = {name: options_of(name) for name in MOBILITY_MODES.presets}
 
 
 @dataclass(frozen=True, slots=True)

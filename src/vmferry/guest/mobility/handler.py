@@ -7,11 +7,11 @@ from collections.abc import Callable
 from vmferry.errors import HazardError, InvariantViolation
 from vmferry.guest.drivers import CacheInfo
 from vmferry.guest.mobility.core import (
-    MODES,
     MobilityOptions,
     MobilityReport,
     UserSpace,
     VirtualClock,
+    options_of,
 )
 from vmferry.guest.mobility.update_nodes import UpdateNodesClient
 from vmferry.hw.devtree.tree import DeviceTree, HazardRecord, Reconfig, ReconfigEvent
@@ -117,7 +117,7 @@ def run_post_migration_updates(guest_tree: DeviceTree, source_platform: DeviceTr
     from vmferry.guest.drivers import VioBus
     from vmferry.hw.spapr.rtas import RtasFirmware
 
-    opts = MODES[options] if isinstance(options, str) else options
+    opts = options_of(options) if isinstance(options, str) else options
     fw = RtasFirmware(source_platform, dest_platform, **(firmware_kwargs or {}))  # type: ignore[arg-type]
     if not any(h.startswith("vio:") for n in guest_tree.walk() for h in n.holders):
         VioBus(guest_tree)  # a booted guest's vio devices hold their node references

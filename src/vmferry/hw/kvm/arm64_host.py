@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from vmferry.errors import KernelError
 from vmferry.hw.kvm import psci as P
 from vmferry.hw.kvm import regs as R
+from vmferry.hw.modes import Modes, Switch
 
 if TYPE_CHECKING:
     from vmferry.hw.kvm.arm64_fw import KvmVm
@@ -172,10 +173,29 @@ class KernelCaps:
             raise ValueError("bmap_masks must name exactly the listed bitmap registers")
 
 
+#: switch -> (faulty behaviour, hazard) of docs/models/psci-firmware-registers.md §8.3
+FW_SWITCHES: dict[str, tuple[str, str]] = {
+    "store_wa_on_set": ("SET of a workaround register stores the value", "stale level"),
+    "per_vcpu_psci": ("the PSCI version is per vCPU, not per VM", "mixed versions"),
+    "no_config_lock": ("bitmap writes do not take config_lock", "lost update"),
+    "cpu_on_unlocked": ("CPU_ON checks and powers on without the vCPU's lock",
+                        "double power-on"),
+    "double_read_version": ("the hypercall handler reads the PSCI version twice",
+                            "torn dispatch"),
+    "use_after_destroy": ("a vCPU is used after the VM was destroyed", "use-after-free"),
+}
+
+#: the firmware model's modes (the scheme of :mod:`vmferry.hw.modes`): ``correct`` and one
+#: preset per fault
+FW_MODES = Modes("arm64 firmware",
+                 (Switch(n, b, h) for n, (b, h) in FW_SWITCHES.items()),
+                 {"correct": (), **{n: {n} for n in FW_SWITCHES}}, "correct")
+
+
 @dataclass(frozen=True)
 class FwFaults:
     """Named faulty modes (docs/models/psci-firmware-registers.md §8.3); all off is the correct
-    kernel."""
+    kernel.  Fields are the switches of :data:`FW_MODES`."""
 
     store_wa_on_set: bool = False
     per_vcpu_psci: bool = False
@@ -183,6 +203,11 @@ class FwFaults:
     cpu_on_unlocked: bool = False
     double_read_version: bool = False
     use_after_destroy: bool = False
+
+    @classmethod
+    def parse(cls, mode: str) -> FwFaults:
+        """``preset[+switch...]`` (``correct+no_config_lock``); UnknownMode if unknown."""
+        return cls(**{s: True for s in FW_MODES.parse(mode).switches})
 
 
 def host_reg_level(caps: KernelCaps, host: HostMitigation, wa: Workaround) -> int:
