@@ -27,6 +27,7 @@ import libfdt
 from vmferry.errors import StreamDecodeError
 from vmferry.hw.devtree.builder import TreeBuilder
 from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Property
+from vmferry.hw.persist import Field, Layout
 
 _BOOT_CPUID_OFFSET = 28  # fdt_header.boot_cpuid_phys
 #: the deepest tree import accepts (Linux's unflattening stops at FDT_MAX_DEPTH, 64)
@@ -186,9 +187,8 @@ def fdt_structure(blob: bytes) -> tuple[Structure, tuple[tuple[int, int], ...], 
 
 # --- persist contract: the guest's tree rides in the migration stream as a dtb -------------
 
-_STATE_MAGIC = b"VFDT"
-_STATE_VERSION = 1
-_STATE_HEADER = struct.Struct(">4sHI")
+#: the guest's tree in the stream (the persist codec of :mod:`vmferry.hw.persist`)
+STATE_LAYOUT = Layout("device-tree", b"VFDT", 1, (Field("dtb", "bytes32"),))
 
 
 class DevtreeStateError(FdtDecodeError):
@@ -209,21 +209,16 @@ def restore_tree(state: TreeState) -> DeviceTree:
 
 
 def encode_state(state: TreeState) -> bytes:
-    """``magic "VFDT" | u16 version | u32 length | dtb``."""
-    return _STATE_HEADER.pack(_STATE_MAGIC, _STATE_VERSION, len(state.dtb)) + state.dtb
+    """``magic "VFDT" | u16 version | u32 length | dtb`` (:data:`STATE_LAYOUT`)."""
+    return STATE_LAYOUT.encode({"dtb": state.dtb})
 
 
 def decode_state(data: bytes) -> TreeState:
-    if len(data) < _STATE_HEADER.size:
-        raise DevtreeStateError("device-tree record shorter than its header", len(data))
-    magic, version, length = _STATE_HEADER.unpack_from(data)
-    if magic != _STATE_MAGIC:
-        raise DevtreeStateError(f"bad magic {magic!r}", 0)
-    if version != _STATE_VERSION:
-        raise DevtreeStateError(f"unsupported device-tree record version {version}", 4)
-    if len(data) != _STATE_HEADER.size + length:
-        raise DevtreeStateError(
-            f"record says {length} dtb bytes, has {len(data) - _STATE_HEADER.size}", 6)
-    blob = data[_STATE_HEADER.size:]
+    try:
+        blob = STATE_LAYOUT.decode(data)["dtb"]
+    except StreamDecodeError as exc:  # one error type for every malformed tree record
+        err = DevtreeStateError(str(exc))
+        err.offset = exc.offset
+        raise err from exc
     load_fdt(blob)  # validates
     return TreeState(blob)
