@@ -152,6 +152,20 @@ class Layout:
             off += n
         return out
 
+    def decode_head(self, data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
+        """The header of an envelope whose body repeats (a count field, then records):
+        the same checks as :meth:`decode`, the fixed fields, and the offset of the body.
+        Only for layouts without variable fields."""
+        if any(f.kind in _VARIABLE for f in self.fields):
+            raise ValueError(f"{self.component}: decode_head needs fixed fields only")
+        data = bytes(data[:self._fixed.size])
+        what = f"{self.component} state"
+        if len(data) < self._fixed.size:
+            raise TruncatedRecord(f"{what} shorter than its {self._fixed.size}-byte header",
+                                  len(data))
+        out = self.decode(data)
+        return out, self._fixed.size
+
     def _enum(self, f: Field, value: int) -> enum.IntEnum:
         assert f.enum is not None
         try:

@@ -73,3 +73,18 @@ def test_item5_dma_and_tree_layouts_keep_the_release_bytes() -> None:
     assert encode_state(state) == legacy and decode_state(legacy) == state
     assert DMA_LAYOUT.header_size == struct.calcsize(">4sHIQIIQQIH")
     assert TREE_LAYOUT.encode({"dtb": b"abc"}) == struct.pack(">4sHI", b"VFDT", 1, 3) + b"abc"
+
+
+def test_item5_repeated_envelopes_keep_their_headers() -> None:
+    from vmferry.hw.spapr.persist import HEADER as TCE_HEADER
+    from vmferry.machine.arm64 import HEADER as ARM64_HEADER
+    from vmferry.machine.arm64 import Arm64StateDecodeError, decode_state
+
+    assert TCE_HEADER.encode({"windows": 2}) == struct.pack(">4sHH", b"STCE", 1, 2)
+    assert ARM64_HEADER.encode({"vcpus": 3}) == struct.pack(">4sHH", b"A64V", 1, 3)
+    with pytest.raises(Arm64StateDecodeError, match="magic"):
+        decode_state(b"XXXX" + bytes(4))
+    with pytest.raises(Arm64StateDecodeError, match="version"):
+        decode_state(struct.pack(">4sHH", b"A64V", 9, 0))
+    with pytest.raises(ValueError):
+        LAYOUT.decode_head(b"")
