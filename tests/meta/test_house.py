@@ -28,7 +28,6 @@ PENDING_SPLITS = {
     "vmferry.host.daemon",
     "vmferry.hw.iommu.core",
     "vmferry.analysis.explore.engine",
-    "vmferry.machine.x86",
 }
 
 
