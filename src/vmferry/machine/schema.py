@@ -59,7 +59,7 @@ def describe(exc: ValidationError, limit: int = 5) -> str:
     for err in exc.errors(include_url=False, include_input=False)[:limit]:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        out.append(f"{where}: {msg}")
+        out.append(f"{where}: {msg.removeprefix('Value error, ')}")
     more = exc.error_count() - len(out)
     return "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
 
