@@ -88,3 +88,27 @@ def test_item5_repeated_envelopes_keep_their_headers() -> None:
         decode_state(struct.pack(">4sHH", b"A64V", 9, 0))
     with pytest.raises(ValueError):
         LAYOUT.decode_head(b"")
+
+
+def test_item5_components_keep_the_contract_a_refused_restore_changes_nothing() -> None:
+    import dataclasses
+
+    from vmferry.hw.persist import Persist
+    from vmferry.hw.spapr.dmadev import DmaDeviceError
+    from vmferry.machine import create_vm
+
+    vm = create_vm({"name": "p", "arch": "pseries", "memory_mib": 64, "vcpus": 1,
+                    "tce_windows": [{"liobn": 0x80000000, "offset": 0, "size_mib": 256,
+                                     "page_shift": 16}],
+                    "dma_devices": [{"name": "nic0", "liobn": 0x80000000, "buffers": 4}]})
+    try:
+        handler = vm.handlers["spapr-dma:nic0"]
+        engine: Persist[DmaEngineState] = handler.device  # type: ignore[attr-defined]
+        before = engine.save()
+        assert decode_state(encode_state(before)) == before
+        bad = dataclasses.replace(before, ring_size=4, head=9)
+        with pytest.raises(DmaDeviceError):
+            engine.restore(bad)
+        assert engine.save() == before
+    finally:
+        vm.close()
