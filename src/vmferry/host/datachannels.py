@@ -56,7 +56,8 @@ from vmferry.migration.multichannel import (
     encode_runs,
     parse_channel_hello,
 )
-from vmferry.migration.source import SourceSession, page_runs
+from vmferry.migration.runs import page_runs
+from vmferry.migration.source import SourceSession
 
 log = logging.getLogger("vmferry.host.datachannels")
 

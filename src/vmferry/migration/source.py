@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from vmferry.machine.vm import VM
 from vmferry.migration.context import Downtime, MigrationStats, PassRecord, Status
 from vmferry.migration.multichannel import RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
+from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
     DeviceChunk,
@@ -64,7 +64,6 @@ from vmferry.migration.stream import (
 from vmferry.migration.stream.records import ARCH_RECORDS, Buffer, Record
 
 MIB = 1024 * 1024
-BATCH_BYTES = 4 * MIB
 MAX_RUN_BYTES = 4 * MIB
 #: runs shorter than this many pages travel in RAM_SCATTER lists rather than one record each
 SCATTER_BELOW = 16
@@ -185,23 +184,6 @@ class MigrationParams:
         }
 
 
-def page_runs(
-    index: npt.NDArray[np.int64], max_len: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Split sorted page indexes into (start, length) runs of at most ``max_len``."""
-    if index.size == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, empty
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    starts = index[np.concatenate(([0], breaks))]
-    lengths = np.diff(np.concatenate((np.concatenate(([0], breaks)), [index.size])))
-    pieces = (lengths + max_len - 1) // max_len
-    run_of_piece = np.repeat(np.arange(starts.size), pieces)
-    first_piece = np.cumsum(pieces) - pieces
-    k = np.arange(run_of_piece.size) - first_piece[run_of_piece]
-    p_start = starts[run_of_piece] + k * max_len
-    p_len = np.minimum(max_len, lengths[run_of_piece] - k * max_len)
-    return p_start.astype(np.int64), p_len.astype(np.int64)
 
 
 class SourceSession:
@@ -460,7 +442,7 @@ class SourceSession:
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
-        batch = _Batch(out)
+        batch = Batch(out)
         for h in self.vm.handlers.values():
             for piece in h.save_complete():  # large device states go out as they are read
                 if batch.add(self._encode_pieces([piece])):
@@ -508,7 +490,7 @@ class SourceSession:
             self._pass_duplicate += counts.zero
             self.stats.ram_transferred = self.bytes_out
             return
-        batch = _Batch()
+        batch = Batch()
         self._bounce_used = 0
         for rec in self._page_records(mask):
             if batch.add(self.encoder.encode(rec)):
@@ -530,19 +512,19 @@ class SourceSession:
         short = lengths < SCATTER_BELOW
         if short.any():
             # scattered pages (a hot working set): whole lists per record, gathered by numpy
-            scattered = np.flatnonzero(mask & _expand(starts[short], lengths[short], mask.size))
+            scattered = np.flatnonzero(mask & expand(starts[short], lengths[short], mask.size))
             starts, lengths = starts[~short], lengths[~short]
             yield from self._scatter(scattered)
         for first, count in zip(starts.tolist(), lengths.tolist(), strict=True):
             zero = ram.zero_mask(first, count)
-            for z, s, n in _split(zero, first):
+            for z, s, n in split(zero, first):
                 if z:
                     yield from self._zero(s, n)
                 else:
                     yield from self._flush_zero()
                     yield self._pages(s, n)  # copied into the bounce buffer only now
 
-    def _ship(self, batch: _Batch) -> list[Buffer]:
+    def _ship(self, batch: Batch) -> list[Buffer]:
         """Hand a batch to the host.  The host sends it before asking for more, so the
         bounce buffer its RAM payloads view is free again from here on."""
         self._bounce_used = 0
@@ -701,32 +683,8 @@ class SourceSession:
         return str(st.value)
 
 
-class _Batch:
-    """Buffers collected until about :data:`BATCH_BYTES` are ready to send."""
-
-    def __init__(self, parts: list[Buffer] | None = None) -> None:
-        self.parts: list[Buffer] = parts if parts is not None else []
-        self.size = sum(len(p) for p in self.parts)
-
-    def add(self, parts: list[Buffer]) -> bool:
-        """Append one record's buffers; True once the batch is full."""
-        self.parts += parts
-        self.size += sum(len(p) for p in parts)
-        return self.size >= BATCH_BYTES
-
-    def take(self) -> list[Buffer]:
-        out, self.parts, self.size = self.parts, [], 0
-        return out
 
 
-def _expand(
-    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], size: int
-) -> npt.NDArray[np.bool_]:
-    """A mask of ``size`` pages with the runs (start, length) set."""
-    delta = np.zeros(size + 1, dtype=np.int32)
-    np.add.at(delta, starts, 1)
-    np.add.at(delta, starts + lengths, -1)
-    return np.cumsum(delta[:-1]) > 0
 
 
 def state_digests(vm: VM) -> dict[str, str]:
@@ -737,14 +695,3 @@ def state_digests(vm: VM) -> dict[str, str]:
         if d is not None:
             out[f"handler:{name}"] = d
     return out
-
-
-def _split(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:
-    """Cut a run into maximal (is_zero, start, count) pieces."""
-    if zero.all():
-        return [(True, first, zero.size)]
-    if not zero.any():
-        return [(False, first, zero.size)]
-    edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
-    bounds = np.concatenate(([0], edges, [zero.size])).tolist()
-    return [(bool(zero[a]), first + a, b - a) for a, b in itertools.pairwise(bounds)]

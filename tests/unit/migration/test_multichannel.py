@@ -27,7 +27,8 @@ from vmferry.migration.multichannel import (
     deal_runs,
     encode_runs,
 )
-from vmferry.migration.source import MigrationParams, SourceSession, page_runs
+from vmferry.migration.runs import page_runs
+from vmferry.migration.source import MigrationParams, SourceSession
 
 PS = 4096
 
