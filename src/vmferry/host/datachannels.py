@@ -5,11 +5,12 @@ The wire format, its checks and the ordering rule live in
 runs one thread per channel and turns every way a channel can fail into a failure of the
 whole migration.
 
-* The source (:class:`ChannelSink`) dials ``N`` extra connections to the destination's
-  migration listener after the main handshake, each announced with a ``channel`` frame
-  that carries the migration's one-time token and the channel's index (over TLS when
-  this host serves TLS, as the main connection).  For every pass the session hands it
-  the dirty mask; it deals the page runs round-robin to the channels, whose threads find
+* The source (:class:`ChannelSink`) dials ``N`` connections to the port the
+  destination's channel group opened for this migration (named in the destination's job,
+  ``progress.data_port``), each opened with a channel hello that carries the migration's
+  one-time token and the channel's index (over TLS when this host serves TLS, as the
+  main connection).  For every pass the session hands it the dirty mask; it deals the
+  page runs round-robin to the channels, whose threads find
   zero pages, snapshot and checksum the others and ``sendmsg`` them, then send SYNC.
 * The destination (:class:`ChannelGroup`) receives every channel's page data straight
   into the staging VM's memory (``recv_into`` a view of the page run: no intermediate
@@ -17,8 +18,8 @@ whole migration.
   ``k + 1`` before every channel finished pass ``k``.
 
 A cut, a stall or a bad record in any channel fails the migration: the source's session
-fails (its guest resumes), the destination's group wakes its main worker, which discards
-the staging VM only after every channel thread has stopped writing into it.
+fails (its guest resumes); on the destination the main worker sees the group's error at
+its next poll and discards the staging VM after every channel thread has stopped.
 """
 
 from __future__ import annotations
