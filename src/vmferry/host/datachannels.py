@@ -168,14 +168,15 @@ class ChannelSink:
             delay = self.session.pacing_delay()
 
     def in_flight_bytes(self) -> int:
-        """Unsent and unacknowledged bytes in the channels' send queues (and, for each
-        non-empty one, the destination's full receive buffer)."""
+        """Unsent and unacknowledged bytes in the channels' send queues.  (Unlike the
+        main connection, a full destination receive buffer is not assumed: the channel
+        threads there drain their sockets while the last pass is sent, and counting
+        2 MiB a channel over-predicted the downtime 3-12x in the benchmark.)"""
         total = 0
         for sock in self.socks:
             with contextlib.suppress(OSError, ValueError):
                 raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-                queued = int.from_bytes(raw, sys.byteorder, signed=True)
-                total += queued + RECEIVE_BUFFER if queued > 0 else 0
+                total += max(0, int.from_bytes(raw, sys.byteorder, signed=True))
         return total
 
     def shutdown(self) -> None:

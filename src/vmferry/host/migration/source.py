@@ -185,7 +185,7 @@ class SourceWorker:
         self._peer_words: tuple[str, str | None] = ("", None)
         #: RAM over parallel data channels, once open
         self.channels: datachannels.ChannelSink | None = None
-        #: one persist of the job, measured (a decaying maximum)
+        #: one persist of the job, measured (a moving average)
         self._persist_s = 0.0
         self._rtt_s = 0.0
         self._last_stats = 0.0
@@ -308,7 +308,8 @@ class SourceWorker:
             self.job.status, self.job.step = status, step
             t0 = time.monotonic()
             self.daemon.save_job(self.job)
-            self._persist_s = max(self._persist_s * 0.5, time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self._persist_s = took if not self._persist_s else 0.7 * self._persist_s + 0.3 * took
 
     # --- the exchange ------------------------------------------------------------------
 
