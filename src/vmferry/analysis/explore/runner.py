@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.dpor import search
 from vmferry.analysis.explore.engine import (
     Outcome,
     SearchLimits,
@@ -17,7 +18,6 @@ from vmferry.analysis.explore.engine import (
     describe,
     random_walks,
     run_schedule,
-    search,
 )
 from vmferry.analysis.explore.report import (
     AD_HOC,
