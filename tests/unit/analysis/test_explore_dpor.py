@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmferry.analysis.explore import Instance, explore
-from vmferry.sync import Accesses, ModelLock, yield_point
+from vmferry.errors import InvariantViolation
+from vmferry.sync import LOCAL, Accesses, ModelLock, yield_point
 
 Op = tuple[str, int]  # ("r"|"w"|"l"|"u"|"rw", cell)
 

@@ -66,15 +66,16 @@ class _Recorder:
 
 
 class _Probe:
-    """Follows ``choices`` and records the state key once they are all taken."""
+    """Follows ``choices`` and records the state key right after the last of them."""
 
     def __init__(self, choices: list[str]) -> None:
         self.choices = choices
         self.key: Hashable = None
+        self.execution: Execution | None = None
 
     def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
+        self.execution = execution
         if depth == len(self.choices):
-            self.key = _key(execution)
             return None
         name = self.choices[depth]
         if name not in enabled:
@@ -83,7 +84,8 @@ class _Probe:
         return name
 
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
-        return None
+        if depth == len(self.choices) - 1 and self.execution is not None:
+            self.key = _key(self.execution)
 
 
 def _key(execution: Execution) -> Hashable:
@@ -94,9 +96,9 @@ def _key(execution: Execution) -> Hashable:
 def _after(factory: Callable[[], Instance], choices: list[str], max_steps: int) -> Hashable:
     probe = _Probe(choices)
     outcome = run_once(factory, max_steps, probe)
-    if outcome is not None:  # the run ended (an error, or every thread finished) early
+    if outcome is not None and outcome.error is not None:
         # the same error from the same thread, whichever of the two steps ran first
-        return ("ended", type(outcome.error).__name__, outcome.thread)
+        return ("failed", type(outcome.error).__name__, outcome.thread)
     return probe.key
 
 

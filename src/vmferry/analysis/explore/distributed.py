@@ -17,8 +17,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from vmferry.analysis.explore.cases import explore_case, factory_of
 from vmferry.analysis.explore.engine import SearchLimits
 from vmferry.analysis.explore.report import Report
+from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.errors import ConfigError
 
 RAY_HINT = "exploring with --workers needs Ray: pip install 'vmferry[ray]'"
@@ -36,14 +38,11 @@ def explore_case_task(
     strategy: str, bound: int | None,
 ) -> Report:
     """One case of a registered scenario, explored in this process (a Ray task body)."""
-    from vmferry.analysis.explore.runner import _explore_case, _factory
-    from vmferry.analysis.explore.scenarios import all_scenarios
-
     scenario = all_scenarios()[scenario_name]
     (case,) = [c for c in scenario.cases if c.name == case_name]
     part = Report(scenario_name, mode, strategy, preemption_bound=bound, seed=seed)
     part.cases.append(case_name)
-    _explore_case(part, case_name, _factory(case, mode), limits, seed)
+    explore_case(part, case_name, factory_of(case, mode), limits, seed)
     return part
 
 

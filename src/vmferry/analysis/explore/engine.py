@@ -17,8 +17,8 @@ Exhaustive search is a depth-first walk over choice sequences with:
 
 * a **preemption bound** -- switching away from a thread that could have continued costs
   one preemption; branches that would exceed the bound are not generated;
-* **source-DPOR** (``reduction="dpor"``, see :mod:`vmferry.analysis.explore.dpor`): only the orders of racing
-  steps are explored, with sleep sets;
+* **source-DPOR** (``reduction="dpor"``, see :mod:`vmferry.analysis.explore.dpor`): only
+  the orders of racing steps are explored, with sleep sets;
 * **sleep sets** (Godefroid) -- after exploring thread ``u`` at a node, ``u`` is put to
   sleep in the siblings' subtrees for as long as only steps independent of ``u``'s step
   run; a node whose enabled threads are all asleep is pruned.  Two steps are independent
