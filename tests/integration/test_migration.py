@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Pair, cli, digest, vm_names
+from tests.integration.conftest import Pair, cli, digest, vm_names, wait_recovered
+from vmferry.host.transport import Channel, SocketLink
+from vmferry.migration.channel import Connection, Hello, Reject, Role
 
 pytestmark = pytest.mark.integration
 
@@ -100,16 +102,32 @@ def test_openapi_and_loopback_binding(pair: Pair) -> None:
     assert pair.a_proc.control_url.startswith("http://127.0.0.1:")
 
 
+def _handshake(address: tuple[str, int], hello: Hello) -> object:
+    with socket.create_connection(address, timeout=5) as s:
+        ch = Channel(SocketLink(s), Connection(Role.SOURCE))
+        ch.send(hello)
+        return ch.next_event()
+
+
 def test_unexpected_connection_is_refused_and_logged(pair: Pair) -> None:
     host, port = pair.b.get("/v1/host")["migration_address"]
-    with socket.create_connection((host, port), timeout=5) as s:
-        body = json.dumps({"type": "hello", "token": "forged"}).encode()
-        s.sendall(struct.pack(">I", len(body)) + body)
-        n = struct.unpack(">I", s.recv(4))[0]
-        reply = json.loads(s.recv(n))
-    assert reply["type"] == "reject" and "token" in reply["reason"]
+    reply = _handshake((host, port), Hello("forged", (1, 0), "running", "X"))
+    assert isinstance(reply, Reject) and "token" in reply.status.message
+    assert reply.status.step == "handshake"
     events = pair.b.get("/v1/events")
     assert any(e["kind"] == "refused" and "forged" not in e["message"] for e in events)
+
+
+def test_legacy_json_hello_is_refused_naming_the_protocol(pair: Pair) -> None:
+    """A host from before the channel protocol (length-prefixed JSON) is told why."""
+    host, port = pair.b.get("/v1/host")["migration_address"]
+    with socket.create_connection((host, port), timeout=5) as s:
+        body = json.dumps({"type": "hello", "token": "old"}).encode()
+        s.sendall(struct.pack(">I", len(body)) + body)
+        s.recv(1024)
+    events = pair.b.get("/v1/events")
+    assert any(e["kind"] == "refused" and "earlier JSON control frames" in e["message"]
+               for e in events)
 
 
 def test_token_is_single_use(pair: Pair) -> None:
@@ -117,17 +135,11 @@ def test_token_is_single_use(pair: Pair) -> None:
         "/v1/incoming", {"vm": "ghost", "definition": {"name": "ghost", "memory_mib": 4}}
     )
     host, port = inc["migration_address"]
-    replies = []
-    for _ in range(2):
-        with socket.create_connection((host, port), timeout=5) as s:
-            body = json.dumps(
-                {"type": "hello", "token": inc["token"], "stream_version": [9, 0]}
-            ).encode()
-            s.sendall(struct.pack(">I", len(body)) + body)
-            n = struct.unpack(">I", s.recv(4))[0]
-            replies.append(json.loads(s.recv(n)))
-    assert "version" in replies[0]["reason"]
-    assert "unknown or expired" in replies[1]["reason"]
+    replies = [_handshake((host, port), Hello(inc["token"], (9, 0), "running", "X"))
+               for _ in range(2)]
+    assert isinstance(replies[0], Reject) and isinstance(replies[1], Reject)
+    assert "version" in replies[0].status.message
+    assert "unknown or expired" in replies[1].status.message
 
 
 def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
@@ -146,7 +158,7 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
     h = spawn_host("R", tmp_path / "R")
     try:
         c = h.client()
-        vms = {v["name"]: v for v in c.get("/v1/vms")}
+        vms = {v["name"]: v for v in wait_recovered(c)}
         # no guest memory survives a restart: rebuilt, paused, and said so
         assert {n: v["runstate"] for n, v in vms.items()} == {"keep": "paused", "run": "paused"}
         assert all(v["memory_lost"] and "did not survive" in v["note"] for v in vms.values())

@@ -16,11 +16,13 @@ daemon cannot tell whether the VM runs elsewhere; ``HostedVm.note`` says what to
 ``failed``.  The check that a VM may migrate and its ``migrating`` mark are one step under
 ``self.lock``, so a second request for the same VM gets 409 naming the running job.
 
-A restarted daemon has lost every guest's memory.  :meth:`HostDaemon.recover` rebuilds
-running and paused VMs from their definitions but leaves them *paused*, flagged
-``memory_lost`` with a note; a VM left ``migrating`` is settled from its job's persisted
-progress (and, if COMMIT may have been sent, by asking the destination); a ``migrated``
-husk is never booted.
+A restarted daemon has lost every guest's memory.  :meth:`HostDaemon.recover` reads the
+records at once (the control API answers from the first moment; such VMs are
+``recovering``), then :meth:`HostDaemon.settle_recovered`, in a thread of its own,
+rebuilds running and paused VMs from their definitions but leaves them *paused*, flagged
+``memory_lost`` with a note that ``vm show`` and the log print; a VM left ``migrating`` is
+settled from its job's persisted progress (and, if COMMIT may have been sent, by asking
+the destination); a ``migrated`` husk is never booted.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ RECOVER_ASK_S = 2.0
 class HostedVm:
     name: str
     definition: dict[str, Any]
-    runstate: str  # running | paused | migrating | migrated | needs-attention | failed
+    #: running | paused | migrating | migrated | needs-attention | failed, and
+    #: recovering (never persisted: a restarted daemon is rebuilding it)
+    runstate: str
     vm: VM | None = None
     runner: VmRunner | None = None
     #: the source job that owns the VM while it is ``migrating``
@@ -207,6 +211,8 @@ class HostDaemon:
         self.store.on_log = self._logged
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
+        #: VMs :meth:`recover` found, still to rebuild, with their runstate before
+        self._recovering: list[tuple[HostedVm, str]] = []
 
     def _vm_changed(self, name: str, runstate: str) -> None:
         self.events.publish("vm", {"name": name, "runstate": runstate})
@@ -216,9 +222,10 @@ class HostDaemon:
 
     # --- start-up and shut-down ------------------------------------------------------
 
-    def recover(self) -> None:
+    def recover(self, settle: bool = True) -> None:
         """Reload VMs and jobs from the store after a (re)start.  No guest memory survived
-        a restart: see the module docstring for what each runstate comes back as."""
+        a restart: see the module docstring for what each runstate comes back as.  Without
+        ``settle`` the VMs stay ``recovering`` until :meth:`settle_recovered` runs."""
         for row in self.store.jobs():
             if row.status in ("setup", "active", "device"):
                 row = dataclasses.replace(
@@ -236,6 +243,7 @@ class HostDaemon:
         arrived_unconfirmed = {vm for vm, j in last_arrival.items()
                                if j.step == "resume" and j.status != "completed"}
         notes = self.store.notes()
+        self._recovering = []
         for name, definition, runstate in self.store.vms():
             if name in arrived_unconfirmed and runstate in ("running", "paused"):
                 log.warning("VM %s: its arrival (COMMIT) was never confirmed; dropped", name)
@@ -243,23 +251,57 @@ class HostDaemon:
                 continue
             hosted = HostedVm(name, definition, runstate, note=notes.get(name, ""))
             self.vms[name] = hosted
-            if runstate in ("running", "paused"):
-                self._rebuild_lost(hosted, "")
-            elif runstate == "migrating":
-                self._recover_migrating(hosted)
+            if runstate in ("running", "paused", "migrating"):
+                # rebuilt by settle_recovered; the store keeps the old runstate meanwhile
+                self._recovering.append((hosted, runstate))
+                hosted.runstate = "recovering"
+                hosted.note = (f"the host daemon restarted; this VM ({runstate} before) is "
+                               "being rebuilt from its definition")
+        if settle:
+            self.settle_recovered()
 
-    def _rebuild_lost(self, hosted: HostedVm, why: str) -> None:
+    def settle_recovered(self) -> None:
+        """Rebuild (or settle) the VMs :meth:`recover` left ``recovering``, one by one.
+        Runs in a thread of its own while the control API answers."""
+        pending, self._recovering = self._recovering, []
+        if pending:
+            log.info("recovering %d VMs in the background: %s", len(pending),
+                     ", ".join(h.name for h, _ in pending))
+        for hosted, was in pending:
+            if self._stopping.is_set():
+                return
+            try:
+                if was == "migrating":
+                    self._recover_migrating(hosted)
+                else:
+                    self._rebuild_lost(hosted, "", was)
+            except Exception as exc:  # one VM's trouble must not strand the others
+                log.exception("VM %s: recovery failed", hosted.name)
+                with self.lock:
+                    hosted.runstate = "failed"
+                    hosted.note = f"cannot rebuild after a restart: {exc}"
+                self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+
+    def _rebuild_lost(self, hosted: HostedVm, why: str, was: str | None = None) -> None:
         """Rebuild a VM whose memory did not survive a restart: paused, flagged, noted."""
-        was = hosted.runstate
+        was = was or hosted.runstate
         note = (f"{why}the host daemon restarted and this VM's memory did not survive; it "
                 f"was rebuilt from its definition, paused (it was {was}). `vm start` runs "
                 f"it from fresh memory, `vm destroy` removes it.")
         try:
-            self._boot(hosted, start=False)
-            hosted.memory_lost, hosted.note = True, note
+            vm = self.build_vm(hosted.definition)
         except VmferryError as exc:
             log.error("cannot restore VM %s: %s", hosted.name, exc)
-            hosted.runstate, hosted.note = "failed", f"cannot rebuild after a restart: {exc}"
+            with self.lock:
+                hosted.runstate = "failed"
+                hosted.note = f"cannot rebuild after a restart: {exc}"
+        else:
+            if self._stopping.is_set():  # the daemon stops: nobody will release it
+                vm.close()
+                return
+            with self.lock:
+                hosted.vm, hosted.runner = vm, VmRunner(vm)
+                hosted.runstate, hosted.memory_lost, hosted.note = "paused", True, note
         self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
         log.warning("VM %s: %s", hosted.name, hosted.note)
 
@@ -271,7 +313,7 @@ class HostDaemon:
         job = max(jobs, key=lambda j: j.created) if jobs else None
         if job is None or not job.progress.get("commit_sent"):
             # the destination resumes only on COMMIT, which was never sent: it has nothing
-            self._rebuild_lost(hosted, "a migration was under way before COMMIT; ")
+            self._rebuild_lost(hosted, "a migration was under way before COMMIT; ", "migrating")
             return
         outcome = ask_destination_outcome(job.peer, job.progress.get("peer_job"), hosted.name,
                                           self.token, wait_s=RECOVER_ASK_S, tls=self.tls)
@@ -283,7 +325,7 @@ class HostDaemon:
             self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
         elif outcome == "not-resumed":
             self._rebuild_lost(hosted, f"the destination {job.peer} says it never resumed "
-                                       f"the VM (job {job.id}); ")
+                                       f"the VM (job {job.id}); ", "migrating")
         else:
             hosted.runstate = "needs-attention"
             hosted.note = (
@@ -398,7 +440,8 @@ class HostDaemon:
             if here is not None and leftover_ok and here.runstate == "migrated":
                 here = None
             if here is not None or name in {i.vm for i in self.incoming.values()}:
-                raise ApiError(409, f"a VM named {name!r} exists on host {self.name}")
+                raise ApiError(409, f"a VM named {name!r} exists on host {self.name}",
+                               "VmExists")
 
     def undefine(self, name: str) -> None:
         """Forget the record a VM left behind when it migrated away."""
@@ -471,6 +514,9 @@ class HostDaemon:
                                     "job first")
             if hosted.runstate == "saving":
                 raise ApiError(409, f"VM {name} is being saved; destroy it once that finished")
+            if hosted.runstate == "recovering":
+                raise ApiError(409, f"VM {name} is being rebuilt after a restart of the host "
+                                    "daemon; destroy it once that finished")
             self.vms.pop(name, None)
         hosted.release()
         self.store.delete_vm(name)
@@ -811,7 +857,7 @@ def _run_daemon(
                  probe.groups)
         for dev, why in probe.failures.items():
             log.warning("IOMMU boot probe: %s unusable: %s", dev, why)
-    daemon.recover()
+    daemon.recover(settle=False)  # records only: VMs are rebuilt once the API answers
     daemon.start_migration_listener()
 
     async def main() -> None:
@@ -827,6 +873,7 @@ def _run_daemon(
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
         daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
+        threading.Thread(target=daemon.settle_recovered, name="recover", daemon=True).start()
         qmp = QmpServer(daemon, qmp_dir) if qmp_dir is not None else None
         if qmp is not None:
             await qmp.start()

@@ -14,12 +14,15 @@ in order, but the pipe decides *how*:
 socket-like ``send``/``recv``/``close``.  Nothing here blocks: ``recv`` returns ``None``
 when no byte is due, so single-threaded tests and the explorer's model threads both
 drive them (the explorer waits with :func:`vmferry.sync.wait_until` on
-:attr:`End.readable`).
+:attr:`End.readable`).  :class:`PipeLink` wraps an end as the host's byte link, so the
+host daemon's real migration workers run over these pipes in tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vmferry.migration.stream.records import Buffer
@@ -162,3 +165,63 @@ def pipe_pair(a_to_b: Faults | None = None, b_to_a: Faults | None = None) -> tup
     """Two connected ends ``(a, b)``; each direction with its own faults."""
     ab, ba = Pipe(a_to_b), Pipe(b_to_a)
     return End(ab, ba), End(ba, ab)
+
+
+class PipeLink:
+    """One :class:`End` as the host's byte link (``vmferry.host.transport.Link``), so
+    the host's real migration workers can run over in-memory pipes, each in its own
+    thread.
+
+    ``recv_into`` polls every ``poll_s`` seconds; while nothing is due it reports the
+    time without progress to ``on_stall``, multiplied by ``time_scale`` (a test of a
+    30 s bound need not wait 30 s).  Without ``on_stall`` it gives up after ``wait_s``.
+    ``sizes`` records the size of every ``send`` -- one frame each, so its running sums
+    are the frame boundaries of this direction.  Both ends of a pair share ``lock``."""
+
+    def __init__(self, end: End, lock: threading.Lock, time_scale: float = 1.0,
+                 poll_s: float = 0.001, wait_s: float = 10.0) -> None:  # fmt: skip
+        self.end, self.lock = end, lock
+        self.time_scale, self.poll_s, self.wait_s = time_scale, poll_s, wait_s
+        self.sizes: list[int] = []
+
+    def send(self, buffers: Sequence[Buffer], on_stall: Callable[[float], None] | None = None,
+             ) -> int:  # fmt: skip
+        with self.lock:
+            n = self.end.send(list(buffers))
+        self.sizes.append(n)
+        return n
+
+    def recv_into(self, view: memoryview,
+                  on_stall: Callable[[float], None] | None = None) -> int:  # fmt: skip
+        start = time.monotonic()
+        while True:
+            with self.lock:
+                data = self.end.recv(len(view))
+            if data is not None:
+                view[: len(data)] = data
+                return len(data)
+            waited = time.monotonic() - start
+            if on_stall is not None:
+                on_stall(waited * self.time_scale)
+            elif waited > self.wait_s:
+                raise TimeoutError(f"nothing arrived for {waited:.1f} s")
+            time.sleep(self.poll_s)
+
+    def readable(self) -> bool:
+        with self.lock:
+            return self.end.readable
+
+    def queued(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        with self.lock:
+            self.end.close()
+
+
+def link_pair(a_to_b: Faults | None = None, b_to_a: Faults | None = None,
+              time_scale: float = 1.0) -> tuple[PipeLink, PipeLink]:  # fmt: skip
+    """:func:`pipe_pair` as two :class:`PipeLink` s sharing one lock."""
+    a, b = pipe_pair(a_to_b, b_to_a)
+    lock = threading.Lock()
+    return PipeLink(a, lock, time_scale), PipeLink(b, lock, time_scale)

@@ -71,7 +71,7 @@ def test_issue10_13_fuzzed_requests_never_500(tmp_path: Path,
     def no_peer(*args: Any) -> Any:
         raise ApiError(502, "no peers in this test", "PeerUnreachable", "setup")
 
-    monkeypatch.setattr(migration, "_ask_destination", no_peer)
+    monkeypatch.setattr(migration.source, "ask_destination", no_peer)
     with app_host(tmp_path / "A") as host:
         host.client().post("/v1/vms", {"definition": {"name": "fz", "memory_mib": 8,
                                                       "workload": {"dirty_rate_mbps": 5}},

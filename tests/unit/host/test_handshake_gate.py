@@ -1,11 +1,10 @@
 """The migration listener's handshake gate (issue 10, Why 15): an overall deadline for the
-HELLO however slowly it trickles, no thread per waiting connection, a cap on waiting."""
+HELLO however slowly it trickles, no thread per waiting connection, a cap on waiting.  It
+reads each connection's first frame into a channel Connection (issue 14, item 1)."""
 
 from __future__ import annotations
 
-import json
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -14,13 +13,15 @@ from typing import Any
 import pytest
 
 from vmferry.host.transport import serve_handshakes
+from vmferry.migration.channel import Abort, Connection, ErrorKind, Hello, Role, Status
+from vmferry.migration.channel.frames import HEADER, Command
 
 
 class Gate:
     def __init__(self, deadline_s: float, max_pending: int) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[:2]
-        self.hellos: list[dict[str, Any]] = []
+        self.hellos: list[Hello | Abort] = []
         self.refusals: list[str] = []
         self.changed = threading.Condition()
         self.stop = False
@@ -29,13 +30,15 @@ class Gate:
             max_pending), daemon=True)
         self.thread.start()
 
-    def _hello(self, conn: socket.socket, addr: Any, hello: dict[str, Any]) -> None:
+    def _hello(self, conn: socket.socket, addr: Any, channel: Connection,
+               hello: Hello | Abort) -> None:
         with self.changed:
             self.hellos.append(hello)
             self.changed.notify_all()
         conn.close()
 
-    def _refuse(self, conn: socket.socket, addr: Any, reason: str) -> None:
+    def _refuse(self, conn: socket.socket, addr: Any, reason: str,
+                channel: Connection | None) -> None:
         with self.changed:
             self.refusals.append(reason)
             self.changed.notify_all()
@@ -57,13 +60,16 @@ def gate() -> Iterator[Gate]:
     g.thread.join(5)
 
 
-def frame(msg: Any) -> bytes:
-    body = json.dumps(msg).encode()
-    return struct.pack(">I", len(body)) + body
+def frame(event: Hello | Abort) -> bytes:
+    return b"".join(bytes(b) for b in Connection(Role.SOURCE).send(event))
+
+
+def hello(token: str = "t") -> Hello:
+    return Hello(token, (1, 0), "running", "A")
 
 
 def test_issue10_15_trickled_hello_hits_the_overall_deadline(gate: Gate) -> None:
-    data = frame({"type": "hello", "token": "x" * 200})
+    data = frame(hello("x" * 200))
     with socket.create_connection(gate.address) as sock:
         for i in range(len(data) - 1):  # never the last byte
             try:
@@ -87,7 +93,7 @@ def test_issue10_15_waiting_connections_cost_no_thread_and_are_capped(gate: Gate
         assert "already wait" in reasons[0]
         assert threading.active_count() == before
         good = socket.create_connection(gate.address)
-        good.sendall(frame({"type": "hello", "token": "t"}))
+        good.sendall(frame(hello()))
         good.close()
         assert len(gate.wait("refusals", 3)) >= 3  # both idle ones time out
     finally:
@@ -95,22 +101,33 @@ def test_issue10_15_waiting_connections_cost_no_thread_and_are_capped(gate: Gate
             s.close()
 
 
-@pytest.mark.parametrize("data", [
-    struct.pack(">I", 10**6) + b"{}",
-    frame([1, 2]),
-    frame({"no": "type"}),
-    struct.pack(">I", 3) + b"\xff\xfe\xfd",
-    frame({"type": "hello"}) + b"extra",
+@pytest.mark.parametrize(("data", "words"), [
+    (HEADER.pack(Command.HELLO, 0, 10**6, 0) + b"{}", "over the"),
+    (HEADER.pack(99, 0, 2, 0) + b"{}", "unknown channel command"),
+    (frame(hello())[:-1] + b"!", "CRC"),
+    (HEADER.pack(Command.DATA, 0, 3, 0) + b"abc", "cannot receive DATA"),
+    (frame(hello()) + HEADER.pack(Command.DATA, 0, 3, 0) + b"abc", "before the welcome"),
+    (b"\0\0\0\x10" + b'{"type": "hello"}', "earlier JSON control frames"),
+    (b"\x16\x03\x01\x00\x10" + b"x" * 16, "speaks TLS"),
 ])
-def test_bad_hellos_are_refused_with_a_reason(gate: Gate, data: bytes) -> None:
+def test_bad_first_frames_are_refused_with_a_reason(gate: Gate, data: bytes,
+                                                    words: str) -> None:
     with socket.create_connection(gate.address) as sock:
         sock.sendall(data)
         reasons = gate.wait("refusals", 1)
-    assert reasons[0] and gate.hellos == []
+    assert words in reasons[0] and gate.hellos == []
 
 
 def test_a_complete_hello_is_handed_over(gate: Gate) -> None:
     with socket.create_connection(gate.address) as sock:
-        sock.sendall(frame({"type": "hello", "token": "abc"}))
+        sock.sendall(frame(hello("abc")))
         hellos = gate.wait("hellos", 1)
-    assert hellos[0] == {"type": "hello", "token": "abc"}
+    assert hellos[0] == hello("abc")
+
+
+def test_issue14_1_a_preflight_abort_with_its_token_is_handed_over(gate: Gate) -> None:
+    abort = Abort(Status(ErrorKind.REFUSED, "pre-flight", "no"), token="abc")
+    with socket.create_connection(gate.address) as sock:
+        sock.sendall(frame(abort))
+        first = gate.wait("hellos", 1)
+    assert first[0] == abort

@@ -58,7 +58,7 @@ def test_issue10_3_second_migrate_gets_409_naming_the_job(
         release.wait(10)
         raise ApiError(503, "destination busy")
 
-    monkeypatch.setattr(hostmig, "_ask_destination", slow_destination)
+    monkeypatch.setattr(hostmig.source, "ask_destination", slow_destination)
     first: list[BaseException] = []
 
     def go() -> None:

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from tests.unit.host.apphost import AppHost, app_host
 
-from vmferry.errors import ApiError, ConfigError
+from vmferry.errors import ApiError, ConfigError, MalformedRecord
 from vmferry.host.clocks import MonotonicClock
-from vmferry.host.transport import recv_frame, send_buffers, send_frame
+from vmferry.host.transport import Channel, SocketLink
 from vmferry.machine.vm import create_vm, load_definition
+from vmferry.migration.channel import Connection, Error, Hello, Reject, Role, StreamEnd
+from vmferry.migration.channel.frames import HEADER, MAGIC, VERSION, Command
 from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import MAJOR, MINOR
 
@@ -94,6 +96,12 @@ def test_issue10_9_reservations_expire_on_a_timer(tmp_path: Path) -> None:
         c.post("/v1/vms", {"definition": {"name": "squat", "memory_mib": 4}})
 
 
+def source_channel(address: Any) -> Channel:
+    sock = socket.create_connection(tuple(address), 5)
+    sock.settimeout(5)
+    return Channel(SocketLink(sock), Connection(Role.SOURCE))
+
+
 def test_issue10_11_destination_refuses_a_stream_whose_config_differs(
     two: tuple[AppHost, AppHost]
 ) -> None:
@@ -101,40 +109,80 @@ def test_issue10_11_destination_refuses_a_stream_whose_config_differs(
     approved = {"name": "small", "memory_mib": 16, "vcpus": 2}
     inc = b.client().post("/v1/incoming", {"vm": "small", "definition": approved})
     big = create_vm({"name": "small", "memory_mib": 32, "vcpus": 8})
+    ch = source_channel(inc["migration_address"])
     try:
         session = SourceSession(big, MigrationParams(offline=True), MonotonicClock())
-        with socket.create_connection(tuple(inc["migration_address"]), 5) as sock:
-            send_frame(sock, "hello", token=inc["token"], stream_version=[MAJOR, MINOR],
-                       runstate="running", source="A")
-            assert recv_frame(sock)["type"] == "welcome"
-            bufs = session.start()
-            sock.settimeout(5)
-            try:
-                while bufs:
-                    send_buffers(sock, bufs)
-                    bufs = session.next_buffers()
-            except OSError:
-                pass  # the destination stops reading once it refused
-            reply = recv_frame(sock)
+        ch.send(Hello(inc["token"], (MAJOR, MINOR), "running", "A"))
+        assert ch.next_event().__class__.__name__ == "Welcome"
+        bufs = session.start()
+        reply: object = None
+        try:
+            while bufs and reply is None:
+                ch.send_stream(bufs)
+                reply = ch.poll_event()
+                bufs = session.next_buffers()
+            if reply is None:
+                ch.send(StreamEnd())
+                reply = ch.next_event()
+        except OSError:  # the destination stopped reading once it refused
+            status = ch.peer_failure(5.0)
+            reply = Error(status) if status is not None else None
     finally:
         big.close()
-    assert reply["type"] == "error" and "differs" in reply["reason"]
+        ch.link.close()
+    # the refusal arrives typed: the destination's ConfigError, at its step
+    assert isinstance(reply, Error), reply
+    assert reply.status.exception().__class__ is MalformedRecord  # as raised there
+    assert "differs" in reply.status.message and reply.status.step.startswith("receiving")
     assert "small" not in [v["name"] for v in b.client().get("/v1/vms")]
     assert wait_job(b, inc["job"])["status"] == "failed"
+
+
+def raw_hello(body: bytes, major: int = 1) -> bytes:
+    import zlib
+
+    payload = VERSION.pack(MAGIC, major, 0) + body
+    return HEADER.pack(Command.HELLO, 0, len(payload), zlib.crc32(payload)) + payload
 
 
 @pytest.mark.parametrize("version", [[], 5, None, "1.0", [True, 0], [MAJOR + 1, 0]])
 def test_issue10_15_stream_version_gets_a_typed_refusal(two: tuple[AppHost, AppHost],
                                                         version: Any) -> None:
+    import json
+
     _, b = two
     inc = b.client().post("/v1/incoming", {"vm": "v", "definition": {"name": "v"}})
-    with socket.create_connection(tuple(inc["migration_address"]), 5) as sock:
-        sock.settimeout(5)
-        send_frame(sock, "hello", token=inc["token"], stream_version=version)
-        reply = recv_frame(sock)
-    assert reply["type"] == "reject" and "not supported" in reply["reason"]
+    ch = source_channel(inc["migration_address"])
+    try:
+        body = json.dumps({"token": inc["token"], "stream_version": version,
+                           "runstate": "running", "source": "A"}).encode()
+        ch.conn.send(Hello(inc["token"], (MAJOR, MINOR), "running", "A"))  # not sent:
+        ch.link.send([raw_hello(body)])  # these bytes go instead
+        reply = ch.next_event()
+    finally:
+        ch.link.close()
+    assert isinstance(reply, Reject), reply
+    assert reply.status.step == "handshake" and "version" in reply.status.message
     refusals = [e for e in b.daemon.store.events() if e["kind"] == "refused"]
-    assert refusals and "stream version" in refusals[0]["message"]
+    assert refusals and "version" in refusals[0]["message"]
+
+
+def test_issue14_1_channel_version_mismatch_gets_a_typed_refusal(
+    two: tuple[AppHost, AppHost]
+) -> None:
+    """A source of another channel major version is refused at the handshake with a
+    REJECT it can read, naming both versions."""
+    _, b = two
+    inc = b.client().post("/v1/incoming", {"vm": "v", "definition": {"name": "v"}})
+    ch = source_channel(inc["migration_address"])
+    try:
+        ch.send(Hello(inc["token"], (MAJOR, MINOR), "running", "A", major=9))
+        reply = ch.next_event()
+    finally:
+        ch.link.close()
+    assert isinstance(reply, Reject), reply
+    assert "channel protocol 9.1 is not supported (this host speaks 1.1)" in reply.status.message
+    assert reply.status.exception().__class__.__name__ == "MigrationRefused"
 
 
 @pytest.mark.parametrize("definition", [

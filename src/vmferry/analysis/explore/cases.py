@@ -31,14 +31,17 @@ def factory_of(case: Case, mode: str) -> Callable[[], Instance]:
 
 
 def explore_case(
-    report: Report, case: str, factory: Callable[[], Instance], limits: SearchLimits, seed: int
+    report: Report, case: str, factory: Callable[[], Instance], limits: SearchLimits, seed: int,
+    progress: Callable[[SearchStats], None] | None = None,
 ) -> None:
+    """Explore one case and add its counts and failures to ``report``; ``progress`` is
+    called with the running statistics after every run."""
     started = time.perf_counter()
     if report.strategy == "random":
         runs = limits.max_schedules if limits.max_schedules is not None else DEFAULT_RANDOM_RUNS
-        stats: SearchStats = random_walks(factory, limits, seed, runs)
+        stats: SearchStats = random_walks(factory, limits, seed, runs, progress)
     else:
-        stats = search(factory, limits)
+        stats = search(factory, limits, progress)
     report.elapsed_s += time.perf_counter() - started
     report.schedules_explored += stats.schedules
     report.pruned += stats.pruned

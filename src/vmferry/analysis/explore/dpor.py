@@ -251,10 +251,17 @@ class Dpor(Dfs):
             node.todo.extend(fresh)
 
 
-def search(factory: Callable[[], Instance], limits: SearchLimits) -> SearchStats:
-    """Exhaustive bounded search (see the module docstring)."""
+def search(factory: Callable[[], Instance], limits: SearchLimits,
+           progress: Callable[[SearchStats], None] | None = None) -> SearchStats:
+    """Exhaustive bounded search (see the engine's docstring).  ``progress`` is called
+    with the running statistics after every run."""
     if limits.reduction == "dpor" and limits.por:
-        return Dpor(factory, limits).run()
-    if limits.reduction == "none":
-        limits.por = limits.state_hashing = False
-    return Dfs(factory, limits).run()
+        engine: Dfs = Dpor(factory, limits)
+    else:
+        if limits.reduction == "none":
+            limits.por = limits.state_hashing = False
+        engine = Dfs(factory, limits)
+    engine.stats.on_record = progress
+    stats = engine.run()
+    stats.on_record = None
+    return stats

@@ -429,17 +429,21 @@ class SearchStats:
     pruned_by_state: int = 0
     complete: bool = True
     outcomes: list[Outcome] = field(default_factory=list)
+    #: called after every counted run (progress displays); not part of the result
+    on_record: Callable[[SearchStats], None] | None = field(default=None, repr=False,
+                                                              compare=False)
 
     def record(self, outcome: Outcome | None) -> bool:
         """Count one run; True when it failed."""
         if outcome is None:
             self.pruned += 1
-            return False
-        self.schedules += 1
-        if outcome.error is None:
-            return False
-        self.outcomes.append(outcome)
-        return True
+        else:
+            self.schedules += 1
+            if outcome.error is not None:
+                self.outcomes.append(outcome)
+        if self.on_record is not None:
+            self.on_record(self)
+        return outcome is not None and outcome.error is not None
 
 
 @dataclass
@@ -614,14 +618,16 @@ class ScheduleMismatch(ValueError):
 
 
 def random_walks(
-    factory: Callable[[], Instance], limits: SearchLimits, seed: int, runs: int
+    factory: Callable[[], Instance], limits: SearchLimits, seed: int, runs: int,
+    progress: Callable[[SearchStats], None] | None = None,
 ) -> SearchStats:
     """``runs`` executions with seeded random choices (seed ``seed``, ``seed+1``, ...)."""
-    stats = SearchStats(complete=False)
+    stats = SearchStats(complete=False, on_record=progress)
     for i in range(runs):
         walker = _RandomWalk(random.Random(seed + i))
         if stats.record(run_once(factory, limits.max_steps, walker)) and limits.stop_on_failure:
             break
+    stats.on_record = None
     return stats
 
 

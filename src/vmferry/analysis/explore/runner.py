@@ -14,7 +14,7 @@ from vmferry.analysis.explore.cases import (
     failure_of,
 )
 from vmferry.analysis.explore.distributed import run_cases
-from vmferry.analysis.explore.engine import SearchLimits, run_schedule
+from vmferry.analysis.explore.engine import SearchLimits, SearchStats, run_schedule
 from vmferry.analysis.explore.report import (
     AD_HOC,
     Failure,
@@ -95,8 +95,12 @@ def run_scenario(
     workers: int = 1,
     ray_address: str | None = None,
     state_hashing: bool = True,
+    progress: Callable[[ExploreProgress], None] | None = None,
 ) -> Report:
     """Explore every case of ``scenario`` (or only ``case``) in ``mode``.
+
+    ``progress``, if given, is called with the running totals after every schedule (in
+    one process) or after every case (on Ray workers).
 
     ``mode`` defaults to the scenario's default (correct) mode, ``preemption_bound`` to the
     scenario's.  Failing schedules are saved as replay scripts in ``failures_dir``
@@ -126,10 +130,18 @@ def run_scenario(
                           strategy, bound, workers=workers, address=ray_address)
         for part in parts:
             _merge(report, part)
+            if progress is not None:
+                progress(ExploreProgress(part.cases[-1] if part.cases else "",
+                                         len(report.cases), len(chosen_cases),
+                                         report.schedules_explored, report.pruned,
+                                         report.failing_schedules))
     else:
-        for chosen in chosen_cases:
+        for i, chosen in enumerate(chosen_cases):
             report.cases.append(chosen.name)
-            explore_case(report, chosen.name, factory_of(chosen, mode), limits, seed)
+            hook = None
+            if progress is not None:
+                hook = _case_progress(progress, report, chosen.name, i, len(chosen_cases))
+            explore_case(report, chosen.name, factory_of(chosen, mode), limits, seed, hook)
     for i, failure in enumerate(report.failures):
         if failure.scenario == AD_HOC:
             report.failures[i] = _relabel(failure, scenario.name, mode)
@@ -212,6 +224,31 @@ def _cases(scenario: Scenario, case: str | None) -> tuple[Case, ...]:
         names = ", ".join(c.name for c in scenario.cases)
         raise ConfigError(f"scenario {scenario.name}: unknown case {case!r} (cases: {names})")
     return found
+
+
+@dataclass(frozen=True)
+class ExploreProgress:
+    """Running totals of an exploration, for a progress display."""
+
+    case: str
+    #: the case being explored (1-based) and how many there are
+    case_index: int
+    cases: int
+    schedules: int
+    pruned: int
+    failing: int
+
+
+def _case_progress(progress: Callable[[ExploreProgress], None], report: Report, case: str,
+                   index: int, cases: int) -> Callable[[SearchStats], None]:
+    """The engine's per-run callback for one case, turned into running totals."""
+    base = (report.schedules_explored, report.pruned, report.failing_schedules)
+
+    def hook(stats: SearchStats) -> None:
+        progress(ExploreProgress(case, index + 1, cases, base[0] + stats.schedules,
+                                 base[1] + stats.pruned, base[2] + len(stats.outcomes)))
+
+    return hook
 
 
 def _relabel(failure: Failure, scenario: str, mode: str) -> Failure:

@@ -39,6 +39,7 @@ from vmferry.migration.channel.frames import (
     Error,
     Event,
     Header,
+    Reject,
     decode_body,
     decode_header,
     encode,
@@ -54,6 +55,8 @@ class _NeedData(enum.Enum):
 
 NEED_DATA = _NeedData.NEED_DATA
 _COMPACT_AT = 1 << 16
+#: a destination in these states refuses with REJECT (it never said WELCOME)
+_BEFORE_WELCOME = frozenset({State.IDLE, State.HANDSHAKE})
 
 
 class Connection:
@@ -211,7 +214,9 @@ class Connection:
         """Give up, and say why where that still means something: ABORT from a source,
         ERROR from a destination.
 
-        Where the table has the move, it is taken.  Otherwise the connection moves to
+        A destination that has not sent WELCOME yet (a bad HELLO, a wrong version, an
+        unknown token) refuses with REJECT instead of ERROR.  Where the table has the
+        move, it is taken.  Otherwise the connection moves to
         (or stays in) ERROR, and: a destination that did not receive COMMIT still sends
         its ERROR frame -- after a damaged frame, say -- because it is a promise the
         source may act on ("discarded, will never resume"); a source past COMMIT, or a
@@ -220,6 +225,8 @@ class Connection:
         if self.state in (State.DONE, State.ABORTED):
             return []  # the exchange is over; nothing changes
         ev: Event = Abort(status) if self.role is Role.SOURCE else Error(status)
+        if self.role is Role.DESTINATION and (self.failed_in or self.state) in _BEFORE_WELCOME:
+            ev = Reject(status)  # refused at the handshake: REJECT, which a source expects
         target = TRANSITIONS[self.role][self.state].get((Dir.SEND, COMMAND_OF[type(ev)]))
         if target is not None:
             self.state = target
@@ -229,6 +236,46 @@ class Connection:
         if self.role is Role.DESTINATION and not self.committed:
             return encode(ev)
         return []
+
+    def peer_failure(self) -> Status | None:
+        """The status of an ERROR or REJECT the peer sent, if its bytes are here, read
+        after this side failed (a write that raised because the peer closed, say): the
+        frames received so far are decoded but not judged by the table, and the state
+        does not change.  None if no such frame (or only part of one) arrived."""
+        while True:
+            have = len(self._buf) - self._pos
+            if self._payload_left:
+                skip = min(have, self._payload_left)
+                self._pos += skip
+                self._payload_left -= skip
+                if self._payload_left:
+                    return None
+                continue
+            if self._header is None:
+                if have < HEADER.size:
+                    return None
+                try:
+                    header = decode_header(bytes(self._buf[self._pos : self._pos + HEADER.size]))
+                except RemoteChannelError:
+                    return None
+                self._pos += HEADER.size
+                if header.command is Command.DATA:
+                    self._payload_left = header.length
+                    continue
+                self._header = header
+                have -= HEADER.size
+            header = self._header
+            if have < header.length:
+                return None
+            payload = bytes(self._buf[self._pos : self._pos + header.length])
+            self._pos += header.length
+            self._header = None
+            try:
+                ev = decode_body(header, payload)
+            except RemoteChannelError:
+                return None
+            if isinstance(ev, Error | Reject):
+                return ev.status
 
     # --- the table -------------------------------------------------------------------
 
@@ -250,6 +297,11 @@ class Connection:
         if self.state is not State.ERROR:
             self.failed_in, self.state = self.state, State.ERROR
         raise exc
+
+    @property
+    def peer_closed(self) -> bool:
+        """The peer closed its side (``receive_data(b"")`` was called)."""
+        return self._eof
 
     @property
     def in_doubt(self) -> bool:

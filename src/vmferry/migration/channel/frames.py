@@ -35,7 +35,7 @@ from vmferry.migration.channel.status import Status
 from vmferry.migration.stream.records import Buffer
 
 MAJOR = 1
-MINOR = 0
+MINOR = 1
 MAGIC = b"VMFC"
 HEADER = struct.Struct(">HHII")
 VERSION = struct.Struct(">4sHH")
@@ -219,6 +219,10 @@ def decode_header(raw: bytes) -> Header:
     if raw[:1] in (b"\x15", b"\x16") and raw[1:2] == b"\x03":
         raise RemoteChannelError("the peer speaks TLS and this side does not (plaintext "
                                  "connection to a TLS host?)", data=raw)  # fmt: skip
+    if raw[:2] == b"\0\0" and raw[4:5] == b"{":
+        raise RemoteChannelError("the peer speaks the earlier JSON control frames (a vmferry "
+                                 "host from before channel protocol 1); this host speaks "
+                                 f"channel protocol {MAJOR}.{MINOR}", data=raw)  # fmt: skip
     if cmd not in Command.__members__.values() or cmd == Command.INVALID:
         raise RemoteChannelError(f"unknown channel command {cmd:#06x}", data=raw)
     if flags:
@@ -279,7 +283,7 @@ def _check_fields(cmd: Command, body: dict[str, Any]) -> None:
 def _event(cmd: Command, body: dict[str, Any], major: int, minor: int) -> Event:
     if cmd is Command.HELLO:
         sv = body["stream_version"]
-        if len(sv) != 2 or not all(isinstance(v, int) for v in sv):
+        if len(sv) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in sv):
             raise RemoteChannelError(f"HELLO.stream_version {sv!r} is not [major, minor]")
         return Hello(body["token"], (sv[0], sv[1]), body["runstate"], body["source"],
                      major, minor)  # fmt: skip

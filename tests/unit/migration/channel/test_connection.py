@@ -29,6 +29,7 @@ from vmferry.migration.channel import (
     Event,
     Hello,
     Loaded,
+    Reject,
     Resolve,
     Resumed,
     Role,
@@ -239,3 +240,47 @@ def test_frames_in_flight_after_abort_are_dropped() -> None:
     ev = dst.next_event()
     assert isinstance(ev, Abort) and isinstance(ev.status.exception(), MigrationCancelled)
     assert dst.state is State.ABORTED
+
+
+def test_issue14_1_destination_refuses_before_welcome_with_reject() -> None:
+    """A destination that fails before it said WELCOME (a bad HELLO, a wrong version)
+    answers REJECT, which a source in HANDSHAKE can read: a typed refusal."""
+    src, dst = Connection(Role.SOURCE), Connection(Role.DESTINATION)
+    hello = b"".join(bytes(b) for b in src.send(Hello("t", (1, 0), "running", "A", major=7)))
+    dst.receive_data(hello)
+    with pytest.raises(RemoteChannelError, match=r"channel protocol 7\.1 is not supported"):
+        dst.next_event()
+    status = Status(ErrorKind.REFUSED, "handshake", "channel protocol 7.1 is not supported")
+    src.receive_data(b"".join(bytes(b) for b in dst.send_failure(status)))
+    ev = src.next_event()
+    assert ev.__class__.__name__ == "Reject" and src.state is State.ABORTED
+    assert isinstance(ev, Reject) and ev.status == status
+
+
+def test_issue14_1_peer_failure_reads_the_error_after_this_side_failed() -> None:
+    """The source's write failed (the destination closed after its ERROR): the ERROR
+    is still read, past DATA, without the table judging it."""
+    src, dst = Connection(Role.SOURCE), Connection(Role.DESTINATION)
+    dst.receive_data(b"".join(bytes(b) for b in src.send(HELLO)))
+    dst.next_event()
+    wire = b"".join(bytes(b) for b in dst.send(Welcome("B")))
+    src.receive_data(wire)
+    assert isinstance(src.next_event(), Welcome)
+    src.send(Data([b"abc"]))
+    status = Status(ErrorKind.CHECKSUM_MISMATCH, "receiving stream", "bad record")
+    err = b"".join(bytes(b) for b in dst.send_failure(status))
+    src.send_failed()
+    assert src.state is State.ERROR
+    src.receive_data(err[:5])
+    assert src.peer_failure() is None  # only part of it so far
+    src.receive_data(err[5:])
+    got = src.peer_failure()
+    assert got == status and isinstance(got.exception(), ChecksumMismatch)
+    assert src.state is State.ERROR
+
+
+def test_issue14_1_legacy_json_frames_are_named() -> None:
+    dst = Connection(Role.DESTINATION)
+    dst.receive_data(b"\0\0\0\x10" + b'{"type":"hello"}')
+    with pytest.raises(RemoteChannelError, match="earlier JSON control frames"):
+        dst.next_event()

@@ -1,0 +1,291 @@
+"""The destination's migration worker and the listener that hands connections to it.
+
+The listener's handshake gate (:func:`~vmferry.host.transport.serve_handshakes`) reads
+each connection's first frame into a destination
+:class:`~vmferry.migration.channel.Connection` and hands it over:
+
+* HELLO: a migration.  The one-time token is claimed and the stream version checked
+  (REJECT with a typed status if either is wrong), then WELCOME; DATA frames go straight
+  into the stream decoder (``Channel.receive_stream``), STREAM_END ends the stream, the
+  VM is loaded (nothing runs), LOADED carries the ack and digests, and only COMMIT lets
+  the VM run here: its job is persisted ``completed`` before RESUMED goes out;
+* ABORT carrying a token: the source refused at pre-flight; the reservation is dropped.
+
+Any failure before COMMIT discards the staging VM and sends ERROR with a typed status
+(the error's kind, the step, the message), which the source raises as the same class.
+Every wait is bounded and sees the host shutting down and an operator's cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from vmferry.errors import ConfigError, MigrationCancelled, MigrationError, PeerError, VmferryError
+from vmferry.host.clocks import MonotonicClock
+from vmferry.host.migration.common import HELLO_TIMEOUT_S, IDLE_TIMEOUT_S, RECEIVE_BUFFER
+from vmferry.host.populate import Populator
+from vmferry.host.tls import explain
+from vmferry.host.transport import Channel, SocketLink, refusal, serve_handshakes
+from vmferry.machine.vm import load_definition
+from vmferry.migration.channel import (
+    Abort,
+    Closed,
+    Commit,
+    Connection,
+    ErrorKind,
+    Event,
+    Hello,
+    Loaded,
+    Resumed,
+    StreamEnd,
+    Welcome,
+)
+from vmferry.migration.channel import Status as Why
+from vmferry.migration.destination import DestinationSession, describe_failure
+from vmferry.migration.stream import MAJOR, StreamDecoder
+
+if TYPE_CHECKING:  # avoids an import cycle at run time
+    from vmferry.host.daemon import HostDaemon, Job
+
+log = logging.getLogger("vmferry.host.migration")
+
+#: how long a destination that failed reads what the source still sends, so that its
+#: ERROR frame is not lost to a reset
+DRAIN_S = 1.0
+
+
+def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
+    """The migration listener: first frames are read by the handshake gate (one thread,
+    an overall deadline); a connection gets its worker thread only once its HELLO (or a
+    pre-flight ABORT) arrived."""
+
+    def on_hello(conn: socket.socket, addr: Any, channel: Connection,
+                 first: Hello | Abort) -> None:  # fmt: skip
+        worker = DestinationWorker(daemon, Channel(SocketLink(conn), channel), addr, first)
+        threading.Thread(target=worker.run, name=f"mig-dst-{addr[1]}", daemon=True).start()
+
+    def on_refuse(conn: socket.socket, addr: Any, reason: str,
+                  channel: Connection | None) -> None:  # fmt: skip
+        ch = Channel(SocketLink(conn), channel) if channel is not None else None
+        refuse_connection(daemon, ch, addr, reason)
+        with contextlib.suppress(OSError):
+            conn.close()
+
+    def tls_error(exc: BaseException, addr: Any) -> str:
+        return explain(exc, f"{addr[0]}:{addr[1]}", server=True)
+
+    tls = daemon.tls.server_context() if daemon.tls is not None else None
+    serve_handshakes(listener, lambda: daemon.stopping, on_hello, on_refuse, tls=tls,
+                     tls_error=tls_error)
+
+
+def refuse_connection(daemon: HostDaemon, ch: Channel | None, addr: Any, reason: str) -> None:
+    """Log a refused migration connection (and record it) and tell the peer why: a
+    REJECT with a typed status, where the peer speaks the channel."""
+    msg = f"refused migration connection from {addr[0]}:{addr[1]}: {reason}"
+    log.warning(msg)
+    daemon.store.log("refused", msg)
+    if ch is not None:
+        if isinstance(ch.link, SocketLink):
+            with contextlib.suppress(OSError):
+                ch.link.sock.setblocking(True)
+        ch.send_failure(refusal(reason))
+
+
+class DestinationWorker:
+    """The destination's side of one connection (see the module docstring)."""
+
+    def __init__(self, daemon: HostDaemon, ch: Channel, addr: Any,
+                 first: Hello | Abort) -> None:  # fmt: skip
+        self.daemon, self.ch, self.addr = daemon, ch, addr
+        self.first = first
+        self.session: DestinationSession | None = None
+        self.job: Job | None = None
+        self.step = "handshake"
+        self.populator: Populator | None = None
+        #: the bound on a source that makes no progress, seconds
+        self.idle_s = HELLO_TIMEOUT_S
+
+    def run(self) -> None:
+        try:
+            hello = self._handshake()
+            if hello is not None:
+                self._receive(hello)
+        except (VmferryError, OSError) as exc:
+            self._fail(exc)
+        except Exception as exc:
+            log.exception("incoming migration from %s", self.addr)
+            self._fail(exc)
+        finally:
+            if self.populator is not None:
+                self.populator.stop()
+            self.ch.link.close()
+
+    # --- bounded waits -----------------------------------------------------------------
+
+    def _on_stall(self, seconds: float) -> None:
+        if self.daemon.stopping:
+            raise PeerError("destination host is shutting down", self.step)
+        if self.job is not None and self.job.cancel.is_set():
+            raise MigrationCancelled("cancelled by the operator on the destination", self.step)
+        if seconds > self.idle_s:
+            raise PeerError(f"the source sent nothing for {seconds:.1f} s", self.step)
+
+    # --- the exchange ------------------------------------------------------------------
+
+    def _handshake(self) -> Hello | None:
+        first = self.first
+        inc = self.daemon.claim_token(first.token)
+        if inc is None:
+            if isinstance(first, Hello):
+                self._refuse("unknown or expired migration token")
+            return None
+        self.job = self.daemon.get_job(inc.job_id)
+        if isinstance(first, Abort):  # the source refused at pre-flight
+            self.job.status, self.job.step = "failed", "pre-flight"
+            self.job.error = first.status.message
+            self.daemon.save_job(self.job)
+            return None
+        if first.stream_version[0] != MAJOR:
+            major, minor = first.stream_version
+            self._refuse(f"stream version {major}.{minor} not supported (this host reads "
+                         f"{MAJOR}.x)")  # fmt: skip
+            self.job.status, self.job.step = "failed", "handshake"
+            self.job.error = f"the source sends stream version {major}.{minor}"
+            self.daemon.save_job(self.job)
+            return None
+        self.session = DestinationSession(
+            MonotonicClock(), verify=inc.verify,
+            check_config=self._check_approved(inc.vm, inc.definition),
+            factory=self._build_staging,
+        )
+        if isinstance(self.ch.link, SocketLink):
+            with contextlib.suppress(OSError):
+                self.ch.link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                             RECEIVE_BUFFER // 2)  # fmt: skip
+        self.ch.send(Welcome(self.daemon.name), self._on_stall)
+        self.idle_s = IDLE_TIMEOUT_S
+        self.job.status, self.job.step = "active", "receiving stream"
+        self.daemon.save_job(self.job)
+        return first
+
+    def _build_staging(self, definition: Any) -> Any:
+        """The staging VM, its RAM faulted in from a thread while the stream arrives."""
+        vm = self.daemon.build_vm(definition)
+        self.populator = Populator(vm.ram)
+        return vm
+
+    @staticmethod
+    def _check_approved(expected: str, approved: dict[str, Any]) -> Any:
+        """The stream's VM must be exactly the definition this host approved at
+        /v1/incoming (and checked against its resources): the same name and the same
+        memory, vCPUs, devices and every other key."""
+        want = json.dumps(approved, sort_keys=True)
+
+        def check(config: Any) -> None:
+            if not isinstance(config, dict) or config.get("name") != expected:
+                name = config.get("name") if isinstance(config, dict) else None
+                raise ConfigError(f"stream carries VM {name!r}, expected {expected!r}")
+            got = json.dumps(load_definition(config).to_dict(), sort_keys=True)
+            if got != want:
+                raise ConfigError(f"stream carries a definition of VM {expected} that differs "
+                                  "from the one this host approved")
+
+        return check
+
+    def _refuse(self, reason: str) -> None:
+        refuse_connection(self.daemon, self.ch, self.addr, reason)
+
+    def _unexpected(self, ev: Event | Closed, waiting_for: str) -> MigrationError:
+        """What an event other than the awaited one means here."""
+        if isinstance(ev, Abort):  # the source gave up (a cancel, a mismatch, ...)
+            cls = MigrationCancelled if ev.status.kind is ErrorKind.CANCELLED else MigrationError
+            return cls(f"source aborted: {ev.status.message}", self.step)
+        return PeerError(f"expected {waiting_for}, got {type(ev).__name__.upper()}", self.step)
+
+    def _on_record(self, rec: Any) -> None:
+        assert self.session is not None
+        self.session.receive(rec)
+        self.step = f"receiving stream (pass {self.session.passes + 1})"
+
+    def _receive(self, hello: Hello) -> None:
+        assert self.session is not None and self.job is not None
+        decoder = StreamDecoder()
+        self.step = "receiving stream"
+        end = self.ch.receive_stream(decoder, self._on_record, self._on_stall)
+        if not isinstance(end, StreamEnd):
+            raise self._unexpected(end, "STREAM_END")
+        decoder.eof()  # STREAM_END before the stream's END record: a truncated stream
+        self.step = "load"
+        if self.populator is not None:
+            self.populator.stop()
+        vm = self.session.vm
+        assert vm is not None
+        ack = self.session.finish(start=False)
+        self.ch.send(Loaded(ack), self._on_stall)
+        self.step = "awaiting commit"
+        commit = self.ch.next_event(self._on_stall)
+        if not isinstance(commit, Commit):  # ABORT: the source found our state differs
+            raise self._unexpected(commit, "COMMIT")
+        # After COMMIT.  The job is persisted "completed" once the VM runs here and
+        # before RESUMED goes out, so a source that never gets RESUMED can learn the
+        # outcome from this host's control API; "failed" always means it does not run here.
+        self.step = "resume"
+        self.job.step = "resume"
+        self.daemon.save_job(self.job)
+        t0 = time.monotonic()
+        post_load = self.daemon.adopt_loaded(self.session, hello.runstate != "paused")
+        self.job.status, self.job.step = "completed", "resumed"
+        self.job.stats = {
+            "ack": {k: v for k, v in ack.items() if k != "digests"},
+            "passes": self.session.passes,
+        }
+        self.daemon.save_job(self.job)
+        log.info("incoming VM %s resumed (job %s)", vm.name, self.job.id)
+        with contextlib.suppress(OSError):
+            self.ch.send(Resumed({"resume_ms": (time.monotonic() - t0) * 1e3,
+                                  "post_load": post_load}), self._on_stall)  # fmt: skip
+
+    def _fail(self, exc: BaseException) -> None:
+        reason = (f"connection lost: {exc.strerror or exc}" if isinstance(exc, OSError)
+                  else describe_failure(exc))  # fmt: skip
+        if self.populator is not None:
+            self.populator.stop()
+        if self.job is not None and self.job.status == "completed":
+            log.warning("incoming VM %s: %s (after it resumed here)", self.job.vm, reason)
+            return
+        if self.session is not None:
+            self.session.abort()
+        log.warning("incoming migration failed at %s: %s", self.step, reason)
+        if self.job is not None:
+            self.job.status, self.job.error, self.job.step = "failed", reason, self.step
+            self.daemon.save_job(self.job)
+        if isinstance(exc, OSError):
+            return  # the connection is gone: nothing can be said on it
+        # ERROR: discarded, will never resume -- the same error class on the source
+        self.ch.send_failure(Why.from_exception(exc, self.step))
+        if isinstance(self.ch.link, SocketLink):
+            with contextlib.suppress(OSError):
+                self.ch.link.sock.shutdown(socket.SHUT_WR)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Read and drop what the source still sends, so our ERROR frame is not lost
+        to a reset; give up after :data:`DRAIN_S`."""
+        end = time.monotonic() + DRAIN_S
+        buf = memoryview(bytearray(1 << 16))
+
+        def bounded(seconds: float) -> None:
+            if time.monotonic() > end:
+                raise TimeoutError("drained long enough")
+
+        with contextlib.suppress(OSError):
+            while time.monotonic() < end and self.ch.link.recv_into(buf, bounded):
+                pass
+
