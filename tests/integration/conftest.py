@@ -47,6 +47,17 @@ def wait_job(c: HostClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
     raise AssertionError(f"job {job_id} did not finish")
 
 
+def wait_recovered(c: HostClient, timeout: float = 60) -> list[dict[str, Any]]:
+    """The VMs of a restarted host once none is ``recovering`` any more (a restarted
+    daemon answers at once and rebuilds its VMs in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        vms: list[dict[str, Any]] = c.get("/v1/vms")
+        if all(v["runstate"] != "recovering" for v in vms) or time.monotonic() > deadline:
+            return vms
+        time.sleep(0.05)
+
+
 def digest(c: HostClient, name: str) -> dict[str, str]:
     out: dict[str, str] = c.get(f"/v1/vms/{name}?digest=1")["digests"]
     return out

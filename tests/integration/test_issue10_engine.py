@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Pair, digest, vm_names, wait_job
+from tests.integration.conftest import Pair, digest, vm_names, wait_job, wait_recovered
 
 pytestmark = pytest.mark.integration
 
@@ -180,10 +180,12 @@ def test_issue10_3_and_8_restarts_never_run_a_vm_twice_or_blank(tmp_path: Any) -
         _mark_crashed_after_commit(tmp_path / "A", "v-crash", job["id"])
         a = spawn_host("A", tmp_path / "A")
         ca = a.client()
+        wait_recovered(ca)
         assert ca.get("/v1/vms/v-crash")["runstate"] == "migrated"
         assert ca.get(f"/v1/jobs/{job['id']}")["status"] == "completed"
         b.stop()
         b = spawn_host("B", tmp_path / "B")
+        wait_recovered(b.client())
         vm = b.client().get("/v1/vms/v-arrived")
         assert vm["runstate"] == "paused" and vm["memory_lost"], vm  # not running, blank
         assert "did not survive" in vm["note"]
@@ -192,6 +194,7 @@ def test_issue10_3_and_8_restarts_never_run_a_vm_twice_or_blank(tmp_path: Any) -
         a.kill()
         _mark_crashed_after_commit(tmp_path / "A", "v-crash", job["id"])
         a = spawn_host("A", tmp_path / "A", timeout=60)
+        wait_recovered(a.client())
         vm = a.client().get("/v1/vms/v-crash")
         assert vm["runstate"] == "needs-attention" and "vm destroy" in vm["note"], vm
     finally:

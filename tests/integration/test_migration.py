@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Pair, cli, digest, vm_names
+from tests.integration.conftest import Pair, cli, digest, vm_names, wait_recovered
 from vmferry.host.transport import Channel, SocketLink
 from vmferry.migration.channel import Connection, Hello, Reject, Role
 
@@ -158,7 +158,7 @@ def test_daemon_restart_keeps_vms_and_jobs(tmp_path: Path) -> None:
     h = spawn_host("R", tmp_path / "R")
     try:
         c = h.client()
-        vms = {v["name"]: v for v in c.get("/v1/vms")}
+        vms = {v["name"]: v for v in wait_recovered(c)}
         # no guest memory survives a restart: rebuilt, paused, and said so
         assert {n: v["runstate"] for n, v in vms.items()} == {"keep": "paused", "run": "paused"}
         assert all(v["memory_lost"] and "did not survive" in v["note"] for v in vms.values())

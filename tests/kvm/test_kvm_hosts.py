@@ -81,20 +81,28 @@ def test_item3_vm_show_reports_kvm_backend_and_guest(hosts: Hosts) -> None:
         hosts.a.delete("/v1/vms/show1")
 
 
-def test_item4_live_migration_between_daemons(hosts: Hosts) -> None:
-    hosts.create("mig1")
-    advancing(hosts.a, "mig1")
-    job = hosts.migrate("mig1", downtime_limit_ms=100)
+@pytest.mark.parametrize(("mode", "said"), [
+    ("get", "KVM_GET_DIRTY_LOG"),
+    ("ring", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL (per-vCPU rings)"),
+])
+def test_item4_live_migration_between_daemons(hosts: Hosts, mode: str, said: str) -> None:
+    name = f"mig-{mode}"
+    hosts.create(name, dirty_log=mode)
+    advancing(hosts.a, name)
+    job = hosts.migrate(name, downtime_limit_ms=100)
     assert job["status"] == "completed", job
     st = job["stats"]
     assert st["verification"]["verified"] is True
-    assert st["source_report"]["x86-cpu"]["dirty_log"] == "KVM_GET_DIRTY_LOG"
+    # the job says which dirty tracking the passes used
+    assert st["ram"]["dirty-tracking"] == said
+    assert st["source_report"]["x86-cpu"]["dirty_log"] == said
     assert any("MSR_KVM_POLL_CONTROL" in w for w in st["warnings"])
     assert "MSR 0x4b564d06 (MSR_KVM_POLL_CONTROL)" in st["source_report"]["x86-cpu"]["dropped"]
-    shown = hosts.b.get("/v1/vms/mig1")
+    shown = hosts.b.get(f"/v1/vms/{name}")
     assert shown["backend"] == "kvm" and shown["runstate"] == "running"
-    advancing(hosts.b, "mig1")
-    hosts.b.delete("/v1/vms/mig1")
+    assert shown["guest"]["dirty_log"] == said
+    advancing(hosts.b, name)
+    hosts.b.delete(f"/v1/vms/{name}")
 
 
 def test_item6_cancel_leaves_source_running(hosts: Hosts) -> None:

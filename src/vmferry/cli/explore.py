@@ -5,15 +5,16 @@ Formatting only: the exploring is :func:`vmferry.analysis.explore.run_scenario`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import TracebackType
 
 import click
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from vmferry.analysis.explore import (
@@ -25,9 +26,9 @@ from vmferry.analysis.explore import (
     run_scenario,
 )
 from vmferry.analysis.explore.api import Scenario
-from vmferry.analysis.explore.runner import DEFAULT, DEFAULT_STRATEGY
+from vmferry.analysis.explore.runner import DEFAULT, DEFAULT_STRATEGY, ExploreProgress
 from vmferry.analysis.explore.scenarios import all_scenarios
-from vmferry.cli.common import err_console
+from vmferry.cli.common import err_console, esc
 from vmferry.errors import ConfigError
 
 
@@ -76,12 +77,12 @@ def races(
         )
     what = f"exploring {scenario.name} ({mode or scenario.default_mode}, {strategy})"
     try:
-        with _working(what, quiet=as_json):
+        with ProgressDisplay(what, quiet=as_json) as progress:
             report = run_scenario(
                 scenario, mode=mode, case=case_name, strategy=strategy,
                 preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
                 failures_dir=DEFAULT if failures_dir is None else failures_dir,
-                workers=workers, ray_address=ray_address,
+                workers=workers, ray_address=ray_address, progress=progress,
             )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -92,13 +93,58 @@ def races(
     sys.exit(1 if report.failures else 0)
 
 
-def _working(what: str, quiet: bool) -> AbstractContextManager[object]:
-    """A spinner on a terminal; else one line on stderr (none with ``quiet``)."""
-    if err_console.is_terminal:
-        return err_console.status(what + " ...")
-    if not quiet:
-        click.echo(what + " ...", err=True)
-    return contextlib.nullcontext()
+#: seconds between progress lines when stderr is not a terminal
+LINE_EVERY_S = 3.0
+#: seconds between refreshes of the terminal display
+REFRESH_S = 0.1
+
+
+class ProgressDisplay:
+    """The explorer's progress on stderr: schedules explored, pruned, failing schedules
+    found, schedules per second and the case in hand.  On a terminal a spinner line that
+    keeps changing; else a line when exploring starts, then one every
+    :data:`LINE_EVERY_S` seconds (none at all with ``quiet``, e.g. ``--json`` piped)."""
+
+    def __init__(self, what: str, quiet: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self.clock = clock
+        self.live = err_console.is_terminal
+        self.lines = not self.live and not quiet
+        self.started = self.last_shown = clock()
+        self.latest: ExploreProgress | None = None
+        self._status: Status | None = None
+
+    def __enter__(self) -> ProgressDisplay:
+        if self.live:
+            self._status = err_console.status(self.what + " ...")
+            self._status.start()
+        elif self.lines:
+            click.echo(self.what + " ...", err=True)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def __call__(self, p: ExploreProgress) -> None:
+        self.latest = p
+        now = self.clock()
+        if self._status is not None:
+            if now - self.last_shown >= REFRESH_S:
+                self.last_shown = now
+                self._status.update(f"{self.what}: {esc(self.describe(p, now))}")
+        elif self.lines and now - self.last_shown >= LINE_EVERY_S:
+            self.last_shown = now
+            click.echo(f"{self.what}: {self.describe(p, now)}", err=True)
+
+    def describe(self, p: ExploreProgress, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        case = f"case {p.case} ({p.case_index}/{p.cases})" if p.cases > 1 else f"case {p.case}"
+        return (f"{p.schedules} schedules explored, {p.pruned} pruned, "
+                f"{p.failing} failing found, {p.schedules / elapsed:.0f} schedules/s, "
+                f"{elapsed:.0f} s, {case}")
 
 
 @command.command("replay")
@@ -153,11 +199,14 @@ def _list(scenarios: Mapping[str, Scenario], as_json: bool) -> None:
         return
     console = Console()
     for s in items:
+        labels = [f"{m} (default)" if m == s.default_mode else m for m in s.modes]
+        mode_w = min(max((len(label) for label in labels), default=4),
+                     max(console.width - 30, 12))
         table = Table(title=f"{s.name}: {s.description}", title_justify="left")
-        table.add_column("mode")
-        table.add_column("description")
-        for mode in s.modes:
-            label = f"{mode} (default)" if mode == s.default_mode else mode
+        # a mode name is what the user types: never cut it (it folds if it must)
+        table.add_column("mode", overflow="fold", min_width=mode_w)
+        table.add_column("description", max_width=max(console.width - mode_w - 7, 10))
+        for mode, label in zip(s.modes, labels, strict=True):
             table.add_row(label, s.mode_help.get(mode, ""))
         console.print(table)
         console.print("cases: " + ", ".join(c.name for c in s.cases), markup=False)

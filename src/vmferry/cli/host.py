@@ -13,7 +13,7 @@ from vmferry.host.tls import TlsConfig, make_certs
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform
 from vmferry.machine.pseries_dt import PLATFORM_TABLE, platform_params
-from vmferry.machine.vfio import PLATFORM_KEY as VFIO_PLATFORM_KEY
+from vmferry.machine.schema import platform_model
 from vmferry.machine.vm import HostContext, read_toml
 from vmferry.machine.x86 import KvmPlatform
 
@@ -141,18 +141,11 @@ def certs(out: Path, hosts: str) -> None:
     click.echo(f"CA key: {out / 'ca.key'} (keep it offline; the hosts do not need it)")
 
 
-#: the tables and keys a host platform file may carry
-PLATFORM_KEYS = frozenset({"spapr", PLATFORM_TABLE, "iommu", "kvm", VFIO_PLATFORM_KEY})
-
-
 def load_platform(path: Path) -> dict[str, Any]:
     """A host platform description from a TOML file; ConfigError if it is unreadable or
     a table it carries is wrong (checked before the daemon starts)."""
     platform = read_toml(path, "platform file")
-    unknown = set(platform) - PLATFORM_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown platform keys {sorted(unknown)}; known: "
-                          f"{sorted(PLATFORM_KEYS)}")
+    platform_model(platform, str(path))  # types, and every key known (named if not)
     if "spapr" in platform:
         SpaprHostPlatform.from_host(HostContext(path.stem, platform=platform))
     if PLATFORM_TABLE in platform:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
+from rich.table import Table
 
 from vmferry.cli.common import JSON_OPTION, console, emit_json, esc
 from vmferry.clock import ManualClock
@@ -72,9 +74,34 @@ def plan(source: Path, destination: Path, as_json: bool) -> None:
     if as_json:
         emit_json(data)
         return
-    for kind, rows in data.items():
-        for row in rows:
-            console.print(f"{kind:6} {esc(row)}")
+    _show_plan(data, source, destination)
+
+
+def _show_plan(data: dict[str, list[dict[str, Any]]], source: Path, destination: Path) -> None:
+    """The plan as a table, in the order the firmware sends it: deletes, updates, adds."""
+    counts = ", ".join(f"{len(rows)} {kind}{'s' if len(rows) != 1 else ''}"
+                       for kind, rows in data.items())
+    console.print(f"update-nodes plan {esc(source.name)} -> {esc(destination.name)}: "
+                  f"{counts}", highlight=False)
+    if not any(data.values()):
+        console.print("the trees match: nothing to update", highlight=False)
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("action")
+    table.add_column("phandle", justify="right")  # of the parent, for an add
+    table.add_column("node", overflow="fold")
+    table.add_column("what", overflow="fold")
+    for row in data["delete"]:
+        table.add_row("delete", row["phandle"], esc(row["path"]), "")
+    for row in data["update"]:
+        props = row["properties"]
+        table.add_row("update", row["phandle"], esc(row["path"]),
+                      esc("\n".join(props)) if props else "(no property changes)")
+    for row in data["add"]:
+        table.add_row("add", row["parent"], esc(row["node"]),
+                      f"{row['nodes']} node{'s' if row['nodes'] != 1 else ''}, "
+                      f"DRC {row['drc_index']}")
+    console.print(table)
 
 
 def _report_json(r: MobilityReport) -> dict[str, Any]:

@@ -349,6 +349,7 @@ def job_info_table(job: dict[str, Any]) -> Table:
         ("Normal pages", str(ram.get("normal", 0))),
         ("Normal data", human_bytes(ram.get("normal-bytes", 0))),
         ("Dirty syncs", str(ram.get("dirty-sync-count", 0))),
+        ("Dirty tracking", str(ram.get("dirty-tracking") or "-")),
         ("Device data", human_bytes(st.get("device-bytes", 0))),
         ("Expected downtime", f"{st.get('expected-downtime', 0):.1f} ms"),
         ("Total downtime", f"{st.get('downtime', 0):.1f} ms"),

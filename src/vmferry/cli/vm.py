@@ -41,6 +41,8 @@ def _show(vm: dict[str, Any], as_json: bool) -> None:
             f"guest progress {g['progress']} ({g['progress_per_s']:g}/s), "
             f"{g['exits_per_s']:g} exits/s, dirty log {g['dirty_log']}: "
             f"{g['dirty_log_reads']} reads, {g['dirty_rate_mbps']:g} MB/s seen"
+            + (f", {g['dirty_ring_full_exits']} full-ring exits"
+               if "dirty_ring_full_exits" in g else "")
             + (f"; CRASHED: {esc(g['crashed'])}" if g.get("crashed") else ""),
             highlight=False,
         )
@@ -69,6 +71,11 @@ def vm_table(vm: dict[str, Any]) -> Table:
         ("Throttle", f"{vm.get('throttle_pct', 0)} %"),
         ("Pages dirtied", str(vm.get("pages_dirtied", "-"))),
     ]
+    if vm.get("memory_lost"):
+        rows.insert(2, ("Memory lost", "yes: rebuilt from its definition after a restart of "
+                                       "the host daemon"))
+    if vm.get("note"):
+        rows.insert(2, ("Note", str(vm["note"])))
     for dev in d.get("devices") or []:
         host = f" on {dev['host_device']}" if dev.get("host_device") else ""
         rows.append(("VFIO device", f"{dev.get('id')} ({dev.get('driver')}){host}"))
@@ -197,11 +204,13 @@ def destroy(host_url: str, name: str, as_json: bool) -> None:
 @HOST_OPTION
 @click.argument("name")
 @click.argument("file")
+@click.option("--force", is_flag=True, help="replace FILE if it exists")
 @JSON_OPTION
-def save(host_url: str, name: str, file: str, as_json: bool) -> None:
+def save(host_url: str, name: str, file: str, force: bool, as_json: bool) -> None:
     """Save a VM to FILE as a vmferry stream; it keeps running.  FILE is a path in the
-    host's images directory (relative to it, or absolute inside it)."""
-    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": file})
+    host's images directory (relative to it, or absolute inside it); an existing FILE is
+    refused unless --force is given."""
+    out = client(host_url).post(f"/v1/vms/{name}/save", {"path": file, "force": force})
     if as_json:
         emit_json(out)
     else:

@@ -287,7 +287,7 @@ def _vm_routes(d: HostDaemon, files: FileWork) -> web.RouteTableDef:
     @routes.post("/v1/vms/{name}/save")
     async def save(request: web.Request) -> web.Response:
         req = validate(SaveRequest, await _body(request))
-        out = await files.run(save_vm, d, request.match_info["name"], req.path)
+        out = await files.run(save_vm, d, request.match_info["name"], req.path, req.force)
         return _ok(out)
 
     @routes.post("/v1/restore")

@@ -16,11 +16,13 @@ daemon cannot tell whether the VM runs elsewhere; ``HostedVm.note`` says what to
 ``failed``.  The check that a VM may migrate and its ``migrating`` mark are one step under
 ``self.lock``, so a second request for the same VM gets 409 naming the running job.
 
-A restarted daemon has lost every guest's memory.  :meth:`HostDaemon.recover` rebuilds
-running and paused VMs from their definitions but leaves them *paused*, flagged
-``memory_lost`` with a note; a VM left ``migrating`` is settled from its job's persisted
-progress (and, if COMMIT may have been sent, by asking the destination); a ``migrated``
-husk is never booted.
+A restarted daemon has lost every guest's memory.  :meth:`HostDaemon.recover` reads the
+records at once (the control API answers from the first moment; such VMs are
+``recovering``), then :meth:`HostDaemon.settle_recovered`, in a thread of its own,
+rebuilds running and paused VMs from their definitions but leaves them *paused*, flagged
+``memory_lost`` with a note that ``vm show`` and the log print; a VM left ``migrating`` is
+settled from its job's persisted progress (and, if COMMIT may have been sent, by asking
+the destination); a ``migrated`` husk is never booted.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class HostDaemon:
         self.store.on_log = self._logged
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
+        #: VMs :meth:`recover` found, still to rebuild, with their runstate before
+        self._recovering: list[tuple[HostedVm, str]] = []
 
     def _vm_changed(self, name: str, runstate: str) -> None:
         self.events.publish("vm", {"name": name, "runstate": runstate})
@@ -124,9 +128,10 @@ class HostDaemon:
 
     # --- start-up and shut-down ------------------------------------------------------
 
-    def recover(self) -> None:
+    def recover(self, settle: bool = True) -> None:
         """Reload VMs and jobs from the store after a (re)start.  No guest memory survived
-        a restart: see the module docstring for what each runstate comes back as."""
+        a restart: see the module docstring for what each runstate comes back as.  Without
+        ``settle`` the VMs stay ``recovering`` until :meth:`settle_recovered` runs."""
         for row in self.store.jobs():
             self.jobs[row.id] = Job(row.id, row.vm, row.role, row.peer, row.params, row.status,
                                     row.stats, row.error, row.step, row.created,
@@ -138,6 +143,7 @@ class HostDaemon:
         arrived_unconfirmed = {vm for vm, j in last_arrival.items()
                                if j.step == "resume" and j.status is not JobStatus.COMPLETED}
         notes = self.store.notes()
+        self._recovering = []
         for name, definition, runstate in self.store.vms():
             if name in arrived_unconfirmed and runstate in ("running", "paused"):
                 log.warning("VM %s: its arrival (COMMIT) was never confirmed; dropped", name)
@@ -145,28 +151,71 @@ class HostDaemon:
                 continue
             hosted = HostedVm(name, definition, runstate, note=notes.get(name, ""))
             self.vms[name] = hosted
-            if runstate in ("running", "paused"):
-                self._rebuild_lost(hosted, "")
-            elif runstate == "migrating":
-                self._recover_migrating(hosted)
-        for job in self.jobs.values():  # what was under way and is not settled above
-            if job.status in UNFINISHED:
-                job.move(JobStatus.FAILED, job.step or "unknown",
-                         "the host daemon restarted during the job")
-                self.save_job(job)
-    def _rebuild_lost(self, hosted: HostedVm, why: str) -> None:
+            if runstate in ("running", "paused", "migrating"):
+                # rebuilt by settle_recovered; the store keeps the old runstate meanwhile
+                self._recovering.append((hosted, Runstate(runstate)))
+                hosted.move(Runstate.RECOVERING)
+                hosted.note = (f"the host daemon restarted; this VM ({runstate} before) is "
+                               "being rebuilt from its definition")
+        # jobs that were under way end here, except a source job past COMMIT whose VM is
+        # left migrating: settle_recovered asks its destination how it ended
+        settling = {h.name for h, was in self._recovering if was is Runstate.MIGRATING}
+        for job in self.jobs.values():
+            if job.status in UNFINISHED and not (
+                job.role == "source" and job.progress.get("commit_sent") and job.vm in settling
+            ):
+                self._restarted(job)
+        if settle:
+            self.settle_recovered()
+
+    def _restarted(self, job: Job) -> None:
+        job.move(JobStatus.FAILED, job.step or "unknown",
+                 "the host daemon restarted during the job")
+        self.save_job(job)
+
+    def settle_recovered(self) -> None:
+        """Rebuild (or settle) the VMs :meth:`recover` left ``recovering``, one by one.
+        Runs in a thread of its own while the control API answers."""
+        pending, self._recovering = self._recovering, []
+        if pending:
+            log.info("recovering %d VMs in the background: %s", len(pending),
+                     ", ".join(h.name for h, _ in pending))
+        for hosted, was in pending:
+            if self._stopping.is_set():
+                return
+            try:
+                if was is Runstate.MIGRATING:
+                    self._recover_migrating(hosted)
+                else:
+                    self._rebuild_lost(hosted, "", was)
+            except Exception as exc:  # one VM's trouble must not strand the others
+                log.exception("VM %s: recovery failed", hosted.name)
+                with self.lock:
+                    hosted.move(Runstate.FAILED)
+                    hosted.note = f"cannot rebuild after a restart: {exc}"
+                self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
+
+    def _rebuild_lost(self, hosted: HostedVm, why: str, was: str | None = None) -> None:
         """Rebuild a VM whose memory did not survive a restart: paused, flagged, noted."""
-        was = hosted.runstate
+        was = was or hosted.runstate
         note = (f"{why}the host daemon restarted and this VM's memory did not survive; it "
                 f"was rebuilt from its definition, paused (it was {was}). `vm start` runs "
                 f"it from fresh memory, `vm destroy` removes it.")
         try:
-            self._boot(hosted, start=False)
-            hosted.memory_lost, hosted.note = True, note
+            vm = self.build_vm(hosted.definition)
         except VmferryError as exc:
             log.error("cannot restore VM %s: %s", hosted.name, exc)
-            hosted.move(Runstate.FAILED)
-            hosted.note = f"cannot rebuild after a restart: {exc}"
+            with self.lock:
+                hosted.move(Runstate.FAILED)
+                hosted.note = f"cannot rebuild after a restart: {exc}"
+        else:
+            if self._stopping.is_set():  # the daemon stops: nobody will release it
+                vm.close()
+                return
+            with self.lock:
+                hosted.vm, hosted.runner = vm, VmRunner(vm)
+                hosted.move(Runstate.PAUSED)
+                hosted.memory_lost, hosted.note = True, note
         self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
         log.warning("VM %s: %s", hosted.name, hosted.note)
 
@@ -176,7 +225,7 @@ class HostDaemon:
         job = max(jobs, key=lambda j: j.created) if jobs else None
         if job is None or not job.progress.get("commit_sent"):
             # the destination resumes only on COMMIT, which was never sent: it has nothing
-            self._rebuild_lost(hosted, "a migration was under way before COMMIT; ")
+            self._rebuild_lost(hosted, "a migration was under way before COMMIT; ", "migrating")
             return
         outcome = ask_destination_outcome(job.peer, job.progress.get("peer_job"), hosted.name,
                                           self.token, wait_s=RECOVER_ASK_S, tls=self.tls)
@@ -189,7 +238,7 @@ class HostDaemon:
             self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
         elif outcome == "not-resumed":
             self._rebuild_lost(hosted, f"the destination {job.peer} says it never resumed "
-                                       f"the VM (job {job.id}); ")
+                                       f"the VM (job {job.id}); ", "migrating")
         else:
             hosted.move(Runstate.NEEDS_ATTENTION)
             hosted.note = (
@@ -200,6 +249,8 @@ class HostDaemon:
                 f"{hosted.name}` here runs it from its definition (its memory was lost).")
             self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
             log.error("VM %s needs attention: %s", hosted.name, hosted.note)
+        if job.status in UNFINISHED:
+            self._restarted(job)
 
     def build_vm(self, definition: Mapping[str, Any]) -> VM:
         """A VM as this host builds it (its profile and platform apply)."""
@@ -302,7 +353,8 @@ class HostDaemon:
             if here is not None and leftover_ok and here.runstate is Runstate.MIGRATED:
                 here = None
             if here is not None or name in {i.vm for i in self.incoming.values()}:
-                raise ApiError(409, f"a VM named {name!r} exists on host {self.name}")
+                raise ApiError(409, f"a VM named {name!r} exists on host {self.name}",
+                               "VmExists")
 
     def undefine(self, name: str) -> None:
         """Forget the record a VM left behind when it migrated away."""
@@ -375,6 +427,9 @@ class HostDaemon:
                                     "job first")
             if hosted.runstate == "saving":
                 raise ApiError(409, f"VM {name} is being saved; destroy it once that finished")
+            if hosted.runstate == "recovering":
+                raise ApiError(409, f"VM {name} is being rebuilt after a restart of the host "
+                                    "daemon; destroy it once that finished")
             self.vms.pop(name, None)
         hosted.release()
         self.store.delete_vm(name)

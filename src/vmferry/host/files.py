@@ -10,7 +10,9 @@ descriptor of the directory, every component with ``O_NOFOLLOW``: a symbolic lin
   without blocking, ``O_NONBLOCK``);
 * writing (:meth:`ImagesDir.create`): a new temporary file beside the target, renamed over
   it by :meth:`Output.commit` only once everything was written and synced; an output that
-  is not committed is removed.  A target that exists and is not a regular file is refused.
+  is not committed is removed.  A target that exists and is not a regular file is refused;
+  an existing regular file is replaced only with ``overwrite`` (else 409 ``FileExists``,
+  checked when the request arrives and again, atomically, when the file is committed).
 
 Errors name the path as the request gave it and the reason; they never carry file content.
 """
@@ -48,12 +50,25 @@ class Output:
     name: str
     path: Path
     done: bool = False
+    #: replace a file of that name (without it, :meth:`commit` refuses an existing one)
+    overwrite: bool = True
+    #: the path as the request gave it (for errors)
+    text: str = ""
 
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        if self.overwrite:
+            os.replace(self.tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        else:  # link() fails if the name exists: no window for another writer
+            try:
+                os.link(self.tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
+                        follow_symlinks=False)
+            except FileExistsError:
+                self.discard()
+                raise _exists(self.text or self.name) from None
+            os.unlink(self.tmp, dir_fd=self.dir_fd)
         self.done = True
         with contextlib.suppress(OSError):
             os.fsync(self.dir_fd)
@@ -144,8 +159,9 @@ class ImagesDir:
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb"), self.root.joinpath(*parts)
 
-    def create(self, text: object) -> Output:
-        """A temporary file beside the target, to be committed or discarded."""
+    def create(self, text: object, overwrite: bool = True) -> Output:
+        """A temporary file beside the target, to be committed or discarded.  Without
+        ``overwrite`` an existing file of that name is refused (409 ``FileExists``)."""
         parts = self._parts(text)
         assert isinstance(text, str)
         dir_fd = self._open_dir(text, parts)
@@ -161,6 +177,9 @@ class ImagesDir:
             if not stat.S_ISREG(st.st_mode):
                 os.close(dir_fd)
                 raise _refuse(text, "exists and is not a regular file", 409, "Conflict")
+            if not overwrite:
+                os.close(dir_fd)
+                raise _exists(text)
         tmp = f".{name[:200]}.{secrets.token_hex(4)}.partial"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -168,7 +187,13 @@ class ImagesDir:
         except OSError as exc:
             os.close(dir_fd)
             raise _os_refusal(text, exc) from exc
-        return Output(os.fdopen(fd, "wb"), dir_fd, tmp, name, self.root.joinpath(*parts))
+        return Output(os.fdopen(fd, "wb"), dir_fd, tmp, name, self.root.joinpath(*parts),
+                      overwrite=overwrite, text=text)
+
+
+def _exists(text: str) -> ApiError:
+    return _refuse(text, "exists in the images directory; give --force (API: "
+                         "\"force\": true) to replace it", 409, "FileExists")
 
 
 def _os_refusal(text: str, exc: OSError) -> ApiError:

@@ -9,10 +9,10 @@ what was wrong with it.
 
 The same models generate the OpenAPI document's schemas (:func:`openapi_schemas`).
 
-:class:`VmDefinitionModel` checks the keys every architecture shares and the sizes in the
-architecture- and device-specific tables (what a definition can make a host allocate);
-their other keys and meanings stay with the code that builds them
-(:func:`vmferry.machine.vm.load_definition`), which refuses unknown keys per architecture.
+:class:`VmDefinitionModel` checks every key of a definition: the shared ones, each
+architecture's own (typed by :mod:`vmferry.machine.schema`; a key of another
+architecture is refused, named), and the sizes in the device tables (what a definition
+can make a host allocate).  A device's driver options stay with its driver.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vmferry.errors import ApiError
+from vmferry.machine.schema import ARCH_KEYS, DeviceTreeModel, DirtyLog, PsciChoice
 from vmferry.machine.vm import MAX_VCPUS
 
 #: the VM name rule (pydantic's regular expressions match ``$`` only at the very end)
@@ -91,8 +92,10 @@ class DmaDeviceModel(Open):
     rate_mbps: float = Field(default=4.0, ge=0, le=1_000_000)
 
 
-class VmDefinitionModel(Open):
-    """A VM definition: the shared keys, and the sizes of its devices and DMA windows."""
+class VmDefinitionModel(Strict):
+    """A VM definition: the shared keys, each architecture's own, and the sizes of its
+    devices and DMA windows.  An unknown key, or a key of another architecture, is
+    refused by name."""
 
     name: VmName
     arch: str = Field(default="generic", max_length=32)
@@ -104,6 +107,21 @@ class VmDefinitionModel(Open):
     devices: list[DeviceModel] = Field(default_factory=list, max_length=64)
     tce_windows: list[TceWindowModel] = Field(default_factory=list, max_length=64)
     dma_devices: list[DmaDeviceModel] = Field(default_factory=list, max_length=64)
+    #: x86_64: how KVM's dirty log is read
+    dirty_log: DirtyLog = "get"
+    #: arm64: the PSCI version pinned after vCPU init
+    psci: PsciChoice = "default"
+    #: pseries: the guest's device-tree update handler
+    device_tree: DeviceTreeModel | None = None
+
+    @model_validator(mode="after")
+    def _arch_keys(self) -> VmDefinitionModel:
+        theirs = {key: arch for arch, keys in ARCH_KEYS.items() for key in keys}
+        for key in sorted(self.model_fields_set):
+            arch = theirs.get(key)
+            if arch is not None and arch != self.arch:
+                raise ValueError(f"{key!r} is a key of arch {arch} VMs, not of {self.arch}")
+        return self
 
 
 # --- requests --------------------------------------------------------------------------
@@ -116,6 +134,8 @@ class CreateRequest(Strict):
 
 class SaveRequest(Strict):
     path: FileName
+    #: replace an existing file of that name (without it: 409 ``FileExists``)
+    force: bool = False
 
 
 class RestoreRequest(Strict):
@@ -248,7 +268,8 @@ def describe(exc: ValidationError) -> str:
     out = []
     for err in exc.errors(include_url=False, include_input=False)[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "body"
-        out.append(f"{where}: {err['msg']}")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        out.append(f"{where}: {msg.removeprefix('Value error, ')}")
     more = exc.error_count() - len(out)
     return "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
 

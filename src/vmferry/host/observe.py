@@ -29,7 +29,7 @@ from vmferry.host.events import HEARTBEAT_S, Event, matches
 if TYPE_CHECKING:
     from vmferry.host.daemon import HostDaemon
 
-RUNSTATES = ("running", "paused", "migrating", "migrated", "failed")
+RUNSTATES = ("running", "paused", "migrating", "migrated", "failed", "recovering")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

@@ -67,6 +67,7 @@ STATUS = {
     "migrating": ("running", True),
     "migrated": ("postmigrate", False),
     "failed": ("internal-error", False),
+    "recovering": ("restore-vm", False),  # a restarted daemon rebuilds it
 }
 FINISHED = ("completed", "failed", "cancelled")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from pathlib import Path
 
 from vmferry.errors import ConfigError, HostError, VmferryError
@@ -91,7 +92,7 @@ def _run_daemon(
                  probe.groups)
         for dev, why in probe.failures.items():
             log.warning("IOMMU boot probe: %s unusable: %s", dev, why)
-    daemon.recover()
+    daemon.recover(settle=False)  # records only: VMs are rebuilt once the API answers
     daemon.start_migration_listener()
 
     async def main() -> None:
@@ -107,6 +108,7 @@ def _run_daemon(
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2]
         daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
+        threading.Thread(target=daemon.settle_recovered, name="recover", daemon=True).start()
         qmp = QmpServer(daemon, qmp_dir) if qmp_dir is not None else None
         if qmp is not None:
             await qmp.start()

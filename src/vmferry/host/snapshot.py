@@ -22,14 +22,18 @@ if TYPE_CHECKING:
 CHUNK = 8 * 1024 * 1024
 
 
-def save_vm(daemon: HostDaemon, name: str, path: str) -> dict[str, Any]:
+def save_vm(daemon: HostDaemon, name: str, path: str, force: bool = False) -> dict[str, Any]:
     """Write VM ``name`` to ``path`` (inside the images directory) as a vmferry stream; the
-    VM keeps its runstate.  On any failure the save undoes itself: the guest runs again if
-    it ran, its devices are back to RUNNING, and no file is left behind."""
+    VM keeps its runstate.  An existing file is replaced only with ``force`` (else 409
+    ``FileExists``, before the VM is touched).  On any failure the save undoes itself:
+    the guest runs again if it ran, its devices are back to RUNNING, and no file is left
+    behind."""
+    if not force:  # refuse before the VM is touched (commit checks again, atomically)
+        daemon.images.create(path, overwrite=False).discard()
     hosted = daemon.begin_save(name)
     assert hosted.vm is not None and hosted.runner is not None
     try:
-        out = daemon.images.create(path)
+        out = daemon.images.create(path, overwrite=force)
     except BaseException:
         daemon.end_save(hosted)
         raise
@@ -47,6 +51,8 @@ def save_vm(daemon: HostDaemon, name: str, path: str) -> dict[str, Any]:
         step = session.current_step()
         session.fail(step, describe(exc))
         daemon.end_save(hosted)
+        if isinstance(exc, ApiError):
+            raise
         if isinstance(exc, OSError):
             raise HostError(f"save {name} to {path}: {exc.strerror or exc}") from exc
         if isinstance(exc, VmferryError | ValueError | UnicodeError | OverflowError):

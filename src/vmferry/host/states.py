@@ -21,7 +21,11 @@ Runstates::
     migrating -> needs-attention   COMMIT went out and nobody can tell the outcome
     needs-attention -> paused      the operator's word: it runs nowhere else
     running|paused -> saving -> running|paused
-    running|paused|migrating|needs-attention -> failed
+    running|paused|migrating -> recovering
+                                   a restarted daemon rebuilds it in the background
+    recovering -> paused|migrated|needs-attention|failed
+                                   rebuilt (memory lost), or its migration settled
+    running|paused|migrating|recovering|needs-attention -> failed
                                    a restarted daemon could not rebuild it
 
 Job statuses (QEMU's names)::
@@ -46,15 +50,19 @@ class Runstate(enum.StrEnum):
     MIGRATED = "migrated"
     NEEDS_ATTENTION = "needs-attention"
     SAVING = "saving"
+    #: never persisted: a restarted daemon is rebuilding it (the store keeps the old one)
+    RECOVERING = "recovering"
     FAILED = "failed"
 
 
 R = Runstate
 
 RUNSTATE_MOVES: dict[Runstate, frozenset[Runstate]] = {
-    R.RUNNING: frozenset({R.PAUSED, R.MIGRATING, R.SAVING, R.FAILED}),
-    R.PAUSED: frozenset({R.RUNNING, R.MIGRATING, R.SAVING, R.FAILED}),
-    R.MIGRATING: frozenset({R.RUNNING, R.PAUSED, R.MIGRATED, R.NEEDS_ATTENTION, R.FAILED}),
+    R.RUNNING: frozenset({R.PAUSED, R.MIGRATING, R.SAVING, R.RECOVERING, R.FAILED}),
+    R.PAUSED: frozenset({R.RUNNING, R.MIGRATING, R.SAVING, R.RECOVERING, R.FAILED}),
+    R.MIGRATING: frozenset({R.RUNNING, R.PAUSED, R.MIGRATED, R.NEEDS_ATTENTION, R.RECOVERING,
+                            R.FAILED}),
+    R.RECOVERING: frozenset({R.PAUSED, R.MIGRATED, R.NEEDS_ATTENTION, R.FAILED}),
     R.MIGRATED: frozenset(),
     R.NEEDS_ATTENTION: frozenset({R.PAUSED, R.FAILED}),
     R.SAVING: frozenset({R.RUNNING, R.PAUSED}),

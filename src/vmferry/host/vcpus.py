@@ -52,6 +52,9 @@ class VcpuThreads:
         if not kick_handler_installed():
             install_kick_handler()
         self.vm = vm
+        # a full dirty ring is harvested by the vCPU's thread, a pass by the migration's
+        if isinstance(vm.kram.ring_guard, contextlib.nullcontext):
+            vm.kram.ring_guard = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

@@ -243,6 +243,34 @@ def explain_unknown(exc: CpuLoadError, own: CpregList, incoming: CpregList,
                         f"unknown here; firmware: {names})", rid, value, exc.errno)
 
 
+def qemu72_load_error(own: CpregList, incoming: CpregList) -> tuple[str, ...]:
+    """The lines QEMU 7.2 (``classic``) prints when its "cpu" section load fails on a
+    destination whose cpreg list is ``own``; empty when it would load (trailing unknown
+    registers are then dropped silently).
+
+    The length gate is ``VMSTATE_INT32_POSITIVE_LE`` against the destination's own list
+    length (``kvm_arm_init_cpreg_list`` sets ``cpreg_vmstate_array_len`` to it), printed by
+    ``get_int32_le``; a register unknown to the destination makes ``cpu_post_load`` return
+    -1, which the loader reports as ``-EPERM``."""
+    tail = ("error while loading state for instance 0x0 of device 'cpu'",)
+    n = len(incoming.ids)
+    if n > len(own.ids):
+        return (f"Invalid value {n} expecting positive value <= {len(own.ids)}",
+                "Failed to load cpu:cpreg_vmstate_array_len", *tail,
+                "load of migration failed: Invalid argument")
+    try:
+        _merge_classic(own, incoming)
+    except CpuLoadError:
+        return (*tail, "load of migration failed: Operation not permitted")
+    return ()
+
+
+def unknown_registers(own: CpregList, incoming: CpregList) -> list[int]:
+    """The incoming register ids the destination's list lacks (no tolerance applies)."""
+    known = set(own.ids)
+    return [r for r in incoming.ids if r not in known]
+
+
 def merge_cpregs(own: CpregList, incoming: CpregList, mode: MergeMode) -> MergeResult:
     """``cpu_post_load``'s merge (classic or strict); CpuLoadError on an unknown register."""
     if mode is MergeMode.CLASSIC:

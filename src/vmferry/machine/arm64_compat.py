@@ -48,6 +48,8 @@ from vmferry.machine.arm64 import (
     check_length,
     explain_unknown,
     merge_cpregs,
+    qemu72_load_error,
+    unknown_registers,
 )
 from vmferry.machine.profiles import HostProfile
 
@@ -243,13 +245,25 @@ def _register_refusal(state: Arm64State, dest: DestinationCaps) -> Decision | No
             what = R.register_name(exc.rid) if exc.rid is not None else "a register"
             return Decision(Verdict.REFUSE,
                             f"destination {dest.profile} (Linux {dest.kernel}) does not know "
-                            f"{what}; loading would fail at {exc.step} after the source "
-                            f"stopped: {exc.reason}", exc.rid, exc.value)
+                            f"{what}; {_qemu_would(dest.own, vcpu.cpregs)}", exc.rid, exc.value)
         for rid, value in vcpu.cpregs.items():
             acc = dest.accepts.get(rid)
             if acc is not None and merged.merged.get(rid) is not None and not acc.accepts(value):
                 return Decision(Verdict.REFUSE, _reject_reason(rid, value, dest), rid, value)
     return None
+
+
+def _qemu_would(own: CpregList, incoming: CpregList) -> str:
+    """What a QEMU 7.2 destination would do with this cpreg list, in its own words."""
+    unknown = unknown_registers(own, incoming)
+    fw = ", ".join(R.register_name(r) for r in unknown if R.is_firmware(r)) or "none"
+    carries = (f"the stream carries {len(incoming.ids)} registers, {len(unknown)} of them "
+               f"unknown there (firmware: {fw})")
+    lines = qemu72_load_error(own, incoming)
+    if not lines:
+        return (f"{carries}; QEMU 7.2 would load it after the source stopped and silently "
+                f"drop the {len(unknown)} unknown registers")
+    return f"{carries}; QEMU 7.2 would fail after the source stopped: " + " / ".join(lines)
 
 
 def _reject_reason(rid: int, value: int, dest: DestinationCaps) -> str:

@@ -64,6 +64,7 @@ from vmferry.machine.arm64_compat import (
 from vmferry.machine.arm64_component import Arm64Component
 from vmferry.machine.handlers import ComponentData, MigrationHandler, StatePiece
 from vmferry.machine.profiles import HostProfile
+from vmferry.machine.schema import PSCI_CHOICES
 from vmferry.machine.vm import ARCHES, ArchSupport, HostContext
 
 if TYPE_CHECKING:
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
 
 NAME: Final = "arm64"
 PSCI_KEY: Final = "psci"
-PSCI_CHOICES: Final = ("default", "0.2", "1.0", "1.1", "1.2", "1.3")
 COMPAT_MERGE: Final = {"qemu": MergeMode.CLASSIC, "preflight": MergeMode.STRICT}
 
 _MAGIC: Final = b"A64H"

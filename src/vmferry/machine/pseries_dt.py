@@ -91,6 +91,7 @@ from vmferry.hw.devtree.tree import Canonical, canonical
 from vmferry.hw.spapr.platform import LMB_SIZES, PlatformParams, generate_pseries_tree
 from vmferry.hw.spapr.rtas import PLATFORM_FACILITIES, RtasFirmware
 from vmferry.machine.handlers import BlobHandler, ComponentData, StatePiece
+from vmferry.machine.schema import DeviceTreeModel, LpmPlatformModel, check
 from vmferry.machine.vm import VM, HostContext
 
 if TYPE_CHECKING:
@@ -101,38 +102,21 @@ MIB: Final = 1 << 20
 KEYS: Final = frozenset({"device_tree"})
 #: the host platform file's table
 PLATFORM_TABLE: Final = "lpm"
-USER_SPACE: Final = ("held", "immediate")
 #: reference holders a consistent tree may carry (structure, vio bus, cacheinfo)
 STRUCTURAL: Final = ("creation", "sysfs", "kobj:", "vio:", "cacheinfo")
 
 _STATE = struct.Struct(">4sHI")
 _MAGIC = b"VLPM"
 _VERSION = 1
-_FIELDS = {f.name: f for f in dataclasses.fields(PlatformParams)}
 
 
 # --- configuration -------------------------------------------------------------------------
 
 
 def platform_params(raw: object, where: str = "host platform [lpm]") -> PlatformParams:
-    """Validate a ``[lpm]`` table into :class:`PlatformParams`; ConfigError if it is wrong."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a table")
-    unknown = set(raw) - set(_FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(_FIELDS)}")
-    for key, value in raw.items():
-        default = getattr(PlatformParams, key)
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 32
-        else:
-            ok = isinstance(value, str) and 0 < len(value) < 256 and "\0" not in value
-        if not ok:
-            raise ConfigError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}"
-                              + (" (32-bit, non-negative)" if type(default) is int else ""))
-    return PlatformParams(**dict(raw))
+    """Validate a ``[lpm]`` table into :class:`PlatformParams` (the typed
+    :data:`~vmferry.machine.schema.LpmPlatformModel`); ConfigError naming the wrong key."""
+    return PlatformParams(**check(LpmPlatformModel, raw, where).model_dump())
 
 
 def host_params(host: HostContext) -> PlatformParams:
@@ -146,16 +130,8 @@ class DeviceTreeOptions:
 
     @classmethod
     def from_definition(cls, raw: object) -> DeviceTreeOptions:
-        if raw is None:
-            return cls()
-        if not isinstance(raw, Mapping) or set(raw) - {"mode", "user_space"}:
-            raise ConfigError(f"device_tree {raw!r}: a table with keys mode, user_space")
-        mode, user = raw.get("mode", "correct"), raw.get("user_space", "")
-        if mode not in MODES:
-            raise ConfigError(f"device_tree mode {mode!r} is not one of {sorted(MODES)}")
-        if user not in ("", *USER_SPACE):
-            raise ConfigError(f"device_tree user_space {user!r} is not one of {USER_SPACE}")
-        return cls(mode, user)
+        m = check(DeviceTreeModel, {} if raw is None else raw, "device_tree")
+        return cls(m.mode, m.user_space)
 
     def mobility(self) -> MobilityOptions:
         opts = MODES[self.mode]

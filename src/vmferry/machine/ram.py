@@ -96,6 +96,11 @@ class DirtyLog:
 class GuestRam:
     """``size`` bytes of guest RAM in ``page_size`` pages, backed by anonymous memory."""
 
+    @property
+    def dirty_tracking(self) -> str:
+        """How this RAM's dirty log is kept (a migration's statistics report it)."""
+        return f"VMM bitmap ({self.log_mode})"
+
     def __init__(
         self,
         size: int,

@@ -13,242 +13,60 @@ The threads that call ``KVM_RUN`` belong to the host (this layer starts none): a
 each vCPU once so KVM finishes its last exit before state is read).
 
 The migration engine sees the same interface as for a modelled VM: ``vm.ram`` with its
-dirty log (:class:`KvmGuestRam` reads KVM's), ``save_vcpus``/``restore_vcpus`` and the
-handler :class:`X86CpuHandler`, which carries each vCPU's whole KVM state and the KVM
-clock in records of their own and checks, before anything moves, that the destination's
-KVM can take them.
+dirty log (:class:`~vmferry.machine.x86_ram.KvmGuestRam` reads KVM's),
+``save_vcpus``/``restore_vcpus`` and the handler
+:class:`~vmferry.machine.x86_cpu.X86CpuHandler`, which carries each vCPU's whole KVM state
+and the KVM clock in records of their own and checks, before anything moves, that the
+destination's KVM can take them.
 
 Definition keys beyond the common ones: ``dirty_log`` = ``"get"`` (``KVM_GET_DIRTY_LOG``,
-the default) or ``"manual-protect"`` (``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``: GET, then
-CLEAR of the pages read).  A host's ``--platform`` file may hold a ``[kvm]`` table:
-``hide_msrs`` and ``refuse_msrs`` (MSR numbers this host pretends not to list, or to
-refuse in ``KVM_SET_MSRS``) and ``hide_cpuid`` (``"LEAF[.SUB]:REG:BIT"`` strings, CPUID
-bits this host pretends its KVM lacks), to exercise the refusal path of pre-flight.
+the default), ``"manual-protect"`` (``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``: GET, then
+CLEAR of the pages read) or ``"ring"`` (``KVM_CAP_DIRTY_LOG_RING_ACQ_REL``: per-vCPU
+dirty rings, enabled before the first vCPU exists; a vCPU whose ring fills up exits with
+``KVM_EXIT_DIRTY_RING_FULL``, its thread harvests and re-enters).  The mode is fixed when
+the VM is built, since KVM takes the ring only before any vCPU exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
-from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused, ModelError
+from vmferry.errors import ConfigError, MalformedRecord, ModelError
 from vmferry.guest.workload import Workload
 from vmferry.guest.x86 import program as prog
 from vmferry.hw.x86 import kvm
-from vmferry.hw.x86.kvm import CpuidEntry, Kvm, KvmError, KvmVcpu
+from vmferry.hw.x86.kvm import Kvm, KvmError, KvmVcpu
 from vmferry.hw.x86.longmode import REG_NAMES, long_mode_sregs, pack_regs, unpack_regs
 from vmferry.hw.x86.state import KvmClockState, X86VcpuState
-from vmferry.machine.handlers import ArchState, MigrationHandler, StatePiece
-from vmferry.machine.ram import PAGE_4K, DirtyLog, GuestRam
+from vmferry.machine.ram import PAGE_4K, GuestRam
+from vmferry.machine.schema import ARCH_KEYS, x86_keys
 from vmferry.machine.vcpu import VcpuState
 from vmferry.machine.vm import ARCHES, VM, ArchSupport, HostContext, VmDefinition
+from vmferry.machine.x86_cpu import (
+    HostKvm,
+    KvmPlatform,
+    X86CpuHandler,
+    msr_name,
+    parse_cpuid_bit,
+)
+from vmferry.machine.x86_ram import DEFAULT_RING_BYTES, DIRTY_LOG_MODES, KvmGuestRam
+
+__all__ = ["ARCH", "KEYS", "GuestCrashed", "KvmGuestRam", "KvmPlatform", "VcpuThreads",
+           "X86CpuHandler", "X86Vm", "build_x86", "kvm_status", "parse_cpuid_bit"]
 
 ARCH = "x86_64"
-KEYS = frozenset({"dirty_log"})
-DIRTY_LOG_MODES = {"get": "KVM_GET_DIRTY_LOG",
-                   "manual-protect": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (GET + CLEAR)"}
-SLOT = 0
+KEYS = ARCH_KEYS[ARCH]
 IDLE_SLEEP_S = 0.02
 MIN_SLEEP_S = 0.001
 MAX_SLEEP_S = 0.02
-
-#: MSRs a migration may knowingly leave behind, and why
-DROPPABLE_MSRS: dict[int, str] = {
-    kvm.MSR_KVM_POLL_CONTROL: "MSR_KVM_POLL_CONTROL: this KVM refuses it in KVM_SET_MSRS "
-    "even with the value it just read; it only tunes halt polling (the guest loses "
-    "nothing but that hint)",
-}
-MSR_NAMES = {kvm.MSR_KVM_POLL_CONTROL: "MSR_KVM_POLL_CONTROL", 0x10: "IA32_TSC",
-             0x1B: "IA32_APIC_BASE", 0xC0000080: "IA32_EFER", 0xC0000081: "STAR",
-             0xC0000082: "LSTAR", 0xC0000084: "SFMASK", 0xC0000102: "KERNEL_GS_BASE",
-             0x174: "SYSENTER_CS", 0x175: "SYSENTER_ESP", 0x176: "SYSENTER_EIP",
-             0x277: "IA32_PAT", 0x6E0: "IA32_TSC_DEADLINE", 0x1A0: "IA32_MISC_ENABLE",
-             0x4B564D00: "MSR_KVM_WALL_CLOCK_NEW", 0x4B564D01: "MSR_KVM_SYSTEM_TIME_NEW",
-             0x4B564D02: "MSR_KVM_ASYNC_PF_EN", 0x4B564D03: "MSR_KVM_STEAL_TIME",
-             0x4B564D04: "MSR_KVM_PV_EOI_EN"}
-CPUID_REGS = ("eax", "ebx", "ecx", "edx")
-#: the CPUID registers that hold feature flags, which pre-flight compares (not leaf 1's
-#: EBX, whose top byte is the APIC ID of whichever host CPU answered)
-FEATURE_REGS: dict[tuple[int, int], tuple[str, ...]] = {
-    (1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (7, 1): ("eax",),
-    (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx"), (0x80000007, 0): ("edx",),
-    (0x80000008, 0): ("ebx",),
-}
-#: feature bits that mirror guest control-register state rather than what KVM offers
-DYNAMIC_BITS = {(1, 0, "ecx", 27), (7, 0, "ecx", 4)}  # OSXSAVE, OSPKE
-CPUID_NAMES = {(1, "ecx", 0): "sse3", (1, "ecx", 9): "ssse3", (1, "ecx", 19): "sse4.1",
-               (1, "ecx", 20): "sse4.2", (1, "ecx", 23): "popcnt", (1, "ecx", 25): "aes",
-               (1, "ecx", 26): "xsave", (1, "ecx", 28): "avx", (1, "ecx", 30): "rdrand",
-               (1, "edx", 25): "sse", (1, "edx", 26): "sse2", (7, "ebx", 3): "bmi1",
-               (7, "ebx", 5): "avx2", (7, "ebx", 8): "bmi2", (7, "ebx", 16): "avx512f",
-               (0x80000001, "edx", 20): "nx", (0x80000001, "edx", 29): "lm"}
-
-
-def msr_name(index: int) -> str:
-    name = MSR_NAMES.get(index)
-    return f"MSR {index:#x}" + (f" ({name})" if name else "")
-
-
-def cpuid_name(leaf: int, sub: int, reg: str, bit: int) -> str:
-    name = CPUID_NAMES.get((leaf, reg, bit))
-    where = f"CPUID {leaf:#x}" + (f".{sub}" if sub else "") + f" {reg} bit {bit}"
-    return f"{where} ({name})" if name else where
-
 
 def kvm_status() -> dict[str, Any]:
     """Whether this host can run x86-64 guests on KVM, and why not."""
     usable, why = kvm.kvm_usable()
     return {"usable": usable, "reason": why}
-
-
-# --- the host's KVM, with what a platform file hides ------------------------------------
-
-
-@dataclass(frozen=True)
-class KvmPlatform:
-    hide_msrs: frozenset[int] = frozenset()
-    refuse_msrs: frozenset[int] = frozenset()
-    hide_cpuid: frozenset[tuple[int, int, str, int]] = frozenset()
-
-    @classmethod
-    def parse(cls, platform: Mapping[str, Any]) -> KvmPlatform:
-        table = platform.get("kvm", {})
-        if not isinstance(table, Mapping):
-            raise ConfigError("platform [kvm] must be a table")
-        unknown = set(table) - {"hide_msrs", "refuse_msrs", "hide_cpuid"}
-        if unknown:
-            raise ConfigError(f"unknown platform [kvm] keys {sorted(unknown)}")
-
-        def msrs(key: str) -> frozenset[int]:
-            vals = table.get(key, [])
-            if not isinstance(vals, list) or not all(
-                    isinstance(v, int) and 0 <= v < 2**32 for v in vals):
-                raise ConfigError(f"platform [kvm] {key} must be a list of MSR numbers")
-            return frozenset(vals)
-
-        bits = []
-        for spec in table.get("hide_cpuid", []):
-            bits.append(parse_cpuid_bit(spec))
-        return cls(msrs("hide_msrs"), msrs("refuse_msrs"), frozenset(bits))
-
-
-def parse_cpuid_bit(spec: object) -> tuple[int, int, str, int]:
-    """``"LEAF[.SUB]:REG:BIT"`` (``"7:ebx:5"``, ``"0xd.1:eax:0"``) as a tuple."""
-    try:
-        if not isinstance(spec, str):
-            raise ValueError
-        where, reg, bit = spec.lower().split(":")
-        leaf_s, _, sub_s = where.partition(".")
-        leaf, sub, b = int(leaf_s, 0), int(sub_s, 0) if sub_s else 0, int(bit, 0)
-        if reg not in CPUID_REGS or not 0 <= b < 32:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"CPUID bit {spec!r} is not LEAF[.SUB]:REG:BIT") from None
-    return leaf, sub, reg, b
-
-
-class HostKvm:
-    """This host's KVM as vmferry uses it: what it lists, supports and refuses."""
-
-    def __init__(self, system: Kvm, platform: KvmPlatform) -> None:
-        self.system = system
-        self.platform = platform
-        self.msrs = [m for m in system.msr_index_list() if m not in platform.hide_msrs]
-        cpuid = system.supported_cpuid()
-        self.cpuid = [_hide(e, platform.hide_cpuid) for e in cpuid]
-        self.caps = system.capabilities()
-
-    def xsave_size(self) -> int:
-        return max(kvm.XSAVE_SIZE, self.caps.get("XSAVE2", 0))
-
-
-def _hide(e: CpuidEntry, hidden: frozenset[tuple[int, int, str, int]]) -> CpuidEntry:
-    regs = {r: e.reg(r) for r in CPUID_REGS}
-    for leaf, sub, reg, bit in hidden:
-        if e.function == leaf and e.index == sub:
-            regs[reg] &= ~(1 << bit)
-    return CpuidEntry(e.function, e.index, e.flags, **regs)
-
-
-# --- guest RAM with KVM's dirty log ------------------------------------------------------
-
-
-class KvmGuestRam(GuestRam):
-    """Guest RAM in 4 KiB pages (no transparent huge pages: first touch of THP memory is
-    slow on the hosts vmferry targets) whose dirty log is KVM's.
-
-    The memory slot is dirty-logged from creation.  ``start_dirty_log`` reads and drops
-    the log once; ``get_dirty_log`` reads KVM's bitmap (and, in manual-protect mode,
-    clears exactly the pages read), adding what the VMM itself wrote (KVM never logs
-    those).  The guest writes pages behind the VMM's back, so no page counts as zero
-    without a look."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size, PAGE_4K, huge_pages=False)
-        self.kvm_vm: kvm.KvmVm | None = None
-        self.mode = "get"
-        self.reads = 0
-        self.pages_reported = 0
-        #: (guest time, pages) of the last reads, for the observed dirty rate
-        self.history: list[tuple[float, int]] = []
-        self.now: Callable[[], float] = lambda: 0.0
-
-    @property
-    def address(self) -> int:
-        return int(self.bytes.ctypes.data)
-
-    def populate(self, first: int, count: int) -> bool:
-        """Fault pages ``[first, first + count)`` in, writable, without touching their
-        contents (``MADV_POPULATE_WRITE``): a destination populated ahead of the stream
-        takes pages much faster.  False if this kernel cannot."""
-        if first < 0 or count <= 0 or first + count > self.npages:
-            return False
-        return kvm.populate_write(self.address + first * self.page_size,
-                                  count * self.page_size)
-
-    def attach(self, vm: kvm.KvmVm, mode: str) -> None:
-        self.kvm_vm = vm
-        self.mode = mode
-        vm.set_memory(SLOT, 0, self.size, self.address, kvm.MEM_LOG_DIRTY_PAGES)
-
-    def _read_kvm(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        if self.kvm_vm is None:
-            return np.zeros(self.npages, dtype=np.bool_)
-        words = self.kvm_vm.get_dirty_log(SLOT, self.npages)
-        if self.mode == "manual-protect" and words.any():
-            self.kvm_vm.clear_dirty_log(SLOT, 0, self.npages, words)
-        self.reads += 1
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.npages]
-        return bits.view(np.bool_)
-
-    def start_dirty_log(self) -> None:
-        self._read_kvm()
-        super().start_dirty_log()
-
-    def get_dirty_log(self) -> DirtyLog:
-        from_kvm = self._read_kvm()  # KVM's get-and-clear is atomic against the guest
-        with self.log_guard:  # and the VMM's own marks are taken the same way
-            from_vmm, self.dirty = self.dirty, np.zeros(self.npages, dtype=np.bool_)
-        bitmap = from_kvm | from_vmm
-        count = int(np.count_nonzero(bitmap))
-        self.pages_reported += count
-        self.history.append((self.now(), count))
-        del self.history[:-8]
-        return DirtyLog(self.page_size, bitmap)
-
-    def zero_mask_at(self, index: np.ndarray[Any, np.dtype[np.int64]]
-                     ) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        words = self.bytes.view(np.uint64).reshape(self.npages, self.page_size // 8)
-        mask = np.zeros(index.size, dtype=np.bool_)
-        suspects = np.flatnonzero(words[index, 0] == 0)
-        if suspects.size:
-            mask[suspects] = ~words[index[suspects]].any(axis=1)
-        return mask
 
 
 class VcpuThreads(Protocol):
@@ -305,10 +123,7 @@ class X86Vm(VM):
 
     def __init__(self, definition: VmDefinition, host: HostContext) -> None:
         prog.check_ram(definition.memory_mib * 1024 * 1024, definition.vcpus)
-        mode = definition.extra.get("dirty_log", "get")
-        if mode not in DIRTY_LOG_MODES:
-            raise ConfigError(f"dirty_log {mode!r} is not one of {sorted(DIRTY_LOG_MODES)}")
-        self.dirty_log_mode: str = mode
+        self.dirty_log_mode: str = x86_keys(definition.extra).dirty_log
         self.platform = KvmPlatform.parse(host.platform)
         self.kvm_vcpus: list[KvmVcpu] = []
         self._system: Kvm | None = None
@@ -348,6 +163,12 @@ class X86Vm(VM):
         vm.set_identity_map_addr(prog.IDENTITY_MAP_ADDR)
         if self.dirty_log_mode == "manual-protect":
             vm.enable_manual_protect()
+        elif self.dirty_log_mode == "ring":  # before the first vCPU, as KVM requires
+            offered = vm.check_extension(kvm.CAP_DIRTY_LOG_RING_ACQ_REL)
+            if offered < 4096:
+                raise ConfigError(f"{self.name}: dirty_log = \"ring\" needs "
+                                  "KVM_CAP_DIRTY_LOG_RING_ACQ_REL, which this KVM lacks")
+            vm.enable_dirty_ring(min(DEFAULT_RING_BYTES, offered))
         self.kram.attach(vm, self.dirty_log_mode)
         for gpa, data in prog.image():
             self.ram.write(gpa, data)
@@ -361,6 +182,7 @@ class X86Vm(VM):
                 cr3=prog.PML4, code_sel=prog.USER_CS, data_sel=prog.USER_SS,
                 tss_sel=prog.TSS_SEL, tss=prog.TSS))
             vcpu.set_regs(pack_regs(prog.initial_regs(i, self.definition.seed)))
+        self.kram.attach_rings([v.dirty_ring for v in self.kvm_vcpus if v.dirty_ring])
         self.tsc_hz = self.kvm_vcpus[0].tsc_khz() * 1000
         self.refused_msrs = self._trial_refused()
         self.write_mailbox()
@@ -415,6 +237,8 @@ class X86Vm(VM):
             "progress_per_s": round(self._rates.progress_per_s, 1),
             "dirty_log": DIRTY_LOG_MODES[self.dirty_log_mode],
             "dirty_log_reads": self.kram.reads,
+            **({"dirty_ring_full_exits": self.kram.ring_full_exits}
+               if self.dirty_log_mode == "ring" else {}),
             "dirty_rate_mbps": round(self._observed_dirty_mbps(), 3),
             "tsc_khz": self.tsc_hz // 1000,
         }
@@ -483,6 +307,9 @@ class X86Vm(VM):
             self.crashed = f"vCPU {index}: MMIO {'write' if m.is_write else 'read'} " \
                            f"at {m.phys_addr:#x}"
         elif reason in (kvm.EXIT_EINTR, kvm.EXIT_INTR):
+            return 0.0
+        elif reason == kvm.EXIT_DIRTY_RING_FULL and self.dirty_log_mode == "ring":
+            self.kram.ring_full()  # harvest, then re-enter
             return 0.0
         elif reason == kvm.EXIT_INTERNAL_ERROR:
             sub, data = vcpu.internal_error()
@@ -605,139 +432,6 @@ class X86Vm(VM):
             self._system = None
         if hasattr(self, "ram"):
             self.ram.close()
-
-
-# --- migration: the whole vCPU state, checked against the destination ---------------
-
-
-class X86CpuHandler(MigrationHandler):
-    """Carries every vCPU's KVM state and the KVM clock; pre-flight against the
-    destination's KVM."""
-
-    name = "x86-cpu"
-    arch_kinds = frozenset({"x86_vcpu", "kvm_clock"})
-
-    def __init__(self, vm: X86Vm) -> None:
-        self.vm = vm
-        self.dropped: dict[int, str] = {}
-        #: the guest's summed progress counter when its state was saved (vCPUs stopped)
-        self.progress_at_stop: int | None = None
-        self._checked = False
-        self._states: dict[int, X86VcpuState] = {}
-        self._clock: KvmClockState | None = None
-
-    def capabilities(self) -> dict[str, Any]:
-        hk = self.vm.host_kvm
-        return {
-            "msrs": hk.msrs,
-            "msrs_refused": self.vm.refused_msrs,
-            "cpuid": [[e.function, e.index, e.eax, e.ebx, e.ecx, e.edx] for e in hk.cpuid],
-            "xsave_size": kvm.XSAVE_SIZE,
-            "caps": hk.caps,
-        }
-
-    def preflight(self, destination: Mapping[str, Any] | None,
-                  options: Mapping[str, Any]) -> list[str]:
-        """Refuse what the destination's KVM cannot take; list what is knowingly dropped.
-        Without the destination's word (a snapshot), the reference is this host's KVM: a
-        snapshot is restored on a host of its kind."""
-        self.dropped = {}
-        self._checked = True
-        if options.get("compat") == "qemu":  # as QEMU: the destination finds out at load
-            return []
-        if destination is None:
-            destination = self.capabilities()
-        problems: list[str] = []
-        warnings: list[str] = []
-        caps = destination.get("caps", {})
-        for name in kvm.REQUIRED_CAPABILITIES:
-            if not caps.get(name):
-                problems.append(f"destination KVM lacks KVM_CAP_{name}")
-        listed = set(destination.get("msrs", []))
-        refused = set(destination.get("msrs_refused", []))
-        for m in self.vm.host_kvm.msrs:
-            why = ("is not in the destination's KVM_GET_MSR_INDEX_LIST" if m not in listed
-                   else "is refused by the destination's KVM_SET_MSRS (trial on a scratch "
-                   "vCPU)" if m in refused else "")
-            if not why:
-                continue
-            if m in DROPPABLE_MSRS:
-                self.dropped[m] = f"{why}; dropped: {DROPPABLE_MSRS[m]}"
-                warnings.append(f"{msr_name(m)} not migrated: {self.dropped[m]}")
-            else:
-                problems.append(f"{msr_name(m)} {why}")
-        theirs = {(f, i): dict(zip(CPUID_REGS, regs, strict=True))
-                  for f, i, *regs in destination.get("cpuid", [])}
-        for e in self.vm.guest_cpuid:
-            other = theirs.get((e.function, e.index), dict.fromkeys(CPUID_REGS, 0))
-            for reg in FEATURE_REGS.get((e.function, e.index), ()):
-                missing = e.reg(reg) & ~other[reg]
-                for bit in range(32):
-                    if missing >> bit & 1 and (e.function, e.index, reg, bit) not in DYNAMIC_BITS:
-                        problems.append(f"{cpuid_name(e.function, e.index, reg, bit)}: the "
-                                        "guest has it, the destination's "
-                                        "KVM_GET_SUPPORTED_CPUID lacks it")
-        if int(destination.get("xsave_size", 0)) < kvm.XSAVE_SIZE:
-            problems.append(f"destination XSAVE area of {destination.get('xsave_size')} bytes "
-                            f"cannot hold the guest's {kvm.XSAVE_SIZE}")
-        if problems:
-            raise MigrationRefused("destination KVM cannot take the guest's vCPU state: "
-                                   + "; ".join(problems), "pre-flight")
-        return warnings
-
-    def save_complete(self) -> Sequence[StatePiece]:
-        if not self._checked:  # no pre-flight (a snapshot): check against this host
-            self.preflight(None, {})
-        self.progress_at_stop = sum(c for c, _ in self.vm.progress())
-        drop = frozenset(self.dropped)
-        pieces: list[StatePiece] = [ArchState("kvm_clock", self.vm.get_clock().encode())]
-        for i in range(len(self.vm.kvm_vcpus)):
-            pieces.append(ArchState("x86_vcpu", self.vm.save_state(i, drop).encode()))
-        return pieces
-
-    def save_cleanup(self) -> None:
-        self._checked = False
-
-    def save_failed(self) -> None:
-        self._checked = False
-
-    def load(self, piece: StatePiece) -> None:
-        if not isinstance(piece, ArchState):
-            raise MalformedRecord(f"{self.name} takes no {type(piece).__name__}")
-        if piece.kind == "kvm_clock":
-            if self._clock is not None:
-                raise MalformedRecord("KVM clock sent twice")
-            self._clock = KvmClockState.decode(piece.data)
-            return
-        st = X86VcpuState.decode(piece.data)
-        if st.index in self._states or not 0 <= st.index < len(self.vm.kvm_vcpus):
-            raise MalformedRecord(f"x86 state for vCPU {st.index} repeated or out of range")
-        self._states[st.index] = st
-
-    def load_complete(self) -> None:
-        missing = sorted(set(range(len(self.vm.kvm_vcpus))) - set(self._states))
-        if missing or self._clock is None:
-            raise MalformedRecord(f"x86 state missing: vCPUs {missing}"
-                                  + ("" if self._clock else ", KVM clock"))
-        for st in self._states.values():
-            self.vm.load_state(st)
-        self.vm.set_clock(self._clock)
-        self._states, self._clock = {}, None
-        self.vm.write_mailbox()  # the rate in this host's TSC ticks, no throttle
-
-    def load_failed(self) -> None:
-        self._states, self._clock = {}, None
-
-    def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"dirty_log": DIRTY_LOG_MODES[self.vm.dirty_log_mode]}
-        if self.progress_at_stop is not None:
-            out["progress_at_stop"] = self.progress_at_stop
-        if self.dropped:
-            out["dropped"] = {msr_name(m): why for m, why in self.dropped.items()}
-        return out
-
-    def state_digest(self) -> str | None:
-        return None
 
 
 def build_x86(definition: VmDefinition, host: HostContext) -> VM:

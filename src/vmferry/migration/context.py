@@ -69,6 +69,8 @@ class MigrationStats:
     downtime: Downtime = field(default_factory=Downtime)
     ram_total: int = 0
     ram_page_size: int = 0
+    #: how the source read the guest's dirty pages (``GuestRam.dirty_tracking``)
+    dirty_tracking: str = ""
     ram_transferred: int = 0
     ram_remaining: int = 0
     ram_duplicate: int = 0
@@ -115,6 +117,7 @@ class MigrationStats:
                 "dirty-sync-count": self.dirty_sync_count,
                 "pages-per-second": round(self.ram_pages_per_second, 1),
                 "page-size": self.ram_page_size,
+                "dirty-tracking": self.dirty_tracking,
             },
             "device-bytes": self.device_bytes,
             "cpu-throttle-percentage": self.throttle_pct,

@@ -206,7 +206,8 @@ class SourceSession:
         self.guest = guest if guest is not None else DirectControl(vm)
         self.extra_config = dict(extra_config or {})
         self.policy = params.policy()
-        self.stats = MigrationStats(ram_total=vm.ram.size, ram_page_size=vm.ram.page_size)
+        self.stats = MigrationStats(ram_total=vm.ram.size, ram_page_size=vm.ram.page_size,
+                                    dirty_tracking=vm.ram.dirty_tracking)
         self.encoder = StreamEncoder()
         self._gen: Generator[list[Buffer], None, None] | None = None
         self._was_running = vm.running

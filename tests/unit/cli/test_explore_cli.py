@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
@@ -73,3 +74,42 @@ def test_replay_rejects_malformed_file(tmp_path: Path) -> None:
     bad.write_text("garbage\n")
     code, out = run("replay", str(bad))
     assert code == 2 and "expected" in out
+
+
+def test_issue13_list_never_truncates_a_mode_name() -> None:
+    result = CliRunner().invoke(cli, ["explore", "races", "--list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert "…" not in result.output
+    assert "v6_15+cleanup_overreach+relock_no_recheck" in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_issue13_races_progress_lines_when_piped(monkeypatch: Any, tmp_path: Path) -> None:
+    """Piped, `explore races` says what it explored while it works (a line every few
+    seconds: here every schedule), with schedules, failing ones found and the rate."""
+    from vmferry.cli import explore as explore_cli
+
+    monkeypatch.setattr(explore_cli, "LINE_EVERY_S", 0.0)
+    result = CliRunner().invoke(cli, ["explore", "races", "--scenario", "iommu-probe",
+                                      "--mode", "pre_6_7", "--case", "R1", "--strategy",
+                                      "naive", "--failures-dir", str(tmp_path)],
+                            catch_exceptions=False)
+    lines = [line for line in result.stderr.splitlines() if "schedules explored" in line]
+    assert len(lines) >= 2, result.stderr
+    counts = [int(line.split(": ", 1)[1].split()[0]) for line in lines]
+    assert counts == sorted(counts) and counts[-1] >= 1
+    assert "failing found" in lines[-1] and "schedules/s" in lines[-1]
+    assert int(lines[-1].split("failing found")[0].split()[-1]) >= 1  # pre_6_7 R1 fails
+
+
+def test_issue13_engine_progress_callback_sees_every_run() -> None:
+    from vmferry.analysis.explore import run_scenario
+    from vmferry.analysis.explore.runner import ExploreProgress
+    from vmferry.analysis.explore.scenarios import all_scenarios
+
+    seen: list[ExploreProgress] = []
+    report = run_scenario(all_scenarios()["iommu-probe"], mode="pre_6_7", case="R1",
+                          strategy="naive", failures_dir=None, progress=seen.append)
+    assert seen and seen[-1].schedules == report.schedules_explored
+    assert seen[-1].failing == report.failing_schedules
+    assert len(seen) == report.schedules_explored + report.pruned

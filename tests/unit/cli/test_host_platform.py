@@ -48,8 +48,15 @@ def test_a_platform_file_builds_vms_with_this_hosts_memory_map(tmp_path: Path) -
     ("text", "match"),
     [
         ("[spapr\n", "invalid TOML"),
-        ("[spapr]\n[sparp]\nx = 1\n", "unknown platform keys"),
-        ("vfio_driver = [\"mlx5\"]\n", "unknown platform keys"),
+        ("[spapr]\n[sparp]\nx = 1\n", "sparp: unknown key"),
+        ("vfio_driver = [\"mlx5\"]\n", "vfio_driver: unknown key"),
+        # issue 13: every table's keys are checked, the wrong one named
+        ("[kvm]\nhide_msr = [16]\n", "kvm.hide_msr: unknown key"),
+        ("[kvm]\nhide_cpuid = [\"7:ebz:5\"]\n", "kvm.hide_cpuid.0"),
+        ("[spapr]\ntce_mod = \"kernel\"\n", "spapr.tce_mod: unknown key"),
+        ("[lpm]\nnuma_domian = 1\n", "lpm.numa_domian: unknown key"),
+        ("[lpm]\nnuma_domain = \"1\"\n", "lpm.numa_domain"),
+        ("vfio_drivers = [\"mlx6\"]\n", "unknown VFIO drivers"),
         ("[spapr]\niommu_page_shift = 13\n", "iommu_page_shift"),
         ("[spapr]\nmemslots = [{size_mib = 1, backing_shift = 24}]\n", "whole backing pages"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from vmferry.cli.main import cli
@@ -35,3 +36,23 @@ def test_bad_dtb(tmp_path: Path) -> None:
     p.write_bytes(b"not a dtb at all, really not" * 4)
     res = CliRunner().invoke(cli, ["lpm", "plan", str(p), str(p)])
     assert res.exit_code == 2
+
+
+def test_issue13_plan_prints_a_table_not_python_dicts(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from vmferry.cli import lpm
+
+    monkeypatch.setattr(lpm, "console", Console(width=160))  # one table row a line
+    r = CliRunner()
+    a, b = tmp_path / "a.dtb", tmp_path / "b.dtb"
+    r.invoke(cli, ["lpm", "tree", "--vcpus", "2", "-o", str(a)])
+    r.invoke(cli, ["lpm", "tree", "--vcpus", "2", "--numa-domain", "1", "-o", str(b)])
+    res = r.invoke(cli, ["lpm", "plan", str(a), str(b)])
+    assert res.exit_code == 0, res.output
+    assert "{" not in res.output and "'" not in res.output
+    assert "4 deletes, 5 updates, 1 add" in res.output
+    rows = [line.split() for line in res.output.splitlines()]
+    assert ["update", "0x10000002", "/rtas", "ibm,max-associativity-domains"] in rows
+    assert ["delete", "0xfffffff6", "/ibm,platform-facilities"] in rows

@@ -425,17 +425,21 @@ class SearchStats:
     pruned_by_state: int = 0
     complete: bool = True
     outcomes: list[Outcome] = field(default_factory=list)
+    #: called after every counted run (progress displays); not part of the result
+    on_record: Callable[[SearchStats], None] | None = field(default=None, repr=False,
+                                                              compare=False)
 
     def record(self, outcome: Outcome | None) -> bool:
         """Count one run; True when it failed."""
         if outcome is None:
             self.pruned += 1
-            return False
-        self.schedules += 1
-        if outcome.error is None:
-            return False
-        self.outcomes.append(outcome)
-        return True
+        else:
+            self.schedules += 1
+            if outcome.error is not None:
+                self.outcomes.append(outcome)
+        if self.on_record is not None:
+            self.on_record(self)
+        return outcome is not None and outcome.error is not None
 
 
 @dataclass
@@ -765,24 +769,33 @@ class ScheduleMismatch(ValueError):
     """A recorded schedule does not fit the program it is replayed against."""
 
 
-def search(factory: Callable[[], Instance], limits: SearchLimits) -> SearchStats:
-    """Exhaustive bounded search (see the module docstring)."""
+def search(factory: Callable[[], Instance], limits: SearchLimits,
+           progress: Callable[[SearchStats], None] | None = None) -> SearchStats:
+    """Exhaustive bounded search (see the module docstring).  ``progress`` is called
+    with the running statistics after every run."""
     if limits.reduction == "dpor" and limits.por:
-        return _Dpor(factory, limits).run()
-    if limits.reduction == "none":
-        limits.por = limits.state_hashing = False
-    return _Dfs(factory, limits).run()
+        engine: _Dfs = _Dpor(factory, limits)
+    else:
+        if limits.reduction == "none":
+            limits.por = limits.state_hashing = False
+        engine = _Dfs(factory, limits)
+    engine.stats.on_record = progress
+    stats = engine.run()
+    stats.on_record = None
+    return stats
 
 
 def random_walks(
-    factory: Callable[[], Instance], limits: SearchLimits, seed: int, runs: int
+    factory: Callable[[], Instance], limits: SearchLimits, seed: int, runs: int,
+    progress: Callable[[SearchStats], None] | None = None,
 ) -> SearchStats:
     """``runs`` executions with seeded random choices (seed ``seed``, ``seed+1``, ...)."""
-    stats = SearchStats(complete=False)
+    stats = SearchStats(complete=False, on_record=progress)
     for i in range(runs):
         walker = _RandomWalk(random.Random(seed + i))
         if stats.record(run_once(factory, limits.max_steps, walker)) and limits.stop_on_failure:
             break
+    stats.on_record = None
     return stats
 
 

@@ -101,8 +101,12 @@ def run_scenario(
     workers: int = 1,
     ray_address: str | None = None,
     state_hashing: bool = True,
+    progress: Callable[[ExploreProgress], None] | None = None,
 ) -> Report:
     """Explore every case of ``scenario`` (or only ``case``) in ``mode``.
+
+    ``progress``, if given, is called with the running totals after every schedule (in
+    one process) or after every case (on Ray workers).
 
     ``mode`` defaults to the scenario's default (correct) mode, ``preemption_bound`` to the
     scenario's.  Failing schedules are saved as replay scripts in ``failures_dir``
@@ -134,10 +138,18 @@ def run_scenario(
                           strategy, bound, workers=workers, address=ray_address)
         for part in parts:
             _merge(report, part)
+            if progress is not None:
+                progress(ExploreProgress(part.cases[-1] if part.cases else "",
+                                         len(report.cases), len(chosen_cases),
+                                         report.schedules_explored, report.pruned,
+                                         report.failing_schedules))
     else:
-        for chosen in chosen_cases:
+        for i, chosen in enumerate(chosen_cases):
             report.cases.append(chosen.name)
-            _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed)
+            hook = None
+            if progress is not None:
+                hook = _case_progress(progress, report, chosen.name, i, len(chosen_cases))
+            _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed, hook)
     for i, failure in enumerate(report.failures):
         if failure.scenario == AD_HOC:
             report.failures[i] = _relabel(failure, scenario.name, mode)
@@ -226,15 +238,41 @@ def _factory(case: Case, mode: str) -> Callable[[], Instance]:
     return lambda: case.build(mode)
 
 
+@dataclass(frozen=True)
+class ExploreProgress:
+    """Running totals of an exploration, for a progress display."""
+
+    case: str
+    #: the case being explored (1-based) and how many there are
+    case_index: int
+    cases: int
+    schedules: int
+    pruned: int
+    failing: int
+
+
+def _case_progress(progress: Callable[[ExploreProgress], None], report: Report, case: str,
+                   index: int, cases: int) -> Callable[[SearchStats], None]:
+    """The engine's per-run callback for one case, turned into running totals."""
+    base = (report.schedules_explored, report.pruned, report.failing_schedules)
+
+    def hook(stats: SearchStats) -> None:
+        progress(ExploreProgress(case, index + 1, cases, base[0] + stats.schedules,
+                                 base[1] + stats.pruned, base[2] + len(stats.outcomes)))
+
+    return hook
+
+
 def _explore_case(
-    report: Report, case: str, factory: Callable[[], Instance], limits: SearchLimits, seed: int
+    report: Report, case: str, factory: Callable[[], Instance], limits: SearchLimits, seed: int,
+    progress: Callable[[SearchStats], None] | None = None,
 ) -> None:
     started = time.perf_counter()
     if report.strategy == "random":
         runs = limits.max_schedules if limits.max_schedules is not None else DEFAULT_RANDOM_RUNS
-        stats: SearchStats = random_walks(factory, limits, seed, runs)
+        stats: SearchStats = random_walks(factory, limits, seed, runs, progress)
     else:
-        stats = search(factory, limits)
+        stats = search(factory, limits, progress)
     report.elapsed_s += time.perf_counter() - started
     report.schedules_explored += stats.schedules
     report.pruned += stats.pruned

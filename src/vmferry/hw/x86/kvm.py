@@ -82,6 +82,7 @@ SET_CLOCK = _iow(0x7B, CLOCK_SIZE)
 GET_CLOCK = _ior(0x7C, CLOCK_SIZE)
 ENABLE_CAP = _iow(0xA3, 104)
 CLEAR_DIRTY_LOG = _iowr(0xC0, 24)
+RESET_DIRTY_RINGS = _io(0xC7)
 # --- vCPU ioctls -----------------------------------------------------------------------------
 RUN = _io(0x80)
 GET_REGS = _ior(0x81, REGS_SIZE)
@@ -120,6 +121,7 @@ CAP_IMMEDIATE_EXIT = 136
 CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 CAP_DIRTY_LOG_RING = 192
 CAP_XSAVE2 = 208
+CAP_DIRTY_LOG_RING_ACQ_REL = 223
 
 #: capabilities a vmferry x86-64 VM needs, by name (pre-flight checks them on both sides)
 CAPABILITIES: dict[str, int] = {
@@ -133,6 +135,8 @@ CAPABILITIES: dict[str, int] = {
     "NR_VCPUS": CAP_NR_VCPUS,
     "MANUAL_DIRTY_LOG_PROTECT2": CAP_MANUAL_DIRTY_LOG_PROTECT2,
     "XSAVE2": CAP_XSAVE2,
+    "DIRTY_LOG_RING": CAP_DIRTY_LOG_RING,
+    "DIRTY_LOG_RING_ACQ_REL": CAP_DIRTY_LOG_RING_ACQ_REL,
 }
 REQUIRED_CAPABILITIES = ("USER_MEMORY", "SYNC_MMU", "IMMEDIATE_EXIT", "ADJUST_CLOCK",
                          "VCPU_EVENTS", "XSAVE", "XCRS")
@@ -149,16 +153,25 @@ EXIT_SHUTDOWN = 8
 EXIT_FAIL_ENTRY = 9
 EXIT_INTR = 10
 EXIT_INTERNAL_ERROR = 17
+EXIT_DIRTY_RING_FULL = 31
 #: not a KVM exit reason: KVM_RUN returned EINTR (a signal, or immediate_exit was set)
 EXIT_EINTR = -1
 
 EXIT_NAMES = {
     EXIT_IO: "IO", EXIT_HLT: "HLT", EXIT_MMIO: "MMIO", EXIT_SHUTDOWN: "SHUTDOWN",
     EXIT_FAIL_ENTRY: "FAIL_ENTRY", EXIT_INTR: "INTR", EXIT_INTERNAL_ERROR: "INTERNAL_ERROR",
-    EXIT_EINTR: "EINTR",
+    EXIT_DIRTY_RING_FULL: "DIRTY_RING_FULL", EXIT_EINTR: "EINTR",
 }
 
 MSR_KVM_POLL_CONTROL = 0x4B564D06
+
+# --- the dirty ring ------------------------------------------------------------------------
+#: where a vCPU's ring is mapped in its fd (``KVM_DIRTY_LOG_PAGE_OFFSET`` pages)
+DIRTY_LOG_PAGE_OFFSET = 64
+DIRTY_GFN_DIRTY = 1
+DIRTY_GFN_RESET = 2
+#: one ``kvm_dirty_gfn``: u32 flags, u32 slot (address space << 16 | slot id), u64 offset
+DIRTY_GFN = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
@@ -335,6 +348,8 @@ class KvmVm:
         self.kvm = kvm
         self.fd = fd
         self.manual_protect = False
+        #: bytes of each vCPU's dirty ring, 0 without the ring
+        self.dirty_ring_bytes = 0
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
@@ -356,6 +371,18 @@ class KvmVm:
         CLEAR_DIRTY_LOG does (before any memslot with dirty logging exists)."""
         self.enable_cap(CAP_MANUAL_DIRTY_LOG_PROTECT2, DIRTY_LOG_MANUAL_PROTECT_ENABLE)
         self.manual_protect = True
+
+    def enable_dirty_ring(self, size: int) -> None:
+        """``KVM_CAP_DIRTY_LOG_RING_ACQ_REL`` with ``size`` bytes a vCPU (a power of two,
+        at most what the capability check returns): dirty pages go to per-vCPU rings
+        instead of the bitmap.  Only before the first vCPU exists."""
+        self.enable_cap(CAP_DIRTY_LOG_RING_ACQ_REL, size)
+        self.dirty_ring_bytes = size
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS``: re-protect the pages of every harvested entry (flag
+        RESET) of every vCPU's ring and free those entries; how many were reset."""
+        return ioctl(self.fd, RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
 
     def set_memory(self, slot: int, gpa: int, size: int, addr: int, flags: int = 0) -> None:
         buf = ctypes.create_string_buffer(32)
@@ -393,15 +420,72 @@ class KvmVm:
     def create_vcpu(self, index: int) -> KvmVcpu:
         fd = ioctl(self.fd, CREATE_VCPU, index, "KVM_CREATE_VCPU")
         try:
-            return KvmVcpu(fd, index, self.kvm.vcpu_mmap_size())
+            vcpu = KvmVcpu(fd, index, self.kvm.vcpu_mmap_size())
         except BaseException:
             os.close(fd)
             raise
+        if self.dirty_ring_bytes:
+            try:
+                vcpu.dirty_ring = DirtyRing(fd, self.dirty_ring_bytes)
+            except BaseException:
+                vcpu.close()
+                raise
+        return vcpu
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class DirtyRing:
+    """One vCPU's dirty ring, mapped from its fd at page :data:`DIRTY_LOG_PAGE_OFFSET`.
+
+    KVM fills entries in order and publishes each by setting its ``flags`` to DIRTY last
+    (a store-release); :meth:`harvest` reads the flags first, then the offsets of the
+    entries found DIRTY (x86 keeps loads in order, so plain loads are acquire loads), and
+    hands each entry back by setting ``flags`` to RESET; ``KVM_RESET_DIRTY_RINGS`` then
+    re-protects those pages and frees the entries.  The caller serialises harvests."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.size = size
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                             offset=DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        self.entries = np.frombuffer(self.map, dtype=DIRTY_GFN)
+        self.n = len(self.entries)
+        #: the next entry to look at (entries are used round the ring)
+        self.fetch = 0
+        self.harvested = 0
+
+    def harvest(self) -> npt.NDArray[np.uint64]:
+        """The page offsets of the entries KVM published since the last harvest (in the
+        order KVM logged them), each marked RESET."""
+        # the flags first (in chunks from the fetch index, growing while all are ready,
+        # so a quiet ring costs one small read), then the offsets of the ready entries
+        flags, count, chunk = self.entries["flags"], 0, 256
+        while count < self.n:
+            a = (self.fetch + count) % self.n
+            b = min(a + chunk, self.n, a + self.n - count)
+            ready = (np.array(flags[a:b]) & DIRTY_GFN_DIRTY) != 0
+            if not ready.all():
+                count += int(np.argmin(ready))
+                break
+            count += b - a
+            chunk = min(chunk * 4, self.n)
+        if count == 0:
+            return np.zeros(0, dtype=np.uint64)
+        first, end = self.fetch, self.fetch + count
+        spans = [(first, min(end, self.n))] + ([(0, end - self.n)] if end > self.n else [])
+        offsets = np.concatenate([self.entries["offset"][a:b] for a, b in spans])
+        for a, b in spans:  # contiguous runs: slices, not gathers, over the shared pages
+            self.entries["flags"][a:b] = DIRTY_GFN_RESET
+        self.fetch = end % self.n
+        self.harvested += count
+        return offsets
+
+    def close(self) -> None:
+        del self.entries
+        self.map.close()
 
 
 @dataclass(frozen=True)
@@ -419,6 +503,8 @@ class KvmVcpu:
         self.index = index
         self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        #: the vCPU's dirty ring, if the VM has the ring enabled
+        self.dirty_ring: DirtyRing | None = None
 
     # --- running ---------------------------------------------------------------------
 
@@ -545,6 +631,10 @@ class KvmVcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            if self.dirty_ring is not None:
+                with contextlib.suppress(BufferError):
+                    self.dirty_ring.close()
+                self.dirty_ring = None
             with contextlib.suppress(BufferError):
                 self.run_page.close()
             os.close(self.fd)
