@@ -26,6 +26,20 @@ class Status(enum.Enum):
         return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
 
+#: a source session's moves (``SourceSession._move`` is their one writer): setup ->
+#: active -> device -> completed, an offline migration setup -> device, and failed or
+#: cancelled from any phase before completed (a session that failed on an exception can
+#: still be given up by the operator's cancel)
+STATUS_MOVES: dict[Status, frozenset[Status]] = {
+    Status.SETUP: frozenset({Status.ACTIVE, Status.DEVICE, Status.FAILED, Status.CANCELLED}),
+    Status.ACTIVE: frozenset({Status.DEVICE, Status.FAILED, Status.CANCELLED}),
+    Status.DEVICE: frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED}),
+    Status.COMPLETED: frozenset(),
+    Status.FAILED: frozenset({Status.CANCELLED}),
+    Status.CANCELLED: frozenset(),
+}
+
+
 @dataclass
 class PassRecord:
     """One pre-copy pass."""

@@ -46,7 +46,13 @@ from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
 from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
-from vmferry.migration.context import Downtime, MigrationStats, PassRecord, Status
+from vmferry.migration.context import (
+    STATUS_MOVES,
+    Downtime,
+    MigrationStats,
+    PassRecord,
+    Status,
+)
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -258,11 +264,13 @@ class SourceSession:
         return self._next()
 
     def next_buffers(self) -> list[Buffer]:
-        """The next buffers to send; [] when END has been produced."""
+        """The next buffers to send; [] when END has been produced.  StreamUsageError
+        once the session ended (completed, failed -- an exception included -- or
+        cancelled): a failed session never answers [] as if the stream were complete."""
         if self._gen is None:
             raise StreamUsageError("start() first")
         if self.stats.status.finished:
-            return []
+            raise StreamUsageError(f"next_buffers() in status {self.stats.status.value}")
         return self._next()
 
     def _next(self) -> list[Buffer]:
@@ -271,6 +279,20 @@ class SourceSession:
             return next(self._gen)
         except StopIteration:
             return []
+        except BaseException as exc:  # the session failed: it says so from now on
+            if not self.stats.status.finished:
+                self._move(Status.FAILED)
+                self.stats.error = f"{type(exc).__name__}: {exc}"
+                self.stats.error_step = self.current_step()
+            raise
+
+    def _move(self, to: Status) -> None:
+        """The one writer of the session's status: the move must be in STATUS_MOVES."""
+        st = self.stats.status
+        if to is not st and to not in STATUS_MOVES[st]:
+            raise StreamUsageError(f"source session: {st.value} -> {to.value} is not a "
+                                   "legal move")  # fmt: skip
+        self.stats.status = to
 
     def pacing_delay(self) -> float:
         """Seconds to wait before sending more, to honour the bandwidth cap."""
@@ -315,7 +337,7 @@ class SourceSession:
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
-        self.stats.status = Status.ACTIVE
+        self._move(Status.ACTIVE)
         to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
         while True:
             t_pass = self.clock.monotonic()
@@ -408,7 +430,7 @@ class SourceSession:
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
-        self.stats.status = Status.DEVICE
+        self._move(Status.DEVICE)
         yield from self._send_pages(to_send)
         self._t_final_ram = self.clock.monotonic()
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
@@ -603,7 +625,7 @@ class SourceSession:
             verification_ms=verify_ms,
         )
         self.stats.total_time_ms = (now - self._t0) * 1e3
-        self.stats.status = Status.COMPLETED
+        self._move(Status.COMPLETED)
         self._close_generator()
         for h in self.vm.handlers.values():
             h.save_cleanup()
@@ -626,7 +648,8 @@ class SourceSession:
         if self._paused_by_us and self._was_running:
             self.guest.resume()
             self._paused_by_us = False
-        self.stats.status = Status.CANCELLED if cancelled else Status.FAILED
+        if self.stats.status is not Status.FAILED or cancelled:
+            self._move(Status.CANCELLED if cancelled else Status.FAILED)
         self.stats.error, self.stats.error_step = reason, step
         self.stats.total_time_ms = (self.clock.monotonic() - self._t0) * 1e3
         return self.stats
