@@ -46,7 +46,7 @@ from vmferry.errors import (
 from vmferry.machine.handlers import ArchState, ComponentData, DeviceData, StatePiece
 from vmferry.machine.vcpu import VcpuState
 from vmferry.machine.vm import VM, create_vm, load_definition
-from vmferry.migration.source import state_digests
+from vmferry.migration.context import state_digests
 from vmferry.migration.stream import (
     ComponentRecord,
     DeviceChunk,

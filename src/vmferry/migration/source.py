@@ -47,11 +47,11 @@ from vmferry.errors import ConfigError, MigrationError, StreamUsageError
 from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
 from vmferry.migration.context import (
-    STATUS_MOVES,
     Downtime,
     MigrationStats,
     PassRecord,
     Status,
+    state_digests,
 )
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.stream import (
@@ -264,9 +264,8 @@ class SourceSession:
         return self._next()
 
     def next_buffers(self) -> list[Buffer]:
-        """The next buffers to send; [] when END has been produced.  StreamUsageError
-        once the session ended (completed, failed -- an exception included -- or
-        cancelled): a failed session never answers [] as if the stream were complete."""
+        """The next buffers to send; [] when END has been produced.  StreamUsageError once
+        the session ended: a failed session never answers [] as if the stream were done."""
         if self._gen is None:
             raise StreamUsageError("start() first")
         if self.stats.status.finished:
@@ -281,18 +280,10 @@ class SourceSession:
             return []
         except BaseException as exc:  # the session failed: it says so from now on
             if not self.stats.status.finished:
-                self._move(Status.FAILED)
-                self.stats.error = f"{type(exc).__name__}: {exc}"
                 self.stats.error_step = self.current_step()
+                self.stats.move(Status.FAILED)
+                self.stats.error = f"{type(exc).__name__}: {exc}"
             raise
-
-    def _move(self, to: Status) -> None:
-        """The one writer of the session's status: the move must be in STATUS_MOVES."""
-        st = self.stats.status
-        if to is not st and to not in STATUS_MOVES[st]:
-            raise StreamUsageError(f"source session: {st.value} -> {to.value} is not a "
-                                   "legal move")  # fmt: skip
-        self.stats.status = to
 
     def pacing_delay(self) -> float:
         """Seconds to wait before sending more, to honour the bandwidth cap."""
@@ -337,7 +328,7 @@ class SourceSession:
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
-        self._move(Status.ACTIVE)
+        self.stats.move(Status.ACTIVE)
         to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
         while True:
             t_pass = self.clock.monotonic()
@@ -430,7 +421,7 @@ class SourceSession:
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
-        self._move(Status.DEVICE)
+        self.stats.move(Status.DEVICE)
         yield from self._send_pages(to_send)
         self._t_final_ram = self.clock.monotonic()
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
@@ -625,7 +616,7 @@ class SourceSession:
             verification_ms=verify_ms,
         )
         self.stats.total_time_ms = (now - self._t0) * 1e3
-        self._move(Status.COMPLETED)
+        self.stats.move(Status.COMPLETED)
         self._close_generator()
         for h in self.vm.handlers.values():
             h.save_cleanup()
@@ -649,7 +640,7 @@ class SourceSession:
             self.guest.resume()
             self._paused_by_us = False
         if self.stats.status is not Status.FAILED or cancelled:
-            self._move(Status.CANCELLED if cancelled else Status.FAILED)
+            self.stats.move(Status.CANCELLED if cancelled else Status.FAILED)
         self.stats.error, self.stats.error_step = reason, step
         self.stats.total_time_ms = (self.clock.monotonic() - self._t0) * 1e3
         return self.stats
@@ -694,16 +685,6 @@ def _expand(
     np.add.at(delta, starts, 1)
     np.add.at(delta, starts + lengths, -1)
     return np.cumsum(delta[:-1]) > 0
-
-
-def state_digests(vm: VM) -> dict[str, str]:
-    """RAM, vCPU and per-handler digests: equal on both sides means equal state."""
-    out = {"ram": vm.ram.digest(), "vcpu": vm.vcpu_digest()}
-    for name, h in vm.handlers.items():
-        d = h.state_digest()
-        if d is not None:
-            out[f"handler:{name}"] = d
-    return out
 
 
 def _split(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:
