@@ -386,9 +386,12 @@ class SourceWorker:
             phase = "setup" if first else self._phase()
             first = False
             self._persist(self.session.status.value, self.session.current_step())
-            delay = self.session.pacing_delay()
-            if delay > 0:
+            # the bandwidth cap: wait the whole delay, in slices that see a cancel (one
+            # slice of at most 0.5 s per batch let a 4 MiB batch out every 0.5 s: 8 MiB/s
+            # whatever the cap)
+            while (delay := self.session.pacing_delay()) > 0:
                 time.sleep(min(delay, 0.5))
+                self._check_cancel()
             # Before STREAM_END the destination speaks only to report an error (ERROR).
             early = ch.poll_event()
             if early is not None:
