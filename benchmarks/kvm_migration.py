@@ -8,13 +8,16 @@ In one run, alternating, ``--rounds`` times each:
 * QEMU (Debian's ``qemu-system-x86``, installed with apt-get if missing, ``-accel kvm``):
   2 GiB of random guest RAM (a memory-backend-file on tmpfs, prefilled, as the source;
   plain anonymous RAM on the destination), ``max-bandwidth`` unlimited, single stream and
-  multifd with 4 channels.
+  multifd with 4 channels;
+* vmferry idle with RAM over N parallel data channels (``--parallel 0,1,2``:
+  ``vmferry_idle_pN``; 0 is RAM in the main connection).
 
 Prints one JSON object: per configuration the median total time, downtime and throughput
 (bytes of guest RAM over total time), the raw runs, and the ratios against the better QEMU
 configuration (target: throughput >= 1.5x, downtime <= QEMU's).
 
     PYTHONPATH=src python benchmarks/kvm_migration.py [--rounds 3] [--memory-mib 2048]
+        [--parallel 0,1,2] [--only vmferry_idle,qemu_multifd4]
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ QEMU = "qemu-system-x86_64"
 # --- vmferry -------------------------------------------------------------------------------
 
 
-def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str) -> dict[str, Any]:
+def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str,
+                parallel: int | None = None) -> dict[str, Any]:  # fmt: skip
     a = spawn_host("A", root / f"A-{tag}")
     b = spawn_host("B", root / f"B-{tag}")
     try:
@@ -56,8 +60,11 @@ def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str) -> dict[str,
         ca.post("/v1/vms", {"definition": definition, "start": True})
         time.sleep(1.0)
         before = ca.get("/v1/vms/bench")["guest"]["progress"]
+        params: dict[str, Any] = {"downtime_limit_ms": 300}
+        if parallel is not None:
+            params["parallel"] = parallel
         job = ca.post("/v1/vms/bench/migrate", {"destination": b.control_url,
-                                                "params": {"downtime_limit_ms": 300}})
+                                                "params": params})
         while job["status"] not in ("completed", "failed", "cancelled"):
             time.sleep(0.05)
             job = ca.get(f"/v1/jobs/{job['id']}")
@@ -68,6 +75,8 @@ def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str) -> dict[str,
         total_s = st["total-time"] / 1e3
         return {"total_ms": st["total-time"], "downtime_ms": st["downtime"],
                 "passes": len(st["passes"]), "bytes": st["ram"]["transferred"],
+                "parallel": job.get("progress", {}).get("parallel", 0),
+                "predicted_downtime_ms": st.get("predicted-downtime"),
                 "ram_gbps": memory_mib * MIB / total_s / 1e9,
                 "guest_progress": [before, st["source_report"]["x86-cpu"]["progress_at_stop"],
                                    after]}
@@ -210,6 +219,8 @@ def main() -> None:
     parser.add_argument("--dirty-rate-mbps", type=float, default=40.0,
                         help="the dirtying guest's rate (what a guest sustains here)")
     parser.add_argument("--skip-qemu", action="store_true")
+    parser.add_argument("--parallel", default="0,1,2",
+                        help="data channel counts of the vmferry_idle_pN configurations")
     parser.add_argument("--only", default="",
                         help="comma-separated configurations to run (default: all)")
     args = parser.parse_args()
@@ -220,6 +231,7 @@ def main() -> None:
     qemu_version = None if args.skip_qemu else ensure_qemu()
     root = Path(tempfile.mkdtemp(prefix="vmferry-kvm-bench-"))
     configs: dict[str, list[dict[str, Any]]] = {"vmferry_idle": [], "vmferry_dirtying": []}
+    configs |= {f"vmferry_idle_p{p}": [] for p in args.parallel.split(",") if p.strip()}
     if not args.skip_qemu:
         configs |= {"qemu_single": [], "qemu_multifd4": []}
     if args.only:
@@ -230,6 +242,9 @@ def main() -> None:
                 tag = f"{name}-{rnd}"
                 if name == "vmferry_idle":
                     runs.append(vmferry_run(root, args.memory_mib, 0.0, tag))
+                elif name.startswith("vmferry_idle_p"):
+                    runs.append(vmferry_run(root, args.memory_mib, 0.0, tag,
+                                            int(name.removeprefix("vmferry_idle_p"))))
                 elif name == "vmferry_dirtying":
                     runs.append(vmferry_run(root, args.memory_mib, args.dirty_rate_mbps, tag))
                 else:
@@ -246,7 +261,7 @@ def main() -> None:
         c = out["configs"]
         best = max(("qemu_single", "qemu_multifd4"), key=lambda k: c[k]["median_ram_gbps"])
         out["best_qemu"] = best
-        for ours in ("vmferry_idle", "vmferry_dirtying"):
+        for ours in [k for k in c if k.startswith("vmferry_")]:
             out[f"{ours}_throughput_ratio"] = round(
                 c[ours]["median_ram_gbps"] / c[best]["median_ram_gbps"], 3)
             out[f"{ours}_downtime_ratio"] = round(

@@ -12,6 +12,8 @@ Prints one JSON object with every figure, the medians and the ratios.  Cases:
 * ``device_64``: a VM with 64 MiB of device state (a pds-like VFIO device).  Target:
   downtime < 100 ms.
 * ``zero_4g``: a 4 GiB VM that never touched its memory.  Target: < 0.5 s.
+* ``idle_pN`` (``--parallel 0,1,2,4``): ``idle`` with RAM over N parallel data channels
+  (0: in the main connection); ``idle`` itself uses the host's default.
 * ``tls_idle``: ``idle`` between two hosts serving mutual TLS (``host serve --tls-dir``),
   with its ratio to the plaintext run of the same process.  ``--tls-only`` runs just the
   two idle cases (plaintext and TLS).
@@ -22,6 +24,7 @@ QEMU single, QEMU multifd, then the other cases) so machine load hits all alike;
 are medians over ``--runs``.
 
     python benchmarks/migration_throughput.py [--runs 2] [--memory-mib 2048] [--no-qemu]
+        [--parallel 0,1,2,4] [--idle-only]
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def vmferry_case(
         "downtime_breakdown": st["downtime-breakdown"],
         "predicted_breakdown": st.get("predicted-downtime-breakdown", {}),
         "passes": len(st["passes"]),
+        "parallel": job.get("progress", {}).get("parallel", 0),
         "transferred": st["ram"]["transferred"],
         "device_bytes": st.get("device-bytes", 0),
         "gb_per_s": round(size / (st["total-time"] / 1e3) / 1e9, 3),
@@ -231,6 +235,10 @@ def main() -> None:
     ap.add_argument("--memory-mib", type=int, default=2048)
     ap.add_argument("--no-qemu", action="store_true", help="vmferry cases only")
     ap.add_argument("--tls-only", action="store_true", help="only idle: plaintext and TLS")
+    ap.add_argument("--parallel", default="0,1,2,4",
+                    help="data channel counts of the idle_pN cases (comma-separated)")
+    ap.add_argument("--idle-only", action="store_true",
+                    help="only the idle cases (default, idle_pN and QEMU's)")
     args = ap.parse_args()
     mib = args.memory_mib
     work = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
@@ -238,6 +246,8 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {
         k: [] for k in ("idle", "qemu_single", "qemu_multifd4", "dirty_50", "device_64",
                         "zero_4g")}  # fmt: skip
+    channels = [int(x) for x in args.parallel.split(",") if x.strip()]
+    results.update({f"idle_p{p}": [] for p in channels})
     hosts = []
     qemu_version = ""
     try:
@@ -259,7 +269,15 @@ def main() -> None:
                 0.2))  # fmt: skip
             if not args.no_qemu:
                 results["qemu_single"].append(qemu_case(work, shm / "ram", mib, 0))
+            for p in channels:
+                results[f"idle_p{p}"].append(vmferry_case(
+                    a, b, b_url, f"idle{n}p{p}",
+                    {"memory_mib": mib, "vcpus": 2, "fill": "random"}, 0.2,
+                    {"parallel": p}))  # fmt: skip
+            if not args.no_qemu:
                 results["qemu_multifd4"].append(qemu_case(work, shm / "ram", mib, 4))
+            if args.idle_only:
+                continue
             results["dirty_50"].append(vmferry_case(
                 a, b, b_url, f"dirty{n}",
                 {"memory_mib": mib, "vcpus": 2, "fill": "random",
@@ -274,11 +292,13 @@ def main() -> None:
             results["zero_4g"].append(vmferry_case(
                 a, b, b_url, f"zero{n}", {"memory_mib": 4096, "vcpus": 2, "fill": "zero"},
                 0.1))  # fmt: skip
-        try:  # reported, never fatal: the figures above must still come out
-            tls = tls_case(work, {"memory_mib": mib, "vcpus": 2, "fill": "random"},
-                           results["idle"][-1])  # fmt: skip
-        except Exception as exc:
-            tls = {"error": f"{type(exc).__name__}: {exc}"}
+        tls: dict[str, Any] = {"skipped": "--idle-only"}
+        if not args.idle_only:
+            try:  # reported, never fatal: the figures above must still come out
+                tls = tls_case(work, {"memory_mib": mib, "vcpus": 2, "fill": "random"},
+                               results["idle"][-1])  # fmt: skip
+            except Exception as exc:
+                tls = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         for h in hosts:
             h.stop()
@@ -299,8 +319,15 @@ def main() -> None:
             "idle_vs_qemu_multifd4": round(idle / report["qemu_multifd4"]["median_gb_per_s"],
                                            3),  # fmt: skip
             "idle_vs_best_qemu": round(idle / best, 3),
+            **{f"idle_p{p}_vs_best_qemu":
+               round(report[f"idle_p{p}"]["median_gb_per_s"] / best, 3) for p in channels},
         }
         targets["idle>=2x_best_qemu"] = idle >= 2 * best
+    if args.idle_only:
+        report["targets"] = targets
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return
     targets["dirty_50_downtime<=50ms"] = report["dirty_50"]["median_downtime_ms"] <= 50
     targets["device_64_downtime<100ms"] = report["device_64"]["median_downtime_ms"] < 100
     targets["zero_4g<0.5s"] = report["zero_4g"]["median_total_time_ms"] < 500

@@ -3,14 +3,14 @@
 Measures, in one run:
 
 * **rebuild**: ``SpaprIommu.restore`` (post_load + explicit replay into the destination's
-  hardware tables, spec §9.3) of a guest view with N mapped 64 KiB entries, in entries
+  hardware tables, docs/models/spapr-tce.md §9.3) of a guest view with N mapped 64 KiB entries, in entries
   per second -- this runs inside the downtime -- vectorised against the per-entry replay
   (both must leave identical tables), and against the source mapping the same entries
   with H_PUT_TCE_INDIRECT;
 * **pre-copy**: an in-process migration (real clock) of a pseries VM whose DMA devices
   keep writing during pre-copy, against the same VM without devices: RAM pages sent,
   passes and the wall time of the whole migration (the WRITE-mapped pages count as dirty
-  on every pass, spec §9.3 point 4).
+  on every pass, docs/models/spapr-tce.md §9.3 point 4).
 
     PYTHONPATH=src python benchmarks/pseries_migration.py [--entries 8192]
 """

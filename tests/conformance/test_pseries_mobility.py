@@ -27,19 +27,15 @@ from vmferry.hw.spapr.platform import (
     generate_pseries_tree,
 )
 from vmferry.hw.spapr.rtas import (
-    Cc,
     NodeAdd,
-    NodeOp,
     NodeUpdate,
     PropChange,
-    Rc,
     RtasFirmware,
     SubtreeSpec,
     UpdatePlan,
-    WorkArea,
-    WorkAreaOverrun,
     be32,
 )
+from vmferry.hw.spapr.workarea import Cc, NodeOp, Rc, WorkArea, WorkAreaOverrun
 
 PF = "/ibm,platform-facilities"
 SEED_BUF = bytes.fromhex(
@@ -706,7 +702,7 @@ def test_check_50_reference_balance() -> None:
 
 
 def test_work_area_must_be_4096() -> None:
-    from vmferry.hw.spapr.rtas import TruncatedWorkArea
+    from vmferry.hw.spapr.workarea import TruncatedWorkArea
     with pytest.raises(TruncatedWorkArea):
         WorkArea(bytearray(100))
 

@@ -10,7 +10,8 @@ from vmferry.guest.mobility import MODES, MobilityHandler, OutOfBoundsRead
 from vmferry.hw.devtree import Property, RefcountUnderflow, dump_fdt, load_fdt
 from vmferry.hw.devtree.tree import canonical
 from vmferry.hw.spapr.platform import generate_pseries_tree
-from vmferry.hw.spapr.rtas import WorkAreaOverrun, be32
+from vmferry.hw.spapr.rtas import be32
+from vmferry.hw.spapr.workarea import WorkAreaOverrun
 
 
 def tree():  # type: ignore[no-untyped-def]

@@ -83,9 +83,10 @@ def test_item7_qmp_migrate_with_live_parameter_change(qpair: tuple[Pair, Path]) 
     async def scenario() -> dict[str, Any]:
         qmp = await connect(qmp_dir / "q2.qmp")
         await qmp.execute("migrate-set-parameters",
-                          {"downtime-limit": 250, "max-bandwidth": 2 * MIB})
+                          {"downtime-limit": 250, "max-bandwidth": 2 * MIB,
+                           "multifd-channels": 3})
         assert await qmp.execute("query-migrate-parameters") == {
-            "downtime-limit": 250, "max-bandwidth": 2 * MIB}
+            "downtime-limit": 250, "max-bandwidth": 2 * MIB, "multifd-channels": 3}
         assert await qmp.execute("migrate", {"uri": pair.b_proc.control_url}) == {}
         await until_event(qmp, "MIGRATION", status="active")
         await until_event(qmp, "MIGRATION_PASS", **{"pass": 1})
@@ -107,6 +108,7 @@ def test_item7_qmp_migrate_with_live_parameter_change(qpair: tuple[Pair, Path]) 
     job = [j for j in pair.a.get("/v1/jobs") if j["vm"] == "q2"][-1]
     assert job["params"]["max_bandwidth_mib"] is None
     assert job["params"]["downtime_limit_ms"] == 250
+    assert job["params"]["parallel"] == 3 and job["progress"]["parallel"] == 3
     assert pair.b.get("/v1/vms/q2")["runstate"] == "running"
 
 

@@ -417,11 +417,3 @@ def to_markdown(cells: Sequence[Cell]) -> str:
             f"**{c.outcome}** | {reason} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def to_html(cells: Sequence[Cell]) -> str:
-    """A coloured source x destination grid per guest PSCI setting, with a legend and the
-    reason on each cell (see :mod:`vmferry.analysis.matrix_html`)."""
-    from vmferry.analysis.matrix_html import to_html as render
-
-    return render(cells)

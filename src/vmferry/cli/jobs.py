@@ -108,6 +108,14 @@ def _follow(url: str, job_id: str, as_json: bool, cancel: bool) -> tuple[dict[st
     is_flag=True,
     help="let pre-flight proceed, with a warning, where the guest would lose a mitigation",
 )
+@click.option(
+    "--parallel",
+    type=click.IntRange(0, 16),
+    default=None,
+    metavar="N",
+    help="move RAM over N parallel data connections (0: in the main connection; "
+    "default: the source host's, see docs/performance.md)",
+)
 @click.option("--fault", default=None, metavar="PHASE:ACTION", hidden=True)
 @click.option("--undefinesource", "undefine_source", is_flag=True,
               help="forget the VM on the source host once it runs on the destination")
@@ -124,6 +132,7 @@ def migrate(
     stream_file: str | None,
     compat: str,
     allow_degraded: bool,
+    parallel: int | None,
     fault: str | None,
     undefine_source: bool,
     no_wait: bool,
@@ -145,6 +154,8 @@ def migrate(
         params["max_bandwidth_mib"] = bandwidth
     if stream_file:
         params["stream_file"] = stream_file
+    if parallel is not None:
+        params["parallel"] = parallel
     if fault:
         params["fault"] = fault
     if undefine_source:

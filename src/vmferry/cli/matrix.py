@@ -17,9 +17,9 @@ from vmferry.analysis.matrix import (
     MatrixContext,
     run_cell,
     specs,
-    to_html,
     to_markdown,
 )
+from vmferry.analysis.matrix_html import to_html
 from vmferry.cli.common import err_console
 from vmferry.errors import ConfigError
 from vmferry.machine.profiles import list_profiles

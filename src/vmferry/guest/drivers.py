@@ -6,10 +6,9 @@
   reference on its node (holder ``vio:<name>``) until it is released; the bus does not
   listen for node removal.  :meth:`VioBus.devspec` is the sysfs ``devspec`` read: the
   node's full path built by walking parents with counted ``of_get_parent``.
-* Drivers bound by (type, compatible): :class:`PseriesRng` (``ibm,random-v1``),
+* The driver bound by (type, compatible) whose node changes across a migration:
   :class:`Nx842` (``ibm,compression-v1``; re-reads limits on UPDATE_PROPERTY of its node's
-  name, with the upstream filter quirk as an option), :class:`NxCrypto`
-  (``ibm,sym-encryption-v1``; reads limits once at probe).
+  name, with the upstream filter quirk as an option).
 * :class:`CacheInfo` — the powerpc cacheinfo objects: references on cache nodes reached
   through ``l2-cache`` chains from every CPU node; torn down and rebuilt around the
   post-migration update.
@@ -24,8 +23,6 @@ from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Reconfig, ReconfigEv
 from vmferry.hw.spapr.rtas import PLATFORM_FACILITIES
 from vmferry.sync import yield_point
 
-H_RANDOM = 0x300
-H_COP = 0x304
 MAX_SG_LEN_CLAMP = 4096
 MAX_SYNC_SIZE_CLAMP = 65536
 
@@ -86,7 +83,7 @@ class VioBus:
 
     def devspec(self, name: str, holder: str = "user:devspec") -> str:
         """``/sys/bus/vio/devices/<name>/devspec``: %pOF via counted parent walks."""
-        dev = self._dev(name)
+        dev = self.device(name)
         parts: list[str] = []
         node: DeviceNode | None = self.tree.get(dev.node, holder)
         while node is not None:
@@ -99,29 +96,17 @@ class VioBus:
             node = parent
         return "/" + "/".join(reversed(parts))
 
-    def _dev(self, name: str) -> VioDev:
+    def device(self, name: str) -> VioDev:
         dev = self.devices.get(name)
         if dev is None or dev.released:
             raise KernelError(19, f"no vio device {name!r}")
         return dev
 
     def release(self, name: str) -> None:
-        dev = self._dev(name)
+        dev = self.device(name)
         dev.released = True
         self.tree.put(dev.node, dev.holder)
         del self.devices[name]
-
-
-class PseriesRng:
-    """``pseries-rng``: H_RANDOM, 8 bytes per call; no node pointer of its own."""
-
-    def __init__(self, bus: VioBus) -> None:
-        self.dev = bus._dev("ibm,random-v1")
-        self.calls = 0
-
-    def read(self) -> bytes:
-        self.calls += 1
-        return (0x9E3779B97F4A7C15 * self.calls & (2**64 - 1)).to_bytes(8, "big")
 
 
 @dataclass(frozen=True)
@@ -159,7 +144,7 @@ class Nx842:
 
     def __init__(self, bus: VioBus, *, filter_quirk: bool = False) -> None:
         self.tree = bus.tree
-        self.dev = bus._dev("ibm,compression-v1")
+        self.dev = bus.device("ibm,compression-v1")
         self.filter_quirk = filter_quirk
         self.limits = self._read(self.dev.node)
         self.notifications = 0
@@ -190,17 +175,6 @@ class Nx842:
         self.dev.node.check_alive("nx842")
         self.ops.append((now, self.limits))
         return self.limits
-
-
-class NxCrypto:
-    """``nx-crypto``: limits read once at probe, never updated."""
-
-    def __init__(self, bus: VioBus) -> None:
-        self.dev = bus._dev("ibm,sym-encryption-v1")
-        node = self.dev.node
-        self.status = node.value("status", "nx-crypto")
-        self.max_sg_len = node.value("ibm,max-sg-len", "nx-crypto")
-        self.max_sync_cop = node.value("ibm,max-sync-cop", "nx-crypto")
 
 
 class CacheInfo:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -19,7 +19,6 @@ from vmferry import __version__
 from vmferry.errors import ApiError, HostError, MigrationError, PeerError, VmferryError
 from vmferry.host import observe
 from vmferry.host.auth import bearer_matches
-from vmferry.host.daemon import HostDaemon
 from vmferry.host.iommu import describe as describe_iommu
 from vmferry.host.models import (
     MAX_BODY,
@@ -35,6 +34,9 @@ from vmferry.host.models import (
 from vmferry.host.snapshot import restore_vm, save_vm
 from vmferry.machine.profiles import HostProfile
 from vmferry.machine.pseries_dt import device_tree_handler
+
+if TYPE_CHECKING:
+    from vmferry.host.daemon import HostDaemon  # the daemon imports this module to serve
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -13,6 +13,9 @@ A fault is ``PHASE:ACTION``:
   behind the dirty log's back, as a DMA the log never sees: the destination ends up with
   other RAM than the source and verification must catch it before COMMIT; phase
   ``active`` only).
+
+``cut-channel:N`` closes parallel data channel ``N`` after its first batch of pass 1
+(migrations with ``parallel`` > N): a cut in any channel must fail the whole migration.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class Fault:
     @classmethod
     def parse(cls, text: str) -> Fault:
         phase, _, action = text.partition(":")
+        if phase == "cut-channel":
+            if not (action.isdigit() and int(action) < 16):
+                raise ConfigError(f"fault {text!r}: cut-channel:N takes a channel index "
+                                  "from 0 to 15")
+            return cls(phase, str(int(action)))
         if phase not in PHASES or action not in ACTIONS:
             raise ConfigError(
                 f"fault {text!r}: expected PHASE:ACTION with PHASE in {PHASES} "

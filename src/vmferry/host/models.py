@@ -154,6 +154,9 @@ class MigrationParamsModel(Strict):
     verify: bool = False
     compat: Literal["preflight", "qemu"] = "preflight"
     allow_degraded: bool = False
+    #: RAM over this many parallel data channels beside the main connection (0: RAM in
+    #: the main stream); None: the host's default
+    parallel: int | None = Field(default=None, ge=0, le=16)
     #: fault injection for tests (``PHASE:ACTION``)
     fault: str | None = Field(default=None, max_length=64)
     #: also write the exact stream sent to this file in the images directory

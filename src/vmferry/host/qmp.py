@@ -52,7 +52,9 @@ from typing import TYPE_CHECKING, Any
 
 from vmferry import __version__
 from vmferry.errors import ApiError, VmferryError
+from vmferry.host.datachannels import DEFAULT_PARALLEL
 from vmferry.host.events import Event
+from vmferry.migration.multichannel import MAX_CHANNELS
 
 if TYPE_CHECKING:
     from vmferry.host.daemon import HostDaemon
@@ -156,7 +158,8 @@ class VmQmp:
         self.clients: set[_Client] = set()
         self.server: asyncio.Server | None = None
         #: QMP units: ms and bytes/s (0: unlimited)
-        self.params: dict[str, int] = {"downtime-limit": 300, "max-bandwidth": 0}
+        self.params: dict[str, int] = {"downtime-limit": 300, "max-bandwidth": 0,
+                                       "multifd-channels": DEFAULT_PARALLEL}
         self.job_state: dict[str, tuple[str, int]] = {}
         self.commands: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "query-status": self.query_status, "stop": self.stop, "cont": self.cont,
@@ -281,6 +284,7 @@ class VmQmp:
         params: dict[str, Any] = {"downtime_limit_ms": float(self.params["downtime-limit"])}
         if self.params["max-bandwidth"]:
             params["max_bandwidth_mib"] = self.params["max-bandwidth"] / MIB
+        params["parallel"] = self.params["multifd-channels"]
         job = await asyncio.to_thread(self.d.migrate, self.name, uri, params)
         log.info("QMP migrate of %s to %s: job %s", self.name, uri, job.id)
         return {}
@@ -305,11 +309,15 @@ class VmQmp:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise QmpError("GenericError", f"Parameter '{key}' expects a non-negative "
                                                "integer")
+        if args.get("multifd-channels", 1) > MAX_CHANNELS:
+            raise QmpError("GenericError", "Parameter 'multifd-channels' expects a value "
+                                           f"between 0 and {MAX_CHANNELS}")
         if args.get("downtime-limit") == 0:
             raise QmpError("GenericError", "Parameter 'downtime-limit' expects an integer in "
                                            "the range of 1 to 2000000 milliseconds")
         job = self._latest_job()
-        if job is not None and job.status in ("setup", "active"):
+        if job is not None and job.status in ("setup", "active") \
+                and set(args) - {"multifd-channels"}:  # fmt: skip
             changes: dict[str, Any] = {}
             if "downtime-limit" in args:
                 changes["downtime_limit_ms"] = float(args["downtime-limit"])

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from vmferry.errors import ConfigError, HostError
+from vmferry.errors import ConfigError
 
 CA_FILE, CERT_FILE, KEY_FILE = "ca.pem", "cert.pem", "key.pem"
 VALID_DAYS = 825
@@ -204,8 +204,3 @@ def explain(exc: BaseException, peer: str, *, server: bool) -> str:
     return f"TLS handshake with {peer} failed: {text}"
 
 
-def require(config: TlsConfig | None, url: str) -> None:
-    """A TLS host talks only to TLS peers: HostError for a plaintext URL."""
-    if config is not None and not url.startswith("https://"):
-        raise HostError(f"this host serves TLS and refuses the plaintext peer {url} "
-                        "(give its https:// URL; it must serve with --tls-dir too)")  # fmt: skip

@@ -28,7 +28,9 @@ __all__ = [
     "load_definition",
 ]
 
-# Architectures beyond "generic" register themselves in ARCHES when imported.
+# Architectures beyond "generic" register themselves in ARCHES when imported, and
+# definition features (VFIO ``devices``) in FEATURES.
 from vmferry.machine import arm64_handler as _arm64  # noqa: F401
 from vmferry.machine import pseries as _pseries  # noqa: F401
+from vmferry.machine import vfio as _vfio  # noqa: F401
 from vmferry.machine import x86 as _x86  # noqa: F401

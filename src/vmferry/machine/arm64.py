@@ -49,6 +49,7 @@ from vmferry.errors import (
     MalformedRecord,
     MigrationError,
     ModelError,
+    StreamDecodeError,
 )
 from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.arm64_fw import (
@@ -64,6 +65,7 @@ from vmferry.hw.kvm.arm64_fw import (
     vm_protection,
 )
 from vmferry.hw.kvm.psci import PsciVersion
+from vmferry.hw.persist import Field, Layout
 from vmferry.machine.profiles import HostProfile
 
 MAX_CPREG_VMSTATE_ANOMALIES: Final = 10
@@ -528,13 +530,14 @@ class Arm64Machine:
 
 MAGIC: Final = b"A64V"
 FORMAT: Final = 1
-_HEADER = struct.Struct(">4sHH")
+#: ``"A64V" | u16 format | u16 vcpus``, then the vCPUs (:mod:`vmferry.hw.persist`)
+HEADER = Layout("arm64", MAGIC, FORMAT, (Field("vcpus", "u16"),))
 _VCPU = struct.Struct(">HBB")
 _LEN = struct.Struct(">i")
 
 
 def encode_state(state: Arm64State) -> bytes:
-    out = [_HEADER.pack(MAGIC, FORMAT, len(state.vcpus))]
+    out = [HEADER.encode({"vcpus": len(state.vcpus)})]
     for vcpu in state.vcpus:
         out.append(_VCPU.pack(vcpu.index, int(vcpu.powered_off), 0))
         for rid, value in zip(R.CORE_REGS.values(), vcpu.core, strict=True):
@@ -566,11 +569,13 @@ class _Reader:
 def decode_state(data: bytes) -> Arm64State:
     """Strict inverse of :func:`encode_state`; Arm64StateDecodeError on malformed bytes."""
     rd = _Reader(bytes(data))
-    magic, fmt, n = _HEADER.unpack(rd.take(_HEADER.size, "header"))
-    if magic != MAGIC:
-        raise Arm64StateDecodeError(f"bad magic {bytes(magic)!r}", 0)
-    if fmt != FORMAT:
-        raise Arm64StateDecodeError(f"unsupported arm64 state format {fmt}", 4)
+    try:
+        head, rd.pos = HEADER.decode_head(data)
+    except StreamDecodeError as exc:  # one error type for every malformed arm64 record
+        err = Arm64StateDecodeError(str(exc))
+        err.offset = exc.offset
+        raise err from exc
+    n = head["vcpus"]
     vcpus = tuple(_decode_vcpu(rd) for _ in range(n))
     if rd.pos != len(rd.data):
         raise Arm64StateDecodeError(f"{len(rd.data) - rd.pos} trailing bytes", rd.pos)

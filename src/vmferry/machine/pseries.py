@@ -52,474 +52,35 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
-import xxhash
 
-from vmferry.errors import ConfigError, MigrationRefused
-from vmferry.guest.dma import GuestDmaError, GuestDmaWindow
-from vmferry.guest.dma_driver import RxRingDriver
+from vmferry.errors import ConfigError
+from vmferry.guest.dma import GuestDmaWindow
 from vmferry.guest.workload import Workload
-from vmferry.hw.spapr import persist
-from vmferry.hw.spapr.dmadev import (
-    MAX_RING,
-    DmaDeviceError,
-    SpaprDmaEngine,
-    decode_state,
-    encode_state,
-    ring_bytes,
-)
+from vmferry.hw.spapr.dmadev import ring_bytes
 from vmferry.hw.spapr.hcall import Hcall, HRet
-from vmferry.hw.spapr.hostmem import DEFAULT_HPA_BASE, HostMemoryMap, Memslot
 from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec, windows_from_definition
 from vmferry.hw.spapr.tce import (
     TCE_PCI_READ,
     TCE_PCI_WRITE,
-    TCE_PERM_MASK,
     DmaFault,
-    Quirk,
     SpaprError,
     encode_tce_list,
-    quirks_of,
 )
-from vmferry.machine.handlers import BlobHandler, ComponentData, StatePiece
+from vmferry.machine.pseries_dma import (
+    DeviceDma,
+    DmaDeviceSpec,
+    PagesBelow,
+    SpaprDmaHandler,
+    pages64,
+)
 from vmferry.machine.pseries_dt import KEYS as DEVICE_TREE_KEYS
 from vmferry.machine.pseries_dt import device_tree_step
+from vmferry.machine.pseries_platform import SpaprHostPlatform
+from vmferry.machine.pseries_tce import SpaprTceHandler
 from vmferry.machine.ram import PAGE_64K, GuestRam
 from vmferry.machine.vm import ARCHES, VM, ArchSupport, HostContext
 
-MIB: Final = 1 << 20
 KEYS: Final = frozenset({"tce_windows", "dma_devices"}) | DEVICE_TREE_KEYS
-IOMMU_PAGE_SHIFTS: Final = (12, 16, 24)
-BACKING_SHIFTS: Final = (16, 24)
-_PLATFORM_KEYS = {
-    "hpa_base",
-    "ua_base",
-    "backing_shift",
-    "memslots",
-    "iommu_page_shift",
-    "tce_mode",
-}
-_DEVICE_KEYS = {"name", "liobn", "buffers", "buffer_kib", "rate_mbps"}
-_ADDR_STRIDE = 1 << 36
-DEFAULT_UA_BASE: Final = 0x7000_0000_0000
-
-
-# --- the host platform ---------------------------------------------------------------------
-
-
-def _int(d: Mapping[str, Any], key: str, default: int) -> int:
-    value = d.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"spapr platform {key} must be a non-negative integer, not {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class SpaprHostPlatform:
-    """How one host backs a pseries guest's RAM and which IOMMU pages its PHBs use."""
-
-    hpa_base: int
-    ua_base: int
-    iommu_page_shift: int = 16
-    #: (size in bytes, backing page shift) per memslot; empty: one slot for all of RAM
-    memslots: tuple[tuple[int, int], ...] = ()
-    backing_shift: int = 16
-    tce_mode: str = "correct"
-
-    @classmethod
-    def from_host(cls, host: HostContext) -> SpaprHostPlatform:
-        raw = host.platform.get("spapr", {})
-        if not isinstance(raw, Mapping):
-            raise ConfigError("host platform [spapr] must be a table")
-        unknown = set(raw) - _PLATFORM_KEYS
-        if unknown:
-            raise ConfigError(f"unknown spapr platform keys {sorted(unknown)}")
-        h = xxhash.xxh64_intdigest(host.name.encode())
-        hpa = _int(raw, "hpa_base", DEFAULT_HPA_BASE + (h % 1024) * _ADDR_STRIDE)
-        ua = _int(raw, "ua_base", DEFAULT_UA_BASE + ((h >> 10) % 256) * _ADDR_STRIDE)
-        shift = _int(raw, "iommu_page_shift", 16)
-        backing = _int(raw, "backing_shift", 16)
-        if shift not in IOMMU_PAGE_SHIFTS or backing not in BACKING_SHIFTS:
-            raise ConfigError(
-                f"spapr platform: iommu_page_shift {shift} not in {IOMMU_PAGE_SHIFTS} or "
-                f"backing_shift {backing} not in {BACKING_SHIFTS}"
-            )
-        if (hpa | ua) & ((1 << 24) - 1):
-            raise ConfigError("spapr platform: hpa_base and ua_base must be 16 MiB aligned")
-        mode = raw.get("tce_mode", "correct")
-        if not isinstance(mode, str):
-            raise ConfigError(f"spapr platform tce_mode must be a string, not {mode!r}")
-        quirks_of(mode)  # ConfigError for an unknown mode
-        return cls(hpa, ua, shift, _memslots(raw.get("memslots", [])), backing, mode)
-
-    def memory_map(self, ram_size: int) -> HostMemoryMap:
-        """This host's memslots for ``ram_size`` bytes of guest RAM (contiguous backing)."""
-        slots = self.memslots or ((ram_size, self.backing_shift),)
-        if sum(size for size, _ in slots) != ram_size:
-            raise ConfigError(
-                f"spapr memslots cover {sum(s for s, _ in slots) >> 20} MiB, "
-                f"the guest has {ram_size >> 20} MiB"
-            )
-        out, gpa = [], 0
-        for size, backing in slots:
-            if gpa & ((1 << backing) - 1):
-                raise ConfigError(f"memslot at gpa {gpa:#x} not aligned to its backing page")
-            out.append(Memslot(gpa, size, self.ua_base + gpa, self.hpa_base + gpa, backing))
-            gpa += size
-        try:
-            return HostMemoryMap(out)
-        except SpaprError as exc:
-            raise ConfigError(f"spapr memslots: {exc}") from exc
-
-
-def _memslots(raw: object) -> tuple[tuple[int, int], ...]:
-    if not isinstance(raw, list):
-        raise ConfigError("spapr platform memslots must be a list of tables")
-    out = []
-    for slot in raw:
-        if not isinstance(slot, Mapping) or set(slot) - {"size_mib", "backing_shift"}:
-            raise ConfigError(f"spapr memslot {slot!r}: keys are size_mib, backing_shift")
-        size = _int(slot, "size_mib", 0) * MIB
-        backing = _int(slot, "backing_shift", 16)
-        if size == 0 or backing not in BACKING_SHIFTS or size & ((1 << backing) - 1):
-            raise ConfigError(f"spapr memslot {dict(slot)}: empty, or not whole backing pages")
-        out.append((size, backing))
-    return tuple(out)
-
-
-# --- the TCE tables as a migration handler -------------------------------------------------
-
-
-class SpaprTceHandler(BlobHandler):
-    """The sPAPR IOMMU of a VM: TCE guest view in the stream, rebuild on load
-    (docs/models/spapr-tce.md §9.3)."""
-
-    name = "spapr-tce"
-
-    def __init__(self, iommu: SpaprIommu, ram: GuestRam, platform: SpaprHostPlatform) -> None:
-        self.iommu, self.ram, self.platform = iommu, ram, platform
-        #: windows of DMA devices that cannot report their own dirty pages: their WRITE
-        #: mappings count as dirty
-        self.untracked_liobns: set[int] = set()
-        self.rebuild: persist.RebuildReport | None = None
-
-    # --- both sides --------------------------------------------------------------------
-
-    def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mode": self.iommu.mode,
-            "windows": [
-                _window_json(self.iommu, liobn) for liobn in sorted(self.iommu.qemu.tables)
-            ],
-            "dma_faults": len(self.iommu.dma_faults),
-            "last_dma_fault": str(self.iommu.dma_faults[-1]) if self.iommu.dma_faults else "",
-            "invariants": _invariants(self.iommu),
-            "host": {
-                "hpa_base": self.platform.hpa_base,
-                "iommu_page_shift": self.platform.iommu_page_shift,
-            },
-        }
-        if self.rebuild is not None:
-            out["rebuild"] = _rebuild_json(self.rebuild)
-        return out
-
-    def state_digest(self) -> str:
-        """The guest view and where every hardware entry reaches in guest memory: equal on
-        both hosts when device DMA reaches the same guest pages (hpas differ)."""
-        h = xxhash.xxh3_128(persist.encode_state(self.iommu.save()))
-        for liobn in sorted(self.iommu.container.windows):
-            for hw in self.iommu.hw_tables(liobn):
-                h.update(_hw_reach(self.iommu, hw).tobytes())
-        return h.hexdigest()
-
-    # --- source ------------------------------------------------------------------------
-
-    def capabilities(self) -> dict[str, Any]:
-        regions = []
-        for region in self.iommu.mm.regions:
-            gpa = self.iommu.host.ua_to_gpa(region.ua)
-            if gpa is not None:
-                regions.append([gpa, region.size, region.pageshift])
-        return {
-            "rebuild": not self.iommu.has_quirk(Quirk.NO_REBUILD),
-            "iommu_page_shift": self.platform.iommu_page_shift,
-            "regions": regions,
-        }
-
-    def preflight(
-        self, destination: Mapping[str, Any] | None, options: Mapping[str, Any]
-    ) -> list[str]:
-        mapped = sum(
-            int(np.count_nonzero(t.view.dense() & np.uint64(TCE_PERM_MASK)))
-            for t in self.iommu.qemu.tables.values()
-            if t.enabled
-        )
-        if destination is None:
-            if options.get("compat") == "preflight":
-                raise MigrationRefused("spapr-tce: the destination has no sPAPR TCE support")
-            return []
-        if mapped and not destination.get("rebuild", False):
-            raise MigrationRefused(
-                f"spapr-tce: {mapped} live TCE mappings and the destination does not "
-                "rebuild hardware tables (upstream QEMU blocks this migration)"
-            )
-        lost = _predict_cleared(self.iommu, destination)
-        if lost:
-            return [
-                f"spapr-tce: the destination cannot back {lost} mapped TCE entries; "
-                "they will be cleared (device DMA to them faults)"
-            ]
-        return []
-
-    def quiesce(self) -> None:
-        self.mark_dma_writable()  # devices stopped: their last DMA is in the final sync
-
-    def save_complete(self) -> tuple[StatePiece, ...]:
-        return (ComponentData(self.name, persist.encode_state(self.iommu.save())),)
-
-    # --- destination -------------------------------------------------------------------
-
-    def apply(self, data: bytes) -> None:
-        """Decode, load the guest view and replay it into this host's hardware tables;
-        a TceRestoreError fails the load (the source resumes)."""
-        self.rebuild = self.iommu.restore(persist.decode_state(data))
-
-    def post_load(self) -> dict[str, Any]:
-        if self.rebuild is None:
-            return {}
-        return {"rebuild": _rebuild_json(self.rebuild), "invariants": _invariants(self.iommu)}
-
-    # --- pre-copy marking (docs/models/spapr-tce.md §9.3 point 4) ------------------------------
-
-    def mark_dma_writable(self) -> None:
-        """Count every page mapped with WRITE in a window of an untracked device as dirty.
-        Such a device calls this after each burst of DMA and before the guest can change
-        the mappings, so a page written through an entry unmapped right after is kept."""
-        if not self.ram.logging:
-            return
-        for liobn in sorted(self.untracked_liobns):
-            table = self.iommu.window(liobn)
-            if not table.enabled:
-                continue
-            view = table.view.dense()
-            live = view[(view & np.uint64(TCE_PCI_WRITE)) != 0]
-            mask = np.uint64(TCE_PERM_MASK) | np.uint64(table.page_size - 1)
-            for gpa in np.unique(live & ~mask).tolist():
-                if gpa + table.page_size <= self.ram.size:
-                    self.ram.mark_dirty(int(gpa), table.page_size)
-
-
-def _invariants(iommu: SpaprIommu) -> str:
-    try:
-        iommu.check_invariants()
-    except Exception as exc:  # reported, not raised: a report must always render
-        return f"{type(exc).__name__}: {exc}"
-    return "ok"
-
-
-def _rebuild_json(report: persist.RebuildReport) -> dict[str, Any]:
-    return {
-        "mapped": report.mapped,
-        "cleared": report.cleared,
-        "windows": [
-            {"liobn": w.liobn, "mapped": w.mapped, "cleared": w.cleared} for w in report.windows
-        ],
-    }
-
-
-def _window_json(iommu: SpaprIommu, liobn: int) -> dict[str, Any]:
-    t = iommu.window(liobn)
-    view = t.view.dense() if t.enabled else np.zeros(0, dtype=np.uint64)
-    return {
-        "liobn": liobn,
-        "offset": t.bus_offset,
-        "page_shift": t.page_shift,
-        "entries": t.nb_table,
-        "mapped": int(np.count_nonzero(view & np.uint64(TCE_PERM_MASK))),
-        "hw_mapped": [int(hw.mapped_entries().size) for hw in iommu.hw_tables(liobn)],
-    }
-
-
-def _hw_reach(iommu: SpaprIommu, hw: Any) -> npt.NDArray[np.uint64]:
-    """(entry, gpa | perm) for every mapped hardware entry; hpa outside RAM -> all ones."""
-    entries = hw.mapped_entries()
-    tces = hw.tces.astype(np.uint64)[entries]
-    hpas = tces & ~np.uint64(TCE_PERM_MASK)
-    gpas = np.full(entries.size, np.uint64(0xFFFF_FFFF_FFFF_FFFF))
-    for slot in iommu.host.slots:
-        hit = (hpas >= np.uint64(slot.hpa)) & (hpas < np.uint64(slot.hpa + slot.size))
-        gpas[hit] = hpas[hit] - np.uint64(slot.hpa) + np.uint64(slot.gpa)
-    perms = tces & np.uint64(TCE_PERM_MASK)
-    return np.stack([entries.astype(np.uint64) + np.uint64(hw.offset), gpas | perms]).T.copy()
-
-
-def _predict_cleared(iommu: SpaprIommu, destination: Mapping[str, Any]) -> int:
-    """How many mapped guest entries the destination's preregistered memory cannot back."""
-    regions = destination.get("regions", [])
-    max_shift = int(destination.get("iommu_page_shift", 16))
-    lost = 0
-    for t in iommu.qemu.tables.values():
-        if not t.enabled:
-            continue
-        view = t.view.dense()
-        live = view[(view & np.uint64(TCE_PERM_MASK)) != 0]
-        shift = min(t.page_shift, max_shift)
-        gpas = live & ~np.uint64(TCE_PERM_MASK) & ~np.uint64(t.page_size - 1)
-        ok = np.zeros(gpas.size, dtype=np.bool_)
-        for gpa, size, pageshift in regions:
-            if pageshift >= shift:
-                ok |= (gpas >= np.uint64(gpa)) & (
-                    gpas + np.uint64(t.page_size) <= np.uint64(gpa + size)
-                )
-        lost += int((~ok).sum())
-    return lost
-
-
-# --- DMA devices ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DmaDeviceSpec:
-    name: str
-    liobn: int
-    buffers: int = 8
-    buffer_kib: int = 16
-    rate_mbps: float = 4.0
-
-    @classmethod
-    def from_definition(cls, d: object) -> DmaDeviceSpec:
-        if not isinstance(d, Mapping) or set(d) - _DEVICE_KEYS or not {"name", "liobn"} <= set(d):
-            raise ConfigError(
-                f"dma device {d!r}: keys are {sorted(_DEVICE_KEYS)} (name, liobn required)"
-            )
-        name = d["name"]
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"dma device name {name!r} must be an identifier")
-        ints = {k: d.get(k, getattr(cls, k, 0)) for k in ("liobn", "buffers", "buffer_kib")}
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints.values()):
-            raise ConfigError(f"dma device {name}: liobn, buffers, buffer_kib must be integers")
-        rate = d.get("rate_mbps", cls.rate_mbps)
-        if not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
-            raise ConfigError(f"dma device {name}: rate_mbps must be positive")
-        if not 1 <= ints["buffers"] <= MAX_RING or not 1 <= ints["buffer_kib"] <= 1024:
-            raise ConfigError(
-                f"dma device {name}: buffers in [1, {MAX_RING}], buffer_kib in [1, 1024]"
-            )
-        return cls(name, ints["liobn"], ints["buffers"], ints["buffer_kib"], float(rate))
-
-    @property
-    def area_bytes(self) -> int:
-        """Ring page, TCE list page and twice the posted buffers, in 64 KiB guest pages."""
-        pool = 2 * self.buffers * -(-self.buffer_kib * 1024 // 4096) * 4096
-        return _pages64(ring_bytes(self.buffers)) + PAGE_64K + _pages64(pool)
-
-
-def _pages64(n: int) -> int:
-    return -(-n // PAGE_64K) * PAGE_64K
-
-
-class SpaprDmaHandler(BlobHandler):
-    """One DMA device (registers migrate as a component) and its guest driver (state in
-    guest RAM: it migrates with memory and re-attaches on the destination)."""
-
-    def __init__(
-        self,
-        vm: VM,
-        spec: DmaDeviceSpec,
-        tce: SpaprTceHandler,
-        guest_window: GuestDmaWindow,
-        group: int,
-        area_gpa: int,
-    ) -> None:
-        self.spec, self.tce = spec, tce
-        tce.untracked_liobns.add(spec.liobn)
-        self.name = f"spapr-dma:{spec.name}"
-        tag = xxhash.xxh64_intdigest(spec.name.encode())
-        self.device = SpaprDmaEngine(
-            tce.iommu, liobn=spec.liobn, group=group, tag=tag, rate_mbps=spec.rate_mbps
-        )
-        ring_gpa = area_gpa
-        list_page = ring_gpa + _pages64(ring_bytes(spec.buffers))
-        self.driver = RxRingDriver(
-            guest_window,
-            vm.ram,
-            ring_gpa=ring_gpa,
-            pool_gpa=list_page + PAGE_64K,
-            slots=2 * spec.buffers,
-            buf_len=spec.buffer_kib * 1024,
-            tag=tag,
-        )
-        self.driver_error = ""
-
-    def advance(self, seconds: float) -> None:
-        if self.driver_error:
-            return
-        try:
-            if not self.driver.attached:
-                if self.device.programmed:
-                    self.driver.attach()  # resumed after a migration
-                else:
-                    self.device.program(*self.driver.probe())
-            self.device.run(seconds)
-            self.tce.mark_dma_writable()  # before the driver unmaps what the device wrote
-            self.driver.poll()
-        except (GuestDmaError, DmaDeviceError) as exc:
-            self.driver_error = str(exc)
-
-    def report(self) -> dict[str, Any]:
-        dev = self.device
-        out: dict[str, Any] = {
-            "liobn": dev.liobn,
-            "group": dev.group,
-            "ring_ioba": dev.ring_ioba,
-            "head": dev.head,
-            "dma_count": dev.seq,
-            "dma_bytes": dev.bytes,
-            "faults": dev.faults,
-            "halted": dev.halted,
-            "driver_error": self.driver_error,
-        }
-        if self.driver.attached:
-            st = self.driver.stats()
-            out["driver"] = {"received": st.received, "corrupt": st.corrupt, "tail": st.tail}
-        return out
-
-    def save_complete(self) -> tuple[StatePiece, ...]:
-        return (ComponentData(self.name, encode_state(self.device.save())),)
-
-    def apply(self, data: bytes) -> None:
-        self.device.restore(decode_state(data))
-
-    def state_digest(self) -> str:
-        return xxhash.xxh3_128_hexdigest(encode_state(self.device.save()))
-
-
-class _DeviceDma:
-    """Guest RAM as devices write it: the CPU's dirty log does not see DMA."""
-
-    def __init__(self, ram: GuestRam) -> None:
-        self.ram, self.size = ram, ram.size
-
-    def read(self, gpa: int, n: int) -> bytes:
-        return self.ram.read(gpa, n)
-
-    def write(self, gpa: int, data: bytes | memoryview) -> None:
-        self.ram.device_write(gpa, data)
-
-
-# --- the workload stays out of the DMA area ----------------------------------------------
-
-
-class _PagesBelow:
-    """The guest's application memory: RAM below the kernel's DMA area."""
-
-    def __init__(self, ram: GuestRam, npages: int) -> None:
-        self.ram, self.npages, self.page_size = ram, npages, ram.page_size
-
-    def poke_words(
-        self, index: npt.NDArray[np.int64], word: int, values: npt.NDArray[np.uint64]
-    ) -> None:
-        self.ram.poke_words(index, word, values)
 
 
 # --- setup ---------------------------------------------------------------------------------
@@ -567,7 +128,7 @@ def tce_step(s: PseriesSetup) -> None:
             mode=s.platform.tce_mode,
             hw_page_shift=s.platform.iommu_page_shift,
             host=s.platform.memory_map(s.vm.ram.size),
-            device_memory=_DeviceDma(s.vm.ram),
+            device_memory=DeviceDma(s.vm.ram),
         )
     except SpaprError as exc:
         raise ConfigError(f"{s.vm.name}: sPAPR IOMMU: {exc}") from exc
@@ -600,14 +161,14 @@ def dma_devices_step(s: PseriesSetup) -> None:
             guest = s.guest_windows[spec.liobn] = GuestDmaWindow(
                 s.vm.hcall, s.vm.ram, liobn=window.liobn, offset=window.offset,
                 size=window.size, page_shift=window.page_shift,
-                list_page=base + _pages64(ring_bytes(spec.buffers)),
+                list_page=base + pages64(ring_bytes(spec.buffers)),
                 vcpu=group % len(s.vm.vcpus),
             )  # fmt: skip
         s.vm.add_handler(SpaprDmaHandler(s.vm, spec, s.tce, guest, group, base))
         base += spec.area_bytes
     vm = s.vm
     vm.workload = Workload(
-        vm.definition.workload, _PagesBelow(vm.ram, s.list_page // vm.ram.page_size)
+        vm.definition.workload, PagesBelow(vm.ram, s.list_page // vm.ram.page_size)
     )
 
 

@@ -186,6 +186,19 @@ class GuestRam:
         self._mark(slice(first, first + k))
         self.write_frontier = max(self.write_frontier, first + k)
 
+    def receive_view(self, first: int, count: int) -> memoryview:
+        """A writable window over pages ``[first, first + count)``, for a receiver that
+        takes page data straight into guest memory; :meth:`received` afterwards."""
+        if first < 0 or count <= 0 or first + count > self.npages:
+            raise GuestMemoryError(f"pages [{first}, {first + count}) do not fit guest RAM")
+        ps = self.page_size
+        return self.bytes[first * ps : (first + count) * ps].data
+
+    def received(self, first: int, count: int) -> None:
+        """Pages ``[first, first + count)`` were stored through :meth:`receive_view`."""
+        self._mark(slice(first, first + count))
+        self.write_frontier = max(self.write_frontier, first + count)
+
     def fill_words(
         self, first: int, count: int, produce: Callable[[npt.NDArray[np.uint64]], object]
     ) -> None:

@@ -75,7 +75,7 @@ from vmferry.hw.vfio import (
 )
 from vmferry.hw.vfio.states import PRE_COPY_STATES
 from vmferry.machine.handlers import DeviceData, DevicePhase, MigrationHandler, StatePiece
-from vmferry.machine.vm import VM, HostContext
+from vmferry.machine.vm import FEATURES, VM, HostContext
 
 S = DeviceState
 #: work items a device processes per second of guest time
@@ -471,3 +471,6 @@ __all__ = [
     "host_drivers",
     "setup_devices",
 ]
+
+
+FEATURES["devices"] = setup_devices

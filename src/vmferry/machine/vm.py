@@ -113,15 +113,10 @@ class ArchSupport:
 
 ARCHES: dict[str, ArchSupport] = {"generic": ArchSupport("generic")}
 
-def _setup_vfio_devices(vm: VM, extra: Mapping[str, Any], host: HostContext) -> None:
-    from vmferry.machine.vfio import setup_devices  # imports this module
-
-    setup_devices(vm, extra, host)
-
-
-#: Definition keys any architecture accepts, each with the hook that builds its handlers
-#: (``devices`` for VFIO devices, for example).  Hooks run after the architecture's.
-FEATURES: dict[str, SetupHook] = {"devices": _setup_vfio_devices}
+#: Definition keys any architecture accepts, each with the hook that builds its handlers.
+#: Hooks run after the architecture's.  Features register themselves when imported, as
+#: architectures do (:mod:`vmferry.machine.vfio` registers ``devices``).
+FEATURES: dict[str, SetupHook] = {}
 
 
 @dataclass(frozen=True)

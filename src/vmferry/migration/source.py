@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -53,7 +52,9 @@ from vmferry.migration.context import (
     Status,
     state_digests,
 )
+from vmferry.migration.multichannel import RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
+from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
     DeviceChunk,
@@ -69,7 +70,6 @@ from vmferry.migration.stream import (
 from vmferry.migration.stream.records import ARCH_RECORDS, Buffer, Record
 
 MIB = 1024 * 1024
-BATCH_BYTES = 4 * MIB
 MAX_RUN_BYTES = 4 * MIB
 #: runs shorter than this many pages travel in RAM_SCATTER lists rather than one record each
 SCATTER_BELOW = 16
@@ -103,6 +103,22 @@ class LinkProbe(Protocol):
 
     def bandwidth_bps(self) -> float:
         """Bytes per second measured on this link before (0.0: never)."""
+        ...
+
+    def fixed_switchover_s(self) -> float:
+        """What the switchover costs beyond moving bytes, as measured here: the host's
+        own bookkeeping with the guest paused (persisting the job's steps) and the
+        destination's load and resume as the last migration to it reported them."""
+        ...
+
+
+class RamSink(Protocol):
+    """Where RAM goes when it does not travel in the main stream: the host's parallel
+    data channels (:mod:`vmferry.migration.multichannel`).  ``send_pass`` returns once
+    every page of ``mask`` and each channel's SYNC of pass ``number`` were handed to the
+    channels; it adds the bytes it sends to the session's ``channel_bytes`` as it goes."""
+
+    def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
         ...
 
 
@@ -174,23 +190,6 @@ class MigrationParams:
         }
 
 
-def page_runs(
-    index: npt.NDArray[np.int64], max_len: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Split sorted page indexes into (start, length) runs of at most ``max_len``."""
-    if index.size == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, empty
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    starts = index[np.concatenate(([0], breaks))]
-    lengths = np.diff(np.concatenate((np.concatenate(([0], breaks)), [index.size])))
-    pieces = (lengths + max_len - 1) // max_len
-    run_of_piece = np.repeat(np.arange(starts.size), pieces)
-    first_piece = np.cumsum(pieces) - pieces
-    k = np.arange(run_of_piece.size) - first_piece[run_of_piece]
-    p_start = starts[run_of_piece] + k * max_len
-    p_len = np.minimum(max_len, lengths[run_of_piece] - k * max_len)
-    return p_start.astype(np.int64), p_len.astype(np.int64)
 
 
 class SourceSession:
@@ -233,6 +232,18 @@ class SourceSession:
         #: the bandwidth cap is measured from here (moved when the cap changes)
         self._pace_from: tuple[float, int] | None = None
         self.source_digest_ms = 0.0
+        #: parallel data channels for RAM (None: RAM goes in the main stream)
+        self.ram_sink: RamSink | None = None
+        #: bytes the data channels sent so far (the sink adds to it while it sends)
+        self.channel_bytes = 0
+        #: measured in pre-copy: stopping the guest, and one read of the dirty log
+        self._stop_s = 0.0
+        self._sync_s = 0.0
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes of the main stream and the data channels."""
+        return self.encoder.bytes_out + self.channel_bytes
 
     # --- driving ---------------------------------------------------------------------
 
@@ -292,7 +303,7 @@ class SourceSession:
             return 0.0
         t0, sent0 = self._pace_from or (self._t_active, 0)
         allowed = cap * MIB * (self.clock.monotonic() - t0)
-        excess = self.encoder.bytes_out - sent0 - allowed
+        excess = self.bytes_out - sent0 - allowed
         return max(0.0, excess / (cap * MIB))
 
     def retune(self, changes: Mapping[str, Any]) -> None:
@@ -310,10 +321,19 @@ class SourceSession:
         policy = dataclasses.replace(self.policy,
                                      downtime_limit_s=params.downtime_limit_ms / 1e3)
         if params.max_bandwidth_mib != self.params.max_bandwidth_mib:
-            self._pace_from = (self.clock.monotonic(), self.encoder.bytes_out)
+            self._pace_from = (self.clock.monotonic(), self.bytes_out)
         self.params, self.policy = params, policy
 
     # --- the phases ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """``guest.held()``, timed: entering it stops the guest as the switchover will,
+        so the pre-copy passes measure what stopping costs (a decaying maximum)."""
+        t0 = self.clock.monotonic()
+        with self.guest.held():
+            self._stop_s = max(self._stop_s * 0.5, self.clock.monotonic() - t0)
+            yield
 
     def _produce(self) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
@@ -332,7 +352,7 @@ class SourceSession:
         to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
         while True:
             t_pass = self.clock.monotonic()
-            with self.guest.held():
+            with self._held():
                 pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
             if pieces:
                 yield self._encode_pieces(pieces)
@@ -342,7 +362,9 @@ class SourceSession:
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
                 self._end_of_pass(t_pass, 0)
                 break
+            t_sync = self.clock.monotonic()
             dirty = ram.get_dirty_log()
+            self._sync_s = self.clock.monotonic() - t_sync
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
             if self._end_of_pass(t_pass, dirty.count):
@@ -353,7 +375,7 @@ class SourceSession:
         """Record the pass; True when it is time to switch over."""
         now = self.clock.monotonic()
         seconds = max(now - t_pass, 1e-9)
-        pass_bytes = self.encoder.bytes_out - sum(p.bytes for p in self.stats.passes)
+        pass_bytes = self.bytes_out - sum(p.bytes for p in self.stats.passes)
         bandwidth = pass_bytes / seconds
         self.stats.link_bandwidth_bps = bandwidth if pass_bytes >= MEASURABLE_BYTES else 0.0
         if pass_bytes < MEASURABLE_BYTES and self.link is not None:
@@ -405,11 +427,16 @@ class SourceSession:
         bw = max(bandwidth, 1.0)
         in_flight = self.link.in_flight_bytes() if self.link is not None else 0
         rtt = self.link.round_trip_s() if self.link is not None else 0.0
+        fixed = self.link.fixed_switchover_s() if self.link is not None else 0.0
         parts = {
             "final_ram_ms": ram_bytes / bw * 1e3,
             "state_ms": (remaining - ram_bytes) / bw * 1e3,
             "in_flight_ms": in_flight / bw * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
+            # measured during pre-copy: stopping the guest and the final dirty-log read
+            "stop_ms": (self._stop_s + self._sync_s) * 1e3,
+            # the hosts' bookkeeping and the destination's load and resume (measured)
+            "fixed_ms": fixed * 1e3,
         }
         self.stats.predicted = parts
         self.stats.predicted_downtime_ms = sum(parts.values())
@@ -428,7 +455,7 @@ class SourceSession:
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
-        batch = _Batch(out)
+        batch = Batch(out)
         for h in self.vm.handlers.values():
             for piece in h.save_complete():  # large device states go out as they are read
                 if batch.add(self._encode_pieces([piece])):
@@ -437,7 +464,7 @@ class SourceSession:
         self.stats.ram_remaining = 0
         yield self._ship(batch)
         self._t_end = self.clock.monotonic()
-        self.stats.ram_transferred = self.encoder.bytes_out
+        self.stats.ram_transferred = self.bytes_out
 
     def _pause_guest(self) -> None:
         self._t_pause = self.clock.monotonic()
@@ -465,7 +492,18 @@ class SourceSession:
     # --- RAM runs --------------------------------------------------------------------
 
     def _send_pages(self, mask: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
-        batch = _Batch()
+        if self.ram_sink is not None:
+            number = len(self.stats.passes) + 1
+            counts = self.ram_sink.send_pass(number, mask, self.stats.status is Status.DEVICE)
+            ps = self.vm.ram.page_size
+            self.stats.ram_normal += counts.normal
+            self.stats.ram_normal_bytes += counts.normal * ps
+            self.stats.ram_duplicate += counts.zero
+            self._pass_normal += counts.normal
+            self._pass_duplicate += counts.zero
+            self.stats.ram_transferred = self.bytes_out
+            return
+        batch = Batch()
         self._bounce_used = 0
         for rec in self._page_records(mask):
             if batch.add(self.encoder.encode(rec)):
@@ -474,7 +512,7 @@ class SourceSession:
             batch.add(self.encoder.encode(rec))
         if batch.parts:
             yield self._ship(batch)
-        self.stats.ram_transferred = self.encoder.bytes_out
+        self.stats.ram_transferred = self.bytes_out
 
     def _page_records(self, mask: npt.NDArray[np.bool_]) -> Iterator[Record]:
         """The records for the pages in ``mask``: short runs as RAM_SCATTER lists, long
@@ -487,23 +525,23 @@ class SourceSession:
         short = lengths < SCATTER_BELOW
         if short.any():
             # scattered pages (a hot working set): whole lists per record, gathered by numpy
-            scattered = np.flatnonzero(mask & _expand(starts[short], lengths[short], mask.size))
+            scattered = np.flatnonzero(mask & expand(starts[short], lengths[short], mask.size))
             starts, lengths = starts[~short], lengths[~short]
             yield from self._scatter(scattered)
         for first, count in zip(starts.tolist(), lengths.tolist(), strict=True):
             zero = ram.zero_mask(first, count)
-            for z, s, n in _split(zero, first):
+            for z, s, n in split(zero, first):
                 if z:
                     yield from self._zero(s, n)
                 else:
                     yield from self._flush_zero()
                     yield self._pages(s, n)  # copied into the bounce buffer only now
 
-    def _ship(self, batch: _Batch) -> list[Buffer]:
+    def _ship(self, batch: Batch) -> list[Buffer]:
         """Hand a batch to the host.  The host sends it before asking for more, so the
         bounce buffer its RAM payloads view is free again from here on."""
         self._bounce_used = 0
-        self.stats.ram_transferred = self.encoder.bytes_out
+        self.stats.ram_transferred = self.bytes_out
         return batch.take()
 
     def _scatter(self, index: npt.NDArray[np.int64]) -> Generator[RamScatter, None, None]:
@@ -657,42 +695,3 @@ class SourceSession:
         if st is Status.DEVICE:
             return "awaiting destination resume" if self._t_end else "switchover (final pass)"
         return str(st.value)
-
-
-class _Batch:
-    """Buffers collected until about :data:`BATCH_BYTES` are ready to send."""
-
-    def __init__(self, parts: list[Buffer] | None = None) -> None:
-        self.parts: list[Buffer] = parts if parts is not None else []
-        self.size = sum(len(p) for p in self.parts)
-
-    def add(self, parts: list[Buffer]) -> bool:
-        """Append one record's buffers; True once the batch is full."""
-        self.parts += parts
-        self.size += sum(len(p) for p in parts)
-        return self.size >= BATCH_BYTES
-
-    def take(self) -> list[Buffer]:
-        out, self.parts, self.size = self.parts, [], 0
-        return out
-
-
-def _expand(
-    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], size: int
-) -> npt.NDArray[np.bool_]:
-    """A mask of ``size`` pages with the runs (start, length) set."""
-    delta = np.zeros(size + 1, dtype=np.int32)
-    np.add.at(delta, starts, 1)
-    np.add.at(delta, starts + lengths, -1)
-    return np.cumsum(delta[:-1]) > 0
-
-
-def _split(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:
-    """Cut a run into maximal (is_zero, start, count) pieces."""
-    if zero.all():
-        return [(True, first, zero.size)]
-    if not zero.any():
-        return [(False, first, zero.size)]
-    edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
-    bounds = np.concatenate(([0], edges, [zero.size])).tolist()
-    return [(bool(zero[a]), first + a, b - a) for a, b in itertools.pairwise(bounds)]

@@ -16,9 +16,9 @@ from vmferry.analysis.matrix import (
     run_matrix,
     specs,
     summary,
-    to_html,
     to_markdown,
 )
+from vmferry.analysis.matrix_html import to_html
 from vmferry.errors import ConfigError
 from vmferry.machine.profiles import list_profiles
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
+
 from vmferry.clock import ManualClock
 from vmferry.machine import create_vm
 from vmferry.migration.context import Status
@@ -16,8 +19,12 @@ from vmferry.migration.source import (
 
 
 class Probe:
-    def __init__(self, in_flight: int, rtt: float, bw: float = 0.0) -> None:
-        self.in_flight, self.rtt, self.bw = in_flight, rtt, bw
+    def __init__(self, in_flight: int, rtt: float, bw: float = 0.0, fixed: float = 0.0
+                 ) -> None:  # fmt: skip
+        self.in_flight, self.rtt, self.bw, self.fixed = in_flight, rtt, bw, fixed
+
+    def fixed_switchover_s(self) -> float:
+        return self.fixed
 
     def in_flight_bytes(self) -> int:
         return self.in_flight
@@ -60,6 +67,37 @@ def test_issue17_item4_prediction_counts_in_flight_bytes_and_round_trips() -> No
     bw = src.stats.passes[-1].bytes / src.stats.passes[-1].seconds
     assert abs(p["in_flight_ms"] - 6_000_000 / bw * 1e3) < 1e-6
     assert p["switchover_ms"] == SWITCHOVER_ROUND_TRIPS * 4.0
+
+
+def test_issue17_item4_prediction_counts_stopping_and_the_hosts_fixed_costs() -> None:
+    """Stopping the guest and reading the dirty log (timed in every pre-copy pass) and
+    the hosts' measured fixed costs are parts of the prediction."""
+
+    class SlowStop:
+        def __init__(self, clock: ManualClock, vm: object) -> None:
+            self.clock = clock
+
+        def pause(self) -> None: ...
+
+        def resume(self) -> None: ...
+
+        def set_throttle(self, pct: int) -> None: ...
+
+        def held(self) -> AbstractContextManager[object]:
+            self.clock.advance(0.003)  # stopping the guest takes 3 ms
+            return contextlib.nullcontext()
+
+    vm = create_vm({"name": "s", "memory_mib": 32, "vcpus": 1, "fill": "random",
+                    "workload": {"dirty_rate_mbps": 30, "pattern": "hot"}})
+    vm.start()
+    clock = ManualClock()
+    src = SourceSession(vm, MigrationParams(downtime_limit_ms=50), clock,
+                        guest=SlowStop(clock, vm), link=Probe(0, 0.0, fixed=0.007))
+    migrate_locally(src, DestinationSession(clock), clock, link_bytes_per_s=60e6,
+                    on_time=vm.run_slice)
+    p = src.stats.predicted
+    assert p["stop_ms"] >= 3.0 and p["fixed_ms"] == 7.0
+    assert src.stats.predicted_downtime_ms == sum(p.values())
 
 
 def test_issue17_item4_no_prediction_without_a_stop_decision() -> None:

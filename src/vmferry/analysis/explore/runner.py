@@ -135,7 +135,8 @@ def run_scenario(
         from vmferry.analysis.explore.distributed import run_cases
 
         parts = run_cases(scenario.name, [c.name for c in chosen_cases], mode, limits, seed,
-                          strategy, bound, workers=workers, address=ray_address)
+                          strategy, bound, workers=workers, address=ray_address,
+                          explore=_explore_case, factory_of=_factory)
         for part in parts:
             _merge(report, part)
             if progress is not None:

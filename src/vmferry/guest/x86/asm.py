@@ -68,10 +68,6 @@ def _rex(w: int, reg: int, rm: int) -> int:
     return 0x40 | (w << 3) | ((reg >> 3) << 2) | (rm >> 3)
 
 
-def _modrm_reg(reg: int, rm: int) -> bytes:
-    return bytes([_rex(1, reg, rm), 0, 0xC0 | ((reg & 7) << 3) | (rm & 7)])
-
-
 def _modrm(reg: int, operand: int | Mem) -> tuple[int, bytes]:
     """(REX, ModRM [SIB] [disp]) for register field ``reg`` and r/m ``operand``."""
     if isinstance(operand, int):

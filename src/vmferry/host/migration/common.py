@@ -60,7 +60,7 @@ VERIFY_S_PER_GIB = 1.0
 #: how long the source asks a destination that went silent after COMMIT what happened
 SETTLE_S = 5.0
 
-HOST_PARAMS = ("fault", "stream_file", "undefine_source")
+HOST_PARAMS = ("fault", "stream_file", "undefine_source", "parallel")
 
 
 class MigrationHost(Protocol):

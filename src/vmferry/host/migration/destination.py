@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from vmferry.errors import ConfigError, MigrationCancelled, MigrationError, PeerError, VmferryError
+from vmferry.host import datachannels
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.migration.common import (
     HELLO_TIMEOUT_S,
@@ -113,6 +114,11 @@ class DestinationWorker:
         self.job: Job | None = None
         self.step = "handshake"
         self.populator: Populator | None = None
+        #: RAM over parallel data channels (their port is in the job's progress)
+        self.channels: datachannels.ChannelGroup | None = None
+        #: the staging VM, built at the handshake; whether the session took it
+        self.staging: Any = None
+        self._staging_used = False
         #: the bound on a source that makes no progress, seconds
         self.idle_s = HELLO_TIMEOUT_S
 
@@ -127,9 +133,16 @@ class DestinationWorker:
             log.exception("incoming migration from %s", self.addr)
             self._fail(exc)
         finally:
+            self._close_channels()
             if self.populator is not None:
                 self.populator.stop()
+            if self.staging is not None and not self._staging_used:
+                self.staging.close()  # built at the handshake, never used
             self.ch.link.close()
+
+    def _close_channels(self) -> None:
+        if self.channels is not None:
+            self.channels.close()  # its threads stop writing before the RAM may go
 
     # --- bounded waits -----------------------------------------------------------------
 
@@ -138,6 +151,11 @@ class DestinationWorker:
             raise PeerError("destination host is shutting down", self.step)
         if self.job is not None and self.job.cancel.is_set():
             raise MigrationCancelled("cancelled by the operator on the destination", self.step)
+        if self.channels is not None:
+            self.channels.check(self.step)
+            # RAM may be moving over the data channels while the main one is quiet
+            if self.channels.active_within(self.idle_s):
+                return
         if seconds > self.idle_s:
             raise PeerError(f"the source sent nothing for {seconds:.1f} s", self.step)
 
@@ -168,10 +186,18 @@ class DestinationWorker:
             check_config=self._check_approved(inc.vm, inc.definition),
             factory=self._build_staging,
         )
+        # The staging VM (for KVM guests: its VM and memory slot) is built now, before
+        # the first byte of data: the stream's configuration must equal this definition.
+        self.staging = self.daemon.build_vm({**inc.definition, "fill": "zero"})
+        self.populator = Populator(self.staging.ram)
         if isinstance(self.ch.link, SocketLink):
             with contextlib.suppress(OSError):
                 self.ch.link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                              RECEIVE_BUFFER // 2)  # fmt: skip
+            host = self.ch.link.sock.getsockname()[0]
+            tls = self.daemon.tls.server_context() if self.daemon.tls is not None else None
+            self.channels = datachannels.ChannelGroup(first.token, self.staging.ram, host, tls)
+            self.job.progress["data_port"] = self.channels.port
         self.ch.send(Welcome(self.daemon.name), self._on_stall)
         self.idle_s = IDLE_TIMEOUT_S
         self.job.move(JobStatus.ACTIVE, "receiving stream")
@@ -179,7 +205,11 @@ class DestinationWorker:
         return first
 
     def _build_staging(self, definition: Any) -> Any:
-        """The staging VM, its RAM faulted in from a thread while the stream arrives."""
+        """The staging VM built at the handshake (its RAM faulted in from a thread while
+        the stream arrives); the stream's configuration was checked against it."""
+        if self.staging is not None:
+            self._staging_used = True
+            return self.staging
         vm = self.daemon.build_vm(definition)
         self.populator = Populator(vm.ram)
         return vm
@@ -225,6 +255,12 @@ class DestinationWorker:
         if not isinstance(end, StreamEnd):
             raise self._unexpected(end, "STREAM_END")
         decoder.eof()  # STREAM_END before the stream's END record: a truncated stream
+        if self.channels is not None and self.channels.connected:
+            self.channels.wait_done(IDLE_TIMEOUT_S, lambda: self._on_stall(0.0))
+            pages, zero = self.channels.totals()
+            self.session.pages_received += pages
+            self.session.zero_pages_received += zero
+        self._close_channels()
         self.step = "load"
         if self.populator is not None:
             self.populator.stop()
@@ -258,6 +294,7 @@ class DestinationWorker:
     def _fail(self, exc: BaseException) -> None:
         reason = (f"connection lost: {exc.strerror or exc}" if isinstance(exc, OSError)
                   else describe_failure(exc))  # fmt: skip
+        self._close_channels()
         if self.populator is not None:
             self.populator.stop()
         if self.job is not None and self.job.status is JobStatus.COMPLETED:

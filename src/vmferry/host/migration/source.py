@@ -19,6 +19,7 @@ effect in every phase before COMMIT; the daemon refuses a cancel after it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -35,6 +36,7 @@ from vmferry.errors import (
     RemoteChannelError,
     VmferryError,
 )
+from vmferry.host import datachannels
 from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock
 from vmferry.host.faults import CutConnection, Fault, apply
@@ -91,6 +93,12 @@ log = logging.getLogger("vmferry.host.migration")
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
 #: migrations whose passes are too small to measure it themselves
 _LINK_BANDWIDTH: dict[str, float] = {}
+#: the destination's load and resume (s) as the last migration to it (its control URL)
+#: reported them, for the downtime prediction
+_DESTINATION_FIXED: dict[str, float] = {}
+#: job persists with the guest paused: the source's DEVICE, awaiting-resume and commit
+#: steps, the destination's resume and completed
+PAUSED_PERSISTS = 5
 
 #: opens the connection to the destination's listener: (address, timeout) -> link
 Dialer = Callable[[tuple[str, int], float], Link]
@@ -175,6 +183,10 @@ class SourceWorker:
         #: the destination's failure, as it reported it (typed: kind, step, message)
         self.peer_status: Why | None = None
         self._peer_words: tuple[str, str | None] = ("", None)
+        #: RAM over parallel data channels, once open
+        self.channels: datachannels.ChannelSink | None = None
+        #: one persist of the job, measured (a decaying maximum)
+        self._persist_s = 0.0
         self._rtt_s = 0.0
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
@@ -187,11 +199,14 @@ class SourceWorker:
             self._preflight()
             self._rtt_s = self._measure_round_trip()
             self.ch = self._connect()
+            self._open_channels()
             self._send_stream(self.ch)
             self._await_ack(self.ch)
         except Exception as exc:  # the source VM must survive anything
             self._failed(exc)
         finally:
+            if self.channels is not None:
+                self.channels.close()
             if self.ch is not None:
                 self.ch.link.close()
             if self.tee is not None:
@@ -291,7 +306,9 @@ class SourceWorker:
         """Job state at every step, so a restarted daemon knows how far it got."""
         if (status, step) != (self.job.status, self.job.step):
             self.job.move(status, step)
+            t0 = time.monotonic()
             self.daemon.save_job(self.job)
+            self._persist_s = max(self._persist_s * 0.5, time.monotonic() - t0)
 
     # --- the exchange ------------------------------------------------------------------
 
@@ -330,7 +347,13 @@ class SourceWorker:
         """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
         queue is not empty (the destination is behind), its full receive buffer."""
         queued = self.ch.link.queued() if self.ch is not None else 0
-        return queued + RECEIVE_BUFFER if queued > 0 else 0
+        queued = queued + RECEIVE_BUFFER if queued > 0 else 0
+        if self.channels is not None:
+            queued += self.channels.in_flight_bytes()
+        return queued
+
+    def fixed_switchover_s(self) -> float:
+        return PAUSED_PERSISTS * self._persist_s + _DESTINATION_FIXED.get(self.job.peer, 0.0)
 
     def _unlogged_write(self) -> None:
         """Fault ``active:unlogged-write``: change page 0 without a dirty mark, once."""
@@ -371,6 +394,53 @@ class SourceWorker:
             raise self._remote(reply, "handshake")
         return ch
 
+    def _parallel(self) -> int:
+        """Data channels wanted: the parameter, or the host's default; none when the
+        stream is also written to a file (the file must hold every page)."""
+        wanted = self.job.params.get("parallel")
+        if self.tee is not None:
+            return 0
+        return datachannels.DEFAULT_PARALLEL if wanted is None else int(wanted)
+
+    def _open_channels(self) -> None:
+        """RAM over parallel data channels, when wanted and the destination offers them
+        (its job names the port: ``progress.data_port``)."""
+        count = self._parallel()
+        if count <= 0:
+            return
+        try:
+            client = HostClient(self.job.peer, self.daemon.token, timeout=10.0,
+                                tls=self.daemon.tls.client_context()
+                                if self.daemon.tls is not None else None)  # fmt: skip
+            peer = client.get(f"/v1/jobs/{self.job.progress.get('peer_job')}")
+        except (ApiError, HostError) as exc:  # RAM goes in the main stream then
+            log.warning("job %s: no data channels (cannot ask the destination for them: "
+                        "%s)", self.job.id, exc)
+            return
+        port = peer.get("progress", {}).get("data_port") if isinstance(peer, dict) else None
+        if not isinstance(port, int):
+            return  # a destination without data channels: RAM in the main stream
+        tls = self.daemon.tls.client_context() if self.daemon.tls is not None else None
+        socks = datachannels.dial_channels((self._address()[0], port),
+                                           self.incoming["token"], count, tls)
+        self.channels = datachannels.ChannelSink(socks, self.session,
+                                                 on_stall=self._channel_stall,
+                                                 check=self._check_cancel,
+                                                 progress=self._channel_progress,
+                                                 fault=self.fault)
+        self.session.ram_sink = self.channels
+        self.job.progress["parallel"] = count
+
+    def _channel_progress(self) -> None:
+        """While the channels send a pass: the operator's changes, the job's figures."""
+        self._retune()
+        self._persist(self.session.status.value, self.session.current_step())
+        self._publish()
+
+    def _channel_stall(self, seconds: float) -> None:
+        self._set_bound()
+        self._on_stall(seconds)
+
     def _phase(self) -> str:
         st = self.session.status
         return {Status.SETUP: "setup", Status.ACTIVE: "active", Status.DEVICE: "device"}.get(
@@ -397,7 +467,10 @@ class SourceWorker:
             if early is not None:
                 raise self._remote(early, "stream")
             self._remember_bandwidth()
-            wire = apply(self.fault, phase, bufs)
+            # with data channels, RAM (and a fault that damages it) travels there
+            corrupt_ram = self.fault is not None and self.fault.action == "corrupt"
+            wire = bufs if self.channels is not None and phase == "active" and corrupt_ram \
+                else apply(self.fault, phase, bufs)  # fmt: skip
             self._set_bound()
             ch.send_stream(wire, self._on_stall)
             if self.tee is not None:
@@ -460,7 +533,8 @@ class SourceWorker:
             self._settle_after_commit(f"destination failed after commit {what}", ack)
             return
         post_load = resumed.report.get("post_load", {})
-        self._completed(ack, dict(post_load) if isinstance(post_load, dict) else {}, "")
+        self._completed(ack, dict(post_load) if isinstance(post_load, dict) else {}, "",
+                        resumed.report.get("resume_ms", 0.0))
 
     def _send_commit(self, ch: Channel) -> None:
         if self.fault is not None and self.fault.phase == "commit":
@@ -471,8 +545,12 @@ class SourceWorker:
             raise CutConnection(f"injected fault {self.fault}")  # RESUMED never arrives
         ch.send(Commit(), self._on_stall)
 
-    def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str) -> None:
+    def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str,
+                   resume_ms: object = 0.0) -> None:  # fmt: skip
         stats = self.session.complete(ack)
+        with contextlib.suppress(TypeError, ValueError):
+            _DESTINATION_FIXED[self.job.peer] = (float(ack.get("load_ms", 0.0))
+                                                 + float(resume_ms)) / 1e3  # type: ignore[arg-type]
         self.job.stats = {**stats.to_json(), "verification": self.verification,
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,

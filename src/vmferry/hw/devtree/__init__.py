@@ -1,5 +1,6 @@
 """Live device tree with OF-core lifetime rules, and FDT import/export."""
 
+from vmferry.hw.devtree.builder import TreeBuilder
 from vmferry.hw.devtree.fdt import FdtDecodeError, dump_fdt, fdt_structure, load_fdt, structure
 from vmferry.hw.devtree.tree import (
     BadPut,
@@ -30,6 +31,7 @@ __all__ = [
     "Reconfig",
     "ReconfigEvent",
     "RefcountUnderflow",
+    "TreeBuilder",
     "dump_fdt",
     "fdt_structure",
     "load_fdt",

@@ -25,7 +25,9 @@ from typing import Any
 import libfdt
 
 from vmferry.errors import StreamDecodeError
+from vmferry.hw.devtree.builder import TreeBuilder
 from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Property
+from vmferry.hw.persist import Field, Layout
 
 _BOOT_CPUID_OFFSET = 28  # fdt_header.boot_cpuid_phys
 #: the deepest tree import accepts (Linux's unflattening stops at FDT_MAX_DEPTH, 64)
@@ -63,9 +65,10 @@ def load_fdt(blob: bytes | bytearray, *, observe: bool = False) -> DeviceTree:
     tree.boot_cpuid_phys = fdt.boot_cpuid_phys()
     tree.reservations = [tuple(fdt.get_mem_rsv(i))[-2:] for i in range(fdt.num_mem_rsv())]
     tree.reservations = [(int(a), int(s)) for a, s in tree.reservations]
-    _load_props(fdt, 0, tree.root)
-    tree._finish_root()
-    _load_children(fdt, 0, tree, tree.root)
+    build = TreeBuilder(tree)
+    _load_props(fdt, 0, build, tree.root)
+    build.tree.index_phandle(tree.root)
+    _load_children(fdt, 0, build, tree.root)
     return tree
 
 
@@ -83,18 +86,18 @@ def _ascii_name(get: Any, what: str, off: int) -> Any:
     return out
 
 
-def _load_props(fdt: Any, off: int, node: DeviceNode) -> None:
+def _load_props(fdt: Any, off: int, build: TreeBuilder, node: DeviceNode) -> None:
     poff = fdt.first_property_offset(off, libfdt.QUIET_NOTFOUND)
     while poff >= 0:
         prop = _ascii_name(fdt.get_property_by_offset, "a property name", poff)
-        if prop.name in node._props:
+        if node.has_property(prop.name):
             raise FdtDecodeError(f"node {node.name!r} has property {prop.name!r} twice",
                                  offset=poff)
-        node._props[prop.name] = Property(prop.name, bytes(prop))
+        build.set_property(node, Property(prop.name, bytes(prop)))
         poff = fdt.next_property_offset(poff, libfdt.QUIET_NOTFOUND)
 
 
-def _load_children(fdt: Any, off: int, tree: DeviceTree, parent: DeviceNode) -> None:
+def _load_children(fdt: Any, off: int, build: TreeBuilder, parent: DeviceNode) -> None:
     stack = [(off, parent, 0)]
     while stack:
         o, p, depth = stack.pop()
@@ -104,9 +107,9 @@ def _load_children(fdt: Any, off: int, tree: DeviceTree, parent: DeviceNode) -> 
             if depth + 1 > MAX_DEPTH:
                 raise FdtDecodeError(f"device tree deeper than {MAX_DEPTH} levels", offset=c)
             name = _ascii_name(fdt.get_name, "a node name", c)
-            node = tree.add_boot_node(p, name)
-            _load_props(fdt, c, node)
-            tree._rehash_phandle(node)
+            node = build.tree.add_boot_node(p, name)
+            _load_props(fdt, c, build, node)
+            build.tree.index_phandle(node)
             kids.append((c, node, depth + 1))
             c = fdt.next_subnode(c, libfdt.QUIET_NOTFOUND)
         stack.extend(reversed(kids))
@@ -131,7 +134,7 @@ def _size_estimate(tree: DeviceTree) -> int:
     total = 4096 + 16 * (len(tree.reservations) + 1)
     for n in tree.walk():
         total += 16 + len(n.name)
-        total += sum(16 + len(p.value) + len(p.name) for p in n._props.values())
+        total += sum(16 + len(p.value) + len(p.name) for p in n.properties("fdt"))
     return total
 
 
@@ -144,7 +147,7 @@ def _dump_node(sw: Any, node: DeviceNode, name: str) -> None:
             sw.end_node()
             continue
         sw.begin_node(nm)
-        for p in n._props.values():
+        for p in n.properties("fdt"):
             sw.property(p.name, p.value)
         stack.append((n, nm, False))
         kids = list(n.children())
@@ -154,7 +157,7 @@ def _dump_node(sw: Any, node: DeviceNode, name: str) -> None:
 def structure(tree: DeviceTree) -> tuple[Structure, tuple[tuple[int, int], ...], int]:
     """A comparable value: ordered nodes/properties, reservations, boot cpu."""
     def rec(n: DeviceNode) -> Structure:
-        props = tuple((p.name, p.value) for p in n._props.values())
+        props = tuple((p.name, p.value) for p in n.properties("fdt"))
         return (n.name, props, tuple(rec(c) for c in n.children()))
     return rec(tree.root), tuple(tree.reservations), tree.boot_cpuid_phys
 
@@ -184,9 +187,8 @@ def fdt_structure(blob: bytes) -> tuple[Structure, tuple[tuple[int, int], ...], 
 
 # --- persist contract: the guest's tree rides in the migration stream as a dtb -------------
 
-_STATE_MAGIC = b"VFDT"
-_STATE_VERSION = 1
-_STATE_HEADER = struct.Struct(">4sHI")
+#: the guest's tree in the stream (the persist codec of :mod:`vmferry.hw.persist`)
+STATE_LAYOUT = Layout("device-tree", b"VFDT", 1, (Field("dtb", "bytes32"),))
 
 
 class DevtreeStateError(FdtDecodeError):
@@ -207,21 +209,16 @@ def restore_tree(state: TreeState) -> DeviceTree:
 
 
 def encode_state(state: TreeState) -> bytes:
-    """``magic "VFDT" | u16 version | u32 length | dtb``."""
-    return _STATE_HEADER.pack(_STATE_MAGIC, _STATE_VERSION, len(state.dtb)) + state.dtb
+    """``magic "VFDT" | u16 version | u32 length | dtb`` (:data:`STATE_LAYOUT`)."""
+    return STATE_LAYOUT.encode({"dtb": state.dtb})
 
 
 def decode_state(data: bytes) -> TreeState:
-    if len(data) < _STATE_HEADER.size:
-        raise DevtreeStateError("device-tree record shorter than its header", len(data))
-    magic, version, length = _STATE_HEADER.unpack_from(data)
-    if magic != _STATE_MAGIC:
-        raise DevtreeStateError(f"bad magic {magic!r}", 0)
-    if version != _STATE_VERSION:
-        raise DevtreeStateError(f"unsupported device-tree record version {version}", 4)
-    if len(data) != _STATE_HEADER.size + length:
-        raise DevtreeStateError(
-            f"record says {length} dtb bytes, has {len(data) - _STATE_HEADER.size}", 6)
-    blob = data[_STATE_HEADER.size:]
+    try:
+        blob = STATE_LAYOUT.decode(data)["dtb"]
+    except StreamDecodeError as exc:  # one error type for every malformed tree record
+        err = DevtreeStateError(str(exc))
+        err.offset = exc.offset
+        raise err from exc
     load_fdt(blob)  # validates
     return TreeState(blob)

@@ -35,196 +35,54 @@ configure-connector tree is built from, exactly like the kernel's cc client.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vmferry.errors import DoubleFree, InvariantViolation, KernelError, ModelError, UseAfterFree
+from vmferry.errors import InvariantViolation, KernelError, ModelError, UseAfterFree
+from vmferry.hw.devtree.node import (
+    CREATION,
+    PHANDLE_PROPS,
+    SYSFS,
+    BadPut,
+    Canonical,
+    DeviceNode,
+    DevtreeError,
+    HazardRecord,
+    LeakRecord,
+    NodeFlag,
+    Notifier,
+    Property,
+    Reconfig,
+    ReconfigEvent,
+    RefcountUnderflow,
+    canonical,
+    phandle_of,
+)
 from vmferry.sync import ModelLock, yield_point
 
-CREATION = "creation"
-SYSFS = "sysfs"
-PHANDLE_PROPS = ("phandle", "linux,phandle", "ibm,phandle")
-
-
-class DevtreeError(ModelError):
-    """A device-tree operation was refused (bad path, duplicate, wrong state)."""
-
-
-class BadPut(InvariantViolation):
-    """``of_node_put`` brought an attached node to 0 ("bad of_node_put()")."""
-
-    hazard = "bad-put"
-
-
-class RefcountUnderflow(DoubleFree):
-    """A put on a node whose count is already 0."""
-
-    hazard = "refcount-underflow"
-
-
-class NodeFlag(enum.Flag):
-    NONE = 0
-    DYNAMIC = enum.auto()
-    DETACHED = enum.auto()
-
-
-class Reconfig(enum.Enum):
-    """``OF_RECONFIG_*`` actions (symbolic only)."""
-
-    ATTACH_NODE = "attach-node"
-    DETACH_NODE = "detach-node"
-    ADD_PROPERTY = "add-property"
-    REMOVE_PROPERTY = "remove-property"
-    UPDATE_PROPERTY = "update-property"
-
-
-@dataclass(frozen=True, slots=True)
-class Property:
-    name: str
-    value: bytes
-
-    def __post_init__(self) -> None:
-        if not self.name or "\0" in self.name:
-            raise DevtreeError(f"invalid property name {self.name!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class ReconfigEvent:
-    action: Reconfig
-    path: str
-    prop: Property | None = None
-    old: Property | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HazardRecord:
-    hazard: str
-    node: str
-    holder: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class LeakRecord:
-    node: str
-    refcount: int
-    holders: tuple[tuple[str, int], ...]
-    state: str  # "detached" | "unlinked" (never attached) | "orphaned" (unreachable)
-
-
-Notifier = Callable[[ReconfigEvent], None]
-
-
-class DeviceNode:
-    """One ``struct device_node``.  Use the tree's API; fields mirror the kernel's."""
-
-    __slots__ = (
-        "_child_names",
-        "_dups",
-        "_last",
-        "_name",
-        "_prev",
-        "_props",
-        "child",
-        "deadprops",
-        "flags",
-        "holders",
-        "in_sysfs",
-        "parent",
-        "phandle",
-        "refcount",
-        "released",
-        "saturated",
-        "sibling",
-        "sysfs_name",
-        "tree",
-    )
-
-    def __init__(self, name: str, *, dynamic: bool = False) -> None:
-        if not name or "/" in name or "\0" in name:
-            raise DevtreeError(f"invalid node name {name!r}")
-        self._name = name
-        self._props: dict[str, Property] = {}
-        self.deadprops: list[Property] = []
-        self.parent: DeviceNode | None = None
-        self.child: DeviceNode | None = None
-        self.sibling: DeviceNode | None = None
-        self._prev: DeviceNode | None = None
-        self._last: DeviceNode | None = None
-        self._child_names: dict[str, DeviceNode] | None = None
-        self._dups = 0  # children whose name another child already indexes
-        self.flags = NodeFlag.DYNAMIC if dynamic else NodeFlag.NONE
-        self.phandle = 0
-        # invariant: refcount == sum(holders.values()) unless saturated
-        self.refcount = 1
-        self.holders: dict[str, int] = {CREATION: 1}
-        self.released = False
-        self.saturated = False
-        self.in_sysfs = False
-        self.sysfs_name = ""
-        self.tree: DeviceTree | None = None
-
-    # -- guarded access: any use of a freed node is a use-after-free -----------------------
-
-    def check_alive(self, holder: str) -> None:
-        if self.released and NodeFlag.DYNAMIC in self.flags:
-            raise UseAfterFree(f"{holder} used freed node {self._name!r}")
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def prop(self, name: str, holder: str = "?") -> Property | None:
-        self.check_alive(holder)
-        yield_point(f"read {self._name}/{name}", self, write=False)
-        return self._props.get(name)
-
-    def value(self, name: str, holder: str = "?") -> bytes | None:
-        p = self.prop(name, holder)
-        return None if p is None else p.value
-
-    def properties(self, holder: str = "?") -> list[Property]:
-        self.check_alive(holder)
-        return list(self._props.values())
-
-    def device_type(self, holder: str = "?") -> str | None:
-        v = self.value("device_type", holder)
-        return None if v is None else v.rstrip(b"\0").decode("latin-1")
-
-    def children(self) -> Iterator[DeviceNode]:
-        """Uncounted iteration (for code holding the tree consistent, e.g. the exporter)."""
-        c = self.child
-        while c is not None:
-            yield c
-            c = c.sibling
-
-    def child_by_name(self, name: str) -> DeviceNode | None:
-        return None if self._child_names is None else self._child_names.get(name)
-
-    @property
-    def detached(self) -> bool:
-        return NodeFlag.DETACHED in self.flags
-
-    def path(self) -> str:
-        """Full path (``%pOF``), following ``parent`` without counting (debug printing)."""
-        parts: list[str] = []
-        n: DeviceNode | None = self
-        while n is not None and n.parent is not None:
-            parts.append(n._name)
-            n = n.parent
-        return "/" + "/".join(reversed(parts))
-
-    def __repr__(self) -> str:
-        state = "freed" if self.released else ("detached" if self.detached else "live")
-        return f"<DeviceNode {self.path()} ph={self.phandle:#x} ref={self.refcount} {state}>"
-
-
-def phandle_of(node: DeviceNode) -> int:
-    for key in PHANDLE_PROPS:
-        p = node._props.get(key)
-        if p is not None and len(p.value) == 4:
-            return int.from_bytes(p.value, "big")
-    return 0
+__all__ = [
+    "CREATION",
+    "PHANDLE_PROPS",
+    "SYSFS",
+    "BadPut",
+    "Canonical",
+    "ChangeEntry",
+    "ChangeKind",
+    "Changeset",
+    "DeviceNode",
+    "DeviceTree",
+    "DevtreeError",
+    "HazardRecord",
+    "LeakRecord",
+    "NodeFlag",
+    "Notifier",
+    "Property",
+    "Reconfig",
+    "ReconfigEvent",
+    "RefcountUnderflow",
+    "canonical",
+    "phandle_of",
+]
 
 
 class DeviceTree:
@@ -242,14 +100,11 @@ class DeviceTree:
         self._dynamic_live: set[DeviceNode] = set()
         self._detached: set[DeviceNode] = set()  # detached, not yet released
         self._pending: list[ReconfigEvent] = []
-        self.root = DeviceNode("root")
-        self.root._name = ""  # the root basename is empty, as in an FDT
+        self.root = DeviceNode.make_root()
         self.root.tree = self
         self.root.in_sysfs = True
         self._add_ref(self.root, SYSFS)
 
-    def _finish_root(self) -> None:
-        self._rehash_phandle(self.root)
 
     # -- hazard plumbing --------------------------------------------------------------------
 
@@ -332,7 +187,7 @@ class DeviceTree:
         node = DeviceNode(name, dynamic=dynamic)
         node.tree = self
         for p in props or ():
-            node._props[p.name] = p
+            node.store_property(p)
         if dynamic:
             self._dynamic_live.add(node)
         return node
@@ -355,66 +210,15 @@ class DeviceTree:
             raise DevtreeError(f"duplicate node {name!r} under {parent.path()!r}")
         node = self.new_node(name, props, dynamic=False)
         node.parent = parent
-        self._link_last(parent, node)
+        parent.link_last(node)
         self._finish_attach(node)
         return node
 
     # -- linking ----------------------------------------------------------------------------
 
-    def _index_child(self, parent: DeviceNode, node: DeviceNode) -> None:
-        if parent._child_names is None:
-            parent._child_names = {}
-        if node.name in parent._child_names:
-            parent._dups += 1
-        else:
-            parent._child_names[node.name] = node
 
-    def _link_last(self, parent: DeviceNode, node: DeviceNode) -> None:
-        node.sibling = None
-        node._prev = parent._last
-        if parent._last is None:
-            parent.child = node
-        else:
-            parent._last.sibling = node
-        parent._last = node
-        self._index_child(parent, node)
 
-    def _link_first(self, parent: DeviceNode, node: DeviceNode) -> None:
-        node._prev = None
-        node.sibling = parent.child
-        if parent.child is not None:
-            parent.child._prev = node
-        else:
-            parent._last = node
-        parent.child = node
-        self._index_child(parent, node)
 
-    def _unlink(self, node: DeviceNode) -> None:
-        parent = node.parent
-        assert parent is not None
-        if node._prev is None:
-            parent.child = node.sibling
-        else:
-            node._prev.sibling = node.sibling
-        if node.sibling is None:
-            parent._last = node._prev
-        else:
-            node.sibling._prev = node._prev
-        node.sibling = None
-        node._prev = None
-        names = parent._child_names
-        if names is None:
-            return
-        if names.get(node.name) is not node:
-            parent._dups -= node.name in names
-            return
-        del names[node.name]
-        if parent._dups:
-            for other in parent.children():  # a same-named sibling takes the name over
-                if other.name == node.name:
-                    names[node.name] = other
-                    parent._dups -= 1
-                    break
 
     def _finish_attach(self, node: DeviceNode) -> None:
         node.flags &= ~NodeFlag.DETACHED
@@ -472,11 +276,8 @@ class DeviceTree:
             raise KernelError(17, f"{node.path()!r} is already attached")
         node.parent = parent
         if not keep_links:
-            node.child = None
-            node._last = None
-            node._child_names = None
-            node._dups = 0
-        self._link_first(parent, node)
+            node.forget_children()
+        parent.link_first(node)
         self._finish_attach(node)
         return ReconfigEvent(Reconfig.ATTACH_NODE, node.path())
 
@@ -486,7 +287,7 @@ class DeviceTree:
         if node.detached or node.parent is None or not node.in_sysfs:
             raise KernelError(22, f"detach of {node.path()!r}: not attached")
         path = node.path()
-        self._unlink(node)
+        node.unlink()
         node.flags |= NodeFlag.DETACHED
         self._detached.add(node)
         if node.phandle and self._phandles.get(node.phandle) is node:
@@ -499,7 +300,7 @@ class DeviceTree:
         assert node.parent is not None
         self._add_ref(node, "changeset")  # sysfs re-registration below re-adds sysfs
         self._detached.discard(node)
-        self._link_first(node.parent, node)
+        node.parent.link_first(node)
         self._finish_attach(node)
         self.put(node, "changeset")
 
@@ -522,12 +323,11 @@ class DeviceTree:
         with self.of_mutex:
             yield_point(f"update {node.name}/{prop.name}", node, write=True)
             node.check_alive("update_property")
-            old = node._props.get(prop.name)
-            node._props[prop.name] = prop
+            old = node.store_property(prop)
             if old is not None:
                 node.deadprops.append(old)
             if prop.name in PHANDLE_PROPS and node.in_sysfs:
-                self._rehash_phandle(node)
+                self.index_phandle(node)
         if node.in_sysfs:
             action = Reconfig.ADD_PROPERTY if old is None else Reconfig.UPDATE_PROPERTY
             self._notify(ReconfigEvent(action, node.path(), prop, old))
@@ -537,14 +337,15 @@ class DeviceTree:
         with self.of_mutex:
             yield_point(f"remove {node.name}/{name}", node, write=True)
             node.check_alive("remove_property")
-            old = node._props.pop(name, None)
+            old = node.drop_property(name)
             if old is None:
                 raise KernelError(19, f"{node.path()!r} has no property {name!r}")
             node.deadprops.append(old)
         if node.in_sysfs:
             self._notify(ReconfigEvent(Reconfig.REMOVE_PROPERTY, node.path(), None, old))
 
-    def _rehash_phandle(self, node: DeviceNode) -> None:
+    def index_phandle(self, node: DeviceNode) -> None:
+        """Re-read ``node``'s phandle property into the phandle cache."""
         if node.phandle and self._phandles.get(node.phandle) is node:
             del self._phandles[node.phandle]
         node.phandle = phandle_of(node)
@@ -719,8 +520,7 @@ class Changeset:
             return tree._detach_locked(e.node)
         assert e.prop is not None
         e.node.check_alive("changeset")
-        e.old = e.node._props.get(e.prop.name)
-        e.node._props[e.prop.name] = e.prop
+        e.old = e.node.store_property(e.prop)
         if e.old is not None:
             e.node.deadprops.append(e.old)
         action = Reconfig.ADD_PROPERTY if e.old is None else Reconfig.UPDATE_PROPERTY
@@ -737,26 +537,12 @@ class Changeset:
         else:
             assert e.prop is not None
             if e.old is None:
-                del e.node._props[e.prop.name]
+                e.node.drop_property(e.prop.name)
             else:
-                e.node._props[e.prop.name] = e.old
+                e.node.store_property(e.old)
                 e.node.deadprops.remove(e.old)
 
     def destroy(self) -> None:
         for e in self.entries:
             self.tree.put(e.node, "changeset")
         self.entries.clear()
-
-
-Canonical = tuple[str, tuple[tuple[str, bytes], ...], tuple[object, ...]]
-
-
-def canonical(node: DeviceNode) -> Canonical:
-    """Order-insensitive structure (children sorted by name, properties by name).
-
-    The kernel links an attached node first among its siblings, so sibling order after
-    an update is not the firmware's; this is what "the tree equals the description" means.
-    """
-    props = tuple(sorted((p.name, p.value) for p in node._props.values()))
-    kids = tuple(sorted((canonical(c) for c in node.children()), key=lambda k: k[0]))
-    return (node.name, props, kids)

@@ -68,13 +68,6 @@ class BootResult:
     def ok(self) -> bool:
         return not self.failures and self.hazard is None
 
-    def group_members(self) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        for name, gid in self.groups.items():
-            if gid is not None:
-                out.setdefault(gid, []).append(name)
-        return out
-
 
 def boot_probe(
     platform_description: Mapping[str, Any], mode: str = "v6_15", seed: int = 0

@@ -3,7 +3,9 @@
 A mode is a set of switches, each reproducing one historical bug.  Presets name the
 designs: ``pre_6_7`` (v6.2-rc1 ... v6.6), ``global_lock`` (v6.7 ... v6.14) and ``v6_15``
 (the v6.15 rework with the 6.15.1 follow-ups; the default and correct mode).  A mode is
-written as a preset optionally followed by ``+switch`` terms: ``v6_15+relock_no_recheck``.
+written as a preset optionally followed by ``+switch`` terms: ``v6_15+relock_no_recheck``
+(the scheme of every model, :mod:`vmferry.hw.modes`; :data:`PROBE_MODES` declares this
+one).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from vmferry.hw.iommu.errors import Errno, IommuError
+from vmferry.hw.modes import Modes, Switch, UnknownMode
 
 #: switch -> (faulty behaviour, hazard reproduced)
 SWITCHES: dict[str, tuple[str, str]] = {
@@ -68,14 +71,11 @@ class ProbeMode:
     @classmethod
     def parse(cls, text: str) -> ProbeMode:
         """``preset[+switch...]``; raises IommuError(EINVAL) for unknown names."""
-        preset, *extra = text.split("+")
-        base = PRESETS.get(preset)
-        if base is None:
-            raise IommuError(Errno.EINVAL, f"unknown probe preset {preset!r}")
-        unknown = [s for s in extra if s not in SWITCHES]
-        if unknown:
-            raise IommuError(Errno.EINVAL, f"unknown probe switch(es) {', '.join(unknown)}")
-        return cls.of(base | frozenset(extra), name=text)
+        try:
+            mode = PROBE_MODES.parse(text)
+        except UnknownMode as exc:
+            raise IommuError(Errno.EINVAL, str(exc)) from exc
+        return cls.of(mode.switches, name=text)
 
     @classmethod
     def of(cls, switches: frozenset[str], name: str) -> ProbeMode:
@@ -96,4 +96,6 @@ PRESETS: dict[str, frozenset[str]] = {
 }
 
 DEFAULT_MODE = "v6_15"
+PROBE_MODES = Modes("iommu-probe", (Switch(n, b, h) for n, (b, h) in SWITCHES.items()), PRESETS,
+                    DEFAULT_MODE)
 V6_15 = ProbeMode()

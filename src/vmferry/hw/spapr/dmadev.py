@@ -29,6 +29,7 @@ registers); :meth:`SpaprDmaEngine.restore`; :func:`encode_state` / :func:`decode
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from typing import Final
 
 import numpy as np
 
-from vmferry.errors import BadMagic, MalformedRecord, TruncatedRecord, UnsupportedVersion
+from vmferry.errors import MalformedRecord
+from vmferry.hw.persist import Field, Layout
 from vmferry.hw.spapr.iommu import SpaprIommu
 from vmferry.hw.spapr.tce import DmaFault, SpaprError
 
@@ -49,9 +51,14 @@ MAX_BUFFER: Final = 1 << 20
 PAYLOAD_UNIT: Final = 16
 _DESC = struct.Struct(">QQIIQ")
 _WRITEBACK = struct.Struct(">IIQ")  # len | flags | seq, at descriptor offset 16
-_STATE = struct.Struct(">4sHIQIIQQIH")
 MAGIC = b"SDMA"
 VERSION = 1
+#: the device's registers in the stream (the persist codec of :mod:`vmferry.hw.persist`)
+STATE_LAYOUT = Layout("dma device", MAGIC, VERSION, (
+    Field("liobn", "u32"), Field("ring_ioba", "u64"), Field("ring_size", "u32"),
+    Field("head", "u32"), Field("seq", "u64"), Field("bytes", "u64"), Field("faults", "u32"),
+    Field("halted", "str16"),
+))
 
 
 class DmaDeviceError(SpaprError):
@@ -219,37 +226,14 @@ class SpaprDmaEngine:
 
 
 def encode_state(state: DmaEngineState) -> bytes:
-    reason = state.halted.encode()[:0xFFFF]
-    head = _STATE.pack(
-        MAGIC,
-        VERSION,
-        state.liobn,
-        state.ring_ioba,
-        state.ring_size,
-        state.head,
-        state.seq,
-        state.bytes,
-        state.faults,
-        len(reason),
-    )
-    return head + reason
+    return STATE_LAYOUT.encode(dataclasses.asdict(state))
 
 
 def decode_state(data: bytes) -> DmaEngineState:
     """Strict decode: malformed bytes raise a StreamDecodeError subclass."""
-    if len(data) < _STATE.size:
-        raise TruncatedRecord("dma device state truncated", len(data))
-    magic, version, liobn, ring_ioba, size, head, seq, nbytes, faults, n = _STATE.unpack_from(data)
-    if magic != MAGIC:
-        raise BadMagic(f"dma device state: magic {magic!r}", 0)
-    if version != VERSION:
-        raise UnsupportedVersion(f"dma device state: version {version}", 4)
-    if len(data) != _STATE.size + n:
-        raise MalformedRecord(f"dma device state: {len(data)} bytes, header says more/less", 0)
-    try:
-        reason = data[_STATE.size :].decode()
-    except UnicodeDecodeError as exc:
-        raise MalformedRecord(f"dma device state: halt reason: {exc}", _STATE.size) from exc
+    v = STATE_LAYOUT.decode(data)
+    size, head = v["ring_size"], v["head"]
     if size > MAX_RING or (size and head >= size):
         raise MalformedRecord(f"dma device state: head {head} of a {size}-entry ring", 0)
-    return DmaEngineState(liobn, ring_ioba, size, head, seq, nbytes, faults, reason)
+    return DmaEngineState(v["liobn"], v["ring_ioba"], size, head, v["seq"], v["bytes"],
+                          v["faults"], v["halted"])

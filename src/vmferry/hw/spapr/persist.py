@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vmferry.errors import (
-    BadMagic,
     KernelError,
     MalformedRecord,
     TruncatedRecord,
-    UnsupportedVersion,
 )
+from vmferry.hw.persist import Field, Layout
 from vmferry.hw.spapr.hwtable import HardwareTable
-from vmferry.hw.spapr.iommu import SpaprIommu, WindowSpec
 from vmferry.hw.spapr.qemu_hcalls import QemuTable
 from vmferry.hw.spapr.tce import (
     KVM_MAX_PAGE_SHIFT,
@@ -45,10 +44,15 @@ from vmferry.hw.spapr.tce import (
     TceRestoreError,
     tce_direction,
 )
+from vmferry.hw.spapr.windows import WindowSpec
+
+if TYPE_CHECKING:
+    from vmferry.hw.spapr.iommu import SpaprIommu
 
 MAGIC = b"STCE"
 VERSION = 1
-_HEADER = struct.Struct(">4sHH")
+#: ``"STCE" | u16 version | u16 windows``, then the windows (:mod:`vmferry.hw.persist`)
+HEADER = Layout("spapr tce", MAGIC, VERSION, (Field("windows", "u16"),))
 _WINDOW = struct.Struct(">IQIII")
 MAX_ENTRIES = 1 << 28
 U64 = np.uint64
@@ -106,7 +110,7 @@ def save(iommu: SpaprIommu) -> SpaprTceState:
 
 
 def encode_state(state: SpaprTceState) -> bytes:
-    parts = [_HEADER.pack(MAGIC, VERSION, len(state.windows))]
+    parts = [HEADER.encode({"windows": len(state.windows)})]
     for w in state.windows:
         values = w.values()
         idx = np.nonzero(values)[0]
@@ -118,14 +122,10 @@ def encode_state(state: SpaprTceState) -> bytes:
 
 def decode_state(data: bytes) -> SpaprTceState:
     """Strict decode: every malformation is a StreamDecodeError subclass."""
-    if len(data) < _HEADER.size:
-        raise TruncatedRecord("spapr tce state: header truncated", len(data))
-    magic, version, nwin = _HEADER.unpack_from(data, 0)
-    if magic != MAGIC:
-        raise BadMagic(f"spapr tce state: magic {magic!r}", 0)
-    if version != VERSION:
-        raise UnsupportedVersion(f"spapr tce state: version {version}", 4)
-    pos, windows, seen = _HEADER.size, [], set()
+    head, pos = HEADER.decode_head(data)
+    nwin = head["windows"]
+    windows: list[WindowState] = []
+    seen: set[int] = set()
     for _ in range(nwin):
         window, pos = _decode_window(data, pos)
         if window.liobn in seen:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmferry.errors import ConfigError
+from vmferry.hw.devtree.builder import TreeBuilder
 from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Property, phandle_of
 from vmferry.hw.spapr.rtas import PLATFORM_FACILITIES, be32
 
@@ -61,9 +62,8 @@ class _Builder:
     def node(self, parent: DeviceNode, name: str, props: list[Property],
              phandle: int | None = None) -> DeviceNode:
         ph = phandle if phandle is not None else self._alloc()
-        n = self.tree.add_boot_node(parent, name, [*props, _p("ibm,phandle", be32(ph))])
-        self.tree._rehash_phandle(n)
-        return n
+        return TreeBuilder(self.tree).add_child(parent, name,
+                                                [*props, _p("ibm,phandle", be32(ph))])
 
     def _alloc(self) -> int:
         ph, self.next_ph = self.next_ph, self.next_ph + 1
@@ -109,11 +109,10 @@ def _assoc(params: PlatformParams, *tail: int) -> bytes:
 
 
 def _root(tree: DeviceTree, params: PlatformParams) -> None:
-    for p in (_p("compatible", _s("qemu,pseries")), _p("model", _s("IBM pSeries (emulated)")),
-              _p("#address-cells", be32(2)), _p("#size-cells", be32(2)),
-              _p("system-id", _s(params.system_id)), _p("ibm,phandle", be32(0x10000000))):
-        tree.root._props[p.name] = p
-    tree._finish_root()
+    TreeBuilder(tree).set_root_properties((
+        _p("compatible", _s("qemu,pseries")), _p("model", _s("IBM pSeries (emulated)")),
+        _p("#address-cells", be32(2)), _p("#size-cells", be32(2)),
+        _p("system-id", _s(params.system_id)), _p("ibm,phandle", be32(0x10000000))))
 
 
 def _rtas(b: _Builder, root: DeviceNode, params: PlatformParams) -> None:
@@ -208,14 +207,14 @@ def assign_phandles(tree: DeviceTree, base: int = 0x30000000) -> int:
     Deterministic: nodes are numbered in pre-order.  Existing phandles are kept.
     """
     used = {phandle_of(n) for n in tree.walk()}
+    build = TreeBuilder(tree)
     next_ph, added = base, 0
     for n in tree.walk():
         if phandle_of(n):
             continue
         while next_ph in used:
             next_ph += 1
-        n._props["ibm,phandle"] = Property("ibm,phandle", be32(next_ph))
+        build.set_property(n, Property("ibm,phandle", be32(next_ph)))
         used.add(next_ph)
-        tree._rehash_phandle(n)
         added += 1
     return added

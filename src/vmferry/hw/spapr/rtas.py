@@ -31,128 +31,31 @@ Faults (busy, extended delay, hardware error) are injected per call number.
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vmferry.errors import ModelError
 from vmferry.hw.devtree.tree import DeviceNode, DeviceTree, Property, phandle_of
+from vmferry.hw.spapr.workarea import (
+    CC_DATA_OFFSET,
+    MIGRATION_SCOPE,
+    NODE_COUNT_MASK,
+    UPDATE_NODES_HEADER,
+    UPDATE_PROPS_ECHO,
+    UPDATE_PROPS_HEADER,
+    VD_DELETE,
+    WORK_AREA_SIZE,
+    Cc,
+    CcField,
+    NodeOp,
+    Rc,
+    UpdateNodesField,
+    UpdatePropsField,
+    WorkArea,
+)
 
-WORK_AREA_SIZE = 4096  # RTAS_DATA_BUF_SIZE; LoPAR: 4 KB
-UPDATE_NODES_HEADER = 16
-UPDATE_PROPS_HEADER = 20
-CC_DATA_OFFSET = 20
-MIGRATION_SCOPE = 1
-PRRN_SCOPE = -2
-NODE_ACTION_MASK = 0xFF000000
-NODE_COUNT_MASK = 0x00FFFFFF
-VD_DELETE = 0x80000000
 PLATFORM_FACILITIES = "ibm,platform-facilities"
-
-
-class Rc(enum.IntEnum):
-    """Generic RTAS status values (``asm/rtas.h``)."""
-
-    SUCCESS = 0
-    MORE = 1  # update-nodes / update-properties: call again
-    HW_ERROR = -1
-    BUSY = -2
-    PARAM_ERROR = -3
-    NOT_SUPPORTED = -5
-    UNEXPECTED_STATE = -7
-    DELAY_1MS = 9900
-    DELAY_10MS = 9901
-    DELAY_100MS = 9902
-    DELAY_1S = 9903
-    DELAY_10S = 9904
-    DELAY_100S = 9905
-
-
-class Cc(enum.IntEnum):
-    """``ibm,configure-connector`` status values (LoPAR; kernel ``dlpar.c`` names)."""
-
-    COMPLETE = 0
-    NEXT_SIBLING = 1
-    NEXT_CHILD = 2
-    NEXT_PROPERTY = 3
-    PREV_PARENT = 4
-    MORE_MEMORY = 5
-    HW_ERROR = -1
-    CALL_AGAIN = -2
-    NOT_SUPPORTED_IN_SYSTEM = -9001
-    NOT_SUPPORTED_IN_CONNECTOR = -9002
-    ERR_CFG_USE = -9003
-
-
-class NodeOp(enum.IntEnum):
-    """update-nodes opcodes (high byte of the operator word)."""
-
-    TERMINATOR = 0x00
-    DELETE = 0x01
-    UPDATE = 0x02
-    ADD = 0x03
-
-
-def is_extended_delay(rc: int) -> bool:
-    return 9900 <= rc <= 9905
-
-
-def extended_delay_s(rc: int) -> float:
-    """9900 -> 1 ms ... 9905 -> 100 s (``rtas_busy_delay_time``)."""
-    return float(10 ** (rc - 9900)) / 1000.0
-
-
-class WorkAreaError(ModelError):
-    """A work area is malformed (remote: firmware sent something illegal)."""
-
-    def __init__(self, message: str, offset: int | None = None) -> None:
-        self.offset = offset
-        super().__init__(message if offset is None else f"{message} (offset {offset:#x})")
-
-
-class WorkAreaOverrun(WorkAreaError):
-    """Parsing would read beyond the 4096-byte work area."""
-
-
-class TruncatedWorkArea(WorkAreaError):
-    """The buffer handed over is not a full 4096-byte work area."""
-
-
-class WorkArea:
-    """A 4096-byte big-endian work area with bounds-checked readers."""
-
-    __slots__ = ("buf",)
-
-    def __init__(self, buf: bytearray | None = None) -> None:
-        if buf is None:
-            buf = bytearray(WORK_AREA_SIZE)
-        if len(buf) != WORK_AREA_SIZE:
-            raise TruncatedWorkArea(f"work area is {len(buf)} bytes, not {WORK_AREA_SIZE}")
-        self.buf = buf
-
-    def _need(self, off: int, n: int) -> None:
-        if off < 0 or off + n > WORK_AREA_SIZE:
-            raise WorkAreaOverrun(f"read of {n} bytes crosses the work area end", off)
-
-    def u32(self, off: int) -> int:
-        self._need(off, 4)
-        return int.from_bytes(self.buf[off:off + 4], "big")
-
-    def set_u32(self, off: int, value: int) -> None:
-        self._need(off, 4)
-        self.buf[off:off + 4] = (value & 0xFFFFFFFF).to_bytes(4, "big")
-
-    def cstr(self, off: int) -> str:
-        self._need(off, 1)
-        end = self.buf.find(b"\0", off)
-        if end < 0:
-            raise WorkAreaOverrun("unterminated string", off)
-        return self.buf[off:end].decode("latin-1")
-
-    def bytes_at(self, off: int, n: int) -> bytes:
-        self._need(off, n)
-        return bytes(self.buf[off:off + n])
 
 
 # --- the plan: what differs between two platform trees ----------------------------------------
@@ -461,7 +364,7 @@ class RtasFirmware:
         wa.set_u32(off, 0)
         done = self._un_pos >= len(items)
         self._un_seq += 1
-        wa.set_u32(0, 0 if done else self._un_seq)
+        wa.set_u32(UpdateNodesField.STATE, 0 if done else self._un_seq)
         self._un_header = None if done else bytes(buf[:UPDATE_NODES_HEADER])
         return Rc.SUCCESS if done else Rc.MORE
 
@@ -474,14 +377,14 @@ class RtasFirmware:
         wa = WorkArea(buf)
         if scope != MIGRATION_SCOPE:
             return Rc.PARAM_ERROR
-        ph, state = wa.u32(0), wa.u32(4)
+        ph, state = wa.u32(UpdatePropsField.PHANDLE), wa.u32(UpdatePropsField.STATE)
         if state == 0:
             if ph not in self._dst_paths:
                 return Rc.PARAM_ERROR
             self._props[ph] = self._new_props_session(ph)
         else:
             sess = self._props.get(ph)
-            if sess is None or bytes(buf[:16]) != sess.header:
+            if sess is None or bytes(buf[:UPDATE_PROPS_ECHO]) != sess.header:
                 return Rc.PARAM_ERROR
         return self._fill_props(wa, ph, self._props[ph])
 
@@ -495,7 +398,8 @@ class RtasFirmware:
 
     def _fill_props(self, wa: WorkArea, ph: int, sess: _PropsSession) -> int:
         buf, off, n = wa.buf, UPDATE_PROPS_HEADER, 0
-        buf[4:UPDATE_PROPS_HEADER] = bytes(16)
+        buf[UpdatePropsField.STATE:UPDATE_PROPS_HEADER] = bytes(
+            UPDATE_PROPS_HEADER - UpdatePropsField.STATE)
         while sess.pos < len(sess.descs):
             name, value = sess.descs[sess.pos]
             head = len(name) + 1 + 4
@@ -520,14 +424,14 @@ class RtasFirmware:
                 sess.offset += len(chunk)
                 break
             sess.pos, sess.offset = sess.pos + 1, 0
-        wa.set_u32(16, n)
-        wa.set_u32(0, ph)
+        wa.set_u32(UpdatePropsField.COUNT, n)
+        wa.set_u32(UpdatePropsField.PHANDLE, ph)
         if sess.pos >= len(sess.descs):
             del self._props[ph]
             return Rc.SUCCESS
         sess.seq += 1
-        wa.set_u32(4, sess.seq)
-        sess.header = bytes(buf[:16])
+        wa.set_u32(UpdatePropsField.STATE, sess.seq)
+        sess.header = bytes(buf[:UPDATE_PROPS_ECHO])
         return Rc.MORE
 
     # -- ibm,configure-connector ------------------------------------------------------------
@@ -537,7 +441,7 @@ class RtasFirmware:
         if fault is not None:
             return fault
         wa = WorkArea(buf)
-        drc = wa.u32(0)
+        drc = wa.u32(CcField.DRC_INDEX)
         sess = self._cc.get(drc)
         fresh = not any(buf[4:])  # entry 1 and everything after zero: a new sequence
         if sess is None or (fresh and bytes(buf) != sess.last_wa):
@@ -563,12 +467,12 @@ class RtasFirmware:
             return Cc.MORE_MEMORY
         if status in (Cc.NEXT_CHILD, Cc.NEXT_SIBLING, Cc.NEXT_PROPERTY):
             self._cc_write(wa, sess, CC_DATA_OFFSET, name.encode("latin-1") + b"\0")
-            wa.set_u32(8, CC_DATA_OFFSET)
+            wa.set_u32(CcField.NAME_OFFSET, CC_DATA_OFFSET)
         if status is Cc.NEXT_PROPERTY:
             voff = CC_DATA_OFFSET + len(name) + 1
             self._cc_write(wa, sess, voff, value)
-            wa.set_u32(12, len(value))
-            wa.set_u32(16, voff)
+            wa.set_u32(CcField.VALUE_LENGTH, len(value))
+            wa.set_u32(CcField.VALUE_OFFSET, voff)
         sess.pos += 1
         if status is Cc.COMPLETE:
             del self._cc[drc]
@@ -582,14 +486,6 @@ class RtasFirmware:
         for i, b in enumerate(data):
             pos = off + i
             pages[pos // WORK_AREA_SIZE][pos % WORK_AREA_SIZE] = b
-
-
-def read_extended(wa: bytearray, extents: list[bytearray], off: int, n: int) -> bytes:
-    """Read ``n`` bytes at ``off`` of the work area followed by its extent pages."""
-    whole = bytes(wa) + b"".join(bytes(e) for e in extents)
-    if off < 0 or off + n > len(whole):
-        raise WorkAreaOverrun(f"configure-connector data crosses {len(whole)} bytes", off)
-    return whole[off:off + n]
 
 
 def be32(*cells: int) -> bytes:

@@ -29,14 +29,6 @@ from dataclasses import dataclass, field
 
 from vmferry.sync import wait_until, yield_point
 
-
-class SuspendHcall(enum.IntEnum):
-    H_PROD = 0xE8
-    H_JOIN = 0x298
-    H_VASI_SIGNAL = 0x2A0
-    H_VASI_STATE = 0x2A4
-
-
 H_SUCCESS = 0
 H_CONTINUE = 18
 H_HARDWARE = -1

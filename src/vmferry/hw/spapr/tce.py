@@ -47,13 +47,13 @@ import numpy as np
 import numpy.typing as npt
 
 from vmferry.errors import (
-    ConfigError,
     HazardError,
     InvariantViolation,
     KernelError,
     ModelError,
     RefcountLeak,
 )
+from vmferry.hw.modes import Modes, Switch
 
 TCE_PCI_READ = 0x1
 TCE_PCI_WRITE = 0x2
@@ -181,11 +181,19 @@ MODE_HELP["kernel"] = ("the kernel's own handlers: validate the list, then re-re
                        + MODE_HELP["kernel"])
 
 
+#: the TCE model's modes in the scheme every model uses (:mod:`vmferry.hw.modes`): one switch
+#: per :class:`Quirk` (its lower-case name), the presets of :data:`MODES`
+TCE_MODES = Modes(
+    "TCE",
+    (Switch(q.name.lower(), *reversed(q.value.split(": ", 1))) for q in Quirk),
+    {name: {q.name.lower() for q in quirks} for name, quirks in MODES.items()},
+    "correct",
+)
+
+
 def quirks_of(mode: str) -> frozenset[Quirk]:
-    try:
-        return MODES[mode]
-    except KeyError:
-        raise ConfigError(f"unknown TCE mode {mode!r}; known: {', '.join(MODES)}") from None
+    """The quirks of ``preset[+switch...]`` (``correct+double_read``); ConfigError if unknown."""
+    return frozenset(Quirk[s.upper()] for s in TCE_MODES.parse(mode).switches)
 
 
 # --- errors --------------------------------------------------------------------------------

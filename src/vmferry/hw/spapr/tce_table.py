@@ -208,10 +208,6 @@ class KvmTceTables:
         self.tables[liobn] = stt
         return stt
 
-    def create_legacy(self, liobn: int, window_size: int) -> GuestTceTable:
-        """``KVM_CREATE_SPAPR_TCE``: 4K pages at bus offset 0."""
-        return self.create_64(liobn, 12, 0, window_size >> 12)
-
     def close(self, stt: GuestTceTable) -> None:
         """Close the table fd: drop it from the VM and every attached reference."""
         self.tables.pop(stt.liobn, None)

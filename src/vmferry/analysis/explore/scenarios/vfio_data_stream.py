@@ -23,6 +23,7 @@ from vmferry.errors import UseAfterFree
 from vmferry.hw.vfio.device import VfioMigrationDevice
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.factory import create_device
+from vmferry.hw.vfio.modes import device_options
 from vmferry.hw.vfio.states import DeviceState
 from vmferry.hw.vfio.stream import DataStream
 
@@ -51,8 +52,8 @@ def _goto(dev: VfioMigrationDevice, state: DeviceState) -> None:
 
 
 def _device(mode: str) -> VfioMigrationDevice:
-    faults = [] if mode == "correct" else [mode]
-    dev = create_device({**_SPEC, "faults": faults}, _Ram(1 << 16))
+    faults, _ = device_options(mode)
+    dev = create_device({**_SPEC, "faults": sorted(faults)}, _Ram(1 << 16))
     dev.run(8)
     return dev
 

@@ -1,0 +1,418 @@
+"""Parallel data channels for guest RAM: the threads that move the bytes.
+
+The wire format, its checks and the ordering rule live in
+:mod:`vmferry.migration.multichannel` (sans-IO); this module only opens connections,
+runs one thread per channel and turns every way a channel can fail into a failure of the
+whole migration.
+
+* The source (:class:`ChannelSink`) dials ``N`` extra connections to the destination's
+  migration listener after the main handshake, each announced with a ``channel`` frame
+  that carries the migration's one-time token and the channel's index (over TLS when
+  this host serves TLS, as the main connection).  For every pass the session hands it
+  the dirty mask; it deals the page runs round-robin to the channels, whose threads find
+  zero pages, snapshot and checksum the others and ``sendmsg`` them, then send SYNC.
+* The destination (:class:`ChannelGroup`) receives every channel's page data straight
+  into the staging VM's memory (``recv_into`` a view of the page run: no intermediate
+  buffer), verifies each record, and keeps the per-pass barrier: no channel applies pass
+  ``k + 1`` before every channel finished pass ``k``.
+
+A cut, a stall or a bad record in any channel fails the migration: the source's session
+fails (its guest resumes), the destination's group wakes its main worker, which discards
+the staging VM only after every channel thread has stopped writing into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import socket
+import ssl
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+import numpy as np
+import numpy.typing as npt
+
+from vmferry.errors import PeerError, VmferryError
+from vmferry.host.faults import CutConnection, Fault, apply
+from vmferry.host.transport import OnStall, send_buffers
+from vmferry.machine.ram import GuestRam
+from vmferry.migration.multichannel import (
+    HEADER_SIZE,
+    HELLO,
+    ChannelReader,
+    ChannelWriter,
+    Pages,
+    RunCounts,
+    Sync,
+    Zero,
+    channel_hello,
+    deal_runs,
+    encode_runs,
+    parse_channel_hello,
+)
+from vmferry.migration.runs import page_runs
+from vmferry.migration.source import SourceSession
+
+log = logging.getLogger("vmferry.host.datachannels")
+
+#: the default number of data channels (measured: docs/performance.md)
+DEFAULT_PARALLEL = 2
+#: bytes a channel thread hands to one sendmsg, and its snapshot buffer
+BATCH_BYTES = 8 * 1024 * 1024
+BOUNCE_BYTES = 2 * BATCH_BYTES
+#: bytes per run dealt to a channel
+RUN_BYTES = 4 * 1024 * 1024
+#: the destination's socket receive buffer per channel (as the main connection's)
+RECEIVE_BUFFER = 2 * 1024 * 1024
+#: how long a channel waits for data, or at a pass barrier, before it gives up
+IDLE_TIMEOUT_S = 60.0
+#: how long a channel's connection may take to say which migration it belongs to
+HELLO_TIMEOUT_S = 10.0
+#: the destination's answer to a channel hello it accepted
+ACCEPTED = b"\x01"
+#: how often the source's driving thread looks up (cancel) while the channels send
+POLL_S = 0.2
+
+
+# --- source ------------------------------------------------------------------------------
+
+
+class ChannelSink:
+    """The source's data channels (a :class:`~vmferry.migration.source.RamSink`)."""
+
+    def __init__(
+        self,
+        socks: list[socket.socket],
+        session: SourceSession,
+        *,
+        on_stall: OnStall,
+        check: Callable[[], None],
+        progress: Callable[[], None] = lambda: None,
+        fault: Fault | None = None,
+    ) -> None:
+        self.socks = socks
+        self.session = session
+        self.ram: GuestRam = session.vm.ram
+        self.on_stall = on_stall
+        self.check = check
+        self.progress = progress
+        self.cut = int(fault.action) if fault is not None and fault.phase == "cut-channel" \
+            else None  # fmt: skip
+        #: ``active:corrupt`` damages channel 0's first batch (after its checksums)
+        self.corrupt = fault if fault is not None and fault.phase == "active" \
+            and fault.action == "corrupt" else None  # fmt: skip
+        self.writers = [ChannelWriter(i, self.ram.page_size) for i in range(len(socks))]
+        bounce = max(BOUNCE_BYTES, 2 * RUN_BYTES, 2 * self.ram.page_size)
+        self.bounces = [np.empty(bounce, dtype=np.uint8) for _ in socks]
+        self.pool = ThreadPoolExecutor(len(socks), thread_name_prefix="mig-chan")
+        self.lock = threading.Lock()
+
+    def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
+        run_pages = max(1, RUN_BYTES // self.ram.page_size)
+        starts, lengths = page_runs(np.flatnonzero(mask), run_pages)
+        dealt = deal_runs(starts, lengths, len(self.socks))
+        futures = [self.pool.submit(self._send, i, number, runs, final)
+                   for i, runs in enumerate(dealt)]
+        try:
+            while True:
+                done, pending = wait(futures, timeout=POLL_S, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    if f.exception() is not None:
+                        raise f.exception()  # type: ignore[misc]
+                if not pending:
+                    break
+                self.check()
+                self.progress()
+        except BaseException:
+            self.shutdown()  # unblock the other channels' sends
+            wait(futures)
+            raise
+        total = RunCounts()
+        for f in futures:
+            total.add(f.result())
+        return total
+
+    def _send(self, i: int, number: int, runs: list[tuple[int, int]], final: bool
+              ) -> RunCounts:  # fmt: skip
+        sock, writer, counts = self.socks[i], self.writers[i], RunCounts()
+        # the guest is paused for the final pass: its pages cannot change under the send
+        for bufs in encode_runs(writer, self.ram, number, runs, self.bounces[i], counts,
+                                batch_bytes=BATCH_BYTES, snapshot=not final):
+            self._pace()
+            if self.corrupt is not None and i == 0:
+                bufs, self.corrupt = apply(self.corrupt, "active", bufs), None
+            sent = send_buffers(sock, bufs, self.on_stall)
+            with self.lock:
+                self.session.channel_bytes += sent
+                self.session.stats.ram_transferred = self.session.bytes_out
+            if self.cut == i and number == 1:
+                raise CutConnection(f"injected fault cut-channel:{i}")
+        sent = send_buffers(sock, [writer.sync(number, final=final)], self.on_stall)
+        with self.lock:
+            self.session.channel_bytes += sent
+        return counts
+
+    def _pace(self) -> None:
+        """The bandwidth cap (``max_bandwidth_mib``) holds for all channels together."""
+        delay = self.session.pacing_delay()
+        while delay > 0:
+            self.check()
+            time.sleep(min(delay, POLL_S))
+            delay = self.session.pacing_delay()
+
+    def in_flight_bytes(self) -> int:
+        """Unsent and unacknowledged bytes in the channels' send queues (and, for each
+        non-empty one, the destination's full receive buffer)."""
+        total = 0
+        for sock in self.socks:
+            with contextlib.suppress(OSError, ValueError):
+                raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                queued = int.from_bytes(raw, sys.byteorder, signed=True)
+                total += queued + RECEIVE_BUFFER if queued > 0 else 0
+        return total
+
+    def shutdown(self) -> None:
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.shutdown()
+        self.pool.shutdown(wait=True)
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+# --- destination -------------------------------------------------------------------------
+
+
+class ChannelGroup:
+    """The destination's data channels of one migration (see the module docstring).
+
+    It listens on a port of its own (``port``, on the migration listener's address, TLS
+    when the host serves TLS), which the source learns from the destination's job
+    (``progress.data_port``); a connection joins with a channel hello carrying the
+    migration's token.  A wrong token, index or count closes the connection."""
+
+    def __init__(self, token: str, ram: GuestRam, host: str,
+                 tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        self.token, self.ram, self.tls = token, ram, tls
+        self.count = 0
+        self.barrier: threading.Barrier | None = None
+        self.readers: dict[int, ChannelReader] = {}
+        self.conns: dict[int, socket.socket] = {}
+        self.threads: list[threading.Thread] = []
+        self.finished = 0
+        self.error = ""
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.closed = False
+        #: when a channel last received something (the main connection is quiet meanwhile)
+        self.last = time.monotonic()
+        self.listener = socket.create_server((host, 0))
+        self.listener.settimeout(POLL_S)
+        self.port: int = self.listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, name="mig-chan-accept",
+                                          daemon=True)  # fmt: skip
+        self._acceptor.start()
+
+    @property
+    def connected(self) -> bool:
+        return self.count > 0
+
+    def _accept(self) -> None:
+        while not self.closed and not self.error and (not self.count
+                                                      or len(self.conns) < self.count):
+            try:
+                conn, addr = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                conn.settimeout(HELLO_TIMEOUT_S)
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                head = bytearray(HELLO.size)
+                _recv_exact_into(conn, memoryview(head), "a channel hello")
+                token, index, count = parse_channel_hello(head)
+                why = self.attach(token, index, count, conn)
+            except (OSError, VmferryError) as exc:
+                why = str(exc)
+            if why:
+                log.warning("refused data channel from %s:%s: %s", addr[0], addr[1], why)
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    def attach(self, token: str, index: int, count: int, conn: socket.socket) -> str:
+        """Take channel ``index`` of ``count``: '' or why it is refused."""
+        with self.lock:
+            if self.closed or self.error:
+                return "the migration of this data channel is over"
+            if token != self.token:
+                return "wrong migration token for a data channel"
+            if self.count and count != self.count:
+                return f"data channel {index} of {count}, the others said {self.count}"
+            if index in self.conns:
+                return f"data channel {index} is already connected"
+            if not self.count:
+                self.count = count
+                # no timeout at the barrier: a channel waits there while the others still
+                # move their part of a (possibly bandwidth-capped) pass; each of them is
+                # bounded by its socket's timeout, and a failure aborts the barrier
+                self.barrier = threading.Barrier(count)
+            self.conns[index] = conn
+            reader = self.readers[index] = ChannelReader(index, self.ram.npages,
+                                                         self.ram.page_size)
+            t = threading.Thread(target=self._run, args=(index, conn, reader),
+                                 name=f"mig-chan-{index}", daemon=True)
+            self.threads.append(t)
+        t.start()
+        return ""
+
+    def _run(self, i: int, conn: socket.socket, reader: ChannelReader) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER // 2)
+            conn.settimeout(IDLE_TIMEOUT_S)
+            conn.sendall(ACCEPTED)  # the source uses the channel only once it has this
+            self._receive(conn, reader)
+        except threading.BrokenBarrierError:
+            self.fail(f"data channel {i}: another channel failed")
+        except VmferryError as exc:
+            self.fail(f"data channel {i}: {type(exc).__name__}: {exc}")
+        except OSError as exc:
+            self.fail(f"data channel {i}: connection lost: {exc.strerror or exc}")
+        except Exception as exc:
+            log.exception("data channel %d", i)
+            self.fail(f"data channel {i}: internal error: {type(exc).__name__}: {exc}")
+
+    def _receive(self, conn: socket.socket, reader: ChannelReader) -> None:
+        head = bytearray(HEADER_SIZE)
+        ram = self.ram
+        assert self.barrier is not None
+        while not reader.finished:
+            _recv_exact_into(conn, memoryview(head), "a data channel header")
+            if self.error or self.closed:
+                return
+            self.last = time.monotonic()
+            ev = reader.header(head)
+            if isinstance(ev, Pages):
+                view = ram.receive_view(ev.first, ev.count)
+                _recv_exact_into(conn, view, "page data")
+                reader.payload(view)
+                ram.received(ev.first, ev.count)
+            elif isinstance(ev, Zero):
+                ram.zero_pages(ev.first, ev.count)
+            elif isinstance(ev, Sync) and not ev.final:
+                self.barrier.wait()  # pass k+1 only after every channel finished pass k
+        with self.lock:
+            self.finished += 1
+            if self.finished == self.count:
+                self.done.set()
+
+    def fail(self, reason: str) -> None:
+        with self.lock:
+            if self.error or self.closed:
+                return
+            self.error = reason
+        log.warning("incoming migration: %s", reason)
+        if self.barrier is not None:
+            self.barrier.abort()
+        self._shutdown()
+
+    def check(self, step: str) -> None:
+        """PeerError if a channel failed."""
+        if self.error:
+            raise PeerError(self.error, step)
+
+    def wait_done(self, bound_s: float, check: Callable[[], None]) -> None:
+        """Until every channel delivered its final pass; PeerError if one failed, the
+        channels never connected, or nothing finished within ``bound_s``."""
+        end = time.monotonic() + bound_s
+        while not self.done.wait(0.05):
+            self.check("receiving stream")
+            check()
+            if time.monotonic() > end:
+                raise PeerError(f"the data channels did not finish within {bound_s:g} s "
+                                f"({len(self.conns)} of {self.count or '?'} connected, "
+                                f"{self.finished} finished)", "receiving stream")
+        self.check("receiving stream")
+
+    def active_within(self, seconds: float) -> bool:
+        """Whether a channel received something in the last ``seconds``."""
+        return not self.error and time.monotonic() - self.last < seconds
+
+    def totals(self) -> tuple[int, int]:
+        """Pages and zero pages received over the channels."""
+        return (sum(r.pages_received for r in self.readers.values()),
+                sum(r.zero_pages_received for r in self.readers.values()))
+
+    def _shutdown(self) -> None:
+        with self.lock:
+            conns = list(self.conns.values())
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop every channel thread (they write into guest memory: before that memory
+        may go) and close the connections and the port."""
+        with self.lock:
+            self.closed = True
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self._acceptor.join()
+        if self.barrier is not None:
+            self.barrier.abort()
+        self._shutdown()
+        for t in list(self.threads):
+            t.join()
+        for conn in self.conns.values():
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def _recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:
+    got, n = 0, view.nbytes
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise PeerError(f"connection closed while reading {what}")
+        got += k
+
+
+def dial_channels(address: tuple[str, int], token: str, count: int,
+                  tls: ssl.SSLContext | None) -> list[socket.socket]:  # fmt: skip
+    """Open ``count`` data channels to a destination's channel port, each with its hello
+    (TLS with ``tls``, a client context)."""
+    socks: list[socket.socket] = []
+    try:
+        for i in range(count):
+            sock = socket.create_connection(address, timeout=HELLO_TIMEOUT_S)
+            if tls is not None:
+                try:
+                    sock = tls.wrap_socket(sock)
+                except BaseException:
+                    sock.close()
+                    raise
+            socks.append(sock)
+            sock.sendall(channel_hello(token, i, count))
+        for i, sock in enumerate(socks):
+            got = bytearray(1)
+            _recv_exact_into(sock, memoryview(got), f"data channel {i}'s acceptance")
+            if bytes(got) != ACCEPTED:
+                raise PeerError(f"destination refused data channel {i}", "handshake")
+    except BaseException:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+        raise
+    return socks

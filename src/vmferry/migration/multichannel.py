@@ -1,0 +1,344 @@
+"""Parallel data channels for guest RAM, sans-IO: the wire format, the writer, the reader.
+
+With ``parallel = N`` a migration moves guest RAM over N data connections beside the
+main one (which keeps the VM configuration, device state, vCPUs and END).  Each channel
+carries a sequence of records, each a fixed 32-byte header, for page data followed by
+the pages themselves::
+
+    +---------+----------+-------------+----------+--------------+------------+----------------+
+    | type u8 | flags u8 | channel u16 | pass u32 | first u64    | count u32  | page_size u32  |
+    +---------+----------+-------------+----------+--------------+------------+----------------+
+    | checksum u64: xxh3-64 of the 24 bytes before it and the payload   |  payload (PAGES only)
+    +-------------------------------------------------------------------+
+
+All integers are big-endian.  Types:
+
+* ``PAGES`` -- ``count`` pages from page ``first``; ``count * page_size`` bytes follow;
+* ``ZERO`` -- ``count`` pages from page ``first`` read as zero (no payload);
+* ``SYNC`` -- this channel has sent everything of pass ``pass``; flag ``FINAL`` marks
+  the last pass: nothing follows on the channel.
+
+**Ordering: a page's newer copy always wins.**  Within a channel TCP keeps the order.
+Across channels the destination keeps a barrier per pass: a channel's reader that meets
+``SYNC(k)`` applies nothing of pass ``k + 1`` until every channel has delivered its
+``SYNC(k)``.  A page sent in pass ``k`` and again in pass ``k + 1`` therefore lands in its
+pass-``k + 1`` version whichever channels carried the two copies.  Every record names its
+pass, and the reader refuses one from another pass than the current.
+
+**Checksums.**  The header's checksum covers the header fields and the payload, so a
+damaged page number is caught as surely as damaged data.  The receiver takes page data
+straight into guest memory (``recv_into`` a view of the page run) and verifies it there,
+before the pass's barrier: a migration whose checksum fails is abandoned before COMMIT,
+and the staging VM with it.  xxh3 and ``recv_into`` release the GIL on large buffers, so
+N receiving threads do run side by side.
+
+A channel opens with a 44-byte hello (:func:`channel_hello`): the magic
+``VMFCHAN\\x01``, the migration's one-time token (32 ASCII bytes), the channel's index and
+the number of channels (u16 each).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from vmferry.errors import ChecksumMismatch, MalformedRecord, StreamUsageError
+from vmferry.machine.ram import GuestRam
+from vmferry.migration.stream.records import Buffer
+
+HEAD = struct.Struct(">BBHIQII")
+HEADER = struct.Struct(">BBHIQIIQ")
+HEADER_SIZE = HEADER.size  # 32
+#: flag of SYNC: the last pass, nothing follows
+FINAL = 0x01
+#: the most bytes of page data one PAGES record carries
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+#: the most channels a migration opens
+MAX_CHANNELS = 16
+
+
+HELLO = struct.Struct(">8s32sHH")
+HELLO_MAGIC = b"VMFCHAN\x01"
+
+
+def channel_hello(token: str, index: int, count: int) -> bytes:
+    """The first bytes of data channel ``index`` of ``count``."""
+    raw = token.encode("ascii")
+    if len(raw) != 32 or not 0 <= index < count <= MAX_CHANNELS:
+        raise StreamUsageError("a channel hello takes a 32-character token and an index "
+                               f"below a count of at most {MAX_CHANNELS}")
+    return HELLO.pack(HELLO_MAGIC, raw, index, count)
+
+
+def parse_channel_hello(raw: Buffer) -> tuple[str, int, int]:
+    """(token, index, count) of a channel hello; MalformedRecord if it is not one."""
+    if memoryview(raw).nbytes != HELLO.size:
+        raise MalformedRecord(f"a channel hello is {HELLO.size} bytes")
+    magic, token, index, count = HELLO.unpack(raw)
+    if magic != HELLO_MAGIC:
+        raise MalformedRecord("not a vmferry data channel")
+    if not 0 <= index < count <= MAX_CHANNELS:
+        raise MalformedRecord(f"data channel {index} of {count} (at most {MAX_CHANNELS})")
+    try:
+        return token.decode("ascii"), index, count
+    except UnicodeDecodeError:
+        raise MalformedRecord("channel hello token is not ASCII") from None
+
+
+class ChannelRecord(enum.IntEnum):
+    PAGES = 1
+    ZERO = 2
+    SYNC = 3
+
+
+@dataclass(frozen=True)
+class Pages:
+    """Page data follows: receive ``count`` pages into guest memory at page ``first``,
+    then hand them to :meth:`ChannelReader.payload`."""
+
+    first: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Zero:
+    first: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Sync:
+    number: int
+    final: bool
+
+
+ChannelEvent = Pages | Zero | Sync
+
+
+def _checksum(head: Buffer, payload: Buffer | None = None) -> int:
+    h = xxhash.xxh3_64(head)
+    if payload is not None:
+        h.update(payload)
+    return h.intdigest()
+
+
+class ChannelWriter:
+    """The records of one channel, as buffers to send in order."""
+
+    def __init__(self, channel: int, page_size: int) -> None:
+        if not 0 <= channel < MAX_CHANNELS:
+            raise StreamUsageError(f"channel {channel} outside [0, {MAX_CHANNELS})")
+        self.channel = channel
+        self.page_size = page_size
+        self.bytes_out = 0
+        self.finished = False
+
+    def _head(self, kind: ChannelRecord, flags: int, number: int, first: int, count: int,
+              payload: Buffer | None = None) -> bytes:  # fmt: skip
+        if self.finished:
+            raise StreamUsageError(f"channel {self.channel}: records after the final SYNC")
+        head = HEAD.pack(kind, flags, self.channel, number, first, count, self.page_size)
+        out = head + _checksum(head, payload).to_bytes(8, "big")
+        self.bytes_out += len(out) + (len(payload) if payload is not None else 0)
+        return out
+
+    def pages(self, number: int, first: int, data: Buffer) -> list[Buffer]:
+        """A PAGES record: ``data`` (whole pages) is checksummed now and must not change
+        until it has been sent (the sender passes a snapshot, not live guest memory)."""
+        n = memoryview(data).nbytes
+        if n == 0 or n % self.page_size or n > MAX_RECORD_BYTES:
+            raise StreamUsageError(f"PAGES of {n} bytes (whole pages, at most "
+                                   f"{MAX_RECORD_BYTES})")
+        return [self._head(ChannelRecord.PAGES, 0, number, first, n // self.page_size, data),
+                data]
+
+    def zero(self, number: int, first: int, count: int) -> bytes:
+        return self._head(ChannelRecord.ZERO, 0, number, first, count)
+
+    def sync(self, number: int, *, final: bool = False) -> bytes:
+        out = self._head(ChannelRecord.SYNC, FINAL if final else 0, number, 0, 0)
+        self.finished = final
+        return out
+
+
+class ChannelReader:
+    """Validates one channel's records (see the module docstring).
+
+    The host reads :data:`HEADER_SIZE` bytes and passes them to :meth:`header`; for a
+    :class:`Pages` event it receives the page data (into guest memory) and passes it to
+    :meth:`payload` before the next header.  For a :class:`Sync` it waits at the pass
+    barrier with the other channels.  The first error is final."""
+
+    def __init__(self, channel: int, npages: int, page_size: int, first_pass: int = 1) -> None:
+        self.channel = channel
+        self.npages = npages
+        self.page_size = page_size
+        self.current_pass = first_pass
+        self.finished = False
+        self.pages_received = 0
+        self.zero_pages_received = 0
+        self.bytes_in = 0
+        self._pending: tuple[bytes, int, Pages] | None = None
+
+    def header(self, raw: Buffer) -> ChannelEvent:
+        if self._pending is not None:
+            raise StreamUsageError("header() while page data is still expected")
+        if self.finished:
+            raise MalformedRecord(f"channel {self.channel}: data after the final SYNC")
+        if memoryview(raw).nbytes != HEADER_SIZE:
+            raise StreamUsageError(f"a channel header is {HEADER_SIZE} bytes")
+        head = bytes(raw[:HEAD.size])
+        kind, flags, channel, number, first, count, page_size, claimed = HEADER.unpack(raw)
+        where = f"channel {self.channel}"
+        try:
+            rtype = ChannelRecord(kind)
+        except ValueError:
+            raise MalformedRecord(f"{where}: unknown record type {kind}") from None
+        if channel != self.channel:
+            raise MalformedRecord(f"{where}: record says channel {channel}")
+        if page_size != self.page_size:
+            raise MalformedRecord(f"{where}: page size {page_size}, the VM uses "
+                                  f"{self.page_size}")
+        if number != self.current_pass:
+            raise MalformedRecord(f"{where}: a record of pass {number} during pass "
+                                  f"{self.current_pass}")
+        if flags & ~(FINAL if rtype is ChannelRecord.SYNC else 0):
+            raise MalformedRecord(f"{where}: {rtype.name} with unknown flags {flags:#x}")
+        self.bytes_in += HEADER_SIZE
+        if rtype is ChannelRecord.SYNC:
+            if first or count:
+                raise MalformedRecord(f"{where}: SYNC with pages")
+            self._verify(claimed, head, None, "SYNC")
+            final = bool(flags & FINAL)
+            self.finished = final
+            self.current_pass += 0 if final else 1
+            return Sync(number, final)
+        if count == 0 or first + count > self.npages:
+            raise MalformedRecord(f"{where}: pages [{first}, {first + count}) outside guest "
+                                  f"RAM of {self.npages} pages")
+        if rtype is ChannelRecord.ZERO:
+            self._verify(claimed, head, None, "RAM_ZERO")
+            self.zero_pages_received += count
+            return Zero(first, count)
+        if count * self.page_size > MAX_RECORD_BYTES:
+            raise MalformedRecord(f"{where}: PAGES of {count} pages is over the "
+                                  f"{MAX_RECORD_BYTES}-byte limit")
+        event = Pages(first, count)
+        self._pending = (head, claimed, event)
+        return event
+
+    def payload(self, data: Buffer) -> None:
+        """The page data of the last :class:`Pages` event, as received (ChecksumMismatch
+        if it is not what was sent)."""
+        if self._pending is None:
+            raise StreamUsageError("payload() without a PAGES header")
+        head, claimed, event = self._pending
+        if memoryview(data).nbytes != event.count * self.page_size:
+            raise StreamUsageError("payload() of another length than the header's")
+        self._pending = None
+        self._verify(claimed, head, data, "RAM_PAGES")
+        self.pages_received += event.count
+        self.bytes_in += event.count * self.page_size
+
+    def _verify(self, claimed: int, head: bytes, payload: Buffer | None, what: str) -> None:
+        if _checksum(head, payload) != claimed:
+            raise ChecksumMismatch(f"{what} record checksum mismatch (pass "
+                                   f"{self.current_pass})")
+
+
+# --- the sending side's work ---------------------------------------------------------------
+
+
+def deal_runs(
+    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], channels: int
+) -> list[list[tuple[int, int]]]:
+    """Deal page runs to ``channels`` channels round-robin in page order, so that every
+    channel works near the same position (the destination populates ahead of it)."""
+    out: list[list[tuple[int, int]]] = [[] for _ in range(channels)]
+    for k, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+        out[k % channels].append((s, n))
+    return out
+
+
+@dataclass
+class RunCounts:
+    """Pages a channel sent in a pass."""
+
+    normal: int = 0
+    zero: int = 0
+    wire_bytes: int = 0
+
+    def add(self, other: RunCounts) -> None:
+        self.normal += other.normal
+        self.zero += other.zero
+        self.wire_bytes += other.wire_bytes
+
+
+def encode_runs(
+    writer: ChannelWriter,
+    ram: GuestRam,
+    number: int,
+    runs: list[tuple[int, int]],
+    bounce: npt.NDArray[np.uint8],
+    counts: RunCounts,
+    *,
+    batch_bytes: int,
+    snapshot: bool = True,
+) -> Iterator[list[Buffer]]:
+    """The records for ``runs`` of pass ``number``, in batches of about ``batch_bytes``:
+    all-zero pages (found with numpy) become ZERO records, the others PAGES records.
+
+    With ``snapshot`` (the guest may be running) each run is copied into ``bounce`` and
+    the copy is checksummed and sent: the bytes on the wire match their checksum even if
+    the guest writes the page meanwhile (the write dirties it for the next pass).  The
+    caller must send each batch before asking for the next: the bounce buffer is reused.
+    Without ``snapshot`` (the guest is paused) the records view guest memory directly."""
+    ps = ram.page_size
+    batch: list[Buffer] = []
+    size = used = 0
+    wire0 = writer.bytes_out
+    for first, count in runs:
+        zero = ram.zero_mask(first, count)
+        for is_zero, s, n in _pieces(zero, first):
+            if is_zero:
+                batch.append(writer.zero(number, s, n))
+                counts.zero += n
+                continue
+            nbytes = n * ps
+            if snapshot:
+                if used + nbytes > bounce.size:
+                    yield batch
+                    batch, size, used = [], 0, 0
+                data = bounce[used : used + nbytes]
+                np.copyto(data, ram.bytes[s * ps : s * ps + nbytes])
+                used += nbytes
+                view: Buffer = data.data
+            else:
+                view = ram.bytes[s * ps : s * ps + nbytes].data
+            batch += writer.pages(number, s, view)
+            counts.normal += n
+            size += nbytes
+            if size >= batch_bytes:
+                yield batch
+                batch, size, used = [], 0, 0
+    if batch:
+        yield batch
+    counts.wire_bytes += writer.bytes_out - wire0
+
+
+def _pieces(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:
+    """Cut a run into maximal (is_zero, start, count) pieces."""
+    if zero.all():
+        return [(True, first, int(zero.size))]
+    if not zero.any():
+        return [(False, first, int(zero.size))]
+    edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
+    bounds = [0, *edges.tolist(), int(zero.size)]
+    return [(bool(zero[a]), first + a, b - a) for a, b in itertools.pairwise(bounds)]
