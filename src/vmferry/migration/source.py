@@ -694,4 +694,6 @@ class SourceSession:
             return f"ram pass {len(self.stats.passes) + 1}"
         if st is Status.DEVICE:
             return "awaiting destination resume" if self._t_end else "switchover (final pass)"
+        if st in (Status.FAILED, Status.CANCELLED) and self.stats.error_step:
+            return self.stats.error_step  # where it failed
         return str(st.value)
