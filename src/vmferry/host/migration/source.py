@@ -38,7 +38,7 @@ from vmferry.errors import (
 )
 from vmferry.host import datachannels
 from vmferry.host.client import HostClient
-from vmferry.host.clocks import MonotonicClock
+from vmferry.host.clocks import MonotonicClock, pace
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.files import Output
 from vmferry.host.migration.common import (
@@ -456,12 +456,7 @@ class SourceWorker:
             phase = "setup" if first else self._phase()
             first = False
             self._persist(self.session.status.value, self.session.current_step())
-            # the bandwidth cap: wait the whole delay, in slices that see a cancel (one
-            # slice of at most 0.5 s per batch let a 4 MiB batch out every 0.5 s: 8 MiB/s
-            # whatever the cap)
-            while (delay := self.session.pacing_delay()) > 0:
-                time.sleep(min(delay, 0.5))
-                self._check_cancel()
+            pace(self.session.pacing_delay, self._between_waits)
             # Before STREAM_END the destination speaks only to report an error (ERROR).
             early = ch.poll_event()
             if early is not None:
@@ -483,6 +478,11 @@ class SourceWorker:
             bufs = self.session.next_buffers()
         ch.send(StreamEnd(), self._on_stall)
         self._persist(self.session.status.value, self.session.current_step())
+
+    def _between_waits(self) -> None:
+        """While the cap holds the stream back: a cancel or a changed cap acts at once."""
+        self._check_cancel()
+        self._retune()
 
     def _retune(self) -> None:
         """Apply parameter changes the operator made since the last batch."""
