@@ -169,8 +169,13 @@ class ModelLock:
         if self.owner != me:
             raise InvariantViolation(f"{me} releases {self.name} held by {self.owner}")
         self.owner = None
-        # the release itself belongs to the step that ran up to here (the explorer sees
-        # the owner change); the step starting at this yield point touches nothing shared
+        # The release belongs to the step that ran up to here: the explorer sees the owner
+        # change and adds the lock to that step's footprint.  The step starting at this
+        # yield point runs the caller's code after the release, up to its next yield
+        # point: that code must touch nothing shared (or yield first).  It is declared as
+        # writing the lock so that it is ordered against another thread's acquire: that
+        # race is the one DPOR reverses to let a waiter take the lock right after the
+        # release (here the waiter is enabled; before the release it is not).
         yield_point(f"unlock {self.name}", self, write=True)
 
     @property

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from vmferry.errors import ConfigError
-from vmferry.host.daemon import run_daemon
+from vmferry.host.serve import run_daemon
 from vmferry.host.tls import TlsConfig, make_certs
 from vmferry.machine.profiles import HostProfile, load_profile, parse_mitigation
 from vmferry.machine.pseries import SpaprHostPlatform

@@ -27,7 +27,6 @@ the destination); a ``migrated`` husk is never booted.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -35,138 +34,45 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from vmferry.errors import ApiError, ConfigError, HostError, VmferryError
-from vmferry.host.auth import is_loopback, load_or_create_token
+from vmferry.host.client import HostClient
 from vmferry.host.events import EventBus
 from vmferry.host.files import ImagesDir
 from vmferry.host.iommu import probe_host
+from vmferry.host.migration import (
+    ask_destination_outcome,
+    parse_params,
+    serve_incoming,
+    start_source_job,
+)
 from vmferry.host.models import VmDefinitionModel, validate
+from vmferry.host.records import HostedVm, Incoming, Job
 from vmferry.host.resources import check_fits
 from vmferry.host.runner import VmRunner
-from vmferry.host.store import JobRow, Store
-from vmferry.host.tls import TlsConfig, logging_server_context
+from vmferry.host.states import UNFINISHED, JobStatus, Runstate
+from vmferry.host.store import Store
+from vmferry.host.tls import TlsConfig
 from vmferry.host.vcpus import VcpuThreads, install_kick_handler
 from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
 from vmferry.machine.x86 import kvm_status
 from vmferry.migration.destination import DestinationSession
+from vmferry.migration.source import MigrationParams
+
+__all__ = ["HostDaemon", "HostedVm", "Incoming", "Job", "lock_state_dir"]
 
 log = logging.getLogger("vmferry.host")
 
 TOKEN_TTL_S = 120.0
 #: how long a restarting daemon asks a destination what became of a committed migration
 RECOVER_ASK_S = 2.0
-
-
-@dataclass
-class HostedVm:
-    name: str
-    definition: dict[str, Any]
-    #: running | paused | migrating | migrated | needs-attention | failed, and
-    #: recovering (never persisted: a restarted daemon is rebuilding it)
-    runstate: str
-    vm: VM | None = None
-    runner: VmRunner | None = None
-    #: the source job that owns the VM while it is ``migrating``
-    job: str | None = None
-    #: why the VM is in its runstate, for the operator (persisted with the runstate)
-    note: str = ""
-    #: rebuilt from its definition by a restarted daemon: the guest's memory was lost
-    memory_lost: bool = False
-    #: the runstate a save started from (the VM is ``saving`` meanwhile)
-    saved_from: str = "running"
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self.name,
-            "runstate": self.runstate,
-            "definition": self.definition,
-        }
-        if self.job is not None:
-            out["job"] = self.job
-        if self.note:
-            out["note"] = self.note
-        if self.memory_lost:
-            out["memory_lost"] = True
-        if self.vm is not None:
-            out["memory_bytes"] = self.vm.ram.size
-            out["vcpus"] = len(self.vm.vcpus)
-            out["throttle_pct"] = self.vm.workload.throttle_pct
-            out["pages_dirtied"] = self.vm.workload.pages_written
-            out["backend"] = self.vm.backend
-            guest = self.vm.guest_info()
-            if guest is not None:
-                out["guest"] = guest
-            # handlers read device and IOMMU state the guest's thread changes
-            lock = self.runner.lock if self.runner is not None else contextlib.nullcontext()
-            with lock:
-                report = self.vm.report()
-            if report:
-                out["report"] = report
-        return out
-
-    def release(self) -> None:
-        if self.runner is not None:
-            self.runner.stop()
-            self.runner = None
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
-
-
-@dataclass
-class Job:
-    id: str
-    vm: str
-    role: str  # source | destination
-    peer: str
-    params: dict[str, Any]
-    status: str = "setup"
-    stats: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-    step: str = ""
-    created: float = field(default_factory=time.time)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    #: parameter changes for the running migration, taken by its worker (under the lock)
-    retune: dict[str, Any] = field(default_factory=dict)
-    thread: threading.Thread | None = None
-    #: persisted engine bookkeeping: ``peer_job``, ``commit_sent`` (see store.py)
-    progress: dict[str, Any] = field(default_factory=dict)
-
-    def row(self) -> JobRow:
-        return JobRow(
-            self.id,
-            self.vm,
-            self.role,
-            self.peer,
-            self.status,
-            self.params,
-            self.stats,
-            self.error,
-            self.step,
-            self.created,
-            time.time(),
-            dict(self.progress),
-        )
-
-
-@dataclass
-class Incoming:
-    token: str
-    vm: str
-    verify: bool
-    job_id: str
-    expires: float
-    definition: dict[str, Any] = field(default_factory=dict)
 
 
 class HostDaemon:
@@ -227,12 +133,6 @@ class HostDaemon:
         a restart: see the module docstring for what each runstate comes back as.  Without
         ``settle`` the VMs stay ``recovering`` until :meth:`settle_recovered` runs."""
         for row in self.store.jobs():
-            if row.status in ("setup", "active", "device"):
-                row = dataclasses.replace(
-                    row, status="failed", error="the host daemon restarted during the job",
-                    step=row.step or "unknown",
-                )
-                self.store.put_job(row)
             self.jobs[row.id] = Job(row.id, row.vm, row.role, row.peer, row.params, row.status,
                                     row.stats, row.error, row.step, row.created,
                                     progress=dict(row.progress))
@@ -241,7 +141,7 @@ class HostDaemon:
         last_arrival = {j.vm: j for j in sorted(self.jobs.values(), key=lambda j: j.created)
                         if j.role == "destination"}
         arrived_unconfirmed = {vm for vm, j in last_arrival.items()
-                               if j.step == "resume" and j.status != "completed"}
+                               if j.step == "resume" and j.status is not JobStatus.COMPLETED}
         notes = self.store.notes()
         self._recovering = []
         for name, definition, runstate in self.store.vms():
@@ -253,12 +153,25 @@ class HostDaemon:
             self.vms[name] = hosted
             if runstate in ("running", "paused", "migrating"):
                 # rebuilt by settle_recovered; the store keeps the old runstate meanwhile
-                self._recovering.append((hosted, runstate))
-                hosted.runstate = "recovering"
+                self._recovering.append((hosted, Runstate(runstate)))
+                hosted.move(Runstate.RECOVERING)
                 hosted.note = (f"the host daemon restarted; this VM ({runstate} before) is "
                                "being rebuilt from its definition")
+        # jobs that were under way end here, except a source job past COMMIT whose VM is
+        # left migrating: settle_recovered asks its destination how it ended
+        settling = {h.name for h, was in self._recovering if was is Runstate.MIGRATING}
+        for job in self.jobs.values():
+            if job.status in UNFINISHED and not (
+                job.role == "source" and job.progress.get("commit_sent") and job.vm in settling
+            ):
+                self._restarted(job)
         if settle:
             self.settle_recovered()
+
+    def _restarted(self, job: Job) -> None:
+        job.move(JobStatus.FAILED, job.step or "unknown",
+                 "the host daemon restarted during the job")
+        self.save_job(job)
 
     def settle_recovered(self) -> None:
         """Rebuild (or settle) the VMs :meth:`recover` left ``recovering``, one by one.
@@ -271,14 +184,14 @@ class HostDaemon:
             if self._stopping.is_set():
                 return
             try:
-                if was == "migrating":
+                if was is Runstate.MIGRATING:
                     self._recover_migrating(hosted)
                 else:
                     self._rebuild_lost(hosted, "", was)
             except Exception as exc:  # one VM's trouble must not strand the others
                 log.exception("VM %s: recovery failed", hosted.name)
                 with self.lock:
-                    hosted.runstate = "failed"
+                    hosted.move(Runstate.FAILED)
                     hosted.note = f"cannot rebuild after a restart: {exc}"
                 self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
 
@@ -293,7 +206,7 @@ class HostDaemon:
         except VmferryError as exc:
             log.error("cannot restore VM %s: %s", hosted.name, exc)
             with self.lock:
-                hosted.runstate = "failed"
+                hosted.move(Runstate.FAILED)
                 hosted.note = f"cannot rebuild after a restart: {exc}"
         else:
             if self._stopping.is_set():  # the daemon stops: nobody will release it
@@ -301,14 +214,13 @@ class HostDaemon:
                 return
             with self.lock:
                 hosted.vm, hosted.runner = vm, VmRunner(vm)
-                hosted.runstate, hosted.memory_lost, hosted.note = "paused", True, note
+                hosted.move(Runstate.PAUSED)
+                hosted.memory_lost, hosted.note = True, note
         self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
         log.warning("VM %s: %s", hosted.name, hosted.note)
 
     def _recover_migrating(self, hosted: HostedVm) -> None:
         """A VM left ``migrating``: settle it from its source job's persisted progress."""
-        from vmferry.host.migration import ask_destination_outcome
-
         jobs = [j for j in self.jobs.values() if j.vm == hosted.name and j.role == "source"]
         job = max(jobs, key=lambda j: j.created) if jobs else None
         if job is None or not job.progress.get("commit_sent"):
@@ -318,16 +230,17 @@ class HostDaemon:
         outcome = ask_destination_outcome(job.peer, job.progress.get("peer_job"), hosted.name,
                                           self.token, wait_s=RECOVER_ASK_S, tls=self.tls)
         if outcome == "resumed":
-            hosted.runstate, hosted.note = "migrated", f"runs on {job.peer} (job {job.id})"
-            job.status, job.error = "completed", ""
-            job.step = "confirmed by the destination after a restart of this daemon"
+            hosted.move(Runstate.MIGRATED)
+            hosted.note = f"runs on {job.peer} (job {job.id})"
+            job.move(JobStatus.COMPLETED,
+                     "confirmed by the destination after a restart of this daemon", "")
             self.save_job(job)
             self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
         elif outcome == "not-resumed":
             self._rebuild_lost(hosted, f"the destination {job.peer} says it never resumed "
                                        f"the VM (job {job.id}); ", "migrating")
         else:
-            hosted.runstate = "needs-attention"
+            hosted.move(Runstate.NEEDS_ATTENTION)
             hosted.note = (
                 f"the host daemon restarted after COMMIT of job {job.id} was sent to "
                 f"{job.peer}, and {job.peer} cannot tell ({outcome}) whether it runs the VM. "
@@ -336,6 +249,8 @@ class HostDaemon:
                 f"{hosted.name}` here runs it from its definition (its memory was lost).")
             self.store.set_runstate(hosted.name, hosted.runstate, hosted.note)
             log.error("VM %s needs attention: %s", hosted.name, hosted.note)
+        if job.status in UNFINISHED:
+            self._restarted(job)
 
     def build_vm(self, definition: Mapping[str, Any]) -> VM:
         """A VM as this host builds it (its profile and platform apply)."""
@@ -346,11 +261,9 @@ class HostDaemon:
         hosted.runner = VmRunner(hosted.vm)
         if start:
             hosted.runner.resume()
-        hosted.runstate = "running" if start else "paused"
+        hosted.move(Runstate.RUNNING if start else Runstate.PAUSED)
 
     def start_migration_listener(self) -> None:
-        from vmferry.host.migration import serve_incoming
-
         sock = socket.create_server(self.migration_listen, reuse_port=False)
         self._listener = sock
         self.migration_address = sock.getsockname()[:2]
@@ -420,7 +333,7 @@ class HostDaemon:
         with self.lock:
             self.check_name_free(parsed.name)
             self._check_assignment(parsed.name, parsed.to_dict())
-            hosted = HostedVm(parsed.name, parsed.to_dict(), "paused")
+            hosted = HostedVm(parsed.name, parsed.to_dict(), Runstate.PAUSED)
             try:
                 self._boot(hosted, start)
             except (VmferryError, ValueError, OverflowError, UnicodeError) as exc:
@@ -437,7 +350,7 @@ class HostDaemon:
         coming back replaces it."""
         with self.lock:
             here = self.vms.get(name)
-            if here is not None and leftover_ok and here.runstate == "migrated":
+            if here is not None and leftover_ok and here.runstate is Runstate.MIGRATED:
                 here = None
             if here is not None or name in {i.vm for i in self.incoming.values()}:
                 raise ApiError(409, f"a VM named {name!r} exists on host {self.name}",
@@ -447,7 +360,7 @@ class HostDaemon:
         """Forget the record a VM left behind when it migrated away."""
         with self.lock:
             hosted = self.vms.get(name)
-            if hosted is None or hosted.runstate != "migrated":
+            if hosted is None or hosted.runstate is not Runstate.MIGRATED:
                 return
             del self.vms[name]
         self.store.delete_vm(name)
@@ -488,11 +401,11 @@ class HostDaemon:
         one from its definition) runs here."""
         with self.lock:
             hosted = self.get_vm(name)
-            if hosted.runstate == "needs-attention" and run:
+            if hosted.runstate is Runstate.NEEDS_ATTENTION and run:
                 if hosted.vm is None:
                     self._boot(hosted, start=False)
                     hosted.memory_lost = True
-                hosted.runstate = "paused"
+                hosted.move(Runstate.PAUSED)
             if hosted.runstate not in ("running", "paused") or hosted.runner is None:
                 why = f" ({hosted.note})" if hosted.note else ""
                 job = f" in job {hosted.job}" if hosted.job else ""
@@ -501,7 +414,7 @@ class HostDaemon:
                 hosted.runner.resume()
             else:
                 hosted.runner.pause()
-            hosted.runstate = "running" if run else "paused"
+            hosted.move(Runstate.RUNNING if run else Runstate.PAUSED)
             hosted.note = "" if not hosted.memory_lost else hosted.note
             self.store.set_runstate(name, hosted.runstate, hosted.note)
         return hosted
@@ -531,14 +444,13 @@ class HostDaemon:
                 "running", "paused"
             ):
                 raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot be saved")
-            hosted.saved_from = hosted.runstate
-            hosted.runstate = "saving"
+            hosted.saved_from = hosted.move(Runstate.SAVING)
         return hosted
 
     def end_save(self, hosted: HostedVm) -> None:
         with self.lock:
-            if hosted.runstate == "saving":
-                hosted.runstate = hosted.saved_from
+            if hosted.runstate is Runstate.SAVING:
+                hosted.move(hosted.saved_from)
 
     def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]:
         """Take in a VM a destination session loaded (by migration or from a snapshot):
@@ -561,7 +473,8 @@ class HostDaemon:
             raise
         session.hand_over()
         hosted = HostedVm(
-            vm.name, vm.definition.to_dict(), "running" if running else "paused", vm, runner
+            vm.name, vm.definition.to_dict(), Runstate.RUNNING if running else Runstate.PAUSED,
+            vm, runner,
         )
         with self.lock:
             self.vms[vm.name] = hosted
@@ -597,8 +510,6 @@ class HostDaemon:
         return job.row().to_json()
 
     def migrate(self, name: str, destination: str, params: dict[str, Any]) -> Job:
-        from vmferry.host.migration import parse_params, start_source_job
-
         parse_params(params)  # refuse bad parameters before anything changes
         self._check_not_self(destination)
         with self.lock:  # the check and the mark are one step
@@ -607,10 +518,10 @@ class HostDaemon:
                 raise ApiError(409, f"VM {name} is already migrating in job {hosted.job}")
             if hosted.runstate not in ("running", "paused") or hosted.vm is None:
                 raise ApiError(409, f"VM {name} is {hosted.runstate} and cannot migrate")
-            prev_state = hosted.runstate
             job = self.new_job(name, "source", destination, {**params})
-            hosted.runstate, hosted.job = "migrating", job.id
-            self.store.set_runstate(name, "migrating")
+            prev_state = hosted.move(Runstate.MIGRATING)
+            hosted.job = job.id
+            self.store.set_runstate(name, hosted.runstate)
         return start_source_job(self, hosted, job, prev_state)
 
     def forget_job(self, job: Job) -> None:
@@ -619,16 +530,15 @@ class HostDaemon:
             self.jobs.pop(job.id, None)
         self.store.delete_job(job.id)
 
-    def end_source_job(self, hosted: HostedVm, runstate: str, note: str = "") -> None:
+    def end_source_job(self, hosted: HostedVm, runstate: Runstate | str, note: str = "") -> None:
         """A source job let go of its VM: record the runstate it leaves the VM in."""
         with self.lock:
-            hosted.runstate, hosted.job, hosted.note = runstate, None, note
-            self.store.set_runstate(hosted.name, runstate, note)
+            hosted.move(runstate)
+            hosted.job, hosted.note = None, note
+            self.store.set_runstate(hosted.name, hosted.runstate, note)
 
     def _check_not_self(self, destination: str) -> None:
         """HTTP 409 if ``destination`` is this host (under whatever URL)."""
-        from vmferry.host.client import HostClient
-
         try:
             ctx = self.tls.client_context() if self.tls is not None else None
             info = HostClient(destination, self.token, timeout=10.0, tls=ctx).get("/v1/host")
@@ -645,7 +555,7 @@ class HostDaemon:
 
     def cancel(self, job_id: str) -> Job:
         job = self.get_job(job_id)
-        if job.status in ("completed", "failed", "cancelled"):
+        if job.status.finished:
             raise ApiError(409, f"job {job_id} already {job.status}")
         if job.role == "source" and job.progress.get("commit_sent"):
             raise ApiError(409, f"job {job_id} is past COMMIT: the destination {job.peer} "
@@ -658,14 +568,12 @@ class HostDaemon:
         """Change ``downtime_limit_ms`` / ``max_bandwidth_mib`` (null: unlimited) of a
         running source job; its worker applies them before it sends more.  HTTP 400 for
         other keys or bad values, 409 for a job that is not a running source job."""
-        from vmferry.migration.source import MigrationParams
-
         job = self.get_job(job_id)
         allowed = {"downtime_limit_ms", "max_bandwidth_mib"}
         if not changes or set(changes) - allowed:
             raise ApiError(400, f"only {sorted(allowed)} can change during a migration, "
                                 f"got {sorted(changes)}")
-        if job.role != "source" or job.status not in ("setup", "active"):
+        if job.role != "source" or job.status not in (JobStatus.SETUP, JobStatus.ACTIVE):
             raise ApiError(409, f"job {job_id} is a {job.role} job in status {job.status}; "
                                 "only a running source job takes new parameters")
         merged = {k: job.params.get(k) for k in allowed if k in job.params}
@@ -734,8 +642,8 @@ class HostDaemon:
 
     def _expire(self, inc: Incoming) -> None:
         job = self.jobs.get(inc.job_id)
-        if job is not None and job.status == "setup":
-            job.status, job.error, job.step = "failed", "no source connected in time", "setup"
+        if job is not None and job.status is JobStatus.SETUP:
+            job.move(JobStatus.FAILED, "setup", "no source connected in time")
             self.save_job(job)
 
 
@@ -782,117 +690,3 @@ def with_vcpu_threads(context: HostContext) -> HostContext:
     with contextlib.suppress(HostError):  # not the main thread: a caller installs it
         install_kick_handler()
     return dataclasses.replace(context, vcpu_threads=VcpuThreads)
-
-
-def run_daemon(
-    name: str,
-    state_dir: Path,
-    listen: tuple[str, int],
-    migration_listen: tuple[str, int] | None = None,
-    context: HostContext | None = None,
-    token_file: Path | None = None,
-    tls: TlsConfig | None = None,
-    images_dir: Path | None = None,
-    *,
-    qmp_dir: Path | None = None,
-) -> None:
-    """Run a host in the foreground until SIGINT/SIGTERM.  The control API requires the
-    token in ``token_file`` (created if missing; default ``<state-dir>/token``, allowed only
-    for a loopback address: a host others can reach shares an explicit token file with its
-    cluster).  With ``qmp_dir``, each VM gets a QMP socket there (:mod:`vmferry.host.qmp`).
-    Every way it cannot start is a one-line VmferryError (the traceback of an unexpected
-    one goes to the log)."""
-    try:
-        _run_daemon(name, state_dir, listen, migration_listen, context, token_file, tls,
-                    images_dir, qmp_dir)
-    except VmferryError:
-        raise
-    except OSError as exc:
-        raise HostError(f"host {name}: {exc.strerror or exc}"
-                        + (f": {exc.filename}" if exc.filename else "")) from exc
-    except Exception as exc:
-        log.exception("host %s failed", name)
-        raise HostError(f"host {name} failed: {type(exc).__name__}: {exc} "
-                        f"(details in {state_dir / 'daemon.log'})") from exc
-
-
-def _run_daemon(
-    name: str,
-    state_dir: Path,
-    listen: tuple[str, int],
-    migration_listen: tuple[str, int] | None,
-    context: HostContext | None,
-    token_file: Path | None,
-    tls: TlsConfig | None,
-    images_dir: Path | None,
-    qmp_dir: Path | None,
-) -> None:
-    from vmferry.host.api import make_app
-    from vmferry.host.qmp import QmpServer
-
-    if token_file is None and not is_loopback(listen[0]):
-        raise ConfigError(
-            f"the control API would listen on {listen[0]}, beyond this machine: "
-            "give the cluster's --token-file"
-        )
-    if state_dir.exists() and not state_dir.is_dir():
-        raise HostError(f"state dir {state_dir} is not a directory")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    token = load_or_create_token(token_file or state_dir / "token")
-    daemon = HostDaemon(name, state_dir, listen, migration_listen, context, token, tls,
-                        images_dir)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {name} %(levelname)s %(message)s",
-        handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
-    )
-    for what, address in (("control API", listen), ("migration listener",
-                                                     daemon.migration_listen)):
-        if tls is None and not is_loopback(address[0]):
-            log.warning("%s listens on %s without TLS: guest memory and tokens cross the "
-                        "network in clear (serve with --tls-dir)", what, address[0])
-    probe = daemon.context.iommu
-    if probe is not None:
-        log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,
-                 probe.groups)
-        for dev, why in probe.failures.items():
-            log.warning("IOMMU boot probe: %s unusable: %s", dev, why)
-    daemon.recover(settle=False)  # records only: VMs are rebuilt once the API answers
-    daemon.start_migration_listener()
-
-    async def main() -> None:
-        from aiohttp import web
-
-        runner = web.AppRunner(make_app(daemon), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, listen[0], listen[1], ssl_context=(
-            logging_server_context(tls, "control API") if tls is not None else None))
-        await site.start()
-        server = site._server
-        assert server is not None
-        sockets = getattr(server, "sockets", None) or []
-        host, port = sockets[0].getsockname()[:2]
-        daemon.control_url = f"{'https' if tls is not None else 'http'}://{host}:{port}"
-        threading.Thread(target=daemon.settle_recovered, name="recover", daemon=True).start()
-        qmp = QmpServer(daemon, qmp_dir) if qmp_dir is not None else None
-        if qmp is not None:
-            await qmp.start()
-        daemon.write_ready_file()
-        log.info(
-            "host %s: control %s, migration %s:%d",
-            name,
-            daemon.control_url,
-            *daemon.migration_address,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("host %s stopping", name)
-        if qmp is not None:
-            await qmp.stop()
-        await asyncio.to_thread(daemon.shutdown)
-        await runner.cleanup()
-
-    asyncio.run(main())

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmferry.errors import PeerError, VmferryError
+from vmferry.host.clocks import pace
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.transport import OnStall, send_buffers
 from vmferry.machine.ram import GuestRam
@@ -161,11 +162,7 @@ class ChannelSink:
 
     def _pace(self) -> None:
         """The bandwidth cap (``max_bandwidth_mib``) holds for all channels together."""
-        delay = self.session.pacing_delay()
-        while delay > 0:
-            self.check()
-            time.sleep(min(delay, POLL_S))
-            delay = self.session.pacing_delay()
+        pace(self.session.pacing_delay, self.check)
 
     def in_flight_bytes(self) -> int:
         """Unsent and unacknowledged bytes in the channels' send queues.  (Unlike the

@@ -118,7 +118,7 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self.d.lock:
-            vms = [(h.name, h.runstate, h.vm) for h in self.d.vms.values()]
+            vms = [(h.name, str(h.runstate), h.vm) for h in self.d.vms.values()]
             jobs = [self.d.job_json(j) for j in self.d.jobs.values()]
         yield from _vm_families(vms)
         yield from _job_families(jobs)

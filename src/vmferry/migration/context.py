@@ -10,6 +10,9 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vmferry.errors import StreamUsageError
+from vmferry.machine.vm import VM
+
 
 class Status(enum.Enum):
     """QEMU's migration status names, for the states vmferry uses."""
@@ -24,6 +27,20 @@ class Status(enum.Enum):
     @property
     def finished(self) -> bool:
         return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+
+#: a source session's moves (``SourceSession._move`` is their one writer): setup ->
+#: active -> device -> completed, an offline migration setup -> device, and failed or
+#: cancelled from any phase before completed (a session that failed on an exception can
+#: still be given up by the operator's cancel)
+STATUS_MOVES: dict[Status, frozenset[Status]] = {
+    Status.SETUP: frozenset({Status.ACTIVE, Status.DEVICE, Status.FAILED, Status.CANCELLED}),
+    Status.ACTIVE: frozenset({Status.DEVICE, Status.FAILED, Status.CANCELLED}),
+    Status.DEVICE: frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED}),
+    Status.COMPLETED: frozenset(),
+    Status.FAILED: frozenset({Status.CANCELLED}),
+    Status.CANCELLED: frozenset(),
+}
 
 
 @dataclass
@@ -87,6 +104,14 @@ class MigrationStats:
     error_step: str = ""
     warnings: list[str] = field(default_factory=list)
 
+    def move(self, to: Status) -> None:
+        """The one writer of a source session's status: the move must be in
+        :data:`STATUS_MOVES` (StreamUsageError otherwise)."""
+        if to is not self.status and to not in STATUS_MOVES[self.status]:
+            raise StreamUsageError(f"source session: {self.status.value} -> {to.value} is "
+                                   "not a legal move")  # fmt: skip
+        self.status = to
+
     def _prediction_error(self) -> dict[str, float]:
         """How far the prediction was off, in percent of the actual downtime."""
         if self.status is not Status.COMPLETED or not self.predicted or not self.downtime.total_ms:
@@ -125,3 +150,13 @@ class MigrationStats:
             "warnings": list(self.warnings),
             **({"error-desc": self.error, "error-step": self.error_step} if self.error else {}),
         }
+
+
+def state_digests(vm: VM) -> dict[str, str]:
+    """RAM, vCPU and per-handler digests: equal on both sides means equal state."""
+    out = {"ram": vm.ram.digest(), "vcpu": vm.vcpu_digest()}
+    for name, h in vm.handlers.items():
+        d = h.state_digest()
+        if d is not None:
+            out[f"handler:{name}"] = d
+    return out

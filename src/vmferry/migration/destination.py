@@ -12,13 +12,25 @@ state, firmware registers are set), optionally takes verification digests and re
 the acknowledgement; ``resume`` then starts the guest and runs the handlers' post-load
 work (for example the pseries device-tree update sequence) before the guest counts as
 resumed.
+
+The session is in one :class:`Phase` at a time, and :data:`PHASE_MOVES` is the one
+table of its moves::
+
+    receiving -END-> ended -finish-> loaded -resume-> resumed -hand_over-> handed-over
+    (finish(start=True) goes on to resumed; hand_over also follows loaded)
+    any phase before resumed -abort-> aborted
+    any exception in receive/finish/resume -> failed (then only abort)
+
+A call in the wrong phase is a :class:`~vmferry.errors.StreamUsageError` naming it (a
+record after END stays a ``MalformedRecord``: the stream is wrong, not the caller).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import enum
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,7 +46,7 @@ from vmferry.errors import (
 from vmferry.machine.handlers import ArchState, ComponentData, DeviceData, StatePiece
 from vmferry.machine.vcpu import VcpuState
 from vmferry.machine.vm import VM, create_vm, load_definition
-from vmferry.migration.source import state_digests
+from vmferry.migration.context import state_digests
 from vmferry.migration.stream import (
     ComponentRecord,
     DeviceChunk,
@@ -52,6 +64,29 @@ from vmferry.migration.stream import (
 
 #: Called with the incoming configuration before anything is built; raise to refuse.
 ConfigCheck = Callable[[Mapping[str, Any]], None]
+
+
+class Phase(enum.Enum):
+    RECEIVING = "receiving"
+    ENDED = "ended"
+    LOADED = "loaded"
+    RESUMED = "resumed"
+    HANDED_OVER = "handed-over"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+P = Phase
+#: the session's moves: phase -> the phases it may go to
+PHASE_MOVES: dict[Phase, frozenset[Phase]] = {
+    P.RECEIVING: frozenset({P.ENDED, P.ABORTED, P.FAILED}),
+    P.ENDED: frozenset({P.LOADED, P.ABORTED, P.FAILED}),
+    P.LOADED: frozenset({P.RESUMED, P.HANDED_OVER, P.ABORTED, P.FAILED}),
+    P.RESUMED: frozenset({P.HANDED_OVER}),
+    P.HANDED_OVER: frozenset(),
+    P.ABORTED: frozenset(),
+    P.FAILED: frozenset({P.ABORTED}),
+}
 
 
 class DestinationSession:
@@ -72,16 +107,52 @@ class DestinationSession:
         self.pages_received = 0
         self.zero_pages_received = 0
         self.passes = 0
-        self.ended = False
-        self.resumed = False
+        #: the one writer is :meth:`_move`
+        self.phase = Phase.RECEIVING
         self._t_end = 0.0
+
+    @property
+    def ended(self) -> bool:
+        """END arrived (and nothing failed since)."""
+        return self.phase in (P.ENDED, P.LOADED, P.RESUMED, P.HANDED_OVER)
+
+    @property
+    def resumed(self) -> bool:
+        """The guest is (or was handed over as) running here: nothing may discard it."""
+        return self.phase in (P.RESUMED, P.HANDED_OVER)
+
+    def _move(self, to: Phase) -> None:
+        if to is not self.phase and to not in PHASE_MOVES[self.phase]:
+            raise StreamUsageError(f"destination session: {self.phase.value} -> {to.value} "
+                                   "is not a legal move")  # fmt: skip
+        self.phase = to
+
+    def _expect(self, call: str, *phases: Phase) -> None:
+        if self.phase not in phases:
+            raise StreamUsageError(f"{call} in phase {self.phase.value} (needs "
+                                   f"{' or '.join(p.value for p in phases)})")  # fmt: skip
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Any exception moves the session to FAILED (only abort() is left then)."""
+        try:
+            yield
+        except BaseException:
+            if self.phase not in (P.RESUMED, P.HANDED_OVER, P.ABORTED):
+                self.phase = P.FAILED
+            raise
 
     # --- records ---------------------------------------------------------------------
 
     def receive(self, rec: Record) -> None:
         """Apply one record to the staging VM.  Raises on anything out of place."""
-        if self.ended:
+        if self.phase is not P.RECEIVING and self.ended:
             raise MalformedRecord(f"{type(rec).__name__} after END")
+        self._expect("receive()", P.RECEIVING)
+        with self._failing():
+            self._receive(rec)
+
+    def _receive(self, rec: Record) -> None:
         if isinstance(rec, VmConfig):
             self._config(rec)
             return
@@ -169,16 +240,22 @@ class DestinationSession:
         missing = sorted(set(range(len(vm.vcpus))) - set(self.vcpus))
         if missing:
             raise MalformedRecord(f"END before the state of vCPUs {missing}")
-        self.ended = True
+        self._move(P.ENDED)
         self._t_end = self.clock.monotonic()
 
     # --- the end ---------------------------------------------------------------------
 
     def finish(self, *, start: bool = True) -> dict[str, Any]:
         """Load vCPU and component state, verify on request, resume; the acknowledgement."""
-        if not self.ended or self.vm is None:
+        if self.phase is P.RECEIVING:
             raise StreamUsageError("finish() before END")
+        self._expect("finish()", P.ENDED)
+        with self._failing():
+            return self._finish(start)
+
+    def _finish(self, start: bool) -> dict[str, Any]:
         vm = self.vm
+        assert vm is not None
         vm.restore_vcpus(list(self.vcpus.values()))
         for h in vm.handlers.values():
             h.load_complete()
@@ -190,6 +267,7 @@ class DestinationSession:
         ack["verification_ms"] = (t_verified - t_loaded) * 1e3
         ack["pages"] = self.pages_received
         ack["zero_pages"] = self.zero_pages_received
+        self._move(P.LOADED)
         if start:
             ack["post_load"] = self.resume()
         return ack
@@ -197,23 +275,29 @@ class DestinationSession:
     def resume(self, *, run: bool = True) -> dict[str, Any]:
         """Start the loaded guest (unless ``run`` is false: it arrives paused) and run
         the handlers' post-load work; returns their reports."""
-        if not self.ended or self.vm is None:
-            raise StreamUsageError("resume() before the VM was loaded")
-        if run:
-            self.vm.start()
-        self.resumed = True
-        return {name: r for name, h in self.vm.handlers.items() if (r := h.post_load())}
+        self._expect("resume()", P.LOADED)
+        vm = self.vm
+        assert vm is not None
+        with self._failing():
+            if run:
+                vm.start()
+            self._move(P.RESUMED)
+            return {name: r for name, h in vm.handlers.items() if (r := h.post_load())}
 
     def hand_over(self) -> VM:
         """The caller takes ownership of the loaded VM (after the commit point)."""
-        if not self.ended or self.vm is None:
-            raise StreamUsageError("hand_over() before the VM was loaded")
-        self.resumed = True
+        self._expect("hand_over()", P.LOADED, P.RESUMED)
+        assert self.vm is not None
+        self._move(P.HANDED_OVER)
         return self.vm
 
     def abort(self) -> None:
-        """Discard the staging VM and everything received."""
-        if self.vm is not None and not self.resumed:
+        """Discard the staging VM and everything received (not once it resumed: it is
+        the guest then)."""
+        if self.resumed:
+            return
+        self._move(P.ABORTED)
+        if self.vm is not None:
             for h in self.vm.handlers.values():
                 with contextlib.suppress(Exception):  # discarding must not fail
                     h.load_failed()

@@ -45,7 +45,13 @@ from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
 from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
-from vmferry.migration.context import Downtime, MigrationStats, PassRecord, Status
+from vmferry.migration.context import (
+    Downtime,
+    MigrationStats,
+    PassRecord,
+    Status,
+    state_digests,
+)
 from vmferry.migration.multichannel import RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
@@ -269,11 +275,12 @@ class SourceSession:
         return self._next()
 
     def next_buffers(self) -> list[Buffer]:
-        """The next buffers to send; [] when END has been produced."""
+        """The next buffers to send; [] when END has been produced.  StreamUsageError once
+        the session ended: a failed session never answers [] as if the stream were done."""
         if self._gen is None:
             raise StreamUsageError("start() first")
         if self.stats.status.finished:
-            return []
+            raise StreamUsageError(f"next_buffers() in status {self.stats.status.value}")
         return self._next()
 
     def _next(self) -> list[Buffer]:
@@ -282,6 +289,12 @@ class SourceSession:
             return next(self._gen)
         except StopIteration:
             return []
+        except BaseException as exc:  # the session failed: it says so from now on
+            if not self.stats.status.finished:
+                self.stats.error_step = self.current_step()
+                self.stats.move(Status.FAILED)
+                self.stats.error = f"{type(exc).__name__}: {exc}"
+            raise
 
     def pacing_delay(self) -> float:
         """Seconds to wait before sending more, to honour the bandwidth cap."""
@@ -335,7 +348,7 @@ class SourceSession:
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
-        self.stats.status = Status.ACTIVE
+        self.stats.move(Status.ACTIVE)
         to_send: npt.NDArray[np.bool_] = np.ones(ram.npages, dtype=np.bool_)
         while True:
             t_pass = self.clock.monotonic()
@@ -435,7 +448,7 @@ class SourceSession:
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
-        self.stats.status = Status.DEVICE
+        self.stats.move(Status.DEVICE)
         yield from self._send_pages(to_send)
         self._t_final_ram = self.clock.monotonic()
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
@@ -641,7 +654,7 @@ class SourceSession:
             verification_ms=verify_ms,
         )
         self.stats.total_time_ms = (now - self._t0) * 1e3
-        self.stats.status = Status.COMPLETED
+        self.stats.move(Status.COMPLETED)
         self._close_generator()
         for h in self.vm.handlers.values():
             h.save_cleanup()
@@ -664,7 +677,8 @@ class SourceSession:
         if self._paused_by_us and self._was_running:
             self.guest.resume()
             self._paused_by_us = False
-        self.stats.status = Status.CANCELLED if cancelled else Status.FAILED
+        if self.stats.status is not Status.FAILED or cancelled:
+            self.stats.move(Status.CANCELLED if cancelled else Status.FAILED)
         self.stats.error, self.stats.error_step = reason, step
         self.stats.total_time_ms = (self.clock.monotonic() - self._t0) * 1e3
         return self.stats
@@ -680,18 +694,6 @@ class SourceSession:
             return f"ram pass {len(self.stats.passes) + 1}"
         if st is Status.DEVICE:
             return "awaiting destination resume" if self._t_end else "switchover (final pass)"
+        if st in (Status.FAILED, Status.CANCELLED) and self.stats.error_step:
+            return self.stats.error_step  # where it failed
         return str(st.value)
-
-
-
-
-
-
-def state_digests(vm: VM) -> dict[str, str]:
-    """RAM, vCPU and per-handler digests: equal on both sides means equal state."""
-    out = {"ram": vm.ram.digest(), "vcpu": vm.vcpu_digest()}
-    for name, h in vm.handlers.items():
-        d = h.state_digest()
-        if d is not None:
-            out[f"handler:{name}"] = d
-    return out

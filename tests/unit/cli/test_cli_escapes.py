@@ -17,7 +17,7 @@ MARKUP = "[/x] [bold]oops[/bold] [/]"
 def test_issue10_16_cli_escapes_peer_supplied_markup(tmp_path: Path) -> None:
     with app_host(tmp_path / "A") as a:
         job = a.daemon.new_job("vm1", "source", MARKUP, {})
-        job.status, job.step, job.error = "failed", MARKUP, f"destination said {MARKUP}"
+        job.move("failed", MARKUP, f"destination said {MARKUP}")
         a.daemon.save_job(job)
         env = {"VMFERRY_TOKEN": TOKEN, "VMFERRY_TOKEN_FILE": None, "COLUMNS": "300"}
         for args in (["job", "show", "--host", a.url], ["job", "show", "--host", a.url, job.id],

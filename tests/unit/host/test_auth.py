@@ -14,7 +14,7 @@ from tests.unit.host.apphost import TOKEN, app_host
 from vmferry.cli.main import cli, error_json
 from vmferry.errors import ApiError, ConfigError
 from vmferry.host.auth import bearer_matches, load_or_create_token, read_token_file
-from vmferry.host.daemon import run_daemon
+from vmferry.host.serve import run_daemon
 
 
 def test_issue10_5_control_api_requires_token(tmp_path: Path) -> None:

@@ -116,7 +116,8 @@ def migrate(a: HostDaemon, b: HostDaemon, *, a_to_b: Faults | None = None,
     raw = dict(params or {})
     inc, caps = b.expect_incoming("g", dict(DEF), bool(raw.get("verify", False)), "pipe")
     job = a.new_job("g", "source", "http://127.0.0.1:9", raw)
-    hosted.runstate, hosted.job = "migrating", job.id
+    hosted.move("migrating")
+    hosted.job = job.id
     job.progress["peer_job"] = inc.job_id
     to_dest, to_source = link_pair(a_to_b, b_to_a, time_scale)
     dials = iter([to_dest])

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from vmferry.errors import ApiError
+from vmferry.host import daemon as daemon_mod
 from vmferry.host import migration as hostmig
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.store import JobRow, Store
@@ -107,7 +108,7 @@ def test_issue10_3_restart_after_commit_asks_the_destination(
         asked.append((peer, peer_job, vm))
         return outcome
 
-    monkeypatch.setattr(hostmig, "ask_destination_outcome", ask)
+    monkeypatch.setattr(daemon_mod, "ask_destination_outcome", ask)
     d = _restart(tmp_path, "migrating", {"peer_job": "p1", "commit_sent": True})
     try:
         g = d.vms["g"]
@@ -135,7 +136,7 @@ def test_issue10_3_migrated_husk_is_never_booted(tmp_path: Path) -> None:
 
 def test_issue10_5_cancel_after_commit_says_why(daemon: HostDaemon) -> None:
     job = daemon.new_job("g", "source", "http://127.0.0.1:9", {})
-    job.status = "device"
+    job.move("device")
     job.progress["commit_sent"] = True
     with pytest.raises(ApiError) as err:
         daemon.cancel(job.id)

@@ -20,8 +20,9 @@ from vmferry.machine.handlers import ComponentData
 from vmferry.machine.pseries import SpaprDmaHandler, tce_handler
 from vmferry.machine.ram import PAGE_64K
 from vmferry.machine.vm import NoHypercalls
+from vmferry.migration.context import state_digests
 from vmferry.migration.destination import DestinationSession
-from vmferry.migration.source import MigrationParams, SourceSession, state_digests
+from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import StreamDecoder
 
 LIOBN = 0x80000000

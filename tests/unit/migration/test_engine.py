@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmferry.clock import ManualClock
-from vmferry.errors import MalformedRecord, MigrationError
+from vmferry.errors import MalformedRecord, MigrationError, StreamUsageError
 from vmferry.machine import VM, create_vm
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession
@@ -133,7 +133,8 @@ def test_fail_gives_the_source_back() -> None:
     assert stats.status is Status.FAILED and vm.running and not vm.ram.logging
     assert vm.workload.throttle_pct == 0
     assert stats.error_step == "switchover (final pass)"
-    assert link.src.next_buffers() == []
+    with pytest.raises(StreamUsageError, match="in status failed"):  # no [] as if done
+        link.src.next_buffers()
 
 
 def test_cancel_status() -> None:

@@ -16,6 +16,7 @@ Public API::
 from __future__ import annotations
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
+from vmferry.analysis.explore.cases import DEFAULT_RANDOM_RUNS
 from vmferry.analysis.explore.engine import ScheduleMismatch, Step
 from vmferry.analysis.explore.report import (
     Failure,
@@ -26,7 +27,6 @@ from vmferry.analysis.explore.report import (
     read_script,
 )
 from vmferry.analysis.explore.runner import (
-    DEFAULT_RANDOM_RUNS,
     STRATEGIES,
     ReplayResult,
     default_failures_dir,

@@ -17,9 +17,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from vmferry.analysis.explore.api import Case, Instance
+from vmferry.analysis.explore.cases import explore_case, factory_of
 from vmferry.analysis.explore.engine import SearchLimits
 from vmferry.analysis.explore.report import Report
+from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.errors import ConfigError
 
 RAY_HINT = "exploring with --workers needs Ray: pip install 'vmferry[ray]'"
@@ -32,31 +33,22 @@ def _ray() -> Any:
         raise ConfigError(RAY_HINT) from exc
 
 
-#: how one case is explored into a partial report, and how a case becomes an instance
-#: factory (``runner`` hands its own in, so this module does not import it back)
-CaseExplorer = Callable[[Report, str, Callable[[], Instance], SearchLimits, int], None]
-FactoryOf = Callable[[Case, str], Callable[[], Instance]]
-
-
 def explore_case_task(
     scenario_name: str, case_name: str, mode: str, limits: SearchLimits, seed: int,
-    strategy: str, bound: int | None, explore: CaseExplorer, factory_of: FactoryOf,
+    strategy: str, bound: int | None,
 ) -> Report:
     """One case of a registered scenario, explored in this process (a Ray task body)."""
-    from vmferry.analysis.explore.scenarios import all_scenarios
-
     scenario = all_scenarios()[scenario_name]
     (case,) = [c for c in scenario.cases if c.name == case_name]
     part = Report(scenario_name, mode, strategy, preemption_bound=bound, seed=seed)
     part.cases.append(case_name)
-    explore(part, case_name, factory_of(case, mode), limits, seed)
+    explore_case(part, case_name, factory_of(case, mode), limits, seed)
     return part
 
 
 def run_cases(
     scenario_name: str, cases: list[str], mode: str, limits: SearchLimits, seed: int,
     strategy: str, bound: int | None, *, workers: int, address: str | None,
-    explore: CaseExplorer, factory_of: FactoryOf,
 ) -> list[Report]:
     """Explore ``cases`` as Ray tasks; the partial reports come back in ``cases`` order."""
     ray = _ray()
@@ -69,8 +61,7 @@ def run_cases(
         started = True
     try:
         task: Callable[..., Any] = ray.remote(num_cpus=1)(explore_case_task).remote
-        refs = [task(scenario_name, case, mode, limits, seed, strategy, bound, explore,
-                     factory_of)
+        refs = [task(scenario_name, case, mode, limits, seed, strategy, bound)
                 for case in cases]
         return list(ray.get(refs))
     finally:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A model thread is an ordinary callable.  It runs on its own greenlet; whenever it calls
-:func:`vmferry.sync.yield_point` the installed :class:`_Execution` hook records the access
+:func:`vmferry.sync.yield_point` the installed :class:`Execution` hook records the access
 it announces (``label``, ``obj``, ``write``) and switches back to the scheduler.  A *step*
 is what a thread does from one switch to the next: the announced access and every line up
 to the next yield point, atomically.  ``wait_until`` with a false condition parks the
@@ -17,8 +17,8 @@ Exhaustive search is a depth-first walk over choice sequences with:
 
 * a **preemption bound** -- switching away from a thread that could have continued costs
   one preemption; branches that would exceed the bound are not generated;
-* **source-DPOR** (``reduction="dpor"``, see :class:`_Dpor`): only the orders of racing
-  steps are explored, with sleep sets;
+* **source-DPOR** (``reduction="dpor"``, see :mod:`vmferry.analysis.explore.dpor`): only
+  the orders of racing steps are explored, with sleep sets;
 * **sleep sets** (Godefroid) -- after exploring thread ``u`` at a node, ``u`` is put to
   sleep in the siblings' subtrees for as long as only steps independent of ``u``'s step
   run; a node whose enabled threads are all asleep is pruned.  Two steps are independent
@@ -133,7 +133,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class _Execution:
+class Execution:
     """One run of an instance under explorer control; the installed SchedulerHook."""
 
     def __init__(self, instance: Instance, max_steps: int) -> None:
@@ -346,7 +346,7 @@ def _checked(fn: Callable[[], None]) -> BaseException | None:
 class Chooser(Protocol):
     """Decides the schedule of one execution."""
 
-    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+    def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
         """The thread to run at ``depth`` (one of ``enabled``), or None to cut the run."""
 
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
@@ -355,7 +355,7 @@ class Chooser(Protocol):
 
 def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) -> Outcome | None:
     """Run one execution, asking ``chooser`` at every step.  None if the chooser cut it."""
-    execution = _Execution(factory(), max_steps)
+    execution = Execution(factory(), max_steps)
     try:
         with sync.scheduled(execution):
             return _drive(execution, chooser)
@@ -363,7 +363,7 @@ def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) 
         execution.teardown()
 
 
-def _drive(execution: _Execution, chooser: Chooser) -> Outcome | None:
+def _drive(execution: Execution, chooser: Chooser) -> Outcome | None:
     depth = 0
     while True:
         enabled = execution.enabled()
@@ -380,14 +380,18 @@ def _drive(execution: _Execution, chooser: Chooser) -> Outcome | None:
         footprint, error = execution.step(name)
         chooser.stepped(depth, name, footprint)
         depth += 1
+        if error is None:
+            error = _checked(execution.instance.invariant)
+            name = None if error is None else ""
         if error is not None:
-            return Outcome(tuple(execution.schedule), error, name)
-        bad = _checked(execution.instance.invariant)
-        if bad is not None:
-            return Outcome(tuple(execution.schedule), bad)
+            outcome = Outcome(tuple(execution.schedule), error, name or None)
+            failed = getattr(chooser, "failed", None)
+            if failed is not None:  # a chooser that looks past the failure (dpor)
+                failed(execution)
+            return outcome
 
 
-def _end(execution: _Execution) -> Outcome:
+def _end(execution: Execution) -> Outcome:
     schedule = tuple(execution.schedule)
     if not execution.finished():
         stuck = ", ".join(
@@ -443,7 +447,7 @@ class SearchStats:
 
 
 @dataclass
-class _Node:
+class Node:
     """A point in the choice tree: the state reached after ``depth`` steps."""
 
     sleep: dict[str, Footprint]
@@ -463,13 +467,13 @@ class _Node:
         return 1 if self.last_enabled and name != self.last else 0
 
 
-class _Dfs:
+class Dfs:
     """Stateless depth-first search with preemption bounding, sleep sets, state hashing."""
 
     def __init__(self, factory: Callable[[], Instance], limits: SearchLimits) -> None:
         self.factory = factory
         self.limits = limits
-        self.stack: list[_Node] = []
+        self.stack: list[Node] = []
         self.seen: dict[Hashable, list[tuple[int, frozenset[str]]]] = {}
         self.stats = SearchStats()
 
@@ -502,7 +506,7 @@ class _Dfs:
 
     # --- Chooser ------------------------------------------------------------------------
 
-    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+    def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
         if depth < len(self.stack):
             return self.stack[depth].chosen
         if self.limits.max_depth is not None and depth >= self.limits.max_depth:
@@ -518,14 +522,14 @@ class _Dfs:
 
     # --- nodes --------------------------------------------------------------------------
 
-    def _new_node(self, execution: _Execution, depth: int, enabled: list[str]) -> _Node | None:
+    def _new_node(self, execution: Execution, depth: int, enabled: list[str]) -> Node | None:
         sleep = self._inherited_sleep(depth) if self.limits.por else {}
         preemptions = self._preemptions_at(depth)
         if not self._fresh_state(execution, preemptions, sleep):
             self.stats.pruned_by_state += 1
             return None
         last = execution.last
-        node = _Node(sleep, [], preemptions, last, last in enabled)
+        node = Node(sleep, [], preemptions, last, last in enabled)
         todo = self._order(node, enabled)
         if not todo:
             return None
@@ -550,7 +554,7 @@ class _Dfs:
         return parent.preemptions + parent.cost(parent.chosen)
 
     def _fresh_state(
-        self, execution: _Execution, preemptions: int, sleep: Mapping[str, Footprint]
+        self, execution: Execution, preemptions: int, sleep: Mapping[str, Footprint]
     ) -> bool:
         if not self.limits.state_hashing:
             return True
@@ -564,7 +568,7 @@ class _Dfs:
         visits.append((preemptions, asleep))
         return True
 
-    def _order(self, node: _Node, enabled: list[str]) -> list[str]:
+    def _order(self, node: Node, enabled: list[str]) -> list[str]:
         awake = [n for n in enabled if n not in node.sleep]
         bound = self.limits.preemption_bound
         ordered = [n for n in awake if n == node.last] + [n for n in awake if n != node.last]
@@ -573,169 +577,13 @@ class _Dfs:
         return [n for n in ordered if node.preemptions + node.cost(n) <= bound]
 
 
-class _Dpor(_Dfs):
-    """Source-DPOR with sleep sets (Abdulla, Aronis, Jonsson, Sagonas, POPL 2014).
-
-    Each run starts with one choice per node (the running thread if it may continue,
-    else the first enabled one).  After the run, every *race* -- a pair of dependent
-    steps ``e`` < ``e'`` of different threads with no third step ordered between them by
-    happens-before -- is reversed: some thread among the *initials* of ``notdep(e).e'``
-    (the steps after ``e`` that do not happen after it, then ``e'``) is added to the
-    backtrack set of the node before ``e``, unless one of them is already there, already
-    explored, or asleep.  Happens-before comes from program order plus dependent
-    footprints, with vector clocks; only steps at or past the node where the run
-    diverged from the previous one are looked at (earlier races were handled then).
-
-    A thread that is not enabled at the node before ``e`` (it was blocked) cannot be
-    scheduled there: every enabled thread is added instead, as classic DPOR does.
-
-    With a preemption bound, a backtrack choice over the bound is not taken; as in
-    bounded POR (Coons, Musuvathi, McKinley, OOPSLA 2013) the racing thread is also added
-    at the last context switch before ``e``, where running it costs no extra preemption.
-    Bounded DPOR is not complete in general (a schedule within the bound may only be
-    reachable through one over it); the module's tests compare it with naive enumeration.
-    State hashing is not used: pruning a revisited state would drop the races of the
-    subtree explored from it the first time.
-    """
-
-    def __init__(self, factory: Callable[[], Instance], limits: SearchLimits) -> None:
-        super().__init__(factory, limits)
-        self.diverge = 0
-        self.names: list[str] = []
-        self.tindex: dict[str, int] = {}
-
-    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
-        if not self.names:
-            self.names = list(execution.threads)
-            self.tindex = {name: i for i, name in enumerate(self.names)}
-        return super().choose(execution, depth, enabled)
-
-    def _new_node(self, execution: _Execution, depth: int, enabled: list[str]) -> _Node | None:
-        sleep = self._inherited_sleep(depth)
-        last = execution.last
-        node = _Node(sleep, [], self._preemptions_at(depth), last, last in enabled,
-                     enabled=tuple(enabled))
-        todo = self._order(node, enabled)
-        if not todo:
-            return None
-        node.chosen = todo[0]
-        return node
-
-    def _backtrack(self) -> bool:
-        found = super()._backtrack()
-        self.diverge = len(self.stack) - 1
-        return found
-
-    def _after_run(self) -> None:
-        stack = self.stack
-        n = len(stack)
-        width = len(self.names)
-        thr = [self.tindex[node.chosen] for node in stack]
-        clocks: list[list[int]] = []
-        pos = [0] * n
-        before: list[tuple[int, ...]] = []
-        count = [0] * width
-        last_of = [-1] * width
-        last_write: dict[int, int] = {}
-        reads: dict[int, list[int]] = {}
-        last_all = -1
-        zero = [0] * width
-        for j in range(n):
-            p = thr[j]
-            fp = stack[j].explored[stack[j].chosen]
-            before.append(tuple(count))
-            prev = clocks[last_of[p]] if last_of[p] >= 0 else zero
-            deps: list[int] = []
-            if fp.everything:
-                deps = [e for e in last_of if e >= 0]
-            else:
-                if last_all >= 0:
-                    deps.append(last_all)
-                for o in fp.reads:
-                    w = last_write.get(o)
-                    if w is not None:
-                        deps.append(w)
-                for o in fp.writes:
-                    w = last_write.get(o)
-                    if w is not None:
-                        deps.append(w)
-                    deps.extend(reads.get(o, ()))
-            clock = list(prev)
-            for i in deps:
-                other = clocks[i]
-                for r in range(width):
-                    if other[r] > clock[r]:
-                        clock[r] = other[r]
-            count[p] += 1
-            clock[p] = pos[j] = count[p]
-            clocks.append(clock)
-            if j >= self.diverge:
-                races = {i for i in deps if thr[i] != p and prev[thr[i]] < pos[i]}
-                if len(races) > 1:
-                    races = {i for i in races if not any(
-                        k != i and clocks[k][thr[i]] >= pos[i] for k in races)}
-                for i in sorted(races):
-                    self._reverse(i, j, thr, clocks, pos, before)
-            if fp.everything:
-                last_all = j
-                last_write.clear()
-                reads.clear()
-            else:
-                for o in fp.writes:
-                    last_write[o] = j
-                    reads[o] = []
-                for o in fp.reads - fp.writes:
-                    reads.setdefault(o, []).append(j)
-            last_of[p] = j
-
-    def _reverse(self, i: int, j: int, thr: list[int], clocks: list[list[int]],
-                 pos: list[int], before: list[tuple[int, ...]]) -> None:
-        """Make sure some initial of ``notdep(i).j`` is explored at the node before ``i``."""
-        t, p, base, width = thr[i], thr[j], before[i], len(self.names)
-        initials: list[str] = []
-        seen: set[int] = set()
-        for k in range(i + 1, j):
-            clock = clocks[k]
-            if clock[t] >= pos[i]:
-                continue  # happens after i: not in notdep(i)
-            q = thr[k]
-            if q in seen:
-                continue
-            seen.add(q)
-            if all(clock[r] <= base[r] for r in range(width) if r != q):
-                initials.append(self.names[q])
-        if p not in seen:
-            clock = clocks[j]
-            if all(clock[r] <= base[r] for r in range(width) if r not in (p, t)):
-                initials.append(self.names[p])
-        self._add_backtrack(i, initials)
-        if self.limits.preemption_bound is not None:
-            k = i - 1
-            while k > 0 and thr[k - 1] == thr[k]:
-                k -= 1
-            if k >= 0 and thr[k] != p:
-                self._add_backtrack(k, [self.names[p]], fallback=False)
-
-    def _add_backtrack(self, depth: int, initials: list[str], *, fallback: bool = True) -> None:
-        node = self.stack[depth]
-        if any(q in node.explored or q in node.todo or q in node.sleep for q in initials):
-            return
-        allowed = self._order(node, list(node.enabled))
-        fresh = [q for q in allowed if q not in node.explored and q not in node.todo]
-        pick = [q for q in fresh if q in initials]
-        if pick:
-            node.todo.append(pick[0])
-        elif fallback and not any(q in node.enabled for q in initials):
-            node.todo.extend(fresh)
-
-
 class _RandomWalk:
     """Seeded uniform choice among enabled threads."""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
 
-    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+    def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
         return self.rng.choice(enabled)
 
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
@@ -748,7 +596,7 @@ class _Fixed:
     def __init__(self, steps: Sequence[Step]) -> None:
         self.steps = list(steps)
 
-    def choose(self, execution: _Execution, depth: int, enabled: list[str]) -> str | None:
+    def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
         if depth >= len(self.steps):
             raise ScheduleMismatch(f"the run goes on after the {len(self.steps)} recorded steps")
         name, label = self.steps[depth]
@@ -767,22 +615,6 @@ class _Fixed:
 
 class ScheduleMismatch(ValueError):
     """A recorded schedule does not fit the program it is replayed against."""
-
-
-def search(factory: Callable[[], Instance], limits: SearchLimits,
-           progress: Callable[[SearchStats], None] | None = None) -> SearchStats:
-    """Exhaustive bounded search (see the module docstring).  ``progress`` is called
-    with the running statistics after every run."""
-    if limits.reduction == "dpor" and limits.por:
-        engine: _Dfs = _Dpor(factory, limits)
-    else:
-        if limits.reduction == "none":
-            limits.por = limits.state_hashing = False
-        engine = _Dfs(factory, limits)
-    engine.stats.on_record = progress
-    stats = engine.run()
-    stats.on_record = None
-    return stats
 
 
 def random_walks(

@@ -9,7 +9,9 @@ not change the value, while aliasing (two fields pointing at one object) does.
 Walked: ``None``/bool/int/float/str/bytes, ``bytearray``/``memoryview``/numpy arrays (by
 content), tuples, lists, dicts (in insertion order), sets (sorted by their members'
 fingerprints), enums, and the ``__dict__``/``__slots__`` of other objects.  Skipped:
-callables, modules, classes and greenlets (code, not state).
+callables, modules, classes and greenlets (code, not state).  A class may define
+``__fingerprint__(self)`` returning what stands for its state instead (an allocator leaves
+out the serial numbers whose order depends on the schedule but whose value means nothing).
 """
 
 from __future__ import annotations
@@ -51,11 +53,16 @@ class _Walker:
             return (type(obj).__name__, obj.name)
         if isinstance(obj, _SKIP) or (callable(obj) and not hasattr(obj, "__dict__")):
             return "<code>"
+        if type(obj) is tuple:  # immutable: its identity means nothing (``()`` is shared)
+            return ("tuple", tuple(self.walk(x) for x in obj))
         ref = self.seen.get(id(obj))
         if ref is not None:
             return ("@", ref)
         self.seen[id(obj)] = len(self.seen)
         self.keep.append(obj)
+        custom = getattr(type(obj), "__fingerprint__", None)
+        if custom is not None:
+            return (type(obj).__qualname__, self.walk(custom(obj)))
         if isinstance(obj, bytearray | memoryview):
             return ("b", hashlib.blake2b(bytes(obj), digest_size=16).digest())
         if type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):
@@ -65,7 +72,14 @@ class _Walker:
         if isinstance(obj, dict):
             return ("dict", tuple((self.walk(k), self.walk(v)) for k, v in obj.items()))
         if isinstance(obj, set | frozenset):
-            return ("set", tuple(sorted((self.walk(x) for x in obj), key=repr)))
+            # walk the members in an order that does not depend on iteration order (ids):
+            # sorted by what each looks like from here, numbered only after sorting
+            def alone(x: object) -> str:
+                probe = _Walker()
+                probe.seen = dict(self.seen)
+                return repr(probe.walk(x))
+
+            return ("set", tuple(self.walk(x) for x in sorted(obj, key=alone)))
         fields: list[tuple[str, Hashable]] = []
         for slot in _slots(type(obj)):
             if hasattr(obj, slot):

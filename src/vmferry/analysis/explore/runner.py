@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.analysis.explore.api import Case, Instance, Scenario
-from vmferry.analysis.explore.engine import (
-    Outcome,
-    SearchLimits,
-    SearchStats,
-    classify,
-    describe,
-    random_walks,
-    run_schedule,
-    search,
+from vmferry.analysis.explore.cases import (
+    explore_case,
+    factory_of,
+    failure_of,
 )
+from vmferry.analysis.explore.distributed import run_cases
+from vmferry.analysis.explore.engine import SearchLimits, SearchStats, run_schedule
 from vmferry.analysis.explore.report import (
     AD_HOC,
     Failure,
@@ -27,6 +23,7 @@ from vmferry.analysis.explore.report import (
     read_script,
     save_failure,
 )
+from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.errors import ConfigError
 
 #: exhaustive searches: source-DPOR with sleep sets, sleep sets (with state hashing) over
@@ -36,10 +33,7 @@ DEFAULT_STRATEGY = "dpor"
 #: older names still accepted
 _ALIASES = {"exhaustive": "sleep"}
 _REDUCTION = {"dpor": "dpor", "sleep": "sleep", "naive": "none", "random": "none"}
-DEFAULT_RANDOM_RUNS = 1000
 DEFAULT_FAILURES_DIR = Path("explore-failures")
-#: distinct failures kept per case (all failing schedules are still counted)
-MAX_FAILURES_PER_CASE = 20
 
 
 class _Default:
@@ -82,7 +76,7 @@ def explore(
     limits.por, limits.state_hashing, limits.stop_on_failure = por, state_hashing, stop_on_failure
     report = Report(name, AD_HOC, strategy, preemption_bound=preemption_bound, seed=seed)
     report.cases.append(name)
-    _explore_case(report, name, instance_factory, limits, seed)
+    explore_case(report, name, instance_factory, limits, seed)
     _save(report, failures_dir)
     return report
 
@@ -132,11 +126,8 @@ def run_scenario(
     if workers > 1 or ray_address is not None:
         if strategy == "random":
             raise ConfigError("random walks run in one process (drop --workers)")
-        from vmferry.analysis.explore.distributed import run_cases
-
         parts = run_cases(scenario.name, [c.name for c in chosen_cases], mode, limits, seed,
-                          strategy, bound, workers=workers, address=ray_address,
-                          explore=_explore_case, factory_of=_factory)
+                          strategy, bound, workers=workers, address=ray_address)
         for part in parts:
             _merge(report, part)
             if progress is not None:
@@ -150,7 +141,7 @@ def run_scenario(
             hook = None
             if progress is not None:
                 hook = _case_progress(progress, report, chosen.name, i, len(chosen_cases))
-            _explore_case(report, chosen.name, _factory(chosen, mode), limits, seed, hook)
+            explore_case(report, chosen.name, factory_of(chosen, mode), limits, seed, hook)
     for i, failure in enumerate(report.failures):
         if failure.scenario == AD_HOC:
             report.failures[i] = _relabel(failure, scenario.name, mode)
@@ -204,7 +195,7 @@ def replay(
     outcome = run_schedule(factory, parsed.schedule, steps)
     failure = None
     if outcome.error is not None:
-        failure = _relabel(_failure(parsed.case, outcome), parsed.scenario, parsed.mode)
+        failure = _relabel(failure_of(parsed.case, outcome), parsed.scenario, parsed.mode)
     return ReplayResult(parsed.scenario, parsed.mode, parsed.case, parsed.hazard, failure)
 
 
@@ -235,10 +226,6 @@ def _cases(scenario: Scenario, case: str | None) -> tuple[Case, ...]:
     return found
 
 
-def _factory(case: Case, mode: str) -> Callable[[], Instance]:
-    return lambda: case.build(mode)
-
-
 @dataclass(frozen=True)
 class ExploreProgress:
     """Running totals of an exploration, for a progress display."""
@@ -262,45 +249,6 @@ def _case_progress(progress: Callable[[ExploreProgress], None], report: Report, 
                                  base[1] + stats.pruned, base[2] + len(stats.outcomes)))
 
     return hook
-
-
-def _explore_case(
-    report: Report, case: str, factory: Callable[[], Instance], limits: SearchLimits, seed: int,
-    progress: Callable[[SearchStats], None] | None = None,
-) -> None:
-    started = time.perf_counter()
-    if report.strategy == "random":
-        runs = limits.max_schedules if limits.max_schedules is not None else DEFAULT_RANDOM_RUNS
-        stats: SearchStats = random_walks(factory, limits, seed, runs, progress)
-    else:
-        stats = search(factory, limits, progress)
-    report.elapsed_s += time.perf_counter() - started
-    report.schedules_explored += stats.schedules
-    report.pruned += stats.pruned
-    report.pruned_by_state += stats.pruned_by_state
-    report.complete = report.complete and stats.complete
-    report.failing_schedules += len(stats.outcomes)
-    _collect(report, case, stats.outcomes)
-
-
-def _collect(report: Report, case: str, outcomes: list[Outcome]) -> None:
-    best: dict[tuple[str, str, str], Failure] = {}
-    for outcome in outcomes:
-        failure = _failure(case, outcome)
-        kept = best.get(failure.key())
-        if kept is None and len(best) >= MAX_FAILURES_PER_CASE:
-            continue
-        if kept is None or len(failure.schedule) < len(kept.schedule):
-            best[failure.key()] = failure
-    report.failures.extend(best.values())
-
-
-def _failure(case: str, outcome: Outcome) -> Failure:
-    assert outcome.error is not None
-    return Failure(
-        case, classify(outcome.error), describe(outcome.error), outcome.schedule,
-        thread=outcome.thread,
-    )
 
 
 def _relabel(failure: Failure, scenario: str, mode: str) -> Failure:
@@ -330,12 +278,10 @@ def _resolve(
         return instance_factory, 10_000
     if scenario_name == AD_HOC:
         raise ReplayScriptError("an ad-hoc script needs the instance factory it was made from")
-    from vmferry.analysis.explore.scenarios import all_scenarios
-
     scenario = all_scenarios().get(scenario_name)
     if scenario is None:
         raise ConfigError(f"unknown scenario {scenario_name!r}")
     if mode not in scenario.modes:
         raise ConfigError(f"scenario {scenario_name}: unknown mode {mode!r}")
     (chosen,) = _cases(scenario, case)
-    return _factory(chosen, mode), scenario.max_steps
+    return factory_of(chosen, mode), scenario.max_steps

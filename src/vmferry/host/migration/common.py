@@ -17,7 +17,9 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from typing import Any
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from vmferry.errors import (
     ApiError,
@@ -30,10 +32,16 @@ from vmferry.errors import (
 )
 from vmferry.host.client import HostClient
 from vmferry.host.faults import Fault
+from vmferry.host.files import ImagesDir
 from vmferry.host.models import MigrationParamsModel, validate
+from vmferry.host.records import HostedVm, Incoming, Job
+from vmferry.host.states import Runstate
+from vmferry.host.store import Store
 from vmferry.host.tls import TlsConfig, explain
 from vmferry.host.transport import SocketLink
+from vmferry.machine.vm import VM
 from vmferry.migration.channel import Status
+from vmferry.migration.destination import DestinationSession
 from vmferry.migration.source import MigrationParams
 
 HELLO_TIMEOUT_S = 10.0
@@ -53,6 +61,39 @@ VERIFY_S_PER_GIB = 1.0
 SETTLE_S = 5.0
 
 HOST_PARAMS = ("fault", "stream_file", "undefine_source", "parallel")
+
+
+class MigrationHost(Protocol):
+    """What the workers need of the host daemon (:class:`vmferry.host.daemon.HostDaemon`
+    is one): the workers do not import the daemon, which imports them."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def control_url(self) -> str: ...
+    @property
+    def token(self) -> str | None: ...
+    @property
+    def tls(self) -> TlsConfig | None: ...
+    @property
+    def lock(self) -> AbstractContextManager[Any]: ...
+    @property
+    def images(self) -> ImagesDir: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def stopping(self) -> bool: ...
+
+    def save_job(self, job: Job) -> None: ...
+    def publish_job(self, job: Job) -> None: ...
+    def forget_job(self, job: Job) -> None: ...
+    def get_job(self, job_id: str) -> Job: ...
+    def end_source_job(self, hosted: HostedVm, runstate: Runstate | str,
+                       note: str = "") -> None: ...  # fmt: skip
+    def undefine(self, name: str) -> None: ...
+    def claim_token(self, token: object) -> Incoming | None: ...
+    def build_vm(self, definition: Mapping[str, Any]) -> VM: ...
+    def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]: ...
 
 
 def destination_ok(post_load: dict[str, Any]) -> bool:

@@ -24,13 +24,20 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vmferry.errors import ConfigError, MigrationCancelled, MigrationError, PeerError, VmferryError
 from vmferry.host import datachannels
 from vmferry.host.clocks import MonotonicClock
-from vmferry.host.migration.common import HELLO_TIMEOUT_S, IDLE_TIMEOUT_S, RECEIVE_BUFFER
+from vmferry.host.migration.common import (
+    HELLO_TIMEOUT_S,
+    IDLE_TIMEOUT_S,
+    RECEIVE_BUFFER,
+    MigrationHost,
+)
 from vmferry.host.populate import Populator
+from vmferry.host.records import Job
+from vmferry.host.states import JobStatus
 from vmferry.host.tls import explain
 from vmferry.host.transport import Channel, SocketLink, refusal, serve_handshakes
 from vmferry.machine.vm import load_definition
@@ -51,9 +58,6 @@ from vmferry.migration.channel import Status as Why
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.stream import MAJOR, StreamDecoder
 
-if TYPE_CHECKING:  # avoids an import cycle at run time
-    from vmferry.host.daemon import HostDaemon, Job
-
 log = logging.getLogger("vmferry.host.migration")
 
 #: how long a destination that failed reads what the source still sends, so that its
@@ -61,7 +65,7 @@ log = logging.getLogger("vmferry.host.migration")
 DRAIN_S = 1.0
 
 
-def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
+def serve_incoming(daemon: MigrationHost, listener: socket.socket) -> None:
     """The migration listener: first frames are read by the handshake gate (one thread,
     an overall deadline); a connection gets its worker thread only once its HELLO (or a
     pre-flight ABORT) arrived."""
@@ -86,7 +90,7 @@ def serve_incoming(daemon: HostDaemon, listener: socket.socket) -> None:
                      tls_error=tls_error)
 
 
-def refuse_connection(daemon: HostDaemon, ch: Channel | None, addr: Any, reason: str) -> None:
+def refuse_connection(daemon: MigrationHost, ch: Channel | None, addr: Any, reason: str) -> None:
     """Log a refused migration connection (and record it) and tell the peer why: a
     REJECT with a typed status, where the peer speaks the channel."""
     msg = f"refused migration connection from {addr[0]}:{addr[1]}: {reason}"
@@ -102,7 +106,7 @@ def refuse_connection(daemon: HostDaemon, ch: Channel | None, addr: Any, reason:
 class DestinationWorker:
     """The destination's side of one connection (see the module docstring)."""
 
-    def __init__(self, daemon: HostDaemon, ch: Channel, addr: Any,
+    def __init__(self, daemon: MigrationHost, ch: Channel, addr: Any,
                  first: Hello | Abort) -> None:  # fmt: skip
         self.daemon, self.ch, self.addr = daemon, ch, addr
         self.first = first
@@ -166,16 +170,15 @@ class DestinationWorker:
             return None
         self.job = self.daemon.get_job(inc.job_id)
         if isinstance(first, Abort):  # the source refused at pre-flight
-            self.job.status, self.job.step = "failed", "pre-flight"
-            self.job.error = first.status.message
+            self.job.move(JobStatus.FAILED, "pre-flight", first.status.message)
             self.daemon.save_job(self.job)
             return None
         if first.stream_version[0] != MAJOR:
             major, minor = first.stream_version
             self._refuse(f"stream version {major}.{minor} not supported (this host reads "
                          f"{MAJOR}.x)")  # fmt: skip
-            self.job.status, self.job.step = "failed", "handshake"
-            self.job.error = f"the source sends stream version {major}.{minor}"
+            self.job.move(JobStatus.FAILED, "handshake",
+                          f"the source sends stream version {major}.{minor}")
             self.daemon.save_job(self.job)
             return None
         self.session = DestinationSession(
@@ -197,7 +200,7 @@ class DestinationWorker:
             self.job.progress["data_port"] = self.channels.port
         self.ch.send(Welcome(self.daemon.name), self._on_stall)
         self.idle_s = IDLE_TIMEOUT_S
-        self.job.status, self.job.step = "active", "receiving stream"
+        self.job.move(JobStatus.ACTIVE, "receiving stream")
         self.daemon.save_job(self.job)
         return first
 
@@ -277,7 +280,7 @@ class DestinationWorker:
         self.daemon.save_job(self.job)
         t0 = time.monotonic()
         post_load = self.daemon.adopt_loaded(self.session, hello.runstate != "paused")
-        self.job.status, self.job.step = "completed", "resumed"
+        self.job.move(JobStatus.COMPLETED, "resumed")
         self.job.stats = {
             "ack": {k: v for k, v in ack.items() if k != "digests"},
             "passes": self.session.passes,
@@ -294,14 +297,14 @@ class DestinationWorker:
         self._close_channels()
         if self.populator is not None:
             self.populator.stop()
-        if self.job is not None and self.job.status == "completed":
+        if self.job is not None and self.job.status is JobStatus.COMPLETED:
             log.warning("incoming VM %s: %s (after it resumed here)", self.job.vm, reason)
             return
         if self.session is not None:
             self.session.abort()
         log.warning("incoming migration failed at %s: %s", self.step, reason)
-        if self.job is not None:
-            self.job.status, self.job.error, self.job.step = "failed", reason, self.step
+        if self.job is not None and not self.job.status.finished:
+            self.job.move(JobStatus.FAILED, self.step, reason)
             self.daemon.save_job(self.job)
         if isinstance(exc, OSError):
             return  # the connection is gone: nothing can be said on it

@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vmferry.errors import (
     ApiError,
@@ -38,7 +38,7 @@ from vmferry.errors import (
 )
 from vmferry.host import datachannels
 from vmferry.host.client import HostClient
-from vmferry.host.clocks import MonotonicClock
+from vmferry.host.clocks import MonotonicClock, pace
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.files import Output
 from vmferry.host.migration.common import (
@@ -46,6 +46,7 @@ from vmferry.host.migration.common import (
     HELLO_TIMEOUT_S,
     RECEIVE_BUFFER,
     STATS_EVERY_S,
+    MigrationHost,
     ask_destination,
     ask_destination_outcome,
     destination_ok,
@@ -56,7 +57,9 @@ from vmferry.host.migration.common import (
     status_json,
 )
 from vmferry.host.outcome import downtime_overrun
+from vmferry.host.records import HostedVm, Job
 from vmferry.host.runner import VmRunner
+from vmferry.host.states import JobStatus, Runstate
 from vmferry.host.tls import explain
 from vmferry.host.transport import Channel, Link
 from vmferry.migration.channel import (
@@ -85,9 +88,6 @@ from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import MAJOR, MINOR
 from vmferry.migration.stream.records import Buffer
 
-if TYPE_CHECKING:  # avoids an import cycle at run time
-    from vmferry.host.daemon import HostDaemon, HostedVm, Job
-
 log = logging.getLogger("vmferry.host.migration")
 
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
@@ -105,7 +105,7 @@ Dialer = Callable[[tuple[str, int], float], Link]
 
 
 def start_source_job(
-    daemon: HostDaemon, hosted: HostedVm, job: Job, prev_state: str
+    daemon: MigrationHost, hosted: HostedVm, job: Job, prev_state: str
 ) -> Job:
     """Start the source side of ``job``; the daemon has already checked the parameters
     and marked the VM ``migrating`` (one step with the check, so a second request
@@ -157,7 +157,7 @@ class SourceWorker:
 
     def __init__(
         self,
-        daemon: HostDaemon,
+        daemon: MigrationHost,
         hosted: HostedVm,
         job: Job,
         params: MigrationParams,
@@ -240,7 +240,7 @@ class SourceWorker:
 
     def _finish_tee(self) -> None:
         assert self.tee is not None
-        if self.job.status != "completed":
+        if self.job.status is not JobStatus.COMPLETED:
             self.tee.discard()
             return
         try:
@@ -302,10 +302,10 @@ class SourceWorker:
         else:
             self._bound = ACTIVE_STALL_S
 
-    def _persist(self, status: str, step: str = "") -> None:
+    def _persist(self, status: JobStatus | str, step: str = "") -> None:
         """Job state at every step, so a restarted daemon knows how far it got."""
         if (status, step) != (self.job.status, self.job.step):
-            self.job.status, self.job.step = status, step
+            self.job.move(status, step)
             t0 = time.monotonic()
             self.daemon.save_job(self.job)
             took = time.monotonic() - t0
@@ -457,9 +457,7 @@ class SourceWorker:
             phase = "setup" if first else self._phase()
             first = False
             self._persist(self.session.status.value, self.session.current_step())
-            delay = self.session.pacing_delay()
-            if delay > 0:
-                time.sleep(min(delay, 0.5))
+            pace(self.session.pacing_delay, self._between_waits)
             # Before STREAM_END the destination speaks only to report an error (ERROR).
             early = ch.poll_event()
             if early is not None:
@@ -481,6 +479,11 @@ class SourceWorker:
             bufs = self.session.next_buffers()
         ch.send(StreamEnd(), self._on_stall)
         self._persist(self.session.status.value, self.session.current_step())
+
+    def _between_waits(self) -> None:
+        """While the cap holds the stream back: a cancel or a changed cap acts at once."""
+        self._check_cancel()
+        self._retune()
 
     def _retune(self) -> None:
         """Apply parameter changes the operator made since the last batch."""
@@ -513,7 +516,7 @@ class SourceWorker:
         # must ask the destination instead of booting the VM again.
         self.committed = True
         self.job.progress["commit_sent"] = True
-        self._persist("device", "commit")
+        self._persist(JobStatus.DEVICE, "commit")
         self._set_bound()
         try:
             self._send_commit(ch)
@@ -560,11 +563,11 @@ class SourceWorker:
         if not self.job.stats["destination_ok"]:
             log.warning("job %s: post-load work failed on the destination: %s", self.job.id,
                         sorted(k for k, r in post_load.items() if not r.get("ok", True)))
-        self.daemon.end_source_job(self.hosted, "migrated", note)
+        self.daemon.end_source_job(self.hosted, Runstate.MIGRATED, note)
         self.hosted.release()
         # "completed" only once the husk is released: a destroy may follow at once
         self.job.error = note
-        self._persist("completed", "completed")
+        self._persist(JobStatus.COMPLETED, "completed")
         log.info("job %s: %s migrated, downtime %.1f ms", self.job.id, self.hosted.name,
                  stats.downtime.total_ms)
         if self.job.params.get("undefine_source"):
@@ -608,8 +611,8 @@ class SourceWorker:
         self.job.error = f"{reason}; {note}"
         self.job.stats = {**self.session.stats.to_json(), "status": "failed",
                           "verification": self.verification}
-        self.daemon.end_source_job(self.hosted, "needs-attention", note)
-        self._persist("failed", "commit")
+        self.daemon.end_source_job(self.hosted, Runstate.NEEDS_ATTENTION, note)
+        self._persist(JobStatus.FAILED, "commit")
         log.error("job %s: %s", self.job.id, self.job.error)
 
     def _publish(self) -> None:

@@ -27,20 +27,49 @@ S3 driver-probed, S4 grouped, S5 probed -- see :func:`device_state`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from vmferry.hw.iommu.dt import DtNode, PhandleArgs
+from vmferry.hw.iommu.dt import DtNode
 from vmferry.hw.iommu.errors import Errno, LockdepError, NullDeref
 from vmferry.hw.iommu.fwspec import DevIommu, Fwspec
 from vmferry.hw.iommu.heap import Ref, deref
-from vmferry.sync import ModelLock, current_thread, yield_point
+from vmferry.hw.iommu.objects import (
+    BusAction,
+    Device,
+    Domain,
+    DomainType,
+    Group,
+    GroupDevice,
+    IommuDevice,
+    IommuOps,
+    Module,
+    device_state,
+)
+from vmferry.sync import Accesses, ModelLock, current_thread, yield_point
 
 if TYPE_CHECKING:
-    from vmferry.hw.iommu.driver_core import Bus, Driver
+    from vmferry.hw.iommu.driver_core import Bus
     from vmferry.hw.iommu.kernel import Kernel
+
+__all__ = [
+    "LATE_PROBE_WARNING",
+    "NOTIFY_DONE",
+    "NOTIFY_OK",
+    "NULL_GROUP_WARNING",
+    "RESIDUAL_BIND_WARNING",
+    "BusAction",
+    "DevIommu",
+    "Device",
+    "Domain",
+    "DomainType",
+    "Group",
+    "GroupDevice",
+    "IommuCore",
+    "IommuDevice",
+    "IommuOps",
+    "Module",
+    "device_state",
+]
 
 LATE_PROBE_WARNING = "late IOMMU probe at driver bind"
 NULL_GROUP_WARNING = "device_group returned NULL"
@@ -48,172 +77,6 @@ RESIDUAL_BIND_WARNING = "driver bound during an in-flight probe-path parse"
 
 NOTIFY_DONE = 0
 NOTIFY_OK = 1
-
-
-class DomainType(IntEnum):
-    """IOMMU_DOMAIN_* (include/linux/iommu.h)."""
-
-    BLOCKED = 0
-    UNMANAGED = 1
-    DMA = 3
-    IDENTITY = 4
-    DMA_FQ = 11
-    SVA = 16
-    PLATFORM = 32
-    NESTED = 64
-
-    @property
-    def translated(self) -> bool:
-        return self in (DomainType.DMA, DomainType.DMA_FQ)
-
-
-class BusAction(IntEnum):
-    """BUS_NOTIFY_* actions the IOMMU notifier handles."""
-
-    ADD_DEVICE = 1
-    REMOVED_DEVICE = 3
-
-
-@dataclass(eq=False)
-class Module:
-    """A kernel module owning driver ops (try_module_get / module_put)."""
-
-    name: str
-    refcount: int = 0
-    going: bool = False
-
-    def try_get(self) -> bool:
-        if self.going:
-            return False
-        self.refcount += 1
-        return True
-
-    def put(self) -> None:
-        self.refcount -= 1
-
-
-class IommuOps(Protocol):
-    """``struct iommu_ops`` (probe-related members, docs/models/iommu-probe.md §2.7); see
-    drivers.py."""
-
-    name: str
-    owner: Module | None
-    in_module: bool
-    has_of_xlate: bool
-
-    def probe_device(self, kernel: Kernel, dev: Device) -> IommuDevice | int: ...
-    def release_device(self, kernel: Kernel, dev: Device) -> None: ...
-    def probe_finalize(self, kernel: Kernel, dev: Device) -> None: ...
-    def device_group(self, kernel: Kernel, dev: Device) -> Group | int | None: ...
-    def of_xlate(self, kernel: Kernel, dev: Device, spec: PhandleArgs) -> int: ...
-    def def_domain_type(self, dev: Device) -> int: ...
-
-
-@dataclass(eq=False)
-class IommuDevice:
-    """``struct iommu_device``: one hardware instance."""
-
-    name: str
-    ops: IommuOps | None = None
-    fwnode: DtNode | None = None
-    #: set only after iommu_device_register's bus walk completed (da33e87bd2bf)
-    ready: bool = False
-    listed: bool = False
-    singleton_group: Group | None = None
-    #: sysfs <iommu>/devices/ links
-    links: set[str] = field(default_factory=set)
-
-    @property
-    def key(self) -> Hashable:
-        return ("iommu", self.name)
-
-
-@dataclass(eq=False)
-class Domain:
-    type: DomainType
-
-
-@dataclass(eq=False)
-class GroupDevice:
-    dev: Device
-    name: str
-
-
-@dataclass(eq=False)
-class Group:
-    """``struct iommu_group``.  ``refcount`` counts dev.iommu_group holders + explicit ones."""
-
-    id: int
-    mutex: ModelLock
-    devices: list[GroupDevice] = field(default_factory=list)
-    default_domain: Domain | None = None
-    blocking_domain: Domain | None = None
-    domain: Domain | None = None
-    owner_cnt: int = 0
-    #: DMA owner other than the kernel (VFIO / iommufd)
-    owner: str | None = None
-    refcount: int = 1
-    queued: bool = False
-    freed: bool = False
-    #: how the default domain was set up: "walk" (phase 2) or "immediate" (hot-plug/replay)
-    setup_path: str = ""
-    #: names of the IOMMU instances that were not ready when the default domain was set up
-    setup_while_unready: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> Hashable:
-        return ("group", self.id)
-
-    def members(self) -> list[Device]:
-        return [g.dev for g in self.devices]
-
-
-@dataclass(eq=False)
-class Device:
-    """``struct device`` (the fields the probe touches, docs/models/iommu-probe.md §2.1)."""
-
-    name: str
-    bus: Bus | None = None
-    of_node: DtNode | None = None
-    #: PCI requester ID and DMA aliases (PCI devices only)
-    pci_rid: int | None = None
-    dma_aliases: tuple[int, ...] = ()
-    #: PCI host bridge node carrying iommu-map / ats-supported (PCI devices only)
-    host_bridge: DtNode | None = None
-    #: devices with the same alias_group share an IOMMU group (pci_device_group)
-    alias_group: str | None = None
-    driver: Driver | None = None
-    #: the client driver's probe completed and it is bound
-    bound: bool = False
-    iommu: Ref[DevIommu] | None = None
-    iommu_group: Group | None = None
-    dma_ops: str | None = None
-    dma_ops_at_bind: str | None = None
-    dma_range_map: object | None = None
-    #: the driver's bind overlapped a registration walk inside init_device for this device
-    #: (the v6.15 residual window, see Kernel.strict_residuals)
-    bound_during_probe: bool = False
-
-    @property
-    def key(self) -> Hashable:
-        return ("dev", self.name)
-
-
-def device_state(dev: Device) -> str:
-    """The docs/models/iommu-probe.md §5.6 state name of ``dev`` (S0..S5), or "?" for a state
-    outside it."""
-    if dev.iommu is None:
-        return "S0" if dev.iommu_group is None else "?"
-    if dev.iommu.freed:
-        return "?"
-    p = dev.iommu.get()
-    if p.fwspec is None:
-        return "S1" if p.iommu_dev is None and dev.iommu_group is None else "?"
-    if p.iommu_dev is None:
-        return "S2" if dev.iommu_group is None else "?"
-    if dev.iommu_group is None:
-        return "S3"
-    return "S5" if dev.iommu_group.default_domain is not None else "S4"
 
 
 class IommuCore:
@@ -326,7 +189,8 @@ class IommuCore:
         off_path = dev.name in self.k.of.off_path
         if self.dev_iommu_get(dev) is None:
             return -Errno.ENOMEM
-        yield_point(f"alloc fwspec {dev.name}", dev.key)  # a sleeping allocation
+        # a sleeping allocation; the off-path check below reads the instance's ready flag
+        yield_point(f"alloc fwspec {dev.name}", Accesses(reads=(inst.key,), writes=(dev.key,)))
         if self.k.fail_alloc("fwspec"):
             return -Errno.ENOMEM
         fwspec = self.k.heap.alloc("fwspec", Fwspec(fwnode))
@@ -386,7 +250,9 @@ class IommuCore:
         lock."""
         if not self.mode.probe_unlocked:
             self.assert_probe_lock("__iommu_probe_device")
-        yield_point(f"test {dev.name}.iommu_group", dev.key, write=False)
+        # the probing table is the checks' record of who probes the device (invariant 1)
+        yield_point(f"test {dev.name}.iommu_group",
+                    Accesses(reads=(dev.key,), writes=(("probing", dev.name),)))
         if dev.iommu_group is not None:
             return 0
         self.probing[dev.name] = current_thread()
@@ -509,6 +375,7 @@ class IommuCore:
         return self._init_free(dev, ret)
 
     def _init_free(self, dev: Device, ret: int) -> int:
+        yield_point(f"init_device unwind {dev.name}", dev.key)
         p = deref(dev.iommu, f"{dev.name}->iommu in the init_device free path")
         p.iommu_dev = None
         self.dev_iommu_free(dev)
@@ -578,6 +445,10 @@ class IommuCore:
         """Allocate and attach the group's default domain (group mutex held)."""
         yield_point(f"setup default domain group {group.id}", group.key)
         want = self.default_domain_type(group) or int(self.k.default_domain_type)
+        listed = tuple(i.key for i in self.device_list)
+        members = tuple(m.key for m in group.members())
+        yield_point(f"check instances ready group {group.id}",
+                    Accesses(reads=("iommu_device_list", *listed, *members), writes=(group.key,)))
         domain = Domain(DomainType(want))
         group.default_domain = group.domain = domain
         group.blocking_domain = None
@@ -596,8 +467,11 @@ class IommuCore:
 
     def setup_dma_ops(self, dev: Device) -> None:
         """``iommu_setup_dma_ops``: iommu-dma iff the group's domain translates."""
-        group = dev.iommu_group
         yield_point(f"setup dma ops {dev.name}", dev.key)
+        group = dev.iommu_group
+        if group is not None:
+            yield_point(f"read group {group.id} domain for {dev.name}",
+                        Accesses(reads=(group.key,), writes=(dev.key,)))
         domain = group.domain if group is not None else None
         new = "iommu" if domain is not None and domain.type.translated else "direct"
         if dev.bound and dev.dma_ops != new:

@@ -35,6 +35,11 @@ class Ref(Generic[T]):
             raise UseAfterFree(f"{self.kind}#{self.serial} used after free")
         return self._obj
 
+    def __fingerprint__(self) -> tuple[str, object, bool]:
+        """State without the serial: two schedules that allocate in another order reach
+        the same state."""
+        return (self.kind, self._obj, self.freed)
+
     def __repr__(self) -> str:
         state = "freed" if self.freed else "live"
         return f"<{self.kind}#{self.serial} {state}>"
@@ -67,6 +72,11 @@ class Heap:
         ref.freed = True
         del self._live[ref.serial]
         self.frees += 1
+
+    def __fingerprint__(self) -> tuple[int, int, tuple[str, ...]]:
+        """Counts and the kinds of the live objects, not the allocation order (see
+        Ref.__fingerprint__); the live objects themselves are reached from the model."""
+        return (self.allocations, self.frees, tuple(sorted(r.kind for r in self._live.values())))
 
     def live(self, kind: str | None = None) -> list[Ref[object]]:
         return [r for r in self._live.values() if kind is None or r.kind == kind]

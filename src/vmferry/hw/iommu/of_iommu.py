@@ -20,7 +20,7 @@ from vmferry.hw.iommu.errors import Errno
 from vmferry.hw.iommu.fwspec import IOMMU_FWSPEC_PCI_RC_ATS, Fwspec
 from vmferry.hw.iommu.heap import Ref
 from vmferry.hw.iommu.modes import ProbeMode
-from vmferry.sync import yield_point
+from vmferry.sync import Accesses, yield_point
 
 if TYPE_CHECKING:
     from vmferry.hw.iommu.kernel import Kernel
@@ -170,6 +170,7 @@ class OfIommu:
     ) -> int:
         """Range map, then ``of_iommu_configure``; only -EPROBE_DEFER is passed on."""
         installed = False
+        yield_point(f"dma range map {dev.name}", dev.key)
         if dev.dma_range_map is None and np is not None:
             dev.dma_range_map = np.props.get("dma-ranges", "identity")
             installed = True
@@ -185,7 +186,10 @@ class OfIommu:
         """iommu-dma only when the device's group already has a translating domain."""
         yield_point(f"arch_setup_dma_ops {dev.name}", dev.key)
         group = dev.iommu_group
-        if group is not None and group.domain is not None:
-            self.k.core.setup_dma_ops(dev)
-        else:
-            dev.dma_ops = "direct"
+        if group is not None:
+            yield_point(f"read group {group.id} domain for {dev.name}",
+                        Accesses(reads=(group.key,), writes=(dev.key,)))
+            if group.domain is not None:
+                self.k.core.setup_dma_ops(dev)
+                return
+        dev.dma_ops = "direct"

@@ -118,7 +118,7 @@ def _instance(
     # that naive enumeration finds, so every thread start conflicts with everything
     del starts
     return Instance(named, invariant=invariant, check=check,
-                    state=lambda: fingerprint(world.kernel, world.results))
+                    state=lambda: fingerprint(world.kernel, sorted(world.results.items())))
 
 
 def _expect(cond: bool, message: str) -> None:
