@@ -94,6 +94,7 @@ def _print(r: dict[str, Any]) -> None:
         f"state {b.get('state_ms', 0):.1f}, resume {b.get('resume_ms', 0):.1f}; "
         f"verification {b.get('verification_ms', 0):.0f} ms)"
     )
+    _print_warnings(r)
     console.print(
         f"RAM {human_bytes(ram['total'])}: {human_bytes(ram['transferred'])} sent, "
         f"{ram['normal']} normal pages, {ram['duplicate']} zero pages, "
@@ -118,7 +119,15 @@ def _print(r: dict[str, Any]) -> None:
             f"{name}: migration {vm['status']}, downtime {vm['downtime']:.1f} ms, "
             f"{vm['iterations']} passes; {ok}"
         )
+        _print_warnings(vm)
         _print_devices(name, vm["devices"])
+
+
+def _print_warnings(r: dict[str, Any]) -> None:
+    """What the job warned of (a downtime over its limit): on the terminal, as
+    ``migrate`` and ``job show`` print it."""
+    for w in r.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {esc(w)}")
 
 
 def _print_devices(vm: str, devices: dict[str, Any]) -> None:

@@ -126,7 +126,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = lambda s: None) -> 
 
 
 _SUMMARY = ("status", "error", "verified", "downtime", "total-time", "iterations",
-            "devices")  # fmt: skip
+            "devices", "warnings")  # fmt: skip
 
 
 def _guest_progress(report: dict[str, Any], dest: HostClient) -> dict[str, Any]:
