@@ -461,24 +461,24 @@ class HostDaemon:
         if vm is None:
             raise HostError("adopt_loaded() without a loaded VM")
         runner = VmRunner(vm)
+        runstate = Runstate.RUNNING if running else Runstate.PAUSED
         if running:
             runner.resume()
         try:
             with runner.lock:
                 post_load = session.resume(run=False)
+            # The record is written before the VM is taken in: a destination that cannot
+            # record it (disk full) must not keep running a guest whose source resumes.
+            self.store.put_vm(vm.name, vm.definition.to_dict(), runstate)
         except BaseException:
             runner.stop()
             with runner.lock:
                 vm.pause()
             raise
         session.hand_over()
-        hosted = HostedVm(
-            vm.name, vm.definition.to_dict(), Runstate.RUNNING if running else Runstate.PAUSED,
-            vm, runner,
-        )
+        hosted = HostedVm(vm.name, vm.definition.to_dict(), runstate, vm, runner)
         with self.lock:
             self.vms[vm.name] = hosted
-        self.store.put_vm(hosted.name, hosted.definition, hosted.runstate)
         return post_load
 
     # --- jobs ------------------------------------------------------------------------

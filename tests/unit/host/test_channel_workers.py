@@ -267,3 +267,22 @@ def test_issue14_1_cancel_before_commit_aborts_the_destination(
     check_one_host(run)
     assert run.source_job.status == "cancelled"
     assert "source aborted: cancelled by the operator" in run.dest_job.error
+
+
+def test_destination_that_cannot_record_the_vm_does_not_run_it(
+        hosts: tuple[HostDaemon, HostDaemon], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash point after COMMIT: the destination resumed the guest, then failed to
+    persist its VM record (disk full) and answered ERROR, so the source resumed too and
+    the guest ran on both hosts.  The record is written before the guest is taken in."""
+    a, b = hosts
+    real = b.store.put_vm
+
+    def full_disk(name: str, *args: Any, **kw: Any) -> None:
+        if name == "g":
+            raise OSError(28, "No space left on device")
+        real(name, *args, **kw)
+
+    monkeypatch.setattr(b.store, "put_vm", full_disk)
+    run = migrate(a, b)
+    check_one_host(run)
+    assert run.where == "source" and "No space left" in run.dest_job.error
