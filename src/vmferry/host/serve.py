@@ -18,6 +18,17 @@ from vmferry.machine.vm import HostContext
 log = logging.getLogger("vmferry.host")
 
 
+def plaintext_warnings(tls: TlsConfig | None, control: tuple[str, int],
+                       migration: tuple[str, int]) -> list[str]:
+    """What a host without TLS says about each listener beyond this machine."""
+    if tls is not None:
+        return []
+    return [f"{what} listens on {address[0]} without TLS: guest memory and tokens cross the "
+            "network in clear (serve with --tls-dir)"
+            for what, address in (("control API", control), ("migration listener", migration))
+            if not is_loopback(address[0])]
+
+
 def run_daemon(
     name: str,
     state_dir: Path,
@@ -81,11 +92,8 @@ def _run_daemon(
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         handlers=[logging.FileHandler(state_dir / "daemon.log"), logging.StreamHandler()],
     )
-    for what, address in (("control API", listen), ("migration listener",
-                                                     daemon.migration_listen)):
-        if tls is None and not is_loopback(address[0]):
-            log.warning("%s listens on %s without TLS: guest memory and tokens cross the "
-                        "network in clear (serve with --tls-dir)", what, address[0])
+    for warning in plaintext_warnings(tls, listen, daemon.migration_listen):
+        log.warning("%s", warning)
     probe = daemon.context.iommu
     if probe is not None:
         log.info("IOMMU boot probe (%s, seed %d): groups %s", probe.mode, probe.seed,

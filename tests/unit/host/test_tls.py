@@ -11,6 +11,7 @@ from cryptography import x509
 
 from vmferry.cli.main import cli
 from vmferry.errors import ConfigError
+from vmferry.host.serve import plaintext_warnings
 from vmferry.host.tls import TlsConfig, explain, make_certs
 
 
@@ -51,3 +52,16 @@ def test_explain_names_the_cause() -> None:
     assert "plaintext peer" in explain(plain, "x", server=True)
     unknown = ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
     assert "another cluster's CA" in explain(unknown, "x", server=True)
+
+
+def test_issue14_item3_plaintext_beyond_loopback_is_warned_of(tmp_path: Path) -> None:
+    lo, wide = ("127.0.0.1", 7001), ("192.0.2.7", 7002)
+    assert plaintext_warnings(None, lo, ("::1", 7002)) == []
+    warned = plaintext_warnings(None, ("0.0.0.0", 7001), wide)
+    assert [w.split(" listens")[0] for w in warned] == ["control API", "migration listener"]
+    assert all("without TLS" in w and "--tls-dir" in w for w in warned)
+    assert plaintext_warnings(None, lo, wide) == [
+        "migration listener listens on 192.0.2.7 without TLS: guest memory and tokens cross "
+        "the network in clear (serve with --tls-dir)"]
+    make_certs(tmp_path, ["A"])
+    assert plaintext_warnings(TlsConfig.load(tmp_path / "A"), ("0.0.0.0", 7001), wide) == []
