@@ -285,4 +285,7 @@ def test_destination_that_cannot_record_the_vm_does_not_run_it(
     monkeypatch.setattr(b.store, "put_vm", full_disk)
     run = migrate(a, b)
     check_one_host(run)
-    assert run.where == "source" and "No space left" in run.dest_job.error
+    assert run.where == "source"
+    # the destination's own failure is not a lost connection: the source learns the cause
+    assert "No space left on device" in run.source_job.error, run.source_job.error
+    assert "connection lost" not in run.dest_job.error

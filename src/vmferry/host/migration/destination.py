@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -292,8 +293,11 @@ class DestinationWorker:
                                   "post_load": post_load}), self._on_stall)  # fmt: skip
 
     def _fail(self, exc: BaseException) -> None:
-        reason = (f"connection lost: {exc.strerror or exc}" if isinstance(exc, OSError)
-                  else describe_failure(exc))  # fmt: skip
+        # The link's own failures; any other OSError (a full disk writing the job or the
+        # VM's record) is this host's problem and the source is told so.
+        link_lost = isinstance(exc, ConnectionError | TimeoutError | ssl.SSLError)
+        reason = (f"connection lost: {exc.strerror or exc}"
+                  if link_lost and isinstance(exc, OSError) else describe_failure(exc))  # fmt: skip
         self._close_channels()
         if self.populator is not None:
             self.populator.stop()
@@ -305,11 +309,17 @@ class DestinationWorker:
         log.warning("incoming migration failed at %s: %s", self.step, reason)
         if self.job is not None and not self.job.status.finished:
             self.job.move(JobStatus.FAILED, self.step, reason)
-            self.daemon.save_job(self.job)
-        if isinstance(exc, OSError):
+            try:
+                self.daemon.save_job(self.job)
+            except OSError as save_exc:  # the source still learns why, below
+                log.error("incoming job %s not saved: %s", self.job.id, save_exc)
+        if link_lost:
             return  # the connection is gone: nothing can be said on it
         # ERROR: discarded, will never resume -- the same error class on the source
-        self.ch.send_failure(Why.from_exception(exc, self.step))
+        try:
+            self.ch.send_failure(Why.from_exception(exc, self.step))
+        except OSError:
+            return  # the connection went too
         if isinstance(self.ch.link, SocketLink):
             with contextlib.suppress(OSError):
                 self.ch.link.sock.shutdown(socket.SHUT_WR)
