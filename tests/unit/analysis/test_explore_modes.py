@@ -8,21 +8,12 @@ fails on every schedule, and says so in its mode description and in the JSON rep
 from __future__ import annotations
 
 import pytest
+from tests.unit.analysis.faulty import faulty_modes
 
 from vmferry.analysis.explore import run_scenario
 from vmferry.analysis.explore.scenarios import all_scenarios
 
-
-def _faulty() -> list[tuple[str, str, str]]:
-    out: dict[tuple[str, str], str] = {}
-    for scenario in all_scenarios().values():
-        for case in scenario.cases:
-            for mode in sorted(case.fails_in):
-                out.setdefault((scenario.name, mode), case.name)
-    return sorted((s, m, c) for (s, m), c in out.items())
-
-
-FAULTY = [f for f in _faulty() if f[0] != "iommu-probe"]
+FAULTY = [f for f in faulty_modes() if f[0] != "iommu-probe"]
 
 
 @pytest.mark.parametrize(("scenario", "mode", "case"), FAULTY, ids=["/".join(f) for f in FAULTY])

@@ -13,24 +13,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tests.unit.analysis.faulty import faulty_modes
 
 from vmferry.analysis.explore import parse_script, replay, run_scenario
 from vmferry.analysis.explore.report import Failure
 from vmferry.analysis.explore.scenarios import all_scenarios
 from vmferry.cli.main import cli
 
-
-def _faulty() -> list[tuple[str, str, str]]:
-    """(scenario, mode, first case failing in it) for every faulty mode of every scenario."""
-    out: dict[tuple[str, str], str] = {}
-    for scenario in all_scenarios().values():
-        for case in scenario.cases:
-            for mode in sorted(case.fails_in):
-                out.setdefault((scenario.name, mode), case.name)
-    return sorted((s, m, c) for (s, m), c in out.items())
-
-
-FAULTY = _faulty()
+FAULTY = faulty_modes()
 
 
 def _cli(*args: str) -> tuple[int, str]:
