@@ -170,6 +170,15 @@ def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> int:
     return sum(v.nbytes for v in views)
 
 
+def send_queued(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s send queue not yet sent or not yet acknowledged (SIOCOUTQ);
+    0 for a closed socket."""
+    with contextlib.suppress(OSError, ValueError):
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return max(0, int.from_bytes(raw, sys.byteorder, signed=True))
+    return 0
+
+
 class SocketLink:
     """A :class:`Link` over a blocking TCP or TLS socket."""
 
@@ -191,10 +200,7 @@ class SocketLink:
         return readable(self.sock)
 
     def queued(self) -> int:
-        with contextlib.suppress(OSError):
-            raw = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-            return int.from_bytes(raw, sys.byteorder, signed=True)
-        return 0
+        return send_queued(self.sock)
 
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
