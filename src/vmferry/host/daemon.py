@@ -455,13 +455,15 @@ class HostDaemon:
     def adopt_loaded(self, session: DestinationSession, running: bool) -> dict[str, Any]:
         """Take in a VM a destination session loaded (by migration or from a snapshot):
         start its guest thread, run its handlers' post-load work under the runner's lock,
-        register it.  Returns the post-load reports.  If the post-load work raises, the
-        guest thread is stopped again and nothing is registered."""
+        record and register it.  Returns the post-load reports.  If the post-load work or
+        the record's write raises, the guest thread is stopped again and nothing is
+        registered."""
         vm = session.vm
         if vm is None:
             raise HostError("adopt_loaded() without a loaded VM")
         runner = VmRunner(vm)
         runstate = Runstate.RUNNING if running else Runstate.PAUSED
+        definition = vm.definition.to_dict()
         if running:
             runner.resume()
         try:
@@ -469,14 +471,14 @@ class HostDaemon:
                 post_load = session.resume(run=False)
             # The record is written before the VM is taken in: a destination that cannot
             # record it (disk full) must not keep running a guest whose source resumes.
-            self.store.put_vm(vm.name, vm.definition.to_dict(), runstate)
+            self.store.put_vm(vm.name, definition, runstate)
         except BaseException:
             runner.stop()
             with runner.lock:
                 vm.pause()
             raise
         session.hand_over()
-        hosted = HostedVm(vm.name, vm.definition.to_dict(), runstate, vm, runner)
+        hosted = HostedVm(vm.name, definition, runstate, vm, runner)
         with self.lock:
             self.vms[vm.name] = hosted
         return post_load
