@@ -59,7 +59,7 @@ from vmferry.host.resources import check_fits
 from vmferry.host.runner import VmRunner
 from vmferry.host.states import UNFINISHED, JobStatus, Runstate
 from vmferry.host.store import Store
-from vmferry.host.tls import TlsConfig
+from vmferry.host.tls import TlsConfig, client_context
 from vmferry.host.vcpus import VcpuThreads, install_kick_handler
 from vmferry.machine.vm import VM, HostContext, VmDefinition, create_vm, load_definition
 from vmferry.machine.x86 import kvm_status
@@ -542,7 +542,7 @@ class HostDaemon:
     def _check_not_self(self, destination: str) -> None:
         """HTTP 409 if ``destination`` is this host (under whatever URL)."""
         try:
-            ctx = self.tls.client_context() if self.tls is not None else None
+            ctx = client_context(self.tls)
             info = HostClient(destination, self.token, timeout=10.0, tls=ctx).get("/v1/host")
         except HostError:
             return  # unreachable: asking it for a token reports that, with the step

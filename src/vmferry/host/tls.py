@@ -162,6 +162,11 @@ class TlsConfig:
         return ctx
 
 
+def client_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
+    """The client context of a host that serves TLS; None for a plaintext host."""
+    return tls.client_context() if tls is not None else None
+
+
 class _LoggingSSLObject(ssl.SSLObject):
     """An SSLObject that reports a failed server handshake (asyncio keeps those quiet)."""
 

@@ -37,7 +37,7 @@ from vmferry.host.models import MigrationParamsModel, validate
 from vmferry.host.records import HostedVm, Incoming, Job
 from vmferry.host.states import Runstate
 from vmferry.host.store import Store
-from vmferry.host.tls import TlsConfig, explain
+from vmferry.host.tls import TlsConfig, client_context, explain
 from vmferry.host.transport import SocketLink
 from vmferry.machine.vm import VM
 from vmferry.migration.channel import Status
@@ -164,7 +164,7 @@ def ask_destination(url: str, body: dict[str, Any], token: str | None,
     refusal (a name it holds: 409) keeps the destination's status."""
     try:
         check_peer_tls(tls, url)
-        ctx = tls.client_context() if tls is not None else None
+        ctx = client_context(tls)
         reply = HostClient(url, token, timeout=30.0, tls=ctx).post("/v1/incoming", body)
     except ApiError as exc:
         if exc.status == 401:
@@ -194,7 +194,7 @@ def ask_destination_outcome(
     if not isinstance(peer_job, str):
         return "no destination job is on record"
     client = HostClient(peer, token, timeout=2.0,
-                        tls=tls.client_context() if tls is not None else None)
+                        tls=client_context(tls))
     end = time.monotonic() + wait_s
     why = "no answer"
     while True:

@@ -60,7 +60,7 @@ from vmferry.host.outcome import downtime_overrun
 from vmferry.host.records import HostedVm, Job
 from vmferry.host.runner import VmRunner
 from vmferry.host.states import JobStatus, Runstate
-from vmferry.host.tls import explain
+from vmferry.host.tls import client_context, explain
 from vmferry.host.transport import Channel, Link
 from vmferry.migration.channel import (
     TERMINAL,
@@ -321,7 +321,7 @@ class SourceWorker:
 
     def _measure_round_trip(self) -> float:
         """Median of three control-API round trips to the destination host."""
-        tls = self.daemon.tls.client_context() if self.daemon.tls is not None else None
+        tls = client_context(self.daemon.tls)
         client = HostClient(self.job.peer, self.daemon.token, timeout=5.0, tls=tls)
         samples = []
         for _ in range(3):
@@ -411,8 +411,7 @@ class SourceWorker:
             return
         try:
             client = HostClient(self.job.peer, self.daemon.token, timeout=10.0,
-                                tls=self.daemon.tls.client_context()
-                                if self.daemon.tls is not None else None)  # fmt: skip
+                                tls=client_context(self.daemon.tls))
             peer = client.get(f"/v1/jobs/{self.job.progress.get('peer_job')}")
         except (ApiError, HostError) as exc:  # RAM goes in the main stream then
             log.warning("job %s: no data channels (cannot ask the destination for them: "
@@ -421,7 +420,7 @@ class SourceWorker:
         port = peer.get("progress", {}).get("data_port") if isinstance(peer, dict) else None
         if not isinstance(port, int):
             return  # a destination without data channels: RAM in the main stream
-        tls = self.daemon.tls.client_context() if self.daemon.tls is not None else None
+        tls = client_context(self.daemon.tls)
         socks = datachannels.dial_channels((self._address()[0], port),
                                            self.incoming["token"], count, tls)
         self.channels = datachannels.ChannelSink(socks, self.session,
