@@ -52,7 +52,7 @@ from vmferry.migration.context import (
     Status,
     state_digests,
 )
-from vmferry.migration.multichannel import RunCounts
+from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
@@ -71,8 +71,6 @@ from vmferry.migration.stream.records import ARCH_RECORDS, Buffer, Record
 
 MIB = 1024 * 1024
 MAX_RUN_BYTES = 4 * MIB
-#: runs shorter than this many pages travel in RAM_SCATTER lists rather than one record each
-SCATTER_BELOW = 16
 
 
 class GuestControl(Protocol):
