@@ -68,7 +68,16 @@ class Downtime:
     total_ms: float = 0.0
     final_ram_ms: float = 0.0  # last RAM pass with vCPUs paused
     state_ms: float = 0.0  # vCPU, component and device state
-    resume_ms: float = 0.0  # destination load, resume and its acknowledgement
+    #: from the end of the stream to the destination's RESUMED (verification aside): the
+    #: sum of the four parts below
+    after_stream_ms: float = 0.0
+    #: END sent -> the destination has every byte (its receive backlog on the main
+    #: connection and the data channels, and the wire's latency)
+    drain_ms: float = 0.0
+    load_ms: float = 0.0  # the destination loads vCPU, component and device state
+    #: LOADED, COMMIT and RESUMED on the wire and the hosts' persists between them
+    round_trips_ms: float = 0.0
+    adopt_ms: float = 0.0  # the destination adopts the loaded VM and starts it
     verification_ms: float = 0.0  # digest checks on request, guest paused; part of total_ms
 
 

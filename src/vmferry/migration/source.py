@@ -220,6 +220,7 @@ class SourceSession:
         self._t_pause = 0.0
         self._t_final_ram = 0.0
         self._t_end = 0.0
+        self._t_loaded = 0.0
         self._zero_run: tuple[int, int] | None = None
         self._pass_normal = 0
         self._pass_duplicate = 0
@@ -648,8 +649,8 @@ class SourceSession:
             total_ms=total,
             final_ram_ms=(self._t_final_ram - self._t_pause) * 1e3,
             state_ms=(self._t_end - self._t_final_ram) * 1e3,
-            resume_ms=(now - self._t_end) * 1e3 - verify_ms,
             verification_ms=verify_ms,
+            **self._after_stream(ack, now, verify_ms),
         )
         self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.move(Status.COMPLETED)
@@ -657,6 +658,29 @@ class SourceSession:
         for h in self.vm.handlers.values():
             h.save_cleanup()
         return self.stats
+
+    def loaded(self) -> None:
+        """The destination's LOADED arrived (the host says when: the downtime's parts)."""
+        self._t_loaded = self.clock.monotonic()
+
+    def _after_stream(self, ack: Mapping[str, Any], now: float, verify_ms: float
+                      ) -> dict[str, float]:  # fmt: skip
+        """END sent -> RESUMED, in its measured parts.  The destination reports its load
+        (``load_ms``, from the END record, including ``channels_wait_ms``: waiting for
+        the data channels' last bytes) and its adopt (``adopt_ms``); the source saw when
+        LOADED came.  What remains before LOADED is the receive backlog (``drain_ms``),
+        after it the round trips."""
+        t_loaded = self._t_loaded if self._t_loaded >= self._t_end else now
+        loading = float(ack.get("load_ms", 0.0))
+        waited = float(ack.get("channels_wait_ms", 0.0))
+        adopt = float(ack.get("adopt_ms", 0.0))
+        return {
+            "after_stream_ms": (now - self._t_end) * 1e3 - verify_ms,
+            "drain_ms": (t_loaded - self._t_end) * 1e3 - loading - verify_ms + waited,
+            "load_ms": loading - waited,
+            "round_trips_ms": (now - t_loaded) * 1e3 - adopt,
+            "adopt_ms": adopt,
+        }
 
     def fail(self, step: str, reason: str, *, cancelled: bool = False) -> MigrationStats:
         """Abandon the migration and give the source VM back, running as before."""

@@ -501,6 +501,7 @@ class SourceWorker:
         reply = ch.next_event(self._on_stall)
         if not isinstance(reply, Loaded):
             raise self._remote(reply, "load")
+        self.session.loaded()
         ack = dict(reply.ack)
         # Verification guards the point of no return: the destination's digests came
         # with LOADED and are compared here, before COMMIT.  On a mismatch the source
@@ -547,6 +548,8 @@ class SourceWorker:
 
     def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str,
                    resume_ms: object = 0.0) -> None:  # fmt: skip
+        with contextlib.suppress(TypeError, ValueError):  # the destination's adopt, measured
+            ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
         with contextlib.suppress(TypeError, ValueError):
             _DESTINATION_FIXED[self.job.peer] = (float(ack.get("load_ms", 0.0))
