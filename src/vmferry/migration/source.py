@@ -109,6 +109,12 @@ class LinkProbe(Protocol):
         destination's load and resume as the last migration to it reported them."""
         ...
 
+    def settle(self) -> None:
+        """Just before the stop, with the guest still running: wait (bounded) until the
+        destination has taken what was already sent, so that its receive backlog is not
+        drained with the guest paused."""
+        ...
+
 
 class RamSink(Protocol):
     """Where RAM goes when it does not travel in the main stream: the host's parallel
@@ -443,6 +449,8 @@ class SourceSession:
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
         if not self.params.offline:
+            if self.link is not None:
+                self.link.settle()  # the destination catches up while the guest runs
             self._pause_guest()
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1

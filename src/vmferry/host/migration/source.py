@@ -96,6 +96,10 @@ _LINK_BANDWIDTH: dict[str, float] = {}
 #: the destination's load and resume (s) as the last migration to it (its control URL)
 #: reported them, for the downtime prediction
 _DESTINATION_FIXED: dict[str, float] = {}
+#: the longest the source waits, before the stop, for the destination to take what was
+#: sent (``SourceWorker.settle``), and how often it looks
+SETTLE_S = 1.0
+SETTLE_POLL_S = 0.001
 #: job persists with the guest paused: the source's DEVICE, awaiting-resume and commit
 #: steps, the destination's resume and completed
 PAUSED_PERSISTS = 5
@@ -349,6 +353,22 @@ class SourceWorker:
         queue is not empty (the destination is behind), its full receive buffer."""
         queued = self.ch.link.queued() if self.ch is not None else 0
         queued = queued + RECEIVE_BUFFER if queued > 0 else 0
+        if self.channels is not None:
+            queued += self.channels.in_flight_bytes()
+        return queued
+
+    def settle(self) -> None:
+        """Before the stop, the guest running: wait until every byte handed to the main
+        connection and the data channels has left the send queues (SIOCOUTQ: taken by
+        the destination's socket), at most ``SETTLE_S``.  What then remains unapplied
+        at the destination is at most its receive buffers, not a full send queue."""
+        end = time.monotonic() + SETTLE_S
+        while self._queued_raw() > 0 and time.monotonic() < end:
+            self._check_cancel()
+            time.sleep(SETTLE_POLL_S)
+
+    def _queued_raw(self) -> int:
+        queued = self.ch.link.queued() if self.ch is not None else 0
         if self.channels is not None:
             queued += self.channels.in_flight_bytes()
         return queued
