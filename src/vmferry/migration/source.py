@@ -50,10 +50,12 @@ from vmferry.migration.context import (
     MigrationStats,
     PassRecord,
     Status,
+    after_stream,
     state_digests,
 )
 from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
+from vmferry.migration.prediction import LinkProbe, predict
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -88,34 +90,6 @@ class GuestControl(Protocol):
         ...
 
 
-class LinkProbe(Protocol):
-    """What the host measures about the link, for the downtime prediction."""
-
-    def in_flight_bytes(self) -> int:
-        """Bytes handed to the link that the destination has not consumed yet."""
-        ...
-
-    def round_trip_s(self) -> float:
-        """One request-reply round trip to the destination host, measured."""
-        ...
-
-    def bandwidth_bps(self) -> float:
-        """Bytes per second measured on this link before (0.0: never)."""
-        ...
-
-    def fixed_switchover_s(self) -> float:
-        """What the switchover costs beyond moving bytes, as measured here: the host's
-        own bookkeeping with the guest paused (persisting the job's steps) and the
-        destination's load and resume as the last migration to it reported them."""
-        ...
-
-    def settle(self) -> None:
-        """Just before the stop, with the guest still running: wait (bounded) until the
-        destination has taken what was already sent, so that its receive backlog is not
-        drained with the guest paused."""
-        ...
-
-
 class RamSink(Protocol):
     """Where RAM goes when it does not travel in the main stream: the host's parallel
     data channels (:mod:`vmferry.migration.multichannel`).  ``send_pass`` returns once
@@ -128,8 +102,6 @@ class RamSink(Protocol):
 
 #: a pass that moved fewer bytes than this does not measure the link's bandwidth
 MEASURABLE_BYTES = 16 * MIB
-#: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
-SWITCHOVER_ROUND_TRIPS = 1.5
 
 
 class DirectControl:
@@ -422,29 +394,11 @@ class SourceSession:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
         if d.switchover and not self.params.offline:  # offline: all of it is downtime
-            self._predict(dirty_pages * self.vm.ram.page_size, remaining, bandwidth)
+            self.stats.predicted = predict(
+                self.link, dirty_pages * self.vm.ram.page_size, remaining, bandwidth,
+                self._stop_s + self._sync_s)
+            self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
         return d.switchover
-
-    def _predict(self, ram_bytes: int, remaining: int, bandwidth: float) -> None:
-        """The downtime predicted at the stop decision: what is left (dirty pages and
-        pending device state) and what is still in flight, at the bandwidth just measured,
-        and the switchover's round trips as the host measured them."""
-        bw = max(bandwidth, 1.0)
-        in_flight = self.link.in_flight_bytes() if self.link is not None else 0
-        rtt = self.link.round_trip_s() if self.link is not None else 0.0
-        fixed = self.link.fixed_switchover_s() if self.link is not None else 0.0
-        parts = {
-            "final_ram_ms": ram_bytes / bw * 1e3,
-            "state_ms": (remaining - ram_bytes) / bw * 1e3,
-            "in_flight_ms": in_flight / bw * 1e3,
-            "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
-            # measured during pre-copy: stopping the guest and the final dirty-log read
-            "stop_ms": (self._stop_s + self._sync_s) * 1e3,
-            # the hosts' bookkeeping and the destination's load and resume (measured)
-            "fixed_ms": fixed * 1e3,
-        }
-        self.stats.predicted = parts
-        self.stats.predicted_downtime_ms = sum(parts.values())
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
@@ -658,7 +612,7 @@ class SourceSession:
             final_ram_ms=(self._t_final_ram - self._t_pause) * 1e3,
             state_ms=(self._t_end - self._t_final_ram) * 1e3,
             verification_ms=verify_ms,
-            **self._after_stream(ack, now, verify_ms),
+            **after_stream(ack, self._t_end, self._t_loaded, now, verify_ms),
         )
         self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.move(Status.COMPLETED)
@@ -670,25 +624,6 @@ class SourceSession:
     def loaded(self) -> None:
         """The destination's LOADED arrived (the host says when: the downtime's parts)."""
         self._t_loaded = self.clock.monotonic()
-
-    def _after_stream(self, ack: Mapping[str, Any], now: float, verify_ms: float
-                      ) -> dict[str, float]:  # fmt: skip
-        """END sent -> RESUMED, in its measured parts.  The destination reports its load
-        (``load_ms``, from the END record, including ``channels_wait_ms``: waiting for
-        the data channels' last bytes) and its adopt (``adopt_ms``); the source saw when
-        LOADED came.  What remains before LOADED is the receive backlog (``drain_ms``),
-        after it the round trips."""
-        t_loaded = self._t_loaded if self._t_loaded >= self._t_end else now
-        loading = float(ack.get("load_ms", 0.0))
-        waited = float(ack.get("channels_wait_ms", 0.0))
-        adopt = float(ack.get("adopt_ms", 0.0))
-        return {
-            "after_stream_ms": (now - self._t_end) * 1e3 - verify_ms,
-            "drain_ms": (t_loaded - self._t_end) * 1e3 - loading - verify_ms + waited,
-            "load_ms": loading - waited,
-            "round_trips_ms": (now - t_loaded) * 1e3 - adopt,
-            "adopt_ms": adopt,
-        }
 
     def fail(self, step: str, reason: str, *, cancelled: bool = False) -> MigrationStats:
         """Abandon the migration and give the source VM back, running as before."""

@@ -10,12 +10,8 @@ from vmferry.machine import create_vm
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.local import migrate_locally
-from vmferry.migration.source import (
-    MEASURABLE_BYTES,
-    SWITCHOVER_ROUND_TRIPS,
-    MigrationParams,
-    SourceSession,
-)
+from vmferry.migration.prediction import SWITCHOVER_ROUND_TRIPS
+from vmferry.migration.source import MEASURABLE_BYTES, MigrationParams, SourceSession
 
 
 class Probe:
