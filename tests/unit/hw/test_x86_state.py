@@ -22,7 +22,13 @@ from vmferry.errors import (
 )
 from vmferry.hw.x86 import kvm
 from vmferry.hw.x86.longmode import long_mode_sregs, pack_regs, sregs_field, unpack_regs
-from vmferry.hw.x86.state import CLOCK_LAYOUT, VCPU_LAYOUT, KvmClockState, X86VcpuState
+from vmferry.hw.x86.state import (
+    CLOCK_LAYOUT,
+    VCPU_LAYOUT,
+    KvmClockState,
+    X86VcpuState,
+    write_version,
+)
 from vmferry.machine.x86 import KvmPlatform, parse_cpuid_bit
 from vmferry.migration.stream import StreamDecoder, StreamEncoder, X86VcpuRecord
 
@@ -107,6 +113,27 @@ def test_issue14_5_previous_release_payloads_still_load() -> None:
     assert X86VcpuState.decode(vcpu.encode()) == vcpu
     assert vcpu.encode()[:6] == b"XVCP\0\2" and clock.encode()[:6] == b"KCLK\0\2"
     assert KvmClockState.decode(clock.encode()) == clock
+
+
+def test_issue14_5_an_earlier_destination_gets_the_previous_release_bytes() -> None:
+    """A destination of the release before the layout reads version 1 only: written in
+    version 1, the payloads are byte for byte what that release wrote."""
+    for name, cls in (("vcpu-v1.bin", X86VcpuState), ("clock-v1.bin", KvmClockState)):
+        old = (FIXTURES / name).read_bytes()
+        assert cls.decode(old).encode(1) == old, name
+    s = state(7, ((0x10, 5), (0xC0000080, 0x500)))
+    assert X86VcpuState.decode(s.encode(1)) == s
+
+
+def test_issue14_5_write_version_follows_what_the_destination_reads() -> None:
+    assert write_version(None) == 1  # an earlier release announces nothing
+    assert write_version(1) == 1 and write_version(2) == 2
+    assert write_version(9) == 2  # a later reader reads ours
+    for bad in (0, -1, "2", True, 1.5):
+        with pytest.raises(MalformedRecord, match="announced by the destination"):
+            write_version(bad)
+    with pytest.raises(ValueError, match="cannot be written"):
+        state().encode(3)
 
 
 def test_issue14_5_version_and_magic_are_checked() -> None:

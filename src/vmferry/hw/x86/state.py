@@ -61,7 +61,8 @@ _MSR = struct.Struct("<IIQ")
 
 
 class Section(enum.IntEnum):
-    """The section ids of a version-1 ``X86_VCPU`` (read only)."""
+    """The section ids of a version-1 ``X86_VCPU`` (read, and written for a destination
+    that reads nothing newer)."""
 
     REGS = 1
     SREGS = 2
@@ -102,12 +103,21 @@ class X86VcpuState:
     msrs: tuple[tuple[int, int], ...]
     cpuid: bytes
 
-    def encode(self) -> bytes:
-        """The version-2 payload (cannot fail for a state of the declared types)."""
+    def encode(self, version: int = VERSION) -> bytes:
+        """The payload in ``version`` (2, or 1 for a destination of the release before
+        the layout: :func:`write_version`); cannot fail for a state of the declared types."""
         msrs = struct.pack("<I", len(self.msrs)) + b"".join(
             _MSR.pack(i, 0, v) for i, v in self.msrs)
         values: dict[str, object] = {f: getattr(self, f) for f in _FIELDS}
         values.update(index=self.index, msrs=msrs)
+        if version == LEGACY_VERSION:
+            out = bytearray(_LEGACY_HEAD.pack(LEGACY_VERSION, self.index, len(Section)))
+            for sec in Section:
+                data = values[sec.name.lower()]
+                assert isinstance(data, bytes)
+                out += _SECTION.pack(sec, 0, len(data)) + data
+            return bytes(out)
+        _check_writable(version)
         return VCPU_LAYOUT.encode(values)
 
     @classmethod
@@ -208,8 +218,11 @@ class KvmClockState:
     def clock_ns(self) -> int:
         return int(struct.unpack_from("<Q", self.data)[0])
 
-    def encode(self) -> bytes:
-        """The version-2 payload."""
+    def encode(self, version: int = VERSION) -> bytes:
+        """The payload in ``version`` (2, or 1: see :meth:`X86VcpuState.encode`)."""
+        if version == LEGACY_VERSION:
+            return _LEGACY_HEAD.pack(LEGACY_VERSION, 0, 0) + self.data
+        _check_writable(version)
         return CLOCK_LAYOUT.encode({"data": self.data})
 
     @classmethod
@@ -228,3 +241,19 @@ class KvmClockState:
         if len(clock) != kvm.CLOCK_SIZE:
             raise MalformedRecord(f"KVM_CLOCK data of {len(clock)} bytes, not {kvm.CLOCK_SIZE}")
         return cls(clock)
+
+
+def write_version(readable: object) -> int:
+    """The payload version to write for a reader that announced ``readable`` as the
+    highest it reads (None: a host of the release before the layout, which announces
+    nothing and reads version 1 only)."""
+    if readable is None:
+        return LEGACY_VERSION
+    if not isinstance(readable, int) or isinstance(readable, bool) or readable < 1:
+        raise MalformedRecord(f"x86 state version {readable!r} announced by the destination")
+    return min(VERSION, readable)
+
+
+def _check_writable(version: int) -> None:
+    if version != VERSION:
+        raise ValueError(f"x86 state version {version} cannot be written (1 or {VERSION})")
