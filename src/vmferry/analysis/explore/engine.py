@@ -264,6 +264,8 @@ class Execution:
              ThreadStatus.DONE else ())
             for t in self.threads.values()
         )
+        if self.instance.roots:  # one walk: frames refer into the shared model
+            return (fingerprint(*self.instance.roots, threads), (), self.last)
         return (self.instance.state(), fingerprint(threads), self.last)
 
     def teardown(self) -> None:
@@ -418,6 +420,11 @@ class SearchLimits:
     state_hashing: bool = True
     #: stop at the first failing schedule
     stop_on_failure: bool = False
+    #: dpor: reverse two critical sections on one lock only when they conflict on data
+    lock_aware: bool = True
+    #: explore the subtree below every node at this depth on its own (see
+    #: :func:`vmferry.analysis.explore.dpor.split`); 0: one search
+    split_depth: int = 0
 
 
 @dataclass
@@ -476,6 +483,8 @@ class Dfs:
         self.stack: list[Node] = []
         self.seen: dict[Hashable, list[tuple[int, frozenset[str]]]] = {}
         self.stats = SearchStats()
+        #: nodes of a fixed prefix (a subtree search): never backtracked into
+        self.base = 0
 
     def run(self) -> SearchStats:
         while True:
@@ -496,7 +505,7 @@ class Dfs:
         """Hook: the run along the current stack ended."""
 
     def _backtrack(self) -> bool:
-        while self.stack:
+        while len(self.stack) > self.base:
             node = self.stack[-1]
             if node.todo:
                 node.chosen = node.todo.pop(0)
