@@ -2,7 +2,7 @@
 
 For every registered scenario (default mode, the scenario's preemption bound, every case)
 it runs the ``naive``, ``sleep`` (sleep sets, no state hashing: the search as it was),
-``dpor`` (lock-aware, stateful: the default) and ``dpor-stateless`` strategies and reports
+``dpor`` (lock-aware; stateful where the scenario opts in) and ``dpor-stateless`` and reports
 schedules explored, runs pruned, wall time, schedules per second, and the reduction factor
 (naive schedules / schedules); ``--state-hashing`` names scenarios also run with sleep
 sets plus state hashing (slower per schedule: the key fingerprints the model and every

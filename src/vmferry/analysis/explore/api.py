@@ -67,6 +67,9 @@ class Scenario:
     #: faulty modes whose hazard is not a race: every schedule fails (a lifetime bug that
     #: no interleaving avoids); reported as ``"deterministic": true``
     deterministic: frozenset[str] = frozenset()
+    #: ``dpor`` hashes states (stateful DPOR) on this scenario; off where a state key
+    #: costs more than the runs it saves (a large model walked at every node)
+    dpor_state_hashing: bool = False
 
     def __post_init__(self) -> None:
         if self.default_mode not in self.modes:

@@ -121,6 +121,8 @@ def run_scenario(
     limits = _limits(strategy, bound, None, max_schedules, scenario.max_steps)
     limits.stop_on_failure = stop_on_failure
     limits.state_hashing = limits.state_hashing and state_hashing
+    if strategy == "dpor":
+        limits.state_hashing = limits.state_hashing and scenario.dpor_state_hashing
     if split_depth < 0:
         raise ConfigError(f"split depth must be >= 0, got {split_depth}")
     limits.split_depth = split_depth if strategy != "random" else 0

@@ -423,4 +423,5 @@ SCENARIO = Scenario(
     mode_help={m: _mode_help(m) for m in MODES},
     preemption_bound=2,
     max_steps=5_000,
+    dpor_state_hashing=True,
 )
