@@ -16,7 +16,9 @@ from vmferry.analysis.explore import run_scenario
 from vmferry.analysis.explore.scenarios import all_scenarios
 
 FAULTY = faulty_modes()
+# switchover's correct mode is explored with dpor in tests/scenarios (every case)
 CORRECT = [(s.name, s.default_mode, c.name) for s in all_scenarios().values()
+           if s.name != "switchover"
            for c in s.cases if s.name != "iommu-probe" or c.name in ("R1", "R4")]
 
 
