@@ -24,15 +24,19 @@ task per subtree), if Ray is installed; the two reports must be the same.  Print
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import importlib.util
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from vmferry import sync
 from vmferry.analysis.explore import run_scenario
 from vmferry.analysis.explore.scenarios import all_scenarios
 
@@ -55,21 +59,88 @@ def measure(scenario: str, strategy: str, workers: int = 1, *,
 
 
 def legacy_engine(rev: str) -> ModuleType | None:
-    """The explorer engine at ``rev``, loaded as a separate module (None without git)."""
+    """The explorer engine at ``rev`` (with its ``search``, from ``dpor.py`` where it
+    lives there), loaded as a separate module (None without git)."""
+    engine = _load(rev, "engine.py", "explore_engine_baseline")
+    if engine is None:
+        return None
+    _hook_per_context(engine)
+    if not hasattr(engine, "search"):
+        current = sys.modules["vmferry.analysis.explore.engine"]
+        sys.modules["vmferry.analysis.explore.engine"] = engine
+        try:
+            dpor = _load(rev, "dpor.py", "explore_dpor_baseline")
+        finally:
+            sys.modules["vmferry.analysis.explore.engine"] = current
+        if dpor is None:
+            return None
+        engine.search = dpor.search  # type: ignore[attr-defined]
+    return engine
+
+
+def _load(rev: str, name: str, module_name: str) -> ModuleType | None:
     root = Path(__file__).resolve().parent.parent
     try:
         source = subprocess.run(
-            ["git", "-C", str(root), "show", f"{rev}:src/vmferry/analysis/explore/engine.py"],
+            ["git", "-C", str(root), "show", f"{rev}:src/vmferry/analysis/explore/{name}"],
             check=True, capture_output=True, text=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    spec = importlib.util.spec_from_loader("explore_engine_baseline", loader=None)
+    spec = importlib.util.spec_from_loader(module_name, loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
+    module.__file__ = f"{rev}:{name}"
     sys.modules[spec.name] = module
-    exec(compile(source, f"{rev}:engine.py", "exec"), module.__dict__)
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
+
+
+def _hook_per_context(engine: ModuleType) -> None:
+    """Run a baseline engine from the days of the process-wide scheduler hook on today's
+    per-context one: its execution object becomes the hook of each of its greenlets
+    (``name`` and the four-argument ``wait`` added), put there by its own
+    ``sync.scheduled`` calls, and so called with no wrapper in between."""
+    name = "Execution" if hasattr(engine, "Execution") else "_Execution"
+    legacy = getattr(engine, name)
+    has_wait_access = hasattr(legacy, "wait_access")
+
+    class Hooked(legacy):  # type: ignore[misc,valid-type]
+        @property
+        def name(self) -> str:
+            return str(self.current_thread())
+
+        def wait(self, label: str, ready: Any, obj: Any = None, write: bool = True) -> None:
+            if has_wait_access:
+                self.wait_access(label, ready, obj, write)
+            else:
+                super().wait(label, ready)
+
+    if not hasattr(legacy, "acquire_point"):
+        Hooked.acquire_point = lambda self, label, lock: self.yield_point(label, lock, True)
+    setattr(engine, name, Hooked)
+    engine.sync = _LegacySync()  # type: ignore[attr-defined]
+
+
+class _LegacySync:
+    """What a baseline engine used of ``vmferry.sync`` when the hook was process-wide:
+    ``scheduled(execution)`` now puts the execution into the contexts of its greenlets
+    (once; they keep it)."""
+
+    MAIN_THREAD = sync.MAIN_THREAD
+    ModelLock = sync.ModelLock
+    Accesses = sync.Accesses
+    __file__ = sync.__file__
+
+    @staticmethod
+    @contextlib.contextmanager
+    def scheduled(execution: Any) -> Iterator[None]:
+        for glet in execution.by_glet:
+            if glet.gr_context is None:
+                context = contextvars.Context()
+                context.run(sync.set_hook, execution)
+                glet.gr_context = context
+        yield
 
 
 def _stateless(instance: Any) -> Any:

@@ -111,11 +111,11 @@ def test_item4_records_round_trip_and_reject_garbage() -> None:
         assert clock.state.clock_ns > 0
     finally:
         vm.close()
-    from vmferry.errors import MalformedRecord
+    from vmferry.errors import MalformedRecord, UnsupportedVersion
 
     bad = bytearray(st.encode())
-    struct.pack_into(">H", bad, 0, 2)  # a newer version
-    with pytest.raises(MalformedRecord, match="version"):
+    struct.pack_into(">H", bad, 4, 3)  # a newer version
+    with pytest.raises(UnsupportedVersion, match="version"):
         X86VcpuRecord.parse(bytes(bad))
     with pytest.raises(MalformedRecord):
         X86VcpuRecord.parse(st.encode()[:-3])

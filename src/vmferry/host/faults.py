@@ -16,6 +16,8 @@ A fault is ``PHASE:ACTION``:
 
 ``cut-channel:N`` closes parallel data channel ``N`` after its first batch of pass 1
 (migrations with ``parallel`` > N): a cut in any channel must fail the whole migration.
+``cut-channel:N:P`` (P >= 2) closes it in pass ``P`` instead, after its first batch that
+holds a SCATTER record (scattered dirty pages).
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ ACTIONS = ("cut", "corrupt", "version", "unlogged-write")
 class Fault:
     phase: str
     action: str
+    #: ``cut-channel``: the pass in which the channel is cut
+    at_pass: int = 1
 
     @classmethod
     def parse(cls, text: str) -> Fault:
         phase, _, action = text.partition(":")
         if phase == "cut-channel":
-            if not (action.isdigit() and int(action) < 16):
-                raise ConfigError(f"fault {text!r}: cut-channel:N takes a channel index "
-                                  "from 0 to 15")
-            return cls(phase, str(int(action)))
+            action, _, at = action.partition(":")
+            if not (action.isdigit() and int(action) < 16) or (at and not (
+                    at.isdigit() and 1 <= int(at) <= 1000)):  # fmt: skip
+                raise ConfigError(f"fault {text!r}: cut-channel:N[:P] takes a channel index "
+                                  "from 0 to 15 and a pass from 1 to 1000")
+            return cls(phase, str(int(action)), int(at) if at else 1)
         if phase not in PHASES or action not in ACTIONS:
             raise ConfigError(
                 f"fault {text!r}: expected PHASE:ACTION with PHASE in {PHASES} "
@@ -57,7 +63,8 @@ class Fault:
         return cls(phase, action)
 
     def __str__(self) -> str:
-        return f"{self.phase}:{self.action}"
+        more = f":{self.at_pass}" if self.at_pass != 1 else ""
+        return f"{self.phase}:{self.action}{more}"
 
 
 class CutConnection(Exception):

@@ -59,6 +59,7 @@ def migrate_locally(
     transfer(source, destination, clock, **kw)
     source.switchover_digests()
     ack = destination.finish(start=False)  # LOADED
+    source.loaded()
     report = source.verification(ack)
     if report["requested"] and not report["commit_allowed"]:
         reason = f"destination state differs from the source's in {report['blocking']}"

@@ -50,10 +50,12 @@ from vmferry.migration.context import (
     MigrationStats,
     PassRecord,
     Status,
+    after_stream,
     state_digests,
 )
-from vmferry.migration.multichannel import RunCounts
+from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
+from vmferry.migration.prediction import LinkProbe, predict
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -71,8 +73,6 @@ from vmferry.migration.stream.records import ARCH_RECORDS, Buffer, Record
 
 MIB = 1024 * 1024
 MAX_RUN_BYTES = 4 * MIB
-#: runs shorter than this many pages travel in RAM_SCATTER lists rather than one record each
-SCATTER_BELOW = 16
 
 
 class GuestControl(Protocol):
@@ -90,28 +90,6 @@ class GuestControl(Protocol):
         ...
 
 
-class LinkProbe(Protocol):
-    """What the host measures about the link, for the downtime prediction."""
-
-    def in_flight_bytes(self) -> int:
-        """Bytes handed to the link that the destination has not consumed yet."""
-        ...
-
-    def round_trip_s(self) -> float:
-        """One request-reply round trip to the destination host, measured."""
-        ...
-
-    def bandwidth_bps(self) -> float:
-        """Bytes per second measured on this link before (0.0: never)."""
-        ...
-
-    def fixed_switchover_s(self) -> float:
-        """What the switchover costs beyond moving bytes, as measured here: the host's
-        own bookkeeping with the guest paused (persisting the job's steps) and the
-        destination's load and resume as the last migration to it reported them."""
-        ...
-
-
 class RamSink(Protocol):
     """Where RAM goes when it does not travel in the main stream: the host's parallel
     data channels (:mod:`vmferry.migration.multichannel`).  ``send_pass`` returns once
@@ -124,8 +102,6 @@ class RamSink(Protocol):
 
 #: a pass that moved fewer bytes than this does not measure the link's bandwidth
 MEASURABLE_BYTES = 16 * MIB
-#: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
-SWITCHOVER_ROUND_TRIPS = 1.5
 
 
 class DirectControl:
@@ -222,6 +198,7 @@ class SourceSession:
         self._t_pause = 0.0
         self._t_final_ram = 0.0
         self._t_end = 0.0
+        self._t_loaded = 0.0
         self._zero_run: tuple[int, int] | None = None
         self._pass_normal = 0
         self._pass_duplicate = 0
@@ -417,33 +394,17 @@ class SourceSession:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
         if d.switchover and not self.params.offline:  # offline: all of it is downtime
-            self._predict(dirty_pages * self.vm.ram.page_size, remaining, bandwidth)
+            self.stats.predicted = predict(
+                self.link, dirty_pages * self.vm.ram.page_size, remaining, bandwidth,
+                self._stop_s + self._sync_s)
+            self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
         return d.switchover
-
-    def _predict(self, ram_bytes: int, remaining: int, bandwidth: float) -> None:
-        """The downtime predicted at the stop decision: what is left (dirty pages and
-        pending device state) and what is still in flight, at the bandwidth just measured,
-        and the switchover's round trips as the host measured them."""
-        bw = max(bandwidth, 1.0)
-        in_flight = self.link.in_flight_bytes() if self.link is not None else 0
-        rtt = self.link.round_trip_s() if self.link is not None else 0.0
-        fixed = self.link.fixed_switchover_s() if self.link is not None else 0.0
-        parts = {
-            "final_ram_ms": ram_bytes / bw * 1e3,
-            "state_ms": (remaining - ram_bytes) / bw * 1e3,
-            "in_flight_ms": in_flight / bw * 1e3,
-            "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
-            # measured during pre-copy: stopping the guest and the final dirty-log read
-            "stop_ms": (self._stop_s + self._sync_s) * 1e3,
-            # the hosts' bookkeeping and the destination's load and resume (measured)
-            "fixed_ms": fixed * 1e3,
-        }
-        self.stats.predicted = parts
-        self.stats.predicted_downtime_ms = sum(parts.values())
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
         if not self.params.offline:
+            if self.link is not None:
+                self.link.settle()  # the destination catches up while the guest runs
             self._pause_guest()
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
@@ -650,8 +611,8 @@ class SourceSession:
             total_ms=total,
             final_ram_ms=(self._t_final_ram - self._t_pause) * 1e3,
             state_ms=(self._t_end - self._t_final_ram) * 1e3,
-            resume_ms=(now - self._t_end) * 1e3 - verify_ms,
             verification_ms=verify_ms,
+            **after_stream(ack, self._t_end, self._t_loaded, now, verify_ms),
         )
         self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.move(Status.COMPLETED)
@@ -659,6 +620,10 @@ class SourceSession:
         for h in self.vm.handlers.values():
             h.save_cleanup()
         return self.stats
+
+    def loaded(self) -> None:
+        """The destination's LOADED arrived (the host says when: the downtime's parts)."""
+        self._t_loaded = self.clock.monotonic()
 
     def fail(self, step: str, reason: str, *, cancelled: bool = False) -> MigrationStats:
         """Abandon the migration and give the source VM back, running as before."""

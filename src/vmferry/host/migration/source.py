@@ -96,6 +96,10 @@ _LINK_BANDWIDTH: dict[str, float] = {}
 #: the destination's load and resume (s) as the last migration to it (its control URL)
 #: reported them, for the downtime prediction
 _DESTINATION_FIXED: dict[str, float] = {}
+#: the longest the source waits, before the stop, for the destination to take what was
+#: sent (``SourceWorker.settle``), and how often it looks
+SETTLE_S = 1.0
+SETTLE_POLL_S = 0.001
 #: job persists with the guest paused: the source's DEVICE, awaiting-resume and commit
 #: steps, the destination's resume and completed
 PAUSED_PERSISTS = 5
@@ -353,6 +357,22 @@ class SourceWorker:
             queued += self.channels.in_flight_bytes()
         return queued
 
+    def settle(self) -> None:
+        """Before the stop, the guest running: wait until every byte handed to the main
+        connection and the data channels has left the send queues (SIOCOUTQ: taken by
+        the destination's socket), at most ``SETTLE_S``.  What then remains unapplied
+        at the destination is at most its receive buffers, not a full send queue."""
+        end = time.monotonic() + SETTLE_S
+        while self._queued_raw() > 0 and time.monotonic() < end:
+            self._check_cancel()
+            time.sleep(SETTLE_POLL_S)
+
+    def _queued_raw(self) -> int:
+        queued = self.ch.link.queued() if self.ch is not None else 0
+        if self.channels is not None:
+            queued += self.channels.in_flight_bytes()
+        return queued
+
     def fixed_switchover_s(self) -> float:
         return PAUSED_PERSISTS * self._persist_s + _DESTINATION_FIXED.get(self.job.peer, 0.0)
 
@@ -501,6 +521,7 @@ class SourceWorker:
         reply = ch.next_event(self._on_stall)
         if not isinstance(reply, Loaded):
             raise self._remote(reply, "load")
+        self.session.loaded()
         ack = dict(reply.ack)
         # Verification guards the point of no return: the destination's digests came
         # with LOADED and are compared here, before COMMIT.  On a mismatch the source
@@ -547,6 +568,8 @@ class SourceWorker:
 
     def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str,
                    resume_ms: object = 0.0) -> None:  # fmt: skip
+        with contextlib.suppress(TypeError, ValueError):  # the destination's adopt, measured
+            ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
         with contextlib.suppress(TypeError, ValueError):
             _DESTINATION_FIXED[self.job.peer] = (float(ack.get("load_ms", 0.0))
