@@ -196,6 +196,8 @@ class Execution(sched.Scheduler[_Thread]):
              ThreadStatus.DONE else ())
             for t in self.threads.values()
         )
+        if self.instance.roots:  # one walk: frames refer into the shared model
+            return (fingerprint(*self.instance.roots, threads), (), self.last)
         return (self.instance.state(), fingerprint(threads), self.last)
 
     # --- internals ----------------------------------------------------------------------
@@ -306,6 +308,11 @@ class SearchLimits:
     state_hashing: bool = True
     #: stop at the first failing schedule
     stop_on_failure: bool = False
+    #: dpor: reverse two critical sections on one lock only when they conflict on data
+    lock_aware: bool = True
+    #: explore the subtree below every node at this depth on its own (see
+    #: :func:`vmferry.analysis.explore.dpor.split`); 0: one search
+    split_depth: int = 0
 
 
 @dataclass
@@ -364,6 +371,8 @@ class Dfs:
         self.stack: list[Node] = []
         self.seen: dict[Hashable, list[tuple[int, frozenset[str]]]] = {}
         self.stats = SearchStats()
+        #: nodes of a fixed prefix (a subtree search): never backtracked into
+        self.base = 0
 
     def run(self) -> SearchStats:
         while True:
@@ -384,7 +393,7 @@ class Dfs:
         """Hook: the run along the current stack ended."""
 
     def _backtrack(self) -> bool:
-        while self.stack:
+        while len(self.stack) > self.base:
             node = self.stack[-1]
             if node.todo:
                 node.chosen = node.todo.pop(0)
