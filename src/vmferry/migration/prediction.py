@@ -1,19 +1,33 @@
 """The downtime predicted at the stop decision, sans-IO: what the host measures about
-the link (:class:`LinkProbe`) and how the parts are added up (:func:`predict`).
+the link (:class:`LinkProbe`), what this migration's pre-copy measured
+(:class:`PrecopyMeter`) and how the parts are added up (:meth:`PrecopyMeter.predict`).
 
-Each part is a quantity measured during this migration where the session can measure
-it (the bandwidth of the last pass, stopping the guest, reading the dirty log) or by the
-host (the bytes still in flight, a round trip, its own persists); see
-docs/performance.md.  The parts are a dict, so a term (a device's load time measured
-in pre-copy, say) is one more key.
+Every part comes from a quantity measured during this migration, timed where it
+happens: the cost per page of the last pass that sent enough pages to measure it (over
+the channel count this migration uses), stopping the guest and reading the dirty log
+(timed in every pass), the last pass's dirty rate, the rate at which RAM is hashed when
+verification is on (a slice is timed), and on the host side the bytes in flight, a round
+trip and its own persists; see docs/performance.md.  The parts are a dict, so a term (a
+device's load time measured in pre-copy, say) is one more key.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+import xxhash
+
+from vmferry.clock import Clock
+from vmferry.machine.ram import GuestRam
 
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
 SWITCHOVER_ROUND_TRIPS = 1.5
+#: a pass that sent fewer non-zero pages than this does not measure the cost of a page
+#: (its time is the pass's own overhead: the held guest, PASS_END, the channels' SYNC)
+MEASURABLE_PAGES = 256
+#: the slice of guest RAM hashed once, in pre-copy, to measure the hashing rate
+DIGEST_SLICE = 16 * 1024 * 1024
 
 
 class LinkProbe(Protocol):
@@ -44,23 +58,77 @@ class LinkProbe(Protocol):
         ...
 
 
-def predict(link: LinkProbe | None, ram_bytes: int, remaining: int, bandwidth: float,
-            stop_s: float) -> dict[str, float]:  # fmt: skip
-    """The downtime's parts (ms) at the stop decision: what is left (``ram_bytes`` of
-    dirty pages, and device state: ``remaining`` minus those) and what is still in
-    flight, at the ``bandwidth`` just measured; the switchover's round trips as the host
-    measured them; ``stop_s``: stopping the guest and the final dirty-log read, as
-    measured in pre-copy."""
-    bw = max(bandwidth, 1.0)
-    in_flight = link.in_flight_bytes() if link is not None else 0
-    rtt = link.round_trip_s() if link is not None else 0.0
-    fixed = link.fixed_switchover_s() if link is not None else 0.0
-    return {
-        "final_ram_ms": ram_bytes / bw * 1e3,
-        "state_ms": (remaining - ram_bytes) / bw * 1e3,
-        "in_flight_ms": in_flight / bw * 1e3,
-        "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
-        "stop_ms": stop_s * 1e3,
-        # the hosts' bookkeeping and the destination's load and resume (measured)
-        "fixed_ms": fixed * 1e3,
-    }
+@dataclass
+class PrecopyMeter:
+    """What this migration's pre-copy measured, for the prediction at the stop decision.
+    The session reports each quantity where it is timed (:meth:`stopped`, :meth:`synced`,
+    :meth:`sent`); only hashing a slice of RAM (:meth:`time_digest`) is timed here."""
+
+    clock: Clock
+    page_size: int
+    npages: int
+    #: stopping the guest (a decaying maximum over the passes)
+    stop_s: float = 0.0
+    #: one read of the dirty log (the last pass's)
+    sync_s: float = 0.0
+    #: seconds per non-zero page, as the last pass that sent enough of them measured it
+    #: (zero pages are cheap: they are counted free); 0.0: not measured
+    page_cost_s: float = 0.0
+    #: bytes of guest RAM hashed per second (verification); 0.0: not measured
+    digest_bps: float = 0.0
+
+    def stopped(self, seconds: float) -> None:
+        self.stop_s = max(self.stop_s * 0.5, seconds)
+
+    def synced(self, seconds: float) -> None:
+        self.sync_s = seconds
+
+    def sent(self, seconds: float, normal_pages: int) -> None:
+        """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero)."""
+        if normal_pages >= MEASURABLE_PAGES and seconds > 0:
+            self.page_cost_s = seconds / normal_pages
+
+    def time_digest(self, ram: GuestRam) -> None:
+        """Hash a slice of ``ram`` as verification hashes all of it, and keep the rate."""
+        n = min(DIGEST_SLICE, ram.size)
+        t0 = self.clock.monotonic()
+        xxhash.xxh3_128(ram.view(0, n)).digest()
+        seconds = self.clock.monotonic() - t0
+        self.digest_bps = n / seconds if seconds > 0 else 0.0
+
+    def final_pages(self, dirty_pages: int, dirty_rate: float, until_stop_s: float) -> int:
+        """The final pass: the pages dirty at the decision and those the guest dirties at
+        the last pass's rate until it is stopped, at most every page."""
+        return min(self.npages, dirty_pages + round(dirty_rate * max(until_stop_s, 0.0)))
+
+    def predict(self, link: LinkProbe | None, dirty_pages: int, dirty_rate: float,
+                state_bytes: int, bandwidth: float,
+                verify: GuestRam | None = None) -> dict[str, float]:  # fmt: skip
+        """The downtime's parts (ms) at the stop decision.  ``dirty_pages`` and
+        ``dirty_rate`` (pages/s): what the last pass found; ``state_bytes``: device and
+        component state still to send; ``bandwidth``: bytes/s the last pass measured;
+        ``verify``: the guest's RAM when verification will hash it with the guest paused
+        (a slice of it is hashed now, once, to measure the rate)."""
+        if verify is not None and self.digest_bps == 0.0:
+            self.time_digest(verify)
+        bw = max(bandwidth, 1.0)
+        in_flight = link.in_flight_bytes() if link is not None else 0
+        rtt = link.round_trip_s() if link is not None else 0.0
+        fixed = link.fixed_switchover_s() if link is not None else 0.0
+        # the host lets what is in flight reach the destination before the stop, the
+        # guest still running (and dirtying)
+        pages = self.final_pages(dirty_pages, dirty_rate, in_flight / bw)
+        page_s = self.page_cost_s if self.page_cost_s > 0 else self.page_size / bw
+        verify_s = (self.npages * self.page_size / self.digest_bps
+                    if verify is not None and self.digest_bps > 0 else 0.0)
+        return {
+            "final_ram_ms": pages * page_s * 1e3,
+            "state_ms": state_bytes / bw * 1e3,
+            "in_flight_ms": in_flight / bw * 1e3,
+            "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
+            "stop_ms": (self.stop_s + self.sync_s) * 1e3,
+            # the hosts' bookkeeping and the destination's load and resume (measured)
+            "fixed_ms": fixed * 1e3,
+            # the destination hashes its RAM before LOADED (the source meanwhile)
+            "verification_ms": verify_s * 1e3,
+        }

@@ -55,7 +55,7 @@ from vmferry.migration.context import (
 )
 from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
-from vmferry.migration.prediction import LinkProbe, predict
+from vmferry.migration.prediction import LinkProbe, PrecopyMeter
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -213,9 +213,8 @@ class SourceSession:
         self.ram_sink: RamSink | None = None
         #: bytes the data channels sent so far (the sink adds to it while it sends)
         self.channel_bytes = 0
-        #: measured in pre-copy: stopping the guest, and one read of the dirty log
-        self._stop_s = 0.0
-        self._sync_s = 0.0
+        #: what the pre-copy measured, for the downtime predicted at the stop decision
+        self.meter = PrecopyMeter(clock, vm.ram.page_size, vm.ram.npages)
 
     @property
     def bytes_out(self) -> int:
@@ -309,7 +308,7 @@ class SourceSession:
         so the pre-copy passes measure what stopping costs (a decaying maximum)."""
         t0 = self.clock.monotonic()
         with self.guest.held():
-            self._stop_s = max(self._stop_s * 0.5, self.clock.monotonic() - t0)
+            self.meter.stopped(self.clock.monotonic() - t0)
             yield
 
     def _produce(self) -> Generator[list[Buffer], None, None]:
@@ -333,7 +332,9 @@ class SourceSession:
                 pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
             if pieces:
                 yield self._encode_pieces(pieces)
+            t_send = self.clock.monotonic()
             yield from self._send_pages(to_send)
+            self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal)
             yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
             if self.params.offline:  # the guest is paused: one pass is all of it
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
@@ -341,7 +342,7 @@ class SourceSession:
                 break
             t_sync = self.clock.monotonic()
             dirty = ram.get_dirty_log()
-            self._sync_s = self.clock.monotonic() - t_sync
+            self.meter.synced(self.clock.monotonic() - t_sync)
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
             if self._end_of_pass(t_pass, dirty.count):
@@ -394,9 +395,9 @@ class SourceSession:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
         if d.switchover and not self.params.offline:  # offline: all of it is downtime
-            self.stats.predicted = predict(
-                self.link, dirty_pages * self.vm.ram.page_size, remaining, bandwidth,
-                self._stop_s + self._sync_s)
+            self.stats.predicted = self.meter.predict(
+                self.link, dirty_pages, dirty_pages / seconds, remaining - dirty_pages
+                * self.vm.ram.page_size, bandwidth, self.vm.ram if self.params.verify else None)
             self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
         return d.switchover
 

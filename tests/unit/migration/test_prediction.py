@@ -10,7 +10,12 @@ from vmferry.machine import create_vm
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.local import migrate_locally
-from vmferry.migration.prediction import SWITCHOVER_ROUND_TRIPS
+from vmferry.migration.prediction import (
+    DIGEST_SLICE,
+    MEASURABLE_PAGES,
+    SWITCHOVER_ROUND_TRIPS,
+    PrecopyMeter,
+)
 from vmferry.migration.source import MEASURABLE_BYTES, MigrationParams, SourceSession
 
 
@@ -131,3 +136,95 @@ def test_issue17_item4_small_pass_uses_the_links_measured_bandwidth() -> None:
     big = run(0, Probe(0, 0.0, bw=1e12))
     assert big.stats.passes[0].mbps < 1e6
     assert big.stats.link_bandwidth_bps > 0
+
+
+# --- the pre-copy's own measurements (PrecopyMeter), on a clock that only tests move ---
+
+
+class TickClock(ManualClock):
+    """Every reading moves time by ``tick`` seconds (a timed call costs one tick)."""
+
+    def __init__(self, tick: float) -> None:
+        super().__init__()
+        self.tick = tick
+
+    def monotonic(self) -> float:
+        self.advance(self.tick)
+        return super().monotonic()
+
+
+def meter(npages: int = 1 << 16, clock: ManualClock | None = None) -> PrecopyMeter:
+    return PrecopyMeter(clock or ManualClock(), 4096, npages)
+
+
+def test_issue17_item4_final_ram_is_pages_at_the_measured_cost_per_page() -> None:
+    """The last pass sent 2000 non-zero pages in 0.5 s: 250 us a page, whatever the
+    bandwidth says; the 100 dirty pages of the final pass cost 25 ms."""
+    m = meter()
+    m.sent(0.5, 2000)
+    assert m.page_cost_s == 0.5 / 2000
+    p = m.predict(None, 100, 0.0, 0, bandwidth=1e12)
+    assert abs(p["final_ram_ms"] - 25.0) < 1e-9
+    # a later pass too small to measure keeps the cost the earlier one measured
+    m.sent(0.001, MEASURABLE_PAGES - 1)
+    assert m.page_cost_s == 0.5 / 2000
+
+
+def test_issue17_item4_unmeasured_page_cost_falls_back_to_the_bandwidth() -> None:
+    m = meter()
+    m.sent(0.001, 10)  # too few pages: the pass's overhead, not the pages
+    assert m.page_cost_s == 0.0
+    p = m.predict(None, 1000, 0.0, 8 << 20, bandwidth=4096e3)  # 1000 pages/s
+    assert abs(p["final_ram_ms"] - 1000.0) < 1e-9
+    assert abs(p["state_ms"] - (8 << 20) / 4096e3 * 1e3) < 1e-9
+
+
+def test_issue17_item4_final_pass_grows_at_the_dirty_rate_until_the_stop() -> None:
+    """What is in flight at the decision reaches the destination before the stop, with
+    the guest running: at 0.1 s of it and 5000 pages/s dirtied, 500 pages more."""
+    m = meter(npages=10_000)
+    m.sent(1.0, 10_000)  # 100 us a page
+    bw = 100e6
+    link = Probe(in_flight=int(0.1 * bw), rtt=0.002, fixed=0.004)
+    p = m.predict(link, 1000, 5000.0, 0, bw)
+    assert m.final_pages(1000, 5000.0, 0.1) == 1500
+    assert abs(p["final_ram_ms"] - 1500 * 0.1) < 1e-6
+    assert abs(p["in_flight_ms"] - 100.0) < 1e-6
+    assert p["switchover_ms"] == SWITCHOVER_ROUND_TRIPS * 2.0 and p["fixed_ms"] == 4.0
+    # never more than every page of the guest
+    assert m.final_pages(9000, 1e9, 1.0) == 10_000
+
+
+def test_issue17_item4_stop_and_dirty_log_read_are_the_measured_ones() -> None:
+    m = meter()
+    m.stopped(0.004)
+    m.stopped(0.001)  # a decaying maximum: 2 ms
+    m.synced(0.003)
+    m.synced(0.0005)  # the last read counts
+    assert abs(m.predict(None, 0, 0.0, 0, 1e9)["stop_ms"] - 2.5) < 1e-9
+
+
+def test_issue17_item4_verification_is_ram_at_the_measured_hash_rate() -> None:
+    """Hashing a 16 MiB slice took one tick (1 ms): 64 MiB of RAM take 4 ms to verify;
+    the rate is measured once; without verification the part is zero."""
+    vm = create_vm({"name": "v", "memory_mib": 64, "vcpus": 1, "fill": "random"})
+    clock = TickClock(0.001)
+    m = PrecopyMeter(clock, vm.ram.page_size, vm.ram.npages)
+    assert meter().predict(None, 0, 0.0, 0, 1e9)["verification_ms"] == 0.0
+    p = m.predict(None, 0, 0.0, 0, 1e9, verify=vm.ram)
+    assert abs(m.digest_bps - DIGEST_SLICE / 0.001) < 1e-3
+    assert abs(p["verification_ms"] - 4.0) < 1e-9
+    clock.tick = 1.0  # not timed again
+    assert abs(m.predict(None, 0, 0.0, 0, 1e9, verify=vm.ram)["verification_ms"] - 4.0) < 1e-9
+
+
+def test_issue17_item4_session_measures_its_passes_for_the_prediction() -> None:
+    """A dirtying guest over a simulated 60 MB/s link: the session timed the pages of its
+    passes (the cost of a page is a page's bytes at the link's rate, plus its framing)."""
+    src = run(30, None)
+    ps = src.vm.ram.page_size
+    assert ps / 60e6 <= src.meter.page_cost_s <= 1.1 * ps / 60e6
+    last = src.stats.passes[-1]
+    assert src.stats.predicted["final_ram_ms"] == (
+        src.meter.final_pages(last.dirty_pages, last.dirty_pages_rate, 0.0)
+        * src.meter.page_cost_s * 1e3)
