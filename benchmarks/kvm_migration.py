@@ -84,12 +84,25 @@ def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str,
                 "prediction_error_pct": st.get("downtime-prediction-error-pct"),
                 "downtime_breakdown": st.get("downtime-breakdown"),
                 "predicted_breakdown": st.get("predicted-downtime-breakdown"),
+                **final_pass(st), "load_average": [round(x, 2) for x in os.getloadavg()],
                 "ram_gbps": memory_mib * MIB / total_s / 1e9,
                 "guest_progress": [before, st["source_report"]["x86-cpu"]["progress_at_stop"],
                                    after]}
     finally:
         a.stop()
         b.stop()
+
+
+def final_pass(st: dict[str, Any]) -> dict[str, Any]:
+    """What the prediction's RAM part rests on: the pages the final pass sent (all pages
+    sent minus the pre-copy passes'), and the last pre-copy pass's pages, seconds and
+    dirty pages."""
+    passes = st.get("passes", [])
+    sent = st["ram"]["normal"] + st["ram"]["duplicate"]
+    last = passes[-1] if passes else {}
+    return {"final_pass_pages": sent - sum(p["pages"] for p in passes),
+            "last_pass": {k: last.get(k) for k in ("pages", "normal", "seconds",
+                                                    "dirty_pages")}}
 
 
 # --- QEMU ----------------------------------------------------------------------------------

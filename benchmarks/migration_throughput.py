@@ -84,12 +84,26 @@ def vmferry_case(
         "prediction_error_pct": st.get("downtime-prediction-error-pct"),
         "downtime_breakdown": st["downtime-breakdown"],
         "predicted_breakdown": st.get("predicted-downtime-breakdown", {}),
+        **final_pass(st),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "passes": len(st["passes"]),
         "parallel": job.get("progress", {}).get("parallel", 0),
         "transferred": st["ram"]["transferred"],
         "device_bytes": st.get("device-bytes", 0),
         "gb_per_s": round(size / (st["total-time"] / 1e3) / 1e9, 3),
     }
+
+
+def final_pass(st: dict[str, Any]) -> dict[str, Any]:
+    """What the prediction's RAM part rests on: the pages the final pass sent (all pages
+    sent minus the pre-copy passes'), and the last pre-copy pass's pages, seconds and
+    dirty pages."""
+    passes = st.get("passes", [])
+    sent = st["ram"]["normal"] + st["ram"]["duplicate"]
+    last = passes[-1] if passes else {}
+    return {"final_pass_pages": sent - sum(p["pages"] for p in passes),
+            "last_pass": {k: last.get(k) for k in ("pages", "normal", "seconds",
+                                                    "dirty_pages")}}
 
 
 def tls_case(work: Path, definition: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:

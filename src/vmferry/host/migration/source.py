@@ -338,6 +338,9 @@ class SourceWorker:
         return sorted(samples)[1]
 
     def round_trip_s(self) -> float:
+        """Measured again at the stop decision (the links are quiet between passes, as
+        they are at the switchover); the one from the job's start if that fails."""
+        self._rtt_s = self._measure_round_trip() or self._rtt_s
         return self._rtt_s
 
     def bandwidth_bps(self) -> float:
@@ -374,6 +377,13 @@ class SourceWorker:
         return queued
 
     def fixed_switchover_s(self) -> float:
+        """One persist of the job timed now, at the stop decision (between passes, the
+        links quiet, as at the switchover; a persist timed while the pages stream costs
+        several times more here) times the persists with the guest paused, plus the
+        destination's load and resume as the last migration to it reported them."""
+        t0 = time.monotonic()
+        self.daemon.save_job(self.job)
+        self._persist_s = time.monotonic() - t0
         return PAUSED_PERSISTS * self._persist_s + _DESTINATION_FIXED.get(self.job.peer, 0.0)
 
     def _unlogged_write(self) -> None:
