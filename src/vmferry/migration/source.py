@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
-from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
+from vmferry.machine.handlers import ArchState, DeviceData, DevicePhase, StatePiece
 from vmferry.machine.vm import VM
 from vmferry.migration.context import (
     Downtime,
@@ -239,6 +239,14 @@ class SourceSession:
         #: measured in pre-copy: stopping the guest, and one read of the dirty log
         self._stop_s = 0.0
         self._sync_s = 0.0
+        #: switchover-ack: set by the host when the destination speaks it (before start)
+        self.switchover_ack = False
+        #: INIT_SENT markers the handlers will send / have sent; the destination's ack
+        self._markers_due = 0
+        self._markers_sent = 0
+        self._ack: dict[str, Any] | None = None
+        #: the session yielded [] to wait for the ack (see :meth:`switchover_acknowledged`)
+        self.awaiting_switchover_ack = False
 
     @property
     def bytes_out(self) -> int:
@@ -345,6 +353,8 @@ class SourceSession:
         with self.guest.held():
             for h in self.vm.handlers.values():
                 h.save_setup()
+            if self.switchover_ack and not self.params.offline:
+                self._markers_due = sum(h.save_switchover_ack() for h in self.vm.handlers.values())
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
@@ -368,7 +378,10 @@ class SourceSession:
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
             if self._end_of_pass(t_pass, dirty.count):
-                break
+                if self._may_stop():
+                    break
+                if self._markers_sent >= self._markers_due:
+                    yield from self._wait_for_ack()
         yield from self._switchover(to_send)
 
     def _end_of_pass(self, t_pass: float, dirty_pages: int) -> bool:
@@ -437,9 +450,57 @@ class SourceSession:
             "stop_ms": (self._stop_s + self._sync_s) * 1e3,
             # the hosts' bookkeeping and the destination's load and resume (measured)
             "fixed_ms": fixed * 1e3,
+            # the destination's devices loading the stop-copy state (rate from pre-copy)
+            "device_load_ms": self._device_load_ms(),
         }
         self.stats.predicted = parts
         self.stats.predicted_downtime_ms = sum(parts.values())
+
+    # --- switchover-ack ----------------------------------------------------------------
+
+    def _may_stop(self) -> bool:
+        """Whether the guest may stop: no handler needs the destination's acknowledgement,
+        or it arrived (QEMU's switchover-ack)."""
+        return self._markers_due == 0 or self._ack is not None
+
+    def _wait_for_ack(self) -> Generator[list[Buffer], None, None]:
+        """Every INIT_SENT marker went out but the destination has not acknowledged: yield
+        [] with :attr:`awaiting_switchover_ack` set; the host waits for SWITCHOVER_ACK,
+        hands it to :meth:`switchover_acknowledged` and asks for more (another pass)."""
+        self.awaiting_switchover_ack = True
+        yield []
+        if self._ack is None:
+            raise StreamUsageError("next_buffers() while awaiting the switchover ack")
+
+    def switchover_acknowledged(self, ack: Mapping[str, Any]) -> None:
+        """The destination loaded every device's initial data (SWITCHOVER_ACK)."""
+        if self._markers_due == 0:
+            raise StreamUsageError("a switchover ack, but switchover-ack is not in use")
+        self._ack = dict(ack)
+        self.awaiting_switchover_ack = False
+        self.stats.switchover_ack = dict(ack)
+
+    def _device_load_s_per_byte(self) -> float:
+        """The destination's device-load time per byte, as it measured loading the
+        pre-copy data (0.0: not known)."""
+        if self._ack is None:
+            return 0.0
+        try:
+            n = int(self._ack.get("device_bytes", 0))
+            ms = float(self._ack.get("load_ms", 0.0))
+        except (TypeError, ValueError):
+            return 0.0
+        return ms / 1e3 / n if n > 0 and ms >= 0 else 0.0
+
+    def _device_load_ms(self) -> float:
+        """The prediction's share for the destination loading the stop-copy device state:
+        the handlers' stop-copy bytes at the rate it measured in pre-copy."""
+        rate = self._device_load_s_per_byte()
+        if rate == 0.0:
+            return 0.0
+        with self.guest.held():
+            n = sum(h.stop_copy_bytes() for h in self.vm.handlers.values())
+        return n * rate * 1e3
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
@@ -482,6 +543,7 @@ class SourceSession:
             if isinstance(p, DeviceData):
                 rec = DeviceChunk(p.device, p.phase, p.seq, p.data)
                 self.stats.device_bytes += len(p.data)
+                self._markers_sent += p.phase is DevicePhase.INIT_SENT
             elif isinstance(p, ArchState):
                 rec = ARCH_RECORDS[p.kind](p.data)
             else:
@@ -690,6 +752,8 @@ class SourceSession:
     def current_step(self) -> str:
         """Where the session is, in words, for failure reports."""
         st = self.stats.status
+        if st is Status.ACTIVE and self.awaiting_switchover_ack:
+            return "awaiting switchover ack"
         if st is Status.ACTIVE:
             return f"ram pass {len(self.stats.passes) + 1}"
         if st is Status.DEVICE:

@@ -53,9 +53,11 @@ from vmferry.migration.channel import (
     Loaded,
     Resumed,
     StreamEnd,
+    SwitchoverAck,
     Welcome,
 )
 from vmferry.migration.channel import Status as Why
+from vmferry.migration.channel.frames import SWITCHOVER_ACK_MINOR
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.stream import MAJOR, StreamDecoder
 
@@ -186,6 +188,7 @@ class DestinationWorker:
             MonotonicClock(), verify=inc.verify,
             check_config=self._check_approved(inc.vm, inc.definition),
             factory=self._build_staging,
+            switchover_ack=first.minor >= SWITCHOVER_ACK_MINOR,
         )
         # The staging VM (for KVM guests: its VM and memory slot) is built now, before
         # the first byte of data: the stream's configuration must equal this definition.
@@ -247,6 +250,18 @@ class DestinationWorker:
         assert self.session is not None
         self.session.receive(rec)
         self.step = f"receiving stream (pass {self.session.passes + 1})"
+        self._send_switchover_ack()
+
+    def _send_switchover_ack(self) -> None:
+        """Every device's pre-copy initial data is loaded: SWITCHOVER_ACK, once (the
+        source does not stop the guest before it)."""
+        assert self.session is not None
+        ack = self.session.take_switchover_ack()
+        if ack is not None:
+            self.ch.send(SwitchoverAck(ack), self._on_stall)
+            log.info("incoming job %s: devices' initial data loaded (%d bytes in %.1f ms), "
+                     "switchover acknowledged", self.job.id if self.job else "?",
+                     ack["device_bytes"], ack["load_ms"])  # fmt: skip
 
     def _receive(self, hello: Hello) -> None:
         assert self.session is not None and self.job is not None

@@ -78,10 +78,12 @@ from vmferry.migration.channel import (
     Role,
     Rules,
     StreamEnd,
+    SwitchoverAck,
     Verdict,
     Welcome,
 )
 from vmferry.migration.channel import Status as Why
+from vmferry.migration.channel.frames import SWITCHOVER_ACK_MINOR
 from vmferry.migration.context import Status
 from vmferry.migration.destination import describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -393,6 +395,7 @@ class SourceWorker:
         reply = ch.next_event(self._on_stall)
         if not isinstance(reply, Welcome):
             raise self._remote(reply, "handshake")
+        self._negotiate_switchover_ack(reply)
         return ch
 
     def _parallel(self) -> int:
@@ -459,7 +462,7 @@ class SourceWorker:
             pace(self.session.pacing_delay, self._between_waits)
             # Before STREAM_END the destination speaks only to report an error (ERROR).
             early = ch.poll_event()
-            if early is not None:
+            if early is not None and not self._took_switchover_ack(early):
                 raise self._remote(early, "stream")
             self._remember_bandwidth()
             # with data channels, RAM (and a fault that damages it) travels there
@@ -475,9 +478,39 @@ class SourceWorker:
             ):
                 self._unlogged_write()
             self._publish()
-            bufs = self.session.next_buffers()
+            bufs = self._next_buffers(ch)
         ch.send(StreamEnd(), self._on_stall)
         self._persist(self.session.status.value, self.session.current_step())
+
+    # --- switchover-ack ----------------------------------------------------------------
+
+    def _negotiate_switchover_ack(self, welcome: Welcome) -> None:
+        """Switchover-ack when the destination speaks it (channel 1.2); with an older
+        destination the guest stops when pre-copy converges, as before."""
+        self.session.switchover_ack = welcome.minor >= SWITCHOVER_ACK_MINOR
+        self.job.progress["switchover_ack"] = self.session.switchover_ack
+
+    def _took_switchover_ack(self, ev: Event | Closed) -> bool:
+        """``ev`` is the destination's SWITCHOVER_ACK: hand it to the session."""
+        if not isinstance(ev, SwitchoverAck):
+            return False
+        self.session.switchover_acknowledged(ev.ack)
+        return True
+
+    def _next_buffers(self, ch: Channel) -> list[Buffer]:
+        """The session's next buffers; where it waits for the destination's
+        SWITCHOVER_ACK before it may stop the guest, wait for it here (bounded like every
+        wait with the guest running; a cancel acts) and go on."""
+        bufs = self.session.next_buffers()
+        while not bufs and self.session.awaiting_switchover_ack:
+            self._persist(self.session.status.value, self.session.current_step())
+            self._publish()
+            self._set_bound()
+            ev = ch.next_event(self._on_stall)
+            if not self._took_switchover_ack(ev):
+                raise self._remote(ev, "stream")
+            bufs = self.session.next_buffers()
+        return bufs
 
     def _between_waits(self) -> None:
         """While the cap holds the stream back: a cancel or a changed cap acts at once."""

@@ -76,11 +76,22 @@ class Mlx5Driver(ImageDriver):
         self.npages = state_size // PAGE
         self.load_limit = IMAGE.size + state_size + 4 * self.npages
 
-    def data_size(self) -> int:
+    def full_size(self) -> int:
+        """A whole saving session from STOP: STOP_COPY_SIZE and one FULL image."""
         return 2 * RECORD.size + 8 + IMAGE.size + self.image_size
 
+    def data_size(self) -> int:
+        """``stop_copy_length``: what STOP_COPY will produce.  From STOP that is the whole
+        image; in pre-copy it is the FINAL delta, the pages dirtied since the last read
+        (the initial image and buffered deltas are pre-copy data, reported by the
+        precopy-info ioctl, and are read before the final delta either way)."""
+        stream = self.saving
+        if stream is not None and stream.phase == "precopy" and self.dirty is not None:
+            return RECORD.size + IMAGE.size + len(self.dirty) * (4 + PAGE)
+        return self.full_size()
+
     def capability(self) -> DeviceCapability:
-        return DeviceCapability(self.name, self.flags, self.data_size(),
+        return DeviceCapability(self.name, self.flags, self.full_size(),
                                 (("state_size", self.image_size),))  # fmt: skip
 
     # --- saving ---------------------------------------------------------------------------
@@ -111,7 +122,7 @@ class Mlx5Driver(ImageDriver):
             stream.append(part)
 
     def _save_open(self, stream: DataStream, *, precopy: bool) -> None:
-        size = struct.pack("<Q", self.data_size())
+        size = struct.pack("<Q", self.full_size())
         self._append(stream, self._record(TAG_STOP_COPY_SIZE, TAG_OPTIONAL, size))
         self.dirty = set() if precopy else None
         self._append(stream, self._image_record(KIND_FULL, final=not precopy))
