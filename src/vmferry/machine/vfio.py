@@ -65,7 +65,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from vmferry.errors import ConfigError, MalformedRecord, MigrationError, MigrationRefused
+from vmferry.errors import (
+    ConfigError,
+    DeviceLoadError,
+    MalformedRecord,
+    MigrationError,
+    MigrationRefused,
+)
 from vmferry.hw.vfio import (
     DRIVERS,
     ChunkSequencer,
@@ -95,10 +101,6 @@ MAX_TICKS_PER_SLICE = 250
 PRECOPY_BUDGET = 64 << 20
 #: the platform key listing the VFIO device types a host has (default: every driver)
 PLATFORM_KEY = "vfio_drivers"
-
-
-class DeviceLoadError(MigrationError):
-    """The destination could not load a device's state (its driver rejected it)."""
 
 
 def host_drivers(host: HostContext) -> frozenset[str]:

@@ -332,13 +332,17 @@ class DestinationWorker:
             return  # the connection is gone: nothing can be said on it
         # ERROR: discarded, will never resume -- the same error class on the source
         try:
-            self.ch.send_failure(Why.from_exception(exc, self.step))
+            self.ch.send_failure(Why.from_exception(exc, self.step).for_peer(self._peer_minor()))
         except OSError:
             return  # the connection went too
         if isinstance(self.ch.link, SocketLink):
             with contextlib.suppress(OSError):
                 self.ch.link.sock.shutdown(socket.SHUT_WR)
         self._drain()
+
+    def _peer_minor(self) -> int:
+        """The channel minor version the source speaks (its HELLO's)."""
+        return self.first.minor if isinstance(self.first, Hello) else 0
 
     def _drain(self) -> None:
         """Read and drop what the source still sends, so our ERROR frame is not lost
