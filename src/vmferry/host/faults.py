@@ -16,6 +16,8 @@ A fault is ``PHASE:ACTION``:
 
 ``cut-channel:N`` closes parallel data channel ``N`` after its first batch of pass 1
 (migrations with ``parallel`` > N): a cut in any channel must fail the whole migration.
+``cut-device-channel:N`` closes it after its first batch of device state in the final pass
+(guest paused; device state over the channels needs a destination of channel 1.2).
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ class Fault:
     @classmethod
     def parse(cls, text: str) -> Fault:
         phase, _, action = text.partition(":")
-        if phase == "cut-channel":
+        if phase in ("cut-channel", "cut-device-channel"):
             if not (action.isdigit() and int(action) < 16):
-                raise ConfigError(f"fault {text!r}: cut-channel:N takes a channel index "
+                raise ConfigError(f"fault {text!r}: {phase}:N takes a channel index "
                                   "from 0 to 15")
             return cls(phase, str(int(action)))
         if phase not in PHASES or action not in ACTIONS:

@@ -226,6 +226,20 @@ class DestinationSession:
             self._markers_due -= 1
             self._ack_due = not self._markers_due
 
+    def load_channel_device(self, piece: DeviceData) -> None:
+        """A stop-copy device chunk that came over a data channel, in order (the host's
+        channel threads reassemble them; they call this one chunk at a time).  Only
+        stop-copy data travels there; the main stream then carries no chunk of it."""
+        if self.phase not in (P.RECEIVING, P.ENDED):
+            raise StreamUsageError(f"a device chunk in phase {self.phase.value}")
+        if piece.phase not in (DevicePhase.STOP_COPY, DevicePhase.DONE):
+            raise MalformedRecord(f"{piece.device}: a {piece.phase.name} chunk on a data "
+                                  "channel")  # fmt: skip
+        vm = self.vm
+        if vm is None:
+            raise MalformedRecord("device state before the VM configuration")
+        vm.handler_for(piece).load(piece)
+
     def take_switchover_ack(self) -> dict[str, Any] | None:
         """The SWITCHOVER_ACK body once every device's initial data is loaded (once;
         None before and after)."""

@@ -122,6 +122,16 @@ class RamSink(Protocol):
         ...
 
 
+class DeviceSink(Protocol):
+    """Where the devices' stop-copy state goes when it does not travel in the main
+    stream: the data channels, in the final pass (channel protocol 1.2)."""
+
+    def stage_device(self, pieces: list[DeviceData]) -> None:
+        """Take the stop-copy chunks (views of stopped devices' data) before the final
+        pass; they are sent with it."""
+        ...
+
+
 #: a pass that moved fewer bytes than this does not measure the link's bandwidth
 MEASURABLE_BYTES = 16 * MIB
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
@@ -239,6 +249,8 @@ class SourceSession:
         #: measured in pre-copy: stopping the guest, and one read of the dirty log
         self._stop_s = 0.0
         self._sync_s = 0.0
+        #: stop-copy device state over the data channels (None: in the main stream)
+        self.device_sink: DeviceSink | None = None
         #: switchover-ack: set by the host when the destination speaks it (before start)
         self.switchover_ack = False
         #: INIT_SENT markers the handlers will send / have sent; the destination's ack
@@ -510,6 +522,7 @@ class SourceSession:
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
         self.stats.move(Status.DEVICE)
+        staged = self._stage_device_state()
         yield from self._send_pages(to_send)
         self._t_final_ram = self.clock.monotonic()
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
@@ -518,7 +531,8 @@ class SourceSession:
             out += self.encoder.encode(rec)
         batch = Batch(out)
         for h in self.vm.handlers.values():
-            for piece in h.save_complete():  # large device states go out as they are read
+            # large device states go out as they are read (or went over the channels)
+            for piece in staged.get(h.name, h.save_complete()):
                 if batch.add(self._encode_pieces([piece])):
                     yield self._ship(batch)
         batch.add(self.encoder.encode(End()))
@@ -526,6 +540,27 @@ class SourceSession:
         yield self._ship(batch)
         self._t_end = self.clock.monotonic()
         self.stats.ram_transferred = self.bytes_out
+
+    def _stage_device_state(self) -> dict[str, list[StatePiece]]:
+        """With a device sink, the stop-copy device chunks (and each device's DONE) go to
+        it before the final pass, to travel with it on the data channels; returns what
+        is left of each handler whose pieces were taken (for the main stream)."""
+        if self.device_sink is None or self.ram_sink is None:
+            return {}
+        staged: dict[str, list[StatePiece]] = {}
+        device: list[DeviceData] = []
+        for h in self.vm.handlers.values():
+            if not h.device_ids:
+                continue
+            pieces = list(h.save_complete())
+            staged[h.name] = [p for p in pieces if not isinstance(p, DeviceData)]
+            for p in pieces:
+                if isinstance(p, DeviceData):
+                    device.append(p)
+                    self.stats.device_bytes += len(p.data)
+        if device:
+            self.device_sink.stage_device(device)
+        return staged
 
     def _pause_guest(self) -> None:
         self._t_pause = self.clock.monotonic()

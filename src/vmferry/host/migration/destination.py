@@ -202,6 +202,7 @@ class DestinationWorker:
             tls = self.daemon.tls.server_context() if self.daemon.tls is not None else None
             self.channels = datachannels.ChannelGroup(first.token, self.staging.ram, host, tls)
             self.job.progress["data_port"] = self.channels.port
+            self._device_over_channels()
         self.ch.send(Welcome(self.daemon.name), self._on_stall)
         self.idle_s = IDLE_TIMEOUT_S
         self.job.move(JobStatus.ACTIVE, "receiving stream")
@@ -251,6 +252,13 @@ class DestinationWorker:
         self.session.receive(rec)
         self.step = f"receiving stream (pass {self.session.passes + 1})"
         self._send_switchover_ack()
+
+    def _device_over_channels(self) -> None:
+        """A source of channel 1.2 sends the devices' stop-copy state over the data
+        channels: their threads load it into the staging VM's devices, in order."""
+        if self.channels is not None and self.session is not None \
+                and self._peer_minor() >= SWITCHOVER_ACK_MINOR:  # fmt: skip
+            self.channels.on_device = self.session.load_channel_device
 
     def _send_switchover_ack(self) -> None:
         """Every device's pre-copy initial data is loaded: SWITCHOVER_ACK, once (the

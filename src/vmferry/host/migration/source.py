@@ -202,6 +202,7 @@ class SourceWorker:
             self._rtt_s = self._measure_round_trip()
             self.ch = self._connect()
             self._open_channels()
+            self._device_over_channels()
             self._send_stream(self.ch)
             self._await_ack(self.ch)
         except Exception as exc:  # the source VM must survive anything
@@ -489,6 +490,12 @@ class SourceWorker:
         destination the guest stops when pre-copy converges, as before."""
         self.session.switchover_ack = welcome.minor >= SWITCHOVER_ACK_MINOR
         self.job.progress["switchover_ack"] = self.session.switchover_ack
+
+    def _device_over_channels(self) -> None:
+        """With data channels to a destination of channel 1.2, the devices' stop-copy
+        state travels on them (in the final pass) instead of the main stream."""
+        if self.channels is not None and self.session.switchover_ack:
+            self.session.device_sink = self.channels
 
     def _took_switchover_ack(self, ev: Event | Closed) -> bool:
         """``ev`` is the destination's SWITCHOVER_ACK: hand it to the session."""
