@@ -259,6 +259,11 @@ class ChannelGroup:
         self.on_device: Callable[[DeviceData], None] | None = None
         self.reassembler = DeviceReassembler()
         self.device_lock = threading.Lock()
+        #: chunks are loaded only once the main stream has ended (its pre-copy device
+        #: chunks, which come before them, are all loaded then): until
+        #: :meth:`open_device`, chunks that are next in order wait here
+        self.device_open = False
+        self._device_ready: list[DeviceData] = []
         self.listener = socket.create_server((host, 0))
         self.listener.settimeout(POLL_S)
         self.port: int = self.listener.getsockname()[1]
@@ -373,8 +378,22 @@ class ChannelGroup:
             raise MalformedRecord("device state on a data channel of a migration that "
                                   "takes none there")  # fmt: skip
         with self.device_lock:
-            for ready in self.reassembler.offer(index, piece):
-                self.on_device(ready)
+            ready = self.reassembler.offer(index, piece)
+            if not self.device_open:
+                self._device_ready += ready
+                return
+            for p in ready:
+                self.on_device(p)
+
+    def open_device(self) -> None:
+        """The main stream ended (the caller's thread loaded all of it): load the device
+        chunks that wait, and from now on each as soon as it is next in order."""
+        with self.device_lock:
+            self.device_open = True
+            waiting, self._device_ready = self._device_ready, []
+            if waiting and self.on_device is not None:
+                for p in waiting:
+                    self.on_device(p)
 
     def fail(self, reason: str) -> None:
         with self.lock:

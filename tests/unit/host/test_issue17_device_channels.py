@@ -31,9 +31,28 @@ def test_issue17_3_device_chunks_from_two_channels_load_in_order() -> None:
     send(c1, [*device_records(w1, 1, d1), w1.sync(1, final=True)])
     until(lambda: group.reassembler.queued_bytes > 0, "channel 1's chunks wait")
     assert loaded == []  # chunk #0 is on channel 0: nothing may load before it
+    group.open_device()  # the main stream ended: what is next in order may load
+    assert loaded == []
     send(c0, [*device_records(w0, 1, d0), w0.sync(1, final=True)])
     group.wait_done(10, lambda: None)
     assert loaded == [(p.seq, bytes(p.data)) for p in chunks]
+    group.close()
+
+
+def test_issue17_3_no_device_chunk_loads_before_the_main_stream_ended() -> None:
+    """The main stream's pre-copy chunks of a device come before its stop-copy chunks and
+    are loaded by another thread: a channel never loads into a device before that thread
+    is done with it (found by the benchmark: a lock-order Deadlock report)."""
+    ram = GuestRam(16 * PS)
+    group, (c0,) = group_of(1, ram)
+    loaded: list[int] = []
+    group.on_device = lambda p: loaded.append(p.seq)
+    w0 = ChannelWriter(0, PS)
+    send(c0, [*device_records(w0, 1, list(enumerate(pieces(3)))), w0.sync(1, final=True)])
+    group.wait_done(10, lambda: None)  # every chunk is here and in order ...
+    assert loaded == []  # ... and waits
+    group.open_device()
+    assert loaded == [0, 1, 2, 3]
     group.close()
 
 

@@ -280,6 +280,7 @@ class DestinationWorker:
             raise self._unexpected(end, "STREAM_END")
         decoder.eof()  # STREAM_END before the stream's END record: a truncated stream
         if self.channels is not None and self.channels.connected:
+            self.channels.open_device()  # the main stream's device chunks are all in
             self.channels.wait_done(IDLE_TIMEOUT_S, lambda: self._on_stall(0.0))
             pages, zero = self.channels.totals()
             self.session.pages_received += pages
