@@ -9,8 +9,12 @@ In one run, alternating, ``--rounds`` times each:
   2 GiB of random guest RAM (a memory-backend-file on tmpfs, prefilled, as the source;
   plain anonymous RAM on the destination), ``max-bandwidth`` unlimited, single stream and
   multifd with 4 channels;
-* vmferry idle with RAM over N parallel data channels (``--parallel 0,1,2``:
-  ``vmferry_idle_pN``; 0 is RAM in the main connection).
+* vmferry idle and dirtying with RAM over N parallel data channels (``--parallel
+  0,1,2,4``: ``vmferry_idle_pN``, ``vmferry_dirtying_pN``; 0 is RAM in the main
+  connection); ``vmferry_idle`` and ``vmferry_dirtying`` use the host's default.
+
+Every vmferry run reports the downtime it predicted at the stop decision beside the
+actual one (``prediction_error_pct``), and the downtime's parts as measured.
 
 Prints one JSON object: per configuration the median total time, downtime and throughput
 (bytes of guest RAM over total time), the raw runs, and the ratios against the better QEMU
@@ -77,6 +81,9 @@ def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str,
                 "passes": len(st["passes"]), "bytes": st["ram"]["transferred"],
                 "parallel": job.get("progress", {}).get("parallel", 0),
                 "predicted_downtime_ms": st.get("predicted-downtime"),
+                "prediction_error_pct": st.get("downtime-prediction-error-pct"),
+                "downtime_breakdown": st.get("downtime-breakdown"),
+                "predicted_breakdown": st.get("predicted-downtime-breakdown"),
                 "ram_gbps": memory_mib * MIB / total_s / 1e9,
                 "guest_progress": [before, st["source_report"]["x86-cpu"]["progress_at_stop"],
                                    after]}
@@ -204,12 +211,19 @@ def qemu_run(root: Path, memory_mib: int, multifd: int, tag: str) -> dict[str, A
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    out = {
         "median_total_ms": round(statistics.median(r["total_ms"] for r in runs), 1),
         "median_downtime_ms": round(statistics.median(r["downtime_ms"] for r in runs), 2),
         "median_ram_gbps": round(statistics.median(r["ram_gbps"] for r in runs), 3),
-        "runs": runs,
     }
+    predicted = [r["predicted_downtime_ms"] for r in runs if r.get("predicted_downtime_ms")]
+    if predicted:
+        out["median_predicted_downtime_ms"] = round(statistics.median(predicted), 2)
+        errors = [r["prediction_error_pct"] for r in runs
+                  if r.get("prediction_error_pct") is not None]  # fmt: skip
+        if errors:
+            out["median_prediction_error_pct"] = round(statistics.median(errors), 1)
+    return {**out, "runs": runs}
 
 
 def main() -> None:
@@ -219,8 +233,9 @@ def main() -> None:
     parser.add_argument("--dirty-rate-mbps", type=float, default=40.0,
                         help="the dirtying guest's rate (what a guest sustains here)")
     parser.add_argument("--skip-qemu", action="store_true")
-    parser.add_argument("--parallel", default="0,1,2",
-                        help="data channel counts of the vmferry_idle_pN configurations")
+    parser.add_argument("--parallel", default="0,1,2,4",
+                        help="data channel counts of the vmferry_{idle,dirtying}_pN "
+                        "configurations")
     parser.add_argument("--only", default="",
                         help="comma-separated configurations to run (default: all)")
     args = parser.parse_args()
@@ -231,7 +246,9 @@ def main() -> None:
     qemu_version = None if args.skip_qemu else ensure_qemu()
     root = Path(tempfile.mkdtemp(prefix="vmferry-kvm-bench-"))
     configs: dict[str, list[dict[str, Any]]] = {"vmferry_idle": [], "vmferry_dirtying": []}
-    configs |= {f"vmferry_idle_p{p}": [] for p in args.parallel.split(",") if p.strip()}
+    counts = [int(p) for p in args.parallel.split(",") if p.strip()]
+    configs |= {f"vmferry_idle_p{p}": [] for p in counts}
+    configs |= {f"vmferry_dirtying_p{p}": [] for p in counts}
     if not args.skip_qemu:
         configs |= {"qemu_single": [], "qemu_multifd4": []}
     if args.only:
@@ -247,6 +264,9 @@ def main() -> None:
                                             int(name.removeprefix("vmferry_idle_p"))))
                 elif name == "vmferry_dirtying":
                     runs.append(vmferry_run(root, args.memory_mib, args.dirty_rate_mbps, tag))
+                elif name.startswith("vmferry_dirtying_p"):
+                    runs.append(vmferry_run(root, args.memory_mib, args.dirty_rate_mbps, tag,
+                                            int(name.removeprefix("vmferry_dirtying_p"))))
                 else:
                     runs.append(qemu_run(root, args.memory_mib,
                                          4 if name == "qemu_multifd4" else 0, tag))
@@ -257,8 +277,13 @@ def main() -> None:
                            "qemu": qemu_version, "dirty_rate_mbps": args.dirty_rate_mbps,
                            "load_average": os.getloadavg(),
                            "configs": {k: summary(v) for k, v in configs.items()}}
-    if {"qemu_single", "qemu_multifd4", "vmferry_idle", "vmferry_dirtying"} <= set(configs):
-        c = out["configs"]
+    c = out["configs"]
+    errors = {k: v["median_prediction_error_pct"] for k, v in c.items()
+              if "median_prediction_error_pct" in v}  # fmt: skip
+    if errors:
+        out["prediction_error_pct"] = errors
+        out["prediction_within_15pct"] = all(abs(e) <= 15 for e in errors.values())
+    if {"qemu_single", "qemu_multifd4"} <= set(configs):
         best = max(("qemu_single", "qemu_multifd4"), key=lambda k: c[k]["median_ram_gbps"])
         out["best_qemu"] = best
         for ours in [k for k in c if k.startswith("vmferry_")]:

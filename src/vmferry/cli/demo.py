@@ -91,7 +91,9 @@ def _print(r: dict[str, Any]) -> None:
     console.print(
         f"setup {r['setup-time']:.1f} ms, total {r['total-time']:.0f} ms; "
         f"[bold]downtime {r['downtime']:.1f} ms[/] (final RAM {b.get('final_ram_ms', 0):.1f}, "
-        f"state {b.get('state_ms', 0):.1f}, resume {b.get('resume_ms', 0):.1f}; "
+        f"state {b.get('state_ms', 0):.1f}, after the stream {b.get('after_stream_ms', 0):.1f} "
+        f"(drain {b.get('drain_ms', 0):.1f}, load {b.get('load_ms', 0):.1f}, round trips "
+        f"{b.get('round_trips_ms', 0):.1f}, adopt {b.get('adopt_ms', 0):.1f}); "
         f"verification {b.get('verification_ms', 0):.0f} ms)"
     )
     _print_warnings(r)

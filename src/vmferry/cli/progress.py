@@ -282,8 +282,9 @@ def downtime_line(job: dict[str, Any]) -> str:
     limit = downtime_limit(job)
     lim = f" (limit {limit:g} ms)" if limit is not None else ""
     return (f"downtime {st.get('downtime', 0):.1f} ms{lim}: final RAM "
-            f"{b.get('final_ram_ms', 0):.1f}, state {b.get('state_ms', 0):.1f}, resume "
-            f"{b.get('resume_ms', 0):.1f} ms; total {st.get('total-time', 0):.0f} ms, "
+            f"{b.get('final_ram_ms', 0):.1f}, state {b.get('state_ms', 0):.1f}, after "
+            f"the stream {b.get('after_stream_ms', 0):.1f} ms; total "
+            f"{st.get('total-time', 0):.0f} ms, "
             f"{human_bytes(ram.get('transferred', 0))} sent in {len(passes_of(job))} "
             "passes")
 

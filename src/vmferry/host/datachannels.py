@@ -33,6 +33,7 @@ its next poll and discards the staging VM after every channel thread has stopped
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import ssl
@@ -53,22 +54,27 @@ from vmferry.machine.ram import GuestRam
 from vmferry.migration.multichannel import (
     HEADER_SIZE,
     HELLO,
+    MAX_RECORD_BYTES,
+    MAX_SCATTER_PAGES,
     ChannelReader,
     ChannelWriter,
     Device,
     DeviceReassembler,
     Pages,
     RunCounts,
+    Scatter,
     Sync,
     Zero,
     channel_hello,
     deal_device,
     deal_runs,
+    deal_scattered,
     device_records,
     encode_runs,
+    encode_scatter,
     parse_channel_hello,
+    split_scattered,
 )
-from vmferry.migration.runs import page_runs
 from vmferry.migration.source import SourceSession
 
 log = logging.getLogger("vmferry.host.datachannels")
@@ -119,6 +125,8 @@ class ChannelSink:
         #: ``cut-device-channel:N``: channel N breaks while it sends device state
         self.cut_device = int(fault.action) if fault is not None \
             and fault.phase == "cut-device-channel" else None  # fmt: skip
+        #: the pass in which the cut falls (after a SCATTER record from pass 2 on)
+        self.cut_pass = fault.at_pass if fault is not None else 1
         #: ``active:corrupt`` damages channel 0's first batch (after its checksums)
         self.corrupt = fault if fault is not None and fault.phase == "active" \
             and fault.action == "corrupt" else None  # fmt: skip
@@ -132,9 +140,10 @@ class ChannelSink:
 
     def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
         run_pages = max(1, RUN_BYTES // self.ram.page_size)
-        starts, lengths = page_runs(np.flatnonzero(mask), run_pages)
+        starts, lengths, scattered = split_scattered(np.flatnonzero(mask), run_pages)
         dealt = deal_runs(starts, lengths, len(self.socks))
-        futures = [self.pool.submit(self._send, i, number, runs, final)
+        lists = deal_scattered(scattered, len(self.socks))
+        futures = [self.pool.submit(self._send, i, number, runs, lists[i], final)
                    for i, runs in enumerate(dealt)]
         try:
             while True:
@@ -155,12 +164,16 @@ class ChannelSink:
             total.add(f.result())
         return total
 
-    def _send(self, i: int, number: int, runs: list[tuple[int, int]], final: bool
-              ) -> RunCounts:  # fmt: skip
+    def _send(self, i: int, number: int, runs: list[tuple[int, int]],
+              lists: list[npt.NDArray[np.int64]], final: bool) -> RunCounts:  # fmt: skip
         sock, writer, counts = self.socks[i], self.writers[i], RunCounts()
         # the guest is paused for the final pass: its pages cannot change under the send
-        for bufs in encode_runs(writer, self.ram, number, runs, self.bounces[i], counts,
-                                batch_bytes=BATCH_BYTES, snapshot=not final):
+        batches = itertools.chain(
+            encode_runs(writer, self.ram, number, runs, self.bounces[i], counts,
+                        batch_bytes=BATCH_BYTES, snapshot=not final),
+            encode_scatter(writer, self.ram, number, lists, self.bounces[i], counts,
+                           batch_bytes=BATCH_BYTES))
+        for bufs in batches:
             self._pace()
             if self.corrupt is not None and i == 0:
                 bufs, self.corrupt = apply(self.corrupt, "active", bufs), None
@@ -168,8 +181,10 @@ class ChannelSink:
             with self.lock:
                 self.session.channel_bytes += sent
                 self.session.stats.ram_transferred = self.session.bytes_out
-            if self.cut == i and number == 1:
-                raise CutConnection(f"injected fault cut-channel:{i}")
+            if self.cut == i and number == self.cut_pass and (number == 1
+                                                              or writer.scatter_records):
+                raise CutConnection(f"injected fault cut-channel:{i}"
+                                    + (f":{number}" if number > 1 else ""))
         if final:
             self._send_device(i, number)
         sent = send_buffers(sock, [writer.sync(number, final=final)], self.on_stall)
@@ -178,7 +193,7 @@ class ChannelSink:
         return counts
 
     def stage_device(self, pieces: list[DeviceData]) -> None:
-        """The devices' stop-copy chunks (a :class:`~vmferry.migration.source.DeviceSink`):
+        """The devices' stop-copy chunks (a :class:`~vmferry.migration.devicestate.DeviceSink`):
         numbered in read order and dealt round-robin; each channel sends its share in the
         final pass, after its pages."""
         self.device_plan = deal_device(pieces, len(self.socks))
@@ -345,6 +360,7 @@ class ChannelGroup:
     def _receive(self, conn: socket.socket, reader: ChannelReader) -> None:
         head = bytearray(HEADER_SIZE)
         ram = self.ram
+        staging = _ScatterStaging()
         assert self.barrier is not None
         while not reader.finished:
             _recv_exact_into(conn, memoryview(head), "a data channel header")
@@ -361,6 +377,8 @@ class ChannelGroup:
                 ram.zero_pages(ev.first, ev.count)
             elif isinstance(ev, Device):
                 self._device(conn, reader, ev)
+            elif isinstance(ev, Scatter):
+                _receive_scatter(conn, reader, ev, ram, staging)
             elif isinstance(ev, Sync) and not ev.final:
                 self.barrier.wait()  # pass k+1 only after every channel finished pass k
         with self.lock:
@@ -457,6 +475,38 @@ class ChannelGroup:
         for conn in self.conns.values():
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+class _ScatterStaging:
+    """A channel thread's buffers for SCATTER records: the page list, and the page data
+    (checked before it is stored: it goes to scattered pages, not one window)."""
+
+    def __init__(self) -> None:
+        self.index = bytearray(8 * MAX_SCATTER_PAGES)
+        self.data: npt.NDArray[np.uint8] = np.empty(0, dtype=np.uint8)
+
+    def pages(self, nbytes: int) -> npt.NDArray[np.uint8]:
+        if self.data.size < nbytes:
+            self.data = np.empty(min(max(nbytes, 1024 * 1024), MAX_RECORD_BYTES),
+                                 dtype=np.uint8)  # fmt: skip
+        return self.data[:nbytes]
+
+
+def _receive_scatter(conn: socket.socket, reader: ChannelReader, ev: Scatter, ram: GuestRam,
+                     staging: _ScatterStaging) -> None:  # fmt: skip
+    """The rest of a SCATTER record: its page list, then (unless zeroed) its data,
+    verified, then stored into the listed pages."""
+    index = memoryview(staging.index)[: 8 * ev.count]
+    _recv_exact_into(conn, index, "a page list")
+    pages = reader.scatter_index(index)
+    if ev.zero:
+        ram.zero_pages_at(pages)
+        return
+    ps = ram.page_size
+    data = staging.pages(ev.count * ps)
+    _recv_exact_into(conn, data.data, "page data")
+    reader.payload(data.data)
+    ram.scatter_pages(pages, data.reshape(ev.count, ps))
 
 
 def _recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:

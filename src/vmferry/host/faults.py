@@ -16,8 +16,11 @@ A fault is ``PHASE:ACTION``:
 
 ``cut-channel:N`` closes parallel data channel ``N`` after its first batch of pass 1
 (migrations with ``parallel`` > N): a cut in any channel must fail the whole migration.
-``cut-device-channel:N`` closes it after its first batch of device state in the final pass
-(guest paused; device state over the channels needs a destination of channel 1.2).
+``cut-channel:N:P`` (P >= 2) closes it in pass ``P`` instead, after its first batch that
+holds a SCATTER record (scattered dirty pages).
+``cut-device-channel:N`` closes channel N after its first batch of device state in the
+final pass (guest paused; device state goes over the channels to a destination of channel
+protocol 1.2).
 """
 
 from __future__ import annotations
@@ -36,15 +39,24 @@ ACTIONS = ("cut", "corrupt", "version", "unlogged-write")
 class Fault:
     phase: str
     action: str
+    #: ``cut-channel``: the pass in which the channel is cut
+    at_pass: int = 1
 
     @classmethod
     def parse(cls, text: str) -> Fault:
         phase, _, action = text.partition(":")
-        if phase in ("cut-channel", "cut-device-channel"):
+        if phase == "cut-device-channel":
             if not (action.isdigit() and int(action) < 16):
-                raise ConfigError(f"fault {text!r}: {phase}:N takes a channel index "
-                                  "from 0 to 15")
+                raise ConfigError(f"fault {text!r}: cut-device-channel:N takes a channel "
+                                  "index from 0 to 15")
             return cls(phase, str(int(action)))
+        if phase == "cut-channel":
+            action, _, at = action.partition(":")
+            if not (action.isdigit() and int(action) < 16) or (at and not (
+                    at.isdigit() and 1 <= int(at) <= 1000)):  # fmt: skip
+                raise ConfigError(f"fault {text!r}: cut-channel:N[:P] takes a channel index "
+                                  "from 0 to 15 and a pass from 1 to 1000")
+            return cls(phase, str(int(action)), int(at) if at else 1)
         if phase not in PHASES or action not in ACTIONS:
             raise ConfigError(
                 f"fault {text!r}: expected PHASE:ACTION with PHASE in {PHASES} "
@@ -59,7 +71,8 @@ class Fault:
         return cls(phase, action)
 
     def __str__(self) -> str:
-        return f"{self.phase}:{self.action}"
+        more = f":{self.at_pass}" if self.at_pass != 1 else ""
+        return f"{self.phase}:{self.action}{more}"
 
 
 class CutConnection(Exception):

@@ -7,6 +7,7 @@ Statistic names follow QEMU's ``query-migrate`` where one applies (``total-time`
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,8 +69,38 @@ class Downtime:
     total_ms: float = 0.0
     final_ram_ms: float = 0.0  # last RAM pass with vCPUs paused
     state_ms: float = 0.0  # vCPU, component and device state
-    resume_ms: float = 0.0  # destination load, resume and its acknowledgement
+    #: from the end of the stream to the destination's RESUMED (verification aside): the
+    #: sum of the four parts below
+    after_stream_ms: float = 0.0
+    #: END sent -> the destination has every byte (its receive backlog on the main
+    #: connection and the data channels, and the wire's latency)
+    drain_ms: float = 0.0
+    load_ms: float = 0.0  # the destination loads vCPU, component and device state
+    #: LOADED, COMMIT and RESUMED on the wire and the hosts' persists between them
+    round_trips_ms: float = 0.0
+    adopt_ms: float = 0.0  # the destination adopts the loaded VM and starts it
     verification_ms: float = 0.0  # digest checks on request, guest paused; part of total_ms
+
+
+def after_stream(ack: Mapping[str, Any], t_end: float, t_loaded: float, now: float,
+                 verify_ms: float) -> dict[str, float]:  # fmt: skip
+    """The source's END sent (``t_end``) -> RESUMED (``now``), in its measured parts.
+    The destination reports its load (``load_ms``, from the END record, including
+    ``channels_wait_ms``: waiting for the data channels' last bytes) and its adopt
+    (``adopt_ms``); the source saw LOADED come at ``t_loaded`` (0: not seen).  What
+    remains before LOADED is the receive backlog (``drain_ms``), after it the round
+    trips.  The parts add up to ``after_stream_ms``."""
+    t_loaded = t_loaded if t_loaded >= t_end else now
+    loading = float(ack.get("load_ms", 0.0))
+    waited = float(ack.get("channels_wait_ms", 0.0))
+    adopt = float(ack.get("adopt_ms", 0.0))
+    return {
+        "after_stream_ms": (now - t_end) * 1e3 - verify_ms,
+        "drain_ms": (t_loaded - t_end) * 1e3 - loading - verify_ms + waited,
+        "load_ms": loading - waited,
+        "round_trips_ms": (now - t_loaded) * 1e3 - adopt,
+        "adopt_ms": adopt,
+    }
 
 
 @dataclass

@@ -31,7 +31,7 @@ def transfer(
     destination's switchover ack (when both sessions use it) goes back at once."""
     decoder = StreamDecoder()
     bufs = source.start()
-    while bufs or source.awaiting_switchover_ack:
+    while bufs or source.ack.awaiting:
         n = 0
         for buf in bufs:
             decoder.feed(buf)
@@ -66,6 +66,7 @@ def migrate_locally(
     transfer(source, destination, clock, **kw)
     source.switchover_digests()
     ack = destination.finish(start=False)  # LOADED
+    source.loaded()
     report = source.verification(ack)
     if report["requested"] and not report["commit_allowed"]:
         reason = f"destination state differs from the source's in {report['blocking']}"

@@ -17,14 +17,24 @@ All integers are big-endian.  Types:
 * ``ZERO`` -- ``count`` pages from page ``first`` read as zero (no payload);
 * ``SYNC`` -- this channel has sent everything of pass ``pass``; flag ``FINAL`` marks
   the last pass: nothing follows on the channel;
-* ``DEVICE`` -- one chunk of a device's stop-copy state (channel protocol 1.2): ``first``
-  is the chunk's index in the migration's stop-copy device data (0, 1, 2, ... across all
-  devices, in the order the source read them), ``count`` the payload's length; the
-  payload is ``id length u8 | phase u8 | reserved u16 | seq u32 | device id | data``.
-  The chunks are dealt round-robin to the channels of the final pass (before each
-  channel's final SYNC); the destination puts them back in index order
-  (:class:`DeviceReassembler`) and loads each device's chunks strictly in sequence, as
-  QEMU's multifd device-state transfer does.
+* ``SCATTER`` -- ``count`` pages at scattered page numbers (``first`` is 0): ``count``
+  page numbers follow (u64 each, strictly increasing), then ``count * page_size`` bytes
+  of their data, in the same order -- or nothing more with flag ``ZEROED``: the listed
+  pages read as zero.  The checksum covers the header, the page list and the data.  At
+  most :data:`MAX_SCATTER_PAGES` pages (and :data:`MAX_RECORD_BYTES` of data) a record.
+
+Dirty passes and the final pass mostly move pages that do not touch each other (a hot
+working set): one record per page would cost a header, a checksum and a system call per
+page; SCATTER records carry them a list at a time, as the main stream's RAM_SCATTER does.
+
+``DEVICE`` (type 5, channel protocol 1.2) carries one chunk of a device's stop-copy
+state: ``first`` is the chunk's index in the migration's stop-copy device data (0, 1,
+2, ... across all devices, in the order the source read them), ``count`` the payload's
+length; the payload is ``id length u8 | phase u8 | reserved u16 | seq u32 | device id |
+data``.  The chunks are dealt round-robin to the channels of the final pass (before each
+channel's final SYNC); the destination puts them back in index order
+(:class:`DeviceReassembler`) and loads each device's chunks strictly in sequence, as
+QEMU's multifd device-state transfer does.
 
 **Ordering: a page's newer copy always wins.**  Within a channel TCP keeps the order.
 Across channels the destination keeps a barrier per pass: a channel's reader that meets
@@ -60,6 +70,7 @@ import xxhash
 from vmferry.errors import ChecksumMismatch, MalformedRecord, StreamUsageError
 from vmferry.machine.handlers import DeviceData, DevicePhase
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.runs import page_runs
 from vmferry.migration.stream.records import Buffer
 
 HEAD = struct.Struct(">BBHIQII")
@@ -71,6 +82,12 @@ FINAL = 0x01
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 #: the most channels a migration opens
 MAX_CHANNELS = 16
+#: flag of SCATTER: the listed pages are all zero, no page data follows
+ZEROED = 0x02
+#: the most pages one SCATTER record lists
+MAX_SCATTER_PAGES = 4096
+#: runs shorter than this many pages travel in SCATTER lists rather than one record each
+SCATTER_BELOW = 16
 
 
 DEVICE_HEAD = struct.Struct(">BBHI")  # id length, phase, reserved, seq; then id, data
@@ -109,7 +126,12 @@ class ChannelRecord(enum.IntEnum):
     PAGES = 1
     ZERO = 2
     SYNC = 3
-    DEVICE = 4
+    SCATTER = 4
+    DEVICE = 5
+
+#: the flags each record type may carry
+ALLOWED_FLAGS = {ChannelRecord.PAGES: 0, ChannelRecord.ZERO: 0, ChannelRecord.SYNC: FINAL,
+                 ChannelRecord.SCATTER: ZEROED, ChannelRecord.DEVICE: 0}
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,19 @@ class Sync:
 
 
 @dataclass(frozen=True)
+class Scatter:
+    """A page list follows (``count`` u64): receive it and hand it to
+    :meth:`ChannelReader.scatter_index`; unless ``zero``, the pages' data follows then:
+    receive it into a staging buffer, hand it to :meth:`ChannelReader.payload`, and only
+    then store it into the listed pages."""
+
+    count: int
+    zero: bool
+
+
+
+
+@dataclass(frozen=True)
 class Device:
     """A device chunk follows: receive ``length`` bytes and hand them to
     :meth:`ChannelReader.device_payload`."""
@@ -142,26 +177,14 @@ class Device:
     length: int
 
 
-ChannelEvent = Pages | Zero | Sync | Device
+ChannelEvent = Pages | Zero | Sync | Scatter | Device
 
 
-class _Parts:
-    """A payload in two buffers (a DEVICE record's chunk header and its data)."""
-
-    def __init__(self, *parts: Buffer) -> None:
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return sum(memoryview(p).nbytes for p in self.parts)
-
-
-def _checksum(head: Buffer, payload: Buffer | _Parts | None = None) -> int:
+def _checksum(head: Buffer, *payload: Buffer | None) -> int:
     h = xxhash.xxh3_64(head)
-    if isinstance(payload, _Parts):
-        for part in payload.parts:
+    for part in payload:
+        if part is not None:
             h.update(part)
-    elif payload is not None:
-        h.update(payload)
     return h.intdigest()
 
 
@@ -175,14 +198,17 @@ class ChannelWriter:
         self.page_size = page_size
         self.bytes_out = 0
         self.finished = False
+        #: SCATTER records written
+        self.scatter_records = 0
 
     def _head(self, kind: ChannelRecord, flags: int, number: int, first: int, count: int,
-              payload: Buffer | _Parts | None = None) -> bytes:  # fmt: skip
+              *payload: Buffer | None) -> bytes:  # fmt: skip
         if self.finished:
             raise StreamUsageError(f"channel {self.channel}: records after the final SYNC")
         head = HEAD.pack(kind, flags, self.channel, number, first, count, self.page_size)
-        out = head + _checksum(head, payload).to_bytes(8, "big")
-        self.bytes_out += len(out) + (len(payload) if payload is not None else 0)
+        out = head + _checksum(head, *payload).to_bytes(8, "big")
+        self.bytes_out += len(out) + sum(memoryview(p).nbytes for p in payload
+                                         if p is not None)  # fmt: skip
         return out
 
     def pages(self, number: int, first: int, data: Buffer) -> list[Buffer]:
@@ -198,6 +224,25 @@ class ChannelWriter:
     def zero(self, number: int, first: int, count: int) -> bytes:
         return self._head(ChannelRecord.ZERO, 0, number, first, count)
 
+    def scatter(self, number: int, pages: npt.NDArray[np.int64], data: Buffer | None
+                ) -> list[Buffer]:  # fmt: skip
+        """A SCATTER record: ``pages`` (strictly increasing) with ``data`` (their pages in
+        that order; a snapshot, as for :meth:`pages`), or read as zero (``data`` None)."""
+        n = int(pages.size)
+        if not 0 < n <= MAX_SCATTER_PAGES:
+            raise StreamUsageError(f"SCATTER of {n} pages (1 to {MAX_SCATTER_PAGES})")
+        if n > 1 and not bool((np.diff(pages) > 0).all()):
+            raise StreamUsageError("SCATTER page numbers must be strictly increasing")
+        index = pages.astype(">u8").tobytes()
+        self.scatter_records += 1
+        if data is None:
+            return [self._head(ChannelRecord.SCATTER, ZEROED, number, 0, n, index), index]
+        size = memoryview(data).nbytes
+        if size != n * self.page_size or size > MAX_RECORD_BYTES:
+            raise StreamUsageError(f"SCATTER of {n} pages with {size} bytes of data "
+                                   f"(at most {MAX_RECORD_BYTES})")
+        return [self._head(ChannelRecord.SCATTER, 0, number, 0, n, index, data), index, data]
+
     def device(self, number: int, index: int, piece: DeviceData) -> list[Buffer]:
         """A DEVICE record: chunk ``index`` of the stop-copy device data (``piece.data``
         is checksummed now and not copied: it must not change until it has been sent)."""
@@ -208,7 +253,7 @@ class ChannelWriter:
                                    f"bytes and at most {MAX_RECORD_BYTES} bytes of data")
         body = DEVICE_HEAD.pack(len(ident), piece.phase, 0, piece.seq) + ident
         head = self._head(ChannelRecord.DEVICE, 0, number, index, len(body) + data.nbytes,
-                          _Parts(body, data))  # fmt: skip
+                          body, data)  # fmt: skip
         return [head + body, data]
 
     def sync(self, number: int, *, final: bool = False) -> bytes:
@@ -235,11 +280,15 @@ class ChannelReader:
         self.zero_pages_received = 0
         self.bytes_in = 0
         self._pending: tuple[bytes, int, Pages] | None = None
+        #: a SCATTER record whose page list (then data) is expected
+        self._scatter: tuple[bytes, int, Scatter] | None = None
+        self._scatter_data: tuple[xxhash.xxh3_64, int, int] | None = None
         self.device_chunks = 0
         self._device_pending: tuple[bytes, int, Device] | None = None
 
     def header(self, raw: Buffer) -> ChannelEvent:
-        if self._pending is not None or self._device_pending is not None:
+        if self._pending is not None or self._scatter is not None or self._scatter_data \
+                or self._device_pending is not None:  # fmt: skip
             raise StreamUsageError("header() while a payload is still expected")
         if self.finished:
             raise MalformedRecord(f"channel {self.channel}: data after the final SYNC")
@@ -260,7 +309,7 @@ class ChannelReader:
         if number != self.current_pass:
             raise MalformedRecord(f"{where}: a record of pass {number} during pass "
                                   f"{self.current_pass}")
-        if flags & ~(FINAL if rtype is ChannelRecord.SYNC else 0):
+        if flags & ~ALLOWED_FLAGS[rtype]:
             raise MalformedRecord(f"{where}: {rtype.name} with unknown flags {flags:#x}")
         self.bytes_in += HEADER_SIZE
         if rtype is ChannelRecord.SYNC:
@@ -271,6 +320,8 @@ class ChannelReader:
             self.finished = final
             self.current_pass += 0 if final else 1
             return Sync(number, final)
+        if rtype is ChannelRecord.SCATTER:
+            return self._scatter_header(head, claimed, flags, first, count)
         if rtype is ChannelRecord.DEVICE:
             return self._device_header(head, claimed, first, count)
         if count == 0 or first + count > self.npages:
@@ -287,9 +338,68 @@ class ChannelReader:
         self._pending = (head, claimed, event)
         return event
 
+    def _scatter_header(self, head: bytes, claimed: int, flags: int, first: int, count: int
+                        ) -> Scatter:  # fmt: skip
+        where = f"channel {self.channel}"
+        zero = bool(flags & ZEROED)
+        if first != 0:
+            raise MalformedRecord(f"{where}: SCATTER with a first page ({first})")
+        if not 0 < count <= MAX_SCATTER_PAGES:
+            raise MalformedRecord(f"{where}: SCATTER of {count} pages (1 to "
+                                  f"{MAX_SCATTER_PAGES})")
+        if not zero and count * self.page_size > MAX_RECORD_BYTES:
+            raise MalformedRecord(f"{where}: SCATTER of {count} pages is over the "
+                                  f"{MAX_RECORD_BYTES}-byte limit")
+        event = Scatter(count, zero)
+        self._scatter = (head, claimed, event)
+        return event
+
+    def scatter_index(self, raw: Buffer) -> npt.NDArray[np.int64]:
+        """The page list of the last :class:`Scatter` event (``8 * count`` bytes, as
+        received), checked: strictly increasing, inside guest RAM.  For a zeroed list the
+        record is complete (and its checksum verified) here; otherwise its data follows
+        (:meth:`payload`)."""
+        if self._scatter is None:
+            raise StreamUsageError("scatter_index() without a SCATTER header")
+        head, claimed, event = self._scatter
+        if memoryview(raw).nbytes != 8 * event.count:
+            raise StreamUsageError("scatter_index() of another length than the header's")
+        self._scatter = None
+        where = f"channel {self.channel}"
+        wide = np.frombuffer(raw, ">u8", event.count)
+        if int(wide.max()) >= self.npages:  # checked as u64: no wrap to a negative index
+            raise MalformedRecord(f"{where}: SCATTER lists a page outside guest RAM of "
+                                  f"{self.npages} pages")
+        pages = wide.astype(np.int64)
+        if pages.size > 1 and not bool((np.diff(pages) > 0).all()):
+            raise MalformedRecord(f"{where}: SCATTER page numbers are not strictly "
+                                  "increasing")
+        self.bytes_in += 8 * event.count
+        if event.zero:
+            self._verify(claimed, head, raw, "SCATTER (zero)")
+            self.zero_pages_received += event.count
+            return pages
+        h = xxhash.xxh3_64(head)
+        h.update(raw)
+        self._scatter_data = (h, claimed, event.count)
+        return pages
+
     def payload(self, data: Buffer) -> None:
-        """The page data of the last :class:`Pages` event, as received (ChecksumMismatch
-        if it is not what was sent)."""
+        """The page data of the last :class:`Pages` event, or of the last page list of
+        a :class:`Scatter` event, as received (ChecksumMismatch if it is not what was
+        sent)."""
+        if self._scatter_data is not None:
+            h, claimed, count = self._scatter_data
+            if memoryview(data).nbytes != count * self.page_size:
+                raise StreamUsageError("payload() of another length than the header's")
+            self._scatter_data = None
+            h.update(data)
+            if h.intdigest() != claimed:
+                raise ChecksumMismatch(f"SCATTER record checksum mismatch (pass "
+                                       f"{self.current_pass})")
+            self.pages_received += count
+            self.bytes_in += count * self.page_size
+            return
         if self._pending is None:
             raise StreamUsageError("payload() without a PAGES header")
         head, claimed, event = self._pending
@@ -357,6 +467,37 @@ def deal_runs(
     return out
 
 
+def split_scattered(
+    index: npt.NDArray[np.int64], run_pages: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Sorted page indexes as (starts, lengths) of runs of at most ``run_pages`` pages,
+    and the pages of runs shorter than :data:`SCATTER_BELOW`, which go in SCATTER lists
+    (the runs returned are the long ones only)."""
+    starts, lengths = page_runs(index, run_pages)
+    short = lengths < SCATTER_BELOW
+    if not short.any():
+        return starts, lengths, np.zeros(0, np.int64)
+    # the runs cover ``index`` in order: a page is scattered when its run is short
+    scattered = index[np.repeat(short, lengths)]
+    return starts[~short], lengths[~short], scattered
+
+
+def deal_scattered(
+    scattered: npt.NDArray[np.int64], channels: int
+) -> list[list[npt.NDArray[np.int64]]]:
+    """Deal scattered pages to ``channels`` channels as lists of consecutive pages (in
+    page order, round-robin): a pass of a few hundred dirty pages still uses every
+    channel, and no list is longer than :data:`MAX_SCATTER_PAGES`."""
+    out: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(channels)]
+    n = int(scattered.size)
+    if not n:
+        return out
+    chunk = max(1, min(MAX_SCATTER_PAGES, -(-n // channels)))
+    for k, a in enumerate(range(0, n, chunk)):
+        out[k % channels].append(scattered[a : a + chunk])
+    return out
+
+
 @dataclass
 class RunCounts:
     """Pages a channel sent in a pass."""
@@ -414,6 +555,54 @@ def encode_runs(
                 view = ram.bytes[s * ps : s * ps + nbytes].data
             batch += writer.pages(number, s, view)
             counts.normal += n
+            size += nbytes
+            if size >= batch_bytes:
+                yield batch
+                batch, size, used = [], 0, 0
+    if batch:
+        yield batch
+    counts.wire_bytes += writer.bytes_out - wire0
+
+
+def encode_scatter(
+    writer: ChannelWriter,
+    ram: GuestRam,
+    number: int,
+    lists: list[npt.NDArray[np.int64]],
+    bounce: npt.NDArray[np.uint8],
+    counts: RunCounts,
+    *,
+    batch_bytes: int,
+) -> Iterator[list[Buffer]]:
+    """The SCATTER records for the page ``lists`` of pass ``number`` (each sorted), in
+    batches of about ``batch_bytes``: the zero pages of a list in one ZEROED record, the
+    others gathered (a snapshot, whether the guest runs or not: the pages are not
+    contiguous) into ``bounce`` and sent in one record.  As for :func:`encode_runs`, each
+    batch must be sent before the next is asked for."""
+    ps = ram.page_size
+    per_record = max(1, min(MAX_SCATTER_PAGES, MAX_RECORD_BYTES // ps, bounce.size // ps))
+    batch: list[Buffer] = []
+    size = used = 0
+    wire0 = writer.bytes_out
+    for pages in lists:
+        for a in range(0, int(pages.size), per_record):
+            chunk = pages[a : a + per_record]
+            zero = ram.zero_mask_at(chunk)
+            if zero.any():
+                batch += writer.scatter(number, chunk[zero], None)
+                counts.zero += int(zero.sum())
+            live = chunk[~zero] if zero.any() else chunk
+            if not live.size:
+                continue
+            nbytes = int(live.size) * ps
+            if used + nbytes > bounce.size:
+                yield batch
+                batch, size, used = [], 0, 0
+            snap = bounce[used : used + nbytes]
+            ram.gather(live, snap.reshape(live.size, ps))
+            used += nbytes
+            batch += writer.scatter(number, live, snap.data)
+            counts.normal += int(live.size)
             size += nbytes
             if size >= batch_bytes:
                 yield batch

@@ -43,17 +43,20 @@ import numpy.typing as npt
 
 from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
-from vmferry.machine.handlers import ArchState, DeviceData, DevicePhase, StatePiece
+from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
 from vmferry.migration.context import (
     Downtime,
     MigrationStats,
     PassRecord,
     Status,
+    after_stream,
     state_digests,
 )
-from vmferry.migration.multichannel import RunCounts
+from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
+from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
+from vmferry.migration.prediction import LinkProbe, predict
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -71,8 +74,6 @@ from vmferry.migration.stream.records import ARCH_RECORDS, Buffer, Record
 
 MIB = 1024 * 1024
 MAX_RUN_BYTES = 4 * MIB
-#: runs shorter than this many pages travel in RAM_SCATTER lists rather than one record each
-SCATTER_BELOW = 16
 
 
 class GuestControl(Protocol):
@@ -90,28 +91,6 @@ class GuestControl(Protocol):
         ...
 
 
-class LinkProbe(Protocol):
-    """What the host measures about the link, for the downtime prediction."""
-
-    def in_flight_bytes(self) -> int:
-        """Bytes handed to the link that the destination has not consumed yet."""
-        ...
-
-    def round_trip_s(self) -> float:
-        """One request-reply round trip to the destination host, measured."""
-        ...
-
-    def bandwidth_bps(self) -> float:
-        """Bytes per second measured on this link before (0.0: never)."""
-        ...
-
-    def fixed_switchover_s(self) -> float:
-        """What the switchover costs beyond moving bytes, as measured here: the host's
-        own bookkeeping with the guest paused (persisting the job's steps) and the
-        destination's load and resume as the last migration to it reported them."""
-        ...
-
-
 class RamSink(Protocol):
     """Where RAM goes when it does not travel in the main stream: the host's parallel
     data channels (:mod:`vmferry.migration.multichannel`).  ``send_pass`` returns once
@@ -122,20 +101,8 @@ class RamSink(Protocol):
         ...
 
 
-class DeviceSink(Protocol):
-    """Where the devices' stop-copy state goes when it does not travel in the main
-    stream: the data channels, in the final pass (channel protocol 1.2)."""
-
-    def stage_device(self, pieces: list[DeviceData]) -> None:
-        """Take the stop-copy chunks (views of stopped devices' data) before the final
-        pass; they are sent with it."""
-        ...
-
-
 #: a pass that moved fewer bytes than this does not measure the link's bandwidth
 MEASURABLE_BYTES = 16 * MIB
-#: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
-SWITCHOVER_ROUND_TRIPS = 1.5
 
 
 class DirectControl:
@@ -232,6 +199,7 @@ class SourceSession:
         self._t_pause = 0.0
         self._t_final_ram = 0.0
         self._t_end = 0.0
+        self._t_loaded = 0.0
         self._zero_run: tuple[int, int] | None = None
         self._pass_normal = 0
         self._pass_duplicate = 0
@@ -251,14 +219,8 @@ class SourceSession:
         self._sync_s = 0.0
         #: stop-copy device state over the data channels (None: in the main stream)
         self.device_sink: DeviceSink | None = None
-        #: switchover-ack: set by the host when the destination speaks it (before start)
-        self.switchover_ack = False
-        #: INIT_SENT markers the handlers will send / have sent; the destination's ack
-        self._markers_due = 0
-        self._markers_sent = 0
-        self._ack: dict[str, Any] | None = None
-        #: the session yielded [] to wait for the ack (see :meth:`switchover_acknowledged`)
-        self.awaiting_switchover_ack = False
+        #: switchover-ack (the host enables it when the destination speaks it)
+        self.ack = AckGate()
 
     @property
     def bytes_out(self) -> int:
@@ -365,8 +327,7 @@ class SourceSession:
         with self.guest.held():
             for h in self.vm.handlers.values():
                 h.save_setup()
-            if self.switchover_ack and not self.params.offline:
-                self._markers_due = sum(h.save_switchover_ack() for h in self.vm.handlers.values())
+            self.ack.setup(self.vm.handlers.values(), self.params.offline)
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
@@ -390,9 +351,9 @@ class SourceSession:
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
             if self._end_of_pass(t_pass, dirty.count):
-                if self._may_stop():
+                if self.ack.may_stop():
                     break
-                if self._markers_sent >= self._markers_due:
+                if self.ack.all_sent():
                     yield from self._wait_for_ack()
         yield from self._switchover(to_send)
 
@@ -410,6 +371,7 @@ class SourceSession:
         remaining = dirty_pages * self.vm.ram.page_size
         with self.guest.held():
             remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
+            device_load_ms = self.ack.device_load_ms(self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
         if self.policy.give_up_after is not None and number >= self.policy.give_up_after:
@@ -442,87 +404,42 @@ class SourceSession:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
         if d.switchover and not self.params.offline:  # offline: all of it is downtime
-            self._predict(dirty_pages * self.vm.ram.page_size, remaining, bandwidth)
+            self.stats.predicted = {
+                **predict(self.link, dirty_pages * self.vm.ram.page_size, remaining,
+                          bandwidth, self._stop_s + self._sync_s),
+                # the destination's devices loading the stop-copy state (its rate measured
+                # while it loaded the pre-copy data: switchover-ack)
+                "device_load_ms": device_load_ms,
+            }
+            self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
         return d.switchover
-
-    def _predict(self, ram_bytes: int, remaining: int, bandwidth: float) -> None:
-        """The downtime predicted at the stop decision: what is left (dirty pages and
-        pending device state) and what is still in flight, at the bandwidth just measured,
-        and the switchover's round trips as the host measured them."""
-        bw = max(bandwidth, 1.0)
-        in_flight = self.link.in_flight_bytes() if self.link is not None else 0
-        rtt = self.link.round_trip_s() if self.link is not None else 0.0
-        fixed = self.link.fixed_switchover_s() if self.link is not None else 0.0
-        parts = {
-            "final_ram_ms": ram_bytes / bw * 1e3,
-            "state_ms": (remaining - ram_bytes) / bw * 1e3,
-            "in_flight_ms": in_flight / bw * 1e3,
-            "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
-            # measured during pre-copy: stopping the guest and the final dirty-log read
-            "stop_ms": (self._stop_s + self._sync_s) * 1e3,
-            # the hosts' bookkeeping and the destination's load and resume (measured)
-            "fixed_ms": fixed * 1e3,
-            # the destination's devices loading the stop-copy state (rate from pre-copy)
-            "device_load_ms": self._device_load_ms(),
-        }
-        self.stats.predicted = parts
-        self.stats.predicted_downtime_ms = sum(parts.values())
 
     # --- switchover-ack ----------------------------------------------------------------
 
-    def _may_stop(self) -> bool:
-        """Whether the guest may stop: no handler needs the destination's acknowledgement,
-        or it arrived (QEMU's switchover-ack)."""
-        return self._markers_due == 0 or self._ack is not None
-
     def _wait_for_ack(self) -> Generator[list[Buffer], None, None]:
         """Every INIT_SENT marker went out but the destination has not acknowledged: yield
-        [] with :attr:`awaiting_switchover_ack` set; the host waits for SWITCHOVER_ACK,
-        hands it to :meth:`switchover_acknowledged` and asks for more (another pass)."""
-        self.awaiting_switchover_ack = True
+        [] with ``ack.awaiting`` set; the host waits for SWITCHOVER_ACK, hands it to
+        :meth:`switchover_acknowledged` and asks for more (another pass)."""
+        self.ack.awaiting = True
         yield []
-        if self._ack is None:
+        if self.ack.ack is None:
             raise StreamUsageError("next_buffers() while awaiting the switchover ack")
 
     def switchover_acknowledged(self, ack: Mapping[str, Any]) -> None:
-        """The destination loaded every device's initial data (SWITCHOVER_ACK)."""
-        if self._markers_due == 0:
-            raise StreamUsageError("a switchover ack, but switchover-ack is not in use")
-        self._ack = dict(ack)
-        self.awaiting_switchover_ack = False
-        self.stats.switchover_ack = dict(ack)
-
-    def _device_load_s_per_byte(self) -> float:
-        """The destination's device-load time per byte, as it measured loading the
-        pre-copy data (0.0: not known)."""
-        if self._ack is None:
-            return 0.0
-        try:
-            n = int(self._ack.get("device_bytes", 0))
-            ms = float(self._ack.get("load_ms", 0.0))
-        except (TypeError, ValueError):
-            return 0.0
-        return ms / 1e3 / n if n > 0 and ms >= 0 else 0.0
-
-    def _device_load_ms(self) -> float:
-        """The prediction's share for the destination loading the stop-copy device state:
-        the handlers' stop-copy bytes at the rate it measured in pre-copy."""
-        rate = self._device_load_s_per_byte()
-        if rate == 0.0:
-            return 0.0
-        with self.guest.held():
-            n = sum(h.stop_copy_bytes() for h in self.vm.handlers.values())
-        return n * rate * 1e3
+        self.ack.acknowledged(ack, self.stats)  # every device's initial data is loaded
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
         if not self.params.offline:
+            if self.link is not None:
+                self.link.settle()  # the destination catches up while the guest runs
             self._pause_guest()
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
         self.stats.move(Status.DEVICE)
-        staged = self._stage_device_state()
+        staged = stage_device_state(self.vm.handlers.values(), self.device_sink, self.stats) \
+            if self.device_sink is not None and self.ram_sink is not None else {}  # fmt: skip
         yield from self._send_pages(to_send)
         self._t_final_ram = self.clock.monotonic()
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
@@ -541,27 +458,6 @@ class SourceSession:
         self._t_end = self.clock.monotonic()
         self.stats.ram_transferred = self.bytes_out
 
-    def _stage_device_state(self) -> dict[str, list[StatePiece]]:
-        """With a device sink, the stop-copy device chunks (and each device's DONE) go to
-        it before the final pass, to travel with it on the data channels; returns what
-        is left of each handler whose pieces were taken (for the main stream)."""
-        if self.device_sink is None or self.ram_sink is None:
-            return {}
-        staged: dict[str, list[StatePiece]] = {}
-        device: list[DeviceData] = []
-        for h in self.vm.handlers.values():
-            if not h.device_ids:
-                continue
-            pieces = list(h.save_complete())
-            staged[h.name] = [p for p in pieces if not isinstance(p, DeviceData)]
-            for p in pieces:
-                if isinstance(p, DeviceData):
-                    device.append(p)
-                    self.stats.device_bytes += len(p.data)
-        if device:
-            self.device_sink.stage_device(device)
-        return staged
-
     def _pause_guest(self) -> None:
         self._t_pause = self.clock.monotonic()
         if self.vm.running:
@@ -578,7 +474,7 @@ class SourceSession:
             if isinstance(p, DeviceData):
                 rec = DeviceChunk(p.device, p.phase, p.seq, p.data)
                 self.stats.device_bytes += len(p.data)
-                self._markers_sent += p.phase is DevicePhase.INIT_SENT
+                self.ack.count(p)
             elif isinstance(p, ArchState):
                 rec = ARCH_RECORDS[p.kind](p.data)
             else:
@@ -747,8 +643,8 @@ class SourceSession:
             total_ms=total,
             final_ram_ms=(self._t_final_ram - self._t_pause) * 1e3,
             state_ms=(self._t_end - self._t_final_ram) * 1e3,
-            resume_ms=(now - self._t_end) * 1e3 - verify_ms,
             verification_ms=verify_ms,
+            **after_stream(ack, self._t_end, self._t_loaded, now, verify_ms),
         )
         self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.move(Status.COMPLETED)
@@ -756,6 +652,10 @@ class SourceSession:
         for h in self.vm.handlers.values():
             h.save_cleanup()
         return self.stats
+
+    def loaded(self) -> None:
+        """The destination's LOADED arrived (the host says when: the downtime's parts)."""
+        self._t_loaded = self.clock.monotonic()
 
     def fail(self, step: str, reason: str, *, cancelled: bool = False) -> MigrationStats:
         """Abandon the migration and give the source VM back, running as before."""
@@ -787,7 +687,7 @@ class SourceSession:
     def current_step(self) -> str:
         """Where the session is, in words, for failure reports."""
         st = self.stats.status
-        if st is Status.ACTIVE and self.awaiting_switchover_ack:
+        if st is Status.ACTIVE and self.ack.awaiting:
             return "awaiting switchover ack"
         if st is Status.ACTIVE:
             return f"ram pass {len(self.stats.passes) + 1}"

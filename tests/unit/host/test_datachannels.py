@@ -5,10 +5,12 @@ from __future__ import annotations
 import socket
 import time
 
+import numpy as np
 import pytest
 
 from vmferry.errors import PeerError
 from vmferry.host.datachannels import ChannelGroup, dial_channels
+from vmferry.host.faults import Fault
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.multichannel import ChannelWriter
 
@@ -92,3 +94,49 @@ def test_issue17_item1_channel_hellos_are_checked() -> None:
     assert group.count == 2 and not group.error
     group.close()
     assert not any(t.is_alive() for t in group.threads)
+
+
+def test_issue17_item1_scatter_records_cross_the_sockets() -> None:
+    """Pass 1 sends pages 0-15 as a run on channel 0; pass 2 sends scattered pages (some
+    now zero) as SCATTER lists on channel 1, whose bytes arrive first: the barrier holds
+    them, and the pass-2 copies win."""
+    src, ram = GuestRam(16 * PS), GuestRam(16 * PS)
+    src.write(0, b"\x01" * 16 * PS)
+    group, (c0, c1) = group_of(2, ram)
+    w0, w1 = ChannelWriter(0, PS), ChannelWriter(1, PS)
+    src.write(3 * PS, b"\x02" * PS)
+    src.write(9 * PS, b"\x03" * PS)
+    live = np.array([3, 9], np.int64)
+    snap = np.empty((2, PS), np.uint8)
+    src.gather(live, snap)
+    send(c1, [w1.sync(1), *w1.scatter(2, live, snap.data),
+              *w1.scatter(2, np.array([5, 12], np.int64), None), w1.sync(2, final=True)])
+    until(lambda: group.barrier is not None and group.barrier.n_waiting == 1,
+          "channel 1 waits at the pass-1 barrier")
+    send(c0, [*w0.pages(1, 0, src.view(0, 16 * PS)), w0.sync(1), w0.sync(2, final=True)])
+    group.wait_done(10, lambda: None)
+    assert ram.read(3 * PS, PS) == b"\x02" * PS and ram.read(9 * PS, PS) == b"\x03" * PS
+    assert ram.read(5 * PS, PS) == bytes(PS) and ram.read(12 * PS, PS) == bytes(PS)
+    assert ram.read(4 * PS, PS) == b"\x01" * PS
+    assert group.totals() == (18, 2)
+    group.close()
+
+
+def test_issue17_item1_a_damaged_scatter_list_fails_the_group_and_stores_nothing() -> None:
+    ram = GuestRam(16 * PS)
+    group, (c0,) = group_of(1, ram)
+    bufs = ChannelWriter(0, PS).scatter(1, np.array([2, 7], np.int64), b"\x05" * 2 * PS)
+    send(c0, [bufs[0], bufs[1], b"\x05" * PS + b"\x06" * PS])
+    until(lambda: bool(group.error), "the group fails")
+    assert "ChecksumMismatch" in group.error
+    group.close()
+    assert not ram.populated.any()
+
+
+def test_issue17_item1_cut_channel_fault_takes_a_pass() -> None:
+    assert Fault.parse("cut-channel:1") == Fault("cut-channel", "1", 1)
+    assert Fault.parse("cut-channel:1:3") == Fault("cut-channel", "1", 3)
+    assert str(Fault.parse("cut-channel:1:3")) == "cut-channel:1:3"
+    for bad in ("cut-channel:1:0", "cut-channel:1:x", "cut-channel:16"):
+        with pytest.raises(Exception, match="cut-channel:N"):
+            Fault.parse(bad)

@@ -14,6 +14,7 @@ import pytest
 from tests.unit.host.test_channel_workers import _accept, hosts  # noqa: F401 (fixture)
 
 from vmferry.host.daemon import HostDaemon
+from vmferry.host.migration import ack as ack_mod
 from vmferry.host.migration import destination as destination_mod
 from vmferry.host.migration import source as source_mod
 from vmferry.host.migration.source import SourceWorker
@@ -60,7 +61,7 @@ def pauses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     real = SourceSession._pause_guest
 
     def pause(self: SourceSession) -> None:
-        seen.append(self._ack is not None)
+        seen.append(self.ack.ack is not None)
         real(self)
 
     monkeypatch.setattr(SourceSession, "_pause_guest", pause)
@@ -140,7 +141,7 @@ def test_issue17_3_a_channel_1_1_peer_still_migrates(
 ) -> None:
     """A peer from before switchover-ack (channel 1.1): no marker, no SWITCHOVER_ACK, the
     source stops when pre-copy converges, and the migration completes."""
-    mod = destination_mod if old == "destination" else source_mod
+    mod = destination_mod if old == "destination" else ack_mod
     monkeypatch.setattr(mod, "SWITCHOVER_ACK_MINOR", 99)  # it does not speak it
     if old == "destination":
         real = destination_mod.Welcome

@@ -85,6 +85,6 @@ def test_issue10_2_verification_pause_is_counted_as_downtime(
     d = src.stats.downtime
     assert d.verification_ms == pytest.approx(250.0)
     assert d.total_ms >= 250.0
-    parts = d.final_ram_ms + d.state_ms + d.resume_ms + d.verification_ms
+    parts = d.final_ram_ms + d.state_ms + d.after_stream_ms + d.verification_ms
     assert parts == pytest.approx(d.total_ms)
     assert src.stats.total_time_ms >= d.total_ms

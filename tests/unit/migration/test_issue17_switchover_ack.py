@@ -31,7 +31,7 @@ class AckLink:
         self.clock = ManualClock()
         self.vm = running_vm(*devices, rate=0)
         self.src = SourceSession(self.vm, MigrationParams(verify=True), self.clock)
-        self.src.switchover_ack = True
+        self.src.ack.enabled = True
         self.dst = DestinationSession(self.clock, verify=True, switchover_ack=True)
         self.dec = StreamDecoder()
         self.records: list[Any] = []
@@ -50,7 +50,7 @@ def test_issue17_3_source_waits_for_the_ack_before_it_stops_the_guest() -> None:
     link.push(link.src.start())
     while bufs := link.src.next_buffers():
         link.push(bufs)
-    assert link.src.awaiting_switchover_ack, "END before the destination acknowledged"
+    assert link.src.ack.awaiting, "END before the destination acknowledged"
     # RAM converged long ago, but the guest still runs and the device is in pre-copy
     assert link.src.stats.status is Status.ACTIVE and link.vm.running
     assert link.src.current_step() == "awaiting switchover ack"
@@ -63,7 +63,7 @@ def test_issue17_3_source_waits_for_the_ack_before_it_stops_the_guest() -> None:
     assert ack["device_bytes"] >= 2 << 20 and ack["load_ms"] >= 0
     # the destination's device holds the whole initial image already
     link.src.switchover_acknowledged(ack)
-    assert not link.src.awaiting_switchover_ack
+    assert not link.src.ack.awaiting
     while bufs := link.src.next_buffers():
         link.push(bufs)
     link.dec.eof()
@@ -80,7 +80,7 @@ def test_issue17_3_source_waits_for_the_ack_before_it_stops_the_guest() -> None:
 def test_issue17_3_asking_for_more_before_the_ack_is_a_usage_error() -> None:
     link = AckLink(MLX5)
     link.push(link.src.start())
-    while not link.src.awaiting_switchover_ack:
+    while not link.src.ack.awaiting:
         link.push(link.src.next_buffers())
     with pytest.raises(StreamUsageError, match="switchover ack"):
         link.src.next_buffers()
@@ -96,7 +96,7 @@ def test_issue17_3_no_precopy_device_no_wait() -> None:
     while bufs := link.src.next_buffers():
         link.push(bufs)
         assert link.dst.take_switchover_ack() is None
-    assert not link.src.awaiting_switchover_ack
+    assert not link.src.ack.awaiting
     assert link.src.stats.status is Status.DEVICE
 
 
@@ -140,7 +140,7 @@ def test_issue17_2_prediction_adds_stop_copy_bytes_at_the_measured_load_rate(
     monkeypatch.setattr(VfioHandler, "stop_copy_bytes", lambda self: 500_000)
     link = AckLink(MLX5)
     link.push(link.src.start())
-    while not link.src.awaiting_switchover_ack:
+    while not link.src.ack.awaiting:
         link.push(link.src.next_buffers())
     assert link.dst.take_switchover_ack() is not None
     # 1 MB loaded in 8 ms: 8 ns a byte; 500 kB left for the stop: 4 ms

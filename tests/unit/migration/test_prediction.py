@@ -10,21 +10,21 @@ from vmferry.machine import create_vm
 from vmferry.migration.context import Status
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.local import migrate_locally
-from vmferry.migration.source import (
-    MEASURABLE_BYTES,
-    SWITCHOVER_ROUND_TRIPS,
-    MigrationParams,
-    SourceSession,
-)
+from vmferry.migration.prediction import SWITCHOVER_ROUND_TRIPS
+from vmferry.migration.source import MEASURABLE_BYTES, MigrationParams, SourceSession
 
 
 class Probe:
     def __init__(self, in_flight: int, rtt: float, bw: float = 0.0, fixed: float = 0.0
                  ) -> None:  # fmt: skip
         self.in_flight, self.rtt, self.bw, self.fixed = in_flight, rtt, bw, fixed
+        self.settled = 0
 
     def fixed_switchover_s(self) -> float:
         return self.fixed
+
+    def settle(self) -> None:
+        self.settled += 1
 
     def in_flight_bytes(self) -> int:
         return self.in_flight

@@ -279,6 +279,7 @@ class DestinationWorker:
         if not isinstance(end, StreamEnd):
             raise self._unexpected(end, "STREAM_END")
         decoder.eof()  # STREAM_END before the stream's END record: a truncated stream
+        t_wait = time.monotonic()
         if self.channels is not None and self.channels.connected:
             self.channels.open_device()  # the main stream's device chunks are all in
             self.channels.wait_done(IDLE_TIMEOUT_S, lambda: self._on_stall(0.0))
@@ -289,9 +290,13 @@ class DestinationWorker:
         self.step = "load"
         if self.populator is not None:
             self.populator.stop()
+        t_drained = time.monotonic()
         vm = self.session.vm
         assert vm is not None
         ack = self.session.finish(start=False)
+        # after the stream's END: the data channels' last bytes, and the channel and
+        # populate threads stopped (part of load_ms, reported apart: it is receive backlog)
+        ack["channels_wait_ms"] = (t_drained - t_wait) * 1e3
         self.ch.send(Loaded(ack), self._on_stall)
         self.step = "awaiting commit"
         commit = self.ch.next_event(self._on_stall)

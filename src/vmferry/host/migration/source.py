@@ -41,6 +41,7 @@ from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock, pace
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.files import Output
+from vmferry.host.migration.ack import SwitchoverAckSide
 from vmferry.host.migration.common import (
     ACTIVE_STALL_S,
     HELLO_TIMEOUT_S,
@@ -78,12 +79,10 @@ from vmferry.migration.channel import (
     Role,
     Rules,
     StreamEnd,
-    SwitchoverAck,
     Verdict,
     Welcome,
 )
 from vmferry.migration.channel import Status as Why
-from vmferry.migration.channel.frames import SWITCHOVER_ACK_MINOR
 from vmferry.migration.context import Status
 from vmferry.migration.destination import describe_failure
 from vmferry.migration.source import MigrationParams, SourceSession
@@ -98,6 +97,10 @@ _LINK_BANDWIDTH: dict[str, float] = {}
 #: the destination's load and resume (s) as the last migration to it (its control URL)
 #: reported them, for the downtime prediction
 _DESTINATION_FIXED: dict[str, float] = {}
+#: the longest the source waits, before the stop, for the destination to take what was
+#: sent (``SourceWorker.settle``), and how often it looks
+SETTLE_S = 1.0
+SETTLE_POLL_S = 0.001
 #: job persists with the guest paused: the source's DEVICE, awaiting-resume and commit
 #: steps, the destination's resume and completed
 PAUSED_PERSISTS = 5
@@ -154,7 +157,7 @@ def _damaged(buffers: list[Buffer]) -> list[Buffer]:
     return [*buffers[:-1], bytes(body)]
 
 
-class SourceWorker:
+class SourceWorker(SwitchoverAckSide):
     """The source's side of the migration connection (see the module docstring)."""
 
     def __init__(
@@ -356,6 +359,22 @@ class SourceWorker:
             queued += self.channels.in_flight_bytes()
         return queued
 
+    def settle(self) -> None:
+        """Before the stop, the guest running: wait until every byte handed to the main
+        connection and the data channels has left the send queues (SIOCOUTQ: taken by
+        the destination's socket), at most ``SETTLE_S``.  What then remains unapplied
+        at the destination is at most its receive buffers, not a full send queue."""
+        end = time.monotonic() + SETTLE_S
+        while self._queued_raw() > 0 and time.monotonic() < end:
+            self._check_cancel()
+            time.sleep(SETTLE_POLL_S)
+
+    def _queued_raw(self) -> int:
+        queued = self.ch.link.queued() if self.ch is not None else 0
+        if self.channels is not None:
+            queued += self.channels.in_flight_bytes()
+        return queued
+
     def fixed_switchover_s(self) -> float:
         return PAUSED_PERSISTS * self._persist_s + _DESTINATION_FIXED.get(self.job.peer, 0.0)
 
@@ -483,42 +502,6 @@ class SourceWorker:
         ch.send(StreamEnd(), self._on_stall)
         self._persist(self.session.status.value, self.session.current_step())
 
-    # --- switchover-ack ----------------------------------------------------------------
-
-    def _negotiate_switchover_ack(self, welcome: Welcome) -> None:
-        """Switchover-ack when the destination speaks it (channel 1.2); with an older
-        destination the guest stops when pre-copy converges, as before."""
-        self.session.switchover_ack = welcome.minor >= SWITCHOVER_ACK_MINOR
-        self.job.progress["switchover_ack"] = self.session.switchover_ack
-
-    def _device_over_channels(self) -> None:
-        """With data channels to a destination of channel 1.2, the devices' stop-copy
-        state travels on them (in the final pass) instead of the main stream."""
-        if self.channels is not None and self.session.switchover_ack:
-            self.session.device_sink = self.channels
-
-    def _took_switchover_ack(self, ev: Event | Closed) -> bool:
-        """``ev`` is the destination's SWITCHOVER_ACK: hand it to the session."""
-        if not isinstance(ev, SwitchoverAck):
-            return False
-        self.session.switchover_acknowledged(ev.ack)
-        return True
-
-    def _next_buffers(self, ch: Channel) -> list[Buffer]:
-        """The session's next buffers; where it waits for the destination's
-        SWITCHOVER_ACK before it may stop the guest, wait for it here (bounded like every
-        wait with the guest running; a cancel acts) and go on."""
-        bufs = self.session.next_buffers()
-        while not bufs and self.session.awaiting_switchover_ack:
-            self._persist(self.session.status.value, self.session.current_step())
-            self._publish()
-            self._set_bound()
-            ev = ch.next_event(self._on_stall)
-            if not self._took_switchover_ack(ev):
-                raise self._remote(ev, "stream")
-            bufs = self.session.next_buffers()
-        return bufs
-
     def _between_waits(self) -> None:
         """While the cap holds the stream back: a cancel or a changed cap acts at once."""
         self._check_cancel()
@@ -541,6 +524,7 @@ class SourceWorker:
         reply = ch.next_event(self._on_stall)
         if not isinstance(reply, Loaded):
             raise self._remote(reply, "load")
+        self.session.loaded()
         ack = dict(reply.ack)
         # Verification guards the point of no return: the destination's digests came
         # with LOADED and are compared here, before COMMIT.  On a mismatch the source
@@ -587,6 +571,8 @@ class SourceWorker:
 
     def _completed(self, ack: dict[str, Any], post_load: dict[str, Any], note: str,
                    resume_ms: object = 0.0) -> None:  # fmt: skip
+        with contextlib.suppress(TypeError, ValueError):  # the destination's adopt, measured
+            ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
         with contextlib.suppress(TypeError, ValueError):
             _DESTINATION_FIXED[self.job.peer] = (float(ack.get("load_ms", 0.0))
