@@ -7,14 +7,17 @@ handler, VFIO data streams) are ordinary Python.  Wherever real code would touch
 another thread can see, the model calls :func:`yield_point`; wherever it takes a lock, it
 uses a :class:`ModelLock`.
 
-Outside the explorer no scheduler is installed: ``yield_point`` costs one global lookup and
-returns, and a ``ModelLock`` is a plain owner flag that reports self-deadlock (taking a lock
-the single thread already holds) as :class:`~vmferry.errors.Deadlock` instead of hanging.
+Outside a scheduler no hook is set: ``yield_point`` costs one context-variable lookup
+and returns, and a ``ModelLock`` is a plain owner flag that reports self-deadlock (taking a
+lock the single thread already holds) as :class:`~vmferry.errors.Deadlock` instead of
+hanging.
 
-Under the explorer (``vmferry.analysis.explore``) a :class:`SchedulerHook` is installed with
-:func:`scheduled`.  Each model thread then runs on its own greenlet; ``yield_point`` hands
-control back to the scheduler, which decides who runs next, and ``ModelLock.acquire``
-blocks the calling thread until the lock is free.
+Under the scheduler core (:mod:`vmferry.sched`: the explorer, the seeded random runs of
+the models, the test drivers) each model thread runs on its own greenlet, and the
+greenlet's contextvars context holds that thread's :class:`SchedulerHook`.  The hook is
+per context, not process-wide: ``yield_point`` hands control back to the scheduler that
+owns the calling greenlet, and only to it, and ``ModelLock.acquire`` blocks the calling
+thread until the lock is free.  Code that runs outside a model thread sees no hook.
 
 Declaring accesses
 ------------------
@@ -36,41 +39,33 @@ This module sits beside :mod:`vmferry.errors` at the bottom of the layer stack s
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Hashable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable
+from contextvars import ContextVar, Token
+from typing import Protocol
 
-import greenlet
-
-from vmferry.errors import Deadlock, HazardError, InvariantViolation
+from vmferry.errors import Deadlock, InvariantViolation
 
 MAIN_THREAD = "main"
 
 
 class SchedulerHook(Protocol):
-    """What an installed scheduler provides to model code."""
+    """What a scheduler provides to the model thread running in a context."""
+
+    @property
+    def name(self) -> str:
+        """Name of the model thread."""
 
     def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
         """A shared access is about to happen; the scheduler may switch threads here."""
 
-    def wait(self, label: str, ready: Callable[[], bool]) -> None:
-        """Block the calling model thread until ``ready()`` is true."""
-
-    def current_thread(self) -> str:
-        """Name of the model thread that is running."""
-
-
-class AccessHook(SchedulerHook, Protocol):
-    """A scheduler that also takes the access declared for a resumption (the explorer)."""
-
-    def wait_access(
-        self, label: str, ready: Callable[[], bool], obj: Hashable | None, write: bool
-    ) -> None:
-        """As ``wait``; the resumed step makes the declared access."""
+    def wait(self, label: str, ready: Callable[[], bool], obj: Hashable | None,
+             write: bool) -> None:
+        """Block the thread until ``ready()`` is true; the step that resumes it makes the
+        access ``obj``/``write`` declare (``obj=None``: unknown, conflicts with all)."""
 
     def acquire_point(self, label: str, lock: ModelLock) -> None:
-        """A yield point whose step takes ``lock``: not enabled while another holds it."""
+        """A yield point whose step takes ``lock`` (a scheduler may hold the thread back
+        while another thread holds the lock)."""
 
 
 class Accesses:
@@ -92,25 +87,27 @@ class Accesses:
 LOCAL = Accesses()
 """The access of a step that touches no shared state (commutes with every other step)."""
 
-_hook: SchedulerHook | None = None
+_hook: ContextVar[SchedulerHook | None] = ContextVar("vmferry_scheduler_hook", default=None)
 
 
-@contextmanager
-def scheduled(hook: SchedulerHook) -> Iterator[SchedulerHook]:
-    """Install ``hook`` for the duration of the block (not re-entrant)."""
-    global _hook
-    if _hook is not None:
-        raise RuntimeError("a scheduler is already installed")
-    _hook = hook
-    try:
-        yield hook
-    finally:
-        _hook = None
+def set_hook(hook: SchedulerHook | None) -> Token[SchedulerHook | None]:
+    """Hold ``hook`` in the current context (the scheduler core does this in each model
+    thread's own context); returns the token to undo it with :func:`reset_hook`."""
+    return _hook.set(hook)
+
+
+def reset_hook(token: Token[SchedulerHook | None]) -> None:
+    _hook.reset(token)
+
+
+def current_hook() -> SchedulerHook | None:
+    """The hook held in the current context, or None outside a model thread."""
+    return _hook.get()
 
 
 def yield_point(label: str, obj: Hashable | None = None, *, write: bool = True) -> None:
     """Mark a shared-state access.  ``obj`` names what is touched; ``write`` how."""
-    hook = _hook
+    hook = _hook.get()
     if hook is not None:
         hook.yield_point(label, obj, write)
 
@@ -123,20 +120,16 @@ def wait_until(
     ``obj``/``write`` declare the access of the step that resumes the thread (what
     ``ready`` reads and what the thread touches before its next yield point).
     """
-    hook = _hook
+    hook = _hook.get()
     if hook is not None:
-        wait_access = getattr(hook, "wait_access", None) if obj is not None else None
-        if wait_access is not None:  # an AccessHook
-            wait_access(label, ready, obj, write)
-        else:
-            hook.wait(label, ready)
+        hook.wait(label, ready, obj, write)
     elif not ready():
         raise Deadlock(f"{label}: would block forever (single thread, no scheduler)")
 
 
 def current_thread() -> str:
-    hook = _hook
-    return hook.current_thread() if hook is not None else MAIN_THREAD
+    hook = _hook.get()
+    return hook.name if hook is not None else MAIN_THREAD
 
 
 class ModelLock:
@@ -152,13 +145,11 @@ class ModelLock:
         self.owner: str | None = None
 
     def acquire(self) -> None:
-        me = current_thread()
-        hook = _hook
-        gate = getattr(hook, "acquire_point", None) if hook is not None else None
-        if gate is not None:  # an AccessHook: the step is enabled only when the lock is free
-            gate(f"lock {self.name}", self)
-        else:
-            yield_point(f"lock {self.name}", self, write=True)
+        hook = _hook.get()
+        me = MAIN_THREAD
+        if hook is not None:
+            me = hook.name
+            hook.acquire_point(f"lock {self.name}", self)
         if self.owner == me:
             raise Deadlock(f"{me} takes {self.name} which it already holds")
         wait_until(f"lock {self.name}", lambda: self.owner is None, self, write=True)
@@ -191,78 +182,3 @@ class ModelLock:
 
     def __repr__(self) -> str:
         return f"ModelLock({self.name!r}, owner={self.owner!r})"
-
-
-class RandomScheduler:
-    """Runs model threads concurrently on greenlets under a seeded random schedule.
-
-    The simple scheduler models use at run time (a boot probing its IOMMUs, stop_machine
-    running a join on every CPU); the explorer in ``vmferry.analysis.explore`` is the one
-    that enumerates schedules.  The same seed gives the same run.  A thread's return value
-    lands in ``results``; the first HazardError stops the run and :meth:`run` returns it as
-    ``"hazard: message"``; threads still blocked at the end are in :meth:`stuck`.
-    """
-
-    def __init__(self, threads: Mapping[str, Callable[[], Any]], seed: int = 0, *,
-                 max_steps: int = 100_000) -> None:
-        self.rng = random.Random(seed)
-        self.max_steps = max_steps
-        self.main = greenlet.getcurrent()
-        self.results: dict[str, Any] = {}
-        self.waiting: dict[str, Callable[[], bool]] = {}
-        self.done: set[str] = set()
-        self.steps = 0
-        self.error: BaseException | None = None
-        self.names: dict[Any, str] = {}
-        self.glets: dict[str, Any] = {}
-        for name, fn in threads.items():
-            glet = greenlet.greenlet(self._body(name, fn), parent=self.main)
-            self.glets[name] = glet
-            self.names[glet] = name
-
-    def _body(self, name: str, fn: Callable[[], Any]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                self.results[name] = fn()
-            except HazardError as exc:
-                self.error = exc
-            finally:
-                self.done.add(name)
-
-        return run
-
-    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
-        if greenlet.getcurrent() in self.names:
-            self.main.switch()
-
-    def wait(self, label: str, ready: Callable[[], bool]) -> None:
-        me = self.names.get(greenlet.getcurrent())
-        while not ready():
-            if me is None:
-                return
-            self.waiting[me] = ready
-            self.main.switch()
-        if me is not None:
-            self.waiting.pop(me, None)
-
-    def current_thread(self) -> str:
-        return self.names.get(greenlet.getcurrent(), MAIN_THREAD)
-
-    def run(self) -> str | None:
-        with scheduled(self):
-            while self.error is None and self.steps < self.max_steps:
-                runnable = [n for n in self.glets if n not in self.done and self._ready(n)]
-                if not runnable:
-                    break
-                self.steps += 1
-                self.glets[self.rng.choice(runnable)].switch()
-        if self.error is not None:
-            return f"{type(self.error).__dict__.get('hazard', 'hazard')}: {self.error}"
-        return None
-
-    def _ready(self, name: str) -> bool:
-        ready = self.waiting.get(name)
-        return ready is None or ready()
-
-    def stuck(self) -> list[str]:
-        return [n for n in self.glets if n not in self.done]

@@ -6,11 +6,10 @@ import errno
 import itertools
 import random
 import struct
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
-import greenlet
 import pytest
 
 from vmferry.analysis.matrix import CellSpec, run_cell
@@ -50,7 +49,7 @@ from vmferry.machine.arm64 import (
     init_cpreg_list,
 )
 from vmferry.machine.profiles import HostProfile, load_profile
-from vmferry.sync import MAIN_THREAD, scheduled
+from vmferry.sched import ModelThread, Scheduler
 
 K2, K3, K4, K5, K6, K7 = (
     "arm64-linux-4.17",
@@ -598,43 +597,37 @@ def test_check_41_smoke_seed_case_new_to_old_fails() -> None:
     assert cell is not None and cell.outcome == "fails_after_stop"
 
 
-# --- a tiny deterministic interleaving driver (greenlets on the sync.yield_point seam) -----------
+# --- interleavings on the scheduler core (greenlets on the sync.yield_point seam) -----------
 
 
-class Interleaver:
-    """Runs model threads as greenlets; at each yield point the next thread comes from
-    ``schedule`` (then round-robin).  Blocked threads (``wait``) are simply skipped."""
+class Turns:
+    """A chooser: the next thread comes from ``schedule`` (names consumed as used), then
+    round-robin over the runnable threads; a name that cannot run gives its turn to the
+    round-robin pick."""
 
-    def __init__(self, threads: dict[str, Callable[[], object]], schedule: Sequence[str]) -> None:
-        self.driver = greenlet.getcurrent()
-        self.threads = {name: greenlet.greenlet(fn) for name, fn in threads.items()}
+    def __init__(self, schedule: Sequence[str]) -> None:
         self.schedule = list(schedule)
-        self.results: dict[str, object] = {}
-        self.current = MAIN_THREAD
 
-    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
-        self.driver.switch()
+    def choose(self, sched: Scheduler[Any], depth: int, enabled: list[str]) -> str | None:
+        fallback = enabled[depth % len(enabled)]
+        wanted = self.schedule.pop(0) if self.schedule else fallback
+        return wanted if wanted in enabled else fallback
 
-    def wait(self, label: str, ready: Callable[[], bool]) -> None:
-        while not ready():
-            self.driver.switch()
 
-    def current_thread(self) -> str:
-        return self.current
-
-    def run(self) -> dict[str, object]:
-        with scheduled(self):
-            for turn in range(10_000):
-                live = [n for n, g in self.threads.items() if not g.dead]
-                if not live:
-                    return self.results
-                fallback = live[turn % len(live)]
-                wanted = self.schedule.pop(0) if self.schedule else fallback
-                self.current = wanted if wanted in live else fallback
-                out = self.threads[self.current].switch()
-                if self.threads[self.current].dead:
-                    self.results[self.current] = out
-        raise AssertionError("interleaving did not terminate")
+def interleave(threads: dict[str, Callable[[], object]], schedule: Sequence[str]
+               ) -> dict[str, object]:
+    """Run ``threads`` along ``schedule``; what each returned.  A thread's exception is
+    re-raised."""
+    core: Scheduler[ModelThread] = Scheduler(threads)
+    try:
+        core.run(Turns(schedule))
+    finally:
+        core.teardown()
+    for thread in core.threads.values():
+        if thread.error is not None:
+            raise thread.error
+    assert not core.stuck(), f"interleaving did not terminate: {core.stuck()}"
+    return {name: thread.result for name, thread in core.threads.items()}
 
 
 def _bitmap_race(faults: FwFaults, schedule: Sequence[str]) -> tuple[bool, int]:
@@ -648,7 +641,7 @@ def _bitmap_race(faults: FwFaults, schedule: Sequence[str]) -> tuple[bool, int]:
         runner.run()
         return runner.hvc(P.KVM_VENDOR_HYP_PTP)[0]  # 0: PTP still offered (old bitmap)
 
-    out = Interleaver({"set": do_set, "run": do_run}, schedule).run()
+    out = interleave({"set": do_set, "run": do_run}, schedule)
     return bool(out["set"]), int(cast(int, out["run"]))
 
 
@@ -672,7 +665,7 @@ def _cpu_on_race(faults: FwFaults, schedule: Sequence[str], n: int = 8) -> list[
     threads = {
         f"t{i}": (lambda c=c: c.hvc(P.PSCI_ID64["CPU_ON"], mpidr)[0]) for i, c in enumerate(callers)
     }
-    out = Interleaver(cast(dict[str, Callable[[], object]], threads), schedule).run()
+    out = interleave(cast(dict[str, Callable[[], object]], threads), schedule)
     return sorted(int(cast(int, v)) for v in out.values())
 
 
@@ -697,13 +690,13 @@ def test_check_47_version_read_once_per_call() -> None:
         vm = new_vm(K5, faults=faults)
         caller, setter = new_vcpu(vm), new_vcpu(vm)
         caller.set_one_reg(PSCI, 0x10000)
-        out = Interleaver(
+        out = interleave(
             {
                 "call": lambda: caller.hvc(P.PSCI_ID["PSCI_VERSION"])[0],
                 "set": lambda: setter.set_one_reg(PSCI, 0x2),
             },
             schedule,
-        ).run()
+        )
         return caller.last_dispatch, int(cast(int, out["call"]))
 
     for schedule in schedules:

@@ -48,7 +48,9 @@ def test_fault_in_each_phase(pair: Pair, fault: str, step_word: str, reason_word
 def test_cancel_from_the_cli(pair: Pair) -> None:
     pair.create("slow", memory_mib=64)
     before = digest(pair.a, "slow")
-    job = pair.migrate("slow", wait=False, max_bandwidth_mib=8)
+    # 2 MiB/s: 32 s of pre-copy, so that even a slow CLI start (seconds on a loaded
+    # machine) cancels a running migration, not a completed one
+    job = pair.migrate("slow", wait=False, max_bandwidth_mib=2)
     time.sleep(0.5)
     out = cli("job", "cancel", "--host", pair.a_proc.control_url, job["id"], "--json")
     assert out.returncode == 0, out.stdout + out.stderr

@@ -111,11 +111,11 @@ def test_item4_records_round_trip_and_reject_garbage() -> None:
         assert clock.state.clock_ns > 0
     finally:
         vm.close()
-    from vmferry.errors import MalformedRecord
+    from vmferry.errors import MalformedRecord, UnsupportedVersion
 
     bad = bytearray(st.encode())
-    struct.pack_into(">H", bad, 0, 2)  # a newer version
-    with pytest.raises(MalformedRecord, match="version"):
+    struct.pack_into(">H", bad, 4, 3)  # a newer version
+    with pytest.raises(UnsupportedVersion, match="version"):
         X86VcpuRecord.parse(bytes(bad))
     with pytest.raises(MalformedRecord):
         X86VcpuRecord.parse(st.encode()[:-3])
@@ -197,6 +197,34 @@ def test_item4_snapshot_save_and_restore() -> None:
         assert new.progress() == vm.progress()
         dst.resume()
         wait_progress(new, sum(c for c, _ in vm.progress()))
+    finally:
+        new.close()
+        vm.close()
+
+
+def test_issue14_5_a_destination_of_the_earlier_release_gets_version_1_state() -> None:
+    """Its pre-flight answer has no ``state_version``: the vCPU and clock state go in the
+    payload layout that release reads, and the guest continues."""
+    vm = x86_vm(vcpus=1, rate=20, mib=16)
+    vm.start()
+    wait_progress(vm, 10)
+    caps = capabilities(vm.definition.to_dict())
+    assert caps["x86-cpu"].pop("state_version") == 2
+    src = SourceSession(vm, MigrationParams(downtime_limit_ms=50, verify=True),
+                        MonotonicClock())
+    src.preflight(caps)
+    dst = destination()
+    tee = io.BytesIO()
+    run(src, dst, tee)
+    assert src.stats.status is Status.COMPLETED
+    dec = StreamDecoder()
+    dec.feed(tee.getvalue())
+    states = [r.data[:2] for r in dec.events() if isinstance(r, X86VcpuRecord | KvmClockRecord)]
+    assert states == [b"\0\1", b"\0\1"]  # version 1, as that release wrote it
+    new = dst.vm
+    assert isinstance(new, X86Vm)
+    try:
+        assert new.check_progress() == [True]
     finally:
         new.close()
         vm.close()

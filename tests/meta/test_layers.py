@@ -45,7 +45,7 @@ SYSCALLS_ONLY_IN = {
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
-    if len(parts) < 2 or parts[1] in {"errors", "sync", "clock", "__main__", "__init__"}:
+    if len(parts) < 2 or parts[1] in {"errors", "sync", "sched", "clock", "__main__", "__init__"}:
         return "base"
     return parts[1]
 

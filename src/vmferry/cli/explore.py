@@ -54,13 +54,16 @@ def command() -> None:
               help="Explore the cases on N Ray workers (needs: pip install 'vmferry[ray]').")
 @click.option("--ray-address", default=None,
               help="Join this Ray cluster instead of starting a local Ray runtime.")
+@click.option("--split-depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Search the subtree below every node at this depth on its own (Ray "
+                   "tasks with --workers); the same in one process. 0: split by case only.")
 @click.option("--list", "list_only", is_flag=True, help="List scenarios, cases and modes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def races(
     scenario_name: str | None, mode: str | None, case_name: str | None, strategy: str,
     seed: int, preemption_bound: int | None, max_schedules: int | None,
-    failures_dir: Path | None, workers: int, ray_address: str | None, list_only: bool,
-    as_json: bool,
+    failures_dir: Path | None, workers: int, ray_address: str | None, split_depth: int,
+    list_only: bool, as_json: bool,
 ) -> None:
     """Explore a scenario; exit 1 when a failing schedule was found."""
     scenarios = all_scenarios()
@@ -83,6 +86,7 @@ def races(
                 preemption_bound=preemption_bound, seed=seed, max_schedules=max_schedules,
                 failures_dir=DEFAULT if failures_dir is None else failures_dir,
                 workers=workers, ray_address=ray_address, progress=progress,
+                split_depth=split_depth,
             )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -47,7 +47,8 @@ from vmferry.hw.spapr.suspend import (
     VasiSignal,
     VasiState,
 )
-from vmferry.sync import RandomScheduler, wait_until, yield_point
+from vmferry.sched import hazard, run_random
+from vmferry.sync import wait_until, yield_point
 
 MAX_SUSPEND_ATTEMPTS = 5
 RETRY_SLEEPS_MS = (1, 10, 100, 1000)
@@ -118,13 +119,13 @@ def stop_machine(hv: PartitionHypervisor, stream: int, *, seed: int = 0,
     shared = JoinState()
     threads = {f"cpu{c}": _joiner(c, hv, shared, stream, c in irqs_enabled)
                for c in range(hv.ncpus)}
-    runner = RandomScheduler(threads, seed)
-    hazard = runner.run()
-    if hazard is not None:
-        raise InvariantViolation(f"suspend attempt: {hazard}")
+    runner = run_random(threads, seed)
+    found = hazard(runner)
+    if found is not None:
+        raise InvariantViolation(f"suspend attempt: {found}")
     if runner.stuck():
         raise Deadlock(f"suspend attempt: CPUs never woke: {runner.stuck()}")
-    results = [runner.results[f"cpu{c}"] for c in range(hv.ncpus)]
+    results = [int(runner.threads[f"cpu{c}"].result) for c in range(hv.ncpus)]
     return next((r for r in results if r), 0), shared
 
 

@@ -80,7 +80,7 @@ from vmferry.migration.source import SourceSession
 log = logging.getLogger("vmferry.host.datachannels")
 
 #: the default number of data channels (measured: docs/performance.md)
-DEFAULT_PARALLEL = 0
+DEFAULT_PARALLEL = 2
 #: bytes a channel thread hands to one sendmsg, and its snapshot buffer
 BATCH_BYTES = 8 * 1024 * 1024
 BOUNCE_BYTES = 2 * BATCH_BYTES

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused
 from vmferry.hw.x86 import kvm
+from vmferry.hw.x86 import state as x86_state
 from vmferry.hw.x86.kvm import CpuidEntry, Kvm
 from vmferry.hw.x86.state import KvmClockState, X86VcpuState
 from vmferry.machine.handlers import ArchState, MigrationHandler, StatePiece
@@ -146,6 +147,8 @@ class X86CpuHandler(MigrationHandler):
         #: the guest's summed progress counter when its state was saved (vCPUs stopped)
         self.progress_at_stop: int | None = None
         self._checked = False
+        #: the payload version of the saved state: what the destination reads
+        self._write_version = x86_state.VERSION
         self._states: dict[int, X86VcpuState] = {}
         self._clock: KvmClockState | None = None
 
@@ -157,6 +160,7 @@ class X86CpuHandler(MigrationHandler):
             "cpuid": [[e.function, e.index, e.eax, e.ebx, e.ecx, e.edx] for e in hk.cpuid],
             "xsave_size": kvm.XSAVE_SIZE,
             "caps": hk.caps,
+            "state_version": x86_state.VERSION,
         }
 
     def preflight(self, destination: Mapping[str, Any] | None,
@@ -166,12 +170,17 @@ class X86CpuHandler(MigrationHandler):
         snapshot is restored on a host of its kind."""
         self.dropped = {}
         self._checked = True
+        self._write_version = x86_state.VERSION
         if options.get("compat") == "qemu":  # as QEMU: the destination finds out at load
             return []
         if destination is None:
             destination = self.capabilities()
         problems: list[str] = []
         warnings: list[str] = []
+        try:  # a destination of an earlier release reads the earlier payload layout
+            self._write_version = x86_state.write_version(destination.get("state_version"))
+        except MalformedRecord as exc:
+            problems.append(str(exc))
         caps = destination.get("caps", {})
         for name in kvm.REQUIRED_CAPABILITIES:
             if not caps.get(name):
@@ -213,9 +222,10 @@ class X86CpuHandler(MigrationHandler):
             self.preflight(None, {})
         self.progress_at_stop = sum(c for c, _ in self.vm.progress())
         drop = frozenset(self.dropped)
-        pieces: list[StatePiece] = [ArchState("kvm_clock", self.vm.get_clock().encode())]
+        version = self._write_version
+        pieces: list[StatePiece] = [ArchState("kvm_clock", self.vm.get_clock().encode(version))]
         for i in range(len(self.vm.kvm_vcpus)):
-            pieces.append(ArchState("x86_vcpu", self.vm.save_state(i, drop).encode()))
+            pieces.append(ArchState("x86_vcpu", self.vm.save_state(i, drop).encode(version)))
         return pieces
 
     def save_cleanup(self) -> None:

@@ -1,9 +1,9 @@
-"""A small deterministic scheduler for model threads (greenlets), for tests.
+"""Small deterministic interleavings of model threads, for tests, on the scheduler core.
 
-It installs a :class:`vmferry.sync.SchedulerHook`: each model thread runs on its own
-greenlet and gives control back at every ``yield_point``; the scheduler then picks the
-next thread from a *choice function*.  :func:`explore` enumerates every schedule of a
-small instance depth-first (each run replays a prefix of choices, then takes the first
+Each model thread runs on its own greenlet under :class:`vmferry.sched.Scheduler` and
+gives control back at every ``yield_point``; the next thread comes from a *choice
+function* of the runnable names.  :func:`explore` enumerates every schedule of a small
+instance depth-first (each run replays a prefix of choices, then takes the first
 option), so a test can assert "no failure in the whole space" or "some schedule fails".
 When every unfinished thread waits on a condition that is false, the run ends with
 :class:`~vmferry.errors.Deadlock` reported for the blocked threads.
@@ -11,13 +11,14 @@ When every unfinished thread waits on a condition that is false, the run ends wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-
-from greenlet import greenlet
+from typing import Any
 
 from vmferry.errors import Deadlock
-from vmferry.sync import scheduled
+from vmferry.sched import Chooser as CoreChooser
+from vmferry.sched import ModelThread, Scripted
+from vmferry.sched import Scheduler as Core
 
 Chooser = Callable[[list[str]], str]
 
@@ -34,78 +35,58 @@ class RunResult:
         return any(e is not None for e in self.errors.values())
 
 
-class Scheduler:
-    def __init__(self, threads: Mapping[str, Callable[[], None]], choose: Chooser,
-                 max_steps: int = 10_000) -> None:  # fmt: skip
-        self._main = greenlet.getcurrent()
-        self._choose = choose
-        self._max_steps = max_steps
-        self._names = list(threads)
-        self._running = ""
-        self._waiting: dict[str, Callable[[], bool]] = {}
-        self.result = RunResult()
-        self._greenlets = {n: greenlet(self._wrap(n, fn)) for n, fn in threads.items()}
+class _Function:
+    """A choice function as a core chooser."""
 
-    def _wrap(self, name: str, fn: Callable[[], None]) -> Callable[[], None]:
-        def body() -> None:
-            try:
-                fn()
-                self.result.errors[name] = None
-            except BaseException as exc:  # reported, not propagated
-                self.result.errors[name] = exc
+    def __init__(self, fn: Chooser) -> None:
+        self.fn = fn
 
-        return body
+    def choose(self, sched: Core[Any], depth: int, enabled: list[str]) -> str | None:
+        return self.fn(enabled)
 
-    # --- SchedulerHook -----------------------------------------------------------------
 
-    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
-        self._main.switch()
+class _Recording:
+    """A core chooser that records each choice with the options it had."""
 
-    def wait(self, label: str, ready: Callable[[], bool]) -> None:
-        while not ready():
-            self._waiting[self._running] = ready
-            self._main.switch()
-        self._waiting.pop(self._running, None)
+    def __init__(self, chooser: CoreChooser[Core[Any]], result: RunResult) -> None:
+        self.chooser = chooser
+        self.result = result
 
-    def current_thread(self) -> str:
-        return self._running
+    def choose(self, sched: Core[Any], depth: int, enabled: list[str]) -> str | None:
+        name = self.chooser.choose(sched, depth, enabled)
+        if name is not None:
+            self.result.schedule.append((name, tuple(enabled)))
+        return name
 
-    # --- driving -----------------------------------------------------------------------------
 
-    def _runnable(self) -> list[str]:
-        alive = [n for n in self._names if not self._greenlets[n].dead]
-        return [n for n in alive if n not in self._waiting or self._waiting[n]()]
+def run(threads: Mapping[str, Callable[[], None]],
+        choose: Chooser | CoreChooser[Core[Any]], max_steps: int = 10_000) -> RunResult:
+    """Run ``threads`` to the end (or ``max_steps`` steps); ``choose`` (a function of the
+    runnable names, or a :mod:`vmferry.sched` chooser) picks each step.
 
-    def run(self) -> RunResult:
-        with scheduled(self):
-            for _ in range(self._max_steps):
-                options = self._runnable()
-                if not options:
-                    break
-                name = self._choose(options)
-                self.result.schedule.append((name, tuple(options)))
-                self._running = name
-                self._greenlets[name].switch()
-            self._running = ""
-        for name in self._names:
-            if not self._greenlets[name].dead:
-                self.result.errors[name] = Deadlock(f"{name} blocked forever")
-        return self.result
+    Every thread's exception is recorded, not raised; threads that did not end are
+    reported as Deadlock.
+    """
+    result = RunResult()
+    core: Core[ModelThread] = Core(threads, max_steps=max_steps, stop_on_error=False)
+    try:
+        chooser = _Function(choose) if callable(choose) else choose
+        core.run(_Recording(chooser, result))
+    finally:
+        core.teardown()
+    stuck = set(core.stuck())
+    for name, thread in core.threads.items():
+        if name in stuck:
+            result.errors[name] = Deadlock(f"{name} blocked forever")
+        else:
+            result.errors[name] = thread.error
+    return result
 
 
 def run_in_order(threads: Mapping[str, Callable[[], None]], order: list[str]) -> RunResult:
     """Run with a fixed preference list: at each step the first runnable name of
     ``order`` (consumed as it is used; afterwards the first runnable thread)."""
-    pending = list(order)
-
-    def choose(options: list[str]) -> str:
-        while pending:
-            want = pending.pop(0)
-            if want in options:
-                return want
-        return options[0]
-
-    return Scheduler(threads, choose).run()
+    return run(threads, Scripted(order))
 
 
 def explore(
@@ -145,7 +126,7 @@ def explore(
             last[:] = [options[i]]
             return options[i]
 
-        result = Scheduler(threads, choose).run()
+        result = run(threads, choose)
         try:
             check(result)
             yield result, None

@@ -9,7 +9,7 @@ import pytest
 from vmferry.analysis.explore import Instance
 from vmferry.analysis.explore.audit import audit_declarations
 from vmferry.analysis.explore.fingerprint import fingerprint
-from vmferry.sync import LOCAL, yield_point
+from vmferry.sync import LOCAL, ModelLock, yield_point
 
 
 def _counter(declare_read: bool) -> Instance:
@@ -37,6 +37,35 @@ def test_item1_audit_reports_an_undeclared_read() -> None:
 
 def test_item1_audit_accepts_exact_declarations() -> None:
     assert audit_declarations(lambda: _counter(True), runs=4) == []
+
+
+def _locked_counter() -> Instance:
+    """T1 doubles x right after taking the lock, T2 increments it right after releasing
+    it: both at yield points that declare the lock only (x is not declared)."""
+    lock = ModelLock("m")
+    cells = {"x": 1}
+
+    def t1() -> None:
+        lock.acquire()
+        cells["x"] *= 2
+        lock.release()
+
+    def t2() -> None:
+        lock.acquire()
+        lock.release()
+        cells["x"] += 1
+
+    return Instance({"T1": t1, "T2": t2}, state=lambda: fingerprint(cells),
+                    starts={"T1": LOCAL, "T2": LOCAL})
+
+
+def test_item1_lock_aware_audit_checks_steps_ordered_by_a_lock_alone() -> None:
+    """DPOR's lock-aware races order steps by data only: an access hidden behind two
+    steps that share nothing but a lock is found by the lock-aware audit, which plain
+    lock ordering never needed."""
+    found = audit_declarations(_locked_counter, runs=20)
+    assert found and all("lock m" in str(u) or "unlock m" in str(u) for u in found)
+    assert audit_declarations(_locked_counter, runs=20, lock_aware=False) == []
 
 
 def test_item1_audit_needs_a_state() -> None:

@@ -14,13 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmferry.analysis.explore import Instance, explore
+from vmferry.analysis.explore.dpor import merge_stats, search, split
+from vmferry.analysis.explore.engine import SearchLimits
+from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.errors import InvariantViolation
 from vmferry.sync import LOCAL, Accesses, ModelLock, yield_point
 
 Op = tuple[str, int]  # ("r"|"w"|"l"|"u"|"rw", cell)
 
 
-def program(ops: list[list[Op]], finals: set[tuple[object, ...]]) -> Callable[[], Instance]:
+def program(ops: list[list[Op]], finals: set[tuple[object, ...]], *,
+            stateful: bool = False) -> Callable[[], Instance]:
     def build() -> Instance:
         cells = [0, 0, 0]
         locks = [ModelLock("l0"), ModelLock("l1")]
@@ -55,7 +59,10 @@ def program(ops: list[list[Op]], finals: set[tuple[object, ...]]) -> Callable[[]
             finals.add((tuple(cells), tuple(sorted((k, tuple(v)) for k, v in seen.items()))))
 
         threads = {f"T{i}": thread(f"T{i}", mine) for i, mine in enumerate(ops)}
-        return Instance(threads, check=check)
+        if not stateful:
+            return Instance(threads, check=check)
+        return Instance(threads, check=check, state=lambda: fingerprint(cells, seen, locks),
+                        roots=(cells, seen, locks))
 
     return build
 
@@ -78,6 +85,32 @@ def test_item1_dpor_reaches_every_outcome_naive_reaches(ops: list[list[Op]]) -> 
     assert outcomes["dpor"] == outcomes["naive"]
     assert outcomes["sleep"] == outcomes["naive"]
     assert counts["dpor"] <= counts["naive"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(programs, st.sampled_from([None, 0, 1]), st.booleans(), st.sampled_from([0, 1, 3]))
+def test_item1_stateful_lock_aware_dpor_reaches_every_outcome_naive_reaches(
+        ops: list[list[Op]], bound: int | None, lock_aware: bool, split_depth: int) -> None:
+    """Lock-aware DPOR with state hashing (the default) and without the lock refinement,
+    at every preemption bound, in one search or split into subtrees (issue 15 item 5):
+    the final outcomes of naive enumeration, no more runs than naive without a split."""
+    outcomes: dict[str, set[tuple[object, ...]]] = {}
+    runs: dict[str, int] = {}
+    for strategy in ("naive", "dpor"):
+        finals: set[tuple[object, ...]] = set()
+        limits = SearchLimits(bound, max_steps=200, reduction="dpor" if strategy == "dpor"
+                              else "none", lock_aware=lock_aware)
+        build = program(ops, finals, stateful=True)
+        if strategy == "dpor" and split_depth:
+            subtrees, stats = split(build, limits, split_depth)
+            merge_stats([search(build, limits, prefix=nodes) for nodes in subtrees], stats)
+        else:
+            stats = search(build, limits)
+        assert stats.complete and not stats.outcomes
+        outcomes[strategy], runs[strategy] = finals, stats.schedules + stats.pruned
+    assert outcomes["dpor"] == outcomes["naive"]
+    if not split_depth:
+        assert runs["dpor"] <= runs["naive"]
 
 
 def test_item1_iommu_probe_dpor_finds_naives_failure_kinds_with_fewer_schedules() -> None:

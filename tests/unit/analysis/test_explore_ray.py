@@ -40,6 +40,28 @@ def test_item5_two_ray_workers_match_one_process(tmp_path: Path) -> None:
     assert all(f.path is not None and Path(f.path).is_file() for f in spread.failures)
 
 
+def test_item5_ray_workers_split_by_prefix_match_one_process(tmp_path: Path) -> None:
+    """The tree split below the nodes at depth 3 (one task per subtree, DPOR backtrack
+    points above the split dropped: every choice there is enumerated): two Ray workers
+    report what one process does with the same split, failures in the same order."""
+    ray = pytest.importorskip("ray")
+    scenario = all_scenarios()["iommu-probe"]
+    kwargs: dict[str, object] = dict(mode="v6_15+no_default_domain_gate", case="R1",
+                                     strategy="dpor", preemption_bound=1, split_depth=3)
+    single = run_scenario(scenario, failures_dir=None, **kwargs)  # type: ignore[arg-type]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        spread = run_scenario(scenario, workers=2, failures_dir=None,
+                              **kwargs)  # type: ignore[arg-type]
+    finally:
+        ray.shutdown()
+    naive = run_scenario(scenario, mode="v6_15+no_default_domain_gate", case="R1",
+                         strategy="naive", preemption_bound=1, failures_dir=None)
+    assert single.failures and {f.hazard for f in single.failures} == {
+        f.hazard for f in naive.failures}
+    assert _summary(spread) == _summary(single)
+
+
 def test_item5_without_ray_workers_say_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.import_module
 

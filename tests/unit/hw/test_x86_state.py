@@ -1,18 +1,34 @@
 """Issue 11 item 4: the X86_VCPU and KVM_CLOCK payloads, without KVM (layout, versions,
-hostile input), and item 5's platform keys."""
+hostile input), and item 5's platform keys; issue 14 item 5: both on the persist layout,
+and the version-1 payloads of the previous release still load (tests/fixtures/x86)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmferry.errors import ConfigError, MalformedRecord
+from vmferry.errors import (
+    BadMagic,
+    ConfigError,
+    MalformedRecord,
+    StreamDecodeError,
+    UnsupportedVersion,
+)
 from vmferry.hw.x86 import kvm
 from vmferry.hw.x86.longmode import long_mode_sregs, pack_regs, sregs_field, unpack_regs
-from vmferry.hw.x86.state import KvmClockState, X86VcpuState
+from vmferry.hw.x86.state import (
+    CLOCK_LAYOUT,
+    VCPU_LAYOUT,
+    KvmClockState,
+    X86VcpuState,
+    write_version,
+)
 from vmferry.machine.x86 import KvmPlatform, parse_cpuid_bit
 from vmferry.migration.stream import StreamDecoder, StreamEncoder, X86VcpuRecord
 
@@ -39,10 +55,15 @@ def test_item4_vcpu_record_goes_through_the_stream() -> None:
     assert isinstance(rec, X86VcpuRecord) and rec.state.index == 3
 
 
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "x86"
+
+
 @given(st.binary(max_size=200))
-def test_item4_garbage_is_a_malformed_record(data: bytes) -> None:
-    with pytest.raises(MalformedRecord):
+def test_item4_garbage_is_a_typed_decode_error(data: bytes) -> None:
+    with pytest.raises(StreamDecodeError):
         X86VcpuState.decode(data)
+    with pytest.raises(StreamDecodeError):
+        KvmClockState.decode(data)
 
 
 @pytest.mark.parametrize("cut", [1, 8, 100, 5000])
@@ -55,12 +76,15 @@ def test_item4_truncated_or_padded_state_is_refused(cut: int) -> None:
 
 
 def test_item4_missing_or_repeated_section_is_refused() -> None:
-    good = bytearray(state().encode())
-    struct.pack_into(">I", good, 4, 8)  # claims one section fewer
+    """Version 1 (the release's section table) is still read, and still checked."""
+    good = bytearray((FIXTURES / "vcpu-v1.bin").read_bytes())
+    short = bytearray(good)
+    struct.pack_into(">I", short, 4, 8)  # claims one section fewer
     with pytest.raises(MalformedRecord):
-        X86VcpuState.decode(bytes(good))
-    regs = bytes(state().encode()[8 : 8 + 8 + 144])
-    twice = bytearray(state().encode()) + regs
+        X86VcpuState.decode(bytes(short))
+    (length,) = struct.unpack_from(">I", good, 12)
+    regs = bytes(good[8 : 8 + 8 + length])
+    twice = bytearray(good) + regs
     struct.pack_into(">I", twice, 4, 10)
     with pytest.raises(MalformedRecord, match="repeated"):
         X86VcpuState.decode(bytes(twice))
@@ -70,7 +94,62 @@ def test_item4_clock_layout() -> None:
     c = KvmClockState(struct.pack("<Q40x", 123456789))
     assert KvmClockState.decode(c.encode()).clock_ns == 123456789
     with pytest.raises(MalformedRecord):
-        KvmClockState.decode(struct.pack(">HHI", 2, 0, 0) + bytes(48))
+        KvmClockState.decode(struct.pack(">HHI", 1, 0, 1) + bytes(48))  # v1, reserved set
+    with pytest.raises(MalformedRecord):
+        KvmClockState.decode(CLOCK_LAYOUT.encode({"data": bytes(47)}))
+
+
+def test_issue14_5_previous_release_payloads_still_load() -> None:
+    expected = json.loads((FIXTURES / "expected.json").read_text())
+    vcpu = X86VcpuState.decode((FIXTURES / "vcpu-v1.bin").read_bytes())
+    want = expected["vcpu"]
+    assert vcpu.index == want["index"] and [list(m) for m in vcpu.msrs] == want["msrs"]
+    for name in ("regs", "sregs", "fpu", "xsave", "xcrs", "events", "mp_state", "cpuid"):
+        assert hashlib.sha256(getattr(vcpu, name)).hexdigest() == want[name], name
+    clock = KvmClockState.decode((FIXTURES / "clock-v1.bin").read_bytes())
+    assert clock.clock_ns == expected["clock"]["clock_ns"]
+    assert hashlib.sha256(clock.data).hexdigest() == expected["clock"]["data"]
+    # saved again, they are version 2 and read back the same
+    assert X86VcpuState.decode(vcpu.encode()) == vcpu
+    assert vcpu.encode()[:6] == b"XVCP\0\2" and clock.encode()[:6] == b"KCLK\0\2"
+    assert KvmClockState.decode(clock.encode()) == clock
+
+
+def test_issue14_5_an_earlier_destination_gets_the_previous_release_bytes() -> None:
+    """A destination of the release before the layout reads version 1 only: written in
+    version 1, the payloads are byte for byte what that release wrote."""
+    for name, cls in (("vcpu-v1.bin", X86VcpuState), ("clock-v1.bin", KvmClockState)):
+        old = (FIXTURES / name).read_bytes()
+        assert cls.decode(old).encode(1) == old, name
+    s = state(7, ((0x10, 5), (0xC0000080, 0x500)))
+    assert X86VcpuState.decode(s.encode(1)) == s
+
+
+def test_issue14_5_write_version_follows_what_the_destination_reads() -> None:
+    assert write_version(None) == 1  # an earlier release announces nothing
+    assert write_version(1) == 1 and write_version(2) == 2
+    assert write_version(9) == 2  # a later reader reads ours
+    for bad in (0, -1, "2", True, 1.5):
+        with pytest.raises(MalformedRecord, match="announced by the destination"):
+            write_version(bad)
+    with pytest.raises(ValueError, match="cannot be written"):
+        state().encode(3)
+
+
+def test_issue14_5_version_and_magic_are_checked() -> None:
+    good = bytearray(state(2).encode())
+    future = bytearray(good)
+    struct.pack_into(">H", future, 4, 3)
+    with pytest.raises(UnsupportedVersion):
+        X86VcpuState.decode(bytes(future))
+    wrong = b"QVCP" + bytes(good[4:])
+    with pytest.raises(BadMagic):
+        X86VcpuState.decode(wrong)
+    fields = VCPU_LAYOUT.decode(bytes(good))
+    fields.pop("version")
+    fields["regs"] = bytes(143)
+    with pytest.raises(MalformedRecord, match="REGS is 143 bytes"):
+        X86VcpuState.decode(VCPU_LAYOUT.encode(fields))
 
 
 def test_item1_long_mode_registers() -> None:

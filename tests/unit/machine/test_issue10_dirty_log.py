@@ -10,7 +10,8 @@ import pytest
 from vmferry.errors import ConfigError, Deadlock
 from vmferry.machine.ram import GuestRam
 from vmferry.machine.vm import create_vm
-from vmferry.sync import ModelLock, RandomScheduler, yield_point
+from vmferry.sched import hazard, run_random
+from vmferry.sync import ModelLock, yield_point
 
 
 def test_issue10_1_lost_dirty_page_two_threads() -> None:
@@ -60,7 +61,8 @@ def test_marks_survive_every_seeded_order(seed: int) -> None:
             yield_point("next pass")
             taken.extend(ram.get_dirty_log().pages().tolist())
 
-    assert RandomScheduler({"vcpu": vcpu, "migration": migration}, seed).run() is None
+    runner = run_random({"vcpu": vcpu, "migration": migration}, seed)
+    assert hazard(runner) is None and runner.stuck() == []
     taken.extend(ram.get_dirty_log().pages().tolist())
     assert sorted(set(taken)) == list(range(8))
 

@@ -1,7 +1,8 @@
 """Deterministic interleaving explorer.
 
-Model threads run on greenlets and switch only at :func:`vmferry.sync.yield_point` and
-blocking :func:`vmferry.sync.wait_until` / :class:`vmferry.sync.ModelLock` calls.  See
+Model threads run on greenlets of the scheduler core (:mod:`vmferry.sched`) and switch only
+at :func:`vmferry.sync.yield_point` and blocking :func:`vmferry.sync.wait_until` /
+:class:`vmferry.sync.ModelLock` calls; the searches are the core's choosers.  See
 :mod:`vmferry.analysis.explore.engine` for the search (preemption bound, sleep sets, state
 hashing, random walks) and :mod:`vmferry.analysis.explore.report` for replay scripts.
 

@@ -32,6 +32,10 @@ class Instance:
     check: Callable[[], None] = _nothing
     #: a hashable digest of the shared state, for state-hash pruning (None: no pruning)
     state: Callable[[], Hashable] | None = None
+    #: the objects ``state`` digests, when it is ``fingerprint`` of them: the explorer
+    #: then digests them and the threads' suspended frames in one walk, so that a frame
+    #: local pointing into the shared model costs a reference, not a second walk of it
+    roots: tuple[object, ...] = ()
     #: the access of each thread's first step (its code before its first yield point), as
     #: ``yield_point`` declares one (an object, ``vmferry.sync.Accesses``, ``LOCAL``); a
     #: thread not listed touches everything there
@@ -63,6 +67,9 @@ class Scenario:
     #: faulty modes whose hazard is not a race: every schedule fails (a lifetime bug that
     #: no interleaving avoids); reported as ``"deterministic": true``
     deterministic: frozenset[str] = frozenset()
+    #: ``dpor`` hashes states (stateful DPOR) on this scenario; off where a state key
+    #: costs more than the runs it saves (a large model walked at every node)
+    dpor_state_hashing: bool = False
 
     def __post_init__(self) -> None:
         if self.default_mode not in self.modes:

@@ -12,6 +12,12 @@ thread's control path, status and the locals of its suspended frames, and the er
 any, the steps raised.  A difference means the two steps conflict on something neither
 declares; the pair's labels say where to look.
 
+With ``lock_aware`` (what ``--strategy dpor`` relies on: it orders two steps only by the
+data they touch, never by a lock alone) pairs whose only common object is a lock are
+checked too, wherever both orders can run (a thread's acquisition is not enabled while
+the other holds the lock, so such a pair is skipped): their two orders must give the same
+state, as two steps touching different data do.
+
     from vmferry.analysis.explore.audit import audit_declarations
     assert audit_declarations(lambda: build("v6_15"), runs=20) == []
 """
@@ -49,8 +55,16 @@ class _Recorder:
         self.footprints: list[Footprint] = []
         #: at each node, every enabled thread's pending (label, footprint)
         self.pending: list[dict[str, tuple[tuple[str, str], Footprint]]] = []
+        self.execution: Execution | None = None
+
+    def locks(self) -> frozenset[int]:
+        execution = self.execution
+        if execution is None:
+            return frozenset()
+        return frozenset(execution.canon[lock] for lock in execution.locks)
 
     def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
+        self.execution = execution
         name = self.rng.choice(enabled)
         self.choices.append(name)
         self.enabled.append(tuple(enabled))
@@ -93,6 +107,16 @@ def _key(execution: Execution) -> Hashable:
     return key[:2] if isinstance(key, tuple) else key
 
 
+def _without(fp: Footprint, locks: frozenset[int]) -> Footprint:
+    if fp.everything:
+        return fp
+    return Footprint(fp.reads - locks, fp.writes - locks)
+
+
+def _not_enabled(key: Hashable) -> bool:
+    return isinstance(key, tuple) and key[:1] == ("not enabled",)
+
+
 def _after(factory: Callable[[], Instance], choices: list[str], max_steps: int) -> Hashable:
     probe = _Probe(choices)
     outcome = run_once(factory, max_steps, probe)
@@ -103,7 +127,8 @@ def _after(factory: Callable[[], Instance], choices: list[str], max_steps: int) 
 
 
 def audit_declarations(
-    factory: Callable[[], Instance], *, runs: int = 10, seed: int = 0, max_steps: int = 10_000
+    factory: Callable[[], Instance], *, runs: int = 10, seed: int = 0, max_steps: int = 10_000,
+    lock_aware: bool = True,
 ) -> list[Undeclared]:
     """Pairs of adjacent steps declared independent whose two orders differ.
 
@@ -116,17 +141,26 @@ def audit_declarations(
         if factory().state is None:
             raise ValueError("audit_declarations needs an instance with state()")
         steps = min(len(rec.footprints), len(rec.choices))
+        locks = rec.locks() if lock_aware else frozenset()
         for i in range(steps):
             a = rec.choices[i]
             for b, (label, pending) in rec.pending[i].items():
-                if b == a or rec.footprints[i].dependent(pending):
+                if b == a:
                     continue
+                by_lock = False
+                if rec.footprints[i].dependent(pending):
+                    if not locks or _without(rec.footprints[i], locks).dependent(
+                            _without(pending, locks)):
+                        continue
+                    by_lock = True  # ordered by a lock alone
                 pair = (rec.labels[i], label)
                 if pair in found or (pair[1], pair[0]) in found:
                     continue
                 prefix = rec.choices[:i]
                 here = _after(factory, [*prefix, a, b], max_steps)
                 swapped = _after(factory, [*prefix, b, a], max_steps)
+                if by_lock and (_not_enabled(here) or _not_enabled(swapped)):
+                    continue
                 if here != swapped:
                     found[pair] = Undeclared(pair[0], pair[1], tuple(prefix))
     return list(found.values())

@@ -7,17 +7,21 @@ a :class:`~vmferry.analysis.explore.engine.SearchLimits` asks for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 
 from vmferry.analysis.explore.api import Instance
 from vmferry.analysis.explore.engine import (
+    EVERYTHING,
     Dfs,
     Execution,
     Footprint,
     Node,
     SearchLimits,
     SearchStats,
+    run_once,
 )
+from vmferry.sync import ModelLock
 
 
 class Dpor(Dfs):
@@ -64,22 +68,72 @@ class Dpor(Dfs):
         self.last_write: dict[int, int] = {}
         self.reads: dict[int, list[int]] = {}
         self.last_all = -1
+        #: lock-aware races (see :meth:`_lock_point`); False orders every two critical
+        #: sections on one lock, as plain source-DPOR does
+        self.lock_aware = limits.lock_aware
+        self.execution: Execution | None = None
+        #: the locks held (canonical number -> owner) after each step of the run
+        self.held: list[dict[int, str]] = []
+        self.pending_held: list[dict[int, str]] = []
+        #: canonical numbers of the run's locks
+        self.lock_nums: frozenset[int] = frozenset()
+        self.steps: list[Footprint] = []
+        #: the footprint of the next step :meth:`_next_steps` is looking at
+        self.hypothetical: Footprint | None = None
+        #: stateful search: prune a node whose state was explored before (see
+        #: :meth:`_new_node`); ``keys`` holds the state key of each node on the stack
+        self.stateful = limits.state_hashing
+        self.keys: list[Hashable] = []
+        #: every step (thread, footprint by object) run in the subtree below a state
+        self.summaries: dict[Hashable, set[tuple[str, StableStep]]] = {}
+        #: the summary of the state where this run was pruned, if it was
+        self.cut: set[tuple[str, StableStep]] | None = None
 
     def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
         if not self.names:
             self.names = list(execution.threads)
             self.tindex = {name: i for i, name in enumerate(self.names)}
+        self.execution = execution
         return super().choose(execution, depth, enabled)
 
+    def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
+        super().stepped(depth, name, footprint)
+        if self.lock_aware:
+            del self.held[depth:]
+            self.held.append(self._owners())
+
+    def _owners(self) -> dict[int, str]:
+        execution = self.execution
+        assert execution is not None
+        return {execution.canon[lock]: lock.owner for lock in execution.locks
+                if lock.owner is not None}
+
     def _new_node(self, execution: Execution, depth: int, enabled: list[str]) -> Node | None:
+        """A new node, or None when every choice is asleep or over the bound, or (stateful)
+        when its state was explored before with no more preemptions and no larger sleep
+        set: the run ends there, and every step of the subtree explored below that state
+        the first time is checked for races with this run's steps as if it ran next."""
         sleep = self._inherited_sleep(depth)
+        preemptions = self._preemptions_at(depth)
+        key: Hashable = None
+        if self.stateful:
+            key = execution.state_key()
+            if key is not None:
+                asleep = frozenset(sleep)
+                visits = self.seen.setdefault(key, [])
+                if any(pre <= preemptions and slept <= asleep for pre, slept in visits):
+                    self.stats.pruned_by_state += 1
+                    self.cut = self.summaries.setdefault(key, set())
+                    return None
+                visits.append((preemptions, asleep))
         last = execution.last
-        node = Node(sleep, [], self._preemptions_at(depth), last, last in enabled,
-                     enabled=tuple(enabled))
+        node = Node(sleep, [], preemptions, last, last in enabled, enabled=tuple(enabled))
         todo = self._order(node, enabled)
         if not todo:
             return None
         node.chosen = todo[0]
+        del self.keys[depth:]
+        self.keys.append(key)
         return node
 
     def _backtrack(self) -> bool:
@@ -101,6 +155,7 @@ class Dpor(Dfs):
             (name, execution.threads[name].footprint) for name in execution.enabled()
         ]
         pending: list[tuple[str, Footprint]] = []
+        self.pending_held = []
         last = execution.last
         while len(execution.schedule) < execution.max_steps:
             enabled = execution.enabled()
@@ -109,6 +164,8 @@ class Dpor(Dfs):
             name = last if last in enabled else enabled[0]
             footprint, _ = execution.step(name)
             pending.append((name, footprint))
+            if self.lock_aware:
+                self.pending_held.append(self._owners())
             last = name
         self.pending = pending
 
@@ -132,18 +189,55 @@ class Dpor(Dfs):
             thr.append(self.tindex[name])
             pos.append(0)
             steps.append(footprint)
+        self.steps = steps
+        if self.stateful:
+            self._summarise(steps)
+        if self.lock_aware:
+            assert self.execution is not None
+            execution = self.execution
+            self.lock_nums = frozenset(execution.canon[lock] for lock in execution.locks)
+            self.held = self.held[:n] + self.pending_held
+            self.pending_held = []
         for j, fp in enumerate(steps):
             p = thr[j]
             before.append(tuple(count))
-            prev, deps, clock = self._clock(p, fp)
+            data = self._data(fp)
+            prev, deps, clock = self._clock(p, data)
             count[p] += 1
             clock[p] = pos[j] = count[p]
             self.clocks.append(clock)
             if j >= self.diverge:
                 self._races(j, p, prev, deps)
-            self._record(j, p, fp)
+            self._record(j, p, data)
             if j == n - 1 and self.next_steps:
                 self._next_steps(count)
+
+    def _summarise(self, steps: list[Footprint]) -> None:
+        """Add this run's steps to the summary of every state on the stack above them;
+        a run pruned at an explored state also gets that state's summary checked."""
+        execution = self.execution
+        assert execution is not None
+        stable = {num: _stable_object(obj) for obj, num in execution.canon.items()}
+        cut, self.cut = self.cut, None
+        suffix: set[tuple[str, StableStep]] = set(cut) if cut else set()
+        for name, fp in self.next_steps:
+            suffix.add((name, _stable(fp, stable)))
+        n, keys, thr, names = len(self.stack), self.keys, self.thr, self.names
+        for d in range(len(steps) - 1, -1, -1):
+            suffix.add((names[thr[d]], _stable(steps[d], stable)))
+            if d < n and keys[d] is not None:
+                self.summaries.setdefault(keys[d], set()).update(suffix)
+        if cut:
+            number = {obj: num for num, obj in stable.items()}
+            self.next_steps.extend((name, _current(step, number)) for name, step in cut)
+
+    def _data(self, fp: Footprint) -> Footprint:
+        """``fp`` without its locks (lock-aware races: locks order no two steps)."""
+        locks = self.lock_nums
+        if not self.lock_aware or fp.everything or not (
+                locks & fp.writes or locks & fp.reads):
+            return fp
+        return Footprint(fp.reads - locks, fp.writes - locks)
 
     def _next_steps(self, count: list[int]) -> None:
         """Races of each thread's next step at the failure, as if it ran right then."""
@@ -151,12 +245,14 @@ class Dpor(Dfs):
         j = self.real
         for name, fp in self.next_steps:
             p = self.tindex[name]
-            prev, deps, clock = self._clock(p, fp)
+            prev, deps, clock = self._clock(p, self._data(fp))
             clock[p] = count[p] + 1
             thr.insert(j, p)
             clocks.insert(j, clock)
             pos.insert(j, count[p] + 1)
+            self.hypothetical = fp
             self._races(j, p, prev, deps)
+            self.hypothetical = None
             del thr[j], clocks[j], pos[j]
         self.next_steps = []
 
@@ -195,7 +291,48 @@ class Dpor(Dfs):
             races = {i for i in races if not any(
                 k != i and clocks[k][thr[i]] >= pos[i] for k in races)}
         for i in sorted(races):
-            self._reverse(i, j, thr, clocks, pos, self.before)
+            k = self._lock_point(i, j, p) if self.lock_aware else i
+            self._reverse(k, j, thr, clocks, pos, self.before)
+
+    def _lock_point(self, i: int, j: int, p: int) -> int:
+        """Where the race of steps ``i`` < ``j`` is reversed, with lock-aware races.
+
+        Locks order no two steps here: a race is a data conflict.  Reversing it means
+        running thread ``p`` up to ``j`` before ``i``; if ``p`` takes a lock on the way
+        (at a step in [``i``, ``j``] or by ``j`` itself) that another thread holds at the
+        node before ``i``, ``p`` cannot get there, so the race is reversed before that
+        thread's acquisition of the lock instead -- repeatedly, as that node may be
+        inside another critical section ``p`` needs.  Two critical sections with no
+        conflicting accesses are thus never reversed: their order changes no result.
+        """
+        held, thr, name = self.held, self.thr, self.names[p]
+        need: set[int] = set()
+        for s in range(i, j):
+            if thr[s] == p:
+                need.update(n for n, owner in held[s].items() if owner == name)
+        if self.hypothetical is not None:  # a thread's next step at a failure
+            target = self.hypothetical
+        else:
+            target = self.steps[j]
+            need.update(n for n, owner in held[j].items() if owner == name)
+        need |= (target.writes | target.reads) & self.lock_nums
+        k = i
+        while k > 0:
+            blockers = [(n, owner) for n, owner in held[k - 1].items()
+                        if owner != name and n in need]
+            if not blockers:
+                break
+            start = k
+            for n, owner in blockers:
+                a = k - 1
+                while a > 0 and held[a - 1].get(n) == owner:
+                    a -= 1
+                start = min(start, a)
+            for s in range(start, k):
+                if thr[s] == p:
+                    need.update(o for o, who in held[s].items() if who == name)
+            k = start
+        return k
 
     def _record(self, j: int, p: int, fp: Footprint) -> None:
         if fp.everything:
@@ -239,6 +376,8 @@ class Dpor(Dfs):
                 self._add_backtrack(k, [self.names[p]], fallback=False)
 
     def _add_backtrack(self, depth: int, initials: list[str], *, fallback: bool = True) -> None:
+        if depth < self.base:
+            return  # a fixed prefix: every choice there is enumerated by the split
         node = self.stack[depth]
         if any(q in node.explored or q in node.todo or q in node.sleep for q in initials):
             return
@@ -251,17 +390,106 @@ class Dpor(Dfs):
             node.todo.extend(fresh)
 
 
+StableStep = tuple[frozenset[Hashable], frozenset[Hashable], bool]
+"""A footprint by object rather than by an execution's canonical numbers."""
+
+
+def _stable_object(obj: Hashable) -> Hashable:
+    return ("lock", obj.name) if isinstance(obj, ModelLock) else obj
+
+
+def _stable(fp: Footprint, stable: dict[int, Hashable]) -> StableStep:
+    return (frozenset(stable[o] for o in fp.reads), frozenset(stable[o] for o in fp.writes),
+            fp.everything)
+
+
+def _current(step: StableStep, number: dict[Hashable, int]) -> Footprint:
+    """A summarised step in this execution's numbers; objects this execution has not met
+    are left out (no step of the run touched them, so none races on them)."""
+    reads, writes, everything = step
+    if everything:
+        return EVERYTHING
+    return Footprint(frozenset(number[o] for o in reads if o in number),
+                     frozenset(number[o] for o in writes if o in number))
+
+
 def search(factory: Callable[[], Instance], limits: SearchLimits,
-           progress: Callable[[SearchStats], None] | None = None) -> SearchStats:
+           progress: Callable[[SearchStats], None] | None = None,
+           prefix: Sequence[Node] = ()) -> SearchStats:
     """Exhaustive bounded search (see the engine's docstring).  ``progress`` is called
-    with the running statistics after every run."""
+    with the running statistics after every run.  ``prefix`` (from :func:`split`) fixes
+    the first choices: only the subtree below them is searched."""
     if limits.reduction == "dpor" and limits.por:
         engine: Dfs = Dpor(factory, limits)
     else:
         if limits.reduction == "none":
             limits.por = limits.state_hashing = False
         engine = Dfs(factory, limits)
+    if prefix:
+        engine.stack = [_fixed(node) for node in prefix]
+        engine.base = len(prefix)
+        if isinstance(engine, Dpor):
+            engine.keys = [None] * len(prefix)
     engine.stats.on_record = progress
     stats = engine.run()
     stats.on_record = None
     return stats
+
+
+def _fixed(node: Node) -> Node:
+    return Node(dict(node.sleep), [], node.preemptions, node.last, node.last_enabled,
+                node.chosen, dict(node.explored), node.enabled)
+
+
+class _Prefixes(Dfs):
+    """Enumerates the nodes at ``depth``: every bounded choice sequence of that length,
+    with sleep sets unless the search is naive (no state hashing, no DPOR)."""
+
+    def __init__(self, factory: Callable[[], Instance], limits: SearchLimits,
+                 depth: int) -> None:
+        prefix_limits = replace(limits, max_depth=depth, state_hashing=False,
+                                por=limits.por and limits.reduction != "none",
+                                max_schedules=None)
+        super().__init__(factory, prefix_limits)
+        self.depth = depth
+
+    def collect(self) -> list[list[Node]]:
+        out: list[list[Node]] = []
+        while True:
+            outcome = run_once(self.factory, self.limits.max_steps, self)
+            if outcome is not None or len(self.stack) == self.depth:
+                out.append([_fixed(node) for node in self.stack])
+            else:  # every choice asleep or over the bound: no subtree
+                self.stats.record(None)
+            if not self._backtrack():
+                return out
+
+
+def split(factory: Callable[[], Instance], limits: SearchLimits,
+          depth: int) -> tuple[list[list[Node]], SearchStats]:
+    """The subtrees below the nodes at ``depth``, in depth-first order, and the runs cut
+    before reaching it (every choice asleep or over the bound; counted as pruned).
+
+    The first ``depth`` choices are enumerated, every one of them, with the sleep set
+    each node would have in one depth-first search (the siblings explored before it).
+    A subtree search (``search(..., prefix=nodes)``) never backtracks into its prefix, so
+    DPOR drops the backtrack points a race would add there: every choice there is
+    explored anyway.  State hashing is per subtree.  The subtrees are independent: the
+    sum of their searches is the same in one process and on any number of workers.
+    """
+    if depth < 1:
+        raise ValueError(f"split depth must be >= 1, got {depth}")
+    prefixes = _Prefixes(factory, limits, depth)
+    return prefixes.collect(), prefixes.stats
+
+
+def merge_stats(parts: Sequence[SearchStats], into: SearchStats | None = None) -> SearchStats:
+    """The statistics of several searches (subtrees) as one, outcomes in order."""
+    out = into if into is not None else SearchStats()
+    for part in parts:
+        out.schedules += part.schedules
+        out.pruned += part.pruned
+        out.pruned_by_state += part.pruned_by_state
+        out.complete = out.complete and part.complete
+        out.outcomes.extend(part.outcomes)
+    return out

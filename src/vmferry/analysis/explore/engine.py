@@ -1,10 +1,12 @@
-"""The interleaving explorer's engine: greenlet threads, one step at a time.
+"""The interleaving explorer's engine: searches over the scheduler core's runs.
 
 Theory of operation
 -------------------
-A model thread is an ordinary callable.  It runs on its own greenlet; whenever it calls
-:func:`vmferry.sync.yield_point` the installed :class:`Execution` hook records the access
-it announces (``label``, ``obj``, ``write``) and switches back to the scheduler.  A *step*
+A model thread is an ordinary callable.  The scheduler core (:mod:`vmferry.sched`) runs it
+on its own greenlet; an :class:`Execution` is the core's scheduler with the explorer's
+bookkeeping: whenever a thread calls :func:`vmferry.sync.yield_point` it records the access
+the thread announces (``label``, ``obj``, ``write``) before the core switches back.  The
+searches below are the core's *choosers*: they pick the thread for every step.  A *step*
 is what a thread does from one switch to the next: the announced access and every line up
 to the next yield point, atomically.  ``wait_until`` with a false condition parks the
 thread as *blocked*; it is enabled again as soon as the condition holds.
@@ -46,24 +48,24 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Protocol
 
-import greenlet
-
-from vmferry import sync
+from vmferry import sched, sync
 from vmferry.analysis.explore.api import Instance
 from vmferry.analysis.explore.fingerprint import fingerprint
 from vmferry.errors import Deadlock, HazardError, NonTermination
+from vmferry.sched import (
+    START_LABEL,
+    ModelThread,
+    RandomChooser,
+    Replay,
+    ScheduleMismatch,
+    Step,
+    Stop,
+    ThreadStatus,
+)
 
-Step = tuple[str, str]
-"""One scheduling step as reported: (thread name, label of the access it started with)."""
-
-START_LABEL = "start"
-
-
-class _Abort(BaseException):
-    """Thrown into suspended threads when an execution is torn down."""
+__all__ = ["START_LABEL", "ScheduleMismatch", "Step", "ThreadStatus"]
 
 
 @dataclass(frozen=True)
@@ -88,25 +90,16 @@ EVERYTHING = Footprint(everything=True)
 _SINGLE: dict[tuple[int, bool], Footprint] = {}
 
 
-class ThreadStatus(Enum):
-    READY = "ready"  # paused at a yield point (or not started)
-    BLOCKED = "blocked"  # waiting for a condition
-    DONE = "done"
+class _Thread(ModelThread):
+    """A model thread with the explorer's bookkeeping."""
 
+    __slots__ = ("pc",)
 
-@dataclass
-class _Thread:
-    name: str
-    glet: Any
-    status: ThreadStatus = ThreadStatus.READY
-    label: str = START_LABEL
-    footprint: Footprint = EVERYTHING
-    ready: Callable[[], bool] | None = None
-    #: a READY thread whose next step takes a lock is enabled only while ``gate()``
-    gate: Callable[[], bool] | None = None
-    #: hash chain of the labels this thread has executed: its control path
-    pc: int = 0
-    error: BaseException | None = None
+    def __init__(self, name: str, owner: sched.Scheduler[Any], glet: Any) -> None:
+        super().__init__(name, owner, glet)
+        self.footprint: Footprint = EVERYTHING
+        #: hash chain of the labels this thread has executed: its control path
+        self.pc = 0
 
 
 @dataclass(frozen=True)
@@ -133,121 +126,60 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class Execution:
-    """One run of an instance under explorer control; the installed SchedulerHook."""
+class Execution(sched.Scheduler[_Thread]):
+    """One run of an instance under explorer control: the core scheduler plus the
+    footprint of every step, canonical object numbers, and the checks after each step."""
 
-    def __init__(self, instance: Instance, max_steps: int) -> None:
-        names = list(instance.threads)
-        if not names:
+    thread_class = _Thread
+
+    def __init__(self, instance: Instance, max_steps: int, chooser: Chooser) -> None:
+        if not instance.threads:
             raise ValueError("an instance needs at least one thread")
-        for name in names:
-            if not name or any(c.isspace() for c in name) or name == sync.MAIN_THREAD:
-                raise ValueError(f"bad thread name {name!r}")
-        self.instance = instance
-        self.max_steps = max_steps
-        self.scheduler = greenlet.getcurrent()
-        self.threads: dict[str, _Thread] = {}
-        self.by_glet: dict[Any, _Thread] = {}
         self.canon: dict[Hashable, int] = {}
         self.locks: list[sync.ModelLock] = []
-        self.schedule: list[Step] = []
-        self.aborting = False
-        self.last: str | None = None
-        for name, fn in instance.threads.items():
-            thread = _Thread(name, greenlet.greenlet(self._body(fn), parent=self.scheduler))
+        super().__init__(instance.threads, max_steps=max_steps, gates_locks=True)
+        self.instance = instance
+        self.chooser = chooser
+        #: how the run ended when a step failed (set by ``advance``)
+        self.outcome: Outcome | None = None
+        for name, thread in self.threads.items():
             if name in instance.starts:
-                thread.footprint = self._announce(instance.starts[name], True)
-            self.threads[name] = thread
-            self.by_glet[thread.glet] = thread
+                thread.footprint = self.announce(instance.starts[name], True)
 
-    # --- SchedulerHook ------------------------------------------------------------------
+    # --- the core's hook -----------------------------------------------------------------
 
-    def yield_point(self, label: str, obj: Hashable | None, write: bool) -> None:
-        thread = self.by_glet.get(greenlet.getcurrent())
-        if thread is None:
-            return  # called from the scheduler side (invariant, check): not a step
-        if self.aborting:
-            raise _Abort
-        thread.label = label
-        thread.footprint = self._announce(obj, write)
-        self.scheduler.switch()
-        if self.aborting:
-            raise _Abort
-
-    def acquire_point(self, label: str, lock: sync.ModelLock) -> None:
-        thread = self.by_glet.get(greenlet.getcurrent())
-        if thread is None:
-            return
-        name = thread.name
-        thread.gate = lambda: lock.owner is None or lock.owner == name
-        try:
-            self.yield_point(label, lock, True)
-        finally:
-            thread.gate = None
-
-    def wait(self, label: str, ready: Callable[[], bool]) -> None:
-        self.wait_access(label, ready, None, True)
-
-    def wait_access(
-        self, label: str, ready: Callable[[], bool], obj: Hashable | None, write: bool
-    ) -> None:
-        thread = self.by_glet.get(greenlet.getcurrent())
-        if thread is None:
-            if not ready():
-                raise Deadlock(f"{label}: would block forever outside a model thread")
-            return
-        while not ready():
-            if self.aborting:
-                raise _Abort
-            thread.status = ThreadStatus.BLOCKED
-            thread.label = f"resume {label}"
-            thread.footprint = self._announce(obj, write)
-            thread.ready = ready
-            self.scheduler.switch()
-            if self.aborting:
-                raise _Abort
-
-    def current_thread(self) -> str:
-        thread = self.by_glet.get(greenlet.getcurrent())
-        return thread.name if thread is not None else sync.MAIN_THREAD
+    def advance(self, depth: int, name: str) -> bool:
+        footprint, error = self.step(name)
+        chooser = self.chooser
+        chooser.stepped(depth, name, footprint)
+        if error is None:
+            error = _checked(self.instance.invariant)
+            name = "" if error is not None else name
+        if error is None:
+            return False
+        self.outcome = Outcome(tuple(self.schedule), error, name or None)
+        failed = getattr(chooser, "failed", None)
+        if failed is not None:  # a chooser that looks past the failure (dpor)
+            failed(self)
+        return True
 
     # --- driving ------------------------------------------------------------------------
-
-    def enabled(self) -> list[str]:
-        out = []
-        for thread in self.threads.values():
-            if thread.status is ThreadStatus.READY:
-                if thread.gate is None or thread.gate():
-                    out.append(thread.name)
-            elif thread.status is ThreadStatus.BLOCKED:
-                assert thread.ready is not None
-                if thread.ready():
-                    out.append(thread.name)
-        return out
-
-    def finished(self) -> bool:
-        return all(t.status is ThreadStatus.DONE for t in self.threads.values())
-
-    def blocked(self) -> list[str]:
-        return [t.name for t in self.threads.values() if t.status is ThreadStatus.BLOCKED]
 
     def step(self, name: str) -> tuple[Footprint, BaseException | None]:
         """Run thread ``name`` for one step; returns its footprint and any error it raised."""
         thread = self.threads[name]
         fp = thread.footprint
-        self.schedule.append((name, thread.label))
         thread.pc = hash((thread.pc, thread.label))
         owners = [lock.owner for lock in self.locks]
-        if thread.status is ThreadStatus.BLOCKED:
-            thread.status = ThreadStatus.READY
-            thread.ready = None
-        self.last = name
-        thread.glet.switch()  # the hook is installed for the whole execution (run_once)
+        self.run_step(name)
         changed = [i for i, lock in enumerate(self.locks[: len(owners)]) if lock.owner != owners[i]]
         if changed and not fp.everything:
             nums = frozenset(self.canon[self.locks[i]] for i in changed)
             fp = Footprint(fp.reads, fp.writes | nums)
         return fp, thread.error
+
+    def blocked(self) -> list[str]:
+        return [t.name for t in self.threads.values() if t.status is ThreadStatus.BLOCKED]
 
     def state_key(self) -> Hashable | None:
         """The instance's shared-state fingerprint plus every thread's own state.
@@ -264,36 +196,13 @@ class Execution:
              ThreadStatus.DONE else ())
             for t in self.threads.values()
         )
+        if self.instance.roots:  # one walk: frames refer into the shared model
+            return (fingerprint(*self.instance.roots, threads), (), self.last)
         return (self.instance.state(), fingerprint(threads), self.last)
-
-    def teardown(self) -> None:
-        """Unwind every suspended thread so no greenlet outlives the execution."""
-        self.aborting = True
-        live = [t for t in self.threads.values() if t.status is not ThreadStatus.DONE and t.glet]
-        if not live:
-            return
-        with sync.scheduled(self):
-            for thread in live:
-                thread.glet.throw(_Abort)
 
     # --- internals ----------------------------------------------------------------------
 
-    def _body(self, fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            thread = self.by_glet[greenlet.getcurrent()]
-            try:
-                fn()
-            except _Abort:
-                pass
-            except Exception as exc:  # reported as a failure of this schedule
-                thread.error = exc
-            finally:
-                thread.status = ThreadStatus.DONE
-                thread.label = "done"
-
-        return run
-
-    def _announce(self, obj: Hashable | None, write: bool) -> Footprint:
+    def announce(self, obj: Hashable | None, write: bool) -> Footprint:
         if obj is None:
             return EVERYTHING
         if isinstance(obj, sync.Accesses):
@@ -316,12 +225,12 @@ class Execution:
         return num
 
 
-_ENGINE_FILES = frozenset({__file__, sync.__file__})
+_ENGINE_FILES = frozenset({__file__, sync.__file__, sched.__file__})
 
 
 def _frames(glet: Any) -> tuple[tuple[str, int, dict[str, Any]], ...]:
     """The suspended model frames of a thread: (function, position, locals), innermost
-    first; the explorer's and sync's own frames are left out."""
+    first; the explorer's, the scheduler core's and sync's own frames are left out."""
     out = []
     frame = glet.gr_frame if glet else None
     while frame is not None:
@@ -355,40 +264,21 @@ class Chooser(Protocol):
 
 def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) -> Outcome | None:
     """Run one execution, asking ``chooser`` at every step.  None if the chooser cut it."""
-    execution = Execution(factory(), max_steps)
+    execution = Execution(factory(), max_steps, chooser)
     try:
-        with sync.scheduled(execution):
-            return _drive(execution, chooser)
-    finally:
-        execution.teardown()
-
-
-def _drive(execution: Execution, chooser: Chooser) -> Outcome | None:
-    depth = 0
-    while True:
-        enabled = execution.enabled()
-        if not enabled:
+        stop = execution.run(chooser)
+        if stop is Stop.IDLE:
             return _end(execution)
-        if depth >= execution.max_steps:
+        if stop is Stop.BUDGET:
             budget = NonTermination(
-                f"no end after {depth} steps (step budget {execution.max_steps})"
+                f"no end after {len(execution.schedule)} steps (step budget {max_steps})"
             )
             return Outcome(tuple(execution.schedule), budget)
-        name = chooser.choose(execution, depth, enabled)
-        if name is None:
+        if stop is Stop.CUT:
             return None
-        footprint, error = execution.step(name)
-        chooser.stepped(depth, name, footprint)
-        depth += 1
-        if error is None:
-            error = _checked(execution.instance.invariant)
-            name = None if error is None else ""
-        if error is not None:
-            outcome = Outcome(tuple(execution.schedule), error, name or None)
-            failed = getattr(chooser, "failed", None)
-            if failed is not None:  # a chooser that looks past the failure (dpor)
-                failed(execution)
-            return outcome
+        return execution.outcome
+    finally:
+        execution.teardown()
 
 
 def _end(execution: Execution) -> Outcome:
@@ -418,6 +308,11 @@ class SearchLimits:
     state_hashing: bool = True
     #: stop at the first failing schedule
     stop_on_failure: bool = False
+    #: dpor: reverse two critical sections on one lock only when they conflict on data
+    lock_aware: bool = True
+    #: explore the subtree below every node at this depth on its own (see
+    #: :func:`vmferry.analysis.explore.dpor.split`); 0: one search
+    split_depth: int = 0
 
 
 @dataclass
@@ -476,6 +371,8 @@ class Dfs:
         self.stack: list[Node] = []
         self.seen: dict[Hashable, list[tuple[int, frozenset[str]]]] = {}
         self.stats = SearchStats()
+        #: nodes of a fixed prefix (a subtree search): never backtracked into
+        self.base = 0
 
     def run(self) -> SearchStats:
         while True:
@@ -496,7 +393,7 @@ class Dfs:
         """Hook: the run along the current stack ended."""
 
     def _backtrack(self) -> bool:
-        while self.stack:
+        while len(self.stack) > self.base:
             node = self.stack[-1]
             if node.todo:
                 node.chosen = node.todo.pop(0)
@@ -577,44 +474,14 @@ class Dfs:
         return [n for n in ordered if node.preemptions + node.cost(n) <= bound]
 
 
-class _RandomWalk:
-    """Seeded uniform choice among enabled threads."""
+class _Unobserved:
+    """One of the core's choosers, as an explorer chooser that ignores footprints."""
 
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-
-    def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
-        return self.rng.choice(enabled)
+    def __init__(self, chooser: sched.Chooser[Execution]) -> None:
+        self.choose = chooser.choose
 
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
         return None
-
-
-class _Fixed:
-    """Follows a recorded schedule; raises ScheduleMismatch when the run diverges."""
-
-    def __init__(self, steps: Sequence[Step]) -> None:
-        self.steps = list(steps)
-
-    def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
-        if depth >= len(self.steps):
-            raise ScheduleMismatch(f"the run goes on after the {len(self.steps)} recorded steps")
-        name, label = self.steps[depth]
-        thread = execution.threads.get(name)
-        if thread is None or name not in enabled:
-            raise ScheduleMismatch(f"step {depth + 1}: thread {name!r} cannot run here")
-        if thread.label != label:
-            raise ScheduleMismatch(
-                f"step {depth + 1}: {name} is at {thread.label!r}, the script says {label!r}"
-            )
-        return name
-
-    def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
-        return None
-
-
-class ScheduleMismatch(ValueError):
-    """A recorded schedule does not fit the program it is replayed against."""
 
 
 def random_walks(
@@ -624,7 +491,7 @@ def random_walks(
     """``runs`` executions with seeded random choices (seed ``seed``, ``seed+1``, ...)."""
     stats = SearchStats(complete=False, on_record=progress)
     for i in range(runs):
-        walker = _RandomWalk(random.Random(seed + i))
+        walker = _Unobserved(RandomChooser(random.Random(seed + i)))
         if stats.record(run_once(factory, limits.max_steps, walker)) and limits.stop_on_failure:
             break
     stats.on_record = None
@@ -633,8 +500,8 @@ def random_walks(
 
 def run_schedule(factory: Callable[[], Instance], steps: Sequence[Step], max_steps: int) -> Outcome:
     """Re-run one recorded schedule exactly."""
-    outcome = run_once(factory, max_steps, _Fixed(steps))
-    assert outcome is not None  # _Fixed never cuts a run
+    outcome = run_once(factory, max_steps, _Unobserved(Replay(steps)))
+    assert outcome is not None  # a replay never cuts a run
     if outcome.error is None and len(outcome.schedule) < len(steps):
         raise ScheduleMismatch(
             f"the run ends after {len(outcome.schedule)} of the {len(steps)} recorded steps"

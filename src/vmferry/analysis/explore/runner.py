@@ -96,6 +96,7 @@ def run_scenario(
     ray_address: str | None = None,
     state_hashing: bool = True,
     progress: Callable[[ExploreProgress], None] | None = None,
+    split_depth: int = 0,
 ) -> Report:
     """Explore every case of ``scenario`` (or only ``case``) in ``mode``.
 
@@ -107,8 +108,10 @@ def run_scenario(
     (default: :func:`default_failures_dir`; None: do not save).  ``workers`` > 1 (or a
     ``ray_address``) explores the cases as Ray tasks (see
     :mod:`vmferry.analysis.explore.distributed`); the report is the same as with one
-    worker.  Raises ConfigError for an unknown mode, case or strategy, or when Ray is
-    needed and not installed.
+    worker.  ``split_depth`` > 0 searches the subtree below every node at that depth on
+    its own (one Ray task each with ``workers``; in turn in one process): the report is
+    the same either way, though not the same as without the split.  Raises ConfigError
+    for an unknown mode, case or strategy, or when Ray is needed and not installed.
     """
     strategy = _ALIASES.get(strategy, strategy)
     mode = scenario.default_mode if mode is None else mode
@@ -118,6 +121,11 @@ def run_scenario(
     limits = _limits(strategy, bound, None, max_schedules, scenario.max_steps)
     limits.stop_on_failure = stop_on_failure
     limits.state_hashing = limits.state_hashing and state_hashing
+    if strategy == "dpor":
+        limits.state_hashing = limits.state_hashing and scenario.dpor_state_hashing
+    if split_depth < 0:
+        raise ConfigError(f"split depth must be >= 0, got {split_depth}")
+    limits.split_depth = split_depth if strategy != "random" else 0
     report = Report(scenario.name, mode, strategy, preemption_bound=bound, seed=seed,
                     deterministic=mode in scenario.deterministic)
     if workers < 1:

@@ -3,9 +3,9 @@
 :func:`boot_probe` builds the host device tree's IOMMU instances and client devices from a
 platform description, then runs both entry points at once -- every IOMMU driver registering
 its instance (``iommu_device_register``, bus walk, deferred-probe trigger) and every client
-driver binding with deferred retries -- under a seeded random schedule.  The scheduler is a
-small greenlet runner implementing :class:`vmferry.sync.SchedulerHook` (the explorer proper
-lives in ``analysis``, which hosts may not import); the same seed gives the same boot.
+driver binding with deferred retries -- under a seeded random schedule on the scheduler
+core (:func:`vmferry.sched.run_random`; the explorer, which enumerates schedules, lives in
+``analysis``, which hosts may not import); the same seed gives the same boot.
 
 The result gives every device its IOMMU group (device assignment uses these) and, for
 every device that did not end up usable, the reason.
@@ -32,7 +32,7 @@ from vmferry.hw.iommu.dt import DtNode
 from vmferry.hw.iommu.errors import Errno, IommuError, errname
 from vmferry.hw.iommu.kernel import Kernel
 from vmferry.hw.iommu.topology import IommuHandle, iommu, register_and_trigger
-from vmferry.sync import RandomScheduler
+from vmferry.sched import ModelThread, Scheduler, hazard, run_random
 
 MAX_BOOT_STEPS = 200_000
 
@@ -83,9 +83,8 @@ def boot_probe(
         threads[f"reg:{handle.name}"] = _registration(kernel, handle)
     for dev, drv in devices:
         threads[f"bind:{dev.name}"] = _binding(kernel, dev, drv)
-    runner = RandomScheduler(threads, seed, max_steps=MAX_BOOT_STEPS)
-    hazard = runner.run()
-    return _result(kernel, mode, seed, handles, devices, wanted, runner, hazard)
+    runner = run_random(threads, seed, max_steps=MAX_BOOT_STEPS)
+    return _result(kernel, mode, seed, handles, devices, wanted, runner, hazard(runner))
 
 
 # --- building the platform ------------------------------------------------------------------
@@ -185,7 +184,7 @@ def _binding(kernel: Kernel, dev: Device, drv: Driver | None) -> Callable[[], in
 def _result(
     kernel: Kernel, mode: str, seed: int, handles: Mapping[str, IommuHandle],
     devices: list[tuple[Device, Driver | None]], wanted: Mapping[str, bool],
-    runner: RandomScheduler, hazard: str | None,
+    runner: Scheduler[ModelThread], hazard: str | None,
 ) -> BootResult:
     reports: dict[str, DeviceReport] = {}
     groups: dict[str, int | None] = {}
@@ -198,12 +197,23 @@ def _result(
             dev.name, device_state(dev), group, dev.dma_ops, dev.bound
         )
         reason = _failure_reason(dev, drv, wanted[dev.name], f"bind:{dev.name}" in stuck,
-                                 runner.results.get(f"bind:{dev.name}"), hazard)
+                                 _returned(runner, f"bind:{dev.name}"), hazard)
         if reason:
             failures[dev.name] = reason
-    regs = {name: runner.results.get(f"reg:{name}", -Errno.EPROBE_DEFER) for name in handles}
+    regs = {}
+    for name in handles:
+        ret = _returned(runner, f"reg:{name}")
+        regs[name] = -Errno.EPROBE_DEFER if ret is None else ret
     return BootResult(mode, seed, groups, reports, failures, regs, tuple(kernel.warnings),
-                      runner.steps, hazard)
+                      len(runner.schedule), hazard)
+
+
+def _returned(runner: Scheduler[ModelThread], name: str) -> int | None:
+    """What thread ``name`` returned, or None if it did not return."""
+    thread = runner.threads[name]
+    if thread.error is not None or name in runner.stuck():
+        return None
+    return int(thread.result)
 
 
 def _failure_reason(
