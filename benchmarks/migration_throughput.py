@@ -9,8 +9,12 @@ Prints one JSON object with every figure, the medians and the ratios.  Cases:
   multifd with 4 channels.  Target: vmferry >= 2x the better QEMU configuration.
 * ``dirty_50``: 2 GiB random, the guest dirtying 50 MB/s (hot set), migrated with a
   downtime limit of 50 ms.  Target: downtime <= 50 ms.
-* ``device_64``: a VM with 64 MiB of device state (a pds-like VFIO device).  Target:
-  downtime < 100 ms.
+* ``device_64``: a VM with 64 MiB of device state, an mlx5-like VFIO device with
+  pre-copy: its image moves before the stop and the destination loads it and acknowledges
+  (switchover-ack) before the source stops the guest; only the dirty tail is stop-copy.
+  Target: downtime < 100 ms.  ``device_64_stopcopy`` is the same 64 MiB on a pds-like
+  device, which has no pre-copy (all of it moves in the stop): the baseline, measured in
+  the same run, with the ratio of the two downtimes.  ``--device-only`` runs just these.
 * ``zero_4g``: a 4 GiB VM that never touched its memory.  Target: < 0.5 s.
 * ``idle_pN``, ``dirty_50_pN`` (``--parallel 0,1,2,4``): ``idle`` and ``dirty_50`` with
   RAM over N parallel data channels (0: in the main connection); ``idle`` and
@@ -213,6 +217,42 @@ def qemu_case(work: Path, mem_file: Path, mib: int, multifd: int) -> dict[str, A
     }
 
 
+# --- device state ------------------------------------------------------------------------
+
+
+DEVICE_CASES = ("device_64", "device_64_p4", "device_64_stopcopy", "device_64_stopcopy_p4")
+
+
+def device_cases(a: HostClient, b: HostClient, b_url: str, n: int,
+                 results: dict[str, list[dict[str, Any]]]) -> None:  # fmt: skip
+    """64 MiB of device state: pre-copy with switchover-ack (mlx5-like), then all of it
+    in the stop (pds-like, the baseline)."""
+    for case, driver, parallel in (("device_64", "mlx5", 0), ("device_64_p4", "mlx5", 4),
+                                   ("device_64_stopcopy", "pds", 0),
+                                   ("device_64_stopcopy_p4", "pds", 4)):  # fmt: skip
+        device = {"id": "big0", "driver": driver, "state_mib": 64,
+                  "dma_region": [MIB, 65536], "seed": n}  # fmt: skip
+        results[case].append(vmferry_case(
+            a, b, b_url, f"dev{n}{driver}{parallel}",
+            {"memory_mib": 16, "fill": "zero", "workload": {"dirty_rate_mbps": 0},
+             "devices": [device]}, 0.1,
+            # stop-copy: the whole 64 MiB is downtime whatever the limit; a limit it can
+            # meet lets it converge at a loaded machine's bandwidth
+            {"parallel": parallel,
+             **({"downtime_limit_ms": 5000} if driver == "pds" else {})}))  # fmt: skip
+
+
+def device_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The device cases' downtimes and the ratio of pre-copy to the stop-copy baseline."""
+    out: dict[str, Any] = {f"{k}_downtime_ms": report[k]["median_downtime_ms"]
+                           for k in DEVICE_CASES}  # fmt: skip
+    base = report["device_64_stopcopy"]["median_downtime_ms"]
+    for k in DEVICE_CASES[:2] + DEVICE_CASES[3:]:
+        out[f"{k}_vs_stopcopy"] = round(report[k]["median_downtime_ms"] / base, 3) \
+            if base else None  # fmt: skip
+    return out
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -238,6 +278,8 @@ def main() -> None:
     ap.add_argument("--tls-only", action="store_true", help="only idle: plaintext and TLS")
     ap.add_argument("--parallel", default="0,1,2,4",
                     help="data channel counts of the idle_pN cases (comma-separated)")
+    ap.add_argument("--device-only", action="store_true",
+                    help="only the 64 MiB device-state cases (pre-copy and stop-copy)")
     ap.add_argument("--idle-only", action="store_true",
                     help="only the idle cases (default, idle_pN and QEMU's)")
     args = ap.parse_args()
@@ -245,7 +287,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vmferry-bench-"))
     shm = Path(tempfile.mkdtemp(prefix="vmferry-bench-", dir="/dev/shm"))
     results: dict[str, list[dict[str, Any]]] = {
-        k: [] for k in ("idle", "qemu_single", "qemu_multifd4", "dirty_50", "device_64",
+        k: [] for k in ("idle", "qemu_single", "qemu_multifd4", "dirty_50", *DEVICE_CASES,
                         "zero_4g")}  # fmt: skip
     channels = [int(x) for x in args.parallel.split(",") if x.strip()]
     results.update({f"idle_p{p}": [] for p in channels})
@@ -260,6 +302,18 @@ def main() -> None:
         hosts = [spawn_host("A", work / "A"), spawn_host("B", work / "B")]
         a, b = hosts[0].client(600), hosts[1].client(600)
         b_url = hosts[1].control_url
+        if args.device_only:
+            # one idle migration first: it measures the link's bandwidth, which the
+            # stop-copy cases' small passes cannot (their 64 MiB is all in the stop)
+            warmup = vmferry_case(a, b, b_url, "warmup",
+                                  {"memory_mib": 512, "vcpus": 2, "fill": "random"}, 0.2)
+            for n in range(args.runs):
+                device_cases(a, b, b_url, n, results)
+            report = {k: summary(results[k]) for k in DEVICE_CASES}
+            print(json.dumps({"runs": args.runs, "warmup_gb_per_s": warmup["gb_per_s"],
+                              **report, **device_report(report),
+                              "load_average": os.getloadavg()}, indent=2))  # fmt: skip
+            return
         if args.tls_only:
             idle_def = {"memory_mib": mib, "vcpus": 2, "fill": "random"}
             plain = vmferry_case(a, b, b_url, "idle", idle_def, 0.2)
@@ -292,12 +346,7 @@ def main() -> None:
                     {"memory_mib": mib, "vcpus": 2, "fill": "random",
                      "workload": {"dirty_rate_mbps": 50, "pattern": "hot"}}, 1.0,
                     {"downtime_limit_ms": 50, "parallel": p}))  # fmt: skip
-            device = {"id": "big0", "driver": "pds", "state_mib": 64,
-                      "dma_region": [MIB, 65536], "seed": n}  # fmt: skip
-            results["device_64"].append(vmferry_case(
-                a, b, b_url, f"dev{n}",
-                {"memory_mib": 16, "fill": "zero", "workload": {"dirty_rate_mbps": 0},
-                 "devices": [device]}, 0.1))  # fmt: skip
+            device_cases(a, b, b_url, n, results)
             results["zero_4g"].append(vmferry_case(
                 a, b, b_url, f"zero{n}", {"memory_mib": 4096, "vcpus": 2, "fill": "zero"},
                 0.1))  # fmt: skip
@@ -339,6 +388,7 @@ def main() -> None:
         return
     targets["dirty_50_downtime<=50ms"] = report["dirty_50"]["median_downtime_ms"] <= 50
     targets["device_64_downtime<100ms"] = report["device_64"]["median_downtime_ms"] < 100
+    report["device"] = device_report(report)
     targets["zero_4g<0.5s"] = report["zero_4g"]["median_total_time_ms"] < 500
     errors = {k: report[k]["median_prediction_error_pct"]
               for k in report if isinstance(report[k], dict)

@@ -185,6 +185,10 @@ class MigrationCancelled(MigrationError):
     """The operator cancelled the migration."""
 
 
+class DeviceLoadError(MigrationError):
+    """The destination could not load a device's state (its driver rejected it)."""
+
+
 class PeerError(MigrationError):
     """The other side reported an error or the connection to it broke."""
 

@@ -130,7 +130,10 @@ def test_check_9_data_size_in_every_state(kind: str, size: int | None) -> None:
         targets = [S.RUNNING, S.PRE_COPY, S.STOP_COPY, S.STOP, S.RESUMING]
     for target in targets:
         dev.set_state(target)
-        assert _data_size(dev) == expected, target
+        # mlx5-like in PRE_COPY: STOP_COPY will produce only the FINAL delta, empty
+        # while nothing is dirty (a 16-byte record header and a 40-byte image header)
+        want = 16 + 40 if kind == "mlx5" and target == S.PRE_COPY else expected
+        assert _data_size(dev) == want, target
     dev.reset()  # an empty RESUMING session can only be aborted by a reset
 
 

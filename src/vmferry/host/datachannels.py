@@ -17,6 +17,14 @@ whole migration.
   buffer), verifies each record, and keeps the per-pass barrier: no channel applies pass
   ``k + 1`` before every channel finished pass ``k``.
 
+With a destination of channel protocol 1.2, the devices' stop-copy state travels on the
+channels too: the source session stages it before the final pass
+(:meth:`ChannelSink.stage_device`), each channel sends its share of the chunks after its
+final pages and before its final SYNC, and the destination's channel threads put the
+chunks back in order (:class:`~vmferry.migration.multichannel.DeviceReassembler`) and load
+each into its device as soon as it is next (``on_device``), while the other channels
+still receive.
+
 A cut, a stall or a bad record in any channel fails the migration: the source's session
 fails (its guest resumes); on the destination the main worker sees the group's error at
 its next poll and discards the staging VM after every channel thread has stopped.
@@ -37,10 +45,11 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import numpy as np
 import numpy.typing as npt
 
-from vmferry.errors import PeerError, VmferryError
+from vmferry.errors import MalformedRecord, PeerError, VmferryError
 from vmferry.host.clocks import pace
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.transport import OnStall, send_buffers, send_queued
+from vmferry.machine.handlers import DeviceData
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.multichannel import (
     HEADER_SIZE,
@@ -49,14 +58,18 @@ from vmferry.migration.multichannel import (
     MAX_SCATTER_PAGES,
     ChannelReader,
     ChannelWriter,
+    Device,
+    DeviceReassembler,
     Pages,
     RunCounts,
     Scatter,
     Sync,
     Zero,
     channel_hello,
+    deal_device,
     deal_runs,
     deal_scattered,
+    device_records,
     encode_runs,
     encode_scatter,
     parse_channel_hello,
@@ -109,6 +122,9 @@ class ChannelSink:
         self.progress = progress
         self.cut = int(fault.action) if fault is not None and fault.phase == "cut-channel" \
             else None  # fmt: skip
+        #: ``cut-device-channel:N``: channel N breaks while it sends device state
+        self.cut_device = int(fault.action) if fault is not None \
+            and fault.phase == "cut-device-channel" else None  # fmt: skip
         #: the pass in which the cut falls (after a SCATTER record from pass 2 on)
         self.cut_pass = fault.at_pass if fault is not None else 1
         #: ``active:corrupt`` damages channel 0's first batch (after its checksums)
@@ -119,6 +135,8 @@ class ChannelSink:
         self.bounces = [np.empty(bounce, dtype=np.uint8) for _ in socks]
         self.pool = ThreadPoolExecutor(len(socks), thread_name_prefix="mig-chan")
         self.lock = threading.Lock()
+        #: stop-copy device chunks dealt to the channels, sent in the final pass
+        self.device_plan: list[list[tuple[int, DeviceData]]] = [[] for _ in socks]
 
     def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
         run_pages = max(1, RUN_BYTES // self.ram.page_size)
@@ -167,10 +185,39 @@ class ChannelSink:
                                                               or writer.scatter_records):
                 raise CutConnection(f"injected fault cut-channel:{i}"
                                     + (f":{number}" if number > 1 else ""))
+        if final:
+            self._send_device(i, number)
         sent = send_buffers(sock, [writer.sync(number, final=final)], self.on_stall)
         with self.lock:
             self.session.channel_bytes += sent
         return counts
+
+    def stage_device(self, pieces: list[DeviceData]) -> None:
+        """The devices' stop-copy chunks (a :class:`~vmferry.migration.devicestate.DeviceSink`):
+        numbered in read order and dealt round-robin; each channel sends its share in the
+        final pass, after its pages."""
+        self.device_plan = deal_device(pieces, len(self.socks))
+
+    def _send_device(self, i: int, number: int) -> None:
+        """Channel ``i``'s share of the device chunks, in batches of about
+        :data:`BATCH_BYTES` (views of the stopped devices' data: nothing is copied)."""
+        sock, writer = self.socks[i], self.writers[i]
+        plan, self.device_plan[i] = self.device_plan[i], []
+        batch: list[tuple[int, DeviceData]] = []
+        size = 0
+        for k, (index, piece) in enumerate(plan):
+            batch.append((index, piece))
+            size += memoryview(piece.data).nbytes
+            if size < BATCH_BYTES and k + 1 < len(plan):
+                continue
+            self._pace()
+            sent = send_buffers(sock, device_records(writer, number, batch), self.on_stall)
+            with self.lock:
+                self.session.channel_bytes += sent
+                self.session.stats.ram_transferred = self.session.bytes_out
+            if self.cut_device == i:
+                raise CutConnection(f"injected fault cut-device-channel:{i}")
+            batch, size = [], 0
 
     def _pace(self) -> None:
         """The bandwidth cap (``max_bandwidth_mib``) holds for all channels together."""
@@ -222,6 +269,16 @@ class ChannelGroup:
         self.closed = False
         #: when a channel last received something (the main connection is quiet meanwhile)
         self.last = time.monotonic()
+        #: where stop-copy device chunks go, in order (the destination session's loader);
+        #: None: this migration takes none on the channels
+        self.on_device: Callable[[DeviceData], None] | None = None
+        self.reassembler = DeviceReassembler()
+        self.device_lock = threading.Lock()
+        #: chunks are loaded only once the main stream has ended (its pre-copy device
+        #: chunks, which come before them, are all loaded then): until
+        #: :meth:`open_device`, chunks that are next in order wait here
+        self.device_open = False
+        self._device_ready: list[DeviceData] = []
         self.listener = socket.create_server((host, 0))
         self.listener.settimeout(POLL_S)
         self.port: int = self.listener.getsockname()[1]
@@ -318,6 +375,8 @@ class ChannelGroup:
                 ram.received(ev.first, ev.count)
             elif isinstance(ev, Zero):
                 ram.zero_pages(ev.first, ev.count)
+            elif isinstance(ev, Device):
+                self._device(conn, reader, ev)
             elif isinstance(ev, Scatter):
                 _receive_scatter(conn, reader, ev, ram, staging)
             elif isinstance(ev, Sync) and not ev.final:
@@ -326,6 +385,33 @@ class ChannelGroup:
             self.finished += 1
             if self.finished == self.count:
                 self.done.set()
+
+    def _device(self, conn: socket.socket, reader: ChannelReader, ev: Device) -> None:
+        """A device chunk: received, verified, and loaded into its device once every
+        chunk before it was (whichever channel completes the run loads it)."""
+        buf = bytearray(ev.length)
+        _recv_exact_into(conn, memoryview(buf), "device state")
+        index, piece = reader.device_payload(buf)
+        if self.on_device is None:
+            raise MalformedRecord("device state on a data channel of a migration that "
+                                  "takes none there")  # fmt: skip
+        with self.device_lock:
+            ready = self.reassembler.offer(index, piece)
+            if not self.device_open:
+                self._device_ready += ready
+                return
+            for p in ready:
+                self.on_device(p)
+
+    def open_device(self) -> None:
+        """The main stream ended (the caller's thread loaded all of it): load the device
+        chunks that wait, and from now on each as soon as it is next in order."""
+        with self.device_lock:
+            self.device_open = True
+            waiting, self._device_ready = self._device_ready, []
+            if waiting and self.on_device is not None:
+                for p in waiting:
+                    self.on_device(p)
 
     def fail(self, reason: str) -> None:
         with self.lock:
@@ -354,6 +440,8 @@ class ChannelGroup:
                                 f"({len(self.conns)} of {self.count or '?'} connected, "
                                 f"{self.finished} finished)", "receiving stream")
         self.check("receiving stream")
+        with self.device_lock:
+            self.reassembler.check_complete()
 
     def active_within(self, seconds: float) -> bool:
         """Whether a channel received something in the last ``seconds``."""

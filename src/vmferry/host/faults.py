@@ -18,6 +18,9 @@ A fault is ``PHASE:ACTION``:
 (migrations with ``parallel`` > N): a cut in any channel must fail the whole migration.
 ``cut-channel:N:P`` (P >= 2) closes it in pass ``P`` instead, after its first batch that
 holds a SCATTER record (scattered dirty pages).
+``cut-device-channel:N`` closes channel N after its first batch of device state in the
+final pass (guest paused; device state goes over the channels to a destination of channel
+protocol 1.2).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ class Fault:
     @classmethod
     def parse(cls, text: str) -> Fault:
         phase, _, action = text.partition(":")
+        if phase == "cut-device-channel":
+            if not (action.isdigit() and int(action) < 16):
+                raise ConfigError(f"fault {text!r}: cut-device-channel:N takes a channel "
+                                  "index from 0 to 15")
+            return cls(phase, str(int(action)))
         if phase == "cut-channel":
             action, _, at = action.partition(":")
             if not (action.isdigit() and int(action) < 16) or (at and not (

@@ -9,6 +9,7 @@ capabilities()  (on the destination, for pre-flight, before anything moves)
 preflight(dest_caps, options)   raise MigrationRefused; return warnings
 vm_start()                      (outside migrations too) the vCPUs are about to run
 save_setup()                    (RAM pass 1 begins)
+save_switchover_ack() -> n      switchover-ack on: n INIT_SENT markers will follow
 save_iterate() -> pieces        once per pass (pre-copy data)
 pending_bytes()                 counted in the expected downtime
 quiesce()                       vCPUs paused; before the final dirty sync
@@ -16,6 +17,7 @@ save_complete() -> pieces       after the final RAM pass (may be lazy: an iterat
 save_cleanup() | save_failed()  after commit | on any failure (give it back)
 resume_source()                 after a snapshot: the saved VM runs on (give it back)
                                                   load_setup()   VM configuration arrived
+                                                  load_switchover_ack() -> n markers due
                                                   load(piece)    each piece, in order
                                                   load_complete()  before the vCPUs start
                                                   load_failed()  on any failure
@@ -43,6 +45,9 @@ class DevicePhase(enum.IntEnum):
     PRE_COPY = 1  # read while the device runs (PRE_COPY state)
     STOP_COPY = 2  # read once the device stopped (STOP_COPY state)
     DONE = 3  # no more data for this device (empty chunk)
+    #: the device's pre-copy initial data was all sent (empty chunk, one per device,
+    #: only with switchover-ack: QEMU's VFIO_MIG_FLAG_DEV_INIT_DATA_SENT)
+    INIT_SENT = 4
 
 
 @dataclass(frozen=True)
@@ -124,10 +129,21 @@ class MigrationHandler:
     def save_setup(self) -> None:
         pass
 
+    def save_switchover_ack(self) -> int:
+        """Switchover-ack is on (after ``save_setup``): how many :class:`DevicePhase`
+        INIT_SENT markers this handler will send from ``save_iterate`` (0: it needs no
+        acknowledgement before the stop)."""
+        return 0
+
     def save_iterate(self) -> Sequence[StatePiece]:
         return ()
 
     def pending_bytes(self) -> int:
+        return 0
+
+    def stop_copy_bytes(self) -> int:
+        """Of :meth:`pending_bytes`, the device state that moves after the stop and that
+        the destination's devices load then (its load time is downtime)."""
         return 0
 
     def quiesce(self) -> None:
@@ -151,6 +167,11 @@ class MigrationHandler:
     # --- destination -----------------------------------------------------------------
     def load_setup(self) -> None:
         pass
+
+    def load_switchover_ack(self) -> int:
+        """Switchover-ack is on (after ``load_setup``): how many INIT_SENT markers this
+        handler must load before the destination may approve the stop."""
+        return 0
 
     def load(self, piece: StatePiece) -> None:
         raise MalformedRecord(f"{self.name} takes no {type(piece).__name__}")

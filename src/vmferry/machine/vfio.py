@@ -19,7 +19,10 @@ preflight: every device migratable,         -
   more than one device -> all have P2P,
   the destination hosts each type
 save_setup                                  RUNNING -> PRE_COPY (where supported)
-save_iterate: read pre-copy data            PRE_COPY
+save_switchover_ack: devices with pre-copy  -
+  will mark the end of their initial data
+save_iterate: read pre-copy data;           PRE_COPY
+  INIT_SENT once initial_bytes reached 0
 pending_bytes: pre-copy + STOP_COPY sizes   -
 quiesce (vCPUs paused, before the final     every device -> RUNNING_P2P/PRE_COPY_P2P,
   dirty sync)                                 then every device -> STOP/STOP_COPY
@@ -29,7 +32,10 @@ save_cleanup | save_failed                  -> STOP | -> RUNNING
 destination
 -----------
 load_setup                                  RUNNING -> ... -> RESUMING
+load_switchover_ack: pre-copy devices       -
 load: chunks strictly in order per device   RESUMING
+  (INIT_SENT: that device's initial data
+  is loaded)
 load_complete: every device validated       every device -> STOP (validates), then
   before any moves on                         every P2P device -> RUNNING_P2P, then
                                               every device -> RUNNING
@@ -42,7 +48,10 @@ until guest time passes, so the destination's digests, taken after ``load_comple
 still show the state as it arrived.
 
 Device-state chunks are ``DeviceData(id, phase, seq, bytes)``: ``seq`` counts from 0 per
-device across PRE_COPY and STOP_COPY chunks and ends with one empty DONE chunk.
+device across PRE_COPY and STOP_COPY chunks and ends with one empty DONE chunk.  With
+switchover-ack, a device with pre-copy also sends one empty INIT_SENT chunk (it takes a
+``seq`` of its own) right after the chunk that brought its ``initial_bytes`` to 0; later
+PRE_COPY chunks (dirty data) may follow it.
 
 Thread safety: the host runs guest time (``advance``) on one thread and the migration on
 another; the source engine calls the hooks that overlap running guest time
@@ -56,7 +65,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from vmferry.errors import ConfigError, MalformedRecord, MigrationError, MigrationRefused
+from vmferry.errors import (
+    ConfigError,
+    DeviceLoadError,
+    MalformedRecord,
+    MigrationError,
+    MigrationRefused,
+)
 from vmferry.hw.vfio import (
     DRIVERS,
     ChunkSequencer,
@@ -86,10 +101,6 @@ MAX_TICKS_PER_SLICE = 250
 PRECOPY_BUDGET = 64 << 20
 #: the platform key listing the VFIO device types a host has (default: every driver)
 PLATFORM_KEY = "vfio_drivers"
-
-
-class DeviceLoadError(MigrationError):
-    """The destination could not load a device's state (its driver rejected it)."""
 
 
 def host_drivers(host: HostContext) -> frozenset[str]:
@@ -177,6 +188,9 @@ class VfioHandler(MigrationHandler):
         self._credit = 0.0
         self.bytes_saved: dict[str, int] = {}
         self.bytes_loaded: dict[str, int] = {}
+        #: switchover-ack: devices whose INIT_SENT marker is still to send (source) or
+        #: to load (destination)
+        self._init_due: set[str] = set()
 
     @property
     def device_ids(self) -> frozenset[str]:
@@ -275,6 +289,7 @@ class VfioHandler(MigrationHandler):
                 raise MigrationRefused(f"VFIO device {ident} is {dev.state.name}, not RUNNING")
             vmms[ident] = VmmDevice(dev)
         self._vmms = vmms
+        self._init_due = set()
         self._seq = dict.fromkeys(vmms, 0)
         self.bytes_saved = dict.fromkeys(vmms, 0)
         return vmms
@@ -287,6 +302,19 @@ class VfioHandler(MigrationHandler):
                 vmm.save_setup()
             except VfioError as exc:
                 raise _fail(ident, "entering PRE_COPY", exc) from exc
+
+    def save_switchover_ack(self) -> int:
+        """Every device in a pre-copy state marks the end of its initial data."""
+        self._init_due = {i for i, v in self._vmms.items() if v.state in PRE_COPY_STATES}
+        return len(self._init_due)
+
+    def _init_sent(self, ident: str, vmm: VmmDevice) -> list[StatePiece]:
+        """The INIT_SENT marker, once, when ``ident``'s initial bytes were all read."""
+        if ident not in self._init_due or vmm.state not in PRE_COPY_STATES \
+                or vmm.initial_bytes:  # fmt: skip
+            return []
+        self._init_due.discard(ident)
+        return [self._piece(ident, DevicePhase.INIT_SENT, b"")]
 
     def _piece(self, ident: str, phase: DevicePhase, data: bytes | memoryview) -> DeviceData:
         seq = self._seq[ident]
@@ -309,6 +337,7 @@ class VfioHandler(MigrationHandler):
                     break
                 out.append(self._piece(ident, DevicePhase.PRE_COPY, chunk))
                 budget -= len(chunk)
+            out += self._init_sent(ident, vmm)
         return out
 
     def pending_bytes(self) -> int:
@@ -317,6 +346,16 @@ class VfioHandler(MigrationHandler):
         for ident, vmm in self._vmms.items():
             try:
                 total += vmm.pending() + vmm.data_size()
+            except VfioError as exc:
+                raise _fail(ident, "querying the data size", exc) from exc
+        return total
+
+    def stop_copy_bytes(self) -> int:
+        """The devices' STOP_COPY estimates (``MIG_DATA_SIZE``)."""
+        total = 0
+        for ident, vmm in self._vmms.items():
+            try:
+                total += vmm.data_size()
             except VfioError as exc:
                 raise _fail(ident, "querying the data size", exc) from exc
         return total
@@ -376,6 +415,7 @@ class VfioHandler(MigrationHandler):
 
     def load_setup(self) -> None:
         self._sequencer = ChunkSequencer()
+        self._init_due = set()
         self._phase = {}
         self.bytes_loaded = dict.fromkeys(self.devices, 0)
         vmms: dict[str, VmmDevice] = {}
@@ -391,12 +431,31 @@ class VfioHandler(MigrationHandler):
                 raise DeviceLoadError(f"VFIO device {ident}: entering RESUMING failed: "
                                       f"{exc}") from exc  # fmt: skip
 
+    def load_switchover_ack(self) -> int:
+        """Every device with pre-copy sends an INIT_SENT marker before the stop."""
+        self._init_due = {i for i, v in self._vmms.items() if v.has_precopy}
+        return len(self._init_due)
+
+    def _load_init_sent(self, piece: DeviceData) -> None:
+        """A device's initial data is all here (and loaded: chunks load as they come)."""
+        if piece.device not in self._init_due:
+            raise MalformedRecord(f"{piece.device}: unexpected or repeated INIT_SENT marker")
+        if len(piece.data) or self._phase.get(piece.device, DevicePhase.PRE_COPY) \
+                is not DevicePhase.PRE_COPY:  # fmt: skip
+            raise MalformedRecord(f"{piece.device}: INIT_SENT marker with data or after "
+                                  "the pre-copy phase")  # fmt: skip
+        self._sequencer.accept(piece.device, piece.seq)
+        self._init_due.discard(piece.device)
+
     def load(self, piece: StatePiece) -> None:
         if not isinstance(piece, DeviceData):
             raise MalformedRecord(f"{self.name} takes device chunks, not {type(piece).__name__}")
         vmm = self._vmms.get(piece.device)
         if vmm is None:
             raise MalformedRecord(f"device chunk for {piece.device} before its load setup")
+        if piece.phase is DevicePhase.INIT_SENT:
+            self._load_init_sent(piece)
+            return
         last = self._phase.get(piece.device, DevicePhase.PRE_COPY)
         if piece.phase < last:
             raise MalformedRecord(f"{piece.device}: {piece.phase.name} chunk after "

@@ -129,6 +129,8 @@ class MigrationStats:
     ram_pages_per_second: float = 0.0
     dirty_sync_count: int = 0
     device_bytes: int = 0
+    #: the destination's SWITCHOVER_ACK body (empty: switchover-ack not in use)
+    switchover_ack: dict[str, Any] = field(default_factory=dict)
     throttle_pct: int = 0
     passes: list[PassRecord] = field(default_factory=list)
     error: str = ""
@@ -176,6 +178,7 @@ class MigrationStats:
                 "dirty-tracking": self.dirty_tracking,
             },
             "device-bytes": self.device_bytes,
+            **({"switchover-ack": dict(self.switchover_ack)} if self.switchover_ack else {}),
             "cpu-throttle-percentage": self.throttle_pct,
             "passes": [asdict(p) for p in self.passes],
             "warnings": list(self.warnings),

@@ -43,7 +43,13 @@ from vmferry.errors import (
     StreamUsageError,
     VmferryError,
 )
-from vmferry.machine.handlers import ArchState, ComponentData, DeviceData, StatePiece
+from vmferry.machine.handlers import (
+    ArchState,
+    ComponentData,
+    DeviceData,
+    DevicePhase,
+    StatePiece,
+)
 from vmferry.machine.vcpu import VcpuState
 from vmferry.machine.vm import VM, create_vm, load_definition
 from vmferry.migration.context import state_digests
@@ -97,6 +103,7 @@ class DestinationSession:
         verify: bool = False,
         check_config: ConfigCheck | None = None,
         factory: Callable[[Mapping[str, Any]], VM] = create_vm,
+        switchover_ack: bool = False,
     ) -> None:
         self.clock = clock
         self.verify = verify
@@ -110,6 +117,14 @@ class DestinationSession:
         #: the one writer is :meth:`_move`
         self.phase = Phase.RECEIVING
         self._t_end = 0.0
+        #: switchover-ack (the source speaks it): INIT_SENT markers still to load, and
+        #: whether the acknowledgement is due (None: taken, or never needed)
+        self.switchover_ack = switchover_ack
+        self._markers_due = 0
+        self._ack_due = False
+        #: pre-copy device data loaded before the acknowledgement, and the time it took
+        self.precopy_device_bytes = 0
+        self.precopy_device_s = 0.0
 
     @property
     def ended(self) -> bool:
@@ -169,8 +184,7 @@ class DestinationSession:
             piece: StatePiece = ComponentData(rec.name, rec.data)
             vm.handler_for(piece).load(piece)
         elif isinstance(rec, DeviceChunk):
-            piece = DeviceData(rec.device, rec.phase, rec.seq, rec.data)
-            vm.handler_for(piece).load(piece)
+            self._device(vm, rec)
         elif isinstance(rec, X86VcpuRecord | KvmClockRecord):
             kind = "x86_vcpu" if isinstance(rec, X86VcpuRecord) else "kvm_clock"
             piece = ArchState(kind, rec.data)
@@ -194,6 +208,46 @@ class DestinationSession:
             raise MalformedRecord(f"VM configuration refused: {exc}") from exc
         for h in self.vm.handlers.values():
             h.load_setup()
+        if self.switchover_ack:
+            self._markers_due = sum(h.load_switchover_ack() for h in self.vm.handlers.values())
+
+    def _device(self, vm: VM, rec: DeviceChunk) -> None:
+        """A device chunk into its device now; pre-copy loads are timed (the destination's
+        device-load rate) and INIT_SENT markers counted for switchover-ack."""
+        piece = DeviceData(rec.device, rec.phase, rec.seq, rec.data)
+        t0 = self.clock.monotonic()
+        vm.handler_for(piece).load(piece)
+        if rec.phase is DevicePhase.PRE_COPY:
+            self.precopy_device_bytes += len(rec.data)
+            self.precopy_device_s += self.clock.monotonic() - t0
+        elif rec.phase is DevicePhase.INIT_SENT:
+            if not self._markers_due:
+                raise MalformedRecord(f"{rec.device}: INIT_SENT marker without switchover-ack")
+            self._markers_due -= 1
+            self._ack_due = not self._markers_due
+
+    def load_channel_device(self, piece: DeviceData) -> None:
+        """A stop-copy device chunk that came over a data channel, in order (the host's
+        channel threads reassemble them; they call this one chunk at a time).  Only
+        stop-copy data travels there; the main stream then carries no chunk of it."""
+        if self.phase not in (P.RECEIVING, P.ENDED):
+            raise StreamUsageError(f"a device chunk in phase {self.phase.value}")
+        if piece.phase not in (DevicePhase.STOP_COPY, DevicePhase.DONE):
+            raise MalformedRecord(f"{piece.device}: a {piece.phase.name} chunk on a data "
+                                  "channel")  # fmt: skip
+        vm = self.vm
+        if vm is None:
+            raise MalformedRecord("device state before the VM configuration")
+        vm.handler_for(piece).load(piece)
+
+    def take_switchover_ack(self) -> dict[str, Any] | None:
+        """The SWITCHOVER_ACK body once every device's initial data is loaded (once;
+        None before and after)."""
+        if not self._ack_due:
+            return None
+        self._ack_due = False
+        return {"device_bytes": self.precopy_device_bytes,
+                "load_ms": self.precopy_device_s * 1e3}  # fmt: skip
 
     def _need_vm(self, rec: Record) -> VM:
         if self.vm is None:

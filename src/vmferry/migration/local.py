@@ -27,16 +27,23 @@ def transfer(
     link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S,
     on_time: Callable[[float], object] | None = None,
 ) -> None:
-    """Move the whole stream (source.start() through END) into ``destination``."""
+    """Move the whole stream (source.start() through END) into ``destination``; the
+    destination's switchover ack (when both sessions use it) goes back at once."""
     decoder = StreamDecoder()
     bufs = source.start()
-    while bufs:
+    while bufs or source.ack.awaiting:
         n = 0
         for buf in bufs:
             decoder.feed(buf)
             n += len(buf)
         for rec in decoder.events():
             destination.receive(rec)
+        ack = destination.take_switchover_ack()
+        if ack is not None:
+            source.switchover_acknowledged(ack)
+        elif not bufs:
+            raise MigrationError("the source waits for a switchover ack the destination "
+                                 "never sends", "switchover ack")  # fmt: skip
         dt = n / link_bytes_per_s
         clock.advance(dt)
         if on_time is not None:

@@ -27,6 +27,15 @@ Dirty passes and the final pass mostly move pages that do not touch each other (
 working set): one record per page would cost a header, a checksum and a system call per
 page; SCATTER records carry them a list at a time, as the main stream's RAM_SCATTER does.
 
+``DEVICE`` (type 5, channel protocol 1.2) carries one chunk of a device's stop-copy
+state: ``first`` is the chunk's index in the migration's stop-copy device data (0, 1,
+2, ... across all devices, in the order the source read them), ``count`` the payload's
+length; the payload is ``id length u8 | phase u8 | reserved u16 | seq u32 | device id |
+data``.  The chunks are dealt round-robin to the channels of the final pass (before each
+channel's final SYNC); the destination puts them back in index order
+(:class:`DeviceReassembler`) and loads each device's chunks strictly in sequence, as
+QEMU's multifd device-state transfer does.
+
 **Ordering: a page's newer copy always wins.**  Within a channel TCP keeps the order.
 Across channels the destination keeps a barrier per pass: a channel's reader that meets
 ``SYNC(k)`` applies nothing of pass ``k + 1`` until every channel has delivered its
@@ -59,6 +68,7 @@ import numpy.typing as npt
 import xxhash
 
 from vmferry.errors import ChecksumMismatch, MalformedRecord, StreamUsageError
+from vmferry.machine.handlers import DeviceData, DevicePhase
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.runs import page_runs
 from vmferry.migration.stream.records import Buffer
@@ -79,6 +89,10 @@ MAX_SCATTER_PAGES = 4096
 #: runs shorter than this many pages travel in SCATTER lists rather than one record each
 SCATTER_BELOW = 16
 
+
+DEVICE_HEAD = struct.Struct(">BBHI")  # id length, phase, reserved, seq; then id, data
+#: the most bytes one DEVICE record carries (a chunk of at most 16 MiB and its header)
+MAX_DEVICE_RECORD = DEVICE_HEAD.size + 255 + MAX_RECORD_BYTES
 
 HELLO = struct.Struct(">8s32sHH")
 HELLO_MAGIC = b"VMFCHAN\x01"
@@ -113,10 +127,11 @@ class ChannelRecord(enum.IntEnum):
     ZERO = 2
     SYNC = 3
     SCATTER = 4
+    DEVICE = 5
 
 #: the flags each record type may carry
 ALLOWED_FLAGS = {ChannelRecord.PAGES: 0, ChannelRecord.ZERO: 0, ChannelRecord.SYNC: FINAL,
-                 ChannelRecord.SCATTER: ZEROED}
+                 ChannelRecord.SCATTER: ZEROED, ChannelRecord.DEVICE: 0}
 
 
 @dataclass(frozen=True)
@@ -151,7 +166,18 @@ class Scatter:
     zero: bool
 
 
-ChannelEvent = Pages | Zero | Sync | Scatter
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device chunk follows: receive ``length`` bytes and hand them to
+    :meth:`ChannelReader.device_payload`."""
+
+    index: int
+    length: int
+
+
+ChannelEvent = Pages | Zero | Sync | Scatter | Device
 
 
 def _checksum(head: Buffer, *payload: Buffer | None) -> int:
@@ -217,6 +243,19 @@ class ChannelWriter:
                                    f"(at most {MAX_RECORD_BYTES})")
         return [self._head(ChannelRecord.SCATTER, 0, number, 0, n, index, data), index, data]
 
+    def device(self, number: int, index: int, piece: DeviceData) -> list[Buffer]:
+        """A DEVICE record: chunk ``index`` of the stop-copy device data (``piece.data``
+        is checksummed now and not copied: it must not change until it has been sent)."""
+        ident = piece.device.encode()
+        data = memoryview(piece.data).cast("B")
+        if not 0 < len(ident) <= 255 or data.nbytes > MAX_RECORD_BYTES:
+            raise StreamUsageError(f"device chunk of {piece.device!r}: an id of 1..255 "
+                                   f"bytes and at most {MAX_RECORD_BYTES} bytes of data")
+        body = DEVICE_HEAD.pack(len(ident), piece.phase, 0, piece.seq) + ident
+        head = self._head(ChannelRecord.DEVICE, 0, number, index, len(body) + data.nbytes,
+                          body, data)  # fmt: skip
+        return [head + body, data]
+
     def sync(self, number: int, *, final: bool = False) -> bytes:
         out = self._head(ChannelRecord.SYNC, FINAL if final else 0, number, 0, 0)
         self.finished = final
@@ -244,10 +283,13 @@ class ChannelReader:
         #: a SCATTER record whose page list (then data) is expected
         self._scatter: tuple[bytes, int, Scatter] | None = None
         self._scatter_data: tuple[xxhash.xxh3_64, int, int] | None = None
+        self.device_chunks = 0
+        self._device_pending: tuple[bytes, int, Device] | None = None
 
     def header(self, raw: Buffer) -> ChannelEvent:
-        if self._pending is not None or self._scatter is not None or self._scatter_data:
-            raise StreamUsageError("header() while page data is still expected")
+        if self._pending is not None or self._scatter is not None or self._scatter_data \
+                or self._device_pending is not None:  # fmt: skip
+            raise StreamUsageError("header() while a payload is still expected")
         if self.finished:
             raise MalformedRecord(f"channel {self.channel}: data after the final SYNC")
         if memoryview(raw).nbytes != HEADER_SIZE:
@@ -280,6 +322,8 @@ class ChannelReader:
             return Sync(number, final)
         if rtype is ChannelRecord.SCATTER:
             return self._scatter_header(head, claimed, flags, first, count)
+        if rtype is ChannelRecord.DEVICE:
+            return self._device_header(head, claimed, first, count)
         if count == 0 or first + count > self.npages:
             raise MalformedRecord(f"{where}: pages [{first}, {first + count}) outside guest "
                                   f"RAM of {self.npages} pages")
@@ -365,6 +409,43 @@ class ChannelReader:
         self._verify(claimed, head, data, "RAM_PAGES")
         self.pages_received += event.count
         self.bytes_in += event.count * self.page_size
+
+    def _device_header(self, head: bytes, claimed: int, index: int, length: int) -> Device:
+        if not DEVICE_HEAD.size < length <= MAX_DEVICE_RECORD:
+            raise MalformedRecord(f"channel {self.channel}: DEVICE record of {length} bytes "
+                                  f"(at most {MAX_DEVICE_RECORD})")
+        event = Device(index, length)
+        self._device_pending = (head, claimed, event)
+        return event
+
+    def device_payload(self, data: Buffer) -> tuple[int, DeviceData]:
+        """The payload of the last :class:`Device` event, as received: (index, chunk);
+        ChecksumMismatch if it is not what was sent, MalformedRecord if it does not
+        parse or is not stop-copy data.  The chunk's data is a view of ``data``."""
+        if self._device_pending is None:
+            raise StreamUsageError("device_payload() without a DEVICE header")
+        head, claimed, event = self._device_pending
+        view = memoryview(data).cast("B")
+        if view.nbytes != event.length:
+            raise StreamUsageError("device_payload() of another length than the header's")
+        self._device_pending = None
+        self._verify(claimed, head, view, f"DEVICE #{event.index}")
+        where = f"channel {self.channel}: DEVICE record #{event.index}"
+        id_len, phase, reserved, seq = DEVICE_HEAD.unpack_from(view)
+        start = DEVICE_HEAD.size + id_len
+        if reserved or id_len == 0 or view.nbytes < start:
+            raise MalformedRecord(f"{where} has an inconsistent header")
+        try:
+            ph = DevicePhase(phase)
+            ident = bytes(view[DEVICE_HEAD.size : start]).decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MalformedRecord(f"{where}: {exc}") from exc
+        if ph not in (DevicePhase.STOP_COPY, DevicePhase.DONE):
+            raise MalformedRecord(f"{where} of phase {ph.name}: only stop-copy device data "
+                                  "travels on the channels")  # fmt: skip
+        self.device_chunks += 1
+        self.bytes_in += HEADER_SIZE + event.length
+        return event.index, DeviceData(ident, ph, seq, view[start:])
 
     def _verify(self, claimed: int, head: bytes, payload: Buffer | None, what: str) -> None:
         if _checksum(head, payload) != claimed:
@@ -540,3 +621,63 @@ def _pieces(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, in
     edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
     bounds = [0, *edges.tolist(), int(zero.size)]
     return [(bool(zero[a]), first + a, b - a) for a, b in itertools.pairwise(bounds)]
+
+
+# --- device state over the channels (stop-copy) --------------------------------------------
+
+
+
+def device_records(writer: ChannelWriter, number: int,
+                   pieces: list[tuple[int, DeviceData]]) -> list[Buffer]:  # fmt: skip
+    """The DEVICE records of ``pieces`` (index, chunk) for channel ``writer``, in pass
+    ``number``.  The chunk data is not copied (the device is stopped: its stop-copy data
+    does not change until the session ends)."""
+    out: list[Buffer] = []
+    for index, piece in pieces:
+        out += writer.device(number, index, piece)
+    return out
+
+
+def deal_device(pieces: list[DeviceData], channels: int) -> list[list[tuple[int, DeviceData]]]:
+    """Number the stop-copy device chunks in read order and deal them round-robin."""
+    out: list[list[tuple[int, DeviceData]]] = [[] for _ in range(channels)]
+    for index, piece in enumerate(pieces):
+        out[index % channels].append((index, piece))
+    return out
+
+
+class DeviceReassembler:
+    """The destination's side of DEVICE records: chunks arrive on any channel in any
+    order; :meth:`offer` returns the ones that are next in index order (each device's
+    chunks are then in sequence order too, as the source read them).  A duplicate or
+    stale index is a MalformedRecord, and so is holding more than ``max_queued`` bytes
+    out of order; :meth:`check_complete` fails if a gap remains once every channel
+    finished."""
+
+    def __init__(self, max_queued: int = 256 * 1024 * 1024) -> None:
+        self.next_index = 0
+        self.queued: dict[int, DeviceData] = {}
+        self.queued_bytes = 0
+        self.max_queued = max_queued
+
+    def offer(self, index: int, piece: DeviceData) -> list[DeviceData]:
+        if index < self.next_index or index in self.queued:
+            raise MalformedRecord(f"device chunk #{index} arrived twice")
+        n = memoryview(piece.data).nbytes
+        if self.queued_bytes + n > self.max_queued:
+            raise MalformedRecord(f"more than {self.max_queued} bytes of device chunks "
+                                  f"wait for chunk #{self.next_index}")  # fmt: skip
+        self.queued[index] = piece
+        self.queued_bytes += n
+        ready: list[DeviceData] = []
+        while self.next_index in self.queued:
+            p = self.queued.pop(self.next_index)
+            self.queued_bytes -= memoryview(p.data).nbytes
+            ready.append(p)
+            self.next_index += 1
+        return ready
+
+    def check_complete(self) -> None:
+        if self.queued:
+            raise MalformedRecord(f"device chunk #{self.next_index} never arrived (chunks "
+                                  f"{sorted(self.queued)[:5]} wait for it)")  # fmt: skip

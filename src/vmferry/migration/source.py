@@ -53,6 +53,7 @@ from vmferry.migration.context import (
     after_stream,
     state_digests,
 )
+from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
 from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.prediction import LinkProbe, predict
@@ -216,6 +217,10 @@ class SourceSession:
         #: measured in pre-copy: stopping the guest, and one read of the dirty log
         self._stop_s = 0.0
         self._sync_s = 0.0
+        #: stop-copy device state over the data channels (None: in the main stream)
+        self.device_sink: DeviceSink | None = None
+        #: switchover-ack (the host enables it when the destination speaks it)
+        self.ack = AckGate()
 
     @property
     def bytes_out(self) -> int:
@@ -322,6 +327,7 @@ class SourceSession:
         with self.guest.held():
             for h in self.vm.handlers.values():
                 h.save_setup()
+            self.ack.setup(self.vm.handlers.values(), self.params.offline)
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
         self._t_active = self.clock.monotonic()
         self.stats.setup_time_ms = (self._t_active - self._t0) * 1e3
@@ -345,7 +351,10 @@ class SourceSession:
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
             if self._end_of_pass(t_pass, dirty.count):
-                break
+                if self.ack.may_stop():
+                    break
+                if self.ack.all_sent():
+                    yield from self._wait_for_ack()
         yield from self._switchover(to_send)
 
     def _end_of_pass(self, t_pass: float, dirty_pages: int) -> bool:
@@ -362,6 +371,7 @@ class SourceSession:
         remaining = dirty_pages * self.vm.ram.page_size
         with self.guest.held():
             remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
+            device_load_ms = self.ack.device_load_ms(self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
         if self.policy.give_up_after is not None and number >= self.policy.give_up_after:
@@ -394,11 +404,29 @@ class SourceSession:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
         if d.switchover and not self.params.offline:  # offline: all of it is downtime
-            self.stats.predicted = predict(
-                self.link, dirty_pages * self.vm.ram.page_size, remaining, bandwidth,
-                self._stop_s + self._sync_s)
+            self.stats.predicted = {
+                **predict(self.link, dirty_pages * self.vm.ram.page_size, remaining,
+                          bandwidth, self._stop_s + self._sync_s),
+                # the destination's devices loading the stop-copy state (its rate measured
+                # while it loaded the pre-copy data: switchover-ack)
+                "device_load_ms": device_load_ms,
+            }
             self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
         return d.switchover
+
+    # --- switchover-ack ----------------------------------------------------------------
+
+    def _wait_for_ack(self) -> Generator[list[Buffer], None, None]:
+        """Every INIT_SENT marker went out but the destination has not acknowledged: yield
+        [] with ``ack.awaiting`` set; the host waits for SWITCHOVER_ACK, hands it to
+        :meth:`switchover_acknowledged` and asks for more (another pass)."""
+        self.ack.awaiting = True
+        yield []
+        if self.ack.ack is None:
+            raise StreamUsageError("next_buffers() while awaiting the switchover ack")
+
+    def switchover_acknowledged(self, ack: Mapping[str, Any]) -> None:
+        self.ack.acknowledged(ack, self.stats)  # every device's initial data is loaded
 
     def _switchover(self, to_send: npt.NDArray[np.bool_]) -> Generator[list[Buffer], None, None]:
         ram = self.vm.ram
@@ -410,6 +438,8 @@ class SourceSession:
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
         self.stats.move(Status.DEVICE)
+        staged = stage_device_state(self.vm.handlers.values(), self.device_sink, self.stats) \
+            if self.device_sink is not None and self.ram_sink is not None else {}  # fmt: skip
         yield from self._send_pages(to_send)
         self._t_final_ram = self.clock.monotonic()
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
@@ -418,7 +448,8 @@ class SourceSession:
             out += self.encoder.encode(rec)
         batch = Batch(out)
         for h in self.vm.handlers.values():
-            for piece in h.save_complete():  # large device states go out as they are read
+            # large device states go out as they are read (or went over the channels)
+            for piece in staged.get(h.name, h.save_complete()):
                 if batch.add(self._encode_pieces([piece])):
                     yield self._ship(batch)
         batch.add(self.encoder.encode(End()))
@@ -443,6 +474,7 @@ class SourceSession:
             if isinstance(p, DeviceData):
                 rec = DeviceChunk(p.device, p.phase, p.seq, p.data)
                 self.stats.device_bytes += len(p.data)
+                self.ack.count(p)
             elif isinstance(p, ArchState):
                 rec = ARCH_RECORDS[p.kind](p.data)
             else:
@@ -655,6 +687,8 @@ class SourceSession:
     def current_step(self) -> str:
         """Where the session is, in words, for failure reports."""
         st = self.stats.status
+        if st is Status.ACTIVE and self.ack.awaiting:
+            return "awaiting switchover ack"
         if st is Status.ACTIVE:
             return f"ram pass {len(self.stats.passes) + 1}"
         if st is Status.DEVICE:

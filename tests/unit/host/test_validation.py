@@ -176,12 +176,12 @@ def test_issue14_1_channel_version_mismatch_gets_a_typed_refusal(
     inc = b.client().post("/v1/incoming", {"vm": "v", "definition": {"name": "v"}})
     ch = source_channel(inc["migration_address"])
     try:
-        ch.send(Hello(inc["token"], (MAJOR, MINOR), "running", "A", major=9))
+        ch.send(Hello(inc["token"], (MAJOR, MINOR), "running", "A", major=9, minor=1))
         reply = ch.next_event()
     finally:
         ch.link.close()
     assert isinstance(reply, Reject), reply
-    assert "channel protocol 9.1 is not supported (this host speaks 1.1)" in reply.status.message
+    assert "channel protocol 9.1 is not supported (this host speaks 1.2)" in reply.status.message
     assert reply.status.exception().__class__.__name__ == "MigrationRefused"
 
 

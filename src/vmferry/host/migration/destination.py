@@ -53,9 +53,11 @@ from vmferry.migration.channel import (
     Loaded,
     Resumed,
     StreamEnd,
+    SwitchoverAck,
     Welcome,
 )
 from vmferry.migration.channel import Status as Why
+from vmferry.migration.channel.frames import SWITCHOVER_ACK_MINOR
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.stream import MAJOR, StreamDecoder
 
@@ -186,6 +188,7 @@ class DestinationWorker:
             MonotonicClock(), verify=inc.verify,
             check_config=self._check_approved(inc.vm, inc.definition),
             factory=self._build_staging,
+            switchover_ack=first.minor >= SWITCHOVER_ACK_MINOR,
         )
         # The staging VM (for KVM guests: its VM and memory slot) is built now, before
         # the first byte of data: the stream's configuration must equal this definition.
@@ -199,6 +202,7 @@ class DestinationWorker:
             tls = self.daemon.tls.server_context() if self.daemon.tls is not None else None
             self.channels = datachannels.ChannelGroup(first.token, self.staging.ram, host, tls)
             self.job.progress["data_port"] = self.channels.port
+            self._device_over_channels()
         self.ch.send(Welcome(self.daemon.name), self._on_stall)
         self.idle_s = IDLE_TIMEOUT_S
         self.job.move(JobStatus.ACTIVE, "receiving stream")
@@ -247,6 +251,25 @@ class DestinationWorker:
         assert self.session is not None
         self.session.receive(rec)
         self.step = f"receiving stream (pass {self.session.passes + 1})"
+        self._send_switchover_ack()
+
+    def _device_over_channels(self) -> None:
+        """A source of channel 1.2 sends the devices' stop-copy state over the data
+        channels: their threads load it into the staging VM's devices, in order."""
+        if self.channels is not None and self.session is not None \
+                and self._peer_minor() >= SWITCHOVER_ACK_MINOR:  # fmt: skip
+            self.channels.on_device = self.session.load_channel_device
+
+    def _send_switchover_ack(self) -> None:
+        """Every device's pre-copy initial data is loaded: SWITCHOVER_ACK, once (the
+        source does not stop the guest before it)."""
+        assert self.session is not None
+        ack = self.session.take_switchover_ack()
+        if ack is not None:
+            self.ch.send(SwitchoverAck(ack), self._on_stall)
+            log.info("incoming job %s: devices' initial data loaded (%d bytes in %.1f ms), "
+                     "switchover acknowledged", self.job.id if self.job else "?",
+                     ack["device_bytes"], ack["load_ms"])  # fmt: skip
 
     def _receive(self, hello: Hello) -> None:
         assert self.session is not None and self.job is not None
@@ -258,6 +281,7 @@ class DestinationWorker:
         decoder.eof()  # STREAM_END before the stream's END record: a truncated stream
         t_wait = time.monotonic()
         if self.channels is not None and self.channels.connected:
+            self.channels.open_device()  # the main stream's device chunks are all in
             self.channels.wait_done(IDLE_TIMEOUT_S, lambda: self._on_stall(0.0))
             pages, zero = self.channels.totals()
             self.session.pages_received += pages
@@ -322,13 +346,17 @@ class DestinationWorker:
             return  # the connection is gone: nothing can be said on it
         # ERROR: discarded, will never resume -- the same error class on the source
         try:
-            self.ch.send_failure(Why.from_exception(exc, self.step))
+            self.ch.send_failure(Why.from_exception(exc, self.step).for_peer(self._peer_minor()))
         except OSError:
             return  # the connection went too
         if isinstance(self.ch.link, SocketLink):
             with contextlib.suppress(OSError):
                 self.ch.link.sock.shutdown(socket.SHUT_WR)
         self._drain()
+
+    def _peer_minor(self) -> int:
+        """The channel minor version the source speaks (its HELLO's)."""
+        return self.first.minor if isinstance(self.first, Hello) else 0
 
     def _drain(self) -> None:
         """Read and drop what the source still sends, so our ERROR frame is not lost

@@ -41,6 +41,7 @@ from vmferry.host.client import HostClient
 from vmferry.host.clocks import MonotonicClock, pace
 from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.files import Output
+from vmferry.host.migration.ack import SwitchoverAckSide
 from vmferry.host.migration.common import (
     ACTIVE_STALL_S,
     HELLO_TIMEOUT_S,
@@ -156,7 +157,7 @@ def _damaged(buffers: list[Buffer]) -> list[Buffer]:
     return [*buffers[:-1], bytes(body)]
 
 
-class SourceWorker:
+class SourceWorker(SwitchoverAckSide):
     """The source's side of the migration connection (see the module docstring)."""
 
     def __init__(
@@ -204,6 +205,7 @@ class SourceWorker:
             self._rtt_s = self._measure_round_trip()
             self.ch = self._connect()
             self._open_channels()
+            self._device_over_channels()
             self._send_stream(self.ch)
             self._await_ack(self.ch)
         except Exception as exc:  # the source VM must survive anything
@@ -413,6 +415,7 @@ class SourceWorker:
         reply = ch.next_event(self._on_stall)
         if not isinstance(reply, Welcome):
             raise self._remote(reply, "handshake")
+        self._negotiate_switchover_ack(reply)
         return ch
 
     def _parallel(self) -> int:
@@ -479,7 +482,7 @@ class SourceWorker:
             pace(self.session.pacing_delay, self._between_waits)
             # Before STREAM_END the destination speaks only to report an error (ERROR).
             early = ch.poll_event()
-            if early is not None:
+            if early is not None and not self._took_switchover_ack(early):
                 raise self._remote(early, "stream")
             self._remember_bandwidth()
             # with data channels, RAM (and a fault that damages it) travels there
@@ -495,7 +498,7 @@ class SourceWorker:
             ):
                 self._unlogged_write()
             self._publish()
-            bufs = self.session.next_buffers()
+            bufs = self._next_buffers(ch)
         ch.send(StreamEnd(), self._on_stall)
         self._persist(self.session.status.value, self.session.current_step())
 

@@ -26,6 +26,7 @@ from vmferry.migration.channel.frames import (
     Resolve,
     Resumed,
     StreamEnd,
+    SwitchoverAck,
     Welcome,
 )
 from vmferry.migration.channel.status import ErrorKind, Status
@@ -58,6 +59,7 @@ __all__ = [
     "State",
     "Status",
     "StreamEnd",
+    "SwitchoverAck",
     "Verdict",
     "Welcome",
     "decide",

@@ -35,7 +35,11 @@ from vmferry.migration.channel.status import Status
 from vmferry.migration.stream.records import Buffer
 
 MAJOR = 1
-MINOR = 1
+#: 2: SWITCHOVER_ACK (a destination speaking it approves the stop once every device's
+#: pre-copy initial data is loaded; a peer below 2 neither sends nor expects it)
+MINOR = 2
+#: the first minor version that has SWITCHOVER_ACK
+SWITCHOVER_ACK_MINOR = 2
 MAGIC = b"VMFC"
 HEADER = struct.Struct(">HHII")
 VERSION = struct.Struct(">4sHH")
@@ -58,6 +62,7 @@ class Command(enum.IntEnum):
     ABORT = 9  # source -> destination: give up, discard (status)
     ERROR = 10  # destination -> source: failed, discarded, will not resume (status)
     RESOLVE = 11  # source -> destination, new connection: "I committed; did you?"
+    SWITCHOVER_ACK = 12  # destination -> source, while streaming: devices' initial data loaded
 
 
 # --- events ------------------------------------------------------------------------------
@@ -115,6 +120,14 @@ class Loaded:
 
 
 @dataclass(frozen=True)
+class SwitchoverAck:
+    """The destination loaded every device's pre-copy initial data: the source may stop
+    the guest.  ``ack``: ``device_bytes`` loaded before it and ``load_ms`` they took."""
+
+    ack: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Commit:
     pass
 
@@ -150,13 +163,13 @@ class Closed:
 
 
 Event = Hello | Welcome | Reject | Data | StreamEnd | Loaded | Commit | Resumed | Abort | Error \
-    | Resolve  # fmt: skip
+    | Resolve | SwitchoverAck  # fmt: skip
 
 COMMAND_OF: dict[type[Any], Command] = {
     Hello: Command.HELLO, Welcome: Command.WELCOME, Reject: Command.REJECT,
     Data: Command.DATA, StreamEnd: Command.STREAM_END, Loaded: Command.LOADED,
     Commit: Command.COMMIT, Resumed: Command.RESUMED, Abort: Command.ABORT,
-    Error: Command.ERROR, Resolve: Command.RESOLVE,
+    Error: Command.ERROR, Resolve: Command.RESOLVE, SwitchoverAck: Command.SWITCHOVER_ACK,
 }  # fmt: skip
 
 # --- bodies ------------------------------------------------------------------------------
@@ -173,6 +186,7 @@ BODIES: dict[Command, dict[str, type]] = {
     Command.ABORT: {"status": dict, "token": str},
     Command.ERROR: {"status": dict},
     Command.RESOLVE: {"token": str},
+    Command.SWITCHOVER_ACK: {"ack": dict},
 }
 
 
@@ -197,7 +211,7 @@ def _body_of(event: Event) -> dict[str, Any]:
         return {"status": event.status.to_json()}
     if isinstance(event, Abort):
         return {"status": event.status.to_json(), "token": event.token}
-    if isinstance(event, Loaded):
+    if isinstance(event, Loaded | SwitchoverAck):
         return {"ack": dict(event.ack)}
     if isinstance(event, Resumed):
         return {"report": dict(event.report)}
@@ -297,6 +311,8 @@ def _event(cmd: Command, body: dict[str, Any], major: int, minor: int) -> Event:
         return Abort(Status.from_json(body["status"]), body["token"])
     if cmd is Command.LOADED:
         return Loaded(body["ack"])
+    if cmd is Command.SWITCHOVER_ACK:
+        return SwitchoverAck(body["ack"])
     if cmd is Command.RESUMED:
         return Resumed(body["report"])
     if cmd is Command.RESOLVE:

@@ -49,6 +49,8 @@ class ErrorKind(enum.IntEnum):
     API = 24
     HAZARD = 25
     INTERNAL = 26
+    #: channel 1.2 (a peer of 1.1 is sent MIGRATION instead: see ``for_peer``)
+    DEVICE_LOAD = 27
 
 
 #: kind <-> class, one row each; the decoder's direction and the encoder's come from here
@@ -78,7 +80,10 @@ CLASSES: dict[ErrorKind, type[E.VmferryError]] = {
     ErrorKind.HOST: E.HostError,
     ErrorKind.API: E.ApiError,
     ErrorKind.HAZARD: E.HazardError,
+    ErrorKind.DEVICE_LOAD: E.DeviceLoadError,
 }
+#: the first channel minor version that knows each kind added after 1.0
+KIND_SINCE: dict[ErrorKind, int] = {ErrorKind.DEVICE_LOAD: 2}
 _KINDS: dict[type[E.VmferryError], ErrorKind] = {cls: kind for kind, cls in CLASSES.items()}
 MAX_MESSAGE = 4096
 
@@ -116,6 +121,14 @@ class Status:
         if isinstance(exc, E.ApiError):
             return cls(kind, step, exc.message, exc.status)
         return cls(kind, step, str(exc))
+
+    def for_peer(self, minor: int) -> Status:
+        """This status as a peer speaking channel 1.``minor`` can read: a kind it does
+        not know travels as MIGRATION (its message names the class)."""
+        if KIND_SINCE.get(self.kind, 0) <= minor:
+            return self
+        return Status(ErrorKind.MIGRATION, self.step,
+                      f"{CLASSES[self.kind].__name__}: {self.message}", self.code)  # fmt: skip
 
     def exception(self) -> E.VmferryError:
         """The error as the peer raised it (its class; the step and message it named)."""

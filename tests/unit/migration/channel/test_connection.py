@@ -246,7 +246,8 @@ def test_issue14_1_destination_refuses_before_welcome_with_reject() -> None:
     """A destination that fails before it said WELCOME (a bad HELLO, a wrong version)
     answers REJECT, which a source in HANDSHAKE can read: a typed refusal."""
     src, dst = Connection(Role.SOURCE), Connection(Role.DESTINATION)
-    hello = b"".join(bytes(b) for b in src.send(Hello("t", (1, 0), "running", "A", major=7)))
+    hello = b"".join(bytes(b) for b in src.send(Hello("t", (1, 0), "running", "A", major=7,
+                                                         minor=1)))
     dst.receive_data(hello)
     with pytest.raises(RemoteChannelError, match=r"channel protocol 7\.1 is not supported"):
         dst.next_event()

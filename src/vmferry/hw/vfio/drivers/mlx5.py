@@ -18,9 +18,10 @@ starts dirty tracking; the precopy-info query starts an incremental DELTA save w
 buffered data is consumed and the device has dirtied pages (a query with a side effect,
 as in mlx5).  PRE_COPY_P2P -> STOP_COPY queues the FINAL delta; STOP -> STOP_COPY queues
 STOP_COPY_SIZE + a FINAL full image.  Resuming: a byte-driven parser (arbitrary write
-segmentation works) loads complete images into a staging copy; RESUMING -> STOP commits
-it only when the stream ended on a record boundary after a FINAL image whose digest
-matches (mlx5 itself cannot notice a cut stream there; the model's correct mode does).
+segmentation works) loads complete images into staging device memory; RESUMING -> STOP
+adopts it (no copy) only when the stream ended on a record boundary after a FINAL image
+whose digest matches (mlx5 itself cannot notice a cut stream there; the model's correct
+mode does).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import xxhash
 
 from vmferry.hw.memory import GuestMemory
 from vmferry.hw.vfio.drivers.base import DeviceCapability, DmaRegion
-from vmferry.hw.vfio.drivers.image import PAGE, ImageDriver
+from vmferry.hw.vfio.drivers.image import PAGE, ImageDriver, device_memory
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.states import DeviceState, MigrationFlags
 from vmferry.hw.vfio.stream import DataStream, PrecopyInfo
@@ -76,11 +77,22 @@ class Mlx5Driver(ImageDriver):
         self.npages = state_size // PAGE
         self.load_limit = IMAGE.size + state_size + 4 * self.npages
 
-    def data_size(self) -> int:
+    def full_size(self) -> int:
+        """A whole saving session from STOP: STOP_COPY_SIZE and one FULL image."""
         return 2 * RECORD.size + 8 + IMAGE.size + self.image_size
 
+    def data_size(self) -> int:
+        """``stop_copy_length``: what STOP_COPY will produce.  From STOP that is the whole
+        image; in pre-copy it is the FINAL delta, the pages dirtied since the last read
+        (the initial image and buffered deltas are pre-copy data, reported by the
+        precopy-info ioctl, and are read before the final delta either way)."""
+        stream = self.saving
+        if stream is not None and stream.phase == "precopy" and self.dirty is not None:
+            return RECORD.size + IMAGE.size + len(self.dirty) * (4 + PAGE)
+        return self.full_size()
+
     def capability(self) -> DeviceCapability:
-        return DeviceCapability(self.name, self.flags, self.data_size(),
+        return DeviceCapability(self.name, self.flags, self.full_size(),
                                 (("state_size", self.image_size),))  # fmt: skip
 
     # --- saving ---------------------------------------------------------------------------
@@ -111,7 +123,7 @@ class Mlx5Driver(ImageDriver):
             stream.append(part)
 
     def _save_open(self, stream: DataStream, *, precopy: bool) -> None:
-        size = struct.pack("<Q", self.data_size())
+        size = struct.pack("<Q", self.full_size())
         self._append(stream, self._record(TAG_STOP_COPY_SIZE, TAG_OPTIONAL, size))
         self.dirty = set() if precopy else None
         self._append(stream, self._image_record(KIND_FULL, final=not precopy))
@@ -205,7 +217,9 @@ class Mlx5Driver(ImageDriver):
         if magic != IMAGE_MAGIC or xxhash.xxh64_intdigest(payload) != payload_hash:
             raise VfioError(errno.EINVAL, "LOAD: corrupt device image")
         if kind == KIND_FULL and len(payload) == self.image_size:
-            p.staging = np.frombuffer(payload, dtype=np.uint8).copy()
+            # device memory (huge pages), faulted in now: the commit adopts it as is
+            p.staging = device_memory(self.image_size)
+            np.copyto(p.staging, np.frombuffer(payload, dtype=np.uint8))
         elif kind == KIND_DELTA and p.staging is not None \
                 and len(payload) == npages * (4 + PAGE):  # fmt: skip
             index = np.frombuffer(payload[: 4 * npages], dtype="<u4")
@@ -227,7 +241,9 @@ class Mlx5Driver(ImageDriver):
             raise VfioError(errno.EINVAL, "resume stream ends inside a record")
         if p.staging is None or p.final_digest is None:
             raise VfioError(errno.EINVAL, "resume stream has no final device image")
-        self.image[:] = p.staging
+        # the images were loaded into the staging memory as they arrived (most of them
+        # during pre-copy); committing makes that memory the device's: no copy in the stop
+        self.image, p.staging = p.staging, None
 
     def _resume_load_unchecked(self, stream: DataStream) -> None:
         p = self._parser(stream)
