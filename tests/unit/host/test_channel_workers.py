@@ -191,6 +191,35 @@ def check_one_host(run: Run) -> None:
         assert run.dest_job.status == "failed" and "g" not in run.b.vms
 
 
+def test_source_writes_only_the_commit_step_with_the_guest_paused(
+        hosts: tuple[HostDaemon, HostDaemon], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each job write is a synchronous commit: with the guest paused the source writes
+    what recovery depends on (COMMIT with commit_sent, the final status) and publishes
+    its transfer steps without writing them."""
+    a, b = hosts
+    writes: list[tuple[str, str, bool, bool]] = []
+    real = a.store.put_job
+
+    def put_job(row: Any) -> None:
+        vm = a.vms["g"].vm
+        paused = vm is not None and not vm.running
+        writes.append((row.status, row.step, paused, bool(row.progress.get("commit_sent"))))
+        real(row)
+
+    monkeypatch.setattr(a.store, "put_job", put_job)
+    published: list[str] = []
+    real_publish = a.publish_job
+    monkeypatch.setattr(a, "publish_job", lambda job: (published.append(job.step),
+                                                       real_publish(job)))
+    run = migrate(a, b)
+    assert run.source_job.status == "completed", run.source_job.error
+    while_paused = [w for w in writes if w[0] in ("active", "device") and w[2]]
+    assert [(st, step) for st, step, _, sent in while_paused if not sent] == []
+    assert ("device", "commit", True, True) in writes  # written before COMMIT goes out
+    assert writes[-1][0] == "completed"
+    assert any(step.startswith("ram pass") for step in published)
+
+
 def test_issue14_1_clean_migration_over_pipes(hosts: tuple[HostDaemon, HostDaemon]) -> None:
     a, b = hosts
     run = migrate(a, b, params={"verify": True})

@@ -101,9 +101,10 @@ _DESTINATION_FIXED: dict[str, float] = {}
 #: sent (``SourceWorker.settle``), and how often it looks
 SETTLE_S = 1.0
 SETTLE_POLL_S = 0.001
-#: job persists with the guest paused: the source's DEVICE, awaiting-resume and commit
-#: steps, the destination's resume and completed
-PAUSED_PERSISTS = 5
+#: job writes with the guest paused: the source's commit step (its transfer steps are
+#: only published then, see ``SourceWorker._persist``), the destination's resume and
+#: completed
+PAUSED_PERSISTS = 3
 
 #: opens the connection to the destination's listener: (address, timeout) -> link
 Dialer = Callable[[tuple[str, int], float], Link]
@@ -309,13 +310,26 @@ class SourceWorker(SwitchoverAckSide):
             self._bound = ACTIVE_STALL_S
 
     def _persist(self, status: JobStatus | str, step: str = "") -> None:
-        """Job state at every step, so a restarted daemon knows how far it got."""
+        """Job state at every step, so a restarted daemon knows how far it got.
+
+        With the guest paused, a step of the transfer is published but not written: each
+        write is a synchronous commit (milliseconds of downtime), and a daemon that
+        restarts before COMMIT treats the job alike whichever transfer step it recorded.
+        What recovery depends on is still written before it is acted on: COMMIT (with
+        ``commit_sent``) and every final status."""
         if (status, step) != (self.job.status, self.job.step):
             self.job.move(status, step)
+            if self._unrecorded_step():
+                self.daemon.publish_job(self.job)
+                return
             t0 = time.monotonic()
             self.daemon.save_job(self.job)
             took = time.monotonic() - t0
             self._persist_s = took if not self._persist_s else 0.7 * self._persist_s + 0.3 * took
+
+    def _unrecorded_step(self) -> bool:
+        return (self.session.guest_paused and not self.committed
+                and self.job.status in (JobStatus.ACTIVE, JobStatus.DEVICE))
 
     # --- the exchange ------------------------------------------------------------------
 
