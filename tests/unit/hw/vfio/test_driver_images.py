@@ -58,7 +58,7 @@ def test_item5_pds_header_roundtrip_and_fields() -> None:
     assert image.encode() == data[BLOB_HEADER.size : BLOB_HEADER.size + IMAGE_LAYOUT.header_size]
 
 
-def _restore_fails(blob: bytes, words: str) -> None:
+def expect_restore_refused(blob: bytes, words: str) -> None:
     dst = make("pds")
     stream = dst.set_state(DeviceState.RESUMING)
     assert stream is not None
@@ -76,7 +76,7 @@ def _restore_fails(blob: bytes, words: str) -> None:
 def test_item5_pds_restore_names_what_is_wrong(offset: int, patch: bytes, words: str) -> None:
     blob = bytearray((FIXTURES / "pds-v1.bin").read_bytes())
     blob[offset : offset + len(patch)] = patch
-    _restore_fails(bytes(blob), words)
+    expect_restore_refused(bytes(blob), words)
 
 
 def test_item5_pds_restore_refuses_a_foreign_image_header() -> None:
@@ -86,7 +86,7 @@ def test_item5_pds_restore_refuses_a_foreign_image_header() -> None:
     at = BLOB_HEADER.size + 4
     blob[at : at + 2] = struct.pack("<H", 9)  # image version 9
     struct.pack_into("<Q", blob, 16, xxhash.xxh3_64_intdigest(bytes(blob[BLOB_HEADER.size :])))
-    _restore_fails(bytes(blob), "device image state: version 9")
+    expect_restore_refused(bytes(blob), "device image state: version 9")
 
 
 def test_item5_image_header_typed_errors() -> None:
