@@ -102,6 +102,14 @@ class Layout:
     def header_size(self) -> int:
         return self._fixed.size
 
+    @property
+    def fixed(self) -> struct.Struct:
+        """The struct of the header (magic, version, fixed fields, variable lengths), for a
+        component that keeps its state in place as these bytes (a device image's registers)
+        and reads or updates them without a decode.  Bytes crossing a boundary go through
+        :meth:`encode` / :meth:`decode`."""
+        return self._fixed
+
     def encode(self, values: Mapping[str, Any]) -> bytes:
         """Pack ``values`` (one per field); cannot fail for values of the declared types."""
         fixed: list[Any] = [self.magic, self.version]

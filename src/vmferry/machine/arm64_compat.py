@@ -22,8 +22,23 @@ check it can see to before the first RAM page:
    destination's protection.  Verdicts: PROCEED, REFUSE (register, value, reason), or
    DEGRADED (the guest would lose a mitigation: refused unless ``allow_degraded``).
 
-Both description objects serialise to JSON-compatible dicts (``to_json`` / ``from_json``)
-so they can cross the control connection.
+The destination's description crosses the control connection as a JSON object, on the
+persist contract: :class:`DestinationCaps` is its plain state, ``to_json`` cannot fail and
+``from_json`` raises a typed decode error naming the key that is wrong
+(:class:`~vmferry.errors.BadMagic`, :class:`~vmferry.errors.UnsupportedVersion`,
+:class:`~vmferry.errors.MalformedRecord`).  Version 2 (this release)::
+
+    {"format": "vmferry.arm64-destination-caps", "version": 2,
+     "profile": str, "kernel": str, "reg_ids": [int], "initial": [int],
+     "accepts": {"0x<register id, 16 hex digits>": {"mask": int}
+                                                | {"values": [int], "probed": [int]}},
+     "protection": {"wa1"|"wa2"|"wa3": Protection value}, "psci_default": int,
+     "merge_mode": "strict"|"classic"}
+
+Enums go by name (workarounds) or by their string value (protection, merge mode), never by
+position.  Version 1 (releases before) is the same object without ``format`` and
+``version``; it is still read, and a source of that release reads version 2 (it ignores
+keys it does not know), so neither side needs to announce what it reads.
 """
 
 from __future__ import annotations
@@ -31,9 +46,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from vmferry.errors import ConfigError
+from vmferry.errors import BadMagic, MalformedRecord, UnsupportedVersion
 from vmferry.guest.psci_client import Arm64Guest, BootView, lost, statuses
 from vmferry.guest.psci_client import Decision as BootDecision
 from vmferry.hw.kvm import psci as P
@@ -57,6 +72,12 @@ from vmferry.machine.profiles import HostProfile
 PSCI_CANDIDATES: Final = (0x0, *P.KNOWN_PSCI_VERSIONS, 0x10004, 0x20000)
 WA_CANDIDATES: Final = (*range(0x20), 0x20, 0x100)
 BITMAP_PROBE_BITS: Final = 64
+
+CAPS_FORMAT: Final = "vmferry.arm64-destination-caps"
+CAPS_VERSION: Final = 2
+#: versions ``DestinationCaps.from_json`` reads (1: no format/version keys)
+CAPS_READS: Final = frozenset({1, CAPS_VERSION})
+_WHAT: Final = "malformed destination capabilities"
 
 WA_NAMES: Final = {Workaround.WA1: "Spectre-v2 (SMCCC_ARCH_WORKAROUND_1)",
                    Workaround.WA2: "Spectre-v4/SSB (SMCCC_ARCH_WORKAROUND_2)",
@@ -85,11 +106,14 @@ class Acceptance:
         return {"values": sorted(self.values), "probed": sorted(self.probed)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Acceptance:
-        if "mask" in data:
-            return cls(mask=int(data["mask"]))
-        return cls(frozenset(int(v) for v in data["values"]),
-                   probed=frozenset(int(v) for v in data["probed"]))
+    def from_json(cls, data: object, where: str = "accepts") -> Acceptance:
+        """MalformedRecord naming ``where`` and the key unless ``data`` is one of the two
+        shapes ``to_json`` writes."""
+        obj = _object(data, where)
+        if "mask" in obj:
+            return cls(mask=_int(obj["mask"], f"{where}.mask"))
+        return cls(frozenset(_ints(_field(obj, "values", where), f"{where}.values")),
+                   probed=frozenset(_ints(_field(obj, "probed", where), f"{where}.probed")))
 
 
 @dataclass(frozen=True)
@@ -105,7 +129,9 @@ class DestinationCaps:
     merge_mode: MergeMode = MergeMode.STRICT
 
     def to_json(self) -> dict[str, Any]:
+        """The version-2 object (module docstring); cannot fail."""
         return {
+            "format": CAPS_FORMAT, "version": CAPS_VERSION,
             "profile": self.profile, "kernel": self.kernel,
             "reg_ids": list(self.own.ids), "initial": list(self.own.values),
             "accepts": {f"{rid:#018x}": a.to_json() for rid, a in self.accepts.items()},
@@ -114,20 +140,98 @@ class DestinationCaps:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> DestinationCaps:
-        try:
-            return cls(
-                profile=str(data["profile"]), kernel=str(data["kernel"]),
-                own=CpregList(tuple(int(x) for x in data["reg_ids"]),
-                              tuple(int(x) for x in data["initial"])),
-                accepts={int(k, 16): Acceptance.from_json(v) for k, v in data["accepts"].items()},
-                protection={Workaround[k.upper()]: Protection(v)
-                            for k, v in data["protection"].items()},
-                psci_default=int(data["psci_default"]),
-                merge_mode=MergeMode(data["merge_mode"]),
-            )
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"malformed destination capabilities: {exc!r}") from exc
+    def from_json(cls, data: object) -> DestinationCaps:
+        """Read version 2 or 1; BadMagic (a foreign object), UnsupportedVersion or
+        MalformedRecord naming the key otherwise."""
+        obj = _object(data, "destination capabilities")
+        version = obj.get("version", 1)
+        if version not in CAPS_READS or isinstance(version, bool):
+            raise UnsupportedVersion(f"destination capabilities: version {version!r} (this "
+                                     f"build reads {sorted(CAPS_READS)})")
+        if version >= 2 and obj.get("format") != CAPS_FORMAT:
+            raise BadMagic(f"destination capabilities: format {obj.get('format')!r}, "
+                           f"expected {CAPS_FORMAT!r}")
+        accepts = _object(_field(obj, "accepts"), "accepts")
+        protection = _object(_field(obj, "protection"), "protection")
+        return cls(
+            profile=_str(_field(obj, "profile"), "profile"),
+            kernel=_str(_field(obj, "kernel"), "kernel"),
+            own=_cpregs(_field(obj, "reg_ids"), _field(obj, "initial")),
+            accepts={_reg_id(k): Acceptance.from_json(v, f"accepts[{k}]")
+                     for k, v in accepts.items()},
+            protection={_by_name(Workaround, k, "protection"):
+                        _by_value(Protection, v, f"protection[{k}]")
+                        for k, v in protection.items()},
+            psci_default=_int(_field(obj, "psci_default"), "psci_default"),
+            merge_mode=_by_value(MergeMode, _field(obj, "merge_mode"), "merge_mode"),
+        )
+
+
+# --- the JSON decoder's checks: each raises MalformedRecord naming the key -------------------
+
+E = TypeVar("E", bound=Enum)
+
+
+def _bad(where: str, why: str) -> MalformedRecord:
+    return MalformedRecord(f"{_WHAT}: {where}: {why}")
+
+
+def _object(data: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+        raise _bad(where, f"expected an object, got {type(data).__name__}")
+    return data
+
+
+def _field(obj: Mapping[str, Any], key: str, where: str = "") -> Any:
+    if key not in obj:
+        raise _bad(f"{where}.{key}" if where else key, "missing")
+    return obj[key]
+
+
+def _int(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(where, f"expected an integer, got {value!r}")
+    return value
+
+
+def _ints(value: object, where: str) -> list[int]:
+    if not isinstance(value, list):
+        raise _bad(where, f"expected a list, got {type(value).__name__}")
+    return [_int(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(where, f"expected a string, got {value!r}")
+    return value
+
+
+def _reg_id(key: str) -> int:
+    try:
+        return int(key, 16)
+    except ValueError:
+        raise _bad(f"accepts[{key}]", "not a hexadecimal register id") from None
+
+
+def _cpregs(ids: object, initial: object) -> CpregList:
+    reg_ids, values = _ints(ids, "reg_ids"), _ints(initial, "initial")
+    if len(reg_ids) != len(values):
+        raise _bad("initial", f"{len(values)} values for {len(reg_ids)} registers")
+    return CpregList(tuple(reg_ids), tuple(values))
+
+
+def _by_name(cls: type[E], key: str, where: str) -> E:
+    try:
+        return cls[key.upper()]
+    except KeyError:
+        raise _bad(where, f"{key!r} is not a {cls.__name__}") from None
+
+
+def _by_value(cls: type[E], value: object, where: str) -> E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise _bad(where, f"{value!r} is not a {cls.__name__}") from None
 
 
 def describe_destination(profile: HostProfile, *, psci_pin: int | None = None) -> DestinationCaps:

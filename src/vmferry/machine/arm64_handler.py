@@ -48,7 +48,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused
+from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused, StreamDecodeError
 from vmferry.guest.psci_client import encode_view
 from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.psci import PsciVersion
@@ -170,7 +170,7 @@ class Arm64Handler(MigrationHandler):
                                    "registers (a host without an arm64 profile?)", "pre-flight")
         try:
             caps = DestinationCaps.from_json(destination)
-        except ConfigError as exc:
+        except StreamDecodeError as exc:
             raise MigrationRefused(f"arm64: {exc}", "pre-flight") from exc
         try:
             source = describe_source(self.component.machine, self.component.guest)

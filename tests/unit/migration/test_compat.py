@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vmferry.errors import ConfigError
+from vmferry.errors import MalformedRecord
 from vmferry.guest.psci_client import Arm64Guest
 from vmferry.hw.kvm import regs as R
 from vmferry.machine.arm64 import Arm64Machine
@@ -43,7 +43,7 @@ def test_caps_json_round_trip() -> None:
     caps = describe_destination(load_profile("arm64-linux-6.15"))
     again = DestinationCaps.from_json(json.loads(json.dumps(caps.to_json())))
     assert again == caps
-    with pytest.raises(ConfigError):
+    with pytest.raises(MalformedRecord, match="accepts: missing"):
         DestinationCaps.from_json({"profile": "x"})
 
 

@@ -11,6 +11,11 @@ Image layout (little-endian)::
     56  reserved u64
     64  descriptor slots, 64 bytes each, to the end of the image
 
+The header is declared once as a persist layout (:data:`IMAGE_LAYOUT`, version 1,
+little-endian: the bytes above); the running device updates it in place through the
+layout's struct, and an image that arrives from elsewhere is checked with
+:meth:`ImageHeader.decode` (typed errors naming what is wrong).
+
 Each tick picks a queue and a slot from (seed, tick), writes a descriptor into the slot,
 bumps the counters and DMAs a 64-byte completion into the guest ring.  The pages it
 touches are recorded while dirty tracking is on (pre-copy).
@@ -20,22 +25,59 @@ from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import xxhash
 
-from vmferry.errors import ConfigError
+from vmferry.errors import ConfigError, MalformedRecord
 from vmferry.hw.memory import GuestMemory
+from vmferry.hw.persist import Field, Layout
 from vmferry.hw.vfio.drivers.base import DmaRegion, VariantDriver, tick_word
 
-HEADER = struct.Struct("<4sHHQQQQ4IQ")
 MAGIC = b"VDEV"
+IMAGE_VERSION = 1
 NQUEUES = 4
+IMAGE_LAYOUT = Layout("device image", MAGIC, IMAGE_VERSION, (
+    Field("nqueues", "u16"), Field("seed", "u64"), Field("tick", "u64"),
+    Field("dma_head", "u64"), Field("dma_bytes", "u64"),
+    *(Field(f"head{q}", "u32") for q in range(NQUEUES)), Field("reserved", "u64"),
+), endian="<")  # fmt: skip
+HEADER = IMAGE_LAYOUT.fixed
 SLOT = 64
 PAGE = 4096
 #: device memory at least this large is backed by transparent huge pages
 HUGE = 2 << 20
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """The plain state of a device image's header (see the module docstring)."""
+
+    seed: int
+    tick: int = 0
+    dma_head: int = 0
+    dma_bytes: int = 0
+    heads: tuple[int, ...] = (0,) * NQUEUES
+
+    def encode(self) -> bytes:
+        """The header's bytes; cannot fail for a header of the declared types."""
+        values = {"nqueues": NQUEUES, "seed": self.seed, "tick": self.tick,
+                  "dma_head": self.dma_head, "dma_bytes": self.dma_bytes, "reserved": 0,
+                  **{f"head{q}": h for q, h in enumerate(self.heads)}}  # fmt: skip
+        return IMAGE_LAYOUT.encode(values)
+
+    @classmethod
+    def decode(cls, image: bytes | memoryview) -> ImageHeader:
+        """The header at the start of ``image``: BadMagic, UnsupportedVersion,
+        TruncatedRecord or MalformedRecord (a queue count this model does not have)."""
+        v, _ = IMAGE_LAYOUT.decode_head(image)
+        if v["nqueues"] != NQUEUES:
+            raise MalformedRecord(f"device image: {v['nqueues']} queues, the device has "
+                                  f"{NQUEUES}", 6)
+        return cls(v["seed"], v["tick"], v["dma_head"], v["dma_bytes"],
+                   tuple(v[f"head{q}"] for q in range(NQUEUES)))
 
 
 def device_memory(size: int) -> np.ndarray:
@@ -70,8 +112,7 @@ class ImageDriver(VariantDriver):
 
     def _power_on(self) -> None:
         """The header of a device just out of reset (the rest of the image is zero)."""
-        HEADER.pack_into(self.image.data, 0, MAGIC, 1, NQUEUES, self.seed, 0, 0, 0,
-                         0, 0, 0, 0, 0)  # fmt: skip
+        self.image[: HEADER.size] = np.frombuffer(ImageHeader(self.seed).encode(), np.uint8)
         self.dirty = None  # a reset ends any pre-copy tracking
 
     def header(self) -> tuple[int, int, int, int, list[int]]:
@@ -91,8 +132,8 @@ class ImageDriver(VariantDriver):
         offset = HEADER.size + slot * SLOT
         self.image[offset : offset + SLOT] = np.frombuffer(desc, dtype=np.uint8)
         heads[queue] += 1
-        HEADER.pack_into(self.image.data, 0, MAGIC, 1, NQUEUES, seed, tick + 1, dma_head + 1,
-                         dma_bytes + SLOT, *heads, 0)  # fmt: skip
+        HEADER.pack_into(self.image.data, 0, MAGIC, IMAGE_VERSION, NQUEUES, seed, tick + 1,
+                         dma_head + 1, dma_bytes + SLOT, *heads, 0)  # fmt: skip
         self.dma_write(dma_head, struct.pack("<QQII", tick, word, queue, heads[queue]).ljust(SLOT))
         if self.dirty is not None:
             self.dirty.update((0, offset // PAGE, (offset + SLOT - 1) // PAGE))

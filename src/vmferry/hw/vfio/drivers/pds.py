@@ -12,29 +12,61 @@ Blob layout (the firmware's; the model's own choice of fields)::
     0  magic 'PDSL' | version u16 | reserved u16
     8  payload_len u64 | payload xxh3-64 u64 | tick u64
     32 payload: the device image (state size - 32 bytes)
+
+The blob header is a persist layout (:data:`BLOB_LAYOUT`, version 1, little-endian: the
+bytes above, as every release wrote them, so a destination of any release reads it); its
+plain state is :class:`BlobHeader`.  RESTORE refuses, with EINVAL naming what is wrong, a
+blob whose header does not decode (magic, version, size), whose payload checksum differs,
+or whose device image header does not (:class:`~vmferry.hw.vfio.drivers.image.ImageHeader`).
 """
 
 from __future__ import annotations
 
 import errno
-import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import xxhash
 
+from vmferry.errors import StreamDecodeError
 from vmferry.hw.memory import GuestMemory
+from vmferry.hw.persist import Field, Layout
 from vmferry.hw.vfio.drivers.base import DeviceCapability, DmaRegion
-from vmferry.hw.vfio.drivers.image import ImageDriver, device_memory
+from vmferry.hw.vfio.drivers.image import ImageDriver, ImageHeader, device_memory
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.states import MigrationFlags
 from vmferry.hw.vfio.stream import DataStream, DisabledRead
 
-BLOB_HEADER = struct.Struct("<4sHHQQQ")
 BLOB_MAGIC = b"PDSL"
+BLOB_VERSION = 1
+BLOB_LAYOUT = Layout("pds blob", BLOB_MAGIC, BLOB_VERSION, (
+    Field("reserved", "u16"), Field("payload_len", "u64"), Field("digest", "u64"),
+    Field("tick", "u64"),
+), endian="<")  # fmt: skip
+BLOB_HEADER = BLOB_LAYOUT.fixed
 #: PDS_LM_DEVICE_STATE_LENGTH
 PDS_STATE_LENGTH = 65536
+
+
+@dataclass(frozen=True)
+class BlobHeader:
+    """The plain state of a blob header: payload length, its xxh3-64, the device tick."""
+
+    payload_len: int
+    digest: int
+    tick: int
+
+    def encode(self) -> bytes:
+        """The header's bytes; cannot fail for a header of the declared types."""
+        return BLOB_LAYOUT.encode({"reserved": 0, "payload_len": self.payload_len,
+                                   "digest": self.digest, "tick": self.tick})
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> BlobHeader:
+        """BadMagic, UnsupportedVersion, TruncatedRecord or MalformedRecord if not a header."""
+        v = BLOB_LAYOUT.decode(data)
+        return cls(v["payload_len"], v["digest"], v["tick"])
 
 
 @dataclass
@@ -87,7 +119,7 @@ class PdsDriver(ImageDriver):
         """
         _, tick, _, _, _ = self.header()
         digest = xxhash.xxh3_64_intdigest(self.image.data)
-        stream.append(BLOB_HEADER.pack(BLOB_MAGIC, 1, 0, self.image_size, digest, tick))
+        stream.append(BlobHeader(self.image_size, digest, tick).encode())
         stream.append(self.image.data.toreadonly())
 
     def _save_final(self, stream: DataStream) -> None:
@@ -123,11 +155,19 @@ class PdsDriver(ImageDriver):
         if restore.written != self.state_size:
             raise VfioError(errno.EINVAL, f"RESTORE of {restore.written} bytes, "
                             f"blob is {self.state_size}")  # fmt: skip
-        magic, version, _, length, digest, _ = BLOB_HEADER.unpack(restore.header)
-        if magic != BLOB_MAGIC or version != 1 or length != self.image_size:
-            raise VfioError(errno.EINVAL, "RESTORE: blob header does not match this device")
-        if xxhash.xxh3_64_intdigest(restore.payload.data) != digest:
+        try:
+            head = BlobHeader.decode(restore.header)
+        except StreamDecodeError as exc:
+            raise VfioError(errno.EINVAL, f"RESTORE: {exc}") from exc
+        if head.payload_len != self.image_size:
+            raise VfioError(errno.EINVAL, f"RESTORE: blob payload of {head.payload_len} "
+                            f"bytes, this device's image is {self.image_size}")  # fmt: skip
+        if xxhash.xxh3_64_intdigest(restore.payload.data) != head.digest:
             raise VfioError(errno.EINVAL, "RESTORE: blob checksum mismatch")
+        try:
+            ImageHeader.decode(restore.payload.data)
+        except StreamDecodeError as exc:
+            raise VfioError(errno.EINVAL, f"RESTORE: {exc}") from exc
         # load by swapping the staging buffer in; the old image becomes the next staging
         self.image, self._staging = restore.payload, self.image
         restore.payload = self._staging
