@@ -598,9 +598,10 @@ class SourceWorker(SwitchoverAckSide):
         with contextlib.suppress(TypeError, ValueError):  # the destination's adopt, measured
             ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
-        with contextlib.suppress(TypeError, ValueError):
-            _DESTINATION_FIXED[self.job.peer] = (float(ack.get("load_ms", 0.0))
-                                                 + float(resume_ms)) / 1e3  # type: ignore[arg-type]
+        # the destination's own load and adopt, without its receive backlog (waiting for
+        # the data channels' last bytes is the previous migration's drain, not a fixed cost)
+        _DESTINATION_FIXED[self.job.peer] = (stats.downtime.load_ms
+                                             + stats.downtime.adopt_ms) / 1e3
         self.job.stats = {**stats.to_json(), "verification": self.verification,
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
