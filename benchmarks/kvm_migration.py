@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jobstats import final_pass
 
 from vmferry.host.processes import spawn_host
 from vmferry.hw.x86.kvm import kvm_usable
@@ -91,18 +92,6 @@ def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str,
     finally:
         a.stop()
         b.stop()
-
-
-def final_pass(st: dict[str, Any]) -> dict[str, Any]:
-    """What the prediction's RAM part rests on: the pages the final pass sent (all pages
-    sent minus the pre-copy passes'), and the last pre-copy pass's pages, seconds and
-    dirty pages."""
-    passes = st.get("passes", [])
-    sent = st["ram"]["normal"] + st["ram"]["duplicate"]
-    last = passes[-1] if passes else {}
-    return {"final_pass_pages": sent - sum(p["pages"] for p in passes),
-            "last_pass": {k: last.get(k) for k in ("pages", "normal", "seconds",
-                                                    "dirty_pages")}}
 
 
 # --- QEMU ----------------------------------------------------------------------------------

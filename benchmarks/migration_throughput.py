@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobstats import final_pass
+
 from vmferry.host.client import HostClient
 from vmferry.host.processes import spawn_host
 from vmferry.host.tls import make_certs
@@ -96,18 +98,6 @@ def vmferry_case(
         "device_bytes": st.get("device-bytes", 0),
         "gb_per_s": round(size / (st["total-time"] / 1e3) / 1e9, 3),
     }
-
-
-def final_pass(st: dict[str, Any]) -> dict[str, Any]:
-    """What the prediction's RAM part rests on: the pages the final pass sent (all pages
-    sent minus the pre-copy passes'), and the last pre-copy pass's pages, seconds and
-    dirty pages."""
-    passes = st.get("passes", [])
-    sent = st["ram"]["normal"] + st["ram"]["duplicate"]
-    last = passes[-1] if passes else {}
-    return {"final_pass_pages": sent - sum(p["pages"] for p in passes),
-            "last_pass": {k: last.get(k) for k in ("pages", "normal", "seconds",
-                                                    "dirty_pages")}}
 
 
 def tls_case(work: Path, definition: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
