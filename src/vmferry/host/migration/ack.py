@@ -4,6 +4,8 @@ wait for the destination's SWITCHOVER_ACK before the session may stop the guest.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vmferry.errors import VmferryError
 from vmferry.host import datachannels
 from vmferry.host.records import Job
@@ -23,20 +25,12 @@ class SwitchoverAckSide:
     job: Job
     channels: datachannels.ChannelSink | None
 
-    def _persist(self, status: JobStatus | str, step: str = "") -> None:
-        raise NotImplementedError
-
-    def _publish(self) -> None:
-        raise NotImplementedError
-
-    def _set_bound(self, *, loading: bool = False) -> None:
-        raise NotImplementedError
-
-    def _on_stall(self, seconds: float) -> None:
-        raise NotImplementedError
-
-    def _remote(self, ev: Event | Closed, what: str) -> VmferryError:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the worker's own methods, which these parts call
+        def _persist(self, status: JobStatus | str, step: str = "") -> None: ...
+        def _publish(self) -> None: ...
+        def _set_bound(self, *, loading: bool = False) -> None: ...
+        def _on_stall(self, seconds: float) -> None: ...
+        def _remote(self, ev: Event | Closed, what: str) -> VmferryError: ...
 
     def _negotiate_switchover_ack(self, welcome: Welcome) -> None:
         """Switchover-ack when the destination speaks it (channel 1.2); with an older
