@@ -117,7 +117,8 @@ def test_issue17_3_cut_while_waiting_for_the_ack(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The destination's direction breaks right after WELCOME: the ack never comes.  The
-    source fails while it waits, with its guest never stopped."""
+    source fails (while it waits, or as soon as it sees the break), its guest never
+    stopped."""
     a, b = hosts
     clean_src, _, to_source = migrate(a, b)
     assert clean_src.status == "completed"
@@ -130,8 +131,10 @@ def test_issue17_3_cut_while_waiting_for_the_ack(
     assert src.status == "failed" and dst.status == "failed"
     assert pauses == []
     assert a.vms["g"].runstate == "running" and b.vms["g"].runstate != "running"
-    assert "awaiting switchover ack" in src.step or "switchover" in src.error, (src.step,
-                                                                                src.error)
+    # Where the source notices depends on timing: while it waits for the ack, or earlier,
+    # when its pass-1 writes meet the closed connection.  Either way it names the cause.
+    assert ("awaiting switchover ack" in src.step or "switchover" in src.error
+            or "destination broke the channel" in src.error), (src.step, src.error)
 
 
 @pytest.mark.parametrize("old", ["destination", "source"])
