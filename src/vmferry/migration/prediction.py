@@ -4,7 +4,9 @@ the link (:class:`LinkProbe`), what this migration's pre-copy measured
 
 Every part comes from a quantity measured during this migration, timed where it
 happens: the cost per page of the last pass that sent enough pages to measure it (over
-the channel count this migration uses), stopping the guest and reading the dirty log
+the channel count this migration uses), apart for pages in long runs (RAM_PAGES) and
+scattered pages (RAM_SCATTER lists, about twice the cost of a page here), the rate at
+which device state was read and sent in pre-copy, stopping the guest and reading the dirty log
 (timed in every pass), the last pass's dirty rate, the rate at which RAM is hashed when
 verification is on (a slice is timed), and on the host side the bytes in flight, a round
 trip and its own persists; see docs/performance.md.  The parts are a dict, so a term (a
@@ -18,8 +20,13 @@ from typing import Protocol
 
 import xxhash
 
+import numpy as np
+import numpy.typing as npt
+
 from vmferry.clock import Clock
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.multichannel import SCATTER_BELOW
+from vmferry.migration.runs import page_runs
 
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
 SWITCHOVER_ROUND_TRIPS = 1.5
@@ -28,6 +35,21 @@ SWITCHOVER_ROUND_TRIPS = 1.5
 MEASURABLE_PAGES = 256
 #: the slice of guest RAM hashed once, in pre-copy, to measure the hashing rate
 DIGEST_SLICE = 16 * 1024 * 1024
+#: below this share of scattered pages a pass measures the cost of a page in long runs
+BULK_SHARE = 0.1
+#: pre-copy device data below this many bytes does not measure the device's rate
+MEASURABLE_DEVICE_BYTES = 1 << 20
+
+
+def scattered_share(mask: npt.NDArray[np.bool_]) -> float:
+    """The share of the pages of ``mask`` that go as scattered pages (in runs shorter
+    than ``SCATTER_BELOW``, which the main stream and the data channels alike send in
+    RAM_SCATTER lists): 0.0 for an empty mask."""
+    index = np.flatnonzero(mask)
+    if index.size == 0:
+        return 0.0
+    _, lengths = page_runs(index, index.size)
+    return float(lengths[lengths < SCATTER_BELOW].sum()) / index.size
 
 
 class LinkProbe(Protocol):
@@ -71,11 +93,20 @@ class PrecopyMeter:
     stop_s: float = 0.0
     #: one read of the dirty log (the last pass's)
     sync_s: float = 0.0
-    #: seconds per non-zero page, as the last pass that sent enough of them measured it
-    #: (zero pages are cheap: they are counted free); 0.0: not measured
+    #: seconds per non-zero page in long runs (RAM_PAGES), as the last pass that sent
+    #: enough of them measured it (zero pages are cheap: they are counted free); 0.0: not
+    #: measured
     page_cost_s: float = 0.0
+    #: seconds per non-zero scattered page (RAM_SCATTER lists: a dirtying guest's later
+    #: passes and its final pass), measured apart; 0.0: not measured
+    scatter_cost_s: float = 0.0
+    #: seconds per byte of device state read, encoded and sent, as pre-copy measured
+    #: (device data sent while the guest ran); 0.0: not measured
+    device_s_per_byte: float = 0.0
     #: bytes of guest RAM hashed per second (verification); 0.0: not measured
     digest_bps: float = 0.0
+    #: the share of scattered pages the last prediction assumed for the final pass
+    final_scattered: float = 0.0
 
     def stopped(self, seconds: float) -> None:
         self.stop_s = max(self.stop_s * 0.5, seconds)
@@ -83,10 +114,41 @@ class PrecopyMeter:
     def synced(self, seconds: float) -> None:
         self.sync_s = seconds
 
-    def sent(self, seconds: float, normal_pages: int) -> None:
-        """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero)."""
-        if normal_pages >= MEASURABLE_PAGES and seconds > 0:
+    def sent(self, seconds: float, normal_pages: int, scattered: float = 0.0) -> None:
+        """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero;
+        ``scattered``: the share of the pass's pages that were scattered, see
+        :func:`scattered_share`).  A pass of long runs measures the cost of such a page;
+        a pass of scattered pages, with the long runs' share at their measured cost
+        taken out, the cost of a scattered page."""
+        if normal_pages < MEASURABLE_PAGES or seconds <= 0:
+            return
+        n_scattered = normal_pages * scattered
+        if scattered < BULK_SHARE or n_scattered < MEASURABLE_PAGES:
             self.page_cost_s = seconds / normal_pages
+            return
+        n_runs = normal_pages - n_scattered
+        if self.page_cost_s > 0:
+            rest = seconds - n_runs * self.page_cost_s
+            if rest > 0:
+                self.scatter_cost_s = rest / n_scattered
+        elif scattered >= 1 - BULK_SHARE:
+            self.scatter_cost_s = seconds / normal_pages
+
+    def device_sent(self, seconds: float, nbytes: int) -> None:
+        """Pre-copy device data (``nbytes``) was read from the devices, encoded and sent
+        in ``seconds``: the rate the stop-copy device state moves at."""
+        if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
+            self.device_s_per_byte = seconds / nbytes
+
+    def page_s(self, scattered: float, bandwidth: float) -> float:
+        """The cost of one page of a pass whose pages are ``scattered`` (share) scattered:
+        each kind at its measured cost (one measured stands in for the other; neither:
+        a page's bytes at ``bandwidth``)."""
+        runs = self.page_cost_s or self.scatter_cost_s
+        scatter = self.scatter_cost_s or self.page_cost_s
+        if not runs:
+            return self.page_size / max(bandwidth, 1.0)
+        return scattered * scatter + (1 - scattered) * runs
 
     def time_digest(self, ram: GuestRam) -> None:
         """Hash a slice of ``ram`` as verification hashes all of it, and keep the rate."""
@@ -102,13 +164,14 @@ class PrecopyMeter:
         return min(self.npages, dirty_pages + round(dirty_rate * max(until_stop_s, 0.0)))
 
     def predict(self, link: LinkProbe | None, dirty_pages: int, dirty_rate: float,
-                state_bytes: int, bandwidth: float,
-                verify: GuestRam | None = None) -> dict[str, float]:  # fmt: skip
+                state_bytes: int, bandwidth: float, verify: GuestRam | None = None,
+                scattered: float = 0.0) -> dict[str, float]:  # fmt: skip
         """The downtime's parts (ms) at the stop decision.  ``dirty_pages`` and
         ``dirty_rate`` (pages/s): what the last pass found; ``state_bytes``: device and
         component state still to send; ``bandwidth``: bytes/s the last pass measured;
         ``verify``: the guest's RAM when verification will hash it with the guest paused
-        (a slice of it is hashed now, once, to measure the rate)."""
+        (a slice of it is hashed now, once, to measure the rate); ``scattered``: the share
+        of the dirty pages that are scattered (the final pass sends them so)."""
         if verify is not None and self.digest_bps == 0.0:
             self.time_digest(verify)
         bw = max(bandwidth, 1.0)
@@ -118,12 +181,14 @@ class PrecopyMeter:
         # the host lets what is in flight reach the destination before the stop, the
         # guest still running (and dirtying)
         pages = self.final_pages(dirty_pages, dirty_rate, in_flight / bw)
-        page_s = self.page_cost_s if self.page_cost_s > 0 else self.page_size / bw
+        self.final_scattered = scattered
+        page_s = self.page_s(scattered, bw)
+        state_s_per_byte = self.device_s_per_byte or 1 / bw
         verify_s = (self.npages * self.page_size / self.digest_bps
                     if verify is not None and self.digest_bps > 0 else 0.0)
         return {
             "final_ram_ms": pages * page_s * 1e3,
-            "state_ms": state_bytes / bw * 1e3,
+            "state_ms": state_bytes * state_s_per_byte * 1e3,
             "in_flight_ms": in_flight / bw * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
             "stop_ms": (self.stop_s + self.sync_s) * 1e3,

@@ -56,7 +56,7 @@ from vmferry.migration.context import (
 from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
 from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
-from vmferry.migration.prediction import LinkProbe, PrecopyMeter
+from vmferry.migration.prediction import LinkProbe, PrecopyMeter, scattered_share
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -103,6 +103,10 @@ class RamSink(Protocol):
 
 #: a pass that moved fewer bytes than this does not measure the link's bandwidth
 MEASURABLE_BYTES = 16 * MIB
+
+
+def _device_bytes(pieces: list[StatePiece]) -> int:
+    return sum(len(p.data) for p in pieces if isinstance(p, DeviceData))
 
 
 class DirectControl:
@@ -339,8 +343,11 @@ class SourceSession:
             if pieces:
                 yield self._encode_pieces(pieces)
             t_send = self.clock.monotonic()
+            self.meter.device_sent(t_send - t_pass, _device_bytes(pieces))
+            scattered = scattered_share(to_send)
+            t_send = self.clock.monotonic()
             yield from self._send_pages(to_send)
-            self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal)
+            self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal, scattered)
             yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
             if self.params.offline:  # the guest is paused: one pass is all of it
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
@@ -351,15 +358,17 @@ class SourceSession:
             self.meter.synced(self.clock.monotonic() - t_sync)
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
-            if self._end_of_pass(t_pass, dirty.count):
+            if self._end_of_pass(t_pass, dirty.count, to_send):
                 if self.ack.may_stop():
                     break
                 if self.ack.all_sent():
                     yield from self._wait_for_ack()
         yield from self._switchover(to_send)
 
-    def _end_of_pass(self, t_pass: float, dirty_pages: int) -> bool:
-        """Record the pass; True when it is time to switch over."""
+    def _end_of_pass(self, t_pass: float, dirty_pages: int,
+                     dirty: npt.NDArray[np.bool_] | None = None) -> bool:  # fmt: skip
+        """Record the pass (``dirty``: the pages the next pass, or the final one, sends);
+        True when it is time to switch over."""
         now = self.clock.monotonic()
         seconds = max(now - t_pass, 1e-9)
         pass_bytes = self.bytes_out - sum(p.bytes for p in self.stats.passes)
@@ -408,7 +417,8 @@ class SourceSession:
             self.stats.predicted = {
                 **self.meter.predict(self.link, dirty_pages, dirty_pages / seconds,
                                      remaining - dirty_pages * self.vm.ram.page_size, bandwidth,
-                                     self.vm.ram if self.params.verify else None),
+                                     self.vm.ram if self.params.verify else None,
+                                     scattered_share(dirty) if dirty is not None else 0.0),
                 # the destination's devices loading the stop-copy state (its rate measured
                 # while it loaded the pre-copy data: switchover-ack)
                 "device_load_ms": device_load_ms,

@@ -225,6 +225,7 @@ def test_issue17_item4_session_measures_its_passes_for_the_prediction() -> None:
     ps = src.vm.ram.page_size
     assert ps / 60e6 <= src.meter.page_cost_s <= 1.1 * ps / 60e6
     last = src.stats.passes[-1]
+    bw = last.bytes / last.seconds
     assert src.stats.predicted["final_ram_ms"] == (
         src.meter.final_pages(last.dirty_pages, last.dirty_pages_rate, 0.0)
-        * src.meter.page_cost_s * 1e3)
+        * src.meter.page_s(src.meter.final_scattered, bw) * 1e3)
