@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import xxhash
-
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from vmferry.clock import Clock
 from vmferry.machine.ram import GuestRam
