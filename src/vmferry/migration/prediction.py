@@ -15,7 +15,7 @@ device's load time measured in pre-copy, say) is one more key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -72,11 +72,82 @@ class LinkProbe(Protocol):
         destination's load and resume as the last migration to it reported them."""
         ...
 
+    def quiet(self) -> None:
+        """Called between two passes that are not the last (the guest running, the
+        pass's pages handed out): a quiet moment to sample the fixed costs."""
+        ...
+
     def settle(self) -> None:
         """Just before the stop, with the guest still running: wait (bounded) until the
         destination has taken what was already sent, so that its receive backlog is not
         drained with the guest paused."""
         ...
+
+
+#: job writes with the guest paused: the source's commit step (its transfer steps are only
+#: published then), and on the destination its resume step and completed status
+SOURCE_PAUSED_PERSISTS = 1
+DESTINATION_PAUSED_PERSISTS = 2
+#: the samples of each fixed cost kept (the median of them counts)
+FIXED_SAMPLES = 9
+
+
+def _median(samples: list[float]) -> float:
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _keep(samples: list[float], seconds: float) -> None:
+    if seconds >= 0:
+        samples.append(seconds)
+        del samples[:-FIXED_SAMPLES]
+
+
+@dataclass
+class FixedCosts:
+    """The switchover's fixed costs, from several samples each, taken at quiet moments of
+    pre-copy (between passes, at the decision; a sample taken while pages stream costs
+    several times more here), and the median of them used: one sample that stalled
+    (a job write held up by the disk, a round trip by the scheduler) no longer swings the
+    prediction several-fold.  Fed by the host (sans-IO here)."""
+
+    #: one job write on the source, seconds
+    persists: list[float] = field(default_factory=list)
+    #: one control-API round trip to the destination, seconds
+    round_trips: list[float] = field(default_factory=list)
+    #: one job write on the destination, as it timed its own (it reports them)
+    destination_persists: list[float] = field(default_factory=list)
+    #: the destination's load and adopt (without its persists) as the last migration to it
+    #: reported them; None: no migration to it yet
+    destination_load_adopt_s: float | None = None
+
+    def persisted(self, seconds: float) -> None:
+        _keep(self.persists, seconds)
+
+    def round_trip(self, seconds: float) -> None:
+        _keep(self.round_trips, seconds)
+
+    def destination_persisted(self, seconds: float) -> None:
+        _keep(self.destination_persists, seconds)
+
+    def round_trip_s(self) -> float:
+        return _median(self.round_trips)
+
+    def switchover_s(self) -> float:
+        """The job writes with the guest paused on both hosts and the destination's load
+        and adopt.  Without an earlier migration to the destination, its adopt is its
+        VM record's write (one more job write's worth); without the destination's own
+        samples, its writes cost what the source's do."""
+        persist = _median(self.persists)
+        destination = _median(self.destination_persists) if self.destination_persists \
+            else persist  # fmt: skip
+        load_adopt = self.destination_load_adopt_s if self.destination_load_adopt_s \
+            is not None else destination  # fmt: skip
+        return (SOURCE_PAUSED_PERSISTS * persist + DESTINATION_PAUSED_PERSISTS * destination
+                + load_adopt)
 
 
 @dataclass

@@ -424,6 +424,8 @@ class SourceSession:
                 "device_load_ms": device_load_ms,
             }
             self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
+        elif self.link is not None and not self.params.offline:
+            self.link.quiet()  # between passes: sample the fixed costs
         return d.switchover
 
     # --- switchover-ack ----------------------------------------------------------------

@@ -9,7 +9,13 @@ from vmferry.clock import ManualClock
 from vmferry.machine import create_vm
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.local import migrate_locally
-from vmferry.migration.prediction import MEASURABLE_DEVICE_BYTES, PrecopyMeter, scattered_share
+from vmferry.migration.prediction import (
+    FIXED_SAMPLES,
+    MEASURABLE_DEVICE_BYTES,
+    FixedCosts,
+    PrecopyMeter,
+    scattered_share,
+)
 from vmferry.migration.source import MigrationParams, SourceSession
 
 MIB = 1 << 20
@@ -88,3 +94,63 @@ def test_issue17_4_session_times_its_pre_copy_device_data() -> None:
     migrate_locally(src, DestinationSession(clock), clock, link_bytes_per_s=60e6,
                     on_time=vm.run_slice)
     assert 1 / 60e6 <= src.meter.device_s_per_byte <= 1.1 / 60e6
+
+
+def test_issue17_4_fixed_costs_are_medians_of_quiet_samples() -> None:
+    """A job write that stalled once (150 ms among 2-3 ms writes) and a round trip that
+    did: the median of the samples counts, not the one taken last."""
+    f = FixedCosts()
+    for s in (0.002, 0.003, 0.0025, 0.002, 0.150):  # the last sample stalled
+        f.persisted(s)
+    for s in (0.001, 0.090, 0.001):
+        f.round_trip(s)
+    assert f.round_trip_s() == 0.001
+    # no destination samples, no migration to it before: its three writes (resume step,
+    # completed, the VM's record) cost what the source's median write does
+    assert abs(f.switchover_s() - 4 * 0.0025) < 1e-12
+    # with the destination's own samples, and its load and adopt from the last migration
+    f.destination_persists = [0.004, 0.200, 0.005]
+    assert abs(f.switchover_s() - (0.0025 + 2 * 0.005 + 0.005)) < 1e-12
+    f.destination_load_adopt_s = 0.012
+    assert abs(f.switchover_s() - (0.0025 + 2 * 0.005 + 0.012)) < 1e-12
+    # only the last FIXED_SAMPLES samples are kept
+    for _ in range(FIXED_SAMPLES):
+        f.persisted(0.5)
+    assert f.persists == [0.5] * FIXED_SAMPLES
+
+
+def test_issue17_4_session_samples_fixed_costs_between_passes() -> None:
+    """Every pass that is not the last is a quiet moment the session hands to the host
+    to sample its fixed costs; the last pass predicts instead."""
+
+    class Probe:
+        def __init__(self) -> None:
+            self.quiets = 0
+
+        def in_flight_bytes(self) -> int:
+            return 0
+
+        def round_trip_s(self) -> float:
+            return 0.0
+
+        def bandwidth_bps(self) -> float:
+            return 0.0
+
+        def fixed_switchover_s(self) -> float:
+            return 0.0
+
+        def quiet(self) -> None:
+            self.quiets += 1
+
+        def settle(self) -> None: ...
+
+    vm = create_vm({"name": "q", "memory_mib": 32, "vcpus": 1, "fill": "random",
+                    "workload": {"dirty_rate_mbps": 30, "pattern": "hot"}})
+    vm.start()
+    clock = ManualClock()
+    probe = Probe()
+    src = SourceSession(vm, MigrationParams(downtime_limit_ms=50), clock, link=probe)
+    migrate_locally(src, DestinationSession(clock), clock, link_bytes_per_s=60e6,
+                    on_time=vm.run_slice)
+    assert len(src.stats.passes) >= 2
+    assert probe.quiets == len(src.stats.passes) - 1

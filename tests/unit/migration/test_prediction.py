@@ -23,13 +23,16 @@ class Probe:
     def __init__(self, in_flight: int, rtt: float, bw: float = 0.0, fixed: float = 0.0
                  ) -> None:  # fmt: skip
         self.in_flight, self.rtt, self.bw, self.fixed = in_flight, rtt, bw, fixed
-        self.settled = 0
+        self.settled = self.quiets = 0
 
     def fixed_switchover_s(self) -> float:
         return self.fixed
 
     def settle(self) -> None:
         self.settled += 1
+
+    def quiet(self) -> None:
+        self.quiets += 1
 
     def in_flight_bytes(self) -> int:
         return self.in_flight

@@ -85,6 +85,7 @@ from vmferry.migration.channel import (
 from vmferry.migration.channel import Status as Why
 from vmferry.migration.context import Status
 from vmferry.migration.destination import describe_failure
+from vmferry.migration.prediction import FixedCosts
 from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import MAJOR, MINOR
 from vmferry.migration.stream.records import Buffer
@@ -101,10 +102,9 @@ _DESTINATION_FIXED: dict[str, float] = {}
 #: sent (``SourceWorker.settle``), and how often it looks
 SETTLE_S = 1.0
 SETTLE_POLL_S = 0.001
-#: job writes with the guest paused: the source's commit step (its transfer steps are
-#: only published then, see ``SourceWorker._persist``), the destination's resume and
-#: completed
-PAUSED_PERSISTS = 3
+#: job writes timed at the stop decision (a quiet moment: between passes), beside the one
+#: timed at the end of every pass before it (``SourceWorker.quiet``)
+DECISION_SAMPLES = 3
 
 #: opens the connection to the destination's listener: (address, timeout) -> link
 Dialer = Callable[[tuple[str, int], float], Link]
@@ -193,7 +193,8 @@ class SourceWorker(SwitchoverAckSide):
         self.channels: datachannels.ChannelSink | None = None
         #: one persist of the job, measured (a moving average)
         self._persist_s = 0.0
-        self._rtt_s = 0.0
+        #: the switchover's fixed costs, sampled at quiet moments (medians count)
+        self.fixed = FixedCosts(destination_load_adopt_s=_DESTINATION_FIXED.get(job.peer))
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
         #: the stream copy (``stream_file``), renamed into place if the migration completes
@@ -203,7 +204,7 @@ class SourceWorker(SwitchoverAckSide):
         try:
             self._check_cancel()
             self._preflight()
-            self._rtt_s = self._measure_round_trip()
+            self._measure_round_trip()
             self.ch = self._connect()
             self._open_channels()
             self._device_over_channels()
@@ -339,25 +340,47 @@ class SourceWorker(SwitchoverAckSide):
         for w in warnings:
             log.warning("job %s pre-flight: %s", self.job.id, w)
 
-    def _measure_round_trip(self) -> float:
-        """Median of three control-API round trips to the destination host."""
+    def _measure_round_trip(self, count: int = 3) -> None:
+        """``count`` control-API round trips to the destination host, each a sample: a
+        read of its job, which also carries the job writes the destination timed
+        (``progress.persist_ms``).  A failed request ends the sampling."""
         tls = client_context(self.daemon.tls)
         client = HostClient(self.job.peer, self.daemon.token, timeout=5.0, tls=tls)
-        samples = []
-        for _ in range(3):
+        peer_job = self.job.progress.get("peer_job")
+        path = f"/v1/jobs/{peer_job}" if peer_job else "/v1/host"
+        for _ in range(count):
             t0 = time.monotonic()
             try:
-                client.get("/v1/host")
+                reply = client.get(path)
             except (ApiError, HostError):
-                return 0.0
-            samples.append(time.monotonic() - t0)
-        return sorted(samples)[1]
+                return
+            self.fixed.round_trip(time.monotonic() - t0)
+            self._destination_persists(reply)
+
+    def _destination_persists(self, reply: Any) -> None:
+        progress = reply.get("progress") if isinstance(reply, dict) else None
+        samples = progress.get("persist_ms") if isinstance(progress, dict) else None
+        if isinstance(samples, list):
+            self.fixed.destination_persists = [
+                float(x) / 1e3 for x in samples
+                if isinstance(x, int | float) and not isinstance(x, bool) and x >= 0]
 
     def round_trip_s(self) -> float:
-        """Measured again at the stop decision (the links are quiet between passes, as
-        they are at the switchover); the one from the job's start if that fails."""
-        self._rtt_s = self._measure_round_trip() or self._rtt_s
-        return self._rtt_s
+        """Sampled again at the stop decision (the links are quiet between passes, as
+        they are at the switchover): the median of every sample of this migration."""
+        self._measure_round_trip()
+        return self.fixed.round_trip_s()
+
+    def quiet(self) -> None:
+        """Between two passes (the guest running, the pass's pages handed out): one more
+        sample of a job write and of a round trip."""
+        self._time_persist()
+        self._measure_round_trip(1)
+
+    def _time_persist(self) -> None:
+        t0 = time.monotonic()
+        self.daemon.save_job(self.job)
+        self.fixed.persisted(time.monotonic() - t0)
 
     def bandwidth_bps(self) -> float:
         return _LINK_BANDWIDTH.get(self.job.peer, 0.0)
@@ -393,14 +416,14 @@ class SourceWorker(SwitchoverAckSide):
         return queued
 
     def fixed_switchover_s(self) -> float:
-        """One persist of the job timed now, at the stop decision (between passes, the
-        links quiet, as at the switchover; a persist timed while the pages stream costs
-        several times more here) times the persists with the guest paused, plus the
-        destination's load and resume as the last migration to it reported them."""
-        t0 = time.monotonic()
-        self.daemon.save_job(self.job)
-        self._persist_s = time.monotonic() - t0
-        return PAUSED_PERSISTS * self._persist_s + _DESTINATION_FIXED.get(self.job.peer, 0.0)
+        """Job writes timed now, at the stop decision (between passes, the links quiet, as
+        at the switchover; a write timed while the pages stream costs several times more
+        here), with those timed after earlier passes: the median write times the writes
+        with the guest paused on both hosts (the destination's own, as it timed them),
+        plus the destination's load and adopt (:class:`FixedCosts`)."""
+        for _ in range(DECISION_SAMPLES):
+            self._time_persist()
+        return self.fixed.switchover_s()
 
     def _unlogged_write(self) -> None:
         """Fault ``active:unlogged-write``: change page 0 without a dirty mark, once."""
