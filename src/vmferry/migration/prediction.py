@@ -220,6 +220,15 @@ class PrecopyMeter:
             return self.page_size / max(bandwidth, 1.0)
         return scattered * scatter + (1 - scattered) * runs
 
+    def inputs(self) -> dict[str, float]:
+        """The measured rates the last prediction used, for the job's statistics: the
+        cost of a page in long runs and of a scattered page (us), the share of scattered
+        pages assumed for the final pass (%), device state read and sent (MB/s)."""
+        return {"page_cost_us": self.page_cost_s * 1e6,
+                "scatter_cost_us": self.scatter_cost_s * 1e6,
+                "final_scattered_pct": self.final_scattered * 100,
+                "device_mbps": 1e-6 / self.device_s_per_byte if self.device_s_per_byte else 0.0}
+
     def time_digest(self, ram: GuestRam) -> None:
         """Hash a slice of ``ram`` as verification hashes all of it, and keep the rate."""
         n = min(DIGEST_SLICE, ram.size)

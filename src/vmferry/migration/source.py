@@ -424,6 +424,7 @@ class SourceSession:
                 "device_load_ms": device_load_ms,
             }
             self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
+            self.stats.prediction_inputs = self.meter.inputs()
         elif self.link is not None and not self.params.offline:
             self.link.quiet()  # between passes: sample the fixed costs
         return d.switchover
