@@ -210,6 +210,18 @@ class PrecopyMeter:
         if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
             self.device_s_per_byte = seconds / nbytes
 
+    def device_load_ms(self, load_ms: float, main_stream: bool) -> float:
+        """The destination's loading of the stop-copy device state (``load_ms``, at the
+        rate it measured in pre-copy), as far as it adds to the downtime.  In the main
+        stream it loads each chunk as it arrives, and the pre-copy rate at which device
+        state moved was already paced by those loads (the socket buffers are a few MiB):
+        with that rate measured it is part of ``state_ms``, not a term of its own.  Over
+        the data channels the destination loads the chunks after the main stream
+        ended: the load adds."""
+        if main_stream and self.device_s_per_byte > 0:
+            return 0.0
+        return load_ms
+
     def page_s(self, scattered: float, bandwidth: float) -> float:
         """The cost of one page of a pass whose pages are ``scattered`` (share) scattered:
         each kind at its measured cost (one measured stands in for the other; neither:

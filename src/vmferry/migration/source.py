@@ -421,7 +421,8 @@ class SourceSession:
                                      scattered_share(dirty) if dirty is not None else 0.0),
                 # the destination's devices loading the stop-copy state (its rate measured
                 # while it loaded the pre-copy data: switchover-ack)
-                "device_load_ms": device_load_ms,
+                "device_load_ms": self.meter.device_load_ms(
+                    device_load_ms, self.device_sink is None or self.ram_sink is None),
             }
             self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
             self.stats.prediction_inputs = self.meter.inputs()
