@@ -15,6 +15,7 @@ device's load time measured in pre-copy, say) is one more key.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,7 +24,9 @@ import numpy.typing as npt
 import xxhash
 
 from vmferry.clock import Clock
+from vmferry.machine.handlers import DeviceData, StatePiece
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.context import MigrationStats
 from vmferry.migration.multichannel import SCATTER_BELOW
 from vmferry.migration.runs import page_runs
 
@@ -38,6 +41,11 @@ DIGEST_SLICE = 16 * 1024 * 1024
 BULK_SHARE = 0.1
 #: pre-copy device data below this many bytes does not measure the device's rate
 MEASURABLE_DEVICE_BYTES = 1 << 20
+
+
+def device_bytes(pieces: Iterable[StatePiece]) -> int:
+    """The bytes of device data among ``pieces``."""
+    return sum(len(p.data) for p in pieces if isinstance(p, DeviceData))
 
 
 def scattered_share(mask: npt.NDArray[np.bool_]) -> float:
@@ -210,16 +218,16 @@ class PrecopyMeter:
         if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
             self.device_s_per_byte = seconds / nbytes
 
-    def device_load_ms(self, load_ms: float, main_stream: bool) -> float:
-        """The destination's loading of the stop-copy device state (``load_ms``, at the
-        rate it measured in pre-copy), as far as it adds to the downtime.  In the main
-        stream it loads each chunk as it arrives, and the pre-copy rate at which device
-        state moved was already paced by those loads (the socket buffers are a few MiB):
-        with that rate measured it is part of ``state_ms``, not a term of its own.  Over
-        the data channels the destination loads the chunks after the main stream
-        ended: the load adds."""
+    def device_load_ms(self, load_ms: float, state_ms: float, main_stream: bool) -> float:
+        """How much the destination's loading of the stop-copy device state (``load_ms``,
+        at the rate it measured in pre-copy) adds to ``state_ms``.  In the main stream it
+        loads each chunk as it arrives, and the rate measured for device state in
+        pre-copy already ran at the pace of the slower of sending and loading: with that
+        rate measured the device term is the larger of the two, not their sum.  Over the
+        data channels the destination loads the chunks after the main stream ended: the
+        load adds."""
         if main_stream and self.device_s_per_byte > 0:
-            return 0.0
+            return max(0.0, load_ms - state_ms)
         return load_ms
 
     def page_s(self, scattered: float, bandwidth: float) -> float:
@@ -240,6 +248,20 @@ class PrecopyMeter:
                 "scatter_cost_us": self.scatter_cost_s * 1e6,
                 "final_scattered_pct": self.final_scattered * 100,
                 "device_mbps": 1e-6 / self.device_s_per_byte if self.device_s_per_byte else 0.0}
+
+    def record(self, stats: MigrationStats, link: LinkProbe | None, dirty_pages: int,
+               dirty_rate: float, state_bytes: int, bandwidth: float, verify: GuestRam | None,
+               dirty: npt.NDArray[np.bool_] | None, device_load_ms: float,
+               main_stream: bool) -> None:  # fmt: skip
+        """At the stop decision: the prediction (:meth:`predict`, ``dirty`` the final
+        pass's pages) with the destination's device loads (``device_load_ms``, see
+        :meth:`device_load_ms`), into ``stats`` with the rates it rested on."""
+        p = self.predict(link, dirty_pages, dirty_rate, state_bytes, bandwidth, verify,
+                         scattered_share(dirty) if dirty is not None else 0.0)
+        p["device_load_ms"] = self.device_load_ms(device_load_ms, p["state_ms"], main_stream)
+        stats.predicted = p
+        stats.predicted_downtime_ms = sum(p.values())
+        stats.prediction_inputs = self.inputs()
 
     def time_digest(self, ram: GuestRam) -> None:
         """Hash a slice of ``ram`` as verification hashes all of it, and keep the rate."""

@@ -56,7 +56,7 @@ from vmferry.migration.context import (
 from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
 from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
-from vmferry.migration.prediction import LinkProbe, PrecopyMeter, scattered_share
+from vmferry.migration.prediction import LinkProbe, PrecopyMeter, device_bytes, scattered_share
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -103,10 +103,6 @@ class RamSink(Protocol):
 
 #: a pass that moved fewer bytes than this does not measure the link's bandwidth
 MEASURABLE_BYTES = 16 * MIB
-
-
-def _device_bytes(pieces: list[StatePiece]) -> int:
-    return sum(len(p.data) for p in pieces if isinstance(p, DeviceData))
 
 
 class DirectControl:
@@ -169,8 +165,6 @@ class MigrationParams:
             "compat": self.compat,
             "allow_degraded": self.allow_degraded,
         }
-
-
 
 
 class SourceSession:
@@ -342,8 +336,7 @@ class SourceSession:
                 pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
             if pieces:
                 yield self._encode_pieces(pieces)
-            t_send = self.clock.monotonic()
-            self.meter.device_sent(t_send - t_pass, _device_bytes(pieces))
+            self.meter.device_sent(self.clock.monotonic() - t_pass, device_bytes(pieces))
             scattered = scattered_share(to_send)
             t_send = self.clock.monotonic()
             yield from self._send_pages(to_send)
@@ -367,8 +360,7 @@ class SourceSession:
 
     def _end_of_pass(self, t_pass: float, dirty_pages: int,
                      dirty: npt.NDArray[np.bool_] | None = None) -> bool:  # fmt: skip
-        """Record the pass (``dirty``: the pages the next pass, or the final one, sends);
-        True when it is time to switch over."""
+        """Record the pass (``dirty``: what the next pass sends); True to switch over."""
         now = self.clock.monotonic()
         seconds = max(now - t_pass, 1e-9)
         pass_bytes = self.bytes_out - sum(p.bytes for p in self.stats.passes)
@@ -414,18 +406,10 @@ class SourceSession:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
         if d.switchover and not self.params.offline:  # offline: all of it is downtime
-            self.stats.predicted = {
-                **self.meter.predict(self.link, dirty_pages, dirty_pages / seconds,
-                                     remaining - dirty_pages * self.vm.ram.page_size, bandwidth,
-                                     self.vm.ram if self.params.verify else None,
-                                     scattered_share(dirty) if dirty is not None else 0.0),
-                # the destination's devices loading the stop-copy state (its rate measured
-                # while it loaded the pre-copy data: switchover-ack)
-                "device_load_ms": self.meter.device_load_ms(
-                    device_load_ms, self.device_sink is None or self.ram_sink is None),
-            }
-            self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
-            self.stats.prediction_inputs = self.meter.inputs()
+            self.meter.record(self.stats, self.link, dirty_pages, dirty_pages / seconds,
+                              remaining - dirty_pages * self.vm.ram.page_size, bandwidth,
+                              self.vm.ram if self.params.verify else None, dirty,
+                              device_load_ms, self.device_sink is None or self.ram_sink is None)
         elif self.link is not None and not self.params.offline:
             self.link.quiet()  # between passes: sample the fixed costs
         return d.switchover

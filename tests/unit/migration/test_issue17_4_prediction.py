@@ -158,11 +158,12 @@ def test_issue17_4_session_samples_fixed_costs_between_passes() -> None:
 
 def test_issue17_4_device_loads_in_the_main_stream_are_not_counted_twice() -> None:
     """In the main stream the destination loads device chunks as they arrive, so the
-    pre-copy rate of device state already ran at its loading pace: the stop-copy state
-    at that rate is the whole device term.  Over the data channels the destination loads
+    pre-copy rate of device state already ran at the slower pace of sending and
+    loading: the device term is the larger of the two.  Over the data channels the destination loads
     after the main stream ended, and its load time adds."""
     m = meter()
-    assert m.device_load_ms(12.0, main_stream=True) == 12.0  # no device rate measured
+    assert m.device_load_ms(12.0, 5.0, main_stream=True) == 12.0  # no device rate measured
     m.device_sent(0.5, 64 * MIB)
-    assert m.device_load_ms(12.0, main_stream=True) == 0.0
-    assert m.device_load_ms(12.0, main_stream=False) == 12.0
+    assert m.device_load_ms(12.0, 20.0, main_stream=True) == 0.0  # sending was slower
+    assert m.device_load_ms(12.0, 5.0, main_stream=True) == 7.0  # loading was: 12 in all
+    assert m.device_load_ms(12.0, 20.0, main_stream=False) == 12.0
