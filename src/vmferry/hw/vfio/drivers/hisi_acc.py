@@ -154,15 +154,16 @@ class HisiAccDriver(VariantDriver):
     def snapshot(self, version: int | None = None) -> bytes:
         """The struct as saved (in ``version``, by default ``write_version``): the
         registers, with the model's checksum in ``padding``.  Cannot fail."""
+        version = version or self.write_version
         values: dict[str, Any] = {}
-        for f in ACC_VF_DATA.versions[0].fields:
+        for f in ACC_VF_DATA.versions[0].fields:  # the registers, read as they are
             got = self.get(f.name)
             values[f.name] = got if f.count > 1 else got[0]
         values["padding"] = 0
-        if (version or self.write_version) == 2:
+        if version == 2:
             rsv = values["qm_rsv_state"]
             values.update(major_ver=DRV_MAJOR, minor_ver=DRV_MINOR, qm_rsv_state=rsv[1:])
-        data = bytearray(ACC_VF_DATA.encode(values, version or self.write_version))
+        data = bytearray(ACC_VF_DATA.encode(values, version))
         offset, one = ACC_VF_DATA.field_at(1, "padding")
         one.pack_into(data, offset, xxhash.xxh32_intdigest(bytes(data)))
         return bytes(data)
