@@ -212,6 +212,17 @@ class PrecopyMeter:
         elif scattered >= 1 - BULK_SHARE:
             self.scatter_cost_s = seconds / normal_pages
 
+    def unmeasured(self, dirty: npt.NDArray[np.bool_] | None) -> bool:
+        """Whether the final pass would send pages ``dirty`` of a kind no pass measured:
+        enough scattered pages to cost something, and no scattered pass yet (a decision
+        right after the bulk first pass; scattered pages cost about twice a page in a
+        run here).  One more pass then sends them, measures their cost and leaves the
+        final pass fewer."""
+        if dirty is None or self.scatter_cost_s > 0:
+            return False
+        share = scattered_share(dirty)
+        return share >= BULK_SHARE and share * int(dirty.sum()) >= MEASURABLE_PAGES
+
     def device_sent(self, seconds: float, nbytes: int) -> None:
         """Pre-copy device data (``nbytes``) was read from the devices, encoded and sent
         in ``seconds``: the rate the stop-copy device state moves at."""

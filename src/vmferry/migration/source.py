@@ -376,6 +376,8 @@ class SourceSession:
             device_load_ms = self.ack.device_load_ms(self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
+        if d.switchover and number < self.policy.max_passes and self.meter.unmeasured(dirty):
+            d = dataclasses.replace(d, switchover=False)  # one more pass measures its pages
         if self.policy.give_up_after is not None and number >= self.policy.give_up_after:
             raise MigrationError(f"no convergence after {number} passes", f"ram pass {number}")
         self.stats.passes.append(

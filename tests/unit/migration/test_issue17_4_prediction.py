@@ -12,6 +12,7 @@ from vmferry.migration.local import migrate_locally
 from vmferry.migration.prediction import (
     FIXED_SAMPLES,
     MEASURABLE_DEVICE_BYTES,
+    MEASURABLE_PAGES,
     FixedCosts,
     PrecopyMeter,
     scattered_share,
@@ -167,3 +168,39 @@ def test_issue17_4_device_loads_in_the_main_stream_are_not_counted_twice() -> No
     assert m.device_load_ms(12.0, 20.0, main_stream=True) == 0.0  # sending was slower
     assert m.device_load_ms(12.0, 5.0, main_stream=True) == 7.0  # loading was: 12 in all
     assert m.device_load_ms(12.0, 20.0, main_stream=False) == 12.0
+
+
+def test_issue17_4_unmeasured_scattered_pages_are_measured_before_the_stop() -> None:
+    """A decision right after the bulk first pass, with scattered dirty pages: nothing
+    measured what they cost, so the final pass is not predicted at the bulk cost (KVM
+    dirtying: 131 ms predicted, 296 ms measured); one more pass sends them and measures."""
+    m = meter(npages=1000)
+    m.sent(1.0, 1000)  # the bulk first pass
+    scattered = np.zeros(1000, dtype=np.bool_)
+    scattered[::3] = True  # 334 single pages
+    assert m.unmeasured(scattered)
+    runs = np.zeros(1000, dtype=np.bool_)
+    runs[:400] = True
+    assert not m.unmeasured(runs)  # long runs: the bulk pass measured their kind
+    few = np.zeros(1000, dtype=np.bool_)
+    few[: 2 * (MEASURABLE_PAGES - 1) : 2] = True
+    assert not m.unmeasured(few)  # too few to cost much, or to measure
+    assert not m.unmeasured(None)
+    m.sent(0.3, 334, scattered=1.0)
+    assert not m.unmeasured(scattered)  # measured now
+
+
+def test_issue17_4_session_takes_one_more_pass_to_measure_scattered_pages() -> None:
+    """Pass 1 converged with 1559 scattered dirty pages (uniform writes); the session
+    sends them in a second pass, which measures a scattered page, before it stops."""
+    vm = create_vm({"name": "u", "memory_mib": 64, "vcpus": 1, "fill": "random",
+                    "workload": {"dirty_rate_mbps": 20, "pattern": "uniform"}})
+    vm.start()
+    clock = ManualClock()
+    src = SourceSession(vm, MigrationParams(downtime_limit_ms=300), clock)
+    migrate_locally(src, DestinationSession(clock), clock, link_bytes_per_s=200e6,
+                    on_time=vm.run_slice)
+    passes = src.stats.passes
+    assert len(passes) == 2 and passes[0].dirty_pages >= MEASURABLE_PAGES
+    assert src.meter.scatter_cost_s > 0
+    assert src.stats.prediction_inputs["final_scattered_pct"] > 50
