@@ -93,6 +93,7 @@ def vmferry_case(
         "prediction_error_pct": st.get("downtime-prediction-error-pct"),
         "downtime_breakdown": st["downtime-breakdown"],
         "predicted_breakdown": st.get("predicted-downtime-breakdown", {}),
+        "prediction_inputs": st.get("prediction-inputs", {}),
         **final_pass(st),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "passes": len(st["passes"]),
