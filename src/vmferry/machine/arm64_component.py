@@ -8,7 +8,8 @@ applies the cpreg lists with the configured merge (``classic`` = QEMU, ``strict`
 default after pre-flight) and raises :class:`~vmferry.machine.arm64.CpuLoadError` when the
 destination kernel refuses -- the engine then aborts and the source resumes.
 
-Record layout (big-endian)::
+Record layout (big-endian), the header declared once as :data:`HEADER`
+(:mod:`vmferry.hw.persist`)::
 
     "A64C" | u16 format=1 | u32 m | m bytes Arm64State (see machine.arm64) | guest view
     (``guest.psci_client.encode_view``; empty when the guest has not booted)
@@ -16,11 +17,12 @@ Record layout (big-endian)::
 
 from __future__ import annotations
 
-import struct
 from typing import Final
 
+from vmferry.errors import StreamDecodeError
 from vmferry.guest.psci_client import Arm64Guest, decode_view, encode_view
 from vmferry.hw.kvm.arm64_fw import FwFaults
+from vmferry.hw.persist import Field, Layout
 from vmferry.machine.arm64 import (
     Arm64Machine,
     Arm64StateDecodeError,
@@ -31,8 +33,10 @@ from vmferry.machine.arm64 import (
 )
 from vmferry.machine.profiles import HostProfile
 
-_MAGIC: Final = b"A64C"
-_HEADER = struct.Struct(">4sHI")
+MAGIC: Final = b"A64C"
+FORMAT: Final = 1
+#: ``"A64C" | u16 format | u32 machine_len``, then the machine state and the guest view
+HEADER = Layout("arm64 component", MAGIC, FORMAT, (Field("machine_len", "u32"),))
 
 
 class Arm64Component:
@@ -57,17 +61,21 @@ class Arm64Component:
         machine = encode_state(self.machine.save())
         view = (encode_view(self.guest.view, self.guest.boot_status)
                 if self.guest.view is not None else b"")
-        return _HEADER.pack(_MAGIC, 1, len(machine)) + machine + view
+        return HEADER.encode({"machine_len": len(machine)}) + machine + view
 
     def load_state(self, data: bytes) -> None:
         """Apply an incoming record; CpuLoadError (destination refuses) leaves it unstarted."""
-        if len(data) < _HEADER.size:
-            raise Arm64StateDecodeError("truncated arm64 component header", 0)
-        magic, fmt, size = _HEADER.unpack_from(data)
-        if magic != _MAGIC or fmt != 1 or _HEADER.size + size > len(data):
-            raise Arm64StateDecodeError("bad arm64 component header", 0)
-        state = decode_state(data[_HEADER.size:_HEADER.size + size])
-        rest = data[_HEADER.size + size:]
+        try:
+            head, at = HEADER.decode_head(data)
+        except StreamDecodeError as exc:
+            raise Arm64StateDecodeError(f"bad arm64 component header: {exc}",
+                                        exc.offset) from exc
+        size = head["machine_len"]
+        if at + size > len(data):
+            raise Arm64StateDecodeError(f"arm64 component: machine state of {size} bytes runs "
+                                        f"past the record ({len(data)} bytes)", at)
+        state = decode_state(data[at:at + size])
+        rest = data[at + size:]
         view = decode_view(rest) if rest else None
         self.last_load = self.machine.load(state, self.merge)
         if view is not None:

@@ -38,13 +38,14 @@ The handler's hooks, in the engine's order:
                    ``destination_report``)
 =================  ===========================================================================
 
-Envelope (big-endian): ``"A64H" | u8 merge (1 classic, 2 strict) | component record``.
+Envelope (big-endian): ``"A64H" | u8 merge (1 classic, 2 strict) | component record``,
+declared once as :data:`ENVELOPE` (:mod:`vmferry.hw.persist`).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
-import struct
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -52,6 +53,7 @@ from vmferry.errors import ConfigError, MalformedRecord, MigrationRefused, Strea
 from vmferry.guest.psci_client import encode_view
 from vmferry.hw.kvm import regs as R
 from vmferry.hw.kvm.psci import PsciVersion
+from vmferry.hw.persist import TAG4, Field, StructLayout, StructVersion
 from vmferry.machine.arm64 import MergeMode, PowerTransitionError
 from vmferry.machine.arm64_compat import (
     Decision,
@@ -74,10 +76,21 @@ NAME: Final = "arm64"
 PSCI_KEY: Final = "psci"
 COMPAT_MERGE: Final = {"qemu": MergeMode.CLASSIC, "preflight": MergeMode.STRICT}
 
-_MAGIC: Final = b"A64H"
-_ENVELOPE = struct.Struct(">4sB")
-_MERGE_CODES: Final = {MergeMode.CLASSIC: 1, MergeMode.STRICT: 2}
+
+
+class MergeCode(enum.IntEnum):
+    """The merge a destination applies, as the envelope encodes it (by these values)."""
+
+    CLASSIC = 1
+    STRICT = 2
+
+
+_MERGE_CODES: Final = {MergeMode.CLASSIC: MergeCode.CLASSIC, MergeMode.STRICT: MergeCode.STRICT}
 _MERGE_BY_CODE: Final = {v: k for k, v in _MERGE_CODES.items()}
+#: ``"A64H" | u8 merge``, then the component's record: the handler's envelope has no version
+#: field of its own (the release wrote it so), its magic names the version
+ENVELOPE = StructLayout("arm64 handler", Field("magic", TAG4), (
+    StructVersion(1, b"A64H", (Field("merge", "u8", MergeCode),)),), endian=">")
 
 
 class Arm64Refused(MigrationRefused):
@@ -187,7 +200,7 @@ class Arm64Handler(MigrationHandler):
         return warnings
 
     def save_complete(self) -> Sequence[StatePiece]:
-        envelope = _ENVELOPE.pack(_MAGIC, _MERGE_CODES[self.merge])
+        envelope = ENVELOPE.encode({"merge": _MERGE_CODES[self.merge]}, 1)
         return (ComponentData(self.name, envelope + self.component.save_state()),)
 
     def save_cleanup(self) -> None:
@@ -209,13 +222,14 @@ class Arm64Handler(MigrationHandler):
         data = self._pending
         if data is None:
             raise MalformedRecord(f"{self.name}: no state arrived")
-        if len(data) < _ENVELOPE.size:
-            raise MalformedRecord(f"{self.name}: truncated state envelope", 0)
-        magic, code = _ENVELOPE.unpack_from(data)
-        if magic != _MAGIC or code not in _MERGE_BY_CODE:
-            raise MalformedRecord(f"{self.name}: bad state envelope", 0)
-        self.component.merge = _MERGE_BY_CODE[code]
-        self.component.load_state(data[_ENVELOPE.size:])
+        try:
+            size = ENVELOPE.size(ENVELOPE.version_of(data))
+            head = ENVELOPE.decode(data[:size])
+        except StreamDecodeError as exc:
+            raise MalformedRecord(f"{self.name}: bad state envelope: {exc}", exc.offset) \
+                from exc
+        self.component.merge = _MERGE_BY_CODE[head["merge"]]
+        self.component.load_state(data[size:])
         self.loaded = True
 
     def load_failed(self) -> None:
