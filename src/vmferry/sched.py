@@ -241,10 +241,26 @@ class Scheduler(Generic[T]):
         self.last = name
         thread.glet.switch()
 
-    def run(self, chooser: Chooser[Self]) -> Stop:
+    def fast_forward(self, names: Sequence[str]) -> None:
+        """Run the steps ``names`` one after the other with no chooser, no ``advance``
+        and no check of who is enabled: a prefix already run, with these choices, by an
+        earlier run of the same deterministic program (the explorer replays the common
+        prefix of its schedules so).  Each must be enabled and end without error there;
+        the steps are recorded in ``schedule`` as :meth:`run_step` records them."""
+        threads, schedule = self.threads, self.schedule
+        for name in names:
+            thread = threads[name]
+            schedule.append((name, thread.label))
+            if thread.status is ThreadStatus.BLOCKED:
+                thread.status = ThreadStatus.READY
+                thread.ready = None
+            self.last = name
+            thread.glet.switch()
+
+    def run(self, chooser: Chooser[Self], depth: int = 0) -> Stop:
         """Step threads along ``chooser`` until the run ends; the threads stay as they
-        are (call :meth:`teardown` to unwind the suspended ones)."""
-        depth = 0
+        are (call :meth:`teardown` to unwind the suspended ones).  ``depth``: steps
+        already run (:meth:`fast_forward`)."""
         while True:
             enabled = self.enabled()
             if not enabled:
