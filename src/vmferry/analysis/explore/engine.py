@@ -186,22 +186,11 @@ class Execution(sched.Scheduler[_Thread]):
         nums = frozenset(canon[locks[i]] for i in range(known) if locks[i].owner != owners[i])
         return Footprint(fp.reads, fp.writes | nums), thread.error
 
-    def fast_forward(self, names: Sequence[str]) -> None:
-        """The core's :meth:`~vmferry.sched.Scheduler.fast_forward` (a prefix of steps
-        an earlier run took and passed: no footprints, checks or chooser), keeping each
-        thread's control path as :meth:`step` does."""
-        threads, schedule = self.threads, self.schedule
-        blocked = ThreadStatus.BLOCKED
-        for name in names:
-            thread = threads[name]
-            label = thread.label
-            thread.pc = hash((thread.pc, label))
-            schedule.append((name, label))
-            if thread.status is blocked:
-                thread.status = ThreadStatus.READY
-                thread.ready = None
-            self.last = name
-            thread.glet.switch()
+    def begin_step(self, thread: _Thread) -> None:
+        """The core's, keeping each thread's control path as :meth:`step` does (the
+        core's :meth:`~vmferry.sched.Scheduler.fast_forward` calls it)."""
+        thread.pc = hash((thread.pc, thread.label))
+        super().begin_step(thread)
 
     def blocked(self) -> list[str]:
         return [t.name for t in self.threads.values() if t.status is ThreadStatus.BLOCKED]
@@ -374,7 +363,7 @@ class SearchStats:
         return outcome is not None and outcome.error is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """A point in the choice tree: the state reached after ``depth`` steps."""
 
@@ -506,12 +495,18 @@ class Dfs:
         return True
 
     def _order(self, node: Node, enabled: list[str]) -> list[str]:
-        awake = [n for n in enabled if n not in node.sleep]
+        """The awake choices within the bound, the running thread first."""
+        sleep, last = node.sleep, node.last
+        awake = [n for n in enabled if n not in sleep] if sleep else list(enabled)
+        if last in awake and awake[0] != last:
+            awake.remove(last)
+            awake.insert(0, last)
         bound = self.limits.preemption_bound
-        ordered = [n for n in awake if n == node.last] + [n for n in awake if n != node.last]
-        if bound is None:
-            return ordered
-        return [n for n in ordered if node.preemptions + node.cost(n) <= bound]
+        if bound is not None and node.preemptions > bound:
+            return []
+        if bound is None or node.preemptions + 1 <= bound or not node.last_enabled:
+            return awake  # no choice costs more than the bound allows
+        return [last] if last in awake else []
 
 
 class _Unobserved:
