@@ -464,6 +464,11 @@ class ChannelGroup:
         may go) and close the connections and the port."""
         with self.lock:
             self.closed = True
+        # shutdown wakes an accept() blocked in the acceptor thread at once; close alone
+        # does not, and the join waited out the acceptor's poll (up to POLL_S) with the
+        # guest paused whenever no channel had connected (RAM in the main connection)
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.listener.close()
         self._acceptor.join()

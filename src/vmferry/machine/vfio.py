@@ -17,7 +17,9 @@ source                                      device states
 ------                                      -------------
 preflight: every device migratable,         -
   more than one device -> all have P2P,
-  the destination hosts each type
+  the destination hosts each type; each
+  device writes the newest state version
+  the destination announced for its driver
 save_setup                                  RUNNING -> PRE_COPY (where supported)
 save_switchover_ack: devices with pre-copy  -
   will mark the end of their initial data
@@ -72,6 +74,7 @@ from vmferry.errors import (
     MigrationError,
     MigrationRefused,
 )
+from vmferry.hw.persist import write_version
 from vmferry.hw.vfio import (
     DRIVERS,
     ChunkSequencer,
@@ -235,9 +238,11 @@ class VfioHandler(MigrationHandler):
     # --- pre-flight --------------------------------------------------------------------
 
     def capabilities(self) -> dict[str, Any]:
-        """The device types this host has and, per device, what it can load."""
+        """The device types this host has, the newest version of each type's saved state
+        it reads and, per device, what it can load."""
         return {
             "drivers": sorted(self.drivers),
+            "state_versions": {d: DRIVERS[d].STATE_VERSION for d in sorted(self.drivers)},
             "devices": {i: encode_capability(d.capability()).hex()
                         for i, d in self.devices.items() if d.driver is not None},
         }  # fmt: skip
@@ -248,6 +253,7 @@ class VfioHandler(MigrationHandler):
         """QEMU's blockers (both compat modes), then what the destination can host."""
         vmms = self._source_vmms()
         check_migratable(list(vmms.values()))
+        self._negotiate_versions(destination)
         if destination is None:
             return ["VFIO: the destination did not describe its devices; their state is "
                     "checked only when it loads"]  # fmt: skip
@@ -264,6 +270,33 @@ class VfioHandler(MigrationHandler):
                 raise MigrationRefused(f"VFIO device {ident}: destination cannot host it: "
                                        f"{reason}")  # fmt: skip
         return []
+
+    def _negotiate_versions(self, destination: Mapping[str, Any] | None) -> None:
+        """Each device writes the newest state version its driver and the destination's
+        both read: version 1 for a destination that announces no versions (a release
+        before the announcement) or none for that driver; the newest without a
+        destination (a snapshot, restored by this release)."""
+        announced = None if destination is None else destination.get("state_versions")
+        if announced is not None and not isinstance(announced, Mapping):
+            raise MigrationRefused(f"VFIO: unreadable destination state versions: "
+                                   f"{announced!r}")  # fmt: skip
+        chosen: dict[str, int] = {}
+        for ident in self._vmms:
+            driver = self.devices[ident].driver
+            assert driver is not None  # _source_vmms refused a device without one
+            if destination is None:
+                chosen[ident] = driver.STATE_VERSION
+                continue
+            readable = None if announced is None else announced.get(driver.name, 1)
+            try:
+                chosen[ident] = write_version(f"{driver.name} device", driver.STATE_VERSION,
+                                              readable)  # fmt: skip
+            except MalformedRecord as exc:
+                raise MigrationRefused(f"VFIO device {ident}: {exc}") from exc
+        for ident, version in chosen.items():
+            driver = self.devices[ident].driver
+            assert driver is not None
+            driver.write_version = version
 
     def _destination_caps(self, destination: Mapping[str, Any]) -> dict[str, DeviceCapability]:
         raw = destination.get("devices", {})

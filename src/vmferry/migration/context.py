@@ -112,6 +112,8 @@ class MigrationStats:
     #: the downtime predicted at the stop decision, and what it was made of
     predicted_downtime_ms: float = 0.0
     predicted: dict[str, float] = field(default_factory=dict)
+    #: the measured rates the prediction rested on (``PrecopyMeter.inputs``)
+    prediction_inputs: dict[str, float] = field(default_factory=dict)
     #: the link's bandwidth as the last pass measured it (0.0: too small to measure)
     link_bandwidth_bps: float = 0.0
     downtime: Downtime = field(default_factory=Downtime)
@@ -161,6 +163,7 @@ class MigrationStats:
             "downtime": round(self.downtime.total_ms, 3),
             "predicted-downtime": round(self.predicted_downtime_ms, 3),
             "predicted-downtime-breakdown": {k: round(v, 3) for k, v in self.predicted.items()},
+            "prediction-inputs": {k: round(v, 3) for k, v in self.prediction_inputs.items()},
             **self._prediction_error(),
             "downtime-breakdown": {k: round(v, 3) for k, v in asdict(self.downtime).items()},
             "ram": {

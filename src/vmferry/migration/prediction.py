@@ -4,7 +4,9 @@ the link (:class:`LinkProbe`), what this migration's pre-copy measured
 
 Every part comes from a quantity measured during this migration, timed where it
 happens: the cost per page of the last pass that sent enough pages to measure it (over
-the channel count this migration uses), stopping the guest and reading the dirty log
+the channel count this migration uses), apart for pages in long runs (RAM_PAGES) and
+scattered pages (RAM_SCATTER lists, about twice the cost of a page here), the rate at
+which device state was read and sent in pre-copy, stopping the guest and reading the dirty log
 (timed in every pass), the last pass's dirty rate, the rate at which RAM is hashed when
 verification is on (a slice is timed), and on the host side the bytes in flight, a round
 trip and its own persists; see docs/performance.md.  The parts are a dict, so a term (a
@@ -13,13 +15,20 @@ device's load time measured in pre-copy, say) is one more key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from vmferry.clock import Clock
+from vmferry.machine.handlers import DeviceData, StatePiece
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.context import MigrationStats
+from vmferry.migration.multichannel import SCATTER_BELOW
+from vmferry.migration.runs import page_runs
 
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
 SWITCHOVER_ROUND_TRIPS = 1.5
@@ -28,6 +37,26 @@ SWITCHOVER_ROUND_TRIPS = 1.5
 MEASURABLE_PAGES = 256
 #: the slice of guest RAM hashed once, in pre-copy, to measure the hashing rate
 DIGEST_SLICE = 16 * 1024 * 1024
+#: below this share of scattered pages a pass measures the cost of a page in long runs
+BULK_SHARE = 0.1
+#: pre-copy device data below this many bytes does not measure the device's rate
+MEASURABLE_DEVICE_BYTES = 1 << 20
+
+
+def device_bytes(pieces: Iterable[StatePiece]) -> int:
+    """The bytes of device data among ``pieces``."""
+    return sum(len(p.data) for p in pieces if isinstance(p, DeviceData))
+
+
+def scattered_share(mask: npt.NDArray[np.bool_]) -> float:
+    """The share of the pages of ``mask`` that go as scattered pages (in runs shorter
+    than ``SCATTER_BELOW``, which the main stream and the data channels alike send in
+    RAM_SCATTER lists): 0.0 for an empty mask."""
+    index = np.flatnonzero(mask)
+    if index.size == 0:
+        return 0.0
+    _, lengths = page_runs(index, index.size)
+    return float(lengths[lengths < SCATTER_BELOW].sum()) / index.size
 
 
 class LinkProbe(Protocol):
@@ -51,11 +80,82 @@ class LinkProbe(Protocol):
         destination's load and resume as the last migration to it reported them."""
         ...
 
+    def quiet(self) -> None:
+        """Called between two passes that are not the last (the guest running, the
+        pass's pages handed out): a quiet moment to sample the fixed costs."""
+        ...
+
     def settle(self) -> None:
         """Just before the stop, with the guest still running: wait (bounded) until the
         destination has taken what was already sent, so that its receive backlog is not
         drained with the guest paused."""
         ...
+
+
+#: job writes with the guest paused: the source's commit step (its transfer steps are only
+#: published then), and on the destination its resume step and completed status
+SOURCE_PAUSED_PERSISTS = 1
+DESTINATION_PAUSED_PERSISTS = 2
+#: the samples of each fixed cost kept (the median of them counts)
+FIXED_SAMPLES = 9
+
+
+def _median(samples: list[float]) -> float:
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _keep(samples: list[float], seconds: float) -> None:
+    if seconds >= 0:
+        samples.append(seconds)
+        del samples[:-FIXED_SAMPLES]
+
+
+@dataclass
+class FixedCosts:
+    """The switchover's fixed costs, from several samples each, taken at quiet moments of
+    pre-copy (between passes, at the decision; a sample taken while pages stream costs
+    several times more here), and the median of them used: one sample that stalled
+    (a job write held up by the disk, a round trip by the scheduler) no longer swings the
+    prediction several-fold.  Fed by the host (sans-IO here)."""
+
+    #: one job write on the source, seconds
+    persists: list[float] = field(default_factory=list)
+    #: one control-API round trip to the destination, seconds
+    round_trips: list[float] = field(default_factory=list)
+    #: one job write on the destination, as it timed its own (it reports them)
+    destination_persists: list[float] = field(default_factory=list)
+    #: the destination's load and adopt (without its persists) as the last migration to it
+    #: reported them; None: no migration to it yet
+    destination_load_adopt_s: float | None = None
+
+    def persisted(self, seconds: float) -> None:
+        _keep(self.persists, seconds)
+
+    def round_trip(self, seconds: float) -> None:
+        _keep(self.round_trips, seconds)
+
+    def destination_persisted(self, seconds: float) -> None:
+        _keep(self.destination_persists, seconds)
+
+    def round_trip_s(self) -> float:
+        return _median(self.round_trips)
+
+    def switchover_s(self) -> float:
+        """The job writes with the guest paused on both hosts and the destination's load
+        and adopt.  Without an earlier migration to the destination, its adopt is its
+        VM record's write (one more job write's worth); without the destination's own
+        samples, its writes cost what the source's do."""
+        persist = _median(self.persists)
+        destination = _median(self.destination_persists) if self.destination_persists \
+            else persist  # fmt: skip
+        load_adopt = self.destination_load_adopt_s if self.destination_load_adopt_s \
+            is not None else destination  # fmt: skip
+        return (SOURCE_PAUSED_PERSISTS * persist + DESTINATION_PAUSED_PERSISTS * destination
+                + load_adopt)
 
 
 @dataclass
@@ -71,11 +171,20 @@ class PrecopyMeter:
     stop_s: float = 0.0
     #: one read of the dirty log (the last pass's)
     sync_s: float = 0.0
-    #: seconds per non-zero page, as the last pass that sent enough of them measured it
-    #: (zero pages are cheap: they are counted free); 0.0: not measured
+    #: seconds per non-zero page in long runs (RAM_PAGES), as the last pass that sent
+    #: enough of them measured it (zero pages are cheap: they are counted free); 0.0: not
+    #: measured
     page_cost_s: float = 0.0
+    #: seconds per non-zero scattered page (RAM_SCATTER lists: a dirtying guest's later
+    #: passes and its final pass), measured apart; 0.0: not measured
+    scatter_cost_s: float = 0.0
+    #: seconds per byte of device state read, encoded and sent, as pre-copy measured
+    #: (device data sent while the guest ran); 0.0: not measured
+    device_s_per_byte: float = 0.0
     #: bytes of guest RAM hashed per second (verification); 0.0: not measured
     digest_bps: float = 0.0
+    #: the share of scattered pages the last prediction assumed for the final pass
+    final_scattered: float = 0.0
 
     def stopped(self, seconds: float) -> None:
         self.stop_s = max(self.stop_s * 0.5, seconds)
@@ -83,10 +192,87 @@ class PrecopyMeter:
     def synced(self, seconds: float) -> None:
         self.sync_s = seconds
 
-    def sent(self, seconds: float, normal_pages: int) -> None:
-        """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero)."""
-        if normal_pages >= MEASURABLE_PAGES and seconds > 0:
+    def sent(self, seconds: float, normal_pages: int, scattered: float = 0.0) -> None:
+        """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero;
+        ``scattered``: the share of the pass's pages that were scattered, see
+        :func:`scattered_share`).  A pass of long runs measures the cost of such a page;
+        a pass of scattered pages, with the long runs' share at their measured cost
+        taken out, the cost of a scattered page."""
+        if normal_pages < MEASURABLE_PAGES or seconds <= 0:
+            return
+        n_scattered = normal_pages * scattered
+        if scattered < BULK_SHARE or n_scattered < MEASURABLE_PAGES:
             self.page_cost_s = seconds / normal_pages
+            return
+        n_runs = normal_pages - n_scattered
+        if self.page_cost_s > 0:
+            rest = seconds - n_runs * self.page_cost_s
+            if rest > 0:
+                self.scatter_cost_s = rest / n_scattered
+        elif scattered >= 1 - BULK_SHARE:
+            self.scatter_cost_s = seconds / normal_pages
+
+    def unmeasured(self, dirty: npt.NDArray[np.bool_] | None) -> bool:
+        """Whether the final pass would send pages ``dirty`` of a kind no pass measured:
+        enough scattered pages to cost something, and no scattered pass yet (a decision
+        right after the bulk first pass; scattered pages cost about twice a page in a
+        run here).  One more pass then sends them, measures their cost and leaves the
+        final pass fewer."""
+        if dirty is None or self.scatter_cost_s > 0:
+            return False
+        share = scattered_share(dirty)
+        return share >= BULK_SHARE and share * int(dirty.sum()) >= MEASURABLE_PAGES
+
+    def device_sent(self, seconds: float, nbytes: int) -> None:
+        """Pre-copy device data (``nbytes``) was read from the devices, encoded and sent
+        in ``seconds``: the rate the stop-copy device state moves at."""
+        if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
+            self.device_s_per_byte = seconds / nbytes
+
+    def device_load_ms(self, load_ms: float, state_ms: float, main_stream: bool) -> float:
+        """How much the destination's loading of the stop-copy device state (``load_ms``,
+        at the rate it measured in pre-copy) adds to ``state_ms``.  In the main stream it
+        loads each chunk as it arrives, and the rate measured for device state in
+        pre-copy already ran at the pace of the slower of sending and loading: with that
+        rate measured the device term is the larger of the two, not their sum.  Over the
+        data channels the destination loads the chunks after the main stream ended: the
+        load adds."""
+        if main_stream and self.device_s_per_byte > 0:
+            return max(0.0, load_ms - state_ms)
+        return load_ms
+
+    def page_s(self, scattered: float, bandwidth: float) -> float:
+        """The cost of one page of a pass whose pages are ``scattered`` (share) scattered:
+        each kind at its measured cost (one measured stands in for the other; neither:
+        a page's bytes at ``bandwidth``)."""
+        runs = self.page_cost_s or self.scatter_cost_s
+        scatter = self.scatter_cost_s or self.page_cost_s
+        if not runs:
+            return self.page_size / max(bandwidth, 1.0)
+        return scattered * scatter + (1 - scattered) * runs
+
+    def inputs(self) -> dict[str, float]:
+        """The measured rates the last prediction used, for the job's statistics: the
+        cost of a page in long runs and of a scattered page (us), the share of scattered
+        pages assumed for the final pass (%), device state read and sent (MB/s)."""
+        return {"page_cost_us": self.page_cost_s * 1e6,
+                "scatter_cost_us": self.scatter_cost_s * 1e6,
+                "final_scattered_pct": self.final_scattered * 100,
+                "device_mbps": 1e-6 / self.device_s_per_byte if self.device_s_per_byte else 0.0}
+
+    def record(self, stats: MigrationStats, link: LinkProbe | None, dirty_pages: int,
+               dirty_rate: float, state_bytes: int, bandwidth: float, verify: GuestRam | None,
+               dirty: npt.NDArray[np.bool_] | None, device_load_ms: float,
+               main_stream: bool) -> None:  # fmt: skip
+        """At the stop decision: the prediction (:meth:`predict`, ``dirty`` the final
+        pass's pages) with the destination's device loads (``device_load_ms``, see
+        :meth:`device_load_ms`), into ``stats`` with the rates it rested on."""
+        p = self.predict(link, dirty_pages, dirty_rate, state_bytes, bandwidth, verify,
+                         scattered_share(dirty) if dirty is not None else 0.0)
+        p["device_load_ms"] = self.device_load_ms(device_load_ms, p["state_ms"], main_stream)
+        stats.predicted = p
+        stats.predicted_downtime_ms = sum(p.values())
+        stats.prediction_inputs = self.inputs()
 
     def time_digest(self, ram: GuestRam) -> None:
         """Hash a slice of ``ram`` as verification hashes all of it, and keep the rate."""
@@ -102,13 +288,14 @@ class PrecopyMeter:
         return min(self.npages, dirty_pages + round(dirty_rate * max(until_stop_s, 0.0)))
 
     def predict(self, link: LinkProbe | None, dirty_pages: int, dirty_rate: float,
-                state_bytes: int, bandwidth: float,
-                verify: GuestRam | None = None) -> dict[str, float]:  # fmt: skip
+                state_bytes: int, bandwidth: float, verify: GuestRam | None = None,
+                scattered: float = 0.0) -> dict[str, float]:  # fmt: skip
         """The downtime's parts (ms) at the stop decision.  ``dirty_pages`` and
         ``dirty_rate`` (pages/s): what the last pass found; ``state_bytes``: device and
         component state still to send; ``bandwidth``: bytes/s the last pass measured;
         ``verify``: the guest's RAM when verification will hash it with the guest paused
-        (a slice of it is hashed now, once, to measure the rate)."""
+        (a slice of it is hashed now, once, to measure the rate); ``scattered``: the share
+        of the dirty pages that are scattered (the final pass sends them so)."""
         if verify is not None and self.digest_bps == 0.0:
             self.time_digest(verify)
         bw = max(bandwidth, 1.0)
@@ -118,12 +305,14 @@ class PrecopyMeter:
         # the host lets what is in flight reach the destination before the stop, the
         # guest still running (and dirtying)
         pages = self.final_pages(dirty_pages, dirty_rate, in_flight / bw)
-        page_s = self.page_cost_s if self.page_cost_s > 0 else self.page_size / bw
+        self.final_scattered = scattered
+        page_s = self.page_s(scattered, bw)
+        state_s_per_byte = self.device_s_per_byte or 1 / bw
         verify_s = (self.npages * self.page_size / self.digest_bps
                     if verify is not None and self.digest_bps > 0 else 0.0)
         return {
             "final_ram_ms": pages * page_s * 1e3,
-            "state_ms": state_bytes / bw * 1e3,
+            "state_ms": state_bytes * state_s_per_byte * 1e3,
             "in_flight_ms": in_flight / bw * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
             "stop_ms": (self.stop_s + self.sync_s) * 1e3,

@@ -56,7 +56,7 @@ from vmferry.migration.context import (
 from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
 from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
 from vmferry.migration.precopy import ConvergencePolicy, decide
-from vmferry.migration.prediction import LinkProbe, PrecopyMeter
+from vmferry.migration.prediction import LinkProbe, PrecopyMeter, device_bytes, scattered_share
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
 from vmferry.migration.stream import (
     ComponentRecord,
@@ -165,8 +165,6 @@ class MigrationParams:
             "compat": self.compat,
             "allow_degraded": self.allow_degraded,
         }
-
-
 
 
 class SourceSession:
@@ -338,9 +336,11 @@ class SourceSession:
                 pieces = [p for h in self.vm.handlers.values() for p in h.save_iterate()]
             if pieces:
                 yield self._encode_pieces(pieces)
+            self.meter.device_sent(self.clock.monotonic() - t_pass, device_bytes(pieces))
+            scattered = scattered_share(to_send)
             t_send = self.clock.monotonic()
             yield from self._send_pages(to_send)
-            self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal)
+            self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal, scattered)
             yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
             if self.params.offline:  # the guest is paused: one pass is all of it
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
@@ -351,15 +351,16 @@ class SourceSession:
             self.meter.synced(self.clock.monotonic() - t_sync)
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
-            if self._end_of_pass(t_pass, dirty.count):
+            if self._end_of_pass(t_pass, dirty.count, to_send):
                 if self.ack.may_stop():
                     break
                 if self.ack.all_sent():
                     yield from self._wait_for_ack()
         yield from self._switchover(to_send)
 
-    def _end_of_pass(self, t_pass: float, dirty_pages: int) -> bool:
-        """Record the pass; True when it is time to switch over."""
+    def _end_of_pass(self, t_pass: float, dirty_pages: int,
+                     dirty: npt.NDArray[np.bool_] | None = None) -> bool:  # fmt: skip
+        """Record the pass (``dirty``: what the next pass sends); True to switch over."""
         now = self.clock.monotonic()
         seconds = max(now - t_pass, 1e-9)
         pass_bytes = self.bytes_out - sum(p.bytes for p in self.stats.passes)
@@ -375,6 +376,8 @@ class SourceSession:
             device_load_ms = self.ack.device_load_ms(self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
+        if d.switchover and number < self.policy.max_passes and self.meter.unmeasured(dirty):
+            d = dataclasses.replace(d, switchover=False)  # one more pass measures its pages
         if self.policy.give_up_after is not None and number >= self.policy.give_up_after:
             raise MigrationError(f"no convergence after {number} passes", f"ram pass {number}")
         self.stats.passes.append(
@@ -405,15 +408,12 @@ class SourceSession:
             self.stats.throttle_pct = d.throttle_pct
             self.guest.set_throttle(d.throttle_pct)
         if d.switchover and not self.params.offline:  # offline: all of it is downtime
-            self.stats.predicted = {
-                **self.meter.predict(self.link, dirty_pages, dirty_pages / seconds,
-                                     remaining - dirty_pages * self.vm.ram.page_size, bandwidth,
-                                     self.vm.ram if self.params.verify else None),
-                # the destination's devices loading the stop-copy state (its rate measured
-                # while it loaded the pre-copy data: switchover-ack)
-                "device_load_ms": device_load_ms,
-            }
-            self.stats.predicted_downtime_ms = sum(self.stats.predicted.values())
+            self.meter.record(self.stats, self.link, dirty_pages, dirty_pages / seconds,
+                              remaining - dirty_pages * self.vm.ram.page_size, bandwidth,
+                              self.vm.ram if self.params.verify else None, dirty,
+                              device_load_ms, self.device_sink is None or self.ram_sink is None)
+        elif self.link is not None and not self.params.offline:
+            self.link.quiet()  # between passes: sample the fixed costs
         return d.switchover
 
     # --- switchover-ack ----------------------------------------------------------------

@@ -9,9 +9,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmferry.errors import BadMagic, MalformedRecord, TruncatedRecord, UnsupportedVersion
+from vmferry.errors import (
+    BadMagic,
+    MalformedRecord,
+    StreamDecodeError,
+    TruncatedRecord,
+    UnsupportedVersion,
+)
 from vmferry.hw.devtree.fdt import STATE_LAYOUT as TREE_LAYOUT
-from vmferry.hw.persist import Field, Layout, enum16
+from vmferry.hw.persist import (
+    TAG4,
+    Field,
+    Layout,
+    StructLayout,
+    StructVersion,
+    enum16,
+    write_version,
+)
 from vmferry.hw.spapr.dmadev import STATE_LAYOUT as DMA_LAYOUT
 from vmferry.hw.spapr.dmadev import DmaEngineState, decode_state, encode_state
 
@@ -112,3 +126,81 @@ def test_item5_components_keep_the_contract_a_refused_restore_changes_nothing() 
         assert engine.save() == before
     finally:
         vm.close()
+
+
+# --- StructLayout: a fixed struct whose versions its first field tells apart -------------
+
+
+class Mode(enum.IntEnum):
+    OFF = 4
+    ON = 1  # declared after OFF with a smaller value: position must not matter
+
+
+STRUCT = StructLayout("probe struct", Field("magic", "u64"), (
+    StructVersion(1, 0xAA, (Field("mode", "u32", Mode), Field("regs", "u16", count=3))),
+    StructVersion(2, 0xBB, (Field("mode", "u32", Mode), Field("major", "u16"),
+                            Field("regs", "u16", count=2))),
+))  # fmt: skip
+
+
+@given(st.sampled_from(list(Mode)), st.tuples(*[st.integers(0, 0xFFFF)] * 3))
+def test_item5_struct_layout_round_trips_each_version(mode: Mode, regs: tuple[int, ...]) -> None:
+    v1 = STRUCT.encode({"mode": mode, "regs": regs}, 1)
+    assert v1 == struct.pack("<QI3H", 0xAA, int(mode), *regs)
+    assert STRUCT.decode(v1) == {"version": 1, "mode": mode, "regs": regs}
+    v2 = STRUCT.encode({"mode": mode, "major": 1, "regs": regs[:2]}, 2)
+    assert STRUCT.version_of(v2) == 2 and STRUCT.size(2) == len(v2) == 18
+    assert STRUCT.decode(v2) == {"version": 2, "mode": mode, "major": 1, "regs": regs[:2]}
+    offset, one = STRUCT.field_at(2, "regs")
+    assert offset == 14 and one.unpack_from(v2, offset) == regs[:2]
+
+
+def test_item5_struct_layout_typed_errors() -> None:
+    good = STRUCT.encode({"mode": Mode.ON, "regs": (1, 2, 3)}, 1)
+    with pytest.raises(TruncatedRecord):
+        STRUCT.version_of(good[:7])
+    with pytest.raises(UnsupportedVersion, match="magic 0xcc names no version"):
+        STRUCT.decode(struct.pack("<Q", 0xCC) + good[8:])
+    with pytest.raises(TruncatedRecord):
+        STRUCT.decode(good[:-1])
+    with pytest.raises(MalformedRecord):
+        STRUCT.decode(good + b"\0")
+    with pytest.raises(MalformedRecord, match="mode 2 is not a Mode"):
+        STRUCT.decode(good[:8] + struct.pack("<I", 2) + good[12:])
+    with pytest.raises(ValueError):
+        STRUCT.encode({"mode": Mode.ON, "regs": (1, 2, 3)}, 3)
+    assert STRUCT.newest == 2
+
+
+@given(st.binary(max_size=24))
+def test_item5_struct_layout_garbage_is_a_typed_decode_error_or_a_struct(data: bytes) -> None:
+    try:
+        out = STRUCT.decode(data)
+    except StreamDecodeError:
+        return
+    assert STRUCT.encode(out, out["version"]) == data
+
+
+def test_item5_struct_layout_declarations_are_checked() -> None:
+    with pytest.raises(ValueError):  # two versions with one key
+        StructLayout("x", Field("m", TAG4), (StructVersion(1, b"AAAA", ()),
+                                            StructVersion(2, b"AAAA", ())))
+    with pytest.raises(ValueError):  # a key of the wrong kind
+        StructLayout("x", Field("m", TAG4), (StructVersion(1, 5, ()),))
+    with pytest.raises(ValueError):  # variable fields have no place in a fixed struct
+        StructLayout("x", Field("m", "u32"), (StructVersion(1, 5, (Field("s", "str16"),)),))
+    with pytest.raises(ValueError):  # arrays are for StructLayout
+        Layout("x", b"XXXX", 1, (Field("a", "u32", count=2),))
+    with pytest.raises(ValueError):
+        Field("a", "str16", count=2)
+
+
+@pytest.mark.parametrize(("readable", "want"), [(None, 1), (1, 1), (2, 2), (9, 2)])
+def test_item5_write_version_is_the_newest_both_read(readable: object, want: int) -> None:
+    assert write_version("probe", 2, readable) == want
+
+
+@pytest.mark.parametrize("readable", ["2", 0, -1, True, 2.0])
+def test_item5_malformed_announced_version_is_a_typed_error(readable: object) -> None:
+    with pytest.raises(MalformedRecord, match="probe state version"):
+        write_version("probe", 2, readable)

@@ -23,13 +23,16 @@ class Probe:
     def __init__(self, in_flight: int, rtt: float, bw: float = 0.0, fixed: float = 0.0
                  ) -> None:  # fmt: skip
         self.in_flight, self.rtt, self.bw, self.fixed = in_flight, rtt, bw, fixed
-        self.settled = 0
+        self.settled = self.quiets = 0
 
     def fixed_switchover_s(self) -> float:
         return self.fixed
 
     def settle(self) -> None:
         self.settled += 1
+
+    def quiet(self) -> None:
+        self.quiets += 1
 
     def in_flight_bytes(self) -> int:
         return self.in_flight
@@ -225,6 +228,7 @@ def test_issue17_item4_session_measures_its_passes_for_the_prediction() -> None:
     ps = src.vm.ram.page_size
     assert ps / 60e6 <= src.meter.page_cost_s <= 1.1 * ps / 60e6
     last = src.stats.passes[-1]
+    bw = last.bytes / last.seconds
     assert src.stats.predicted["final_ram_ms"] == (
         src.meter.final_pages(last.dirty_pages, last.dirty_pages_rate, 0.0)
-        * src.meter.page_cost_s * 1e3)
+        * src.meter.page_s(src.meter.final_scattered, bw) * 1e3)

@@ -66,6 +66,8 @@ log = logging.getLogger("vmferry.host.migration")
 #: how long a destination that failed reads what the source still sends, so that its
 #: ERROR frame is not lost to a reset
 DRAIN_S = 1.0
+#: job writes timed before the stream (``DestinationWorker._timed_saves``)
+PERSIST_SAMPLES = 3
 
 
 def serve_incoming(daemon: MigrationHost, listener: socket.socket) -> None:
@@ -206,8 +208,22 @@ class DestinationWorker:
         self.ch.send(Welcome(self.daemon.name), self._on_stall)
         self.idle_s = IDLE_TIMEOUT_S
         self.job.move(JobStatus.ACTIVE, "receiving stream")
-        self.daemon.save_job(self.job)
+        self._timed_saves()
         return first
+
+    def _timed_saves(self) -> None:
+        """Write the job :data:`PERSIST_SAMPLES` times, each timed, before the first byte
+        of data (a quiet moment): the source reads the times (``progress.persist_ms``)
+        for the downtime it predicts, which has this host's writes with the guest paused
+        in it (the resume step, the completed status, the VM's record)."""
+        assert self.job is not None
+        samples: list[float] = []
+        for _ in range(PERSIST_SAMPLES):
+            self.job.progress["persist_ms"] = samples
+            t0 = time.monotonic()
+            self.daemon.save_job(self.job)
+            samples = [*samples, round((time.monotonic() - t0) * 1e3, 3)]
+        self.job.progress["persist_ms"] = samples
 
     def _build_staging(self, definition: Any) -> Any:
         """The staging VM built at the handshake (its RAM faulted in from a thread while

@@ -45,7 +45,6 @@ from vmferry.host.migration.ack import SwitchoverAckSide
 from vmferry.host.migration.common import (
     ACTIVE_STALL_S,
     HELLO_TIMEOUT_S,
-    RECEIVE_BUFFER,
     STATS_EVERY_S,
     MigrationHost,
     ask_destination,
@@ -57,6 +56,7 @@ from vmferry.host.migration.common import (
     stall_bound_s,
     status_json,
 )
+from vmferry.host.migration.probes import _DESTINATION_FIXED, LinkProbeSide
 from vmferry.host.outcome import downtime_overrun
 from vmferry.host.records import HostedVm, Job
 from vmferry.host.runner import VmRunner
@@ -85,26 +85,13 @@ from vmferry.migration.channel import (
 from vmferry.migration.channel import Status as Why
 from vmferry.migration.context import Status
 from vmferry.migration.destination import describe_failure
+from vmferry.migration.prediction import FixedCosts
 from vmferry.migration.source import MigrationParams, SourceSession
 from vmferry.migration.stream import MAJOR, MINOR
 from vmferry.migration.stream.records import Buffer
 
 log = logging.getLogger("vmferry.host.migration")
 
-#: the best bandwidth a pass measured to each destination (its control URL), kept for
-#: migrations whose passes are too small to measure it themselves
-_LINK_BANDWIDTH: dict[str, float] = {}
-#: the destination's load and resume (s) as the last migration to it (its control URL)
-#: reported them, for the downtime prediction
-_DESTINATION_FIXED: dict[str, float] = {}
-#: the longest the source waits, before the stop, for the destination to take what was
-#: sent (``SourceWorker.settle``), and how often it looks
-SETTLE_S = 1.0
-SETTLE_POLL_S = 0.001
-#: job writes with the guest paused: the source's commit step (its transfer steps are
-#: only published then, see ``SourceWorker._persist``), the destination's resume and
-#: completed
-PAUSED_PERSISTS = 3
 
 #: opens the connection to the destination's listener: (address, timeout) -> link
 Dialer = Callable[[tuple[str, int], float], Link]
@@ -158,7 +145,7 @@ def _damaged(buffers: list[Buffer]) -> list[Buffer]:
     return [*buffers[:-1], bytes(body)]
 
 
-class SourceWorker(SwitchoverAckSide):
+class SourceWorker(SwitchoverAckSide, LinkProbeSide):
     """The source's side of the migration connection (see the module docstring)."""
 
     def __init__(
@@ -193,7 +180,8 @@ class SourceWorker(SwitchoverAckSide):
         self.channels: datachannels.ChannelSink | None = None
         #: one persist of the job, measured (a moving average)
         self._persist_s = 0.0
-        self._rtt_s = 0.0
+        #: the switchover's fixed costs, sampled at quiet moments (medians count)
+        self.fixed = FixedCosts(destination_load_adopt_s=_DESTINATION_FIXED.get(job.peer))
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
         #: the stream copy (``stream_file``), renamed into place if the migration completes
@@ -203,7 +191,7 @@ class SourceWorker(SwitchoverAckSide):
         try:
             self._check_cancel()
             self._preflight()
-            self._rtt_s = self._measure_round_trip()
+            self._measure_round_trip()
             self.ch = self._connect()
             self._open_channels()
             self._device_over_channels()
@@ -338,69 +326,6 @@ class SourceWorker(SwitchoverAckSide):
             warnings = self.session.preflight(self.incoming.get("capabilities"))
         for w in warnings:
             log.warning("job %s pre-flight: %s", self.job.id, w)
-
-    def _measure_round_trip(self) -> float:
-        """Median of three control-API round trips to the destination host."""
-        tls = client_context(self.daemon.tls)
-        client = HostClient(self.job.peer, self.daemon.token, timeout=5.0, tls=tls)
-        samples = []
-        for _ in range(3):
-            t0 = time.monotonic()
-            try:
-                client.get("/v1/host")
-            except (ApiError, HostError):
-                return 0.0
-            samples.append(time.monotonic() - t0)
-        return sorted(samples)[1]
-
-    def round_trip_s(self) -> float:
-        """Measured again at the stop decision (the links are quiet between passes, as
-        they are at the switchover); the one from the job's start if that fails."""
-        self._rtt_s = self._measure_round_trip() or self._rtt_s
-        return self._rtt_s
-
-    def bandwidth_bps(self) -> float:
-        return _LINK_BANDWIDTH.get(self.job.peer, 0.0)
-
-    def _remember_bandwidth(self) -> None:
-        measured = self.session.stats.link_bandwidth_bps
-        if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
-            _LINK_BANDWIDTH[self.job.peer] = measured
-
-    def in_flight_bytes(self) -> int:
-        """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
-        queue is not empty (the destination is behind), its full receive buffer."""
-        queued = self.ch.link.queued() if self.ch is not None else 0
-        queued = queued + RECEIVE_BUFFER if queued > 0 else 0
-        if self.channels is not None:
-            queued += self.channels.in_flight_bytes()
-        return queued
-
-    def settle(self) -> None:
-        """Before the stop, the guest running: wait until every byte handed to the main
-        connection and the data channels has left the send queues (SIOCOUTQ: taken by
-        the destination's socket), at most ``SETTLE_S``.  What then remains unapplied
-        at the destination is at most its receive buffers, not a full send queue."""
-        end = time.monotonic() + SETTLE_S
-        while self._queued_raw() > 0 and time.monotonic() < end:
-            self._check_cancel()
-            time.sleep(SETTLE_POLL_S)
-
-    def _queued_raw(self) -> int:
-        queued = self.ch.link.queued() if self.ch is not None else 0
-        if self.channels is not None:
-            queued += self.channels.in_flight_bytes()
-        return queued
-
-    def fixed_switchover_s(self) -> float:
-        """One persist of the job timed now, at the stop decision (between passes, the
-        links quiet, as at the switchover; a persist timed while the pages stream costs
-        several times more here) times the persists with the guest paused, plus the
-        destination's load and resume as the last migration to it reported them."""
-        t0 = time.monotonic()
-        self.daemon.save_job(self.job)
-        self._persist_s = time.monotonic() - t0
-        return PAUSED_PERSISTS * self._persist_s + _DESTINATION_FIXED.get(self.job.peer, 0.0)
 
     def _unlogged_write(self) -> None:
         """Fault ``active:unlogged-write``: change page 0 without a dirty mark, once."""

@@ -46,6 +46,7 @@ import struct
 from dataclasses import dataclass
 
 from vmferry.errors import MalformedRecord
+from vmferry.hw import persist
 from vmferry.hw.persist import Field, Layout
 from vmferry.hw.x86 import kvm
 
@@ -247,11 +248,7 @@ def write_version(readable: object) -> int:
     """The payload version to write for a reader that announced ``readable`` as the
     highest it reads (None: a host of the release before the layout, which announces
     nothing and reads version 1 only)."""
-    if readable is None:
-        return LEGACY_VERSION
-    if not isinstance(readable, int) or isinstance(readable, bool) or readable < 1:
-        raise MalformedRecord(f"x86 state version {readable!r} announced by the destination")
-    return min(VERSION, readable)
+    return persist.write_version("x86", VERSION, readable)
 
 
 def _check_writable(version: int) -> None:

@@ -110,6 +110,10 @@ class VariantDriver(ABC):
     #: errno of any SET while the device sits in ERROR (pds short-circuits with EIO)
     error_state_errno: ClassVar[int] = errno.EINVAL
     DMA_SLOT: ClassVar[int] = 64
+    #: the newest version of the device's saved state this driver reads and writes; a
+    #: destination announces it at pre-flight (``machine.vfio``), the source writes
+    #: ``write_version`` = the newest both read
+    STATE_VERSION: ClassVar[int] = 1
 
     def __init__(self, memory: GuestMemory, dma: DmaRegion, seed: int) -> None:
         if dma.size < self.DMA_SLOT or dma.gpa < 0 or dma.gpa + dma.size > memory.size:
@@ -130,6 +134,8 @@ class VariantDriver(ABC):
         self.dma_writes = 0
         #: data-transfer sessions opened so far (numbers the stream files per device)
         self.sessions = 0
+        #: the version of the state the next saving session writes
+        self.write_version = self.STATE_VERSION
 
     # --- hardware -------------------------------------------------------------------------
 

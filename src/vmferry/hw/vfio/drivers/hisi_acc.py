@@ -12,51 +12,83 @@ The queues themselves live in guest RAM (event queue at ``eqe_dma``): each tick 
 writes an event-queue entry there by DMA and advances the queue registers.  The model
 keeps its tick seed in ``qm_rsv_regs[0..1]`` and a checksum of the struct in ``padding``
 (the hardware has none; the model's correct mode must reject corrupted streams).
+
+The struct is the kernel's and keeps the kernel's layout: it has no header, and its
+versions are told apart the way the kernel driver does, by ``acc_magic``.  Both are
+declared once, as :data:`ACC_VF_DATA` (little-endian, 176 bytes each):
+
+* version 1, ``acc_magic`` ``0xCDCDCDCDFEEDAACC`` (``ACC_DEV_MAGIC_V1``): what every
+  release wrote;
+* version 2, ``acc_magic`` ``0xAACCFEEDDECADEDE`` (``ACC_DEV_MAGIC_V2``): the first word of
+  ``qm_rsv_state`` becomes ``major_ver u16 | minor_ver u16`` (1.0), inside the 40-byte
+  match header, so the destination checks the version with the match data.  A major
+  version other than 1 is refused.
+
+An unknown ``acc_magic`` is refused (EINVAL) as soon as the match header arrives, a
+match field that differs from the local device is EFAULT; the device keeps its state.
+The device's registers (:attr:`HisiAccDriver.regs`) are kept in place as a version-1
+struct; a saving session writes the version the destination announced at pre-flight
+(``write_version``), version 1 to a destination that announces nothing.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
-import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import xxhash
 
+from vmferry.errors import StreamDecodeError, UnsupportedVersion
 from vmferry.hw.memory import GuestMemory
+from vmferry.hw.persist import Field, StructLayout, StructVersion
 from vmferry.hw.vfio.drivers.base import DeviceCapability, DmaRegion, VariantDriver, tick_word
 from vmferry.hw.vfio.errors import VfioError
 from vmferry.hw.vfio.states import MigrationFlags
 from vmferry.hw.vfio.stream import DataStream
 
-ACC_MAGIC = 0xCDCDCDCDFEEDAACC
+ACC_DEV_MAGIC_V1 = 0xCDCDCDCDFEEDAACC
+ACC_DEV_MAGIC_V2 = 0xAACCFEEDDECADEDE
+#: ACC_DRV_MAJOR_VER / ACC_DRV_MINOR_VER written in a version-2 struct
+DRV_MAJOR, DRV_MINOR = 1, 0
 QM_MATCH_SIZE = 40
-#: struct acc_vf_data, as a layout table: field -> (offset, struct format)
-LAYOUT: dict[str, tuple[int, str]] = {
-    "acc_magic": (0, "<Q"),
-    "qp_num": (8, "<I"),
-    "dev_id": (12, "<I"),
-    "que_iso_cfg": (16, "<I"),
-    "qp_base": (20, "<I"),
-    "vf_qm_state": (24, "<I"),
-    "qm_rsv_state": (28, "<3I"),
-    "rw_regs": (40, "<6I"),  # aeq/eq int masks, ifc int source/mask/set, page size
-    "qm_eqc_dw": (64, "<7I"),
-    "qm_aeqc_dw": (92, "<7I"),
-    "qm_rsv_regs": (120, "<5I"),
-    "padding": (140, "<I"),
-    "eqe_dma": (144, "<Q"),
-    "aeqe_dma": (152, "<Q"),
-    "sqc_dma": (160, "<Q"),
-    "cqc_dma": (168, "<Q"),
-}
+
+
+class QmState(enum.IntEnum):
+    """``vf_qm_state`` (encoded by these values)."""
+
+    NOT_READY = 0
+    READY = 1
+
+
+def _acc_vf_data(rsv_state: tuple[Field, ...]) -> tuple[Field, ...]:
+    """The fields of ``struct acc_vf_data`` after ``acc_magic``."""
+    return (Field("qp_num", "u32"), Field("dev_id", "u32"), Field("que_iso_cfg", "u32"),
+            Field("qp_base", "u32"), Field("vf_qm_state", "u32", QmState), *rsv_state,
+            # aeq/eq int masks, ifc int source/mask/set, page size
+            Field("rw_regs", "u32", count=6),
+            Field("qm_eqc_dw", "u32", count=7), Field("qm_aeqc_dw", "u32", count=7),
+            Field("qm_rsv_regs", "u32", count=5), Field("padding", "u32"),
+            Field("eqe_dma", "u64"), Field("aeqe_dma", "u64"), Field("sqc_dma", "u64"),
+            Field("cqc_dma", "u64"))  # fmt: skip
+
+
+ACC_VF_DATA = StructLayout("hisi_acc acc_vf_data", Field("acc_magic", "u64"), (
+    StructVersion(1, ACC_DEV_MAGIC_V1, _acc_vf_data((Field("qm_rsv_state", "u32", count=3),))),
+    StructVersion(2, ACC_DEV_MAGIC_V2, _acc_vf_data((
+        Field("major_ver", "u16"), Field("minor_ver", "u16"),
+        Field("qm_rsv_state", "u32", count=2)))),
+))  # fmt: skip
 ACC_VF_DATA_SIZE = 176
-MATCH_FIELDS = ("acc_magic", "qp_num", "dev_id", "que_iso_cfg", "qp_base")
+assert all(ACC_VF_DATA.size(v.number) == ACC_VF_DATA_SIZE for v in ACC_VF_DATA.versions)
+#: the match header's fields the destination compares with its own device
+MATCH_FIELDS = ("qp_num", "dev_id", "que_iso_cfg", "qp_base")
 SEC_VF_DEV_ID = 0xA256
-QM_READY = 1
 
 
 class HisiAccDriver(VariantDriver):
     name: ClassVar[str] = "hisi_acc"
+    STATE_VERSION: ClassVar[int] = ACC_VF_DATA.newest
     DMA_SLOT: ClassVar[int] = 16  # one event-queue entry
 
     def __init__(self, memory: GuestMemory, dma: DmaRegion, seed: int, qp_num: int = 2) -> None:
@@ -69,20 +101,20 @@ class HisiAccDriver(VariantDriver):
     # --- registers ----------------------------------------------------------------------------
 
     def get(self, name: str) -> tuple[int, ...]:
-        offset, fmt = LAYOUT[name]
-        return struct.unpack_from(fmt, self.regs, offset)
+        offset, one = ACC_VF_DATA.field_at(1, name)
+        return one.unpack_from(self.regs, offset)
 
     def put(self, name: str, *values: int) -> None:
-        offset, fmt = LAYOUT[name]
-        struct.pack_into(fmt, self.regs, offset, *values)
+        offset, one = ACC_VF_DATA.field_at(1, name)
+        one.pack_into(self.regs, offset, *values)
 
     def hw_reset(self) -> None:
         self.regs[:] = bytes(ACC_VF_DATA_SIZE)
         q = self.dma.size // 4
-        self.put("acc_magic", ACC_MAGIC)
+        self.put("acc_magic", ACC_DEV_MAGIC_V1)
         self.put("qp_num", self.qp_num)
         self.put("dev_id", SEC_VF_DEV_ID)
-        self.put("vf_qm_state", QM_READY)
+        self.put("vf_qm_state", QmState.READY)
         self.put("rw_regs", 0, 0, 0, 0, 0, 0x1000)
         self.put("qm_rsv_regs", self.seed & 0xFFFFFFFF, self.seed >> 32 & 0xFFFFFFFF, 0, 0, 0)
         self.put("eqe_dma", self.dma.gpa)
@@ -102,7 +134,7 @@ class HisiAccDriver(VariantDriver):
         regs[2] = word & 0xFFFFFFFF  # ifc_int_source
         self.put("rw_regs", *regs)
         slots = (self.dma.size // 4) // self.DMA_SLOT
-        self.dma_write(eqc[0] % slots, struct.pack("<QQ", eqc[0], word))
+        self.dma_write(eqc[0] % slots, eqc[0].to_bytes(8, "little") + word.to_bytes(8, "little"))
         eqc[0] = (eqc[0] + 1) & 0xFFFFFFFF
         self.put("qm_eqc_dw", *eqc)
         self.put("qm_aeqc_dw", *aeqc)
@@ -119,11 +151,21 @@ class HisiAccDriver(VariantDriver):
 
     # --- saving -------------------------------------------------------------------------------
 
-    def snapshot(self) -> bytes:
-        """The struct as saved: registers with the model's checksum in ``padding``."""
-        data = bytearray(self.regs)
-        struct.pack_into("<I", data, LAYOUT["padding"][0], 0)
-        struct.pack_into("<I", data, LAYOUT["padding"][0], xxhash.xxh32_intdigest(bytes(data)))
+    def snapshot(self, version: int | None = None) -> bytes:
+        """The struct as saved (in ``version``, by default ``write_version``): the
+        registers, with the model's checksum in ``padding``.  Cannot fail."""
+        version = version or self.write_version
+        values: dict[str, Any] = {}
+        for f in ACC_VF_DATA.versions[0].fields:  # the registers, read as they are
+            got = self.get(f.name)
+            values[f.name] = got if f.count > 1 else got[0]
+        values["padding"] = 0
+        if version == 2:
+            rsv = values["qm_rsv_state"]
+            values.update(major_ver=DRV_MAJOR, minor_ver=DRV_MINOR, qm_rsv_state=rsv[1:])
+        data = bytearray(ACC_VF_DATA.encode(values, version))
+        offset, one = ACC_VF_DATA.field_at(1, "padding")
+        one.pack_into(data, offset, xxhash.xxh32_intdigest(bytes(data)))
         return bytes(data)
 
     def _save_open(self, stream: DataStream, *, precopy: bool) -> None:
@@ -156,24 +198,44 @@ class HisiAccDriver(VariantDriver):
             self._match(bytes(buf[:QM_MATCH_SIZE]))
         return len(data)
 
-    def _match(self, header: bytes) -> None:
+    def _match(self, header: bytes) -> int:
+        """Check the match header (the first 40 bytes) against this device; its version.
+        EINVAL: a version this driver does not read; EFAULT: another device's state."""
+        try:
+            version = ACC_VF_DATA.version_of(header)
+            if version == 2:
+                offset, one = ACC_VF_DATA.field_at(2, "major_ver")
+                (major,) = one.unpack_from(header, offset)
+                if major != DRV_MAJOR:
+                    raise UnsupportedVersion(f"hisi_acc acc_vf_data: migration driver "
+                                             f"version {major}, this one is {DRV_MAJOR}",
+                                             offset)  # fmt: skip
+        except StreamDecodeError as exc:
+            raise VfioError(errno.EINVAL, f"match header: {exc}") from exc
         for name in MATCH_FIELDS:
-            offset, fmt = LAYOUT[name]
-            if struct.unpack_from(fmt, header, offset) != self.get(name):
+            offset, one = ACC_VF_DATA.field_at(version, name)
+            if one.unpack_from(header, offset) != self.get(name):
                 raise VfioError(errno.EFAULT, f"match header field {name} differs")
+        return version
 
     def _resume_commit(self, stream: DataStream) -> None:
         buf = bytes(self._buffer(stream))
         if len(buf) != ACC_VF_DATA_SIZE:
             raise VfioError(errno.EINVAL, f"resume struct has {len(buf)} of "
                             f"{ACC_VF_DATA_SIZE} bytes")  # fmt: skip
-        self._match(buf[:QM_MATCH_SIZE])
-        offset = LAYOUT["padding"][0]
-        (check,) = struct.unpack_from("<I", buf, offset)
-        zeroed = buf[:offset] + bytes(4) + buf[offset + 4 :]
-        if xxhash.xxh32_intdigest(zeroed) != check:
+        version = self._match(buf[:QM_MATCH_SIZE])
+        try:
+            values = ACC_VF_DATA.decode(buf)
+        except StreamDecodeError as exc:
+            raise VfioError(errno.EINVAL, f"resume struct: {exc}") from exc
+        offset, one = ACC_VF_DATA.field_at(version, "padding")
+        (check,) = one.unpack_from(buf, offset)
+        if xxhash.xxh32_intdigest(buf[:offset] + bytes(4) + buf[offset + 4 :]) != check:
             raise VfioError(errno.EINVAL, "resume struct checksum mismatch")
-        self.regs[:] = zeroed
+        values["padding"] = 0
+        if version == 2:  # the registers keep the version-1 struct
+            values["qm_rsv_state"] = (0, *values["qm_rsv_state"])
+        self.regs[:] = ACC_VF_DATA.encode(values, 1)
 
     def _resume_load_unchecked(self, stream: DataStream) -> None:
         buf = self._buffer(stream)

@@ -6,12 +6,20 @@ followed by ``record_size`` bytes.  Tags: 0 FW_DATA (a device image), 1 STOP_COP
 (TAG_OPTIONAL) lets a reader skip records it does not know; an unknown mandatory tag is
 EOPNOTSUPP and a record above the LOAD limit ENOMEM; either puts the file in error.
 
-FW_DATA payload (the firmware's image format; the model's own fields)::
+FW_DATA payload (the firmware's image format; the model's own fields), little-endian,
+declared once as :data:`IMAGE_LAYOUT` with its two versions, told apart by the magic (the
+format has no version field; the record stream around it is the kernel's)::
 
-    0  magic 'MLXI' | kind u16 (1 FULL, 2 DELTA) | flags u16 (bit0 FINAL)
-    8  npages u32 | reserved u32 | tick u64
+    0  magic | kind u16 (1 FULL, 2 DELTA) | flags u16 (bit0 FINAL)
+    8  npages u32 | version 1: reserved u32 (0), version 2: image_pages u32 | tick u64
     24 image xxh64 after applying u64 | payload xxh64 u64
     40 FULL: the whole image.  DELTA: npages page numbers (u32) then the pages.
+
+Version 1 (magic 'MLXI') is what every release wrote; version 2 (magic 'MLI2') names the
+size of the image it applies to, so a destination refuses an image of another device
+size by name before it touches its staging memory.  The source writes the version the
+destination announced at pre-flight (``write_version``), version 1 to a destination that
+announces nothing.
 
 Saving: RUNNING -> PRE_COPY queues STOP_COPY_SIZE + a FULL image (the initial bytes) and
 starts dirty tracking; the precopy-info query starts an incremental DELTA save when the
@@ -26,6 +34,7 @@ mode does).
 
 from __future__ import annotations
 
+import enum
 import errno
 import struct
 from dataclasses import dataclass, field
@@ -34,7 +43,9 @@ from typing import ClassVar
 import numpy as np
 import xxhash
 
+from vmferry.errors import MalformedRecord, StreamDecodeError
 from vmferry.hw.memory import GuestMemory
+from vmferry.hw.persist import TAG4, Field, StructLayout, StructVersion, enum16
 from vmferry.hw.vfio.drivers.base import DeviceCapability, DmaRegion
 from vmferry.hw.vfio.drivers.image import PAGE, ImageDriver, device_memory
 from vmferry.hw.vfio.errors import VfioError
@@ -45,10 +56,62 @@ RECORD = struct.Struct("<QII")
 TAG_FW_DATA = 0
 TAG_STOP_COPY_SIZE = 1
 TAG_OPTIONAL = 1 << 0
-IMAGE = struct.Struct("<4sHHIIQQQ")
-IMAGE_MAGIC = b"MLXI"
-KIND_FULL, KIND_DELTA = 1, 2
 FLAG_FINAL = 1 << 0
+
+
+class ImageKind(enum.IntEnum):
+    """What a FW_DATA image holds (encoded by these values)."""
+
+    FULL = 1
+    DELTA = 2
+
+
+def _image_fields(fourth: str) -> tuple[Field, ...]:
+    return (enum16("kind", ImageKind), Field("flags", "u16"), Field("npages", "u32"),
+            Field(fourth, "u32"), Field("tick", "u64"), Field("digest", "u64"),
+            Field("payload_hash", "u64"))  # fmt: skip
+
+
+IMAGE_LAYOUT = StructLayout("mlx5 image", Field("magic", TAG4), (
+    StructVersion(1, b"MLXI", _image_fields("reserved")),
+    StructVersion(2, b"MLI2", _image_fields("image_pages")),
+))  # fmt: skip
+#: the header's size, the same in every version
+IMAGE_HEADER = IMAGE_LAYOUT.size(1)
+assert all(IMAGE_LAYOUT.size(v.number) == IMAGE_HEADER for v in IMAGE_LAYOUT.versions)
+
+
+@dataclass(frozen=True)
+class ImageHead:
+    """The plain state of a FW_DATA image header (see the module docstring)."""
+
+    kind: ImageKind
+    final: bool
+    npages: int
+    #: the whole image in pages (version 2; None in a version-1 header)
+    image_pages: int | None
+    tick: int
+    digest: int
+    payload_hash: int
+
+    def encode(self, version: int) -> bytes:
+        """The header's bytes in ``version``; cannot fail for a header of the declared
+        types."""
+        return IMAGE_LAYOUT.encode({
+            "kind": self.kind, "flags": FLAG_FINAL if self.final else 0,
+            "npages": self.npages, "reserved": 0, "image_pages": self.image_pages or 0,
+            "tick": self.tick, "digest": self.digest, "payload_hash": self.payload_hash,
+        }, version)  # fmt: skip
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> ImageHead:
+        """A header of either version: UnsupportedVersion (an unknown magic),
+        TruncatedRecord, or MalformedRecord (an unknown kind, flag or reserved bit)."""
+        v = IMAGE_LAYOUT.decode(data)
+        if v["flags"] & ~FLAG_FINAL or v.get("reserved", 0):
+            raise MalformedRecord(f"mlx5 image: flags {v['flags']:#x} or reserved bits set")
+        return cls(v["kind"], bool(v["flags"] & FLAG_FINAL), v["npages"],
+                   v.get("image_pages"), v["tick"], v["digest"], v["payload_hash"])
 
 
 @dataclass
@@ -65,6 +128,7 @@ class _Parser:
 
 class Mlx5Driver(ImageDriver):
     name: ClassVar[str] = "mlx5"
+    STATE_VERSION: ClassVar[int] = IMAGE_LAYOUT.newest
 
     def __init__(self, memory: GuestMemory, dma: DmaRegion, seed: int,
                  state_size: int = 1 << 20) -> None:  # fmt: skip
@@ -75,11 +139,11 @@ class Mlx5Driver(ImageDriver):
         self.flags = MigrationFlags.STOP_COPY | MigrationFlags.P2P | MigrationFlags.PRE_COPY
         super().__init__(memory, dma, seed, state_size)
         self.npages = state_size // PAGE
-        self.load_limit = IMAGE.size + state_size + 4 * self.npages
+        self.load_limit = IMAGE_HEADER + state_size + 4 * self.npages
 
     def full_size(self) -> int:
         """A whole saving session from STOP: STOP_COPY_SIZE and one FULL image."""
-        return 2 * RECORD.size + 8 + IMAGE.size + self.image_size
+        return 2 * RECORD.size + 8 + IMAGE_HEADER + self.image_size
 
     def data_size(self) -> int:
         """``stop_copy_length``: what STOP_COPY will produce.  From STOP that is the whole
@@ -88,7 +152,7 @@ class Mlx5Driver(ImageDriver):
         precopy-info ioctl, and are read before the final delta either way)."""
         stream = self.saving
         if stream is not None and stream.phase == "precopy" and self.dirty is not None:
-            return RECORD.size + IMAGE.size + len(self.dirty) * (4 + PAGE)
+            return RECORD.size + IMAGE_HEADER + len(self.dirty) * (4 + PAGE)
         return self.full_size()
 
     def capability(self) -> DeviceCapability:
@@ -100,8 +164,8 @@ class Mlx5Driver(ImageDriver):
     def _record(self, tag: int, flags: int, payload: bytes | memoryview) -> list[memoryview]:
         return [memoryview(RECORD.pack(len(payload), flags, tag)), memoryview(payload)]
 
-    def _image_record(self, kind: int, final: bool) -> list[memoryview]:
-        if kind == KIND_FULL:
+    def _image_record(self, kind: ImageKind, final: bool) -> list[memoryview]:
+        if kind == ImageKind.FULL:
             pages: list[int] = []
             payload = memoryview(self.image.copy().data)
         else:
@@ -112,10 +176,10 @@ class Mlx5Driver(ImageDriver):
         if self.dirty is not None:
             self.dirty = set()
         _, tick, _, _, _ = self.header()
-        head = IMAGE.pack(IMAGE_MAGIC, kind, FLAG_FINAL if final else 0, len(pages), 0, tick,
-                          xxhash.xxh64_intdigest(self.image.data),
-                          xxhash.xxh64_intdigest(payload))  # fmt: skip
-        rec = RECORD.pack(IMAGE.size + len(payload), 0, TAG_FW_DATA)
+        head = ImageHead(kind, final, len(pages), self.npages, tick,
+                         xxhash.xxh64_intdigest(self.image.data),
+                         xxhash.xxh64_intdigest(payload)).encode(self.write_version)
+        rec = RECORD.pack(IMAGE_HEADER + len(payload), 0, TAG_FW_DATA)
         return [memoryview(rec + head), payload]
 
     def _append(self, stream: DataStream, parts: list[memoryview]) -> None:
@@ -126,11 +190,11 @@ class Mlx5Driver(ImageDriver):
         size = struct.pack("<Q", self.full_size())
         self._append(stream, self._record(TAG_STOP_COPY_SIZE, TAG_OPTIONAL, size))
         self.dirty = set() if precopy else None
-        self._append(stream, self._image_record(KIND_FULL, final=not precopy))
+        self._append(stream, self._image_record(ImageKind.FULL, final=not precopy))
         stream.initial_total = stream.appended if precopy else 0
 
     def _save_final(self, stream: DataStream) -> None:
-        self._append(stream, self._image_record(KIND_DELTA, final=True))
+        self._append(stream, self._image_record(ImageKind.DELTA, final=True))
         self.dirty = None
         stream.phase = "final"
 
@@ -143,7 +207,7 @@ class Mlx5Driver(ImageDriver):
             return PrecopyInfo(stream.initial_total - stream.pos, 0)
         tracking = state == DeviceState.PRE_COPY and bool(self.dirty)
         if stream.buffered == 0 and tracking:
-            self._append(stream, self._image_record(KIND_DELTA, final=False))
+            self._append(stream, self._image_record(ImageKind.DELTA, final=False))
             return PrecopyInfo(0, stream.buffered)
         pending = len(self.dirty or ()) * (PAGE + 4) if tracking else 0
         return PrecopyInfo(0, stream.buffered + pending)
@@ -154,7 +218,7 @@ class Mlx5Driver(ImageDriver):
         if stream is None or stream.phase != "precopy":
             raise VfioError(errno.EINVAL, "no pre-copy session to re-initialise")
         with stream.lock:
-            self._append(stream, self._image_record(KIND_FULL, final=False))
+            self._append(stream, self._image_record(ImageKind.FULL, final=False))
             stream.initial_total = stream.appended
             stream.reinit_pending = True
 
@@ -210,17 +274,24 @@ class Mlx5Driver(ImageDriver):
             p.phase, p.header = "header", bytearray()
 
     def _load_image(self, p: _Parser, body: memoryview) -> None:
-        if len(body) < IMAGE.size:
+        if len(body) < IMAGE_HEADER:
             raise VfioError(errno.EINVAL, "FW_DATA record shorter than an image header")
-        magic, kind, flags, npages, _, _, digest, payload_hash = IMAGE.unpack_from(body)
-        payload = body[IMAGE.size :]
-        if magic != IMAGE_MAGIC or xxhash.xxh64_intdigest(payload) != payload_hash:
+        try:
+            head = ImageHead.decode(body[:IMAGE_HEADER])
+        except StreamDecodeError as exc:
+            raise VfioError(errno.EINVAL, f"LOAD: {exc}") from exc
+        if head.image_pages is not None and head.image_pages != self.npages:
+            raise VfioError(errno.EINVAL, f"LOAD: image of {head.image_pages} pages, this "
+                            f"device's is {self.npages}")  # fmt: skip
+        kind, npages, digest = head.kind, head.npages, head.digest
+        payload = body[IMAGE_HEADER:]
+        if xxhash.xxh64_intdigest(payload) != head.payload_hash:
             raise VfioError(errno.EINVAL, "LOAD: corrupt device image")
-        if kind == KIND_FULL and len(payload) == self.image_size:
+        if kind == ImageKind.FULL and len(payload) == self.image_size:
             # device memory (huge pages), faulted in now: the commit adopts it as is
             p.staging = device_memory(self.image_size)
             np.copyto(p.staging, np.frombuffer(payload, dtype=np.uint8))
-        elif kind == KIND_DELTA and p.staging is not None \
+        elif kind == ImageKind.DELTA and p.staging is not None \
                 and len(payload) == npages * (4 + PAGE):  # fmt: skip
             index = np.frombuffer(payload[: 4 * npages], dtype="<u4")
             if npages and int(index.max()) >= self.npages:
@@ -231,7 +302,7 @@ class Mlx5Driver(ImageDriver):
             raise VfioError(errno.EINVAL, "LOAD: image does not apply (no base or bad size)")
         if xxhash.xxh64_intdigest(p.staging.data) != digest:
             raise VfioError(errno.EINVAL, "LOAD: image digest mismatch (foreign session?)")
-        p.final_digest = digest if flags & FLAG_FINAL else None
+        p.final_digest = digest if head.final else None
 
     def _resume_commit(self, stream: DataStream) -> None:
         if stream.errored:

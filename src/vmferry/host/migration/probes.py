@@ -1,0 +1,135 @@
+"""The source worker's probes for the downtime predicted at the stop decision (the
+session's :class:`~vmferry.migration.prediction.LinkProbe`): round trips to the
+destination and job writes sampled at quiet moments (:class:`FixedCosts` keeps their
+medians), the destination's own timed job writes read from its job, the bytes in flight,
+and the wait before the stop until the destination took what was sent.  See
+docs/performance.md ("A downtime that is predicted")."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from vmferry.errors import ApiError, HostError
+from vmferry.host import datachannels
+from vmferry.host.client import HostClient
+from vmferry.host.migration.common import RECEIVE_BUFFER, MigrationHost
+from vmferry.host.records import Job
+from vmferry.host.tls import client_context
+from vmferry.host.transport import Channel
+from vmferry.migration.prediction import FixedCosts
+from vmferry.migration.source import SourceSession
+
+#: the best bandwidth a pass measured to each destination (its control URL), kept for
+#: migrations whose passes are too small to measure it themselves
+_LINK_BANDWIDTH: dict[str, float] = {}
+#: the destination's load and resume (s) as the last migration to it (its control URL)
+#: reported them, for the downtime prediction
+_DESTINATION_FIXED: dict[str, float] = {}
+#: the longest the source waits, before the stop, for the destination to take what was
+#: sent (``LinkProbeSide.settle``), and how often it looks
+SETTLE_S = 1.0
+SETTLE_POLL_S = 0.001
+#: job writes timed at the stop decision (a quiet moment: between passes), beside the one
+#: timed at the end of every pass before it (``LinkProbeSide.quiet``)
+DECISION_SAMPLES = 3
+
+
+class LinkProbeSide:
+    """Mixed into the source worker, which provides the attributes declared here."""
+
+    daemon: MigrationHost
+    job: Job
+    session: SourceSession
+    ch: Channel | None
+    channels: datachannels.ChannelSink | None
+    fixed: FixedCosts
+
+    if TYPE_CHECKING:  # the worker's own method, which the settle wait calls
+        def _check_cancel(self) -> None: ...
+
+    def _measure_round_trip(self, count: int = 3) -> None:
+        """``count`` control-API round trips to the destination host, each a sample: a
+        read of its job, which also carries the job writes the destination timed
+        (``progress.persist_ms``).  A failed request ends the sampling."""
+        tls = client_context(self.daemon.tls)
+        client = HostClient(self.job.peer, self.daemon.token, timeout=5.0, tls=tls)
+        peer_job = self.job.progress.get("peer_job")
+        path = f"/v1/jobs/{peer_job}" if peer_job else "/v1/host"
+        for _ in range(count):
+            t0 = time.monotonic()
+            try:
+                reply = client.get(path)
+            except (ApiError, HostError):
+                return
+            self.fixed.round_trip(time.monotonic() - t0)
+            self._destination_persists(reply)
+
+    def _destination_persists(self, reply: Any) -> None:
+        progress = reply.get("progress") if isinstance(reply, dict) else None
+        samples = progress.get("persist_ms") if isinstance(progress, dict) else None
+        if isinstance(samples, list):
+            self.fixed.destination_persists = [
+                float(x) / 1e3 for x in samples
+                if isinstance(x, int | float) and not isinstance(x, bool) and x >= 0]
+
+    def round_trip_s(self) -> float:
+        """Sampled again at the stop decision (the links are quiet between passes, as
+        they are at the switchover): the median of every sample of this migration."""
+        self._measure_round_trip()
+        return self.fixed.round_trip_s()
+
+    def quiet(self) -> None:
+        """Between two passes (the guest running, the pass's pages handed out): one more
+        sample of a job write and of a round trip."""
+        self._time_persist()
+        self._measure_round_trip(1)
+
+    def _time_persist(self) -> None:
+        t0 = time.monotonic()
+        self.daemon.save_job(self.job)
+        self.fixed.persisted(time.monotonic() - t0)
+
+    def bandwidth_bps(self) -> float:
+        return _LINK_BANDWIDTH.get(self.job.peer, 0.0)
+
+    def _remember_bandwidth(self) -> None:
+        measured = self.session.stats.link_bandwidth_bps
+        if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
+            _LINK_BANDWIDTH[self.job.peer] = measured
+
+    def in_flight_bytes(self) -> int:
+        """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
+        queue is not empty (the destination is behind), its full receive buffer."""
+        queued = self.ch.link.queued() if self.ch is not None else 0
+        queued = queued + RECEIVE_BUFFER if queued > 0 else 0
+        if self.channels is not None:
+            queued += self.channels.in_flight_bytes()
+        return queued
+
+    def settle(self) -> None:
+        """Before the stop, the guest running: wait until every byte handed to the main
+        connection and the data channels has left the send queues (SIOCOUTQ: taken by
+        the destination's socket), at most ``SETTLE_S``.  What then remains unapplied
+        at the destination is at most its receive buffers, not a full send queue."""
+        end = time.monotonic() + SETTLE_S
+        while self._queued_raw() > 0 and time.monotonic() < end:
+            self._check_cancel()
+            time.sleep(SETTLE_POLL_S)
+
+    def _queued_raw(self) -> int:
+        queued = self.ch.link.queued() if self.ch is not None else 0
+        if self.channels is not None:
+            queued += self.channels.in_flight_bytes()
+        return queued
+
+    def fixed_switchover_s(self) -> float:
+        """Job writes timed now, at the stop decision (between passes, the links quiet, as
+        at the switchover; a write timed while the pages stream costs several times more
+        here), with those timed after earlier passes: the median write times the writes
+        with the guest paused on both hosts (the destination's own, as it timed them),
+        plus the destination's load and adopt (:class:`FixedCosts`)."""
+        for _ in range(DECISION_SAMPLES):
+            self._time_persist()
+        return self.fixed.switchover_s()
+

@@ -1,0 +1,50 @@
+"""Issue 17 item 4 (the downtime predicted within +-15 %): the host-side causes of
+downtime the source could not see, removed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from tests.unit.host.test_channel_workers import hosts  # noqa: F401 (fixture)
+from tests.unit.host.test_issue17_switchover_ack import migrate
+
+from vmferry.host import datachannels
+from vmferry.host.daemon import HostDaemon
+from vmferry.host.datachannels import ChannelGroup
+from vmferry.host.migration import destination as destination_mod
+from vmferry.machine.ram import GuestRam
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def test_issue17_4_closing_a_channel_group_no_channel_joined_does_not_wait_its_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With RAM in the main connection no data channel connects, and the destination
+    closes its channel group with the guest paused.  Its acceptor thread sits in
+    accept(): close() must wake it, not wait out the acceptor's poll (up to 200 ms of
+    downtime the source could not predict).  Here the poll is endless, so a close that
+    only waits for it never returns."""
+    monkeypatch.setattr(datachannels, "POLL_S", None)  # accept() blocks until woken
+    group = ChannelGroup(TOKEN, GuestRam(16 * 4096), "127.0.0.1")
+    closer = threading.Thread(target=group.close, daemon=True)
+    closer.start()
+    closer.join(20)  # a bound on a hang, not a timing check
+    assert not closer.is_alive(), "close() waited for the acceptor's poll"
+    assert group.closed
+
+
+def test_issue17_4_destination_times_its_job_writes_for_the_source(
+    hosts: tuple[HostDaemon, HostDaemon],  # noqa: F811
+) -> None:
+    """The destination writes its job PERSIST_SAMPLES times before the stream, each timed,
+    and publishes the times in the job's progress (``persist_ms``), where the source reads
+    them for its writes with the guest paused."""
+    a, b = hosts
+    src, dst, _ = migrate(a, b)
+    assert src.status == "completed", src.error
+    samples = dst.progress["persist_ms"]
+    assert len(samples) == destination_mod.PERSIST_SAMPLES
+    assert all(isinstance(x, float) and x >= 0 for x in samples)
+    assert src.stats["predicted-downtime-breakdown"]["fixed_ms"] > 0
