@@ -28,7 +28,6 @@ from vmferry.machine.handlers import DeviceData, StatePiece
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.context import MigrationStats
 from vmferry.migration.multichannel import SCATTER_BELOW
-from vmferry.migration.runs import page_runs
 
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
 SWITCHOVER_ROUND_TRIPS = 1.5
@@ -52,11 +51,12 @@ def scattered_share(mask: npt.NDArray[np.bool_]) -> float:
     """The share of the pages of ``mask`` that go as scattered pages (in runs shorter
     than ``SCATTER_BELOW``, which the main stream and the data channels alike send in
     RAM_SCATTER lists): 0.0 for an empty mask."""
-    index = np.flatnonzero(mask)
-    if index.size == 0:
+    total = int(np.count_nonzero(mask))
+    if total == 0 or (total == mask.size and total >= SCATTER_BELOW):  # one long run
         return 0.0
-    _, lengths = page_runs(index, index.size)
-    return float(lengths[lengths < SCATTER_BELOW].sum()) / index.size
+    edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=0, append=0))
+    lengths = edges[1::2] - edges[::2]  # each run: its start and the page after it
+    return float(lengths[lengths < SCATTER_BELOW].sum()) / total
 
 
 class LinkProbe(Protocol):
@@ -185,6 +185,8 @@ class PrecopyMeter:
     digest_bps: float = 0.0
     #: the share of scattered pages the last prediction assumed for the final pass
     final_scattered: float = 0.0
+    #: a stop was put off once for a pass to measure scattered pages (:meth:`unmeasured`)
+    waited_for_scatter: bool = False
 
     def stopped(self, seconds: float) -> None:
         self.stop_s = max(self.stop_s * 0.5, seconds)
@@ -217,11 +219,13 @@ class PrecopyMeter:
         enough scattered pages to cost something, and no scattered pass yet (a decision
         right after the bulk first pass; scattered pages cost about twice a page in a
         run here).  One more pass then sends them, measures their cost and leaves the
-        final pass fewer."""
-        if dirty is None or self.scatter_cost_s > 0:
+        final pass fewer (once: a pass that could not measure them is not repeated)."""
+        if dirty is None or self.scatter_cost_s > 0 or self.waited_for_scatter:
             return False
         share = scattered_share(dirty)
-        return share >= BULK_SHARE and share * int(dirty.sum()) >= MEASURABLE_PAGES
+        self.waited_for_scatter = share >= BULK_SHARE \
+            and share * int(np.count_nonzero(dirty)) >= MEASURABLE_PAGES  # fmt: skip
+        return self.waited_for_scatter
 
     def device_sent(self, seconds: float, nbytes: int) -> None:
         """Pre-copy device data (``nbytes``) was read from the devices, encoded and sent

@@ -33,6 +33,12 @@ def test_issue17_4_scattered_share_of_a_mask() -> None:
     assert scattered_share(mask) == 0.0
     mask[500:900:4] = True  # 100 single pages
     assert abs(scattered_share(mask) - 100 / 300) < 1e-12
+    mask[:] = True  # pass 1: every page, one run
+    assert scattered_share(mask) == 0.0
+    edge = np.zeros(40, dtype=np.bool_)
+    edge[:3] = edge[20:36] = edge[39:] = True  # runs at both ends: 3 + 1 scattered of 20
+    assert abs(scattered_share(edge) - 4 / 20) < 1e-12
+    assert scattered_share(np.ones(5, dtype=np.bool_)) == 1.0  # a run of 5 is short
 
 
 def test_issue17_4_final_pass_of_scattered_pages_at_the_scattered_cost() -> None:
@@ -174,20 +180,25 @@ def test_issue17_4_unmeasured_scattered_pages_are_measured_before_the_stop() -> 
     """A decision right after the bulk first pass, with scattered dirty pages: nothing
     measured what they cost, so the final pass is not predicted at the bulk cost (KVM
     dirtying: 131 ms predicted, 296 ms measured); one more pass sends them and measures."""
-    m = meter(npages=1000)
-    m.sent(1.0, 1000)  # the bulk first pass
-    scattered = np.zeros(1000, dtype=np.bool_)
-    scattered[::3] = True  # 334 single pages
-    assert m.unmeasured(scattered)
+    def bulk() -> PrecopyMeter:
+        m = meter(npages=1000)
+        m.sent(1.0, 1000)  # the bulk first pass
+        return m
+
     runs = np.zeros(1000, dtype=np.bool_)
     runs[:400] = True
-    assert not m.unmeasured(runs)  # long runs: the bulk pass measured their kind
+    assert not bulk().unmeasured(runs)  # long runs: the bulk pass measured their kind
     few = np.zeros(1000, dtype=np.bool_)
     few[: 2 * (MEASURABLE_PAGES - 1) : 2] = True
-    assert not m.unmeasured(few)  # too few to cost much, or to measure
-    assert not m.unmeasured(None)
+    assert not bulk().unmeasured(few)  # too few to cost much, or to measure
+    assert not bulk().unmeasured(None)
+    scattered = np.zeros(1000, dtype=np.bool_)
+    scattered[::3] = True  # 334 single pages
+    m = bulk()
+    assert m.unmeasured(scattered)
+    assert not m.unmeasured(scattered)  # once: the pass it waited for did not measure
     m.sent(0.3, 334, scattered=1.0)
-    assert not m.unmeasured(scattered)  # measured now
+    assert m.scatter_cost_s > 0
 
 
 def test_issue17_4_session_takes_one_more_pass_to_measure_scattered_pages() -> None:
