@@ -11,8 +11,13 @@ thread's frames).
 Baseline: the engine as it was before issue 15 (``--baseline-rev``, read from git and
 loaded beside the current one) runs its sleep-set search and its naive enumeration on the
 same ``iommu-probe`` cases in the same process, with the instances' state fingerprints
-removed (the scenarios had none then, so that search never computed one); ``speedup`` is
-the current engine's schedules/s over the baseline's for the same kind of search.
+removed (the scenarios had none then, so that search never computed one).  Case by case,
+the baseline search and the current one of the same kind (naive; sleep sets without state
+hashing) run one right after the other, so that both see the same load on a shared
+machine; ``speedup`` is the current engine's schedules/s over the baseline's, by wall time
+and by CPU time of this process (the steadier of the two when other work shares the
+cores).  The baseline counts other schedules than today's engine (its scenarios and its
+search differed), so the comparison is per schedule, not per search.
 
 Then, for the ``--workers-scenarios`` (default ``iommu-probe``), ``dpor`` split at depth
 ``--split-depth`` (default 3) in one process and on 2 Ray workers (local runtime, one
@@ -26,8 +31,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -38,6 +45,8 @@ from typing import Any
 
 from vmferry import sync
 from vmferry.analysis.explore import run_scenario
+from vmferry.analysis.explore.dpor import search
+from vmferry.analysis.explore.engine import SearchLimits
 from vmferry.analysis.explore.scenarios import all_scenarios
 
 STRATEGIES = {"naive": ("naive", False), "sleep": ("sleep", False), "dpor": ("dpor", True),
@@ -47,14 +56,16 @@ STRATEGIES = {"naive": ("naive", False), "sleep": ("sleep", False), "dpor": ("dp
 def measure(scenario: str, strategy: str, workers: int = 1, *,
             state_hashing: bool = False, split_depth: int = 0) -> dict[str, Any]:
     sc = all_scenarios()[scenario]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     report = run_scenario(sc, strategy=strategy, failures_dir=None, workers=workers,
                           state_hashing=state_hashing, split_depth=split_depth)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert report.complete and not report.failures, (scenario, strategy, report.failures[:1])
     return {"schedules": report.schedules_explored, "pruned": report.pruned,
             "pruned_by_state": report.pruned_by_state, "seconds": round(elapsed, 3),
+            "cpu_seconds": round(cpu, 3),
             "schedules_per_s": round(report.schedules_explored / elapsed, 1),
+            "schedules_per_cpu_s": round(report.schedules_explored / max(cpu, 1e-9), 1),
             "runs_per_s": round((report.schedules_explored + report.pruned) / elapsed, 1)}
 
 
@@ -150,18 +161,43 @@ def _stateless(instance: Any) -> Any:
     return instance
 
 
+def _stateless_build(build: Any, mode: str) -> Any:
+    return _stateless(build(mode))
+
+
 def baseline(engine: ModuleType, por: bool) -> dict[str, Any]:
+    """The baseline engine's search (sleep sets with ``por``, else naive) and the current
+    one of the same kind on every ``iommu-probe`` case, case by case one after the other."""
     sc = all_scenarios()["iommu-probe"]
-    schedules, started = 0, time.perf_counter()
+    totals = {"old": [0, 0.0, 0.0], "new": [0, 0.0, 0.0]}  # schedules, wall s, CPU s
     for case in sc.cases:
+        build = case.build
         limits = engine.SearchLimits(sc.preemption_bound, None, None, sc.max_steps)
         limits.por = limits.state_hashing = por
-        build = case.build
-        stats = engine.search(lambda build=build: _stateless(build(sc.default_mode)), limits)
-        schedules += stats.schedules
-    elapsed = time.perf_counter() - started
-    return {"schedules": schedules, "seconds": round(elapsed, 3),
-            "schedules_per_s": round(schedules / elapsed, 1)}
+        limits_now = SearchLimits(preemption_bound=sc.preemption_bound, max_steps=sc.max_steps,
+                                  reduction="sleep" if por else "none", state_hashing=False)
+        old_factory = functools.partial(_stateless_build, build, sc.default_mode)
+        new_factory = functools.partial(build, sc.default_mode)
+        for which, run in (
+            ("old", functools.partial(engine.search, old_factory, limits)),
+            ("new", functools.partial(search, new_factory, limits_now)),
+        ):
+            started, cpu = time.perf_counter(), time.process_time()
+            schedules = run().schedules
+            row = totals[which]
+            row[0] += schedules
+            row[1] += time.perf_counter() - started
+            row[2] += time.process_time() - cpu
+    out: dict[str, Any] = {}
+    for which, (schedules, wall, cpu) in totals.items():
+        out[which] = {"schedules": schedules, "seconds": round(wall, 3),
+                      "cpu_seconds": round(cpu, 3),
+                      "schedules_per_s": round(schedules / wall, 1),
+                      "schedules_per_cpu_s": round(schedules / cpu, 1)}
+    out["speedup"] = round(out["new"]["schedules_per_s"] / out["old"]["schedules_per_s"], 2)
+    out["speedup_cpu"] = round(
+        out["new"]["schedules_per_cpu_s"] / out["old"]["schedules_per_cpu_s"], 2)
+    return out
 
 
 def main() -> None:
@@ -174,11 +210,13 @@ def main() -> None:
     parser.add_argument("--state-hashing", default="vfio-data-stream",
                         help="scenarios also run with sleep sets plus state hashing")
     args = parser.parse_args()
-    out: dict[str, Any] = {"benchmark": "explore_throughput", "scenarios": {}}
+    out: dict[str, Any] = {"benchmark": "explore_throughput", "started": _now(),
+                           "load_average_start": os.getloadavg(), "scenarios": {}}
     for name, sc in all_scenarios().items():
         if args.only and name not in args.only.split(","):
             continue
-        row: dict[str, Any] = {"mode": sc.default_mode, "preemption_bound": sc.preemption_bound}
+        row: dict[str, Any] = {"mode": sc.default_mode, "preemption_bound": sc.preemption_bound,
+                               "dpor_stateful": sc.dpor_state_hashing}
         for label, (strategy, hashing) in STRATEGIES.items():
             row[label] = measure(name, strategy, state_hashing=hashing)
         if name in args.state_hashing.split(","):
@@ -192,15 +230,13 @@ def main() -> None:
         print(f"# {name} done", file=sys.stderr, flush=True)
     engine = legacy_engine(args.baseline_rev) if "iommu-probe" in out["scenarios"] else None
     if engine is not None:
-        old = {"rev": args.baseline_rev, "sleep": baseline(engine, True),
-               "naive": baseline(engine, False)}
+        old = {"rev": args.baseline_rev, "naive": baseline(engine, False),
+               "sleep": baseline(engine, True)}
         now = out["scenarios"]["iommu-probe"]
-        old["speedup"] = {
-            s: round(now[s]["schedules_per_s"] / old[s]["schedules_per_s"], 2)
-            for s in ("sleep", "naive")
-        }
-        old["dpor_over_baseline_sleep_schedules_per_s"] = round(
-            now["dpor"]["schedules_per_s"] / old["sleep"]["schedules_per_s"], 2)
+        old["speedup"] = {s: old[s]["speedup"] for s in ("naive", "sleep")}
+        old["speedup_cpu"] = {s: old[s]["speedup_cpu"] for s in ("naive", "sleep")}
+        old["dpor_stateless_over_baseline_sleep_schedules_per_s"] = round(
+            now["dpor-stateless"]["schedules_per_s"] / old["sleep"]["old"]["schedules_per_s"], 2)
         out["baseline"] = old
     if not args.no_ray and importlib.util.find_spec("ray") is not None:
         out["workers"] = {}
@@ -215,7 +251,13 @@ def main() -> None:
                 "schedules": one["schedules"], "one_process_s": one["seconds"],
                 "two_workers_s": two["seconds"],
                 "ratio": round(one["seconds"] / two["seconds"], 2)}
+    out["load_average_end"] = os.getloadavg()
+    out["finished"] = _now()
     print(json.dumps(out, indent=2))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class ModelThread:
         "name",
         "ready",
         "result",
+        "run_on",
         "sched",
         "status",
     )
@@ -106,6 +107,9 @@ class ModelThread:
         self.footprint: Any = None
         #: unwound by a teardown before it ended
         self.aborted = False
+        #: steps to go on with at the next yield points without switching back
+        #: (:meth:`Scheduler.fast_forward`)
+        self.run_on = 0
 
     # --- SchedulerHook ------------------------------------------------------------------
 
@@ -115,6 +119,10 @@ class ModelThread:
             raise Abort
         self.label = label
         self.footprint = sched.announce(obj, write)
+        if self.run_on:  # a replayed step of this thread follows: no switch
+            self.run_on -= 1
+            sched.begin_step(self)
+            return
         sched.driver.switch()
         if sched.aborting:
             raise Abort
@@ -241,10 +249,44 @@ class Scheduler(Generic[T]):
         self.last = name
         thread.glet.switch()
 
-    def run(self, chooser: Chooser[Self]) -> Stop:
+    def begin_step(self, thread: T) -> None:
+        """Record the step ``thread`` starts (as :meth:`run_step` does): it joins
+        ``schedule`` with the thread's label, and a blocked thread is resumed."""
+        self.schedule.append((thread.name, thread.label))
+        if thread.status is ThreadStatus.BLOCKED:
+            thread.status = ThreadStatus.READY
+            thread.ready = None
+        self.last = thread.name
+
+    def fast_forward(self, names: Sequence[str]) -> None:
+        """Run the steps ``names`` one after the other with no chooser, no ``advance``
+        and no check of who is enabled: a prefix already run, with these choices, by an
+        earlier run of the same deterministic program (the explorer replays the common
+        prefix of its schedules so).  Each must be enabled and end without error there.
+        Steps are recorded by :meth:`begin_step`; consecutive steps of one thread run
+        without switching back here in between.  Raises ScheduleMismatch when a thread
+        blocks or ends before its steps are done (the program is not the one recorded)."""
+        threads = self.threads
+        i, count = 0, len(names)
+        while i < count:
+            name = names[i]
+            j = i + 1
+            while j < count and names[j] == name:
+                j += 1
+            thread = threads[name]
+            self.begin_step(thread)
+            thread.run_on = j - i - 1
+            thread.glet.switch()
+            if thread.run_on:
+                raise ScheduleMismatch(
+                    f"step {j - thread.run_on + 1}: {name} stopped before the replayed "
+                    "prefix says")
+            i = j
+
+    def run(self, chooser: Chooser[Self], depth: int = 0) -> Stop:
         """Step threads along ``chooser`` until the run ends; the threads stay as they
-        are (call :meth:`teardown` to unwind the suspended ones)."""
-        depth = 0
+        are (call :meth:`teardown` to unwind the suspended ones).  ``depth``: steps
+        already run (:meth:`fast_forward`)."""
         while True:
             enabled = self.enabled()
             if not enabled:

@@ -25,7 +25,7 @@ state, as two steps touching different data do.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from vmferry.analysis.explore.api import Instance
@@ -75,6 +75,9 @@ class _Recorder:
         })
         return name
 
+    def replayed(self) -> Sequence[str]:
+        return ()
+
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
         self.footprints.append(footprint)
 
@@ -96,6 +99,9 @@ class _Probe:
             self.key = ("not enabled", depth, name)
             return None
         return name
+
+    def replayed(self) -> Sequence[str]:
+        return ()
 
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
         if depth == len(self.choices) - 1 and self.execution is not None:

@@ -139,6 +139,7 @@ class Execution(sched.Scheduler[_Thread]):
         self.locks: list[sync.ModelLock] = []
         super().__init__(instance.threads, max_steps=max_steps, gates_locks=True)
         self.instance = instance
+        self.invariant = instance.invariant
         self.chooser = chooser
         #: how the run ended when a step failed (set by ``advance``)
         self.outcome: Outcome | None = None
@@ -153,10 +154,12 @@ class Execution(sched.Scheduler[_Thread]):
         chooser = self.chooser
         chooser.stepped(depth, name, footprint)
         if error is None:
-            error = _checked(self.instance.invariant)
-            name = "" if error is not None else name
-        if error is None:
-            return False
+            try:
+                self.invariant()
+            except Exception as exc:
+                error, name = exc, ""
+            else:
+                return False
         self.outcome = Outcome(tuple(self.schedule), error, name or None)
         failed = getattr(chooser, "failed", None)
         if failed is not None:  # a chooser that looks past the failure (dpor)
@@ -170,13 +173,24 @@ class Execution(sched.Scheduler[_Thread]):
         thread = self.threads[name]
         fp = thread.footprint
         thread.pc = hash((thread.pc, thread.label))
-        owners = [lock.owner for lock in self.locks]
+        locks = self.locks
+        if not locks:
+            self.run_step(name)
+            return fp, thread.error
+        known = len(locks)
+        owners = [lock.owner for lock in locks]
         self.run_step(name)
-        changed = [i for i, lock in enumerate(self.locks[: len(owners)]) if lock.owner != owners[i]]
-        if changed and not fp.everything:
-            nums = frozenset(self.canon[self.locks[i]] for i in changed)
-            fp = Footprint(fp.reads, fp.writes | nums)
-        return fp, thread.error
+        if fp.everything or [lock.owner for lock in locks[:known]] == owners:
+            return fp, thread.error
+        canon = self.canon
+        nums = frozenset(canon[locks[i]] for i in range(known) if locks[i].owner != owners[i])
+        return Footprint(fp.reads, fp.writes | nums), thread.error
+
+    def begin_step(self, thread: _Thread) -> None:
+        """The core's, keeping each thread's control path as :meth:`step` does (the
+        core's :meth:`~vmferry.sched.Scheduler.fast_forward` calls it)."""
+        thread.pc = hash((thread.pc, thread.label))
+        super().begin_step(thread)
 
     def blocked(self) -> list[str]:
         return [t.name for t in self.threads.values() if t.status is ThreadStatus.BLOCKED]
@@ -261,12 +275,20 @@ class Chooser(Protocol):
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
         """Thread ``name`` ran step ``depth``; ``footprint`` is what it touched."""
 
+    def replayed(self) -> Sequence[str]:
+        """The threads of the first steps of the run, if an earlier run of the same
+        factory took exactly these choices and went on past them: they are replayed
+        with no footprints, checks or calls to this chooser (their outcome is known)."""
+
 
 def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) -> Outcome | None:
-    """Run one execution, asking ``chooser`` at every step.  None if the chooser cut it."""
+    """Run one execution, asking ``chooser`` at every step past the prefix it says was
+    run before (:meth:`Chooser.replayed`).  None if the chooser cut it."""
     execution = Execution(factory(), max_steps, chooser)
     try:
-        stop = execution.run(chooser)
+        prefix = chooser.replayed()
+        execution.fast_forward(prefix)
+        stop = execution.run(chooser, len(prefix))
         if stop is Stop.IDLE:
             return _end(execution)
         if stop is Stop.BUDGET:
@@ -341,7 +363,7 @@ class SearchStats:
         return outcome is not None and outcome.error is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     """A point in the choice tree: the state reached after ``depth`` steps."""
 
@@ -373,6 +395,9 @@ class Dfs:
         self.stats = SearchStats()
         #: nodes of a fixed prefix (a subtree search): never backtracked into
         self.base = 0
+        #: the nodes at the bottom of the stack whose chosen step an earlier run took
+        #: (and went on past): the next run replays them without looking
+        self.known = 0
 
     def run(self) -> SearchStats:
         while True:
@@ -397,11 +422,15 @@ class Dfs:
             node = self.stack[-1]
             if node.todo:
                 node.chosen = node.todo.pop(0)
+                self.known = len(self.stack) - 1
                 return True
             self.stack.pop()
         return False
 
     # --- Chooser ------------------------------------------------------------------------
+
+    def replayed(self) -> list[str]:
+        return [node.chosen for node in self.stack[: self.known]]
 
     def choose(self, execution: Execution, depth: int, enabled: list[str]) -> str | None:
         if depth < len(self.stack):
@@ -466,12 +495,18 @@ class Dfs:
         return True
 
     def _order(self, node: Node, enabled: list[str]) -> list[str]:
-        awake = [n for n in enabled if n not in node.sleep]
+        """The awake choices within the bound, the running thread first."""
+        sleep, last = node.sleep, node.last
+        awake = [n for n in enabled if n not in sleep] if sleep else list(enabled)
+        if last in awake and awake[0] != last:
+            awake.remove(last)
+            awake.insert(0, last)
         bound = self.limits.preemption_bound
-        ordered = [n for n in awake if n == node.last] + [n for n in awake if n != node.last]
-        if bound is None:
-            return ordered
-        return [n for n in ordered if node.preemptions + node.cost(n) <= bound]
+        if bound is not None and node.preemptions > bound:
+            return []
+        if bound is None or node.preemptions + 1 <= bound or not node.last_enabled:
+            return awake  # no choice costs more than the bound allows
+        return [last] if last in awake else []
 
 
 class _Unobserved:
@@ -482,6 +517,9 @@ class _Unobserved:
 
     def stepped(self, depth: int, name: str, footprint: Footprint) -> None:
         return None
+
+    def replayed(self) -> Sequence[str]:
+        return ()
 
 
 def random_walks(

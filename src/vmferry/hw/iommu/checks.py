@@ -17,13 +17,18 @@ from vmferry.hw.iommu.kernel import Kernel
 
 def check_step(kernel: Kernel) -> None:
     """Invariants 1 and 3 for every device no thread is probing right now."""
-    for dev in kernel.all_devices():
-        if dev.name in kernel.core.probing or dev.name in kernel.core.initialising:
-            continue
-        if 1 in kernel.checking:
-            _check_grouped(kernel, dev)
-        if 3 in kernel.checking:
-            _check_dev_iommu(kernel, dev)
+    grouped, dev_iommu = 1 in kernel.checking, 3 in kernel.checking
+    if not (grouped or dev_iommu):
+        return
+    probing, initialising = kernel.core.probing, kernel.core.initialising
+    for bus in kernel.buses.values():
+        for dev in bus.devices:
+            if dev.name in probing or dev.name in initialising:
+                continue
+            if grouped:
+                _check_grouped(kernel, dev)
+            if dev_iommu:
+                _check_dev_iommu(kernel, dev)
 
 
 def _check_grouped(kernel: Kernel, dev: Device) -> None:
