@@ -132,10 +132,16 @@ class Execution(sched.Scheduler[_Thread]):
 
     thread_class = _Thread
 
-    def __init__(self, instance: Instance, max_steps: int, chooser: Chooser) -> None:
+    def __init__(self, instance: Instance, max_steps: int, chooser: Chooser, *,
+                 paths: bool = True) -> None:
         if not instance.threads:
             raise ValueError("an instance needs at least one thread")
+        #: keep each thread's control path (``pc``, part of :meth:`state_key`)
+        self.paths = paths
         self.canon: dict[Hashable, int] = {}
+        #: the footprint of a write / a read of one object, by object (see ``announce``)
+        self._writes: dict[Hashable, Footprint] = {}
+        self._reads: dict[Hashable, Footprint] = {}
         self.locks: list[sync.ModelLock] = []
         super().__init__(instance.threads, max_steps=max_steps, gates_locks=True)
         self.instance = instance
@@ -148,6 +154,37 @@ class Execution(sched.Scheduler[_Thread]):
                 thread.footprint = self.announce(instance.starts[name], True)
 
     # --- the core's hook -----------------------------------------------------------------
+
+    def run(self, chooser: Any, depth: int = 0) -> Stop:
+        """The core's :meth:`~vmferry.sched.Scheduler.run` -- the same steps, the same
+        stops -- with its enabled set and calls looked up once per run rather than per
+        step: the explorer runs it for every step it explores."""
+        threads = list(self.threads.values())
+        choose, advance, max_steps = chooser.choose, self.advance, self.max_steps
+        ready_status, blocked_status = ThreadStatus.READY, ThreadStatus.BLOCKED
+        while True:
+            enabled = []
+            for thread in threads:
+                status = thread.status
+                if status is ready_status:
+                    gate = thread.gate
+                    if gate is None or gate():
+                        enabled.append(thread.name)
+                elif status is blocked_status:
+                    ready = thread.ready
+                    assert ready is not None
+                    if ready():
+                        enabled.append(thread.name)
+            if not enabled:
+                return Stop.IDLE
+            if depth >= max_steps:
+                return Stop.BUDGET
+            name = choose(self, depth, enabled)
+            if name is None:
+                return Stop.CUT
+            if advance(depth, name):
+                return Stop.STOPPED
+            depth += 1
 
     def advance(self, depth: int, name: str) -> bool:
         footprint, error = self.step(name)
@@ -172,7 +209,8 @@ class Execution(sched.Scheduler[_Thread]):
         """Run thread ``name`` for one step; returns its footprint and any error it raised."""
         thread = self.threads[name]
         fp = thread.footprint
-        thread.pc = hash((thread.pc, thread.label))
+        if self.paths:
+            thread.pc = hash((thread.pc, thread.label))
         locks = self.locks
         if not locks:
             self.run_step(name)
@@ -189,7 +227,8 @@ class Execution(sched.Scheduler[_Thread]):
     def begin_step(self, thread: _Thread) -> None:
         """The core's, keeping each thread's control path as :meth:`step` does (the
         core's :meth:`~vmferry.sched.Scheduler.fast_forward` calls it)."""
-        thread.pc = hash((thread.pc, thread.label))
+        if self.paths:
+            thread.pc = hash((thread.pc, thread.label))
         super().begin_step(thread)
 
     def blocked(self) -> list[str]:
@@ -205,6 +244,8 @@ class Execution(sched.Scheduler[_Thread]):
         """
         if self.instance.state is None:
             return None
+        if not self.paths:
+            raise ValueError("state keys need the threads' control paths (paths=True)")
         threads = tuple(
             (t.name, t.pc, t.status.value, _frames(t.glet) if t.status is not
              ThreadStatus.DONE else ())
@@ -223,11 +264,15 @@ class Execution(sched.Scheduler[_Thread]):
             reads = frozenset(self._number(o) for o in obj.reads)
             writes = frozenset(self._number(o) for o in obj.writes)
             return Footprint(reads - writes, writes)
-        key = (self._number(obj), write)
-        fp = _SINGLE.get(key)
-        if fp is None:
-            one = frozenset((key[0],))
-            fp = _SINGLE[key] = Footprint(writes=one) if write else Footprint(reads=one)
+        known = self._writes if write else self._reads
+        fp = known.get(obj)
+        if fp is None:  # the first access of its kind to ``obj`` in this execution
+            key = (self._number(obj), write)
+            fp = _SINGLE.get(key)
+            if fp is None:
+                one = frozenset((key[0],))
+                fp = _SINGLE[key] = Footprint(writes=one) if write else Footprint(reads=one)
+            known[obj] = fp
         return fp
 
     def _number(self, obj: Hashable) -> int:
@@ -281,10 +326,12 @@ class Chooser(Protocol):
         with no footprints, checks or calls to this chooser (their outcome is known)."""
 
 
-def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser) -> Outcome | None:
+def run_once(factory: Callable[[], Instance], max_steps: int, chooser: Chooser, *,
+             paths: bool = True) -> Outcome | None:
     """Run one execution, asking ``chooser`` at every step past the prefix it says was
-    run before (:meth:`Chooser.replayed`).  None if the chooser cut it."""
-    execution = Execution(factory(), max_steps, chooser)
+    run before (:meth:`Chooser.replayed`).  None if the chooser cut it.  ``paths``: keep
+    the threads' control paths (a search that computes state keys needs them)."""
+    execution = Execution(factory(), max_steps, chooser, paths=paths)
     try:
         prefix = chooser.replayed()
         execution.fast_forward(prefix)
@@ -405,7 +452,8 @@ class Dfs:
             if cap is not None and self.stats.schedules >= cap:
                 self.stats.complete = False
                 break
-            outcome = run_once(self.factory, self.limits.max_steps, self)
+            outcome = run_once(self.factory, self.limits.max_steps, self,
+                               paths=self.limits.state_hashing)
             if self.stats.record(outcome) and self.limits.stop_on_failure:
                 self.stats.complete = False
                 break
@@ -449,9 +497,10 @@ class Dfs:
     # --- nodes --------------------------------------------------------------------------
 
     def _new_node(self, execution: Execution, depth: int, enabled: list[str]) -> Node | None:
-        sleep = self._inherited_sleep(depth) if self.limits.por else {}
+        limits = self.limits
+        sleep = self._inherited_sleep(depth) if limits.por else {}
         preemptions = self._preemptions_at(depth)
-        if not self._fresh_state(execution, preemptions, sleep):
+        if limits.state_hashing and not self._fresh_state(execution, preemptions, sleep):
             self.stats.pruned_by_state += 1
             return None
         last = execution.last
@@ -466,10 +515,23 @@ class Dfs:
         if depth == 0:
             return {}
         parent = self.stack[depth - 1]
-        taken = parent.explored[parent.chosen]
+        chosen = parent.chosen
+        taken = parent.explored[chosen]
         out: dict[str, Footprint] = {}
-        for name, fp in {**parent.sleep, **parent.explored}.items():
-            if name != parent.chosen and not fp.dependent(taken):
+        if taken.everything:
+            return out
+        explored = parent.explored
+        if len(explored) == 1 and not parent.sleep:
+            return out  # only the step taken was explored here, nothing sleeps
+        reads, writes = taken.reads, taken.writes
+        touched = reads | writes
+        for name, fp in parent.sleep.items():
+            if name not in explored and not (
+                    fp.everything or fp.writes & touched or writes & fp.reads):
+                out[name] = fp
+        for name, fp in explored.items():
+            if name != chosen and not (
+                    fp.everything or fp.writes & touched or writes & fp.reads):
                 out[name] = fp
         return out
 

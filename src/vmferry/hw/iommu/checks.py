@@ -25,9 +25,9 @@ def check_step(kernel: Kernel) -> None:
         for dev in bus.devices:
             if dev.name in probing or dev.name in initialising:
                 continue
-            if grouped:
+            if grouped and dev.iommu_group is not None:  # else invariant 1 holds
                 _check_grouped(kernel, dev)
-            if dev_iommu:
+            if dev_iommu and dev.iommu is not None:  # else invariant 3 holds
                 _check_dev_iommu(kernel, dev)
 
 
@@ -39,7 +39,10 @@ def _check_grouped(kernel: Kernel, dev: Device) -> None:
     if not live or dev.iommu is None or dev.iommu.get().iommu_dev is None:
         kernel.violate(1, f"{dev.name} is in group {group.id} without a live probed dev_iommu")
         return
-    count = sum(1 for g in group.devices if g.dev is dev)
+    count = 0
+    for member in group.devices:
+        if member.dev is dev:
+            count += 1
     if count != 1:
         kernel.violate(1, f"{dev.name} appears {count} times in group {group.id}")
 
