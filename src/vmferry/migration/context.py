@@ -114,6 +114,9 @@ class MigrationStats:
     predicted: dict[str, float] = field(default_factory=dict)
     #: the measured rates the prediction rested on (``PrecopyMeter.inputs``)
     prediction_inputs: dict[str, float] = field(default_factory=dict)
+    #: the source's steps with the guest paused, each timed (ms), to set beside the
+    #: predicted parts they correspond to
+    switchover_parts: dict[str, float] = field(default_factory=dict)
     #: the link's bandwidth as the last pass measured it (0.0: too small to measure)
     link_bandwidth_bps: float = 0.0
     downtime: Downtime = field(default_factory=Downtime)
@@ -164,6 +167,7 @@ class MigrationStats:
             "predicted-downtime": round(self.predicted_downtime_ms, 3),
             "predicted-downtime-breakdown": {k: round(v, 3) for k, v in self.predicted.items()},
             "prediction-inputs": {k: round(v, 3) for k, v in self.prediction_inputs.items()},
+            "switchover-parts": {k: round(v, 3) for k, v in self.switchover_parts.items()},
             **self._prediction_error(),
             "downtime-breakdown": {k: round(v, 3) for k, v in asdict(self.downtime).items()},
             "ram": {

@@ -8,8 +8,11 @@ the channel count this migration uses), apart for pages in long runs (RAM_PAGES)
 scattered pages (RAM_SCATTER lists, about twice the cost of a page here), the rate at
 which device state was read and sent in pre-copy, stopping the guest and reading the dirty log
 (timed in every pass), the last pass's dirty rate, the rate at which RAM is hashed when
-verification is on (a slice is timed), and on the host side the bytes in flight, a round
-trip and its own persists; see docs/performance.md.  The parts are a dict, so a term (a
+verification is on (a slice is timed), the host's turnaround for a small batch (the
+state's last batch and END are one), and on the host side the bytes in flight, a round
+trip and its own persists.  Device state without pre-copy, which nothing can read before
+the stop, moves at the rate an earlier migration's stop measured for the same kinds of
+devices to the same destination; see docs/performance.md.  The parts are a dict, so a term (a
 device's load time measured in pre-copy, say) is one more key.
 """
 
@@ -181,38 +184,69 @@ class PrecopyMeter:
     #: seconds per byte of device state read, encoded and sent, as pre-copy measured
     #: (device data sent while the guest ran); 0.0: not measured
     device_s_per_byte: float = 0.0
+    #: seconds per byte of device state read and sent with the guest stopped, as this
+    #: migration's stop measured it (the host remembers it); 0.0: not measured
+    stop_device_s_per_byte: float = 0.0
+    #: the same, as an earlier migration to the same destination with devices of the same
+    #: kinds measured it (the best of them; given by the host): the rate of device state
+    #: that has no pre-copy, which nothing can read before the stop; 0.0: none
+    remembered_device_s_per_byte: float = 0.0
     #: bytes of guest RAM hashed per second (verification); 0.0: not measured
     digest_bps: float = 0.0
     #: the share of scattered pages the last prediction assumed for the final pass
     final_scattered: float = 0.0
     #: a stop was put off once for a pass to measure scattered pages (:meth:`unmeasured`)
     waited_for_scatter: bool = False
+    #: the host sending a small batch (a pass's PASS_END) and asking for the next one, as
+    #: the state's last batch and END are sent at the stop (samples; the median counts)
+    handoffs: list[float] = field(default_factory=list)
+    #: the CPUs the running guest used during the pass that measured ``page_cost_s``
+    #: and ``scatter_cost_s`` (CPU seconds per second; the final pass runs without it)
+    page_guest_cpu: float = 0.0
+    scatter_guest_cpu: float = 0.0
+    #: when the last dirty log was read (the clock's time): the guest dirties pages from
+    #: there until it is stopped
+    synced_at: float | None = None
 
     def stopped(self, seconds: float) -> None:
         self.stop_s = max(self.stop_s * 0.5, seconds)
 
     def synced(self, seconds: float) -> None:
         self.sync_s = seconds
+        self.synced_at = self.clock.monotonic()
 
-    def sent(self, seconds: float, normal_pages: int, scattered: float = 0.0) -> None:
+    def handed_off(self, seconds: float) -> None:
+        _keep(self.handoffs, seconds)
+
+    def state_overhead_s(self) -> float:
+        """What the state part costs beyond its bytes: its last batch and END handed to the
+        host, as pre-copy's small batches measured it."""
+        return _median(self.handoffs)
+
+    def sent(self, seconds: float, normal_pages: int, scattered: float = 0.0,
+             guest_cpu: float = 0.0) -> None:
         """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero;
         ``scattered``: the share of the pass's pages that were scattered, see
         :func:`scattered_share`).  A pass of long runs measures the cost of such a page;
         a pass of scattered pages, with the long runs' share at their measured cost
-        taken out, the cost of a scattered page."""
+        taken out, the cost of a scattered page.  ``guest_cpu``: the CPUs the running
+        guest used meanwhile (CPU seconds per second), kept with the cost measured."""
         if normal_pages < MEASURABLE_PAGES or seconds <= 0:
             return
         n_scattered = normal_pages * scattered
         if scattered < BULK_SHARE or n_scattered < MEASURABLE_PAGES:
             self.page_cost_s = seconds / normal_pages
+            self.page_guest_cpu = guest_cpu
             return
         n_runs = normal_pages - n_scattered
         if self.page_cost_s > 0:
             rest = seconds - n_runs * self.page_cost_s
             if rest > 0:
                 self.scatter_cost_s = rest / n_scattered
+                self.scatter_guest_cpu = guest_cpu
         elif scattered >= 1 - BULK_SHARE:
             self.scatter_cost_s = seconds / normal_pages
+            self.scatter_guest_cpu = guest_cpu
 
     def unmeasured(self, dirty: npt.NDArray[np.bool_] | None) -> bool:
         """Whether the final pass would send pages ``dirty`` of a kind no pass measured:
@@ -232,6 +266,12 @@ class PrecopyMeter:
         in ``seconds``: the rate the stop-copy device state moves at."""
         if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
             self.device_s_per_byte = seconds / nbytes
+
+    def stop_device_sent(self, seconds: float, nbytes: int) -> None:
+        """``nbytes`` of device state were read and sent with the guest stopped in
+        ``seconds``."""
+        if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
+            self.stop_device_s_per_byte = seconds / nbytes
 
     def device_load_ms(self, load_ms: float, state_ms: float, main_stream: bool) -> float:
         """How much the destination's loading of the stop-copy device state (``load_ms``,
@@ -262,7 +302,12 @@ class PrecopyMeter:
         return {"page_cost_us": self.page_cost_s * 1e6,
                 "scatter_cost_us": self.scatter_cost_s * 1e6,
                 "final_scattered_pct": self.final_scattered * 100,
-                "device_mbps": 1e-6 / self.device_s_per_byte if self.device_s_per_byte else 0.0}
+                "device_mbps": 1e-6 / self.device_s_per_byte if self.device_s_per_byte else 0.0,
+                "remembered_device_mbps": 1e-6 / self.remembered_device_s_per_byte
+                if self.remembered_device_s_per_byte else 0.0,
+                "page_guest_cpu_pct": self.page_guest_cpu * 100,
+                "scatter_guest_cpu_pct": self.scatter_guest_cpu * 100,
+                "handoff_ms": _median(self.handoffs) * 1e3}
 
     def record(self, stats: MigrationStats, link: LinkProbe | None, dirty_pages: int,
                dirty_rate: float, state_bytes: int, bandwidth: float, verify: GuestRam | None,
@@ -306,17 +351,22 @@ class PrecopyMeter:
         in_flight = link.in_flight_bytes() if link is not None else 0
         rtt = link.round_trip_s() if link is not None else 0.0
         fixed = link.fixed_switchover_s() if link is not None else 0.0
-        # the host lets what is in flight reach the destination before the stop, the
-        # guest still running (and dirtying)
-        pages = self.final_pages(dirty_pages, dirty_rate, in_flight / bw)
+        # the guest dirties pages from the dirty log's read until it is stopped: this
+        # decision (its samples of the fixed costs), the host letting what is in flight
+        # reach the destination, and stopping it
+        since_sync = self.clock.monotonic() - self.synced_at if self.synced_at is not None \
+            else 0.0  # fmt: skip
+        pages = self.final_pages(dirty_pages, dirty_rate,
+                                 since_sync + in_flight / bw + self.stop_s)
         self.final_scattered = scattered
         page_s = self.page_s(scattered, bw)
-        state_s_per_byte = self.device_s_per_byte or 1 / bw
+        state_s_per_byte = self.device_s_per_byte or self.remembered_device_s_per_byte \
+            or 1 / bw  # fmt: skip
         verify_s = (self.npages * self.page_size / self.digest_bps
                     if verify is not None and self.digest_bps > 0 else 0.0)
         return {
             "final_ram_ms": pages * page_s * 1e3,
-            "state_ms": state_bytes * state_s_per_byte * 1e3,
+            "state_ms": (state_bytes * state_s_per_byte + self.state_overhead_s()) * 1e3,
             "in_flight_ms": in_flight / bw * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
             "stop_ms": (self.stop_s + self.sync_s) * 1e3,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -218,6 +218,9 @@ class SourceSession:
         self.device_sink: DeviceSink | None = None
         #: switchover-ack (the host enables it when the destination speaks it)
         self.ack = AckGate()
+        #: CPU seconds the guest used so far (the host's; None: not measured), for the
+        #: share of the CPU the running guest took from a pass
+        self.guest_cpu: Callable[[], float] | None = None
 
     @property
     def bytes_out(self) -> int:
@@ -338,10 +341,16 @@ class SourceSession:
                 yield self._encode_pieces(pieces)
             self.meter.device_sent(self.clock.monotonic() - t_pass, device_bytes(pieces))
             scattered = scattered_share(to_send)
+            cpu0 = self.guest_cpu() if self.guest_cpu is not None else 0.0
             t_send = self.clock.monotonic()
             yield from self._send_pages(to_send)
-            self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal, scattered)
+            seconds = self.clock.monotonic() - t_send
+            guest = (self.guest_cpu() - cpu0) / seconds \
+                if self.guest_cpu is not None and seconds > 0 else 0.0  # fmt: skip
+            self.meter.sent(seconds, self._pass_normal, scattered, guest)
+            t_handoff = self.clock.monotonic()
             yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
+            self.meter.handed_off(self.clock.monotonic() - t_handoff)
             if self.params.offline:  # the guest is paused: one pass is all of it
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
                 self._end_of_pass(t_pass, 0)
@@ -436,19 +445,26 @@ class SourceSession:
             if self.link is not None:
                 self.link.settle()  # the destination catches up while the guest runs
             self._pause_guest()
+            t = self._stop_part("pause_ms", self._t_pause)
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
+            self._stop_part("dirty_log_ms", t)
         self.stats.move(Status.DEVICE)
+        device0, normal0 = self.stats.device_bytes, self.stats.ram_normal
+        over_channels = self.device_sink is not None and self.ram_sink is not None
+        t = self.clock.monotonic()
         staged = stage_device_state(self.vm.handlers.values(), self.device_sink, self.stats) \
             if self.device_sink is not None and self.ram_sink is not None else {}  # fmt: skip
+        t = self._stop_part("device_staged_ms", t)
         yield from self._send_pages(to_send)
-        self._t_final_ram = self.clock.monotonic()
+        self._t_final_ram = self._stop_part("pages_ms", t)
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
         batch = Batch(out)
+        t = self._stop_part("vcpus_ms", self._t_final_ram)
         for h in self.vm.handlers.values():
             # large device states go out as they are read (or went over the channels)
             for piece in staged.get(h.name, h.save_complete()):
@@ -456,8 +472,37 @@ class SourceSession:
                     yield self._ship(batch)
         batch.add(self.encoder.encode(End()))
         self.stats.ram_remaining = 0
+        t = self._stop_part("handlers_ms", t)
         yield self._ship(batch)
-        self._t_end = self.clock.monotonic()
+        self._t_end = self._stop_part("last_handoff_ms", t)
+        self._time_stop_device(self.stats.device_bytes - device0,
+                               self.stats.ram_normal - normal0, over_channels)
+
+    def _time_stop_device(self, nbytes: int, final_pages: int, over_channels: bool) -> None:
+        """The device state read and sent with the guest stopped (``nbytes``), timed for
+        the host to remember: in the main stream, the handlers' state read, encoded and
+        handed to the host; over the data channels, the devices read (staged) and the
+        final pass beyond its ``final_pages`` pages at the measured cost."""
+        parts = self.stats.switchover_parts
+        if over_channels:
+            measured = self.meter.page_cost_s > 0 or self.meter.scatter_cost_s > 0
+            pages_ms = final_pages * self.meter.page_s(self.meter.final_scattered, 1.0) * 1e3 \
+                if measured else 0.0  # fmt: skip
+            ms = parts["device_staged_ms"] + max(0.0, parts["pages_ms"] - pages_ms)
+        else:
+            ms = parts["handlers_ms"] + parts["last_handoff_ms"]
+        self.meter.stop_device_sent(ms / 1e3, nbytes)
+
+    def device_kinds(self) -> tuple[str, ...]:
+        """The kinds (drivers) of the VM's devices (a device rate is remembered per kind)."""
+        return tuple(sorted(k for h in self.vm.handlers.values() for k in h.device_kinds()))
+
+    def _stop_part(self, name: str, since: float) -> float:
+        """One step of the switchover took from ``since`` until now: kept (ms) in the
+        statistics beside the predicted parts.  Returns now."""
+        now = self.clock.monotonic()
+        self.stats.switchover_parts[name] = (now - since) * 1e3
+        return now
         self.stats.ram_transferred = self.bytes_out
 
     def _pause_guest(self) -> None:
