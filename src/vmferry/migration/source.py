@@ -218,6 +218,9 @@ class SourceSession:
         self.device_sink: DeviceSink | None = None
         #: switchover-ack (the host enables it when the destination speaks it)
         self.ack = AckGate()
+        #: the device state moved at the stop: bytes, the final pass's pages, whether over
+        #: the data channels (timed once the destination reported its drain)
+        self._stop_device: tuple[int, int, bool] = (0, 0, False)
         #: CPU seconds the guest used so far (the host's; None: not measured), for the
         #: share of the CPU the running guest took from a pass
         self.guest_cpu: Callable[[], float] | None = None
@@ -475,20 +478,23 @@ class SourceSession:
         t = self._stop_part("handlers_ms", t)
         yield self._ship(batch)
         self._t_end = self._stop_part("last_handoff_ms", t)
-        self._time_stop_device(self.stats.device_bytes - device0,
-                               self.stats.ram_normal - normal0, over_channels)
+        self._stop_device = (self.stats.device_bytes - device0,
+                             self.stats.ram_normal - normal0, over_channels)
 
-    def _time_stop_device(self, nbytes: int, final_pages: int, over_channels: bool) -> None:
+    def _time_stop_device(self, nbytes: int, final_pages: int, over_channels: bool,
+                          drain_ms: float) -> None:  # fmt: skip
         """The device state read and sent with the guest stopped (``nbytes``), timed for
         the host to remember: in the main stream, the handlers' state read, encoded and
-        handed to the host; over the data channels, the devices read (staged) and the
-        final pass beyond its ``final_pages`` pages at the measured cost."""
+        handed to the host (the destination loads it as it arrives); over the data
+        channels, the devices read (staged), the final pass beyond its ``final_pages``
+        pages at the measured cost, and the destination's wait for the channels' last
+        bytes (``drain_ms``: it loads the device chunks there, after the main stream)."""
         parts = self.stats.switchover_parts
         if over_channels:
             measured = self.meter.page_cost_s > 0 or self.meter.scatter_cost_s > 0
             pages_ms = final_pages * self.meter.page_s(self.meter.final_scattered, 1.0) * 1e3 \
                 if measured else 0.0  # fmt: skip
-            ms = parts["device_staged_ms"] + max(0.0, parts["pages_ms"] - pages_ms)
+            ms = parts["device_staged_ms"] + max(0.0, parts["pages_ms"] - pages_ms) + drain_ms
         else:
             ms = parts["handlers_ms"] + parts["last_handoff_ms"]
         self.meter.stop_device_sent(ms / 1e3, nbytes)
@@ -693,6 +699,7 @@ class SourceSession:
             verification_ms=verify_ms,
             **after_stream(ack, self._t_end, self._t_loaded, now, verify_ms),
         )
+        self._time_stop_device(*self._stop_device, max(self.stats.downtime.drain_ms, 0.0))
         self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.move(Status.COMPLETED)
         self._close_generator()
