@@ -7,7 +7,7 @@ Statistic names follow QEMU's ``query-migrate`` where one applies (``total-time`
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -150,6 +150,12 @@ class MigrationStats:
                                    "not a legal move")  # fmt: skip
         self.status = to
 
+    def timed(self, part: str, since: float, now: float) -> float:
+        """A step of the switchover took from ``since`` to ``now`` (ms into
+        ``switchover_parts``); returns ``now``."""
+        self.switchover_parts[part] = (now - since) * 1e3
+        return now
+
     def _prediction_error(self) -> dict[str, float]:
         """How far the prediction was off, in percent of the actual downtime."""
         if self.status is not Status.COMPLETED or not self.predicted or not self.downtime.total_ms:
@@ -201,3 +207,26 @@ def state_digests(vm: VM) -> dict[str, str]:
         if d is not None:
             out[f"handler:{name}"] = d
     return out
+
+
+def digest_report(src: dict[str, str], ack: Mapping[str, Any], announced: bool,
+                  compare_ms: Callable[[], float]) -> dict[str, Any]:  # fmt: skip
+    """The source's digests ``src`` against the destination's (in ``ack``): which differ,
+    which of them block the commit (RAM and vCPUs always; a handler's unless the
+    pre-flight ``announced`` the destination changes such state), ``compare_ms`` taken
+    once compared (see ``SourceSession.verification``)."""
+    dst = ack.get("digests", {})
+    dst = dict(dst) if isinstance(dst, Mapping) else {}
+    report: dict[str, Any] = {
+        "requested": True,
+        "source": src,
+        "destination": dst,
+        "ram_equal": src.get("ram") == dst.get("ram"),
+        "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
+        "differ": sorted(k for k in set(src) | set(dst) if src.get(k) != dst.get(k)),
+        "verified": bool(dst) and src == dst,
+        "compare_ms": compare_ms(),
+    }
+    report["blocking"] = [k for k in report["differ"] if k in ("ram", "vcpu") or not announced]
+    report["commit_allowed"] = bool(dst) and not report["blocking"]
+    return report

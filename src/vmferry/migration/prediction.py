@@ -18,7 +18,7 @@ device's load time measured in pre-copy, say) is one more key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,7 +27,7 @@ import numpy.typing as npt
 import xxhash
 
 from vmferry.clock import Clock
-from vmferry.machine.handlers import DeviceData, StatePiece
+from vmferry.machine.handlers import DeviceData, MigrationHandler, StatePiece
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.context import MigrationStats
 from vmferry.migration.multichannel import SCATTER_BELOW
@@ -48,6 +48,12 @@ MEASURABLE_DEVICE_BYTES = 1 << 20
 def device_bytes(pieces: Iterable[StatePiece]) -> int:
     """The bytes of device data among ``pieces``."""
     return sum(len(p.data) for p in pieces if isinstance(p, DeviceData))
+
+
+def device_kinds(handlers: Iterable[MigrationHandler]) -> tuple[str, ...]:
+    """The kinds (drivers) of the devices of ``handlers``: a stop-copy device rate is
+    remembered per kinds."""
+    return tuple(sorted(k for h in handlers for k in h.device_kinds()))
 
 
 def scattered_share(mask: npt.NDArray[np.bool_]) -> float:
@@ -204,6 +210,9 @@ class PrecopyMeter:
     #: and ``scatter_cost_s`` (CPU seconds per second; the final pass runs without it)
     page_guest_cpu: float = 0.0
     scatter_guest_cpu: float = 0.0
+    #: CPU seconds the guest used so far (the host's; None: not measured)
+    guest_cpu: Callable[[], float] | None = None
+    _cpu0: float | None = None
     #: when the last dirty log was read (the clock's time): the guest dirties pages from
     #: there until it is stopped
     synced_at: float | None = None
@@ -223,14 +232,24 @@ class PrecopyMeter:
         host, as pre-copy's small batches measured it."""
         return _median(self.handoffs)
 
+    def sending(self) -> float:
+        """A pass starts sending its pages: returns the time, and notes the guest's CPU
+        time (``guest_cpu``) for :meth:`sent`."""
+        self._cpu0 = self.guest_cpu() if self.guest_cpu is not None else None
+        return self.clock.monotonic()
+
     def sent(self, seconds: float, normal_pages: int, scattered: float = 0.0,
-             guest_cpu: float = 0.0) -> None:
+             guest_cpu: float | None = None) -> None:
         """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero;
         ``scattered``: the share of the pass's pages that were scattered, see
         :func:`scattered_share`).  A pass of long runs measures the cost of such a page;
         a pass of scattered pages, with the long runs' share at their measured cost
         taken out, the cost of a scattered page.  ``guest_cpu``: the CPUs the running
-        guest used meanwhile (CPU seconds per second), kept with the cost measured."""
+        guest used meanwhile (CPU seconds per second; by default from ``guest_cpu``
+        since :meth:`sending`), kept with the cost measured."""
+        if guest_cpu is None:
+            guest_cpu = (self.guest_cpu() - self._cpu0) / seconds if self.guest_cpu \
+                is not None and self._cpu0 is not None and seconds > 0 else 0.0  # fmt: skip
         if normal_pages < MEASURABLE_PAGES or seconds <= 0:
             return
         n_scattered = normal_pages * scattered
@@ -266,6 +285,24 @@ class PrecopyMeter:
         in ``seconds``: the rate the stop-copy device state moves at."""
         if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
             self.device_s_per_byte = seconds / nbytes
+
+    def stop_device_timed(self, parts: dict[str, float], nbytes: int, final_pages: int,
+                          over_channels: bool, drain_ms: float) -> None:  # fmt: skip
+        """The device state read and sent with the guest stopped (``nbytes``), from the
+        switchover's timed ``parts`` (ms), for the host to remember: in the main stream,
+        the handlers' state read, encoded and handed to the host (the destination loads
+        it as it arrives); over the data channels, the devices read (staged), the final
+        pass beyond its ``final_pages`` pages at their measured cost, and the
+        destination's wait for the channels' last bytes (``drain_ms``: it loads the
+        device chunks there, after the main stream)."""
+        if over_channels:
+            measured = self.page_cost_s > 0 or self.scatter_cost_s > 0
+            pages_ms = final_pages * self.page_s(self.final_scattered, 1.0) * 1e3 \
+                if measured else 0.0  # fmt: skip
+            ms = parts["device_staged_ms"] + max(0.0, parts["pages_ms"] - pages_ms) + drain_ms
+        else:
+            ms = parts["handlers_ms"] + parts["last_handoff_ms"]
+        self.stop_device_sent(ms / 1e3, nbytes)
 
     def stop_device_sent(self, seconds: float, nbytes: int) -> None:
         """``nbytes`` of device state were read and sent with the guest stopped in

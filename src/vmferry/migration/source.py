@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,6 +51,7 @@ from vmferry.migration.context import (
     PassRecord,
     Status,
     after_stream,
+    digest_report,
     state_digests,
 )
 from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
@@ -218,12 +219,8 @@ class SourceSession:
         self.device_sink: DeviceSink | None = None
         #: switchover-ack (the host enables it when the destination speaks it)
         self.ack = AckGate()
-        #: the device state moved at the stop: bytes, the final pass's pages, whether over
-        #: the data channels (timed once the destination reported its drain)
+        #: the device state moved at the stop: bytes, final pages, over the channels
         self._stop_device: tuple[int, int, bool] = (0, 0, False)
-        #: CPU seconds the guest used so far (the host's; None: not measured), for the
-        #: share of the CPU the running guest took from a pass
-        self.guest_cpu: Callable[[], float] | None = None
 
     @property
     def bytes_out(self) -> int:
@@ -344,13 +341,9 @@ class SourceSession:
                 yield self._encode_pieces(pieces)
             self.meter.device_sent(self.clock.monotonic() - t_pass, device_bytes(pieces))
             scattered = scattered_share(to_send)
-            cpu0 = self.guest_cpu() if self.guest_cpu is not None else 0.0
-            t_send = self.clock.monotonic()
+            t_send = self.meter.sending()
             yield from self._send_pages(to_send)
-            seconds = self.clock.monotonic() - t_send
-            guest = (self.guest_cpu() - cpu0) / seconds \
-                if self.guest_cpu is not None and seconds > 0 else 0.0  # fmt: skip
-            self.meter.sent(seconds, self._pass_normal, scattered, guest)
+            self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal, scattered)
             t_handoff = self.clock.monotonic()
             yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
             self.meter.handed_off(self.clock.monotonic() - t_handoff)
@@ -448,26 +441,26 @@ class SourceSession:
             if self.link is not None:
                 self.link.settle()  # the destination catches up while the guest runs
             self._pause_guest()
-            t = self._stop_part("pause_ms", self._t_pause)
+            t = self.stats.timed("pause_ms", self._t_pause, self.clock.monotonic())
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
-            self._stop_part("dirty_log_ms", t)
+            self.stats.timed("dirty_log_ms", t, self.clock.monotonic())
         self.stats.move(Status.DEVICE)
         device0, normal0 = self.stats.device_bytes, self.stats.ram_normal
         over_channels = self.device_sink is not None and self.ram_sink is not None
         t = self.clock.monotonic()
         staged = stage_device_state(self.vm.handlers.values(), self.device_sink, self.stats) \
-            if self.device_sink is not None and self.ram_sink is not None else {}  # fmt: skip
-        t = self._stop_part("device_staged_ms", t)
+            if over_channels and self.device_sink is not None else {}  # fmt: skip
+        t = self.stats.timed("device_staged_ms", t, self.clock.monotonic())
         yield from self._send_pages(to_send)
-        self._t_final_ram = self._stop_part("pages_ms", t)
+        self._t_final_ram = self.stats.timed("pages_ms", t, self.clock.monotonic())
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
         batch = Batch(out)
-        t = self._stop_part("vcpus_ms", self._t_final_ram)
+        t = self.stats.timed("vcpus_ms", self._t_final_ram, self.clock.monotonic())
         for h in self.vm.handlers.values():
             # large device states go out as they are read (or went over the channels)
             for piece in staged.get(h.name, h.save_complete()):
@@ -475,41 +468,11 @@ class SourceSession:
                     yield self._ship(batch)
         batch.add(self.encoder.encode(End()))
         self.stats.ram_remaining = 0
-        t = self._stop_part("handlers_ms", t)
+        t = self.stats.timed("handlers_ms", t, self.clock.monotonic())
         yield self._ship(batch)
-        self._t_end = self._stop_part("last_handoff_ms", t)
+        self._t_end = self.stats.timed("last_handoff_ms", t, self.clock.monotonic())
         self._stop_device = (self.stats.device_bytes - device0,
                              self.stats.ram_normal - normal0, over_channels)
-
-    def _time_stop_device(self, nbytes: int, final_pages: int, over_channels: bool,
-                          drain_ms: float) -> None:  # fmt: skip
-        """The device state read and sent with the guest stopped (``nbytes``), timed for
-        the host to remember: in the main stream, the handlers' state read, encoded and
-        handed to the host (the destination loads it as it arrives); over the data
-        channels, the devices read (staged), the final pass beyond its ``final_pages``
-        pages at the measured cost, and the destination's wait for the channels' last
-        bytes (``drain_ms``: it loads the device chunks there, after the main stream)."""
-        parts = self.stats.switchover_parts
-        if over_channels:
-            measured = self.meter.page_cost_s > 0 or self.meter.scatter_cost_s > 0
-            pages_ms = final_pages * self.meter.page_s(self.meter.final_scattered, 1.0) * 1e3 \
-                if measured else 0.0  # fmt: skip
-            ms = parts["device_staged_ms"] + max(0.0, parts["pages_ms"] - pages_ms) + drain_ms
-        else:
-            ms = parts["handlers_ms"] + parts["last_handoff_ms"]
-        self.meter.stop_device_sent(ms / 1e3, nbytes)
-
-    def device_kinds(self) -> tuple[str, ...]:
-        """The kinds (drivers) of the VM's devices (a device rate is remembered per kind)."""
-        return tuple(sorted(k for h in self.vm.handlers.values() for k in h.device_kinds()))
-
-    def _stop_part(self, name: str, since: float) -> float:
-        """One step of the switchover took from ``since`` until now: kept (ms) in the
-        statistics beside the predicted parts.  Returns now."""
-        now = self.clock.monotonic()
-        self.stats.switchover_parts[name] = (now - since) * 1e3
-        return now
-        self.stats.ram_transferred = self.bytes_out
 
     def _pause_guest(self) -> None:
         self._t_pause = self.clock.monotonic()
@@ -665,24 +628,8 @@ class SourceSession:
         if not self.params.verify:
             return {"requested": False}
         t0 = self.clock.monotonic()
-        src = self.switchover_digests()
-        dst = ack.get("digests", {})
-        dst = dict(dst) if isinstance(dst, Mapping) else {}
-        report: dict[str, Any] = {
-            "requested": True,
-            "source": src,
-            "destination": dst,
-            "ram_equal": src.get("ram") == dst.get("ram"),
-            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
-            "differ": sorted(k for k in set(src) | set(dst) if src.get(k) != dst.get(k)),
-            "verified": bool(dst) and src == dst,
-            "compare_ms": (self.clock.monotonic() - t0) * 1e3,
-        }
-        announced = bool(self.stats.warnings)
-        report["blocking"] = [k for k in report["differ"]
-                              if k in ("ram", "vcpu") or not announced]
-        report["commit_allowed"] = bool(dst) and not report["blocking"]
-        return report
+        return digest_report(self.switchover_digests(), ack, bool(self.stats.warnings),
+                             lambda: (self.clock.monotonic() - t0) * 1e3)
 
     def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
         """The destination resumed: close the books.  The source VM stays paused."""
@@ -699,7 +646,8 @@ class SourceSession:
             verification_ms=verify_ms,
             **after_stream(ack, self._t_end, self._t_loaded, now, verify_ms),
         )
-        self._time_stop_device(*self._stop_device, max(self.stats.downtime.drain_ms, 0.0))
+        self.meter.stop_device_timed(self.stats.switchover_parts, *self._stop_device,
+                                     drain_ms=max(self.stats.downtime.drain_ms, 0.0))
         self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.move(Status.COMPLETED)
         self._close_generator()

@@ -9,7 +9,7 @@ from vmferry.clock import ManualClock
 from vmferry.machine import create_vm
 from vmferry.migration.destination import DestinationSession
 from vmferry.migration.local import migrate_locally
-from vmferry.migration.prediction import MEASURABLE_DEVICE_BYTES, PrecopyMeter
+from vmferry.migration.prediction import MEASURABLE_DEVICE_BYTES, PrecopyMeter, device_kinds
 from vmferry.migration.source import MigrationParams, SourceSession
 
 MIB = 1 << 20
@@ -91,7 +91,7 @@ def test_issue17_4_session_times_handoffs_and_the_stop() -> None:
     vm.start()
     clock = ManualClock()
     src = SourceSession(vm, MigrationParams(downtime_limit_ms=5000), clock)
-    assert src.device_kinds() == ("pds",)
+    assert device_kinds(vm.handlers.values()) == ("pds",)
     migrate_locally(src, DestinationSession(clock), clock, link_bytes_per_s=60e6,
                     on_time=vm.run_slice)
     assert len(src.meter.handoffs) == len(src.stats.passes)

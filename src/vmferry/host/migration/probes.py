@@ -17,7 +17,7 @@ from vmferry.host.migration.common import RECEIVE_BUFFER, MigrationHost
 from vmferry.host.records import Job
 from vmferry.host.tls import client_context
 from vmferry.host.transport import Channel
-from vmferry.migration.prediction import FixedCosts
+from vmferry.migration.prediction import FixedCosts, device_kinds
 from vmferry.migration.source import SourceSession
 
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
@@ -103,7 +103,7 @@ class LinkProbeSide:
             _LINK_BANDWIDTH[self.job.peer] = measured
 
     def _device_rate_key(self) -> tuple[str, tuple[str, ...]]:
-        return (self.job.peer, self.session.device_kinds())
+        return (self.job.peer, device_kinds(self.session.vm.handlers.values()))
 
     def _recall_device_rate(self) -> None:
         """The best stop-copy device rate an earlier migration to this destination

@@ -170,7 +170,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         self.session = SourceSession(
             hosted.vm, params, MonotonicClock(), guest=self.runner, link=self
         )
-        self.session.guest_cpu = self.runner.cpu_seconds
+        self.session.meter.guest_cpu = self.runner.cpu_seconds
         self._recall_device_rate()
         self._dialer: Dialer = dialer or (lambda addr, t: dial(addr, t, daemon.tls))
         #: the channel to the destination, once connected
