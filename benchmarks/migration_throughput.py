@@ -94,6 +94,7 @@ def vmferry_case(
         "downtime_breakdown": st["downtime-breakdown"],
         "predicted_breakdown": st.get("predicted-downtime-breakdown", {}),
         "prediction_inputs": st.get("prediction-inputs", {}),
+        "switchover_parts": st.get("switchover-parts", {}),
         **final_pass(st),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "passes": len(st["passes"]),

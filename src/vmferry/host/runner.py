@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+from vmferry.host.vcpus import thread_cpu_seconds
 from vmferry.machine.vm import VM
 
 TICK_S = 0.005
@@ -46,6 +47,12 @@ class VmRunner:
     def set_throttle(self, pct: int) -> None:
         with self.lock:
             self.vm.workload.set_throttle(pct)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the guest used so far: this runner's thread (a simulated guest's
+        workload runs in it) and a real guest's vCPU threads."""
+        vcpus = getattr(self.vm, "vcpu_cpu_seconds", None)
+        return thread_cpu_seconds(self._thread) + (float(vcpus()) if vcpus is not None else 0.0)
 
     def held(self) -> threading.Lock:
         """Guest time stands still while this is held."""

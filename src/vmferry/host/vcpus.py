@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,16 @@ def kick_handler_installed() -> bool:
     return signal.getsignal(KICK) is _kick_handler
 
 
+def thread_cpu_seconds(thread: threading.Thread) -> float:
+    """CPU seconds ``thread`` (of this process) used so far; 0.0 once it ended."""
+    if thread.ident is None or not thread.is_alive():
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except OSError:  # it ended meanwhile
+        return 0.0
+
+
 class VcpuThreads:
     """One thread per vCPU of ``vm``, started by :meth:`start`, stopped by :meth:`stop`."""
 
@@ -75,6 +86,10 @@ class VcpuThreads:
                     self._stop.wait(delay)
         except Exception as exc:  # the guest crashed or KVM failed: the vCPU stops
             log.error("VM %s vCPU %d stopped: %s", self.vm.name, index, exc)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the vCPU threads used so far (their thread CPU clocks)."""
+        return sum(thread_cpu_seconds(t) for t in self._threads)
 
     def stop(self) -> None:
         self._stop.set()

@@ -141,6 +141,10 @@ class MigrationHandler:
     def pending_bytes(self) -> int:
         return 0
 
+    def device_kinds(self) -> frozenset[str]:
+        """The kinds (drivers) of this handler's devices, for rates measured per kind."""
+        return frozenset()
+
     def stop_copy_bytes(self) -> int:
         """Of :meth:`pending_bytes`, the device state that moves after the stop and that
         the destination's devices load then (its load time is downtime)."""

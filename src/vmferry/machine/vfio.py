@@ -199,6 +199,9 @@ class VfioHandler(MigrationHandler):
     def device_ids(self) -> frozenset[str]:
         return frozenset(self.devices)
 
+    def device_kinds(self) -> frozenset[str]:
+        return frozenset(d.driver.name for d in self.devices.values() if d.driver is not None)
+
     # --- both sides ------------------------------------------------------------------
 
     def advance(self, seconds: float) -> None:

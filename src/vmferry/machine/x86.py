@@ -282,6 +282,12 @@ class X86Vm(VM):
         self._running = False
         self.complete_exits()
 
+    def vcpu_cpu_seconds(self) -> float:
+        """CPU seconds the running vCPU threads used so far, as the host's threads report
+        it (0.0 while paused, or when the host's threads do not say)."""
+        cpu = getattr(self._threads, "cpu_seconds", None)
+        return float(cpu()) if cpu is not None else 0.0
+
     def request_stop(self, index: int) -> None:
         """First half of stopping vCPU ``index``: KVM_RUN returns at once from now on."""
         self.kvm_vcpus[index].immediate_exit = True

@@ -7,7 +7,7 @@ Statistic names follow QEMU's ``query-migrate`` where one applies (``total-time`
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -114,6 +114,9 @@ class MigrationStats:
     predicted: dict[str, float] = field(default_factory=dict)
     #: the measured rates the prediction rested on (``PrecopyMeter.inputs``)
     prediction_inputs: dict[str, float] = field(default_factory=dict)
+    #: the source's steps with the guest paused, each timed (ms), to set beside the
+    #: predicted parts they correspond to
+    switchover_parts: dict[str, float] = field(default_factory=dict)
     #: the link's bandwidth as the last pass measured it (0.0: too small to measure)
     link_bandwidth_bps: float = 0.0
     downtime: Downtime = field(default_factory=Downtime)
@@ -147,6 +150,12 @@ class MigrationStats:
                                    "not a legal move")  # fmt: skip
         self.status = to
 
+    def timed(self, part: str, since: float, now: float) -> float:
+        """A step of the switchover took from ``since`` to ``now`` (ms into
+        ``switchover_parts``); returns ``now``."""
+        self.switchover_parts[part] = (now - since) * 1e3
+        return now
+
     def _prediction_error(self) -> dict[str, float]:
         """How far the prediction was off, in percent of the actual downtime."""
         if self.status is not Status.COMPLETED or not self.predicted or not self.downtime.total_ms:
@@ -164,6 +173,7 @@ class MigrationStats:
             "predicted-downtime": round(self.predicted_downtime_ms, 3),
             "predicted-downtime-breakdown": {k: round(v, 3) for k, v in self.predicted.items()},
             "prediction-inputs": {k: round(v, 3) for k, v in self.prediction_inputs.items()},
+            "switchover-parts": {k: round(v, 3) for k, v in self.switchover_parts.items()},
             **self._prediction_error(),
             "downtime-breakdown": {k: round(v, 3) for k, v in asdict(self.downtime).items()},
             "ram": {
@@ -197,3 +207,26 @@ def state_digests(vm: VM) -> dict[str, str]:
         if d is not None:
             out[f"handler:{name}"] = d
     return out
+
+
+def digest_report(src: dict[str, str], ack: Mapping[str, Any], announced: bool,
+                  compare_ms: Callable[[], float]) -> dict[str, Any]:  # fmt: skip
+    """The source's digests ``src`` against the destination's (in ``ack``): which differ,
+    which of them block the commit (RAM and vCPUs always; a handler's unless the
+    pre-flight ``announced`` the destination changes such state), ``compare_ms`` taken
+    once compared (see ``SourceSession.verification``)."""
+    dst = ack.get("digests", {})
+    dst = dict(dst) if isinstance(dst, Mapping) else {}
+    report: dict[str, Any] = {
+        "requested": True,
+        "source": src,
+        "destination": dst,
+        "ram_equal": src.get("ram") == dst.get("ram"),
+        "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
+        "differ": sorted(k for k in set(src) | set(dst) if src.get(k) != dst.get(k)),
+        "verified": bool(dst) and src == dst,
+        "compare_ms": compare_ms(),
+    }
+    report["blocking"] = [k for k in report["differ"] if k in ("ram", "vcpu") or not announced]
+    report["commit_allowed"] = bool(dst) and not report["blocking"]
+    return report

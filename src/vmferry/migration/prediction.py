@@ -8,14 +8,17 @@ the channel count this migration uses), apart for pages in long runs (RAM_PAGES)
 scattered pages (RAM_SCATTER lists, about twice the cost of a page here), the rate at
 which device state was read and sent in pre-copy, stopping the guest and reading the dirty log
 (timed in every pass), the last pass's dirty rate, the rate at which RAM is hashed when
-verification is on (a slice is timed), and on the host side the bytes in flight, a round
-trip and its own persists; see docs/performance.md.  The parts are a dict, so a term (a
+verification is on (a slice is timed), the host's turnaround for a small batch (the
+state's last batch and END are one), and on the host side the bytes in flight, a round
+trip and its own persists.  Device state without pre-copy, which nothing can read before
+the stop, moves at the rate an earlier migration's stop measured for the same kinds of
+devices to the same destination; see docs/performance.md.  The parts are a dict, so a term (a
 device's load time measured in pre-copy, say) is one more key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,7 +27,7 @@ import numpy.typing as npt
 import xxhash
 
 from vmferry.clock import Clock
-from vmferry.machine.handlers import DeviceData, StatePiece
+from vmferry.machine.handlers import DeviceData, MigrationHandler, StatePiece
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.context import MigrationStats
 from vmferry.migration.multichannel import SCATTER_BELOW
@@ -45,6 +48,12 @@ MEASURABLE_DEVICE_BYTES = 1 << 20
 def device_bytes(pieces: Iterable[StatePiece]) -> int:
     """The bytes of device data among ``pieces``."""
     return sum(len(p.data) for p in pieces if isinstance(p, DeviceData))
+
+
+def device_kinds(handlers: Iterable[MigrationHandler]) -> tuple[str, ...]:
+    """The kinds (drivers) of the devices of ``handlers``: a stop-copy device rate is
+    remembered per kinds."""
+    return tuple(sorted(k for h in handlers for k in h.device_kinds()))
 
 
 def scattered_share(mask: npt.NDArray[np.bool_]) -> float:
@@ -181,38 +190,82 @@ class PrecopyMeter:
     #: seconds per byte of device state read, encoded and sent, as pre-copy measured
     #: (device data sent while the guest ran); 0.0: not measured
     device_s_per_byte: float = 0.0
+    #: seconds per byte of device state read and sent with the guest stopped, as this
+    #: migration's stop measured it (the host remembers it); 0.0: not measured
+    stop_device_s_per_byte: float = 0.0
+    #: the same, as an earlier migration to the same destination with devices of the same
+    #: kinds measured it (the best of them; given by the host): the rate of device state
+    #: that has no pre-copy, which nothing can read before the stop; 0.0: none
+    remembered_device_s_per_byte: float = 0.0
     #: bytes of guest RAM hashed per second (verification); 0.0: not measured
     digest_bps: float = 0.0
     #: the share of scattered pages the last prediction assumed for the final pass
     final_scattered: float = 0.0
     #: a stop was put off once for a pass to measure scattered pages (:meth:`unmeasured`)
     waited_for_scatter: bool = False
+    #: the host sending a small batch (a pass's PASS_END) and asking for the next one, as
+    #: the state's last batch and END are sent at the stop (samples; the median counts)
+    handoffs: list[float] = field(default_factory=list)
+    #: the CPUs the running guest used during the pass that measured ``page_cost_s``
+    #: and ``scatter_cost_s`` (CPU seconds per second; the final pass runs without it)
+    page_guest_cpu: float = 0.0
+    scatter_guest_cpu: float = 0.0
+    #: CPU seconds the guest used so far (the host's; None: not measured)
+    guest_cpu: Callable[[], float] | None = None
+    _cpu0: float | None = None
+    #: when the last dirty log was read (the clock's time): the guest dirties pages from
+    #: there until it is stopped
+    synced_at: float | None = None
 
     def stopped(self, seconds: float) -> None:
         self.stop_s = max(self.stop_s * 0.5, seconds)
 
     def synced(self, seconds: float) -> None:
         self.sync_s = seconds
+        self.synced_at = self.clock.monotonic()
 
-    def sent(self, seconds: float, normal_pages: int, scattered: float = 0.0) -> None:
+    def handed_off(self, seconds: float) -> None:
+        _keep(self.handoffs, seconds)
+
+    def state_overhead_s(self) -> float:
+        """What the state part costs beyond its bytes: its last batch and END handed to the
+        host, as pre-copy's small batches measured it."""
+        return _median(self.handoffs)
+
+    def sending(self) -> float:
+        """A pass starts sending its pages: returns the time, and notes the guest's CPU
+        time (``guest_cpu``) for :meth:`sent`."""
+        self._cpu0 = self.guest_cpu() if self.guest_cpu is not None else None
+        return self.clock.monotonic()
+
+    def sent(self, seconds: float, normal_pages: int, scattered: float = 0.0,
+             guest_cpu: float | None = None) -> None:
         """A pass's pages went out in ``seconds`` (``normal_pages`` of them not zero;
         ``scattered``: the share of the pass's pages that were scattered, see
         :func:`scattered_share`).  A pass of long runs measures the cost of such a page;
         a pass of scattered pages, with the long runs' share at their measured cost
-        taken out, the cost of a scattered page."""
+        taken out, the cost of a scattered page.  ``guest_cpu``: the CPUs the running
+        guest used meanwhile (CPU seconds per second; by default from ``guest_cpu``
+        since :meth:`sending`), kept with the cost measured."""
+        if guest_cpu is None:
+            guest_cpu = (self.guest_cpu() - self._cpu0) / seconds if self.guest_cpu \
+                is not None and self._cpu0 is not None and seconds > 0 else 0.0  # fmt: skip
         if normal_pages < MEASURABLE_PAGES or seconds <= 0:
             return
         n_scattered = normal_pages * scattered
         if scattered < BULK_SHARE or n_scattered < MEASURABLE_PAGES:
             self.page_cost_s = seconds / normal_pages
+            self.page_guest_cpu = guest_cpu
             return
         n_runs = normal_pages - n_scattered
         if self.page_cost_s > 0:
             rest = seconds - n_runs * self.page_cost_s
             if rest > 0:
                 self.scatter_cost_s = rest / n_scattered
+                self.scatter_guest_cpu = guest_cpu
         elif scattered >= 1 - BULK_SHARE:
             self.scatter_cost_s = seconds / normal_pages
+            self.scatter_guest_cpu = guest_cpu
 
     def unmeasured(self, dirty: npt.NDArray[np.bool_] | None) -> bool:
         """Whether the final pass would send pages ``dirty`` of a kind no pass measured:
@@ -232,6 +285,30 @@ class PrecopyMeter:
         in ``seconds``: the rate the stop-copy device state moves at."""
         if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
             self.device_s_per_byte = seconds / nbytes
+
+    def stop_device_timed(self, parts: dict[str, float], nbytes: int, final_pages: int,
+                          over_channels: bool, drain_ms: float) -> None:  # fmt: skip
+        """The device state read and sent with the guest stopped (``nbytes``), from the
+        switchover's timed ``parts`` (ms), for the host to remember: in the main stream,
+        the handlers' state read, encoded and handed to the host (the destination loads
+        it as it arrives); over the data channels, the devices read (staged), the final
+        pass beyond its ``final_pages`` pages at their measured cost, and the
+        destination's wait for the channels' last bytes (``drain_ms``: it loads the
+        device chunks there, after the main stream)."""
+        if over_channels:
+            measured = self.page_cost_s > 0 or self.scatter_cost_s > 0
+            pages_ms = final_pages * self.page_s(self.final_scattered, 1.0) * 1e3 \
+                if measured else 0.0  # fmt: skip
+            ms = parts["device_staged_ms"] + max(0.0, parts["pages_ms"] - pages_ms) + drain_ms
+        else:
+            ms = parts["handlers_ms"] + parts["last_handoff_ms"]
+        self.stop_device_sent(ms / 1e3, nbytes)
+
+    def stop_device_sent(self, seconds: float, nbytes: int) -> None:
+        """``nbytes`` of device state were read and sent with the guest stopped in
+        ``seconds``."""
+        if nbytes >= MEASURABLE_DEVICE_BYTES and seconds > 0:
+            self.stop_device_s_per_byte = seconds / nbytes
 
     def device_load_ms(self, load_ms: float, state_ms: float, main_stream: bool) -> float:
         """How much the destination's loading of the stop-copy device state (``load_ms``,
@@ -262,7 +339,12 @@ class PrecopyMeter:
         return {"page_cost_us": self.page_cost_s * 1e6,
                 "scatter_cost_us": self.scatter_cost_s * 1e6,
                 "final_scattered_pct": self.final_scattered * 100,
-                "device_mbps": 1e-6 / self.device_s_per_byte if self.device_s_per_byte else 0.0}
+                "device_mbps": 1e-6 / self.device_s_per_byte if self.device_s_per_byte else 0.0,
+                "remembered_device_mbps": 1e-6 / self.remembered_device_s_per_byte
+                if self.remembered_device_s_per_byte else 0.0,
+                "page_guest_cpu_pct": self.page_guest_cpu * 100,
+                "scatter_guest_cpu_pct": self.scatter_guest_cpu * 100,
+                "handoff_ms": _median(self.handoffs) * 1e3}
 
     def record(self, stats: MigrationStats, link: LinkProbe | None, dirty_pages: int,
                dirty_rate: float, state_bytes: int, bandwidth: float, verify: GuestRam | None,
@@ -306,17 +388,22 @@ class PrecopyMeter:
         in_flight = link.in_flight_bytes() if link is not None else 0
         rtt = link.round_trip_s() if link is not None else 0.0
         fixed = link.fixed_switchover_s() if link is not None else 0.0
-        # the host lets what is in flight reach the destination before the stop, the
-        # guest still running (and dirtying)
-        pages = self.final_pages(dirty_pages, dirty_rate, in_flight / bw)
+        # the guest dirties pages from the dirty log's read until it is stopped: this
+        # decision (its samples of the fixed costs), the host letting what is in flight
+        # reach the destination, and stopping it
+        since_sync = self.clock.monotonic() - self.synced_at if self.synced_at is not None \
+            else 0.0  # fmt: skip
+        pages = self.final_pages(dirty_pages, dirty_rate,
+                                 since_sync + in_flight / bw + self.stop_s)
         self.final_scattered = scattered
         page_s = self.page_s(scattered, bw)
-        state_s_per_byte = self.device_s_per_byte or 1 / bw
+        state_s_per_byte = self.device_s_per_byte or self.remembered_device_s_per_byte \
+            or 1 / bw  # fmt: skip
         verify_s = (self.npages * self.page_size / self.digest_bps
                     if verify is not None and self.digest_bps > 0 else 0.0)
         return {
             "final_ram_ms": pages * page_s * 1e3,
-            "state_ms": state_bytes * state_s_per_byte * 1e3,
+            "state_ms": (state_bytes * state_s_per_byte + self.state_overhead_s()) * 1e3,
             "in_flight_ms": in_flight / bw * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
             "stop_ms": (self.stop_s + self.sync_s) * 1e3,

@@ -51,6 +51,7 @@ from vmferry.migration.context import (
     PassRecord,
     Status,
     after_stream,
+    digest_report,
     state_digests,
 )
 from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
@@ -218,6 +219,8 @@ class SourceSession:
         self.device_sink: DeviceSink | None = None
         #: switchover-ack (the host enables it when the destination speaks it)
         self.ack = AckGate()
+        #: the device state moved at the stop: bytes, final pages, over the channels
+        self._stop_device: tuple[int, int, bool] = (0, 0, False)
 
     @property
     def bytes_out(self) -> int:
@@ -338,10 +341,12 @@ class SourceSession:
                 yield self._encode_pieces(pieces)
             self.meter.device_sent(self.clock.monotonic() - t_pass, device_bytes(pieces))
             scattered = scattered_share(to_send)
-            t_send = self.clock.monotonic()
+            t_send = self.meter.sending()
             yield from self._send_pages(to_send)
             self.meter.sent(self.clock.monotonic() - t_send, self._pass_normal, scattered)
+            t_handoff = self.clock.monotonic()
             yield self.encoder.encode(PassEnd(len(self.stats.passes) + 1, int(to_send.sum())))
+            self.meter.handed_off(self.clock.monotonic() - t_handoff)
             if self.params.offline:  # the guest is paused: one pass is all of it
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
                 self._end_of_pass(t_pass, 0)
@@ -436,19 +441,26 @@ class SourceSession:
             if self.link is not None:
                 self.link.settle()  # the destination catches up while the guest runs
             self._pause_guest()
+            t = self.stats.timed("pause_ms", self._t_pause, self.clock.monotonic())
             to_send = to_send | ram.get_dirty_log().bitmap
             self.stats.dirty_sync_count += 1
             ram.stop_dirty_log()
+            self.stats.timed("dirty_log_ms", t, self.clock.monotonic())
         self.stats.move(Status.DEVICE)
+        device0, normal0 = self.stats.device_bytes, self.stats.ram_normal
+        over_channels = self.device_sink is not None and self.ram_sink is not None
+        t = self.clock.monotonic()
         staged = stage_device_state(self.vm.handlers.values(), self.device_sink, self.stats) \
-            if self.device_sink is not None and self.ram_sink is not None else {}  # fmt: skip
+            if over_channels and self.device_sink is not None else {}  # fmt: skip
+        t = self.stats.timed("device_staged_ms", t, self.clock.monotonic())
         yield from self._send_pages(to_send)
-        self._t_final_ram = self.clock.monotonic()
+        self._t_final_ram = self.stats.timed("pages_ms", t, self.clock.monotonic())
         state: list[Record] = [VcpuRecord(s.index, s.regs) for s in self.vm.save_vcpus()]
         out: list[Buffer] = []
         for rec in state:
             out += self.encoder.encode(rec)
         batch = Batch(out)
+        t = self.stats.timed("vcpus_ms", self._t_final_ram, self.clock.monotonic())
         for h in self.vm.handlers.values():
             # large device states go out as they are read (or went over the channels)
             for piece in staged.get(h.name, h.save_complete()):
@@ -456,9 +468,11 @@ class SourceSession:
                     yield self._ship(batch)
         batch.add(self.encoder.encode(End()))
         self.stats.ram_remaining = 0
+        t = self.stats.timed("handlers_ms", t, self.clock.monotonic())
         yield self._ship(batch)
-        self._t_end = self.clock.monotonic()
-        self.stats.ram_transferred = self.bytes_out
+        self._t_end = self.stats.timed("last_handoff_ms", t, self.clock.monotonic())
+        self._stop_device = (self.stats.device_bytes - device0,
+                             self.stats.ram_normal - normal0, over_channels)
 
     def _pause_guest(self) -> None:
         self._t_pause = self.clock.monotonic()
@@ -614,24 +628,8 @@ class SourceSession:
         if not self.params.verify:
             return {"requested": False}
         t0 = self.clock.monotonic()
-        src = self.switchover_digests()
-        dst = ack.get("digests", {})
-        dst = dict(dst) if isinstance(dst, Mapping) else {}
-        report: dict[str, Any] = {
-            "requested": True,
-            "source": src,
-            "destination": dst,
-            "ram_equal": src.get("ram") == dst.get("ram"),
-            "vcpu_equal": src.get("vcpu") == dst.get("vcpu"),
-            "differ": sorted(k for k in set(src) | set(dst) if src.get(k) != dst.get(k)),
-            "verified": bool(dst) and src == dst,
-            "compare_ms": (self.clock.monotonic() - t0) * 1e3,
-        }
-        announced = bool(self.stats.warnings)
-        report["blocking"] = [k for k in report["differ"]
-                              if k in ("ram", "vcpu") or not announced]
-        report["commit_allowed"] = bool(dst) and not report["blocking"]
-        return report
+        return digest_report(self.switchover_digests(), ack, bool(self.stats.warnings),
+                             lambda: (self.clock.monotonic() - t0) * 1e3)
 
     def complete(self, ack: Mapping[str, Any]) -> MigrationStats:
         """The destination resumed: close the books.  The source VM stays paused."""
@@ -648,6 +646,8 @@ class SourceSession:
             verification_ms=verify_ms,
             **after_stream(ack, self._t_end, self._t_loaded, now, verify_ms),
         )
+        self.meter.stop_device_timed(self.stats.switchover_parts, *self._stop_device,
+                                     drain_ms=max(self.stats.downtime.drain_ms, 0.0))
         self.stats.total_time_ms = (now - self._t0) * 1e3
         self.stats.move(Status.COMPLETED)
         self._close_generator()

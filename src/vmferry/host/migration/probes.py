@@ -17,7 +17,7 @@ from vmferry.host.migration.common import RECEIVE_BUFFER, MigrationHost
 from vmferry.host.records import Job
 from vmferry.host.tls import client_context
 from vmferry.host.transport import Channel
-from vmferry.migration.prediction import FixedCosts
+from vmferry.migration.prediction import FixedCosts, device_kinds
 from vmferry.migration.source import SourceSession
 
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
@@ -26,6 +26,10 @@ _LINK_BANDWIDTH: dict[str, float] = {}
 #: the destination's load and resume (s) as the last migration to it (its control URL)
 #: reported them, for the downtime prediction
 _DESTINATION_FIXED: dict[str, float] = {}
+#: the best rate (seconds per byte) at which device state was read and sent with the guest
+#: stopped, per destination (its control URL) and kinds of devices: for devices without
+#: pre-copy, whose state nothing can read before the stop
+_STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...]], float] = {}
 #: the longest the source waits, before the stop, for the destination to take what was
 #: sent (``LinkProbeSide.settle``), and how often it looks
 SETTLE_S = 1.0
@@ -97,6 +101,21 @@ class LinkProbeSide:
         measured = self.session.stats.link_bandwidth_bps
         if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
             _LINK_BANDWIDTH[self.job.peer] = measured
+
+    def _device_rate_key(self) -> tuple[str, tuple[str, ...]]:
+        return (self.job.peer, device_kinds(self.session.vm.handlers.values()))
+
+    def _recall_device_rate(self) -> None:
+        """The best stop-copy device rate an earlier migration to this destination
+        measured for the same kinds of devices, for the prediction."""
+        self.session.meter.remembered_device_s_per_byte = _STOP_DEVICE_RATE.get(
+            self._device_rate_key(), 0.0)
+
+    def _remember_device_rate(self) -> None:
+        measured = self.session.meter.stop_device_s_per_byte
+        key = self._device_rate_key()
+        if measured > 0 and (key not in _STOP_DEVICE_RATE or measured < _STOP_DEVICE_RATE[key]):
+            _STOP_DEVICE_RATE[key] = measured
 
     def in_flight_bytes(self) -> int:
         """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that

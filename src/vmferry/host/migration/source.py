@@ -170,6 +170,8 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         self.session = SourceSession(
             hosted.vm, params, MonotonicClock(), guest=self.runner, link=self
         )
+        self.session.meter.guest_cpu = self.runner.cpu_seconds
+        self._recall_device_rate()
         self._dialer: Dialer = dialer or (lambda addr, t: dial(addr, t, daemon.tls))
         #: the channel to the destination, once connected
         self.ch: Channel | None = None
@@ -523,6 +525,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         with contextlib.suppress(TypeError, ValueError):  # the destination's adopt, measured
             ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
+        self._remember_device_rate()
         # the destination's own load and adopt, without its receive backlog (waiting for
         # the data channels' last bytes is the previous migration's drain, not a fixed cost)
         _DESTINATION_FIXED[self.job.peer] = (stats.downtime.load_ms
