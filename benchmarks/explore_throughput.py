@@ -23,7 +23,11 @@ Then, for the ``--workers-scenarios`` (default ``iommu-probe``), ``dpor`` split 
 ``--split-depth`` (default 3) in one process and on 2 Ray workers (local runtime, one
 task per subtree), if Ray is installed; the two reports must be the same.  Prints one JSON object.
 
+``--only`` restricts the scenarios and ``--strategies`` the strategies (``naive`` always
+runs: it is the reference of the reduction factor).
+
     python benchmarks/explore_throughput.py [--baseline-rev 94afd01] [--no-ray]
+        [--only iommu-probe] [--strategies naive,sleep]
 """
 
 from __future__ import annotations
