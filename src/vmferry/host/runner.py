@@ -51,8 +51,7 @@ class VmRunner:
     def cpu_seconds(self) -> float:
         """CPU seconds the guest used so far: this runner's thread (a simulated guest's
         workload runs in it) and a real guest's vCPU threads."""
-        vcpus = getattr(self.vm, "vcpu_cpu_seconds", None)
-        return thread_cpu_seconds(self._thread) + (float(vcpus()) if vcpus is not None else 0.0)
+        return thread_cpu_seconds(self._thread) + self.vm.vcpu_cpu_seconds()
 
     def held(self) -> threading.Lock:
         """Guest time stands still while this is held."""

@@ -297,6 +297,11 @@ class VM:
             h.advance(seconds)
         return self.workload.run(seconds)
 
+    def vcpu_cpu_seconds(self) -> float:
+        """CPU seconds used by vCPU threads of the VM's own (a real guest's); a simulated
+        guest runs in the host's runner thread, which the host times itself."""
+        return 0.0
+
     # --- state -----------------------------------------------------------------------
 
     def save_vcpus(self) -> list[VcpuState]:

@@ -78,6 +78,9 @@ class VcpuThreads(Protocol):
     def stop(self) -> None:
         """Stop every vCPU (``vm.request_stop(i)`` and a signal to its thread) and join."""
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the vCPU threads used so far (their thread CPU clocks)."""
+
 
 class KvmWorkload(Workload):
     """The workload of a real guest: the guest program does the writing; the host only
@@ -284,9 +287,8 @@ class X86Vm(VM):
 
     def vcpu_cpu_seconds(self) -> float:
         """CPU seconds the running vCPU threads used so far, as the host's threads report
-        it (0.0 while paused, or when the host's threads do not say)."""
-        cpu = getattr(self._threads, "cpu_seconds", None)
-        return float(cpu()) if cpu is not None else 0.0
+        it (0.0 while paused)."""
+        return self._threads.cpu_seconds() if self._threads is not None else 0.0
 
     def request_stop(self, index: int) -> None:
         """First half of stopping vCPU ``index``: KVM_RUN returns at once from now on."""

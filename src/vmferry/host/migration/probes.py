@@ -120,11 +120,8 @@ class LinkProbeSide:
     def in_flight_bytes(self) -> int:
         """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
         queue is not empty (the destination is behind), its full receive buffer."""
-        queued = self.ch.link.queued() if self.ch is not None else 0
-        queued = queued + RECEIVE_BUFFER if queued > 0 else 0
-        if self.channels is not None:
-            queued += self.channels.in_flight_bytes()
-        return queued
+        main = self._main_queued()
+        return main + (RECEIVE_BUFFER if main > 0 else 0) + self._channels_queued()
 
     def settle(self) -> None:
         """Before the stop, the guest running: wait until every byte handed to the main
@@ -137,10 +134,13 @@ class LinkProbeSide:
             time.sleep(SETTLE_POLL_S)
 
     def _queued_raw(self) -> int:
-        queued = self.ch.link.queued() if self.ch is not None else 0
-        if self.channels is not None:
-            queued += self.channels.in_flight_bytes()
-        return queued
+        return self._main_queued() + self._channels_queued()
+
+    def _main_queued(self) -> int:
+        return self.ch.link.queued() if self.ch is not None else 0
+
+    def _channels_queued(self) -> int:
+        return self.channels.in_flight_bytes() if self.channels is not None else 0
 
     def fixed_switchover_s(self) -> float:
         """Job writes timed now, at the stop decision (between passes, the links quiet, as
