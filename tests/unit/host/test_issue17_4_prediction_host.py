@@ -4,6 +4,7 @@ downtime the source could not see, removed."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 from tests.unit.host.test_channel_workers import hosts  # noqa: F401 (fixture)
@@ -13,7 +14,10 @@ from vmferry.host import datachannels
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.datachannels import ChannelGroup
 from vmferry.host.migration import destination as destination_mod
+from vmferry.host.migration.probes import LinkProbeSide
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.devicestate import AckGate
+from vmferry.migration.prediction import FixedCosts
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -48,3 +52,32 @@ def test_issue17_4_destination_times_its_job_writes_for_the_source(
     assert len(samples) == destination_mod.PERSIST_SAMPLES
     assert all(isinstance(x, float) and x >= 0 for x in samples)
     assert src.stats["predicted-downtime-breakdown"]["fixed_ms"] > 0
+
+
+def test_issue17_4_destination_publishes_its_last_device_loads(
+    hosts: tuple[HostDaemon, HostDaemon],  # noqa: F811
+) -> None:
+    """The destination publishes, per device, how long its last pre-copy chunk took to
+    load (``device_loads``: ms and bytes), for the source's final-load prediction; the
+    stop's own device save is in the source's prediction (``device_stop_ms``)."""
+    a, b = hosts
+    src, dst, _ = migrate(a, b)
+    assert src.status == "completed", src.error
+    ms, nbytes = dst.progress["device_loads"]["nic0"]
+    assert ms >= 0 and 0 < nbytes <= 1 << 20
+    assert src.stats["predicted-downtime-breakdown"]["device_stop_ms"] > 0
+
+
+def test_issue17_4_source_reads_the_destination_loads_and_refuses_junk() -> None:
+    """The reply is the destination's: only well-formed entries are taken."""
+    probe = SimpleNamespace(fixed=FixedCosts(), session=SimpleNamespace(ack=AckGate()))
+    reply = {"progress": {"persist_ms": [1.5, -1, True, "x", 2.0],
+                          "device_loads": {"nic0": [6.0, 12000], "bad": [True, 1],
+                                           "neg": [-1, 5], "short": [1.0],
+                                           "str": "x"}}}  # fmt: skip
+    LinkProbeSide._destination_persists(probe, reply)  # type: ignore[arg-type]
+    assert probe.fixed.destination_persists == [0.0015, 0.002]
+    assert probe.session.ack.last_loads == {"nic0": (0.006, 12000)}
+    LinkProbeSide._destination_persists(probe, {"progress": "junk"})  # type: ignore[arg-type]
+    LinkProbeSide._destination_persists(probe, None)  # type: ignore[arg-type]
+    assert probe.session.ack.last_loads == {"nic0": (0.006, 12000)}

@@ -71,11 +71,16 @@ class LinkProbeSide:
 
     def _destination_persists(self, reply: Any) -> None:
         progress = reply.get("progress") if isinstance(reply, dict) else None
-        samples = progress.get("persist_ms") if isinstance(progress, dict) else None
+        if not isinstance(progress, dict):
+            return
+        samples = progress.get("persist_ms")
         if isinstance(samples, list):
-            self.fixed.destination_persists = [
-                float(x) / 1e3 for x in samples
-                if isinstance(x, int | float) and not isinstance(x, bool) and x >= 0]
+            self.fixed.destination_persists = [float(x) / 1e3 for x in samples if _number(x)]
+        loads = progress.get("device_loads")
+        if isinstance(loads, dict):  # {device: [ms, bytes]}: the last pre-copy chunk's load
+            self.session.ack.last_loads = {
+                str(d): (float(v[0]) / 1e3, int(v[1])) for d, v in loads.items()
+                if isinstance(v, list) and len(v) == 2 and _number(v[0]) and _number(v[1])}
 
     def round_trip_s(self) -> float:
         """Sampled again at the stop decision (the links are quiet between passes, as
@@ -152,3 +157,7 @@ class LinkProbeSide:
             self._time_persist()
         return self.fixed.switchover_s()
 
+
+def _number(x: object) -> bool:
+    """A non-negative JSON number (not a bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
