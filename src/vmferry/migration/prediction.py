@@ -348,16 +348,17 @@ class PrecopyMeter:
 
     def record(self, stats: MigrationStats, link: LinkProbe | None, dirty_pages: int,
                dirty_rate: float, state_bytes: int, bandwidth: float, verify: GuestRam | None,
-               dirty: npt.NDArray[np.bool_] | None, device_load_ms: float,
+               dirty: npt.NDArray[np.bool_] | None, device_load: Callable[[], float],
                main_stream: bool, device_stop_s: float = 0.0) -> None:  # fmt: skip
         """At the stop decision: the prediction (:meth:`predict`, ``dirty`` the final
-        pass's pages) with the destination's device loads (``device_load_ms``, see
+        pass's pages) with the destination's device loads (``device_load()`` ms, asked
+        once the decision's round trips read what the destination published; see
         :meth:`device_load_ms`) and the devices' stop (``device_stop_s``: the save each
         device's stop runs, as pre-copy timed it; the handlers' ``stop_cost_s``), into
         ``stats`` with the rates it rested on."""
         p = self.predict(link, dirty_pages, dirty_rate, state_bytes, bandwidth, verify,
                          scattered_share(dirty) if dirty is not None else 0.0)
-        p["device_load_ms"] = self.device_load_ms(device_load_ms, p["state_ms"], main_stream)
+        p["device_load_ms"] = self.device_load_ms(device_load(), p["state_ms"], main_stream)
         p["device_stop_ms"] = device_stop_s * 1e3
         stats.predicted = p
         stats.predicted_downtime_ms = sum(p.values())

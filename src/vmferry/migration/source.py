@@ -379,7 +379,7 @@ class SourceSession:
         remaining = dirty_pages * self.vm.ram.page_size
         with self.guest.held():
             remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
-            device_load_ms = self.ack.device_load_ms(self.vm.handlers.values())
+            stop_bytes = sum(h.stop_copy_bytes() for h in self.vm.handlers.values())
             device_stop_s = sum(h.stop_cost_s() for h in self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
@@ -418,8 +418,8 @@ class SourceSession:
             self.meter.record(self.stats, self.link, dirty_pages, dirty_pages / seconds,
                               remaining - dirty_pages * self.vm.ram.page_size, bandwidth,
                               self.vm.ram if self.params.verify else None, dirty,
-                              device_load_ms, self.device_sink is None or self.ram_sink is None,
-                              device_stop_s)
+                              lambda: self.ack.device_load_ms(stop_bytes),
+                              self.device_sink is None or self.ram_sink is None, device_stop_s)
         elif self.link is not None and not self.params.offline:
             self.link.quiet()  # between passes: sample the fixed costs
         return d.switchover

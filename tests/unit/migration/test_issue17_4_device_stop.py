@@ -129,20 +129,69 @@ def test_issue17_4_final_load_is_the_last_chunk_plus_the_bytes_beyond_it() -> No
     gate.markers_due = 1
     gate.acknowledged({"device_bytes": 1_000_000, "load_ms": 8.0}, _stats())  # 8 ns/byte
     # before: the bytes at the rate only (a 10 kB delta: 0.08 ms)
-    assert gate.device_load_ms([_Stopping(10_000)]) == pytest.approx(0.08)
+    assert gate.device_load_ms(10_000) == pytest.approx(0.08)
     # the last pre-copy chunk (a 12 kB delta) took 6 ms to load: the final one, smaller,
     # costs that; a larger one the bytes beyond it at the rate on top
     gate.last_loads = {"nic0": (0.006, 12_000)}
-    assert gate.device_load_ms([_Stopping(10_000)]) == pytest.approx(6.0)
-    assert gate.device_load_ms([_Stopping(512_000)]) == pytest.approx(6.0 + 500_000 * 8e-6)
+    assert gate.device_load_ms(10_000) == pytest.approx(6.0)
+    assert gate.device_load_ms(512_000) == pytest.approx(6.0 + 500_000 * 8e-6)
     # no ack (no rate) but a timed chunk: the chunk's time alone
     other = AckGate()
     other.last_loads = {"a": (0.002, 100), "b": (0.003, 100)}
-    assert other.device_load_ms([_Stopping(150)]) == pytest.approx(5.0)
-    assert AckGate().device_load_ms([_Stopping(10_000)]) == 0.0
+    assert other.device_load_ms(150) == pytest.approx(5.0)
+    assert AckGate().device_load_ms(10_000) == 0.0
 
 
 def _stats() -> Any:
     from vmferry.migration.context import MigrationStats
 
     return MigrationStats()
+
+
+class _Destination:
+    """The host's link probe: the decision's round trips read the destination's job,
+    where it published its last device loads by then."""
+
+    def __init__(self, gate: AckGate) -> None:
+        self.gate, self.reads = gate, 0
+
+    def in_flight_bytes(self) -> int:
+        return 0
+
+    def round_trip_s(self) -> float:
+        """Each read finds a later chunk loaded, which took ``reads`` x 10 ms."""
+        self.reads += 1
+        self.gate.last_loads = {"nic0": (0.01 * self.reads, 300_000)}
+        return 0.001
+
+    def bandwidth_bps(self) -> float:
+        return 0.0
+
+    def fixed_switchover_s(self) -> float:
+        return 0.0
+
+    def quiet(self) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+
+def test_issue17_4_device_loads_are_read_after_the_decisions_round_trips() -> None:
+    """The device term must use what the decision's own round trips read (a pass's
+    earlier read can predate the last delta: the 64 MiB device then got the load of a
+    1 MiB piece of its initial image, 1 ms for 10)."""
+    link = AckLink(dict(MLX5, state_mib=2))
+    probe = _Destination(link.src.ack)
+    link.src.link = probe
+    link.push(link.src.start())
+    while not link.src.ack.awaiting:
+        link.push(link.src.next_buffers())
+    ack = link.dst.take_switchover_ack()
+    assert ack is not None
+    link.src.switchover_acknowledged(ack)
+    while link.src.stats.status is Status.ACTIVE:
+        link.push(link.src.next_buffers())
+    p = link.src.stats.predicted
+    assert probe.reads >= 1
+    assert p["device_load_ms"] + p["state_ms"] >= 10.0 * probe.reads  # the last read's
