@@ -102,9 +102,12 @@ class LinkProbe(Protocol):
 
 
 #: job writes with the guest paused: the source's commit step (its transfer steps are only
-#: published then), and on the destination its resume step and completed status
+#: published then), and on the destination its resume step, then in its adopt the VM's
+#: record and the completed status
 SOURCE_PAUSED_PERSISTS = 1
-DESTINATION_PAUSED_PERSISTS = 2
+DESTINATION_PAUSED_PERSISTS = 3
+#: of those, the destination's writes inside its adopt (its reported ``adopt_ms`` has them)
+ADOPT_PERSISTS = 2
 #: the samples of each fixed cost kept (the median of them counts)
 FIXED_SAMPLES = 9
 
@@ -137,8 +140,8 @@ class FixedCosts:
     round_trips: list[float] = field(default_factory=list)
     #: one job write on the destination, as it timed its own (it reports them)
     destination_persists: list[float] = field(default_factory=list)
-    #: the destination's load and adopt (without its persists) as the last migration to it
-    #: reported them; None: no migration to it yet
+    #: the destination's load and adopt as the last migration to it reported them (the
+    #: adopt with its two writes, :data:`ADOPT_PERSISTS`); None: no migration to it yet
     destination_load_adopt_s: float | None = None
 
     def persisted(self, seconds: float) -> None:
@@ -155,16 +158,19 @@ class FixedCosts:
 
     def switchover_s(self) -> float:
         """The job writes with the guest paused on both hosts and the destination's load
-        and adopt.  Without an earlier migration to the destination, its adopt is its
-        VM record's write (one more job write's worth); without the destination's own
-        samples, its writes cost what the source's do."""
+        and adopt.  The adopt the last migration to the destination reported has two of
+        its writes in it (the VM's record, the completed status): they are not counted
+        again.  Without such a migration its adopt is those two writes; without the
+        destination's own samples, its writes cost what the source's do."""
         persist = _median(self.persists)
         destination = _median(self.destination_persists) if self.destination_persists \
             else persist  # fmt: skip
-        load_adopt = self.destination_load_adopt_s if self.destination_load_adopt_s \
-            is not None else destination  # fmt: skip
-        return (SOURCE_PAUSED_PERSISTS * persist + DESTINATION_PAUSED_PERSISTS * destination
-                + load_adopt)
+        if self.destination_load_adopt_s is None:
+            load_adopt = ADOPT_PERSISTS * destination
+        else:
+            load_adopt = self.destination_load_adopt_s
+        return (SOURCE_PAUSED_PERSISTS * persist
+                + (DESTINATION_PAUSED_PERSISTS - ADOPT_PERSISTS) * destination + load_adopt)
 
 
 @dataclass
