@@ -35,6 +35,7 @@ import select
 import selectors
 import socket
 import ssl
+import struct
 import sys
 import termios
 import time
@@ -177,6 +178,27 @@ def send_queued(sock: socket.socket) -> int:
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         return max(0, int.from_bytes(raw, sys.byteorder, signed=True))
     return 0
+
+
+#: struct tcp_info: eight u8 fields, then u32 fields of which tcpi_rtt is the 16th (us)
+_TCPI_RTT = struct.Struct("=I")
+_TCPI_RTT_OFFSET = 8 + 15 * 4
+
+
+def tcp_rtt_s(sock: socket.socket) -> float | None:
+    """The kernel's smoothed round-trip time of TCP connection ``sock`` (TCP_INFO's
+    ``tcpi_rtt``), seconds; None where it has none (not TCP, closed)."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None or sock.type != socket.SOCK_STREAM:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, option, 104)
+    except (OSError, ValueError):
+        return None
+    if len(raw) < _TCPI_RTT_OFFSET + _TCPI_RTT.size:
+        return None
+    rtt_us: int = _TCPI_RTT.unpack_from(raw, _TCPI_RTT_OFFSET)[0]
+    return rtt_us / 1e6
 
 
 class SocketLink:

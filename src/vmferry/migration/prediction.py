@@ -34,6 +34,9 @@ from vmferry.migration.multichannel import SCATTER_BELOW
 
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
 SWITCHOVER_ROUND_TRIPS = 1.5
+#: the longest the host waits before the stop, the guest running, for the destination to
+#: take what was sent (``LinkProbe.settle``): bytes in flight beyond it drain paused
+SETTLE_BOUND_S = 1.0
 #: a pass that sent fewer non-zero pages than this does not measure the cost of a page
 #: (its time is the pass's own overhead: the held guest, PASS_END, the channels' SYNC)
 MEASURABLE_PAGES = 256
@@ -414,7 +417,9 @@ class PrecopyMeter:
         return {
             "final_ram_ms": pages * page_s * 1e3,
             "state_ms": (state_bytes * state_s_per_byte + self.state_overhead_s()) * 1e3,
-            "in_flight_ms": in_flight / bw * 1e3,
+            # the host's settle() lets what is in flight drain with the guest running,
+            # for at most SETTLE_BOUND_S: only what it cannot wait out is downtime
+            "in_flight_ms": max(0.0, in_flight / bw - SETTLE_BOUND_S) * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
             "stop_ms": (self.stop_s + self.sync_s) * 1e3,
             # the hosts' bookkeeping and the destination's load and resume (measured)
