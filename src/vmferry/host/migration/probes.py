@@ -84,7 +84,7 @@ class LinkProbeSide:
 
     def round_trip_s(self) -> float:
         """A round trip of the switchover's frames (LOADED, COMMIT, RESUMED): the kernel's
-        smoothed RTT of the migration connection itself (TCP_INFO), which they cross.
+        RTT of the migration connection itself (TCP_INFO), which they cross.
         The control-API round trips are sampled again at the stop decision all the same
         (they read the destination's published times); their median stands in where
         the connection has no TCP RTT -- it is an HTTP request and a job's JSON, several
@@ -99,6 +99,15 @@ class LinkProbeSide:
         sample of a job write and of a round trip."""
         self._time_persist()
         self._measure_round_trip(1)
+
+    def _quiet_samples(self) -> None:
+        """Job writes timed before the stream, nothing else running for this migration:
+        the switchover is as quiet (the guest paused, the links drained), more so than
+        the decision, whose writes meet the destination still applying the pass (4-5 ms
+        a write there against 1-2 ms at the switchover, in a one-pass migration whose
+        only samples they were).  The destination times its own the same way."""
+        for _ in range(DECISION_SAMPLES):
+            self._time_persist()
 
     def _time_persist(self) -> None:
         t0 = time.monotonic()

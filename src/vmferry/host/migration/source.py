@@ -194,6 +194,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             self._check_cancel()
             self._preflight()
             self._measure_round_trip()
+            self._quiet_samples()
             self.ch = self._connect()
             self._open_channels()
             self._device_over_channels()
