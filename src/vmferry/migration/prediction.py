@@ -202,9 +202,10 @@ class PrecopyMeter:
     #: seconds per byte of device state read and sent with the guest stopped, as this
     #: migration's stop measured it (the host remembers it); 0.0: not measured
     stop_device_s_per_byte: float = 0.0
-    #: the same, as an earlier migration to the same destination with devices of the same
-    #: kinds measured it (the best of them; given by the host): the rate of device state
-    #: that has no pre-copy, which nothing can read before the stop; 0.0: none
+    #: the same, as earlier migrations to the same destination with devices of the same
+    #: kinds on the same path measured it (the median of the last few; given by the
+    #: host): the rate of device state that has no pre-copy, which nothing can read
+    #: before the stop; 0.0: none
     remembered_device_s_per_byte: float = 0.0
     #: bytes of guest RAM hashed per second (verification); 0.0: not measured
     digest_bps: float = 0.0

@@ -8,6 +8,7 @@ docs/performance.md ("A downtime that is predicted")."""
 from __future__ import annotations
 
 import time
+from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import ApiError, HostError
@@ -26,10 +27,13 @@ _LINK_BANDWIDTH: dict[str, float] = {}
 #: the destination's load and resume (s) as the last migration to it (its control URL)
 #: reported them, for the downtime prediction
 _DESTINATION_FIXED: dict[str, float] = {}
-#: the best rate (seconds per byte) at which device state was read and sent with the guest
-#: stopped, per destination (its control URL) and kinds of devices: for devices without
-#: pre-copy, whose state nothing can read before the stop
-_STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...]], float] = {}
+#: the rates (seconds per byte) at which device state was read and sent with the guest
+#: stopped, the last few, per destination (its control URL), kinds of devices and path
+#: (the main stream or the data channels: they differ 1.5-2x here): for devices without
+#: pre-copy, whose state nothing can read before the stop; their median counts
+_STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...], bool], list[float]] = {}
+#: the rates kept per key
+DEVICE_RATE_SAMPLES = 5
 #: the longest the source waits, before the stop, for the destination to take what was
 #: sent (``LinkProbeSide.settle``), and how often it looks
 SETTLE_S = SETTLE_BOUND_S
@@ -122,20 +126,24 @@ class LinkProbeSide:
         if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
             _LINK_BANDWIDTH[self.job.peer] = measured
 
-    def _device_rate_key(self) -> tuple[str, tuple[str, ...]]:
-        return (self.job.peer, device_kinds(self.session.vm.handlers.values()))
+    def _device_rate_key(self) -> tuple[str, tuple[str, ...], bool]:
+        over_channels = self.session.device_sink is not None \
+            and self.session.ram_sink is not None  # fmt: skip
+        return (self.job.peer, device_kinds(self.session.vm.handlers.values()), over_channels)
 
     def _recall_device_rate(self) -> None:
-        """The best stop-copy device rate an earlier migration to this destination
-        measured for the same kinds of devices, for the prediction."""
-        self.session.meter.remembered_device_s_per_byte = _STOP_DEVICE_RATE.get(
-            self._device_rate_key(), 0.0)
+        """The stop-copy device rate earlier migrations to this destination measured for
+        the same kinds of devices on the same path (the median of the last few), for the
+        prediction; call once the path is known (the data channels opened or not)."""
+        self.session.meter.remembered_device_s_per_byte = median(
+            _STOP_DEVICE_RATE.get(self._device_rate_key(), [0.0]))
 
     def _remember_device_rate(self) -> None:
         measured = self.session.meter.stop_device_s_per_byte
-        key = self._device_rate_key()
-        if measured > 0 and (key not in _STOP_DEVICE_RATE or measured < _STOP_DEVICE_RATE[key]):
-            _STOP_DEVICE_RATE[key] = measured
+        if measured > 0:
+            rates = _STOP_DEVICE_RATE.setdefault(self._device_rate_key(), [])
+            rates.append(measured)
+            del rates[:-DEVICE_RATE_SAMPLES]
 
     def in_flight_bytes(self) -> int:
         """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that

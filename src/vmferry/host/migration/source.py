@@ -171,7 +171,6 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             hosted.vm, params, MonotonicClock(), guest=self.runner, link=self
         )
         self.session.meter.guest_cpu = self.runner.cpu_seconds
-        self._recall_device_rate()
         self._dialer: Dialer = dialer or (lambda addr, t: dial(addr, t, daemon.tls))
         #: the channel to the destination, once connected
         self.ch: Channel | None = None
@@ -198,6 +197,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             self.ch = self._connect()
             self._open_channels()
             self._device_over_channels()
+            self._recall_device_rate()  # per path: the channels are open, or not
             self._send_stream(self.ch)
             self._await_ack(self.ch)
         except Exception as exc:  # the source VM must survive anything
