@@ -109,8 +109,6 @@ class LinkProbe(Protocol):
 #: record and the completed status
 SOURCE_PAUSED_PERSISTS = 1
 DESTINATION_PAUSED_PERSISTS = 3
-#: of those, the destination's writes inside its adopt (its reported ``adopt_ms`` has them)
-ADOPT_PERSISTS = 2
 #: the samples of each fixed cost kept (the median of them counts)
 FIXED_SAMPLES = 9
 
@@ -143,9 +141,12 @@ class FixedCosts:
     round_trips: list[float] = field(default_factory=list)
     #: one job write on the destination, as it timed its own (it reports them)
     destination_persists: list[float] = field(default_factory=list)
-    #: the destination's load and adopt as the last migration to it reported them (the
-    #: adopt with its two writes, :data:`ADOPT_PERSISTS`); None: no migration to it yet
-    destination_load_adopt_s: float | None = None
+    #: what the switchover after the stream paid in the last migrations to the same
+    #: destination with devices of the same kinds (given by the host): the exchange
+    #: LOADED -> COMMIT -> RESUMED beyond its round trips, with both hosts' writes in
+    #: it, the destination's load and its adopt (with its two writes), seconds each;
+    #: empty: no such migration yet
+    measured: list[float] = field(default_factory=list)
 
     def persisted(self, seconds: float) -> None:
         _keep(self.persists, seconds)
@@ -161,19 +162,18 @@ class FixedCosts:
 
     def switchover_s(self) -> float:
         """The job writes with the guest paused on both hosts and the destination's load
-        and adopt.  The adopt the last migration to the destination reported has two of
-        its writes in it (the VM's record, the completed status): they are not counted
-        again.  Without such a migration its adopt is those two writes; without the
-        destination's own samples, its writes cost what the source's do."""
+        and adopt: as the last migrations to the destination paid them (the median of
+        :attr:`measured`: every part of it measured at a real switchover, where a write
+        sampled in pre-copy is either quieter -- before the stream -- or busier -- at the
+        decision, the destination still applying -- than the switchover's).  Without
+        such a migration: the writes at the medians sampled here (the destination's own,
+        or else the source's), the destination's adopt its two writes."""
+        if self.measured:
+            return _median(self.measured)
         persist = _median(self.persists)
         destination = _median(self.destination_persists) if self.destination_persists \
             else persist  # fmt: skip
-        if self.destination_load_adopt_s is None:
-            load_adopt = ADOPT_PERSISTS * destination
-        else:
-            load_adopt = self.destination_load_adopt_s
-        return (SOURCE_PAUSED_PERSISTS * persist
-                + (DESTINATION_PAUSED_PERSISTS - ADOPT_PERSISTS) * destination + load_adopt)
+        return SOURCE_PAUSED_PERSISTS * persist + DESTINATION_PAUSED_PERSISTS * destination
 
 
 @dataclass

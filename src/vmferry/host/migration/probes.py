@@ -18,15 +18,24 @@ from vmferry.host.migration.common import RECEIVE_BUFFER, MigrationHost
 from vmferry.host.records import Job
 from vmferry.host.tls import client_context
 from vmferry.host.transport import Channel, SocketLink, tcp_rtt_s
-from vmferry.migration.prediction import SETTLE_BOUND_S, FixedCosts, device_kinds
+from vmferry.migration.prediction import (
+    SETTLE_BOUND_S,
+    SWITCHOVER_ROUND_TRIPS,
+    FixedCosts,
+    device_kinds,
+)
 from vmferry.migration.source import SourceSession
 
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
 #: migrations whose passes are too small to measure it themselves
 _LINK_BANDWIDTH: dict[str, float] = {}
-#: the destination's load and resume (s) as the last migration to it (its control URL)
-#: reported them, for the downtime prediction
-_DESTINATION_FIXED: dict[str, float] = {}
+#: what the switchover after the stream paid (s: the exchange beyond its round trips, the
+#: writes in it, the destination's load and adopt), the last few migrations per
+#: destination (its control URL) and kinds of devices (their loads differ), for the
+#: downtime prediction (:attr:`FixedCosts.measured`)
+_SWITCHOVER_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+#: the samples kept per key
+SWITCHOVER_SAMPLES = 5
 #: the rates (seconds per byte) at which device state was read and sent with the guest
 #: stopped, the last few, per destination (its control URL), kinds of devices and path
 #: (the main stream or the data channels: they differ 1.5-2x here): for devices without
@@ -94,6 +103,9 @@ class LinkProbeSide:
         the connection has no TCP RTT -- it is an HTTP request and a job's JSON, several
         times a frame's round trip (3-4 ms against 0.01 ms on loopback here)."""
         self._measure_round_trip()
+        return self._connection_rtt()
+
+    def _connection_rtt(self) -> float:
         rtt = tcp_rtt_s(self.ch.link.sock) if self.ch is not None \
             and isinstance(self.ch.link, SocketLink) else None  # fmt: skip
         return rtt if rtt is not None else self.fixed.round_trip_s()
@@ -125,6 +137,24 @@ class LinkProbeSide:
         measured = self.session.stats.link_bandwidth_bps
         if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
             _LINK_BANDWIDTH[self.job.peer] = measured
+
+    def _fixed_key(self) -> tuple[str, tuple[str, ...]]:
+        return (self.job.peer, device_kinds(self.session.vm.handlers.values()))
+
+    def _recall_switchover(self) -> None:
+        """The fixed switchover costs the last migrations to this destination paid."""
+        self.fixed.measured = list(_SWITCHOVER_FIXED.get(self._fixed_key(), []))
+
+    def _remember_switchover(self, round_trips_ms: float, load_ms: float,
+                             adopt_ms: float) -> None:  # fmt: skip
+        """This migration's switchover after the stream, measured (the destination's
+        load without its wait for the data channels' last bytes, which is a drain), less
+        the round trips themselves (the prediction has them apart)."""
+        rtt = self._connection_rtt()
+        paid = (round_trips_ms + load_ms + adopt_ms) / 1e3 - SWITCHOVER_ROUND_TRIPS * rtt
+        samples = _SWITCHOVER_FIXED.setdefault(self._fixed_key(), [])
+        samples.append(max(paid, 0.0))
+        del samples[:-SWITCHOVER_SAMPLES]
 
     def _device_rate_key(self) -> tuple[str, tuple[str, ...], bool]:
         over_channels = self.session.device_sink is not None \

@@ -56,7 +56,7 @@ from vmferry.host.migration.common import (
     stall_bound_s,
     status_json,
 )
-from vmferry.host.migration.probes import _DESTINATION_FIXED, LinkProbeSide
+from vmferry.host.migration.probes import LinkProbeSide
 from vmferry.host.outcome import downtime_overrun
 from vmferry.host.records import HostedVm, Job
 from vmferry.host.runner import VmRunner
@@ -182,7 +182,8 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         #: one persist of the job, measured (a moving average)
         self._persist_s = 0.0
         #: the switchover's fixed costs, sampled at quiet moments (medians count)
-        self.fixed = FixedCosts(destination_load_adopt_s=_DESTINATION_FIXED.get(job.peer))
+        self.fixed = FixedCosts()
+        self._recall_switchover()
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
         #: the stream copy (``stream_file``), renamed into place if the migration completes
@@ -527,11 +528,8 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
         self._remember_device_rate()
-        # the destination's own load and adopt (with the adopt's two writes), without its
-        # receive backlog (waiting for the data channels' last bytes is the previous
-        # migration's drain, not a fixed cost)
-        _DESTINATION_FIXED[self.job.peer] = (stats.downtime.load_ms
-                                             + stats.downtime.adopt_ms) / 1e3
+        down = stats.downtime
+        self._remember_switchover(down.round_trips_ms, down.load_ms, down.adopt_ms)
         self.job.stats = {**stats.to_json(), "verification": self.verification,
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
