@@ -187,12 +187,15 @@ def test_issue17_4_switchover_fixed_costs_as_the_last_migrations_paid_them(
     pre-copy were 0.7 ms before the stream and 4-5 ms at the decision against 1.2-1.5 ms
     at the switchover.  A first migration has only its samples."""
     monkeypatch.setattr(probes_mod, "_SWITCHOVER_FIXED", {})
+    monkeypatch.setattr(probes_mod, "_STOP_FIXED", {})
     seen: list[list[float]] = []
+    stops: list[float] = []
     real = SourceWorker._recall_switchover
 
     def recall(self: SourceWorker) -> None:
         real(self)
         seen.append(list(self.fixed.measured))
+        stops.append(self.session.meter.remembered_stop_s)
 
     monkeypatch.setattr(SourceWorker, "_recall_switchover", recall)
     a, b = hosts
@@ -210,3 +213,12 @@ def test_issue17_4_switchover_fixed_costs_as_the_last_migrations_paid_them(
     assert second.stats["predicted-downtime-breakdown"]["fixed_ms"] == pytest.approx(
         paid[0] * 1e3, abs=1e-3)
     assert len(probes_mod._SWITCHOVER_FIXED[key]) == 2
+    # the stop (the guest paused, the dirty log read and stopped) as the first one paid
+    # it, less its device's quiesce, which is predicted apart
+    parts = first.stats["switchover-parts"]
+    quiesce = first.stats["predicted-downtime-breakdown"]["device_stop_ms"]
+    assert stops[0] == 0.0 and stops[1] * 1e3 == pytest.approx(
+        max(parts["pause_ms"] + parts["dirty_log_ms"] - quiesce, 0.0), abs=0.01)
+    if stops[1] > 0:  # (0.0, all of it the quiesce: pre-copy's own stop stands in)
+        assert second.stats["predicted-downtime-breakdown"]["stop_ms"] == pytest.approx(
+            stops[1] * 1e3, abs=1e-3)

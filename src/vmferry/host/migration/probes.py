@@ -18,6 +18,7 @@ from vmferry.host.migration.common import RECEIVE_BUFFER, MigrationHost
 from vmferry.host.records import Job
 from vmferry.host.tls import client_context
 from vmferry.host.transport import Channel, SocketLink, tcp_rtt_s
+from vmferry.migration.context import MigrationStats
 from vmferry.migration.prediction import (
     SETTLE_BOUND_S,
     SWITCHOVER_ROUND_TRIPS,
@@ -34,6 +35,8 @@ _LINK_BANDWIDTH: dict[str, float] = {}
 #: destination (its control URL) and kinds of devices (their loads differ), for the
 #: downtime prediction (:attr:`FixedCosts.measured`)
 _SWITCHOVER_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+#: the same for stopping the guest and the final read and stop of the dirty log (s)
+_STOP_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
 #: the samples kept per key
 SWITCHOVER_SAMPLES = 5
 #: the rates (seconds per byte) at which device state was read and sent with the guest
@@ -143,18 +146,26 @@ class LinkProbeSide:
 
     def _recall_switchover(self) -> None:
         """The fixed switchover costs the last migrations to this destination paid."""
-        self.fixed.measured = list(_SWITCHOVER_FIXED.get(self._fixed_key(), []))
+        key = self._fixed_key()
+        self.fixed.measured = list(_SWITCHOVER_FIXED.get(key, []))
+        self.session.meter.remembered_stop_s = median(_STOP_FIXED.get(key, [0.0]))
 
-    def _remember_switchover(self, round_trips_ms: float, load_ms: float,
-                             adopt_ms: float) -> None:  # fmt: skip
-        """This migration's switchover after the stream, measured (the destination's
-        load without its wait for the data channels' last bytes, which is a drain), less
-        the round trips themselves (the prediction has them apart)."""
+    def _remember_switchover(self, stats: MigrationStats) -> None:
+        """This migration's switchover as measured: after the stream (the destination's
+        load without its wait for the data channels' last bytes, which is a drain) less
+        the round trips themselves (the prediction has them apart); and the stop (the
+        guest paused, the dirty log read and stopped) less the devices' quiesce, which
+        is predicted apart."""
+        down, parts = stats.downtime, stats.switchover_parts
         rtt = self._connection_rtt()
-        paid = (round_trips_ms + load_ms + adopt_ms) / 1e3 - SWITCHOVER_ROUND_TRIPS * rtt
-        samples = _SWITCHOVER_FIXED.setdefault(self._fixed_key(), [])
-        samples.append(max(paid, 0.0))
-        del samples[:-SWITCHOVER_SAMPLES]
+        paid = (down.round_trips_ms + down.load_ms + down.adopt_ms) / 1e3 \
+            - SWITCHOVER_ROUND_TRIPS * rtt  # fmt: skip
+        stop = (parts.get("pause_ms", 0.0) + parts.get("dirty_log_ms", 0.0)
+                - stats.predicted.get("device_stop_ms", 0.0)) / 1e3
+        for table, value in ((_SWITCHOVER_FIXED, paid), (_STOP_FIXED, stop)):
+            samples = table.setdefault(self._fixed_key(), [])
+            samples.append(max(value, 0.0))
+            del samples[:-SWITCHOVER_SAMPLES]
 
     def _device_rate_key(self) -> tuple[str, tuple[str, ...], bool]:
         over_channels = self.session.device_sink is not None \

@@ -528,8 +528,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
         self._remember_device_rate()
-        down = stats.downtime
-        self._remember_switchover(down.round_trips_ms, down.load_ms, down.adopt_ms)
+        self._remember_switchover(stats)
         self.job.stats = {**stats.to_json(), "verification": self.verification,
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
