@@ -36,6 +36,39 @@ channel's final SYNC); the destination puts them back in index order
 (:class:`DeviceReassembler`) and loads each device's chunks strictly in sequence, as
 QEMU's multifd device-state transfer does.
 
+**Live pages and OWED reports (channel protocol 1.3).**  Between two peers of channel
+protocol 1.3 the source may send a PAGES record straight from guest memory, without a
+snapshot, in a pass that is not the final one: flag ``LIVE`` (0x04) marks it, and 8
+bytes follow its header before the pages -- the xxh3-64 of the header's first 24 bytes
+alone, so that a damaged header (a wrong page number would leave the pages it should have
+named stale, unnoticed) still fails at once, whatever becomes of the pages.  The
+running guest may write one of its pages between the checksum and the kernel's copy: the
+record then arrives *torn*, its checksum fails, and its written page is dirty in the
+dirty log (tracking started before the pass), so a later pass sends it again.  The
+record's other pages are unverified meanwhile.  So the destination, on a checksum
+mismatch of a LIVE record, keeps the data and records the record's page range as
+*owed* (:class:`OwedPages`); a page stops being owed when a later verified record (PAGES
+without ``LIVE``, SCATTER, ZERO, or a LIVE record that matches) covers it.  After the
+``SYNC(k)`` of a pass in which a channel carried LIVE records, the destination answers
+on that channel, towards the source, with one report::
+
+    OWED (type 6, flags 0, pass k, first 0, count n): n ranges follow,
+    each first u64 | count u64 -- a LIVE record of pass k on this channel that arrived torn
+
+checksummed as every record (header and ranges).  ``n`` may be 0, and is at most the
+number of LIVE records the channel carried in pass ``k`` (and
+:data:`MAX_OWED_RANGES`).  The source (:class:`OwedReportReader`) waits for the report
+of each such pass before it starts the next (so it has every report before it stops the
+guest), refuses one for a pass it did not mark, or naming a range that is not a LIVE
+record it sent there, and adds the owed ranges to the next pass's pages
+(:func:`add_owed`) -- after checking that each range holds a page the guest wrote
+meanwhile: a torn record without one was damaged on the way, and fails the migration.
+On the destination, a LIVE record in the final pass is a MalformedRecord, more torn
+records than ``TORN_SLACK`` plus half a pass's LIVE records on a channel is a
+ChecksumMismatch (guest writes do not tear that many), and any page still owed when
+every channel has finished the final pass fails the migration with a ChecksumMismatch
+naming the pages.  A peer of an earlier minor version sends and accepts neither.
+
 **Ordering: a page's newer copy always wins.**  Within a channel TCP keeps the order.
 Across channels the destination keeps a barrier per pass: a channel's reader that meets
 ``SYNC(k)`` applies nothing of pass ``k + 1`` until every channel has delivered its
@@ -74,6 +107,8 @@ from vmferry.migration.runs import page_runs
 from vmferry.migration.stream.records import Buffer
 
 HEAD = struct.Struct(">BBHIQII")
+#: one range of an OWED report: first page, page count
+OWED_RANGE = struct.Struct(">QQ")
 HEADER = struct.Struct(">BBHIQIIQ")
 HEADER_SIZE = HEADER.size  # 32
 #: flag of SYNC: the last pass, nothing follows
@@ -88,6 +123,15 @@ ZEROED = 0x02
 MAX_SCATTER_PAGES = 4096
 #: runs shorter than this many pages travel in SCATTER lists rather than one record each
 SCATTER_BELOW = 16
+#: flag of PAGES (channel protocol 1.3): the data was checksummed in live guest memory,
+#: not a snapshot; a mismatch makes its pages owed rather than failing the migration
+LIVE = 0x04
+#: bytes between a LIVE record's header and its pages: the header's own checksum
+LIVE_CHECK_SIZE = 8
+#: the most ranges one OWED report lists
+MAX_OWED_RANGES = 65536
+#: torn LIVE records a channel may carry in a pass beyond half of its LIVE records
+TORN_SLACK = 16
 
 
 DEVICE_HEAD = struct.Struct(">BBHI")  # id length, phase, reserved, seq; then id, data
@@ -128,19 +172,25 @@ class ChannelRecord(enum.IntEnum):
     SYNC = 3
     SCATTER = 4
     DEVICE = 5
+    OWED = 6  # destination -> source (channel protocol 1.3)
 
 #: the flags each record type may carry
-ALLOWED_FLAGS = {ChannelRecord.PAGES: 0, ChannelRecord.ZERO: 0, ChannelRecord.SYNC: FINAL,
-                 ChannelRecord.SCATTER: ZEROED, ChannelRecord.DEVICE: 0}
+ALLOWED_FLAGS = {ChannelRecord.PAGES: LIVE, ChannelRecord.ZERO: 0, ChannelRecord.SYNC: FINAL,
+                 ChannelRecord.SCATTER: ZEROED, ChannelRecord.DEVICE: 0,
+                 ChannelRecord.OWED: 0}
 
 
 @dataclass(frozen=True)
 class Pages:
     """Page data follows: receive ``count`` pages into guest memory at page ``first``,
-    then hand them to :meth:`ChannelReader.payload`."""
+    then hand them to :meth:`ChannelReader.payload`.  For a ``live`` record the
+    header's own checksum comes first: receive :data:`LIVE_CHECK_SIZE` bytes and hand
+    them to :meth:`ChannelReader.live_check` before the pages."""
 
     first: int
     count: int
+    #: a LIVE record: :meth:`ChannelReader.payload` may find it torn
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,15 +261,23 @@ class ChannelWriter:
                                          if p is not None)  # fmt: skip
         return out
 
-    def pages(self, number: int, first: int, data: Buffer) -> list[Buffer]:
+    def pages(self, number: int, first: int, data: Buffer, *, live: bool = False
+              ) -> list[Buffer]:  # fmt: skip
         """A PAGES record: ``data`` (whole pages) is checksummed now and must not change
-        until it has been sent (the sender passes a snapshot, not live guest memory)."""
+        until it has been sent (the sender passes a snapshot, or guest memory the guest
+        cannot write: it is paused) -- or, with ``live`` (a peer of channel protocol
+        1.3, not the final pass), live guest memory: the record is marked LIVE and may
+        arrive torn (see the module docstring)."""
         n = memoryview(data).nbytes
         if n == 0 or n % self.page_size or n > MAX_RECORD_BYTES:
             raise StreamUsageError(f"PAGES of {n} bytes (whole pages, at most "
                                    f"{MAX_RECORD_BYTES})")
-        return [self._head(ChannelRecord.PAGES, 0, number, first, n // self.page_size, data),
-                data]
+        if not live:
+            return [self._head(ChannelRecord.PAGES, 0, number, first, n // self.page_size,
+                               data), data]  # fmt: skip
+        head = self._head(ChannelRecord.PAGES, LIVE, number, first, n // self.page_size, data)
+        self.bytes_out += LIVE_CHECK_SIZE
+        return [head, _checksum(head[: HEAD.size]).to_bytes(LIVE_CHECK_SIZE, "big"), data]
 
     def zero(self, number: int, first: int, count: int) -> bytes:
         return self._head(ChannelRecord.ZERO, 0, number, first, count)
@@ -270,8 +328,18 @@ class ChannelReader:
     :meth:`payload` before the next header.  For a :class:`Sync` it waits at the pass
     barrier with the other channels.  The first error is final."""
 
-    def __init__(self, channel: int, npages: int, page_size: int, first_pass: int = 1) -> None:
+    def __init__(self, channel: int, npages: int, page_size: int, first_pass: int = 1,
+                 *, live: bool = False) -> None:  # fmt: skip
         self.channel = channel
+        #: LIVE records allowed (the source speaks channel protocol 1.3)
+        self.live = live
+        #: LIVE records of the current pass, and those of them that arrived torn
+        self.live_records = 0
+        self.torn: list[tuple[int, int]] = []
+        #: the OWED report due after the last SYNC (None: none is due)
+        self.report: bytes | None = None
+        #: a LIVE record whose header check is still expected
+        self._live_head: bytes | None = None
         self.npages = npages
         self.page_size = page_size
         self.current_pass = first_pass
@@ -288,7 +356,7 @@ class ChannelReader:
 
     def header(self, raw: Buffer) -> ChannelEvent:
         if self._pending is not None or self._scatter is not None or self._scatter_data \
-                or self._device_pending is not None:  # fmt: skip
+                or self._device_pending is not None or self._live_head is not None:  # fmt: skip
             raise StreamUsageError("header() while a payload is still expected")
         if self.finished:
             raise MalformedRecord(f"channel {self.channel}: data after the final SYNC")
@@ -311,12 +379,25 @@ class ChannelReader:
                                   f"{self.current_pass}")
         if flags & ~ALLOWED_FLAGS[rtype]:
             raise MalformedRecord(f"{where}: {rtype.name} with unknown flags {flags:#x}")
+        if rtype is ChannelRecord.OWED:
+            raise MalformedRecord(f"{where}: an OWED report from the source")
+        if flags & LIVE and not self.live:
+            raise MalformedRecord(f"{where}: a LIVE PAGES record from a source that did not "
+                                  "negotiate them (channel protocol 1.3)")  # fmt: skip
         self.bytes_in += HEADER_SIZE
         if rtype is ChannelRecord.SYNC:
             if first or count:
                 raise MalformedRecord(f"{where}: SYNC with pages")
             self._verify(claimed, head, None, "SYNC")
             final = bool(flags & FINAL)
+            if final and self.live_records:
+                raise MalformedRecord(f"{where}: {self.live_records} LIVE records in the "
+                                      f"final pass {number} (the guest is paused: it sends "
+                                      "none)")  # fmt: skip
+            self.report = None
+            if self.live_records:
+                self.report = owed_report(self.channel, number, self.page_size, self.torn)
+            self.live_records, self.torn = 0, []
             self.finished = final
             self.current_pass += 0 if final else 1
             return Sync(number, final)
@@ -334,9 +415,26 @@ class ChannelReader:
         if count * self.page_size > MAX_RECORD_BYTES:
             raise MalformedRecord(f"{where}: PAGES of {count} pages is over the "
                                   f"{MAX_RECORD_BYTES}-byte limit")
-        event = Pages(first, count)
+        live = bool(flags & LIVE)
+        self.live_records += live
+        event = Pages(first, count, live)
         self._pending = (head, claimed, event)
+        if live:
+            self._live_head = head
         return event
+
+    def live_check(self, raw: Buffer) -> None:
+        """The header check of the last (LIVE) :class:`Pages` event, as received:
+        ChecksumMismatch if the header is damaged."""
+        if self._live_head is None:
+            raise StreamUsageError("live_check() without a LIVE PAGES header")
+        if memoryview(raw).nbytes != LIVE_CHECK_SIZE:
+            raise StreamUsageError(f"a LIVE record's header check is {LIVE_CHECK_SIZE} bytes")
+        head, self._live_head = self._live_head, None
+        self.bytes_in += LIVE_CHECK_SIZE
+        if _checksum(head).to_bytes(LIVE_CHECK_SIZE, "big") != bytes(raw):
+            raise ChecksumMismatch(f"channel {self.channel}: LIVE PAGES header checksum "
+                                   f"mismatch (pass {self.current_pass})")  # fmt: skip
 
     def _scatter_header(self, head: bytes, claimed: int, flags: int, first: int, count: int
                         ) -> Scatter:  # fmt: skip
@@ -384,10 +482,11 @@ class ChannelReader:
         self._scatter_data = (h, claimed, event.count)
         return pages
 
-    def payload(self, data: Buffer) -> None:
+    def payload(self, data: Buffer) -> bool:
         """The page data of the last :class:`Pages` event, or of the last page list of
         a :class:`Scatter` event, as received (ChecksumMismatch if it is not what was
-        sent)."""
+        sent).  False: a LIVE record arrived torn -- its pages are owed (the caller keeps
+        the data and records them, :class:`OwedPages`); True: verified."""
         if self._scatter_data is not None:
             h, claimed, count = self._scatter_data
             if memoryview(data).nbytes != count * self.page_size:
@@ -399,16 +498,29 @@ class ChannelReader:
                                        f"{self.current_pass})")
             self.pages_received += count
             self.bytes_in += count * self.page_size
-            return
+            return True
         if self._pending is None:
             raise StreamUsageError("payload() without a PAGES header")
+        if self._live_head is not None:
+            raise StreamUsageError("payload() of a LIVE record before its live_check()")
         head, claimed, event = self._pending
         if memoryview(data).nbytes != event.count * self.page_size:
             raise StreamUsageError("payload() of another length than the header's")
         self._pending = None
-        self._verify(claimed, head, data, "RAM_PAGES")
+        verified = True
+        if not event.live:
+            self._verify(claimed, head, data, "RAM_PAGES")
+        elif _checksum(head, data) != claimed:
+            verified = False
+            self.torn.append((event.first, event.count))
+            if 2 * (len(self.torn) - TORN_SLACK) > self.live_records:
+                raise ChecksumMismatch(
+                    f"channel {self.channel}: {len(self.torn)} of the {self.live_records} "
+                    f"LIVE records of pass {self.current_pass} so far arrived torn (at most "
+                    f"{TORN_SLACK} and half of them): the data is damaged on the way")
         self.pages_received += event.count
         self.bytes_in += event.count * self.page_size
+        return verified
 
     def _device_header(self, head: bytes, claimed: int, index: int, length: int) -> Device:
         if not DEVICE_HEAD.size < length <= MAX_DEVICE_RECORD:
@@ -451,6 +563,161 @@ class ChannelReader:
         if _checksum(head, payload) != claimed:
             raise ChecksumMismatch(f"{what} record checksum mismatch (pass "
                                    f"{self.current_pass})")
+
+
+# --- torn LIVE records: owed pages and the OWED reports ---------------------------------------
+
+
+def owed_report(channel: int, number: int, page_size: int,
+                ranges: list[tuple[int, int]]) -> bytes:  # fmt: skip
+    """The destination's OWED report of pass ``number`` on ``channel``: the ``ranges``
+    (first, count) of the LIVE records that arrived torn there."""
+    if len(ranges) > MAX_OWED_RANGES:
+        raise StreamUsageError(f"an OWED report of {len(ranges)} ranges (at most "
+                               f"{MAX_OWED_RANGES})")  # fmt: skip
+    body = b"".join(OWED_RANGE.pack(first, count) for first, count in ranges)
+    head = HEAD.pack(ChannelRecord.OWED, 0, channel, number, 0, len(ranges), page_size)
+    return head + _checksum(head, body).to_bytes(8, "big") + body
+
+
+class OwedPages:
+    """The destination's owed pages: those of LIVE records that arrived torn and that no
+    verified record has covered since (see the module docstring).  Not thread-safe: the
+    host serialises :meth:`owe` and the covering calls that may overlap owed pages."""
+
+    def __init__(self, npages: int) -> None:
+        self.mask: npt.NDArray[np.bool_] = np.zeros(npages, dtype=np.bool_)
+        #: pages owed now
+        self.count = 0
+        #: pages that were ever owed (for the job's figures)
+        self.total = 0
+
+    def owe(self, first: int, count: int) -> None:
+        seg = self.mask[first : first + count]
+        new = count - int(np.count_nonzero(seg))
+        self.count += new
+        self.total += new
+        seg[:] = True
+
+    def covered(self, first: int, count: int) -> None:
+        """A verified record stored pages ``[first, first + count)``."""
+        if self.count:
+            seg = self.mask[first : first + count]
+            self.count -= int(np.count_nonzero(seg))
+            seg[:] = False
+
+    def covered_at(self, pages: npt.NDArray[np.int64]) -> None:
+        """A verified SCATTER record stored ``pages``."""
+        if self.count:
+            self.count -= int(np.count_nonzero(self.mask[pages]))
+            self.mask[pages] = False
+
+    def check(self) -> None:
+        """Every channel finished the final pass: ChecksumMismatch naming the pages still
+        owed (their data never arrived verified), if any."""
+        if not self.count:
+            return
+        starts, lengths = page_runs(np.flatnonzero(self.mask), self.mask.size)
+        shown = ", ".join(f"[{s}, {s + n})" for s, n in zip(starts[:8].tolist(),
+                                                             lengths[:8].tolist(), strict=True))
+        more = f" and {starts.size - 8} more ranges" if starts.size > 8 else ""
+        raise ChecksumMismatch(f"{self.count} pages of torn LIVE records never arrived "
+                               f"verified: pages {shown}{more}")  # fmt: skip
+
+
+class OwedReportReader:
+    """The source's side of one channel's OWED reports: the LIVE records it sent in each
+    pass (:meth:`sent_live`), and the checks of the report the destination sends after
+    such a pass.  Read :data:`HEADER_SIZE` bytes, pass them to :meth:`header` (which
+    returns how many bytes of ranges follow), then those to :meth:`ranges`."""
+
+    def __init__(self, channel: int, npages: int, page_size: int) -> None:
+        self.channel = channel
+        self.npages = npages
+        self.page_size = page_size
+        #: the LIVE records (first, count) sent in each pass whose report is due
+        self.sent: dict[int, set[tuple[int, int]]] = {}
+        self._pending: tuple[bytes, int, int, int] | None = None
+
+    def sent_live(self, number: int, first: int, count: int) -> None:
+        self.sent.setdefault(number, set()).add((first, count))
+
+    def due(self, number: int) -> bool:
+        """Whether the destination owes a report for pass ``number``."""
+        return number in self.sent
+
+    def header(self, raw: Buffer) -> int:
+        """An OWED report's header: the length of its ranges (MalformedRecord if it is
+        not a report this channel awaits)."""
+        if self._pending is not None:
+            raise StreamUsageError("header() while a report's ranges are still expected")
+        if memoryview(raw).nbytes != HEADER_SIZE:
+            raise StreamUsageError(f"a channel header is {HEADER_SIZE} bytes")
+        kind, flags, channel, number, first, count, page_size, claimed = HEADER.unpack(raw)
+        number, count = int(number), int(count)
+        where = f"data channel {self.channel}"
+        if kind != ChannelRecord.OWED or flags or first or channel != self.channel \
+                or page_size != self.page_size:  # fmt: skip
+            raise MalformedRecord(f"{where}: the destination sent type {kind}, flags "
+                                  f"{flags:#x}, channel {channel}, page size {page_size}; "
+                                  "expected an OWED report")  # fmt: skip
+        if not self.sent:
+            raise MalformedRecord(f"{where}: an OWED report for pass {number}, and none "
+                                  "is due")  # fmt: skip
+        awaited = min(self.sent)
+        if number != awaited:
+            raise MalformedRecord(f"{where}: an OWED report for pass {number}; the one "
+                                  f"due is pass {awaited}'s")  # fmt: skip
+        most = min(len(self.sent[number]), MAX_OWED_RANGES)
+        if count > most:
+            raise MalformedRecord(f"{where}: an OWED report of {count} ranges for pass "
+                                  f"{number}, which had {most} LIVE records here")
+        self._pending = (bytes(raw[: HEAD.size]), claimed, number, count)
+        return int(count) * OWED_RANGE.size
+
+    def ranges(self, raw: Buffer) -> tuple[int, list[tuple[int, int]]]:
+        """The report's ranges, checked: (pass, [(first, count), ...])."""
+        if self._pending is None:
+            raise StreamUsageError("ranges() without an OWED header")
+        head, claimed, number, count = self._pending
+        if memoryview(raw).nbytes != count * OWED_RANGE.size:
+            raise StreamUsageError("ranges() of another length than the header's")
+        self._pending = None
+        where = f"data channel {self.channel}"
+        if _checksum(head, raw) != claimed:
+            raise ChecksumMismatch(f"{where}: OWED report of pass {number} damaged")
+        sent = self.sent.pop(number)
+        out: list[tuple[int, int]] = []
+        for first, n in OWED_RANGE.iter_unpack(raw):
+            if not 0 < n <= self.npages or first > self.npages - n:
+                raise MalformedRecord(f"{where}: owed pages [{first}, {first + n}) outside "
+                                      f"guest RAM of {self.npages} pages")  # fmt: skip
+            if (first, n) not in sent:
+                raise MalformedRecord(f"{where}: owed pages [{first}, {first + n}) of pass "
+                                      f"{number} are not a LIVE record sent here, or are "
+                                      "named twice")  # fmt: skip
+            sent.discard((first, n))
+            out.append((first, n))
+        return number, out
+
+
+def add_owed(mask: npt.NDArray[np.bool_],
+             owed: list[tuple[int, int, int]]) -> npt.NDArray[np.bool_]:  # fmt: skip
+    """The pages of the next pass: ``mask`` (what the dirty log caught since the passes
+    of ``owed``) with the owed ranges (pass, first, count) added.  Each range must hold
+    a page of ``mask``: a torn record has a page the guest wrote after its checksum, which
+    the dirty log caught; ChecksumMismatch if one has none (its data was damaged on the
+    way, not torn)."""
+    if not owed:
+        return mask
+    out = mask.copy()
+    for number, first, count in owed:
+        if not mask[first : first + count].any():
+            raise ChecksumMismatch(f"pages [{first}, {first + count}) of pass {number} "
+                                   "failed their checksum on the destination although the "
+                                   "guest wrote none of them: damaged on the way")
+        out[first : first + count] = True
+    return out
 
 
 # --- the sending side's work ---------------------------------------------------------------
@@ -522,6 +789,7 @@ def encode_runs(
     *,
     batch_bytes: int,
     snapshot: bool = True,
+    live: OwedReportReader | None = None,
 ) -> Iterator[list[Buffer]]:
     """The records for ``runs`` of pass ``number``, in batches of about ``batch_bytes``:
     all-zero pages (found with numpy) become ZERO records, the others PAGES records.
@@ -530,7 +798,11 @@ def encode_runs(
     the copy is checksummed and sent: the bytes on the wire match their checksum even if
     the guest writes the page meanwhile (the write dirties it for the next pass).  The
     caller must send each batch before asking for the next: the bounce buffer is reused.
-    Without ``snapshot`` (the guest is paused) the records view guest memory directly."""
+    Without ``snapshot`` the records view guest memory directly: the guest is paused,
+    or (``live``: a peer of channel protocol 1.3, a pass that is not the final one) the
+    records are marked LIVE and noted in ``live`` for the destination's OWED report."""
+    if live is not None and snapshot:
+        raise StreamUsageError("LIVE records are not snapshots")
     ps = ram.page_size
     batch: list[Buffer] = []
     size = used = 0
@@ -553,7 +825,9 @@ def encode_runs(
                 view: Buffer = data.data
             else:
                 view = ram.bytes[s * ps : s * ps + nbytes].data
-            batch += writer.pages(number, s, view)
+                if live is not None:
+                    live.sent_live(number, s, n)
+            batch += writer.pages(number, s, view, live=live is not None)
             counts.normal += n
             size += nbytes
             if size >= batch_bytes:
