@@ -160,15 +160,21 @@ class ChannelSink:
         self.device_plan: list[list[tuple[int, DeviceData]]] = [[] for _ in socks]
         self.reports = [OwedReportReader(i, self.ram.npages, self.ram.page_size)
                         for i in range(len(socks))]  # fmt: skip
-        #: owed ranges (pass, first, count) the next pass sends again
+        #: owed ranges (pass, first, count) the next pass sends again (:meth:`owed_pages`)
         self.owed: list[tuple[int, int, int]] = []
         #: LIVE records sent, and those the destination reported torn
         self.live_records = 0
         self.torn_records = 0
 
+    def owed_pages(self, dirty: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """``dirty`` and the pages of the LIVE records the destination reported torn in
+        the pass just sent (its OWED reports are in: each channel read its own before
+        :meth:`send_pass` returned); ChecksumMismatch if one of them has no dirty page."""
+        with self.lock:
+            owed, self.owed = self.owed, []
+        return add_owed(dirty, owed)
+
     def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
-        # the torn records' pages go again (ChecksumMismatch if one had no dirty page)
-        mask, self.owed = add_owed(mask, self.owed), []
         run_pages = max(1, RUN_BYTES // self.ram.page_size)
         starts, lengths, scattered = split_scattered(np.flatnonzero(mask), run_pages)
         dealt = deal_runs(starts, lengths, len(self.socks))

@@ -101,6 +101,14 @@ class RamSink(Protocol):
     def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
         ...
 
+    def owed_pages(self, dirty: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """The next pass's pages, once the dirty log was read after a pass (the guest
+        still running): ``dirty`` and the pages the destination reported owed (records
+        of live guest memory that arrived torn; see
+        :func:`vmferry.migration.multichannel.add_owed`, which also refuses a torn
+        record none of whose pages is in ``dirty``)."""
+        ...
+
 
 #: a pass that moved fewer bytes than this does not measure the link's bandwidth
 MEASURABLE_BYTES = 16 * MIB
@@ -349,6 +357,8 @@ class SourceSession:
             self.meter.handed_off(self.clock.monotonic() - t_handoff)
             if self.params.offline:  # the guest is paused: one pass is all of it
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
+                if self.ram_sink is not None:  # (nothing can be torn: any is damage)
+                    to_send = self.ram_sink.owed_pages(to_send)
                 self._end_of_pass(t_pass, 0)
                 break
             t_sync = self.clock.monotonic()
@@ -356,6 +366,8 @@ class SourceSession:
             self.meter.synced(self.clock.monotonic() - t_sync)
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
+            if self.ram_sink is not None:  # torn records' pages go again
+                to_send = self.ram_sink.owed_pages(to_send)
             if self._end_of_pass(t_pass, dirty.count, to_send):
                 if self.ack.may_stop():
                     break

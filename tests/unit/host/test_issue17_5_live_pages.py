@@ -7,6 +7,7 @@ the records it always got."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -16,11 +17,16 @@ from typing import Any
 import numpy as np
 import pytest
 import xxhash
+from tests.unit.host.test_channel_workers import hosts  # noqa: F401 (fixture)
+from tests.unit.host.test_issue17_switchover_ack import migrate
 
 from vmferry.clock import ManualClock
-from vmferry.errors import ChecksumMismatch, MalformedRecord, PeerError, VmferryError
+from vmferry.errors import ChecksumMismatch, MalformedRecord, PeerError
 from vmferry.host import datachannels
+from vmferry.host.daemon import HostDaemon
 from vmferry.host.datachannels import ChannelGroup, ChannelSink, dial_channels
+from vmferry.host.migration import destination as destination_mod
+from vmferry.host.migration.source import SourceWorker
 from vmferry.machine import create_vm
 from vmferry.machine.vm import VM
 from vmferry.migration.context import Status
@@ -50,11 +56,12 @@ class Migration:
     sink: ChannelSink
     group: ChannelGroup
     before: str
+    clock: ManualClock
 
     def run(self) -> None:
         """Pre-copy through END, the channels' last bytes, LOADED, verification, COMMIT:
         as the host daemon's workers run them."""
-        transfer(self.src, self.dst, ManualClock())
+        transfer(self.src, self.dst, self.clock)
         self.group.wait_done(30, lambda: None)
         ack = self.dst.finish(start=False)
         self.src.loaded()
@@ -73,14 +80,15 @@ def migration() -> Iterator[Callable[..., Migration]]:
         vm = create_vm(definition)
         vm.start()
         dst_vm = create_vm({**definition, "fill": "zero"})
-        src = SourceSession(vm, MigrationParams(verify=True), ManualClock())
-        dst = DestinationSession(ManualClock(), verify=True, factory=lambda cfg: dst_vm)
+        clock = ManualClock(1.0)
+        src = SourceSession(vm, MigrationParams(verify=True), clock)
+        dst = DestinationSession(clock, verify=True, factory=lambda cfg: dst_vm)
         group = ChannelGroup(TOKEN, dst_vm.ram, "127.0.0.1", live=live_dst)
         socks = dial_channels(("127.0.0.1", group.port), TOKEN, 2, None)
         sink = ChannelSink(socks, src, on_stall=lambda s: None, check=lambda: None,
                            live=live_src)  # fmt: skip
         src.ram_sink = sink
-        m = Migration(vm, dst_vm, src, dst, sink, group, vm.ram.digest())
+        m = Migration(vm, dst_vm, src, dst, sink, group, vm.ram.digest(), clock)
         made.append(m)
         return m
 
@@ -200,13 +208,15 @@ def test_issue17_5_hostile_owed_reports_fail_the_source_typed(
         conn.sendall(forge(i, raw))
 
     monkeypatch.setattr(ChannelGroup, "_report", report)
+    pauses: list[bool] = []
+    monkeypatch.setattr(m.src.guest, "pause", lambda: pauses.append(True))
     with pytest.raises((MalformedRecord, ChecksumMismatch)) as err:
         m.run()
     expected = ChecksumMismatch if kind in ("damaged", "untorn") else MalformedRecord
     assert type(err.value) is expected, err.value
-    assert m.src.stats.status is Status.ACTIVE  # never stopped
-    m.src.fail("ram pass 1", str(err.value))
-    assert m.vm.running and m.vm.ram.digest() == m.before
+    # the session failed in pass 1, the guest never stopped and is intact
+    assert m.src.stats.status is Status.FAILED and m.src.stats.error_step == "ram pass 1"
+    assert pauses == [] and m.vm.running and m.vm.ram.digest() == m.before
 
 
 def test_issue17_5_hostile_forward_records_fail_the_destination(
@@ -221,8 +231,9 @@ def test_issue17_5_hostile_forward_records_fail_the_destination(
         w0, w1 = ChannelWriter(0, PS), ChannelWriter(1, PS)
         for sock, w in zip(m.sink.socks, (w0, w1), strict=True):
             bufs = [*w.pages(1, 0, ram.view(0, 4 * PS), live=True), w.sync(1, final=final)]
-            for b in bufs:
-                sock.sendall(b)
+            with contextlib.suppress(OSError):  # the group may fail the other one first
+                for b in bufs:
+                    sock.sendall(b)
         with pytest.raises(PeerError, match=word):
             m.group.wait_done(10, lambda: None)
         assert "MalformedRecord" in m.group.error and not m.group.done.is_set()
@@ -274,3 +285,26 @@ BEFORE = ["ac116bf4a5722d40", "e56bfb2a8eaa5d46"]
 
 def test_issue17_5_a_channel_1_2_destination_gets_the_bytes_it_always_got() -> None:
     assert channel_bytes(live=False) == BEFORE
+
+
+@pytest.mark.parametrize("minor", [2, 3])
+def test_issue17_5_the_source_sends_live_records_only_to_a_channel_1_3_destination(
+    hosts: tuple[HostDaemon, HostDaemon], monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    minor: int,
+) -> None:
+    """The source decides from the destination's WELCOME (its minor version) whether its
+    data channels send LIVE records; a 1.2 destination migrates as before."""
+    real = destination_mod.Welcome
+    monkeypatch.setattr(destination_mod, "Welcome", lambda host: real(host, minor=minor))
+    seen: list[bool] = []
+    opened = SourceWorker._open_channels
+
+    def open_channels(self: SourceWorker) -> None:
+        seen.append(self._live_pages())
+        opened(self)
+
+    monkeypatch.setattr(SourceWorker, "_open_channels", open_channels)
+    a, b = hosts
+    src, _, _ = migrate(a, b)
+    assert src.status == "completed", src.error
+    assert seen == [minor >= 3]

@@ -409,9 +409,14 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
                                                  check=self._check_cancel,
                                                  progress=self._channel_progress,
                                                  fault=self.fault,
-                                                 live=self.peer_minor >= LIVE_PAGES_MINOR)
+                                                 live=self._live_pages())
         self.session.ram_sink = self.channels
         self.job.progress["parallel"] = count
+
+    def _live_pages(self) -> bool:
+        """Whether the destination takes LIVE records and sends OWED reports (channel
+        protocol 1.3): pass 1's runs go without the snapshot copy then."""
+        return self.peer_minor >= LIVE_PAGES_MINOR
 
     def _channel_progress(self) -> None:
         """While the channels send a pass: the operator's changes, the job's figures."""
