@@ -8,10 +8,12 @@ source                                            destination
 capabilities()  (on the destination, for pre-flight, before anything moves)
 preflight(dest_caps, options)   raise MigrationRefused; return warnings
 vm_start()                      (outside migrations too) the vCPUs are about to run
+timed_by(clock)                 the engine's clock, for handlers that time their devices
 save_setup()                    (RAM pass 1 begins)
 save_switchover_ack() -> n      switchover-ack on: n INIT_SENT markers will follow
 save_iterate() -> pieces        once per pass (pre-copy data)
 pending_bytes()                 counted in the expected downtime
+stop_cost_s()                   what quiesce() will cost, as pre-copy timed it
 quiesce()                       vCPUs paused; before the final dirty sync
 save_complete() -> pieces       after the final RAM pass (may be lazy: an iterator)
 save_cleanup() | save_failed()  after commit | on any failure (give it back)
@@ -36,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
+from vmferry.clock import Clock
 from vmferry.errors import MalformedRecord
 
 
@@ -152,6 +155,15 @@ class MigrationHandler:
 
     def quiesce(self) -> None:
         pass
+
+    def timed_by(self, clock: Clock) -> None:
+        """The engine's clock (the source session gives it before ``save_setup``), for a
+        handler that times its devices' work in pre-copy (:meth:`stop_cost_s`)."""
+
+    def stop_cost_s(self) -> float:
+        """What :meth:`quiesce` is expected to cost (s), as pre-copy timed the same work
+        on the same devices (call with guest time held); 0.0: nothing to time."""
+        return 0.0
 
     def save_complete(self) -> Iterable[StatePiece]:
         """The state left at switchover; an iterator lets the engine send it in

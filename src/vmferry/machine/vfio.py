@@ -26,6 +26,9 @@ save_switchover_ack: devices with pre-copy  -
 save_iterate: read pre-copy data;           PRE_COPY
   INIT_SENT once initial_bytes reached 0
 pending_bytes: pre-copy + STOP_COPY sizes   -
+stop_cost_s: the last save pre-copy timed  -
+  (entering PRE_COPY, or a read whose
+  query started one), per device
 quiesce (vCPUs paused, before the final     every device -> RUNNING_P2P/PRE_COPY_P2P,
   dirty sync)                                 then every device -> STOP/STOP_COPY
 save_complete: STOP_COPY data, DONE         STOP_COPY
@@ -67,6 +70,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from vmferry.clock import Clock
 from vmferry.errors import (
     ConfigError,
     DeviceLoadError,
@@ -194,6 +198,11 @@ class VfioHandler(MigrationHandler):
         #: switchover-ack: devices whose INIT_SENT marker is still to send (source) or
         #: to load (destination)
         self._init_due: set[str] = set()
+        #: source: the engine's clock (:meth:`timed_by`), and per device the last save
+        #: of its state that pre-copy timed (s): entering PRE_COPY, or a precopy-info
+        #: query that started one (see :meth:`stop_cost_s`)
+        self._clock: Clock | None = None
+        self.save_s: dict[str, float] = {}
 
     @property
     def device_ids(self) -> frozenset[str]:
@@ -332,12 +341,22 @@ class VfioHandler(MigrationHandler):
 
     # --- source ------------------------------------------------------------------------
 
+    def timed_by(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def _now(self) -> float:
+        return self._clock.monotonic() if self._clock is not None else 0.0
+
     def save_setup(self) -> None:
+        self.save_s = {}
         for ident, vmm in self._source_vmms().items():
+            t0 = self._now()
             try:
                 vmm.save_setup()
             except VfioError as exc:
                 raise _fail(ident, "entering PRE_COPY", exc) from exc
+            if vmm.state in PRE_COPY_STATES:  # the arc saved the device's initial state
+                self.save_s[ident] = self._now() - t0
 
     def save_switchover_ack(self) -> int:
         """Every device in a pre-copy state marks the end of its initial data."""
@@ -365,10 +384,15 @@ class VfioHandler(MigrationHandler):
         for ident, vmm in self._vmms.items():
             budget = PRECOPY_BUDGET
             while budget > 0 and vmm.state in PRE_COPY_STATES:
+                # the read's precopy-info queries start a save when the device has
+                # dirtied state and everything queued was read (as mlx5's do)
+                saved, t0 = vmm.saved_bytes(), self._now()
                 try:
                     chunk = vmm.save_iterate()
                 except VfioError as exc:
                     raise _fail(ident, "reading pre-copy data", exc) from exc
+                if vmm.saved_bytes() > saved:
+                    self.save_s[ident] = self._now() - t0
                 if not chunk:
                     break
                 out.append(self._piece(ident, DevicePhase.PRE_COPY, chunk))
@@ -395,6 +419,16 @@ class VfioHandler(MigrationHandler):
             except VfioError as exc:
                 raise _fail(ident, "querying the data size", exc) from exc
         return total
+
+    def stop_cost_s(self) -> float:
+        """The stop of every device still in pre-copy saves its state once more (mlx5:
+        the PRE_COPY_P2P -> STOP_COPY arc runs the same save a precopy-info query starts
+        when the device dirtied its state): what the last such save pre-copy timed took,
+        per device (the arc into PRE_COPY, a full save, if no query started one).
+        Devices without pre-copy stop from RUNNING (their state is read after the stop,
+        in the state part)."""
+        return sum(self.save_s.get(i, 0.0) for i, v in self._vmms.items()
+                   if v.state in PRE_COPY_STATES)  # fmt: skip
 
     def quiesce(self) -> None:
         """Every device to a P2P state before any device stops (the multi-device rule)."""

@@ -125,6 +125,11 @@ class DestinationSession:
         #: pre-copy device data loaded before the acknowledgement, and the time it took
         self.precopy_device_bytes = 0
         self.precopy_device_s = 0.0
+        #: per device, the last pre-copy chunk's load: (seconds, bytes).  The final load
+        #: is a chunk of the same kind (the last save's image: mlx5's final delta after
+        #: its pre-copy deltas), which a per-byte rate misses when loading an image costs
+        #: more than its bytes (a check of the whole device image, say)
+        self.last_device_loads: dict[str, tuple[float, int]] = {}
 
     @property
     def ended(self) -> bool:
@@ -218,8 +223,10 @@ class DestinationSession:
         t0 = self.clock.monotonic()
         vm.handler_for(piece).load(piece)
         if rec.phase is DevicePhase.PRE_COPY:
+            seconds = self.clock.monotonic() - t0
             self.precopy_device_bytes += len(rec.data)
-            self.precopy_device_s += self.clock.monotonic() - t0
+            self.precopy_device_s += seconds
+            self.last_device_loads[rec.device] = (seconds, len(rec.data))
         elif rec.phase is DevicePhase.INIT_SENT:
             if not self._markers_due:
                 raise MalformedRecord(f"{rec.device}: INIT_SENT marker without switchover-ack")
@@ -239,6 +246,11 @@ class DestinationSession:
         if vm is None:
             raise MalformedRecord("device state before the VM configuration")
         vm.handler_for(piece).load(piece)
+
+    def device_load_report(self) -> dict[str, list[float]]:
+        """The last pre-copy chunk loaded per device, ``{device: [ms, bytes]}``, for the
+        source's prediction (the host publishes it in its job)."""
+        return {d: [round(s * 1e3, 3), n] for d, (s, n) in self.last_device_loads.items()}
 
     def take_switchover_ack(self) -> dict[str, Any] | None:
         """The SWITCHOVER_ACK body once every device's initial data is loaded (once;

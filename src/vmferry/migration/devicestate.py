@@ -43,6 +43,9 @@ class AckGate:
         self.ack: dict[str, Any] | None = None
         #: the session yielded [] to wait for it
         self.awaiting = False
+        #: per device, the destination's last pre-copy chunk load (seconds, bytes), as it
+        #: published it (the host reads it with its round trips)
+        self.last_loads: dict[str, tuple[float, int]] = {}
 
     def setup(self, handlers: Iterable[MigrationHandler], offline: bool) -> None:
         """After the handlers' ``save_setup``: how many markers to expect (none offline:
@@ -81,14 +84,21 @@ class AckGate:
             return 0.0
         return ms / 1e3 / n if n > 0 and ms >= 0 else 0.0
 
-    def device_load_ms(self, handlers: Iterable[MigrationHandler]) -> float:
-        """The prediction's share for the destination loading the stop-copy device state:
-        the handlers' stop-copy bytes at the rate it measured in pre-copy (call with
-        guest time held)."""
+    def device_load_ms(self, stop_bytes: int) -> float:
+        """The prediction's share for the destination loading the stop-copy device state
+        (``stop_bytes``: the handlers' ``stop_copy_bytes``).  The final load is one more
+        chunk of the kind the destination loaded last in pre-copy -- the last save's
+        image, whose load can cost more than its bytes (mlx5 checks the whole device
+        image after each) -- so it costs what that chunk's load did, plus the stop-copy
+        bytes beyond that chunk's size at the rate the destination measured loading the
+        pre-copy data."""
         rate = self.load_s_per_byte()
-        if rate == 0.0:
+        last_s = sum(s for s, _ in self.last_loads.values())
+        if rate == 0.0 and last_s == 0.0:
             return 0.0
-        return sum(h.stop_copy_bytes() for h in handlers) * rate * 1e3
+        last_bytes = sum(n for _, n in self.last_loads.values())
+        beyond = max(0, stop_bytes - last_bytes)
+        return (last_s + beyond * rate) * 1e3
 
 
 def stage_device_state(handlers: Iterable[MigrationHandler], sink: DeviceSink,

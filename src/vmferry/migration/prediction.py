@@ -34,6 +34,9 @@ from vmferry.migration.multichannel import SCATTER_BELOW
 
 #: the switchover after the last byte: END -> LOADED -> COMMIT -> RESUMED
 SWITCHOVER_ROUND_TRIPS = 1.5
+#: the longest the host waits before the stop, the guest running, for the destination to
+#: take what was sent (``LinkProbe.settle``): bytes in flight beyond it drain paused
+SETTLE_BOUND_S = 1.0
 #: a pass that sent fewer non-zero pages than this does not measure the cost of a page
 #: (its time is the pass's own overhead: the held guest, PASS_END, the channels' SYNC)
 MEASURABLE_PAGES = 256
@@ -102,9 +105,12 @@ class LinkProbe(Protocol):
 
 
 #: job writes with the guest paused: the source's commit step (its transfer steps are only
-#: published then), and on the destination its resume step and completed status
+#: published then), and on the destination its resume step, then in its adopt the VM's
+#: record and the completed status
 SOURCE_PAUSED_PERSISTS = 1
-DESTINATION_PAUSED_PERSISTS = 2
+DESTINATION_PAUSED_PERSISTS = 3
+#: of those, the destination's writes inside its adopt (its reported ``adopt_ms`` has them)
+ADOPT_PERSISTS = 2
 #: the samples of each fixed cost kept (the median of them counts)
 FIXED_SAMPLES = 9
 
@@ -137,8 +143,8 @@ class FixedCosts:
     round_trips: list[float] = field(default_factory=list)
     #: one job write on the destination, as it timed its own (it reports them)
     destination_persists: list[float] = field(default_factory=list)
-    #: the destination's load and adopt (without its persists) as the last migration to it
-    #: reported them; None: no migration to it yet
+    #: the destination's load and adopt as the last migration to it reported them (the
+    #: adopt with its two writes, :data:`ADOPT_PERSISTS`); None: no migration to it yet
     destination_load_adopt_s: float | None = None
 
     def persisted(self, seconds: float) -> None:
@@ -155,16 +161,19 @@ class FixedCosts:
 
     def switchover_s(self) -> float:
         """The job writes with the guest paused on both hosts and the destination's load
-        and adopt.  Without an earlier migration to the destination, its adopt is its
-        VM record's write (one more job write's worth); without the destination's own
-        samples, its writes cost what the source's do."""
+        and adopt.  The adopt the last migration to the destination reported has two of
+        its writes in it (the VM's record, the completed status): they are not counted
+        again.  Without such a migration its adopt is those two writes; without the
+        destination's own samples, its writes cost what the source's do."""
         persist = _median(self.persists)
         destination = _median(self.destination_persists) if self.destination_persists \
             else persist  # fmt: skip
-        load_adopt = self.destination_load_adopt_s if self.destination_load_adopt_s \
-            is not None else destination  # fmt: skip
-        return (SOURCE_PAUSED_PERSISTS * persist + DESTINATION_PAUSED_PERSISTS * destination
-                + load_adopt)
+        if self.destination_load_adopt_s is None:
+            load_adopt = ADOPT_PERSISTS * destination
+        else:
+            load_adopt = self.destination_load_adopt_s
+        return (SOURCE_PAUSED_PERSISTS * persist
+                + (DESTINATION_PAUSED_PERSISTS - ADOPT_PERSISTS) * destination + load_adopt)
 
 
 @dataclass
@@ -348,14 +357,18 @@ class PrecopyMeter:
 
     def record(self, stats: MigrationStats, link: LinkProbe | None, dirty_pages: int,
                dirty_rate: float, state_bytes: int, bandwidth: float, verify: GuestRam | None,
-               dirty: npt.NDArray[np.bool_] | None, device_load_ms: float,
-               main_stream: bool) -> None:  # fmt: skip
+               dirty: npt.NDArray[np.bool_] | None, device_load: Callable[[], float],
+               main_stream: bool, device_stop_s: float = 0.0) -> None:  # fmt: skip
         """At the stop decision: the prediction (:meth:`predict`, ``dirty`` the final
-        pass's pages) with the destination's device loads (``device_load_ms``, see
-        :meth:`device_load_ms`), into ``stats`` with the rates it rested on."""
+        pass's pages) with the destination's device loads (``device_load()`` ms, asked
+        once the decision's round trips read what the destination published; see
+        :meth:`device_load_ms`) and the devices' stop (``device_stop_s``: the save each
+        device's stop runs, as pre-copy timed it; the handlers' ``stop_cost_s``), into
+        ``stats`` with the rates it rested on."""
         p = self.predict(link, dirty_pages, dirty_rate, state_bytes, bandwidth, verify,
                          scattered_share(dirty) if dirty is not None else 0.0)
-        p["device_load_ms"] = self.device_load_ms(device_load_ms, p["state_ms"], main_stream)
+        p["device_load_ms"] = self.device_load_ms(device_load(), p["state_ms"], main_stream)
+        p["device_stop_ms"] = device_stop_s * 1e3
         stats.predicted = p
         stats.predicted_downtime_ms = sum(p.values())
         stats.prediction_inputs = self.inputs()
@@ -404,7 +417,9 @@ class PrecopyMeter:
         return {
             "final_ram_ms": pages * page_s * 1e3,
             "state_ms": (state_bytes * state_s_per_byte + self.state_overhead_s()) * 1e3,
-            "in_flight_ms": in_flight / bw * 1e3,
+            # the host's settle() lets what is in flight drain with the guest running,
+            # for at most SETTLE_BOUND_S: only what it cannot wait out is downtime
+            "in_flight_ms": max(0.0, in_flight / bw - SETTLE_BOUND_S) * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
             "stop_ms": (self.stop_s + self.sync_s) * 1e3,
             # the hosts' bookkeeping and the destination's load and resume (measured)

@@ -334,6 +334,7 @@ class SourceSession:
             ram.start_dirty_log()
         with self.guest.held():
             for h in self.vm.handlers.values():
+                h.timed_by(self.clock)
                 h.save_setup()
             self.ack.setup(self.vm.handlers.values(), self.params.offline)
         yield [self.encoder.header(), *self.encoder.encode(VmConfig(config))]
@@ -390,7 +391,8 @@ class SourceSession:
         remaining = dirty_pages * self.vm.ram.page_size
         with self.guest.held():
             remaining += sum(h.pending_bytes() for h in self.vm.handlers.values())
-            device_load_ms = self.ack.device_load_ms(self.vm.handlers.values())
+            stop_bytes = sum(h.stop_copy_bytes() for h in self.vm.handlers.values())
+            device_stop_s = sum(h.stop_cost_s() for h in self.vm.handlers.values())
         number = len(self.stats.passes) + 1
         d = decide(self.policy, number, remaining, bandwidth, self.stats.throttle_pct)
         if d.switchover and number < self.policy.max_passes and self.meter.unmeasured(dirty):
@@ -428,7 +430,8 @@ class SourceSession:
             self.meter.record(self.stats, self.link, dirty_pages, dirty_pages / seconds,
                               remaining - dirty_pages * self.vm.ram.page_size, bandwidth,
                               self.vm.ram if self.params.verify else None, dirty,
-                              device_load_ms, self.device_sink is None or self.ram_sink is None)
+                              lambda: self.ack.device_load_ms(stop_bytes),
+                              self.device_sink is None or self.ram_sink is None, device_stop_s)
         elif self.link is not None and not self.params.offline:
             self.link.quiet()  # between passes: sample the fixed costs
         return d.switchover

@@ -3,7 +3,9 @@ downtime the source could not see, removed."""
 
 from __future__ import annotations
 
+import socket
 import threading
+from types import SimpleNamespace
 
 import pytest
 from tests.unit.host.test_channel_workers import hosts  # noqa: F401 (fixture)
@@ -13,7 +15,12 @@ from vmferry.host import datachannels
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.datachannels import ChannelGroup
 from vmferry.host.migration import destination as destination_mod
+from vmferry.host.migration.probes import LinkProbeSide
+from vmferry.host.migration.source import SourceWorker
+from vmferry.host.transport import SocketLink, tcp_rtt_s
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.devicestate import AckGate
+from vmferry.migration.prediction import FixedCosts
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -48,3 +55,86 @@ def test_issue17_4_destination_times_its_job_writes_for_the_source(
     assert len(samples) == destination_mod.PERSIST_SAMPLES
     assert all(isinstance(x, float) and x >= 0 for x in samples)
     assert src.stats["predicted-downtime-breakdown"]["fixed_ms"] > 0
+
+
+def test_issue17_4_destination_publishes_its_last_device_loads(
+    hosts: tuple[HostDaemon, HostDaemon],  # noqa: F811
+) -> None:
+    """The destination publishes, per device, how long its last pre-copy chunk took to
+    load (``device_loads``: ms and bytes), for the source's final-load prediction; the
+    stop's own device save is in the source's prediction (``device_stop_ms``)."""
+    a, b = hosts
+    src, dst, _ = migrate(a, b)
+    assert src.status == "completed", src.error
+    ms, nbytes = dst.progress["device_loads"]["nic0"]
+    assert ms >= 0 and 0 < nbytes <= 1 << 20
+    assert src.stats["predicted-downtime-breakdown"]["device_stop_ms"] > 0
+
+
+def test_issue17_4_source_reads_the_destination_loads_and_refuses_junk() -> None:
+    """The reply is the destination's: only well-formed entries are taken."""
+    probe = SimpleNamespace(fixed=FixedCosts(), session=SimpleNamespace(ack=AckGate()))
+    reply = {"progress": {"persist_ms": [1.5, -1, True, "x", 2.0],
+                          "device_loads": {"nic0": [6.0, 12000], "bad": [True, 1],
+                                           "neg": [-1, 5], "short": [1.0],
+                                           "str": "x"}}}  # fmt: skip
+    LinkProbeSide._destination_persists(probe, reply)  # type: ignore[arg-type]
+    assert probe.fixed.destination_persists == [0.0015, 0.002]
+    assert probe.session.ack.last_loads == {"nic0": (0.006, 12000)}
+    LinkProbeSide._destination_persists(probe, {"progress": "junk"})  # type: ignore[arg-type]
+    LinkProbeSide._destination_persists(probe, None)  # type: ignore[arg-type]
+    assert probe.session.ack.last_loads == {"nic0": (0.006, 12000)}
+
+
+def test_issue17_4_switchover_round_trip_is_the_connections_own() -> None:
+    """LOADED, COMMIT and RESUMED cross the migration connection: its round trip is the
+    kernel's RTT of that connection (TCP_INFO), not a control-API request (an HTTP
+    request and a job's JSON: 3-4 ms against 0.01 ms on loopback here, which made the
+    switchover part 4-5 ms too long)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    with listener, client, server:
+        for _ in range(20):
+            client.sendall(b"x")
+            server.recv(1)
+        rtt = tcp_rtt_s(client)
+        assert rtt is not None and rtt >= 0.0
+
+        class Probe(LinkProbeSide):
+            def _measure_round_trip(self, count: int = 3) -> None:
+                self.fixed.round_trip(0.004)  # what the control API took
+
+        probe = Probe()
+        probe.fixed = FixedCosts()
+        probe.ch = SimpleNamespace(link=SocketLink(client))  # type: ignore[assignment]
+        assert probe.round_trip_s() == tcp_rtt_s(client)
+        # a link that is not a TCP socket (a pipe in tests): the control API's median
+        probe.ch = SimpleNamespace(link=object())  # type: ignore[assignment]
+        assert probe.round_trip_s() == 0.004
+    unix_a, unix_b = socket.socketpair()
+    with unix_a, unix_b:
+        assert tcp_rtt_s(unix_a) is None
+
+
+def test_issue17_4_source_times_job_writes_before_the_stream(
+    hosts: tuple[HostDaemon, HostDaemon],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The switchover is a quiet moment (the guest paused, the links drained): the
+    source times job writes before the stream too, as the destination does, not only at
+    the decision, where they meet the destination still applying the pass (a one-pass
+    migration had only those: 4-5 ms a write predicted against 1-2 ms paid)."""
+    connected: list[bool] = []
+    real = SourceWorker._time_persist
+
+    def timed(self: SourceWorker) -> None:
+        connected.append(self.ch is not None)
+        real(self)
+
+    monkeypatch.setattr(SourceWorker, "_time_persist", timed)
+    a, b = hosts
+    src, _, _ = migrate(a, b)
+    assert src.status == "completed", src.error
+    assert connected[:3] == [False, False, False]  # before the migration connection
+    assert len(connected) >= 6  # and three more at the decision

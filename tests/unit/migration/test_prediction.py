@@ -13,6 +13,7 @@ from vmferry.migration.local import migrate_locally
 from vmferry.migration.prediction import (
     DIGEST_SLICE,
     MEASURABLE_PAGES,
+    SETTLE_BOUND_S,
     SWITCHOVER_ROUND_TRIPS,
     PrecopyMeter,
 )
@@ -73,8 +74,16 @@ def test_issue17_item4_prediction_counts_in_flight_bytes_and_round_trips() -> No
     src = run(30, Probe(in_flight=6_000_000, rtt=0.004))
     p = src.stats.predicted
     bw = src.stats.passes[-1].bytes / src.stats.passes[-1].seconds
-    assert abs(p["in_flight_ms"] - 6_000_000 / bw * 1e3) < 1e-6
+    # the host's settle() waits what is in flight out with the guest running (at most
+    # SETTLE_BOUND_S): none of it is downtime here ...
+    assert 6_000_000 / bw < SETTLE_BOUND_S and p["in_flight_ms"] == 0.0
     assert p["switchover_ms"] == SWITCHOVER_ROUND_TRIPS * 4.0
+    # ... and beyond the bound the rest drains with the guest paused
+    big = int(bw * (SETTLE_BOUND_S + 0.5))
+    src = run(30, Probe(in_flight=big, rtt=0.004))
+    bw = src.stats.passes[-1].bytes / src.stats.passes[-1].seconds
+    extra_ms = (big / bw - SETTLE_BOUND_S) * 1e3
+    assert extra_ms > 0 and abs(src.stats.predicted["in_flight_ms"] - extra_ms) < 1e-6
 
 
 def test_issue17_item4_prediction_counts_stopping_and_the_hosts_fixed_costs() -> None:
@@ -192,7 +201,7 @@ def test_issue17_item4_final_pass_grows_at_the_dirty_rate_until_the_stop() -> No
     p = m.predict(link, 1000, 5000.0, 0, bw)
     assert m.final_pages(1000, 5000.0, 0.1) == 1500
     assert abs(p["final_ram_ms"] - 1500 * 0.1) < 1e-6
-    assert abs(p["in_flight_ms"] - 100.0) < 1e-6
+    assert p["in_flight_ms"] == 0.0  # drained before the stop, the guest running
     assert p["switchover_ms"] == SWITCHOVER_ROUND_TRIPS * 2.0 and p["fixed_ms"] == 4.0
     # never more than every page of the guest
     assert m.final_pages(9000, 1e9, 1.0) == 10_000

@@ -59,7 +59,7 @@ from vmferry.migration.channel import (
 from vmferry.migration.channel import Status as Why
 from vmferry.migration.channel.frames import LIVE_PAGES_MINOR, SWITCHOVER_ACK_MINOR
 from vmferry.migration.destination import DestinationSession, describe_failure
-from vmferry.migration.stream import MAJOR, StreamDecoder
+from vmferry.migration.stream import MAJOR, DeviceChunk, StreamDecoder
 
 log = logging.getLogger("vmferry.host.migration")
 
@@ -268,6 +268,9 @@ class DestinationWorker:
     def _on_record(self, rec: Any) -> None:
         assert self.session is not None
         self.session.receive(rec)
+        if isinstance(rec, DeviceChunk) and self.job is not None:
+            # the source reads it with its round trips, for the device-load prediction
+            self.job.progress["device_loads"] = self.session.device_load_report()
         self.step = f"receiving stream (pass {self.session.passes + 1})"
         self._send_switchover_ack()
 

@@ -16,8 +16,8 @@ from vmferry.host.client import HostClient
 from vmferry.host.migration.common import RECEIVE_BUFFER, MigrationHost
 from vmferry.host.records import Job
 from vmferry.host.tls import client_context
-from vmferry.host.transport import Channel
-from vmferry.migration.prediction import FixedCosts, device_kinds
+from vmferry.host.transport import Channel, SocketLink, tcp_rtt_s
+from vmferry.migration.prediction import SETTLE_BOUND_S, FixedCosts, device_kinds
 from vmferry.migration.source import SourceSession
 
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
@@ -32,7 +32,7 @@ _DESTINATION_FIXED: dict[str, float] = {}
 _STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...]], float] = {}
 #: the longest the source waits, before the stop, for the destination to take what was
 #: sent (``LinkProbeSide.settle``), and how often it looks
-SETTLE_S = 1.0
+SETTLE_S = SETTLE_BOUND_S
 SETTLE_POLL_S = 0.001
 #: job writes timed at the stop decision (a quiet moment: between passes), beside the one
 #: timed at the end of every pass before it (``LinkProbeSide.quiet``)
@@ -71,23 +71,43 @@ class LinkProbeSide:
 
     def _destination_persists(self, reply: Any) -> None:
         progress = reply.get("progress") if isinstance(reply, dict) else None
-        samples = progress.get("persist_ms") if isinstance(progress, dict) else None
+        if not isinstance(progress, dict):
+            return
+        samples = progress.get("persist_ms")
         if isinstance(samples, list):
-            self.fixed.destination_persists = [
-                float(x) / 1e3 for x in samples
-                if isinstance(x, int | float) and not isinstance(x, bool) and x >= 0]
+            self.fixed.destination_persists = [float(x) / 1e3 for x in samples if _number(x)]
+        loads = progress.get("device_loads")
+        if isinstance(loads, dict):  # {device: [ms, bytes]}: the last pre-copy chunk's load
+            self.session.ack.last_loads = {
+                str(d): (float(v[0]) / 1e3, int(v[1])) for d, v in loads.items()
+                if isinstance(v, list) and len(v) == 2 and _number(v[0]) and _number(v[1])}
 
     def round_trip_s(self) -> float:
-        """Sampled again at the stop decision (the links are quiet between passes, as
-        they are at the switchover): the median of every sample of this migration."""
+        """A round trip of the switchover's frames (LOADED, COMMIT, RESUMED): the kernel's
+        RTT of the migration connection itself (TCP_INFO), which they cross.
+        The control-API round trips are sampled again at the stop decision all the same
+        (they read the destination's published times); their median stands in where
+        the connection has no TCP RTT -- it is an HTTP request and a job's JSON, several
+        times a frame's round trip (3-4 ms against 0.01 ms on loopback here)."""
         self._measure_round_trip()
-        return self.fixed.round_trip_s()
+        rtt = tcp_rtt_s(self.ch.link.sock) if self.ch is not None \
+            and isinstance(self.ch.link, SocketLink) else None  # fmt: skip
+        return rtt if rtt is not None else self.fixed.round_trip_s()
 
     def quiet(self) -> None:
         """Between two passes (the guest running, the pass's pages handed out): one more
         sample of a job write and of a round trip."""
         self._time_persist()
         self._measure_round_trip(1)
+
+    def _quiet_samples(self) -> None:
+        """Job writes timed before the stream, nothing else running for this migration:
+        the switchover is as quiet (the guest paused, the links drained), more so than
+        the decision, whose writes meet the destination still applying the pass (4-5 ms
+        a write there against 1-2 ms at the switchover, in a one-pass migration whose
+        only samples they were).  The destination times its own the same way."""
+        for _ in range(DECISION_SAMPLES):
+            self._time_persist()
 
     def _time_persist(self) -> None:
         t0 = time.monotonic()
@@ -152,3 +172,7 @@ class LinkProbeSide:
             self._time_persist()
         return self.fixed.switchover_s()
 
+
+def _number(x: object) -> bool:
+    """A non-negative JSON number (not a bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and x >= 0

@@ -198,6 +198,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             self._check_cancel()
             self._preflight()
             self._measure_round_trip()
+            self._quiet_samples()
             self.ch = self._connect()
             self._open_channels()
             self._device_over_channels()
@@ -539,8 +540,9 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
         self._remember_device_rate()
-        # the destination's own load and adopt, without its receive backlog (waiting for
-        # the data channels' last bytes is the previous migration's drain, not a fixed cost)
+        # the destination's own load and adopt (with the adopt's two writes), without its
+        # receive backlog (waiting for the data channels' last bytes is the previous
+        # migration's drain, not a fixed cost)
         _DESTINATION_FIXED[self.job.peer] = (stats.downtime.load_ms
                                              + stats.downtime.adopt_ms) / 1e3
         self.job.stats = {**stats.to_json(), "verification": self.verification,

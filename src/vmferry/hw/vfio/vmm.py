@@ -133,6 +133,12 @@ class VmmDevice:
     def _stream(self) -> DataStream:
         return self.fds.get(self.data_fd)
 
+    def saved_bytes(self) -> int:
+        """The bytes the device has queued in its migration file so far (0: no file): it
+        grows when the device saves its state -- entering PRE_COPY, a precopy-info query
+        that starts an incremental save, the stop."""
+        return self._stream().appended if self.data_fd >= 0 else 0
+
     def _close_fd(self) -> None:
         if self.data_fd >= 0:
             self.fds.close(self.data_fd)
