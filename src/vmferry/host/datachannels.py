@@ -60,6 +60,14 @@ from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.transport import OnStall, send_buffers, send_queued
 from vmferry.machine.handlers import DeviceData
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.channelsend import (
+    RunCounts,
+    deal_runs,
+    deal_scattered,
+    encode_runs,
+    encode_scatter,
+    split_scattered,
+)
 from vmferry.migration.multichannel import (
     HEADER_SIZE,
     HELLO,
@@ -70,23 +78,19 @@ from vmferry.migration.multichannel import (
     ChannelWriter,
     Device,
     DeviceReassembler,
-    OwedPages,
-    OwedReportReader,
     Pages,
-    RunCounts,
     Scatter,
     Sync,
     Zero,
-    add_owed,
     channel_hello,
     deal_device,
-    deal_runs,
-    deal_scattered,
     device_records,
-    encode_runs,
-    encode_scatter,
     parse_channel_hello,
-    split_scattered,
+)
+from vmferry.migration.owed import (
+    OwedPages,
+    OwedReportReader,
+    add_owed,
 )
 from vmferry.migration.source import SourceSession
 
@@ -120,7 +124,7 @@ REPORT_TIMEOUT_S = IDLE_TIMEOUT_S
 
 
 class ChannelSink:
-    """The source's data channels (a :class:`~vmferry.migration.source.RamSink`)."""
+    """The source's data channels (a :class:`~vmferry.migration.channelsend.RamSink`)."""
 
     def __init__(
         self,

@@ -47,27 +47,28 @@ record then arrives *torn*, its checksum fails, and its written page is dirty in
 dirty log (tracking started before the pass), so a later pass sends it again.  The
 record's other pages are unverified meanwhile.  So the destination, on a checksum
 mismatch of a LIVE record, keeps the data and records the record's page range as
-*owed* (:class:`OwedPages`); a page stops being owed when a later verified record (PAGES
-without ``LIVE``, SCATTER, ZERO, or a LIVE record that matches) covers it.  After the
-``SYNC(k)`` of a pass in which a channel carried LIVE records, the destination answers
-on that channel, towards the source, with one report::
+*owed* (:class:`~vmferry.migration.owed.OwedPages`); a page stops being owed when a
+later verified record (PAGES without ``LIVE``, SCATTER, ZERO, or a LIVE record that
+matches) covers it.  After the ``SYNC(k)`` of a pass in which a channel carried LIVE
+records, the destination answers on that channel, towards the source, with one report::
 
     OWED (type 6, flags 0, pass k, first 0, count n): n ranges follow,
     each first u64 | count u64 -- a LIVE record of pass k on this channel that arrived torn
 
 checksummed as every record (header and ranges).  ``n`` may be 0, and is at most the
 number of LIVE records the channel carried in pass ``k`` (and
-:data:`MAX_OWED_RANGES`).  The source (:class:`OwedReportReader`) waits for the report
-of each such pass before it starts the next (so it has every report before it stops the
-guest), refuses one for a pass it did not mark, or naming a range that is not a LIVE
-record it sent there, and adds the owed ranges to the next pass's pages
-(:func:`add_owed`) -- after checking that each range holds a page the guest wrote
-meanwhile: a torn record without one was damaged on the way, and fails the migration.
-On the destination, a LIVE record in the final pass is a MalformedRecord, more torn
-records than ``TORN_SLACK`` plus half a pass's LIVE records on a channel is a
-ChecksumMismatch (guest writes do not tear that many), and any page still owed when
-every channel has finished the final pass fails the migration with a ChecksumMismatch
-naming the pages.  A peer of an earlier minor version sends and accepts neither.
+:data:`MAX_OWED_RANGES`).  The source
+(:class:`~vmferry.migration.owed.OwedReportReader`) waits for the report of each such
+pass before it starts the next (so it has every report before it stops the guest),
+refuses one for a pass it did not mark, or naming a range that is not a LIVE record it
+sent there, and adds the owed ranges to the next pass's pages when it reads the dirty
+log (:func:`~vmferry.migration.owed.add_owed`) -- after checking that each range holds a
+page the guest wrote meanwhile: a torn record without one was damaged on the way, and
+fails the migration.  On the destination, a LIVE record in the final pass is a
+MalformedRecord, more torn records than ``TORN_SLACK`` plus half a pass's LIVE records on
+a channel is a ChecksumMismatch (guest writes do not tear that many), and any page still
+owed when every channel has finished the final pass fails the migration with a
+ChecksumMismatch naming the pages.  A peer of an earlier minor version sends and accepts neither.
 
 **Ordering: a page's newer copy always wins.**  Within a channel TCP keeps the order.
 Across channels the destination keeps a barrier per pass: a channel's reader that meets
@@ -91,9 +92,7 @@ the number of channels (u16 each).
 from __future__ import annotations
 
 import enum
-import itertools
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,8 +101,6 @@ import xxhash
 
 from vmferry.errors import ChecksumMismatch, MalformedRecord, StreamUsageError
 from vmferry.machine.handlers import DeviceData, DevicePhase
-from vmferry.machine.ram import GuestRam
-from vmferry.migration.runs import page_runs
 from vmferry.migration.stream.records import Buffer
 
 HEAD = struct.Struct(">BBHIQII")
@@ -230,7 +227,7 @@ class Device:
 ChannelEvent = Pages | Zero | Sync | Scatter | Device
 
 
-def _checksum(head: Buffer, *payload: Buffer | None) -> int:
+def checksum(head: Buffer, *payload: Buffer | None) -> int:
     h = xxhash.xxh3_64(head)
     for part in payload:
         if part is not None:
@@ -256,7 +253,7 @@ class ChannelWriter:
         if self.finished:
             raise StreamUsageError(f"channel {self.channel}: records after the final SYNC")
         head = HEAD.pack(kind, flags, self.channel, number, first, count, self.page_size)
-        out = head + _checksum(head, *payload).to_bytes(8, "big")
+        out = head + checksum(head, *payload).to_bytes(8, "big")
         self.bytes_out += len(out) + sum(memoryview(p).nbytes for p in payload
                                          if p is not None)  # fmt: skip
         return out
@@ -277,7 +274,7 @@ class ChannelWriter:
                                data), data]  # fmt: skip
         head = self._head(ChannelRecord.PAGES, LIVE, number, first, n // self.page_size, data)
         self.bytes_out += LIVE_CHECK_SIZE
-        return [head, _checksum(head[: HEAD.size]).to_bytes(LIVE_CHECK_SIZE, "big"), data]
+        return [head, checksum(head[: HEAD.size]).to_bytes(LIVE_CHECK_SIZE, "big"), data]
 
     def zero(self, number: int, first: int, count: int) -> bytes:
         return self._head(ChannelRecord.ZERO, 0, number, first, count)
@@ -432,7 +429,7 @@ class ChannelReader:
             raise StreamUsageError(f"a LIVE record's header check is {LIVE_CHECK_SIZE} bytes")
         head, self._live_head = self._live_head, None
         self.bytes_in += LIVE_CHECK_SIZE
-        if _checksum(head).to_bytes(LIVE_CHECK_SIZE, "big") != bytes(raw):
+        if checksum(head).to_bytes(LIVE_CHECK_SIZE, "big") != bytes(raw):
             raise ChecksumMismatch(f"channel {self.channel}: LIVE PAGES header checksum "
                                    f"mismatch (pass {self.current_pass})")  # fmt: skip
 
@@ -486,7 +483,7 @@ class ChannelReader:
         """The page data of the last :class:`Pages` event, or of the last page list of
         a :class:`Scatter` event, as received (ChecksumMismatch if it is not what was
         sent).  False: a LIVE record arrived torn -- its pages are owed (the caller keeps
-        the data and records them, :class:`OwedPages`); True: verified."""
+        the data and records them, :class:`~vmferry.migration.owed.OwedPages`); True: verified."""
         if self._scatter_data is not None:
             h, claimed, count = self._scatter_data
             if memoryview(data).nbytes != count * self.page_size:
@@ -510,7 +507,7 @@ class ChannelReader:
         verified = True
         if not event.live:
             self._verify(claimed, head, data, "RAM_PAGES")
-        elif _checksum(head, data) != claimed:
+        elif checksum(head, data) != claimed:
             verified = False
             self.torn.append((event.first, event.count))
             if 2 * (len(self.torn) - TORN_SLACK) > self.live_records:
@@ -560,7 +557,7 @@ class ChannelReader:
         return event.index, DeviceData(ident, ph, seq, view[start:])
 
     def _verify(self, claimed: int, head: bytes, payload: Buffer | None, what: str) -> None:
-        if _checksum(head, payload) != claimed:
+        if checksum(head, payload) != claimed:
             raise ChecksumMismatch(f"{what} record checksum mismatch (pass "
                                    f"{self.current_pass})")
 
@@ -577,324 +574,7 @@ def owed_report(channel: int, number: int, page_size: int,
                                f"{MAX_OWED_RANGES})")  # fmt: skip
     body = b"".join(OWED_RANGE.pack(first, count) for first, count in ranges)
     head = HEAD.pack(ChannelRecord.OWED, 0, channel, number, 0, len(ranges), page_size)
-    return head + _checksum(head, body).to_bytes(8, "big") + body
-
-
-class OwedPages:
-    """The destination's owed pages: those of LIVE records that arrived torn and that no
-    verified record has covered since (see the module docstring).  Not thread-safe: the
-    host serialises :meth:`owe` and the covering calls that may overlap owed pages."""
-
-    def __init__(self, npages: int) -> None:
-        self.mask: npt.NDArray[np.bool_] = np.zeros(npages, dtype=np.bool_)
-        #: pages owed now
-        self.count = 0
-        #: pages that were ever owed (for the job's figures)
-        self.total = 0
-
-    def owe(self, first: int, count: int) -> None:
-        seg = self.mask[first : first + count]
-        new = count - int(np.count_nonzero(seg))
-        self.count += new
-        self.total += new
-        seg[:] = True
-
-    def covered(self, first: int, count: int) -> None:
-        """A verified record stored pages ``[first, first + count)``."""
-        if self.count:
-            seg = self.mask[first : first + count]
-            self.count -= int(np.count_nonzero(seg))
-            seg[:] = False
-
-    def covered_at(self, pages: npt.NDArray[np.int64]) -> None:
-        """A verified SCATTER record stored ``pages``."""
-        if self.count:
-            self.count -= int(np.count_nonzero(self.mask[pages]))
-            self.mask[pages] = False
-
-    def check(self) -> None:
-        """Every channel finished the final pass: ChecksumMismatch naming the pages still
-        owed (their data never arrived verified), if any."""
-        if not self.count:
-            return
-        starts, lengths = page_runs(np.flatnonzero(self.mask), self.mask.size)
-        shown = ", ".join(f"[{s}, {s + n})" for s, n in zip(starts[:8].tolist(),
-                                                             lengths[:8].tolist(), strict=True))
-        more = f" and {starts.size - 8} more ranges" if starts.size > 8 else ""
-        raise ChecksumMismatch(f"{self.count} pages of torn LIVE records never arrived "
-                               f"verified: pages {shown}{more}")  # fmt: skip
-
-
-class OwedReportReader:
-    """The source's side of one channel's OWED reports: the LIVE records it sent in each
-    pass (:meth:`sent_live`), and the checks of the report the destination sends after
-    such a pass.  Read :data:`HEADER_SIZE` bytes, pass them to :meth:`header` (which
-    returns how many bytes of ranges follow), then those to :meth:`ranges`."""
-
-    def __init__(self, channel: int, npages: int, page_size: int) -> None:
-        self.channel = channel
-        self.npages = npages
-        self.page_size = page_size
-        #: the LIVE records (first, count) sent in each pass whose report is due
-        self.sent: dict[int, set[tuple[int, int]]] = {}
-        self._pending: tuple[bytes, int, int, int] | None = None
-
-    def sent_live(self, number: int, first: int, count: int) -> None:
-        self.sent.setdefault(number, set()).add((first, count))
-
-    def due(self, number: int) -> bool:
-        """Whether the destination owes a report for pass ``number``."""
-        return number in self.sent
-
-    def header(self, raw: Buffer) -> int:
-        """An OWED report's header: the length of its ranges (MalformedRecord if it is
-        not a report this channel awaits)."""
-        if self._pending is not None:
-            raise StreamUsageError("header() while a report's ranges are still expected")
-        if memoryview(raw).nbytes != HEADER_SIZE:
-            raise StreamUsageError(f"a channel header is {HEADER_SIZE} bytes")
-        kind, flags, channel, number, first, count, page_size, claimed = HEADER.unpack(raw)
-        number, count = int(number), int(count)
-        where = f"data channel {self.channel}"
-        if kind != ChannelRecord.OWED or flags or first or channel != self.channel \
-                or page_size != self.page_size:  # fmt: skip
-            raise MalformedRecord(f"{where}: the destination sent type {kind}, flags "
-                                  f"{flags:#x}, channel {channel}, page size {page_size}; "
-                                  "expected an OWED report")  # fmt: skip
-        if not self.sent:
-            raise MalformedRecord(f"{where}: an OWED report for pass {number}, and none "
-                                  "is due")  # fmt: skip
-        awaited = min(self.sent)
-        if number != awaited:
-            raise MalformedRecord(f"{where}: an OWED report for pass {number}; the one "
-                                  f"due is pass {awaited}'s")  # fmt: skip
-        most = min(len(self.sent[number]), MAX_OWED_RANGES)
-        if count > most:
-            raise MalformedRecord(f"{where}: an OWED report of {count} ranges for pass "
-                                  f"{number}, which had {most} LIVE records here")
-        self._pending = (bytes(raw[: HEAD.size]), claimed, number, count)
-        return int(count) * OWED_RANGE.size
-
-    def ranges(self, raw: Buffer) -> tuple[int, list[tuple[int, int]]]:
-        """The report's ranges, checked: (pass, [(first, count), ...])."""
-        if self._pending is None:
-            raise StreamUsageError("ranges() without an OWED header")
-        head, claimed, number, count = self._pending
-        if memoryview(raw).nbytes != count * OWED_RANGE.size:
-            raise StreamUsageError("ranges() of another length than the header's")
-        self._pending = None
-        where = f"data channel {self.channel}"
-        if _checksum(head, raw) != claimed:
-            raise ChecksumMismatch(f"{where}: OWED report of pass {number} damaged")
-        sent = self.sent.pop(number)
-        out: list[tuple[int, int]] = []
-        for first, n in OWED_RANGE.iter_unpack(raw):
-            if not 0 < n <= self.npages or first > self.npages - n:
-                raise MalformedRecord(f"{where}: owed pages [{first}, {first + n}) outside "
-                                      f"guest RAM of {self.npages} pages")  # fmt: skip
-            if (first, n) not in sent:
-                raise MalformedRecord(f"{where}: owed pages [{first}, {first + n}) of pass "
-                                      f"{number} are not a LIVE record sent here, or are "
-                                      "named twice")  # fmt: skip
-            sent.discard((first, n))
-            out.append((first, n))
-        return number, out
-
-
-def add_owed(mask: npt.NDArray[np.bool_],
-             owed: list[tuple[int, int, int]]) -> npt.NDArray[np.bool_]:  # fmt: skip
-    """The pages of the next pass: ``mask`` (what the dirty log caught since the passes
-    of ``owed``) with the owed ranges (pass, first, count) added.  Each range must hold
-    a page of ``mask``: a torn record has a page the guest wrote after its checksum, which
-    the dirty log caught; ChecksumMismatch if one has none (its data was damaged on the
-    way, not torn)."""
-    if not owed:
-        return mask
-    out = mask.copy()
-    for number, first, count in owed:
-        if not mask[first : first + count].any():
-            raise ChecksumMismatch(f"pages [{first}, {first + count}) of pass {number} "
-                                   "failed their checksum on the destination although the "
-                                   "guest wrote none of them: damaged on the way")
-        out[first : first + count] = True
-    return out
-
-
-# --- the sending side's work ---------------------------------------------------------------
-
-
-def deal_runs(
-    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], channels: int
-) -> list[list[tuple[int, int]]]:
-    """Deal page runs to ``channels`` channels round-robin in page order, so that every
-    channel works near the same position (the destination populates ahead of it)."""
-    out: list[list[tuple[int, int]]] = [[] for _ in range(channels)]
-    for k, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
-        out[k % channels].append((s, n))
-    return out
-
-
-def split_scattered(
-    index: npt.NDArray[np.int64], run_pages: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Sorted page indexes as (starts, lengths) of runs of at most ``run_pages`` pages,
-    and the pages of runs shorter than :data:`SCATTER_BELOW`, which go in SCATTER lists
-    (the runs returned are the long ones only)."""
-    starts, lengths = page_runs(index, run_pages)
-    short = lengths < SCATTER_BELOW
-    if not short.any():
-        return starts, lengths, np.zeros(0, np.int64)
-    # the runs cover ``index`` in order: a page is scattered when its run is short
-    scattered = index[np.repeat(short, lengths)]
-    return starts[~short], lengths[~short], scattered
-
-
-def deal_scattered(
-    scattered: npt.NDArray[np.int64], channels: int
-) -> list[list[npt.NDArray[np.int64]]]:
-    """Deal scattered pages to ``channels`` channels as lists of consecutive pages (in
-    page order, round-robin): a pass of a few hundred dirty pages still uses every
-    channel, and no list is longer than :data:`MAX_SCATTER_PAGES`."""
-    out: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(channels)]
-    n = int(scattered.size)
-    if not n:
-        return out
-    chunk = max(1, min(MAX_SCATTER_PAGES, -(-n // channels)))
-    for k, a in enumerate(range(0, n, chunk)):
-        out[k % channels].append(scattered[a : a + chunk])
-    return out
-
-
-@dataclass
-class RunCounts:
-    """Pages a channel sent in a pass."""
-
-    normal: int = 0
-    zero: int = 0
-    wire_bytes: int = 0
-
-    def add(self, other: RunCounts) -> None:
-        self.normal += other.normal
-        self.zero += other.zero
-        self.wire_bytes += other.wire_bytes
-
-
-def encode_runs(
-    writer: ChannelWriter,
-    ram: GuestRam,
-    number: int,
-    runs: list[tuple[int, int]],
-    bounce: npt.NDArray[np.uint8],
-    counts: RunCounts,
-    *,
-    batch_bytes: int,
-    snapshot: bool = True,
-    live: OwedReportReader | None = None,
-) -> Iterator[list[Buffer]]:
-    """The records for ``runs`` of pass ``number``, in batches of about ``batch_bytes``:
-    all-zero pages (found with numpy) become ZERO records, the others PAGES records.
-
-    With ``snapshot`` (the guest may be running) each run is copied into ``bounce`` and
-    the copy is checksummed and sent: the bytes on the wire match their checksum even if
-    the guest writes the page meanwhile (the write dirties it for the next pass).  The
-    caller must send each batch before asking for the next: the bounce buffer is reused.
-    Without ``snapshot`` the records view guest memory directly: the guest is paused,
-    or (``live``: a peer of channel protocol 1.3, a pass that is not the final one) the
-    records are marked LIVE and noted in ``live`` for the destination's OWED report."""
-    if live is not None and snapshot:
-        raise StreamUsageError("LIVE records are not snapshots")
-    ps = ram.page_size
-    batch: list[Buffer] = []
-    size = used = 0
-    wire0 = writer.bytes_out
-    for first, count in runs:
-        zero = ram.zero_mask(first, count)
-        for is_zero, s, n in _pieces(zero, first):
-            if is_zero:
-                batch.append(writer.zero(number, s, n))
-                counts.zero += n
-                continue
-            nbytes = n * ps
-            if snapshot:
-                if used + nbytes > bounce.size:
-                    yield batch
-                    batch, size, used = [], 0, 0
-                data = bounce[used : used + nbytes]
-                np.copyto(data, ram.bytes[s * ps : s * ps + nbytes])
-                used += nbytes
-                view: Buffer = data.data
-            else:
-                view = ram.bytes[s * ps : s * ps + nbytes].data
-                if live is not None:
-                    live.sent_live(number, s, n)
-            batch += writer.pages(number, s, view, live=live is not None)
-            counts.normal += n
-            size += nbytes
-            if size >= batch_bytes:
-                yield batch
-                batch, size, used = [], 0, 0
-    if batch:
-        yield batch
-    counts.wire_bytes += writer.bytes_out - wire0
-
-
-def encode_scatter(
-    writer: ChannelWriter,
-    ram: GuestRam,
-    number: int,
-    lists: list[npt.NDArray[np.int64]],
-    bounce: npt.NDArray[np.uint8],
-    counts: RunCounts,
-    *,
-    batch_bytes: int,
-) -> Iterator[list[Buffer]]:
-    """The SCATTER records for the page ``lists`` of pass ``number`` (each sorted), in
-    batches of about ``batch_bytes``: the zero pages of a list in one ZEROED record, the
-    others gathered (a snapshot, whether the guest runs or not: the pages are not
-    contiguous) into ``bounce`` and sent in one record.  As for :func:`encode_runs`, each
-    batch must be sent before the next is asked for."""
-    ps = ram.page_size
-    per_record = max(1, min(MAX_SCATTER_PAGES, MAX_RECORD_BYTES // ps, bounce.size // ps))
-    batch: list[Buffer] = []
-    size = used = 0
-    wire0 = writer.bytes_out
-    for pages in lists:
-        for a in range(0, int(pages.size), per_record):
-            chunk = pages[a : a + per_record]
-            zero = ram.zero_mask_at(chunk)
-            if zero.any():
-                batch += writer.scatter(number, chunk[zero], None)
-                counts.zero += int(zero.sum())
-            live = chunk[~zero] if zero.any() else chunk
-            if not live.size:
-                continue
-            nbytes = int(live.size) * ps
-            if used + nbytes > bounce.size:
-                yield batch
-                batch, size, used = [], 0, 0
-            snap = bounce[used : used + nbytes]
-            ram.gather(live, snap.reshape(live.size, ps))
-            used += nbytes
-            batch += writer.scatter(number, live, snap.data)
-            counts.normal += int(live.size)
-            size += nbytes
-            if size >= batch_bytes:
-                yield batch
-                batch, size, used = [], 0, 0
-    if batch:
-        yield batch
-    counts.wire_bytes += writer.bytes_out - wire0
-
-
-def _pieces(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:
-    """Cut a run into maximal (is_zero, start, count) pieces."""
-    if zero.all():
-        return [(True, first, int(zero.size))]
-    if not zero.any():
-        return [(False, first, int(zero.size))]
-    edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
-    bounds = [0, *edges.tolist(), int(zero.size)]
-    return [(bool(zero[a]), first + a, b - a) for a, b in itertools.pairwise(bounds)]
+    return head + checksum(head, body).to_bytes(8, "big") + body
 
 
 # --- device state over the channels (stop-copy) --------------------------------------------

@@ -45,6 +45,7 @@ from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
 from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
+from vmferry.migration.channelsend import RamSink
 from vmferry.migration.context import (
     Downtime,
     MigrationStats,
@@ -55,7 +56,7 @@ from vmferry.migration.context import (
     state_digests,
 )
 from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
-from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
+from vmferry.migration.multichannel import SCATTER_BELOW
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.prediction import LinkProbe, PrecopyMeter, device_bytes, scattered_share
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
@@ -89,24 +90,6 @@ class GuestControl(Protocol):
     def held(self) -> AbstractContextManager[object]:
         """Guest time stands still inside (handler hooks that overlap a running guest,
         such as device pre-copy, run here)."""
-        ...
-
-
-class RamSink(Protocol):
-    """Where RAM goes when it does not travel in the main stream: the host's parallel
-    data channels (:mod:`vmferry.migration.multichannel`).  ``send_pass`` returns once
-    every page of ``mask`` and each channel's SYNC of pass ``number`` were handed to the
-    channels; it adds the bytes it sends to the session's ``channel_bytes`` as it goes."""
-
-    def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
-        ...
-
-    def owed_pages(self, dirty: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-        """The next pass's pages, once the dirty log was read after a pass (the guest
-        still running): ``dirty`` and the pages the destination reported owed (records
-        of live guest memory that arrived torn; see
-        :func:`vmferry.migration.multichannel.add_owed`, which also refuses a torn
-        record none of whose pages is in ``dirty``)."""
         ...
 
 

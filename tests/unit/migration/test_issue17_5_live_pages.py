@@ -10,6 +10,10 @@ import xxhash
 
 from vmferry.errors import ChecksumMismatch, MalformedRecord, StreamUsageError
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.channelsend import (
+    RunCounts,
+    encode_runs,
+)
 from vmferry.migration.multichannel import (
     HEAD,
     HEADER_SIZE,
@@ -20,13 +24,13 @@ from vmferry.migration.multichannel import (
     ChannelReader,
     ChannelRecord,
     ChannelWriter,
+    Pages,
+    owed_report,
+)
+from vmferry.migration.owed import (
     OwedPages,
     OwedReportReader,
-    Pages,
-    RunCounts,
     add_owed,
-    encode_runs,
-    owed_report,
 )
 
 PS = 4096
