@@ -53,10 +53,32 @@ QEMU = "qemu-system-x86_64"
 # --- vmferry -------------------------------------------------------------------------------
 
 
-def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str,
+class HostPair:
+    """The two host daemons every vmferry run of a benchmark migrates between, started
+    once and kept (long-running hosts, as in production: what one migration measured to
+    a destination -- its switchover's fixed costs, device rates -- serves the next; a
+    fresh pair per run made every run a first migration).  Each run's VM is removed from
+    the destination after it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pair: tuple[Any, Any] | None = None
+
+    def get(self) -> tuple[Any, Any]:
+        if self.pair is None:
+            self.pair = (spawn_host("A", self.root / "A"), spawn_host("B", self.root / "B"))
+        return self.pair
+
+    def stop(self) -> None:
+        if self.pair is not None:
+            for host in self.pair:
+                host.stop()
+            self.pair = None
+
+
+def vmferry_run(hosts: HostPair, memory_mib: int, rate: float,
                 parallel: int | None = None) -> dict[str, Any]:  # fmt: skip
-    a = spawn_host("A", root / f"A-{tag}")
-    b = spawn_host("B", root / f"B-{tag}")
+    a, b = hosts.get()
     try:
         ca, cb = a.client(timeout=120), b.client()
         definition = {"name": "bench", "arch": "x86_64", "memory_mib": memory_mib,
@@ -91,9 +113,13 @@ def vmferry_run(root: Path, memory_mib: int, rate: float, tag: str,
                 "ram_gbps": memory_mib * MIB / total_s / 1e9,
                 "guest_progress": [before, st["source_report"]["x86-cpu"]["progress_at_stop"],
                                    after]}
+    except BaseException:
+        hosts.stop()  # a failed run leaves no VM behind on the next
+        raise
     finally:
-        a.stop()
-        b.stop()
+        for host in (a, b):
+            with contextlib.suppress(Exception):
+                host.client().delete("/v1/vms/bench")
 
 
 # --- QEMU ----------------------------------------------------------------------------------
@@ -257,25 +283,27 @@ def main() -> None:
         configs |= {"qemu_single": [], "qemu_multifd4": []}
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
+    hosts = HostPair(root)
     try:
         for rnd in range(args.rounds):
             for name, runs in configs.items():
                 tag = f"{name}-{rnd}"
                 if name == "vmferry_idle":
-                    runs.append(vmferry_run(root, args.memory_mib, 0.0, tag))
+                    runs.append(vmferry_run(hosts, args.memory_mib, 0.0))
                 elif name.startswith("vmferry_idle_p"):
-                    runs.append(vmferry_run(root, args.memory_mib, 0.0, tag,
+                    runs.append(vmferry_run(hosts, args.memory_mib, 0.0,
                                             int(name.removeprefix("vmferry_idle_p"))))
                 elif name == "vmferry_dirtying":
-                    runs.append(vmferry_run(root, args.memory_mib, args.dirty_rate_mbps, tag))
+                    runs.append(vmferry_run(hosts, args.memory_mib, args.dirty_rate_mbps))
                 elif name.startswith("vmferry_dirtying_p"):
-                    runs.append(vmferry_run(root, args.memory_mib, args.dirty_rate_mbps, tag,
+                    runs.append(vmferry_run(hosts, args.memory_mib, args.dirty_rate_mbps,
                                             int(name.removeprefix("vmferry_dirtying_p"))))
                 else:
                     runs.append(qemu_run(root, args.memory_mib,
                                          4 if name == "qemu_multifd4" else 0, tag))
                 print(f"{tag}: {json.dumps(runs[-1])}", file=sys.stderr)
     finally:
+        hosts.stop()
         shutil.rmtree(root, ignore_errors=True)
     out: dict[str, Any] = {"memory_mib": args.memory_mib, "rounds": args.rounds,
                            "qemu": qemu_version, "dirty_rate_mbps": args.dirty_rate_mbps,

@@ -109,8 +109,6 @@ class LinkProbe(Protocol):
 #: record and the completed status
 SOURCE_PAUSED_PERSISTS = 1
 DESTINATION_PAUSED_PERSISTS = 3
-#: of those, the destination's writes inside its adopt (its reported ``adopt_ms`` has them)
-ADOPT_PERSISTS = 2
 #: the samples of each fixed cost kept (the median of them counts)
 FIXED_SAMPLES = 9
 
@@ -143,9 +141,12 @@ class FixedCosts:
     round_trips: list[float] = field(default_factory=list)
     #: one job write on the destination, as it timed its own (it reports them)
     destination_persists: list[float] = field(default_factory=list)
-    #: the destination's load and adopt as the last migration to it reported them (the
-    #: adopt with its two writes, :data:`ADOPT_PERSISTS`); None: no migration to it yet
-    destination_load_adopt_s: float | None = None
+    #: what the switchover after the stream paid in the last migrations to the same
+    #: destination with devices of the same kinds (given by the host): the exchange
+    #: LOADED -> COMMIT -> RESUMED beyond its round trips, with both hosts' writes in
+    #: it, the destination's load and its adopt (with its two writes), seconds each;
+    #: empty: no such migration yet
+    measured: list[float] = field(default_factory=list)
 
     def persisted(self, seconds: float) -> None:
         _keep(self.persists, seconds)
@@ -161,19 +162,18 @@ class FixedCosts:
 
     def switchover_s(self) -> float:
         """The job writes with the guest paused on both hosts and the destination's load
-        and adopt.  The adopt the last migration to the destination reported has two of
-        its writes in it (the VM's record, the completed status): they are not counted
-        again.  Without such a migration its adopt is those two writes; without the
-        destination's own samples, its writes cost what the source's do."""
+        and adopt: as the last migrations to the destination paid them (the median of
+        :attr:`measured`: every part of it measured at a real switchover, where a write
+        sampled in pre-copy is either quieter -- before the stream -- or busier -- at the
+        decision, the destination still applying -- than the switchover's).  Without
+        such a migration: the writes at the medians sampled here (the destination's own,
+        or else the source's), the destination's adopt its two writes."""
+        if self.measured:
+            return _median(self.measured)
         persist = _median(self.persists)
         destination = _median(self.destination_persists) if self.destination_persists \
             else persist  # fmt: skip
-        if self.destination_load_adopt_s is None:
-            load_adopt = ADOPT_PERSISTS * destination
-        else:
-            load_adopt = self.destination_load_adopt_s
-        return (SOURCE_PAUSED_PERSISTS * persist
-                + (DESTINATION_PAUSED_PERSISTS - ADOPT_PERSISTS) * destination + load_adopt)
+        return SOURCE_PAUSED_PERSISTS * persist + DESTINATION_PAUSED_PERSISTS * destination
 
 
 @dataclass
@@ -189,6 +189,12 @@ class PrecopyMeter:
     stop_s: float = 0.0
     #: one read of the dirty log (the last pass's)
     sync_s: float = 0.0
+    #: stopping the guest and the final read and stop of the dirty log as the last
+    #: migrations to the same destination paid them at their switchovers (the host's;
+    #: the devices' quiesce taken out), seconds; 0.0: none.  Pre-copy's stops are not
+    #: the real one on KVM (they hold the runner, the vCPU threads run on) and no pass
+    #: stops dirty logging
+    remembered_stop_s: float = 0.0
     #: seconds per non-zero page in long runs (RAM_PAGES), as the last pass that sent
     #: enough of them measured it (zero pages are cheap: they are counted free); 0.0: not
     #: measured
@@ -202,9 +208,10 @@ class PrecopyMeter:
     #: seconds per byte of device state read and sent with the guest stopped, as this
     #: migration's stop measured it (the host remembers it); 0.0: not measured
     stop_device_s_per_byte: float = 0.0
-    #: the same, as an earlier migration to the same destination with devices of the same
-    #: kinds measured it (the best of them; given by the host): the rate of device state
-    #: that has no pre-copy, which nothing can read before the stop; 0.0: none
+    #: the same, as earlier migrations to the same destination with devices of the same
+    #: kinds on the same path measured it (the median of the last few; given by the
+    #: host): the rate of device state that has no pre-copy, which nothing can read
+    #: before the stop; 0.0: none
     remembered_device_s_per_byte: float = 0.0
     #: bytes of guest RAM hashed per second (verification); 0.0: not measured
     digest_bps: float = 0.0
@@ -421,7 +428,7 @@ class PrecopyMeter:
             # for at most SETTLE_BOUND_S: only what it cannot wait out is downtime
             "in_flight_ms": max(0.0, in_flight / bw - SETTLE_BOUND_S) * 1e3,
             "switchover_ms": SWITCHOVER_ROUND_TRIPS * rtt * 1e3,
-            "stop_ms": (self.stop_s + self.sync_s) * 1e3,
+            "stop_ms": (self.remembered_stop_s or self.stop_s + self.sync_s) * 1e3,
             # the hosts' bookkeeping and the destination's load and resume (measured)
             "fixed_ms": fixed * 1e3,
             # the destination hashes its RAM before LOADED (the source meanwhile)

@@ -15,6 +15,7 @@ from vmferry.host import datachannels
 from vmferry.host.daemon import HostDaemon
 from vmferry.host.datachannels import ChannelGroup
 from vmferry.host.migration import destination as destination_mod
+from vmferry.host.migration import probes as probes_mod
 from vmferry.host.migration.probes import LinkProbeSide
 from vmferry.host.migration.source import SourceWorker
 from vmferry.host.transport import SocketLink, tcp_rtt_s
@@ -138,3 +139,86 @@ def test_issue17_4_source_times_job_writes_before_the_stream(
     assert src.status == "completed", src.error
     assert connected[:3] == [False, False, False]  # before the migration connection
     assert len(connected) >= 6  # and three more at the decision
+
+
+def test_issue17_4_stop_copy_device_rates_per_path_and_their_median(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Device state without pre-copy moves at the rate earlier stops measured: per path
+    (in the main stream it was 1.5-2x slower here than over the data channels, and one
+    rate served both), the median of the last few (the best one under-predicted a noisy
+    stop)."""
+    monkeypatch.setattr(probes_mod, "_STOP_DEVICE_RATE", {})
+    vm = SimpleNamespace(handlers={"vfio": SimpleNamespace(device_kinds=lambda: {"pds"})})
+    meter = SimpleNamespace(stop_device_s_per_byte=0.0, remembered_device_s_per_byte=0.0)
+    session = SimpleNamespace(vm=vm, meter=meter, device_sink=None, ram_sink=None)
+    probe = LinkProbeSide()
+    probe.job = SimpleNamespace(peer="http://b")  # type: ignore[assignment]
+    probe.session = session  # type: ignore[assignment]
+
+    def stop(rate: float, channels: bool) -> None:
+        session.device_sink = session.ram_sink = object() if channels else None
+        meter.stop_device_s_per_byte = rate
+        probe._remember_device_rate()
+
+    def recall(channels: bool) -> float:
+        session.device_sink = session.ram_sink = object() if channels else None
+        probe._recall_device_rate()
+        return float(meter.remembered_device_s_per_byte)
+
+    assert recall(False) == 0.0  # nothing measured yet
+    for rate in (3e-9, 1e-9, 9e-9):
+        stop(rate, channels=False)
+    stop(1.5e-9, channels=True)
+    assert recall(False) == 3e-9  # the median, not the best (1e-9)
+    assert recall(True) == 1.5e-9  # the other path's own
+    for _ in range(probes_mod.DEVICE_RATE_SAMPLES):
+        stop(2e-9, channels=False)
+    assert recall(False) == 2e-9  # only the last few are kept
+
+
+def test_issue17_4_switchover_fixed_costs_as_the_last_migrations_paid_them(
+    hosts: tuple[HostDaemon, HostDaemon],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The switchover after the stream (the exchange's writes, the destination's load and
+    adopt) is predicted from what the last migrations to the same destination with the
+    same kinds of devices paid, measured at their switchovers: job writes sampled in
+    pre-copy were 0.7 ms before the stream and 4-5 ms at the decision against 1.2-1.5 ms
+    at the switchover.  A first migration has only its samples."""
+    monkeypatch.setattr(probes_mod, "_SWITCHOVER_FIXED", {})
+    monkeypatch.setattr(probes_mod, "_STOP_FIXED", {})
+    seen: list[list[float]] = []
+    stops: list[float] = []
+    real = SourceWorker._recall_switchover
+
+    def recall(self: SourceWorker) -> None:
+        real(self)
+        seen.append(list(self.fixed.measured))
+        stops.append(self.session.meter.remembered_stop_s)
+
+    monkeypatch.setattr(SourceWorker, "_recall_switchover", recall)
+    a, b = hosts
+    first, _, _ = migrate(a, b)
+    assert first.status == "completed", first.error
+    (key, samples), = probes_mod._SWITCHOVER_FIXED.items()
+    paid = list(samples)
+    assert key == (first.peer, ("mlx5",)) and len(paid) == 1
+    down = first.stats["downtime-breakdown"]
+    parts_ms = down["round_trips_ms"] + down["load_ms"] + down["adopt_ms"]  # rounded
+    assert 0 < paid[0] * 1e3 <= parts_ms + 0.01
+    second, _, _ = migrate(b, a)
+    assert second.status == "completed", second.error
+    assert seen == [[], paid]
+    assert second.stats["predicted-downtime-breakdown"]["fixed_ms"] == pytest.approx(
+        paid[0] * 1e3, abs=1e-3)
+    assert len(probes_mod._SWITCHOVER_FIXED[key]) == 2
+    # the stop (the guest paused, the dirty log read and stopped) as the first one paid
+    # it, less its device's quiesce, which is predicted apart
+    parts = first.stats["switchover-parts"]
+    quiesce = first.stats["predicted-downtime-breakdown"]["device_stop_ms"]
+    assert stops[0] == 0.0 and stops[1] * 1e3 == pytest.approx(
+        max(parts["pause_ms"] + parts["dirty_log_ms"] - quiesce, 0.0), abs=0.01)
+    if stops[1] > 0:  # (0.0, all of it the quiesce: pre-copy's own stop stands in)
+        assert second.stats["predicted-downtime-breakdown"]["stop_ms"] == pytest.approx(
+            stops[1] * 1e3, abs=1e-3)

@@ -8,6 +8,7 @@ docs/performance.md ("A downtime that is predicted")."""
 from __future__ import annotations
 
 import time
+from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import ApiError, HostError
@@ -17,19 +18,34 @@ from vmferry.host.migration.common import RECEIVE_BUFFER, MigrationHost
 from vmferry.host.records import Job
 from vmferry.host.tls import client_context
 from vmferry.host.transport import Channel, SocketLink, tcp_rtt_s
-from vmferry.migration.prediction import SETTLE_BOUND_S, FixedCosts, device_kinds
+from vmferry.migration.context import MigrationStats
+from vmferry.migration.prediction import (
+    SETTLE_BOUND_S,
+    SWITCHOVER_ROUND_TRIPS,
+    FixedCosts,
+    device_kinds,
+)
 from vmferry.migration.source import SourceSession
 
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
 #: migrations whose passes are too small to measure it themselves
 _LINK_BANDWIDTH: dict[str, float] = {}
-#: the destination's load and resume (s) as the last migration to it (its control URL)
-#: reported them, for the downtime prediction
-_DESTINATION_FIXED: dict[str, float] = {}
-#: the best rate (seconds per byte) at which device state was read and sent with the guest
-#: stopped, per destination (its control URL) and kinds of devices: for devices without
-#: pre-copy, whose state nothing can read before the stop
-_STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...]], float] = {}
+#: what the switchover after the stream paid (s: the exchange beyond its round trips, the
+#: writes in it, the destination's load and adopt), the last few migrations per
+#: destination (its control URL) and kinds of devices (their loads differ), for the
+#: downtime prediction (:attr:`FixedCosts.measured`)
+_SWITCHOVER_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+#: the same for stopping the guest and the final read and stop of the dirty log (s)
+_STOP_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+#: the samples kept per key
+SWITCHOVER_SAMPLES = 5
+#: the rates (seconds per byte) at which device state was read and sent with the guest
+#: stopped, the last few, per destination (its control URL), kinds of devices and path
+#: (the main stream or the data channels: they differ 1.5-2x here): for devices without
+#: pre-copy, whose state nothing can read before the stop; their median counts
+_STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...], bool], list[float]] = {}
+#: the rates kept per key
+DEVICE_RATE_SAMPLES = 5
 #: the longest the source waits, before the stop, for the destination to take what was
 #: sent (``LinkProbeSide.settle``), and how often it looks
 SETTLE_S = SETTLE_BOUND_S
@@ -90,6 +106,9 @@ class LinkProbeSide:
         the connection has no TCP RTT -- it is an HTTP request and a job's JSON, several
         times a frame's round trip (3-4 ms against 0.01 ms on loopback here)."""
         self._measure_round_trip()
+        return self._connection_rtt()
+
+    def _connection_rtt(self) -> float:
         rtt = tcp_rtt_s(self.ch.link.sock) if self.ch is not None \
             and isinstance(self.ch.link, SocketLink) else None  # fmt: skip
         return rtt if rtt is not None else self.fixed.round_trip_s()
@@ -122,20 +141,50 @@ class LinkProbeSide:
         if measured > _LINK_BANDWIDTH.get(self.job.peer, 0.0):
             _LINK_BANDWIDTH[self.job.peer] = measured
 
-    def _device_rate_key(self) -> tuple[str, tuple[str, ...]]:
+    def _fixed_key(self) -> tuple[str, tuple[str, ...]]:
         return (self.job.peer, device_kinds(self.session.vm.handlers.values()))
 
+    def _recall_switchover(self) -> None:
+        """The fixed switchover costs the last migrations to this destination paid."""
+        key = self._fixed_key()
+        self.fixed.measured = list(_SWITCHOVER_FIXED.get(key, []))
+        self.session.meter.remembered_stop_s = median(_STOP_FIXED.get(key, [0.0]))
+
+    def _remember_switchover(self, stats: MigrationStats) -> None:
+        """This migration's switchover as measured: after the stream (the destination's
+        load without its wait for the data channels' last bytes, which is a drain) less
+        the round trips themselves (the prediction has them apart); and the stop (the
+        guest paused, the dirty log read and stopped) less the devices' quiesce, which
+        is predicted apart."""
+        down, parts = stats.downtime, stats.switchover_parts
+        rtt = self._connection_rtt()
+        paid = (down.round_trips_ms + down.load_ms + down.adopt_ms) / 1e3 \
+            - SWITCHOVER_ROUND_TRIPS * rtt  # fmt: skip
+        stop = (parts.get("pause_ms", 0.0) + parts.get("dirty_log_ms", 0.0)
+                - stats.predicted.get("device_stop_ms", 0.0)) / 1e3
+        for table, value in ((_SWITCHOVER_FIXED, paid), (_STOP_FIXED, stop)):
+            samples = table.setdefault(self._fixed_key(), [])
+            samples.append(max(value, 0.0))
+            del samples[:-SWITCHOVER_SAMPLES]
+
+    def _device_rate_key(self) -> tuple[str, tuple[str, ...], bool]:
+        over_channels = self.session.device_sink is not None \
+            and self.session.ram_sink is not None  # fmt: skip
+        return (self.job.peer, device_kinds(self.session.vm.handlers.values()), over_channels)
+
     def _recall_device_rate(self) -> None:
-        """The best stop-copy device rate an earlier migration to this destination
-        measured for the same kinds of devices, for the prediction."""
-        self.session.meter.remembered_device_s_per_byte = _STOP_DEVICE_RATE.get(
-            self._device_rate_key(), 0.0)
+        """The stop-copy device rate earlier migrations to this destination measured for
+        the same kinds of devices on the same path (the median of the last few), for the
+        prediction; call once the path is known (the data channels opened or not)."""
+        self.session.meter.remembered_device_s_per_byte = median(
+            _STOP_DEVICE_RATE.get(self._device_rate_key(), [0.0]))
 
     def _remember_device_rate(self) -> None:
         measured = self.session.meter.stop_device_s_per_byte
-        key = self._device_rate_key()
-        if measured > 0 and (key not in _STOP_DEVICE_RATE or measured < _STOP_DEVICE_RATE[key]):
-            _STOP_DEVICE_RATE[key] = measured
+        if measured > 0:
+            rates = _STOP_DEVICE_RATE.setdefault(self._device_rate_key(), [])
+            rates.append(measured)
+            del rates[:-DEVICE_RATE_SAMPLES]
 
     def in_flight_bytes(self) -> int:
         """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that

@@ -57,7 +57,7 @@ from vmferry.host.migration.common import (
     stall_bound_s,
     status_json,
 )
-from vmferry.host.migration.probes import _DESTINATION_FIXED, LinkProbeSide
+from vmferry.host.migration.probes import LinkProbeSide
 from vmferry.host.outcome import downtime_overrun
 from vmferry.host.records import HostedVm, Job
 from vmferry.host.runner import VmRunner
@@ -173,7 +173,6 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             hosted.vm, params, MonotonicClock(), guest=self.runner, link=self
         )
         self.session.meter.guest_cpu = self.runner.cpu_seconds
-        self._recall_device_rate()
         self._dialer: Dialer = dialer or (lambda addr, t: dial(addr, t, daemon.tls))
         #: the channel to the destination, once connected
         self.ch: Channel | None = None
@@ -187,7 +186,8 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         #: one persist of the job, measured (a moving average)
         self._persist_s = 0.0
         #: the switchover's fixed costs, sampled at quiet moments (medians count)
-        self.fixed = FixedCosts(destination_load_adopt_s=_DESTINATION_FIXED.get(job.peer))
+        self.fixed = FixedCosts()
+        self._recall_switchover()
         self._last_stats = 0.0
         self._bound = ACTIVE_STALL_S
         #: the stream copy (``stream_file``), renamed into place if the migration completes
@@ -202,6 +202,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             self.ch = self._connect()
             self._open_channels()
             self._device_over_channels()
+            self._recall_device_rate()  # per path: the channels are open, or not
             self._send_stream(self.ch)
             self._await_ack(self.ch)
         except Exception as exc:  # the source VM must survive anything
@@ -540,11 +541,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             ack["adopt_ms"] = float(resume_ms)  # type: ignore[arg-type]
         stats = self.session.complete(ack)
         self._remember_device_rate()
-        # the destination's own load and adopt (with the adopt's two writes), without its
-        # receive backlog (waiting for the data channels' last bytes is the previous
-        # migration's drain, not a fixed cost)
-        _DESTINATION_FIXED[self.job.peer] = (stats.downtime.load_ms
-                                             + stats.downtime.adopt_ms) / 1e3
+        self._remember_switchover(stats)
         self.job.stats = {**stats.to_json(), "verification": self.verification,
                           "source_report": self.hosted.vm.report() if self.hosted.vm else {},
                           "destination_report": post_load,
