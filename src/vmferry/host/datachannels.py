@@ -12,10 +12,19 @@ whole migration.
   main connection).  For every pass the session hands it the dirty mask; it deals the
   page runs round-robin to the channels, whose threads find
   zero pages, snapshot and checksum the others and ``sendmsg`` them, then send SYNC.
+  To a destination of channel protocol 1.3, the runs of pass 1 go without the snapshot,
+  straight from guest memory, as LIVE records; after that pass's SYNC each channel
+  thread reads the destination's OWED report (the LIVE records that arrived torn) and
+  the next pass sends those pages again (see
+  :mod:`vmferry.migration.multichannel`).  Later passes carry the pages the guest wrote
+  during the one before -- those it is likely to write again, which would tear -- and
+  keep the snapshot.
 * The destination (:class:`ChannelGroup`) receives every channel's page data straight
   into the staging VM's memory (``recv_into`` a view of the page run: no intermediate
   buffer), verifies each record, and keeps the per-pass barrier: no channel applies pass
-  ``k + 1`` before every channel finished pass ``k``.
+  ``k + 1`` before every channel finished pass ``k``.  A torn LIVE record's pages are
+  owed until a verified record covers them; each channel answers a pass that carried
+  LIVE records with its OWED report; pages still owed at the end fail the migration.
 
 With a destination of channel protocol 1.2, the devices' stop-copy state travels on the
 channels too: the source session stages it before the final pass
@@ -51,9 +60,18 @@ from vmferry.host.faults import CutConnection, Fault, apply
 from vmferry.host.transport import OnStall, send_buffers, send_queued
 from vmferry.machine.handlers import DeviceData
 from vmferry.machine.ram import GuestRam
+from vmferry.migration.channelsend import (
+    RunCounts,
+    deal_runs,
+    deal_scattered,
+    encode_runs,
+    encode_scatter,
+    split_scattered,
+)
 from vmferry.migration.multichannel import (
     HEADER_SIZE,
     HELLO,
+    LIVE_CHECK_SIZE,
     MAX_RECORD_BYTES,
     MAX_SCATTER_PAGES,
     ChannelReader,
@@ -61,19 +79,18 @@ from vmferry.migration.multichannel import (
     Device,
     DeviceReassembler,
     Pages,
-    RunCounts,
     Scatter,
     Sync,
     Zero,
     channel_hello,
     deal_device,
-    deal_runs,
-    deal_scattered,
     device_records,
-    encode_runs,
-    encode_scatter,
     parse_channel_hello,
-    split_scattered,
+)
+from vmferry.migration.owed import (
+    OwedPages,
+    OwedReportReader,
+    add_owed,
 )
 from vmferry.migration.source import SourceSession
 
@@ -96,13 +113,18 @@ HELLO_TIMEOUT_S = 10.0
 ACCEPTED = b"\x01"
 #: how often the source's driving thread looks up (cancel) while the channels send
 POLL_S = 0.2
+#: the passes whose runs go as LIVE records (to a destination of channel protocol 1.3):
+#: pass 1 only -- later passes carry pages the guest has just written, which tear often
+LIVE_PASSES = 1
+#: how long a channel waits for the destination's OWED report of a pass
+REPORT_TIMEOUT_S = IDLE_TIMEOUT_S
 
 
 # --- source ------------------------------------------------------------------------------
 
 
 class ChannelSink:
-    """The source's data channels (a :class:`~vmferry.migration.source.RamSink`)."""
+    """The source's data channels (a :class:`~vmferry.migration.channelsend.RamSink`)."""
 
     def __init__(
         self,
@@ -113,8 +135,11 @@ class ChannelSink:
         check: Callable[[], None],
         progress: Callable[[], None] = lambda: None,
         fault: Fault | None = None,
+        live: bool = False,
     ) -> None:
         self.socks = socks
+        #: the destination speaks channel protocol 1.3: LIVE records, OWED reports
+        self.live = live
         self.session = session
         self.ram: GuestRam = session.vm.ram
         self.on_stall = on_stall
@@ -137,6 +162,21 @@ class ChannelSink:
         self.lock = threading.Lock()
         #: stop-copy device chunks dealt to the channels, sent in the final pass
         self.device_plan: list[list[tuple[int, DeviceData]]] = [[] for _ in socks]
+        self.reports = [OwedReportReader(i, self.ram.npages, self.ram.page_size)
+                        for i in range(len(socks))]  # fmt: skip
+        #: owed ranges (pass, first, count) the next pass sends again (:meth:`owed_pages`)
+        self.owed: list[tuple[int, int, int]] = []
+        #: LIVE records sent, and those the destination reported torn
+        self.live_records = 0
+        self.torn_records = 0
+
+    def owed_pages(self, dirty: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """``dirty`` and the pages of the LIVE records the destination reported torn in
+        the pass just sent (its OWED reports are in: each channel read its own before
+        :meth:`send_pass` returned); ChecksumMismatch if one of them has no dirty page."""
+        with self.lock:
+            owed, self.owed = self.owed, []
+        return add_owed(dirty, owed)
 
     def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
         run_pages = max(1, RUN_BYTES // self.ram.page_size)
@@ -167,10 +207,16 @@ class ChannelSink:
     def _send(self, i: int, number: int, runs: list[tuple[int, int]],
               lists: list[npt.NDArray[np.int64]], final: bool) -> RunCounts:  # fmt: skip
         sock, writer, counts = self.socks[i], self.writers[i], RunCounts()
-        # the guest is paused for the final pass: its pages cannot change under the send
+        # the guest is paused for the final pass: its pages cannot change under the send;
+        # a destination of channel 1.3 takes pass 1's runs live (a torn one comes back)
+        # -- except a first batch the ``active:corrupt`` fault damages, which must fail
+        live = self.live and not final and number <= LIVE_PASSES \
+            and not (self.corrupt is not None and i == 0)  # fmt: skip
+        report = self.reports[i] if live else None
         batches = itertools.chain(
             encode_runs(writer, self.ram, number, runs, self.bounces[i], counts,
-                        batch_bytes=BATCH_BYTES, snapshot=not final),
+                        batch_bytes=BATCH_BYTES, snapshot=not final and not live,
+                        live=report),
             encode_scatter(writer, self.ram, number, lists, self.bounces[i], counts,
                            batch_bytes=BATCH_BYTES))
         for bufs in batches:
@@ -190,7 +236,48 @@ class ChannelSink:
         sent = send_buffers(sock, [writer.sync(number, final=final)], self.on_stall)
         with self.lock:
             self.session.channel_bytes += sent
+        if report is not None and report.due(number):
+            self._take_report(i, number)
         return counts
+
+    def _take_report(self, i: int, number: int) -> None:
+        """The destination's OWED report of pass ``number`` on channel ``i`` (it has
+        verified everything of that pass on the channel then): its ranges go again in
+        the next pass.  Bounded by :data:`REPORT_TIMEOUT_S`."""
+        report = self.reports[i]
+        with self.lock:
+            self.live_records += len(report.sent[number])
+        head = bytearray(HEADER_SIZE)
+        self._recv_report(i, number, memoryview(head))
+        body = bytearray(report.header(head))
+        if body:
+            self._recv_report(i, number, memoryview(body))
+        _, ranges = report.ranges(body)
+        with self.lock:
+            self.owed += [(number, first, count) for first, count in ranges]
+            self.torn_records += len(ranges)
+        if ranges:
+            log.info("data channel %d: %d LIVE records of pass %d arrived torn; their "
+                     "pages go again", i, len(ranges), number)  # fmt: skip
+
+    def _recv_report(self, i: int, number: int, view: memoryview) -> None:
+        sock = self.socks[i]
+        sock.settimeout(POLL_S)
+        end = time.monotonic() + REPORT_TIMEOUT_S
+        got = 0
+        while got < view.nbytes:
+            try:
+                k = sock.recv_into(view[got:])
+            except TimeoutError:
+                if time.monotonic() > end:
+                    raise PeerError(f"data channel {i}: the destination sent no OWED report "
+                                    f"of pass {number} within {REPORT_TIMEOUT_S:g} s",
+                                    f"ram pass {number}") from None  # fmt: skip
+                continue
+            if k == 0:
+                raise PeerError(f"data channel {i}: connection closed while reading the "
+                                f"OWED report of pass {number}", f"ram pass {number}")
+            got += k
 
     def stage_device(self, pieces: list[DeviceData]) -> None:
         """The devices' stop-copy chunks (a :class:`~vmferry.migration.devicestate.DeviceSink`):
@@ -255,8 +342,12 @@ class ChannelGroup:
     migration's token.  A wrong token, index or count closes the connection."""
 
     def __init__(self, token: str, ram: GuestRam, host: str,
-                 tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
+                 tls: ssl.SSLContext | None = None, *, live: bool = False) -> None:  # fmt: skip
         self.token, self.ram, self.tls = token, ram, tls
+        #: the source speaks channel protocol 1.3: LIVE records, OWED reports
+        self.live = live
+        #: pages of torn LIVE records not yet covered by a verified record (under ``lock``)
+        self.owed = OwedPages(ram.npages)
         self.count = 0
         self.barrier: threading.Barrier | None = None
         self.readers: dict[int, ChannelReader] = {}
@@ -333,7 +424,7 @@ class ChannelGroup:
                 self.barrier = threading.Barrier(count)
             self.conns[index] = conn
             reader = self.readers[index] = ChannelReader(index, self.ram.npages,
-                                                         self.ram.page_size)
+                                                         self.ram.page_size, live=self.live)
             t = threading.Thread(target=self._run, args=(index, conn, reader),
                                  name=f"mig-chan-{index}", daemon=True)
             self.threads.append(t)
@@ -359,6 +450,7 @@ class ChannelGroup:
 
     def _receive(self, conn: socket.socket, reader: ChannelReader) -> None:
         head = bytearray(HEADER_SIZE)
+        check = bytearray(LIVE_CHECK_SIZE)
         ram = self.ram
         staging = _ScatterStaging()
         assert self.barrier is not None
@@ -369,22 +461,46 @@ class ChannelGroup:
             self.last = time.monotonic()
             ev = reader.header(head)
             if isinstance(ev, Pages):
+                if ev.live:  # the header's own check first: a damaged one fails at once
+                    _recv_exact_into(conn, memoryview(check), "a LIVE record's header check")
+                    reader.live_check(check)
                 view = ram.receive_view(ev.first, ev.count)
                 _recv_exact_into(conn, view, "page data")
-                reader.payload(view)
+                verified = reader.payload(view)
                 ram.received(ev.first, ev.count)
+                # a torn LIVE record's data stays, its pages owed until a verified copy
+                # (the other channels of this pass carry other pages: only a previous
+                # pass, behind the barrier, can have made these owed)
+                if not verified or self.owed.count:
+                    with self.lock:
+                        if verified:
+                            self.owed.covered(ev.first, ev.count)
+                        else:
+                            self.owed.owe(ev.first, ev.count)
             elif isinstance(ev, Zero):
                 ram.zero_pages(ev.first, ev.count)
+                if self.owed.count:
+                    with self.lock:
+                        self.owed.covered(ev.first, ev.count)
             elif isinstance(ev, Device):
                 self._device(conn, reader, ev)
             elif isinstance(ev, Scatter):
-                _receive_scatter(conn, reader, ev, ram, staging)
+                pages = _receive_scatter(conn, reader, ev, ram, staging)
+                if self.owed.count:
+                    with self.lock:
+                        self.owed.covered_at(pages)
             elif isinstance(ev, Sync) and not ev.final:
+                if reader.report is not None:  # the pass carried LIVE records here
+                    self._report(conn, reader.report)
                 self.barrier.wait()  # pass k+1 only after every channel finished pass k
         with self.lock:
             self.finished += 1
             if self.finished == self.count:
                 self.done.set()
+
+    def _report(self, conn: socket.socket, report: bytes) -> None:
+        """The OWED report of the pass just finished on this channel, to the source."""
+        conn.sendall(report)
 
     def _device(self, conn: socket.socket, reader: ChannelReader, ev: Device) -> None:
         """A device chunk: received, verified, and loaded into its device once every
@@ -442,6 +558,8 @@ class ChannelGroup:
         self.check("receiving stream")
         with self.device_lock:
             self.reassembler.check_complete()
+        with self.lock:
+            self.owed.check()  # a torn record's pages that never arrived verified
 
     def active_within(self, seconds: float) -> bool:
         """Whether a channel received something in the last ``seconds``."""
@@ -498,20 +616,21 @@ class _ScatterStaging:
 
 
 def _receive_scatter(conn: socket.socket, reader: ChannelReader, ev: Scatter, ram: GuestRam,
-                     staging: _ScatterStaging) -> None:  # fmt: skip
+                     staging: _ScatterStaging) -> npt.NDArray[np.int64]:  # fmt: skip
     """The rest of a SCATTER record: its page list, then (unless zeroed) its data,
-    verified, then stored into the listed pages."""
+    verified, then stored into the listed pages (returned)."""
     index = memoryview(staging.index)[: 8 * ev.count]
     _recv_exact_into(conn, index, "a page list")
     pages = reader.scatter_index(index)
     if ev.zero:
         ram.zero_pages_at(pages)
-        return
+        return pages
     ps = ram.page_size
     data = staging.pages(ev.count * ps)
     _recv_exact_into(conn, data.data, "page data")
     reader.payload(data.data)
     ram.scatter_pages(pages, data.reshape(ev.count, ps))
+    return pages
 
 
 def _recv_exact_into(sock: socket.socket, view: memoryview, what: str) -> None:

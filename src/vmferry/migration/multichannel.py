@@ -36,6 +36,40 @@ channel's final SYNC); the destination puts them back in index order
 (:class:`DeviceReassembler`) and loads each device's chunks strictly in sequence, as
 QEMU's multifd device-state transfer does.
 
+**Live pages and OWED reports (channel protocol 1.3).**  Between two peers of channel
+protocol 1.3 the source may send a PAGES record straight from guest memory, without a
+snapshot, in a pass that is not the final one: flag ``LIVE`` (0x04) marks it, and 8
+bytes follow its header before the pages -- the xxh3-64 of the header's first 24 bytes
+alone, so that a damaged header (a wrong page number would leave the pages it should have
+named stale, unnoticed) still fails at once, whatever becomes of the pages.  The
+running guest may write one of its pages between the checksum and the kernel's copy: the
+record then arrives *torn*, its checksum fails, and its written page is dirty in the
+dirty log (tracking started before the pass), so a later pass sends it again.  The
+record's other pages are unverified meanwhile.  So the destination, on a checksum
+mismatch of a LIVE record, keeps the data and records the record's page range as
+*owed* (:class:`~vmferry.migration.owed.OwedPages`); a page stops being owed when a
+later verified record (PAGES without ``LIVE``, SCATTER, ZERO, or a LIVE record that
+matches) covers it.  After the ``SYNC(k)`` of a pass in which a channel carried LIVE
+records, the destination answers on that channel, towards the source, with one report::
+
+    OWED (type 6, flags 0, pass k, first 0, count n): n ranges follow,
+    each first u64 | count u64 -- a LIVE record of pass k on this channel that arrived torn
+
+checksummed as every record (header and ranges).  ``n`` may be 0, and is at most the
+number of LIVE records the channel carried in pass ``k`` (and
+:data:`MAX_OWED_RANGES`).  The source
+(:class:`~vmferry.migration.owed.OwedReportReader`) waits for the report of each such
+pass before it starts the next (so it has every report before it stops the guest),
+refuses one for a pass it did not mark, or naming a range that is not a LIVE record it
+sent there, and adds the owed ranges to the next pass's pages when it reads the dirty
+log (:func:`~vmferry.migration.owed.add_owed`) -- after checking that each range holds a
+page the guest wrote meanwhile: a torn record without one was damaged on the way, and
+fails the migration.  On the destination, a LIVE record in the final pass is a
+MalformedRecord, more torn records than ``TORN_SLACK`` plus half a pass's LIVE records on
+a channel is a ChecksumMismatch (guest writes do not tear that many), and any page still
+owed when every channel has finished the final pass fails the migration with a
+ChecksumMismatch naming the pages.  A peer of an earlier minor version sends and accepts neither.
+
 **Ordering: a page's newer copy always wins.**  Within a channel TCP keeps the order.
 Across channels the destination keeps a barrier per pass: a channel's reader that meets
 ``SYNC(k)`` applies nothing of pass ``k + 1`` until every channel has delivered its
@@ -58,9 +92,7 @@ the number of channels (u16 each).
 from __future__ import annotations
 
 import enum
-import itertools
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,11 +101,11 @@ import xxhash
 
 from vmferry.errors import ChecksumMismatch, MalformedRecord, StreamUsageError
 from vmferry.machine.handlers import DeviceData, DevicePhase
-from vmferry.machine.ram import GuestRam
-from vmferry.migration.runs import page_runs
 from vmferry.migration.stream.records import Buffer
 
 HEAD = struct.Struct(">BBHIQII")
+#: one range of an OWED report: first page, page count
+OWED_RANGE = struct.Struct(">QQ")
 HEADER = struct.Struct(">BBHIQIIQ")
 HEADER_SIZE = HEADER.size  # 32
 #: flag of SYNC: the last pass, nothing follows
@@ -88,6 +120,15 @@ ZEROED = 0x02
 MAX_SCATTER_PAGES = 4096
 #: runs shorter than this many pages travel in SCATTER lists rather than one record each
 SCATTER_BELOW = 16
+#: flag of PAGES (channel protocol 1.3): the data was checksummed in live guest memory,
+#: not a snapshot; a mismatch makes its pages owed rather than failing the migration
+LIVE = 0x04
+#: bytes between a LIVE record's header and its pages: the header's own checksum
+LIVE_CHECK_SIZE = 8
+#: the most ranges one OWED report lists
+MAX_OWED_RANGES = 65536
+#: torn LIVE records a channel may carry in a pass beyond half of its LIVE records
+TORN_SLACK = 16
 
 
 DEVICE_HEAD = struct.Struct(">BBHI")  # id length, phase, reserved, seq; then id, data
@@ -128,19 +169,25 @@ class ChannelRecord(enum.IntEnum):
     SYNC = 3
     SCATTER = 4
     DEVICE = 5
+    OWED = 6  # destination -> source (channel protocol 1.3)
 
 #: the flags each record type may carry
-ALLOWED_FLAGS = {ChannelRecord.PAGES: 0, ChannelRecord.ZERO: 0, ChannelRecord.SYNC: FINAL,
-                 ChannelRecord.SCATTER: ZEROED, ChannelRecord.DEVICE: 0}
+ALLOWED_FLAGS = {ChannelRecord.PAGES: LIVE, ChannelRecord.ZERO: 0, ChannelRecord.SYNC: FINAL,
+                 ChannelRecord.SCATTER: ZEROED, ChannelRecord.DEVICE: 0,
+                 ChannelRecord.OWED: 0}
 
 
 @dataclass(frozen=True)
 class Pages:
     """Page data follows: receive ``count`` pages into guest memory at page ``first``,
-    then hand them to :meth:`ChannelReader.payload`."""
+    then hand them to :meth:`ChannelReader.payload`.  For a ``live`` record the
+    header's own checksum comes first: receive :data:`LIVE_CHECK_SIZE` bytes and hand
+    them to :meth:`ChannelReader.live_check` before the pages."""
 
     first: int
     count: int
+    #: a LIVE record: :meth:`ChannelReader.payload` may find it torn
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +227,7 @@ class Device:
 ChannelEvent = Pages | Zero | Sync | Scatter | Device
 
 
-def _checksum(head: Buffer, *payload: Buffer | None) -> int:
+def checksum(head: Buffer, *payload: Buffer | None) -> int:
     h = xxhash.xxh3_64(head)
     for part in payload:
         if part is not None:
@@ -206,20 +253,28 @@ class ChannelWriter:
         if self.finished:
             raise StreamUsageError(f"channel {self.channel}: records after the final SYNC")
         head = HEAD.pack(kind, flags, self.channel, number, first, count, self.page_size)
-        out = head + _checksum(head, *payload).to_bytes(8, "big")
+        out = head + checksum(head, *payload).to_bytes(8, "big")
         self.bytes_out += len(out) + sum(memoryview(p).nbytes for p in payload
                                          if p is not None)  # fmt: skip
         return out
 
-    def pages(self, number: int, first: int, data: Buffer) -> list[Buffer]:
+    def pages(self, number: int, first: int, data: Buffer, *, live: bool = False
+              ) -> list[Buffer]:  # fmt: skip
         """A PAGES record: ``data`` (whole pages) is checksummed now and must not change
-        until it has been sent (the sender passes a snapshot, not live guest memory)."""
+        until it has been sent (the sender passes a snapshot, or guest memory the guest
+        cannot write: it is paused) -- or, with ``live`` (a peer of channel protocol
+        1.3, not the final pass), live guest memory: the record is marked LIVE and may
+        arrive torn (see the module docstring)."""
         n = memoryview(data).nbytes
         if n == 0 or n % self.page_size or n > MAX_RECORD_BYTES:
             raise StreamUsageError(f"PAGES of {n} bytes (whole pages, at most "
                                    f"{MAX_RECORD_BYTES})")
-        return [self._head(ChannelRecord.PAGES, 0, number, first, n // self.page_size, data),
-                data]
+        if not live:
+            return [self._head(ChannelRecord.PAGES, 0, number, first, n // self.page_size,
+                               data), data]  # fmt: skip
+        head = self._head(ChannelRecord.PAGES, LIVE, number, first, n // self.page_size, data)
+        self.bytes_out += LIVE_CHECK_SIZE
+        return [head, checksum(head[: HEAD.size]).to_bytes(LIVE_CHECK_SIZE, "big"), data]
 
     def zero(self, number: int, first: int, count: int) -> bytes:
         return self._head(ChannelRecord.ZERO, 0, number, first, count)
@@ -270,8 +325,18 @@ class ChannelReader:
     :meth:`payload` before the next header.  For a :class:`Sync` it waits at the pass
     barrier with the other channels.  The first error is final."""
 
-    def __init__(self, channel: int, npages: int, page_size: int, first_pass: int = 1) -> None:
+    def __init__(self, channel: int, npages: int, page_size: int, first_pass: int = 1,
+                 *, live: bool = False) -> None:  # fmt: skip
         self.channel = channel
+        #: LIVE records allowed (the source speaks channel protocol 1.3)
+        self.live = live
+        #: LIVE records of the current pass, and those of them that arrived torn
+        self.live_records = 0
+        self.torn: list[tuple[int, int]] = []
+        #: the OWED report due after the last SYNC (None: none is due)
+        self.report: bytes | None = None
+        #: a LIVE record whose header check is still expected
+        self._live_head: bytes | None = None
         self.npages = npages
         self.page_size = page_size
         self.current_pass = first_pass
@@ -288,7 +353,7 @@ class ChannelReader:
 
     def header(self, raw: Buffer) -> ChannelEvent:
         if self._pending is not None or self._scatter is not None or self._scatter_data \
-                or self._device_pending is not None:  # fmt: skip
+                or self._device_pending is not None or self._live_head is not None:  # fmt: skip
             raise StreamUsageError("header() while a payload is still expected")
         if self.finished:
             raise MalformedRecord(f"channel {self.channel}: data after the final SYNC")
@@ -311,12 +376,25 @@ class ChannelReader:
                                   f"{self.current_pass}")
         if flags & ~ALLOWED_FLAGS[rtype]:
             raise MalformedRecord(f"{where}: {rtype.name} with unknown flags {flags:#x}")
+        if rtype is ChannelRecord.OWED:
+            raise MalformedRecord(f"{where}: an OWED report from the source")
+        if flags & LIVE and not self.live:
+            raise MalformedRecord(f"{where}: a LIVE PAGES record from a source that did not "
+                                  "negotiate them (channel protocol 1.3)")  # fmt: skip
         self.bytes_in += HEADER_SIZE
         if rtype is ChannelRecord.SYNC:
             if first or count:
                 raise MalformedRecord(f"{where}: SYNC with pages")
             self._verify(claimed, head, None, "SYNC")
             final = bool(flags & FINAL)
+            if final and self.live_records:
+                raise MalformedRecord(f"{where}: {self.live_records} LIVE records in the "
+                                      f"final pass {number} (the guest is paused: it sends "
+                                      "none)")  # fmt: skip
+            self.report = None
+            if self.live_records:
+                self.report = owed_report(self.channel, number, self.page_size, self.torn)
+            self.live_records, self.torn = 0, []
             self.finished = final
             self.current_pass += 0 if final else 1
             return Sync(number, final)
@@ -334,9 +412,26 @@ class ChannelReader:
         if count * self.page_size > MAX_RECORD_BYTES:
             raise MalformedRecord(f"{where}: PAGES of {count} pages is over the "
                                   f"{MAX_RECORD_BYTES}-byte limit")
-        event = Pages(first, count)
+        live = bool(flags & LIVE)
+        self.live_records += live
+        event = Pages(first, count, live)
         self._pending = (head, claimed, event)
+        if live:
+            self._live_head = head
         return event
+
+    def live_check(self, raw: Buffer) -> None:
+        """The header check of the last (LIVE) :class:`Pages` event, as received:
+        ChecksumMismatch if the header is damaged."""
+        if self._live_head is None:
+            raise StreamUsageError("live_check() without a LIVE PAGES header")
+        if memoryview(raw).nbytes != LIVE_CHECK_SIZE:
+            raise StreamUsageError(f"a LIVE record's header check is {LIVE_CHECK_SIZE} bytes")
+        head, self._live_head = self._live_head, None
+        self.bytes_in += LIVE_CHECK_SIZE
+        if checksum(head).to_bytes(LIVE_CHECK_SIZE, "big") != bytes(raw):
+            raise ChecksumMismatch(f"channel {self.channel}: LIVE PAGES header checksum "
+                                   f"mismatch (pass {self.current_pass})")  # fmt: skip
 
     def _scatter_header(self, head: bytes, claimed: int, flags: int, first: int, count: int
                         ) -> Scatter:  # fmt: skip
@@ -384,10 +479,11 @@ class ChannelReader:
         self._scatter_data = (h, claimed, event.count)
         return pages
 
-    def payload(self, data: Buffer) -> None:
+    def payload(self, data: Buffer) -> bool:
         """The page data of the last :class:`Pages` event, or of the last page list of
         a :class:`Scatter` event, as received (ChecksumMismatch if it is not what was
-        sent)."""
+        sent).  False: a LIVE record arrived torn -- its pages are owed (the caller keeps
+        the data and records them, :class:`~vmferry.migration.owed.OwedPages`); True: verified."""
         if self._scatter_data is not None:
             h, claimed, count = self._scatter_data
             if memoryview(data).nbytes != count * self.page_size:
@@ -399,16 +495,29 @@ class ChannelReader:
                                        f"{self.current_pass})")
             self.pages_received += count
             self.bytes_in += count * self.page_size
-            return
+            return True
         if self._pending is None:
             raise StreamUsageError("payload() without a PAGES header")
+        if self._live_head is not None:
+            raise StreamUsageError("payload() of a LIVE record before its live_check()")
         head, claimed, event = self._pending
         if memoryview(data).nbytes != event.count * self.page_size:
             raise StreamUsageError("payload() of another length than the header's")
         self._pending = None
-        self._verify(claimed, head, data, "RAM_PAGES")
+        verified = True
+        if not event.live:
+            self._verify(claimed, head, data, "RAM_PAGES")
+        elif checksum(head, data) != claimed:
+            verified = False
+            self.torn.append((event.first, event.count))
+            if 2 * (len(self.torn) - TORN_SLACK) > self.live_records:
+                raise ChecksumMismatch(
+                    f"channel {self.channel}: {len(self.torn)} of the {self.live_records} "
+                    f"LIVE records of pass {self.current_pass} so far arrived torn (at most "
+                    f"{TORN_SLACK} and half of them): the data is damaged on the way")
         self.pages_received += event.count
         self.bytes_in += event.count * self.page_size
+        return verified
 
     def _device_header(self, head: bytes, claimed: int, index: int, length: int) -> Device:
         if not DEVICE_HEAD.size < length <= MAX_DEVICE_RECORD:
@@ -448,179 +557,24 @@ class ChannelReader:
         return event.index, DeviceData(ident, ph, seq, view[start:])
 
     def _verify(self, claimed: int, head: bytes, payload: Buffer | None, what: str) -> None:
-        if _checksum(head, payload) != claimed:
+        if checksum(head, payload) != claimed:
             raise ChecksumMismatch(f"{what} record checksum mismatch (pass "
                                    f"{self.current_pass})")
 
 
-# --- the sending side's work ---------------------------------------------------------------
+# --- torn LIVE records: owed pages and the OWED reports ---------------------------------------
 
 
-def deal_runs(
-    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], channels: int
-) -> list[list[tuple[int, int]]]:
-    """Deal page runs to ``channels`` channels round-robin in page order, so that every
-    channel works near the same position (the destination populates ahead of it)."""
-    out: list[list[tuple[int, int]]] = [[] for _ in range(channels)]
-    for k, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
-        out[k % channels].append((s, n))
-    return out
-
-
-def split_scattered(
-    index: npt.NDArray[np.int64], run_pages: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Sorted page indexes as (starts, lengths) of runs of at most ``run_pages`` pages,
-    and the pages of runs shorter than :data:`SCATTER_BELOW`, which go in SCATTER lists
-    (the runs returned are the long ones only)."""
-    starts, lengths = page_runs(index, run_pages)
-    short = lengths < SCATTER_BELOW
-    if not short.any():
-        return starts, lengths, np.zeros(0, np.int64)
-    # the runs cover ``index`` in order: a page is scattered when its run is short
-    scattered = index[np.repeat(short, lengths)]
-    return starts[~short], lengths[~short], scattered
-
-
-def deal_scattered(
-    scattered: npt.NDArray[np.int64], channels: int
-) -> list[list[npt.NDArray[np.int64]]]:
-    """Deal scattered pages to ``channels`` channels as lists of consecutive pages (in
-    page order, round-robin): a pass of a few hundred dirty pages still uses every
-    channel, and no list is longer than :data:`MAX_SCATTER_PAGES`."""
-    out: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(channels)]
-    n = int(scattered.size)
-    if not n:
-        return out
-    chunk = max(1, min(MAX_SCATTER_PAGES, -(-n // channels)))
-    for k, a in enumerate(range(0, n, chunk)):
-        out[k % channels].append(scattered[a : a + chunk])
-    return out
-
-
-@dataclass
-class RunCounts:
-    """Pages a channel sent in a pass."""
-
-    normal: int = 0
-    zero: int = 0
-    wire_bytes: int = 0
-
-    def add(self, other: RunCounts) -> None:
-        self.normal += other.normal
-        self.zero += other.zero
-        self.wire_bytes += other.wire_bytes
-
-
-def encode_runs(
-    writer: ChannelWriter,
-    ram: GuestRam,
-    number: int,
-    runs: list[tuple[int, int]],
-    bounce: npt.NDArray[np.uint8],
-    counts: RunCounts,
-    *,
-    batch_bytes: int,
-    snapshot: bool = True,
-) -> Iterator[list[Buffer]]:
-    """The records for ``runs`` of pass ``number``, in batches of about ``batch_bytes``:
-    all-zero pages (found with numpy) become ZERO records, the others PAGES records.
-
-    With ``snapshot`` (the guest may be running) each run is copied into ``bounce`` and
-    the copy is checksummed and sent: the bytes on the wire match their checksum even if
-    the guest writes the page meanwhile (the write dirties it for the next pass).  The
-    caller must send each batch before asking for the next: the bounce buffer is reused.
-    Without ``snapshot`` (the guest is paused) the records view guest memory directly."""
-    ps = ram.page_size
-    batch: list[Buffer] = []
-    size = used = 0
-    wire0 = writer.bytes_out
-    for first, count in runs:
-        zero = ram.zero_mask(first, count)
-        for is_zero, s, n in _pieces(zero, first):
-            if is_zero:
-                batch.append(writer.zero(number, s, n))
-                counts.zero += n
-                continue
-            nbytes = n * ps
-            if snapshot:
-                if used + nbytes > bounce.size:
-                    yield batch
-                    batch, size, used = [], 0, 0
-                data = bounce[used : used + nbytes]
-                np.copyto(data, ram.bytes[s * ps : s * ps + nbytes])
-                used += nbytes
-                view: Buffer = data.data
-            else:
-                view = ram.bytes[s * ps : s * ps + nbytes].data
-            batch += writer.pages(number, s, view)
-            counts.normal += n
-            size += nbytes
-            if size >= batch_bytes:
-                yield batch
-                batch, size, used = [], 0, 0
-    if batch:
-        yield batch
-    counts.wire_bytes += writer.bytes_out - wire0
-
-
-def encode_scatter(
-    writer: ChannelWriter,
-    ram: GuestRam,
-    number: int,
-    lists: list[npt.NDArray[np.int64]],
-    bounce: npt.NDArray[np.uint8],
-    counts: RunCounts,
-    *,
-    batch_bytes: int,
-) -> Iterator[list[Buffer]]:
-    """The SCATTER records for the page ``lists`` of pass ``number`` (each sorted), in
-    batches of about ``batch_bytes``: the zero pages of a list in one ZEROED record, the
-    others gathered (a snapshot, whether the guest runs or not: the pages are not
-    contiguous) into ``bounce`` and sent in one record.  As for :func:`encode_runs`, each
-    batch must be sent before the next is asked for."""
-    ps = ram.page_size
-    per_record = max(1, min(MAX_SCATTER_PAGES, MAX_RECORD_BYTES // ps, bounce.size // ps))
-    batch: list[Buffer] = []
-    size = used = 0
-    wire0 = writer.bytes_out
-    for pages in lists:
-        for a in range(0, int(pages.size), per_record):
-            chunk = pages[a : a + per_record]
-            zero = ram.zero_mask_at(chunk)
-            if zero.any():
-                batch += writer.scatter(number, chunk[zero], None)
-                counts.zero += int(zero.sum())
-            live = chunk[~zero] if zero.any() else chunk
-            if not live.size:
-                continue
-            nbytes = int(live.size) * ps
-            if used + nbytes > bounce.size:
-                yield batch
-                batch, size, used = [], 0, 0
-            snap = bounce[used : used + nbytes]
-            ram.gather(live, snap.reshape(live.size, ps))
-            used += nbytes
-            batch += writer.scatter(number, live, snap.data)
-            counts.normal += int(live.size)
-            size += nbytes
-            if size >= batch_bytes:
-                yield batch
-                batch, size, used = [], 0, 0
-    if batch:
-        yield batch
-    counts.wire_bytes += writer.bytes_out - wire0
-
-
-def _pieces(zero: npt.NDArray[np.bool_], first: int) -> list[tuple[bool, int, int]]:
-    """Cut a run into maximal (is_zero, start, count) pieces."""
-    if zero.all():
-        return [(True, first, int(zero.size))]
-    if not zero.any():
-        return [(False, first, int(zero.size))]
-    edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
-    bounds = [0, *edges.tolist(), int(zero.size)]
-    return [(bool(zero[a]), first + a, b - a) for a, b in itertools.pairwise(bounds)]
+def owed_report(channel: int, number: int, page_size: int,
+                ranges: list[tuple[int, int]]) -> bytes:  # fmt: skip
+    """The destination's OWED report of pass ``number`` on ``channel``: the ``ranges``
+    (first, count) of the LIVE records that arrived torn there."""
+    if len(ranges) > MAX_OWED_RANGES:
+        raise StreamUsageError(f"an OWED report of {len(ranges)} ranges (at most "
+                               f"{MAX_OWED_RANGES})")  # fmt: skip
+    body = b"".join(OWED_RANGE.pack(first, count) for first, count in ranges)
+    head = HEAD.pack(ChannelRecord.OWED, 0, channel, number, 0, len(ranges), page_size)
+    return head + checksum(head, body).to_bytes(8, "big") + body
 
 
 # --- device state over the channels (stop-copy) --------------------------------------------

@@ -45,6 +45,7 @@ from vmferry.clock import Clock
 from vmferry.errors import ConfigError, MigrationError, StreamUsageError
 from vmferry.machine.handlers import ArchState, DeviceData, StatePiece
 from vmferry.machine.vm import VM
+from vmferry.migration.channelsend import RamSink
 from vmferry.migration.context import (
     Downtime,
     MigrationStats,
@@ -55,7 +56,7 @@ from vmferry.migration.context import (
     state_digests,
 )
 from vmferry.migration.devicestate import AckGate, DeviceSink, stage_device_state
-from vmferry.migration.multichannel import SCATTER_BELOW, RunCounts
+from vmferry.migration.multichannel import SCATTER_BELOW
 from vmferry.migration.precopy import ConvergencePolicy, decide
 from vmferry.migration.prediction import LinkProbe, PrecopyMeter, device_bytes, scattered_share
 from vmferry.migration.runs import BATCH_BYTES, Batch, expand, page_runs, split
@@ -89,16 +90,6 @@ class GuestControl(Protocol):
     def held(self) -> AbstractContextManager[object]:
         """Guest time stands still inside (handler hooks that overlap a running guest,
         such as device pre-copy, run here)."""
-        ...
-
-
-class RamSink(Protocol):
-    """Where RAM goes when it does not travel in the main stream: the host's parallel
-    data channels (:mod:`vmferry.migration.multichannel`).  ``send_pass`` returns once
-    every page of ``mask`` and each channel's SYNC of pass ``number`` were handed to the
-    channels; it adds the bytes it sends to the session's ``channel_bytes`` as it goes."""
-
-    def send_pass(self, number: int, mask: npt.NDArray[np.bool_], final: bool) -> RunCounts:
         ...
 
 
@@ -350,6 +341,8 @@ class SourceSession:
             self.meter.handed_off(self.clock.monotonic() - t_handoff)
             if self.params.offline:  # the guest is paused: one pass is all of it
                 to_send = np.zeros(ram.npages, dtype=np.bool_)
+                if self.ram_sink is not None:  # (nothing can be torn: any is damage)
+                    to_send = self.ram_sink.owed_pages(to_send)
                 self._end_of_pass(t_pass, 0)
                 break
             t_sync = self.clock.monotonic()
@@ -357,6 +350,8 @@ class SourceSession:
             self.meter.synced(self.clock.monotonic() - t_sync)
             self.stats.dirty_sync_count += 1
             to_send = dirty.bitmap
+            if self.ram_sink is not None:  # torn records' pages go again
+                to_send = self.ram_sink.owed_pages(to_send)
             if self._end_of_pass(t_pass, dirty.count, to_send):
                 if self.ack.may_stop():
                     break

@@ -57,7 +57,7 @@ from vmferry.migration.channel import (
     Welcome,
 )
 from vmferry.migration.channel import Status as Why
-from vmferry.migration.channel.frames import SWITCHOVER_ACK_MINOR
+from vmferry.migration.channel.frames import LIVE_PAGES_MINOR, SWITCHOVER_ACK_MINOR
 from vmferry.migration.destination import DestinationSession, describe_failure
 from vmferry.migration.stream import MAJOR, DeviceChunk, StreamDecoder
 
@@ -202,7 +202,9 @@ class DestinationWorker:
                                              RECEIVE_BUFFER // 2)  # fmt: skip
             host = self.ch.link.sock.getsockname()[0]
             tls = self.daemon.tls.server_context() if self.daemon.tls is not None else None
-            self.channels = datachannels.ChannelGroup(first.token, self.staging.ram, host, tls)
+            self.channels = datachannels.ChannelGroup(
+                first.token, self.staging.ram, host, tls,
+                live=first.minor >= LIVE_PAGES_MINOR)  # fmt: skip
             self.job.progress["data_port"] = self.channels.port
             self._device_over_channels()
         self.ch.send(Welcome(self.daemon.name), self._on_stall)

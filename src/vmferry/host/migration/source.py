@@ -34,6 +34,7 @@ from vmferry.errors import (
     MigrationRefused,
     PeerError,
     RemoteChannelError,
+    StreamError,
     VmferryError,
 )
 from vmferry.host import datachannels
@@ -83,6 +84,7 @@ from vmferry.migration.channel import (
     Welcome,
 )
 from vmferry.migration.channel import Status as Why
+from vmferry.migration.channel.frames import LIVE_PAGES_MINOR
 from vmferry.migration.context import Status
 from vmferry.migration.destination import describe_failure
 from vmferry.migration.prediction import FixedCosts
@@ -179,6 +181,8 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         self._peer_words: tuple[str, str | None] = ("", None)
         #: RAM over parallel data channels, once open
         self.channels: datachannels.ChannelSink | None = None
+        #: the channel protocol minor version the destination speaks (its WELCOME's)
+        self.peer_minor = 0
         #: one persist of the job, measured (a moving average)
         self._persist_s = 0.0
         #: the switchover's fixed costs, sampled at quiet moments (medians count)
@@ -230,6 +234,8 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
             self._fail(exc.reason, exc.step or None, cancelled=self.job.cancel.is_set())
         elif isinstance(exc, ssl.SSLError):
             self._fail(explain(exc, "the destination", server=False))
+        elif isinstance(exc, StreamError):  # e.g. a data channel's OWED report refused
+            self._fail(describe_failure(exc))
         elif isinstance(exc, OSError):
             reason = self._peer_reason() or f"connection lost: {exc.strerror or exc}"
             self._fail(reason)
@@ -368,6 +374,7 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         reply = ch.next_event(self._on_stall)
         if not isinstance(reply, Welcome):
             raise self._remote(reply, "handshake")
+        self.peer_minor = reply.minor
         self._negotiate_switchover_ack(reply)
         return ch
 
@@ -403,9 +410,15 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
                                                  on_stall=self._channel_stall,
                                                  check=self._check_cancel,
                                                  progress=self._channel_progress,
-                                                 fault=self.fault)
+                                                 fault=self.fault,
+                                                 live=self._live_pages())
         self.session.ram_sink = self.channels
         self.job.progress["parallel"] = count
+
+    def _live_pages(self) -> bool:
+        """Whether the destination takes LIVE records and sends OWED reports (channel
+        protocol 1.3): pass 1's runs go without the snapshot copy then."""
+        return self.peer_minor >= LIVE_PAGES_MINOR
 
     def _channel_progress(self) -> None:
         """While the channels send a pass: the operator's changes, the job's figures."""

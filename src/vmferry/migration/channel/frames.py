@@ -37,9 +37,13 @@ from vmferry.migration.stream.records import Buffer
 MAJOR = 1
 #: 2: SWITCHOVER_ACK (a destination speaking it approves the stop once every device's
 #: pre-copy initial data is loaded; a peer below 2 neither sends nor expects it)
-MINOR = 2
+#: 3: PAGES records of live guest memory on the data channels, and the destination's
+#: OWED reports of the ones that arrived torn (see :mod:`vmferry.migration.multichannel`)
+MINOR = 3
 #: the first minor version that has SWITCHOVER_ACK
 SWITCHOVER_ACK_MINOR = 2
+#: the first minor version whose data channels carry LIVE records and OWED reports
+LIVE_PAGES_MINOR = 3
 MAGIC = b"VMFC"
 HEADER = struct.Struct(">HHII")
 VERSION = struct.Struct(">4sHH")
