@@ -15,6 +15,7 @@ import numpy.typing as npt
 from vmferry.errors import StreamUsageError
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.multichannel import (
+    LIVE_RECORD_BYTES,
     MAX_RECORD_BYTES,
     MAX_SCATTER_PAGES,
     SCATTER_BELOW,
@@ -125,11 +126,17 @@ def encode_runs(
                 np.copyto(data, ram.bytes[s * ps : s * ps + nbytes])
                 used += nbytes
                 view: Buffer = data.data
+            elif live is not None:  # records of at most LIVE_RECORD_BYTES
+                step = max(1, LIVE_RECORD_BYTES // ps)
+                for a in range(s, s + n, step):
+                    k = min(step, s + n - a)
+                    live.sent_live(number, a, k)
+                    batch += writer.pages(number, a, ram.bytes[a * ps : (a + k) * ps].data,
+                                          live=True)
             else:
                 view = ram.bytes[s * ps : s * ps + nbytes].data
-                if live is not None:
-                    live.sent_live(number, s, n)
-            batch += writer.pages(number, s, view, live=live is not None)
+            if snapshot or live is None:
+                batch += writer.pages(number, s, view)
             counts.normal += n
             size += nbytes
             if size >= batch_bytes:

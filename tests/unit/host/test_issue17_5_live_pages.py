@@ -36,6 +36,7 @@ from vmferry.migration.multichannel import (
     HEAD,
     HEADER_SIZE,
     LIVE,
+    LIVE_RECORD_BYTES,
     ChannelRecord,
     ChannelWriter,
     owed_report,
@@ -44,7 +45,9 @@ from vmferry.migration.source import MigrationParams, SourceSession
 
 PS = 4096
 TOKEN = "0123456789abcdef0123456789abcdef"
-MIB = 16  # four 4 MiB runs: two LIVE records a channel in pass 1
+MIB = 16  # four 4 MiB runs, each cut into LIVE records of LIVE_RECORD_BYTES
+#: pages of one LIVE record
+REC = LIVE_RECORD_BYTES // PS
 
 
 @dataclass
@@ -141,7 +144,7 @@ def test_issue17_5_a_torn_record_is_sent_again_and_the_migration_verifies(
     assert m.src.stats.status is Status.COMPLETED
     ((first, count),) = torn
     assert count > 1
-    assert m.sink.torn_records == 1 and m.sink.live_records == MIB // 4
+    assert m.sink.torn_records == 1 and m.sink.live_records == MIB * 256 // REC
     # the destination kept the torn data, owed the record's pages, and every one of them
     # came again in a verified record: none is owed at the end
     assert (m.group.owed.total, m.group.owed.count) == (count, 0)
@@ -184,14 +187,14 @@ def hostile(npages: int) -> dict[str, Callable[[int, bytes], bytes]]:
     """Reports a destination could send after pass 1 on channel ``i`` (``raw``: the
     honest one)."""
     return {
-        "out of range": lambda i, raw: owed_report(i, 1, PS, [(npages - 2, 1024)]),
+        "out of range": lambda i, raw: owed_report(i, 1, PS, [(npages - 2, REC)]),
         "another pass": lambda i, raw: owed_report(i, 7, PS, []),
         "damaged": lambda i, raw: raw[:-1] + bytes([raw[-1] ^ 1]) if len(raw) > HEADER_SIZE
         else raw[:HEADER_SIZE - 1] + bytes([raw[HEADER_SIZE - 1] ^ 1]),
-        "too many": lambda i, raw: owed_report(i, 1, PS, [(0, 1024)] * 3),
-        "not a record": lambda i, raw: owed_report(i, 1, PS, [(1, 1024)]),
+        "too many": lambda i, raw: owed_report(i, 1, PS, [(0, REC)] * (MIB * 256 // REC + 1)),
+        "not a record": lambda i, raw: owed_report(i, 1, PS, [(1, REC)]),
         # a record it verified, said torn: the guest wrote none of its pages
-        "untorn": lambda i, raw: owed_report(i, 1, PS, [(1024 * i, 1024)]),
+        "untorn": lambda i, raw: owed_report(i, 1, PS, [(1024 * i, REC)]),
         "a SYNC": lambda i, raw: ChannelWriter(i, PS).sync(1),
     }
 

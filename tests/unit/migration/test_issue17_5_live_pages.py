@@ -19,8 +19,8 @@ from vmferry.migration.multichannel import (
     HEADER_SIZE,
     LIVE,
     LIVE_CHECK_SIZE,
+    LIVE_RECORD_BYTES,
     MAX_RECORD_BYTES,
-    TORN_SLACK,
     ChannelReader,
     ChannelRecord,
     ChannelWriter,
@@ -161,21 +161,38 @@ def test_issue17_5_a_peer_without_channel_1_3_refuses_live_records() -> None:
         feed(ChannelReader(0, 8, PS, live=True), owed_report(0, 1, PS, []), dst)
 
 
-def test_issue17_5_too_many_torn_records_mean_damage_not_tears() -> None:
-    n = 2 * TORN_SLACK + 4
+def test_issue17_5_a_guest_that_tears_every_record_does_not_fail_the_pass() -> None:
+    """A guest writing everywhere during pass 1 tears many LIVE records: each is owed
+    (and sent again), never a failure by count -- a bound of half the records failed a
+    busy guest's migration (a 4 MiB record tore in one of eight at 40 MB/s here).
+    Damage is caught elsewhere: a torn record without a dirty page at the source, a
+    still-owed page at the end."""
+    n = 40
     src, dst = random_ram(n), GuestRam(n * PS)
     w = ChannelWriter(0, PS)
     r = ChannelReader(0, n, PS, live=True)
     for page in range(n):
         data = bytearray(wire(w.pages(1, page, src.view(page * PS, PS), live=True)))
         data[HEADER_SIZE + LIVE_CHECK_SIZE] ^= 1  # every record torn (its pages)
-        if 2 * (page + 1 - TORN_SLACK) > page + 1:
-            with pytest.raises(ChecksumMismatch, match="arrived torn"):
-                feed(r, bytes(data), dst)
-            assert page == 2 * TORN_SLACK  # 33 torn of 33 LIVE records: 16 + half is 32
-            return
         assert feed(r, bytes(data), dst) == [False]
-    raise AssertionError("never refused")
+    assert r.torn == [(p, 1) for p in range(n)]
+
+
+def test_issue17_5_live_records_are_cut_to_live_record_bytes() -> None:
+    """A 4 MiB run goes as LIVE records of at most LIVE_RECORD_BYTES each, every one
+    noted for the destination's report (a tear costs 1 MiB again, not 4)."""
+    npages = 4 * 1024 * 1024 // PS + 3  # 4 MiB and 3 pages
+    ram = random_ram(npages)
+    w = ChannelWriter(0, PS)
+    live = OwedReportReader(0, npages, PS)
+    counts = RunCounts()
+    bounce = np.empty(0, dtype=np.uint8)
+    for _ in encode_runs(w, ram, 1, [(0, npages)], bounce, counts, batch_bytes=1 << 30,
+                         snapshot=False, live=live):  # fmt: skip
+        pass
+    step = LIVE_RECORD_BYTES // PS
+    assert live.sent[1] == {(a, min(step, npages - a)) for a in range(0, npages, step)}
+    assert counts.normal == npages
 
 
 def test_issue17_5_hostile_owed_reports_are_refused() -> None:
