@@ -230,6 +230,10 @@ class SourceWorker(SwitchoverAckSide, LinkProbeSide):
         elif isinstance(exc, RemoteChannelError):
             self._fail(f"destination broke the channel: {exc.reason} (channel state "
                        f"{exc.step or 'unknown'})")  # fmt: skip
+        elif isinstance(exc, PeerError) and (words := self._peer_reason()) is not None:
+            # a data channel closed under a wait (its OWED report): the destination
+            # failed and said why on the main connection -- that is the cause
+            self._fail(words, exc.step or None)
         elif isinstance(exc, MigrationError):
             self._fail(exc.reason, exc.step or None, cancelled=self.job.cancel.is_set())
         elif isinstance(exc, ssl.SSLError):
