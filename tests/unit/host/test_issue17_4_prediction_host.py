@@ -172,7 +172,7 @@ def test_issue17_4_stop_copy_device_rates_per_path_and_their_median(
     stop(1.5e-9, channels=True)
     assert recall(False) == 3e-9  # the median, not the best (1e-9)
     assert recall(True) == 1.5e-9  # the other path's own
-    for _ in range(probes_mod.DEVICE_RATE_SAMPLES):
+    for _ in range(probes_mod.REMEMBERED_SAMPLES):
         stop(2e-9, channels=False)
     assert recall(False) == 2e-9  # only the last few are kept
 

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from tests.unit.migration.test_issue17_switchover_ack import AckLink
+from tests.unit.migration.test_prediction import Probe
 from tests.unit.migration.test_vfio_handler import MLX5, PDS, handler, running_vm
 from vmferry.clock import ManualClock
 from vmferry.hw.vfio.drivers.mlx5 import Mlx5Driver
 from vmferry.machine.handlers import MigrationHandler
-from vmferry.migration.context import Status
+from vmferry.migration.context import MigrationStats, Status
 from vmferry.migration.devicestate import AckGate
 
 SAVE_S = 0.007
@@ -113,21 +114,11 @@ def test_issue17_4_prediction_counts_the_devices_stop_and_final_load(
     assert link.src.stats.switchover_parts["pause_ms"] == pytest.approx(SAVE_S * 1e3)
 
 
-class _Stopping(MigrationHandler):
-    name = "dev"
-
-    def __init__(self, stop_bytes: int) -> None:
-        self.stop_bytes = stop_bytes
-
-    def stop_copy_bytes(self) -> int:
-        return self.stop_bytes
-
-
 def test_issue17_4_final_load_is_the_last_chunk_plus_the_bytes_beyond_it() -> None:
     gate = AckGate()
     gate.enabled = True
     gate.markers_due = 1
-    gate.acknowledged({"device_bytes": 1_000_000, "load_ms": 8.0}, _stats())  # 8 ns/byte
+    gate.acknowledged({"device_bytes": 1_000_000, "load_ms": 8.0}, MigrationStats())  # 8 ns/byte
     # before: the bytes at the rate only (a 10 kB delta: 0.08 ms)
     assert gate.device_load_ms(10_000) == pytest.approx(0.08)
     # the last pre-copy chunk (a 12 kB delta) took 6 ms to load: the final one, smaller,
@@ -142,39 +133,19 @@ def test_issue17_4_final_load_is_the_last_chunk_plus_the_bytes_beyond_it() -> No
     assert AckGate().device_load_ms(10_000) == 0.0
 
 
-def _stats() -> Any:
-    from vmferry.migration.context import MigrationStats
-
-    return MigrationStats()
-
-
-class _Destination:
+class _Destination(Probe):
     """The host's link probe: the decision's round trips read the destination's job,
     where it published its last device loads by then."""
 
     def __init__(self, gate: AckGate) -> None:
+        super().__init__(in_flight=0, rtt=0.001)
         self.gate, self.reads = gate, 0
-
-    def in_flight_bytes(self) -> int:
-        return 0
 
     def round_trip_s(self) -> float:
         """Each read finds a later chunk loaded, which took ``reads`` x 10 ms."""
         self.reads += 1
         self.gate.last_loads = {"nic0": (0.01 * self.reads, 300_000)}
-        return 0.001
-
-    def bandwidth_bps(self) -> float:
-        return 0.0
-
-    def fixed_switchover_s(self) -> float:
-        return 0.0
-
-    def quiet(self) -> None:
-        pass
-
-    def settle(self) -> None:
-        pass
+        return super().round_trip_s()
 
 
 def test_issue17_4_device_loads_are_read_after_the_decisions_round_trips() -> None:

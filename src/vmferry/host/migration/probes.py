@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from statistics import median
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmferry.errors import ApiError, HostError
 from vmferry.host import datachannels
@@ -27,6 +27,8 @@ from vmferry.migration.prediction import (
 )
 from vmferry.migration.source import SourceSession
 
+K = TypeVar("K", bound=tuple[object, ...])
+
 #: the best bandwidth a pass measured to each destination (its control URL), kept for
 #: migrations whose passes are too small to measure it themselves
 _LINK_BANDWIDTH: dict[str, float] = {}
@@ -37,15 +39,13 @@ _LINK_BANDWIDTH: dict[str, float] = {}
 _SWITCHOVER_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
 #: the same for stopping the guest and the final read and stop of the dirty log (s)
 _STOP_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
-#: the samples kept per key
-SWITCHOVER_SAMPLES = 5
 #: the rates (seconds per byte) at which device state was read and sent with the guest
 #: stopped, the last few, per destination (its control URL), kinds of devices and path
 #: (the main stream or the data channels: they differ 1.5-2x here): for devices without
 #: pre-copy, whose state nothing can read before the stop; their median counts
 _STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...], bool], list[float]] = {}
-#: the rates kept per key
-DEVICE_RATE_SAMPLES = 5
+#: the samples each of those tables keeps per key (the last ones; their median counts)
+REMEMBERED_SAMPLES = 5
 #: the longest the source waits, before the stop, for the destination to take what was
 #: sent (``LinkProbeSide.settle``), and how often it looks
 SETTLE_S = SETTLE_BOUND_S
@@ -162,10 +162,8 @@ class LinkProbeSide:
             - SWITCHOVER_ROUND_TRIPS * rtt  # fmt: skip
         stop = (parts.get("pause_ms", 0.0) + parts.get("dirty_log_ms", 0.0)
                 - stats.predicted.get("device_stop_ms", 0.0)) / 1e3
-        for table, value in ((_SWITCHOVER_FIXED, paid), (_STOP_FIXED, stop)):
-            samples = table.setdefault(self._fixed_key(), [])
-            samples.append(max(value, 0.0))
-            del samples[:-SWITCHOVER_SAMPLES]
+        _remember(_SWITCHOVER_FIXED, self._fixed_key(), max(paid, 0.0))
+        _remember(_STOP_FIXED, self._fixed_key(), max(stop, 0.0))
 
     def _device_rate_key(self) -> tuple[str, tuple[str, ...], bool]:
         over_channels = self.session.device_sink is not None \
@@ -182,9 +180,7 @@ class LinkProbeSide:
     def _remember_device_rate(self) -> None:
         measured = self.session.meter.stop_device_s_per_byte
         if measured > 0:
-            rates = _STOP_DEVICE_RATE.setdefault(self._device_rate_key(), [])
-            rates.append(measured)
-            del rates[:-DEVICE_RATE_SAMPLES]
+            _remember(_STOP_DEVICE_RATE, self._device_rate_key(), measured)
 
     def in_flight_bytes(self) -> int:
         """Unsent and unacknowledged bytes in our send queue (SIOCOUTQ) plus, when that
@@ -220,6 +216,13 @@ class LinkProbeSide:
         for _ in range(DECISION_SAMPLES):
             self._time_persist()
         return self.fixed.switchover_s()
+
+
+def _remember(table: dict[K, list[float]], key: K, value: float) -> None:
+    """Keep ``value`` as the newest of the last :data:`REMEMBERED_SAMPLES` of ``key``."""
+    samples = table.setdefault(key, [])
+    samples.append(value)
+    del samples[:-REMEMBERED_SAMPLES]
 
 
 def _number(x: object) -> bool:
