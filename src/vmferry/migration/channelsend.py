@@ -118,25 +118,18 @@ def encode_runs(
                 counts.zero += n
                 continue
             nbytes = n * ps
-            if snapshot:
+            if live is not None:
+                batch += _live_records(writer, ram, number, s, n, live)
+            elif snapshot:
                 if used + nbytes > bounce.size:
                     yield batch
                     batch, size, used = [], 0, 0
                 data = bounce[used : used + nbytes]
                 np.copyto(data, ram.bytes[s * ps : s * ps + nbytes])
                 used += nbytes
-                view: Buffer = data.data
-            elif live is not None:  # records of at most LIVE_RECORD_BYTES
-                step = max(1, LIVE_RECORD_BYTES // ps)
-                for a in range(s, s + n, step):
-                    k = min(step, s + n - a)
-                    live.sent_live(number, a, k)
-                    batch += writer.pages(number, a, ram.bytes[a * ps : (a + k) * ps].data,
-                                          live=True)
+                batch += writer.pages(number, s, data.data)
             else:
-                view = ram.bytes[s * ps : s * ps + nbytes].data
-            if snapshot or live is None:
-                batch += writer.pages(number, s, view)
+                batch += writer.pages(number, s, ram.bytes[s * ps : s * ps + nbytes].data)
             counts.normal += n
             size += nbytes
             if size >= batch_bytes:
@@ -145,6 +138,20 @@ def encode_runs(
     if batch:
         yield batch
     counts.wire_bytes += writer.bytes_out - wire0
+
+
+def _live_records(writer: ChannelWriter, ram: GuestRam, number: int, first: int, count: int,
+                  live: OwedReportReader) -> list[Buffer]:  # fmt: skip
+    """LIVE records of ``count`` pages of guest memory from ``first``, at most
+    :data:`LIVE_RECORD_BYTES` each, every one noted for the destination's OWED report."""
+    ps = ram.page_size
+    step = max(1, LIVE_RECORD_BYTES // ps)
+    out: list[Buffer] = []
+    for a in range(first, first + count, step):
+        k = min(step, first + count - a)
+        live.sent_live(number, a, k)
+        out += writer.pages(number, a, ram.bytes[a * ps : (a + k) * ps].data, live=True)
+    return out
 
 
 def encode_scatter(
