@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from tests.unit.migration.test_multichannel import wire
 from vmferry.errors import ChecksumMismatch, MalformedRecord, StreamUsageError
 from vmferry.machine.ram import GuestRam
 from vmferry.migration.channelsend import (
@@ -34,10 +35,6 @@ from vmferry.migration.owed import (
 )
 
 PS = 4096
-
-
-def wire(bufs: list[bytes | bytearray | memoryview]) -> bytes:
-    return b"".join(bytes(b) for b in bufs)
 
 
 def feed(reader: ChannelReader, data: bytes, ram: GuestRam) -> list[bool]:
