@@ -23,7 +23,10 @@ STRATEGIES = {"naive": ("none", False), "sleep": ("sleep", False), "sleep+state"
               "dpor": ("dpor", False), "dpor+state": ("dpor", True)}
 
 #: scenario, case, mode, strategy, schedules, pruned, pruned by state, failing schedules,
-#: digest of the failing schedules
+#: digest of the failing schedules.  The switchover's stateful rows were re-pinned once its
+#: yield points stopped passing ``id()`` values (a suspended frame's locals are in the
+#: state key: a raw address made equal states match only when memory was reused, and the
+#: counts varied with the process -- 154 against 155 schedules in one CI run)
 PINNED = [  # one row per line
     ('dirty-log', 'one-write', 'correct', 'naive', 9, 0, 0, 0, 'e3b0c44298fc1c14'),
     ('dirty-log', 'one-write', 'correct', 'sleep', 9, 0, 0, 0, 'e3b0c44298fc1c14'),
@@ -53,14 +56,14 @@ PINNED = [  # one row per line
     ('lpm-update', 'devspec-boot', 'upstream', 'dpor', 114, 0, 0, 0, 'e3b0c44298fc1c14'),
     ('switchover', 'clean', 'correct', 'naive', 330, 0, 0, 0, 'e3b0c44298fc1c14'),
     ('switchover', 'clean', 'correct', 'sleep', 330, 0, 0, 0, 'e3b0c44298fc1c14'),
-    ('switchover', 'clean', 'correct', 'sleep+state', 146, 99, 99, 0, 'e3b0c44298fc1c14'),
+    ('switchover', 'clean', 'correct', 'sleep+state', 122, 122, 122, 0, 'e3b0c44298fc1c14'),
     ('switchover', 'clean', 'correct', 'dpor', 330, 0, 0, 0, 'e3b0c44298fc1c14'),
-    ('switchover', 'clean', 'correct', 'dpor+state', 146, 99, 99, 0, 'e3b0c44298fc1c14'),
+    ('switchover', 'clean', 'correct', 'dpor+state', 122, 122, 122, 0, 'e3b0c44298fc1c14'),
     ('switchover', 'clean', 'resume_after_silent_commit', 'naive', 322, 0, 0, 54, '03db1f11231d4b11'),  # noqa: E501
     ('switchover', 'clean', 'resume_after_silent_commit', 'sleep', 322, 0, 0, 54, '03db1f11231d4b11'),  # noqa: E501
-    ('switchover', 'clean', 'resume_after_silent_commit', 'sleep+state', 155, 82, 82, 31, '5e09298dfcde86ea'),  # noqa: E501
+    ('switchover', 'clean', 'resume_after_silent_commit', 'sleep+state', 118, 118, 118, 18, '5b3df84391a1c851'),  # noqa: E501
     ('switchover', 'clean', 'resume_after_silent_commit', 'dpor', 322, 0, 0, 54, '03db1f11231d4b11'),  # noqa: E501
-    ('switchover', 'clean', 'resume_after_silent_commit', 'dpor+state', 155, 82, 82, 31, '5e09298dfcde86ea'),  # noqa: E501
+    ('switchover', 'clean', 'resume_after_silent_commit', 'dpor+state', 118, 118, 118, 18, '5b3df84391a1c851'),  # noqa: E501
     ('tce-indirect', 't1-valid', 'correct', 'naive', 14, 0, 0, 0, 'e3b0c44298fc1c14'),
     ('tce-indirect', 't1-valid', 'correct', 'sleep', 14, 0, 0, 0, 'e3b0c44298fc1c14'),
     ('tce-indirect', 't1-valid', 'correct', 'dpor', 14, 0, 0, 0, 'e3b0c44298fc1c14'),

@@ -116,6 +116,9 @@ class World:
 
 
 def _step(host: Host, label: str, obj: Hashable | None) -> None:
+    """A yield point on ``obj``: the object itself or a stable token, never an ``id()``
+    -- this frame's locals are part of the state key, and a raw address made two equal
+    states differ, or match, as the allocator happened to reuse memory."""
     yield_point(f"{host.name}: {label}", obj)
     if host.crashed:
         raise _Crashed
@@ -124,7 +127,7 @@ def _step(host: Host, label: str, obj: Hashable | None) -> None:
 def _send(host: Host, conn: Connection, end: End, event: Event) -> None:
     """``event`` on the wire; ConnectionResetError (the channel told) if it did not go."""
     buffers = conn.send(event)
-    _step(host, f"send {COMMAND_OF[type(event)].name}", id(end.out))
+    _step(host, f"send {COMMAND_OF[type(event)].name}", end.out)
     try:
         end.send(buffers)
     except ConnectionResetError:
@@ -141,7 +144,7 @@ def _recv(w: World, host: Host, conn: Connection, end: End, deadline: float) -> 
             return ev
         wait_until(f"{host.name} reads",
                    lambda: end.readable or w.clock.monotonic() >= deadline or host.crashed)
-        _step(host, "recv", id(end.inp))
+        _step(host, "recv", end.inp)
         chunk = end.recv()
         if chunk is None:
             status = Status(ErrorKind.CHANNEL_TIMEOUT, conn.state.value, "deadline passed")
@@ -203,7 +206,7 @@ def _source_exchange(w: World, conn: Connection, end: End) -> None:
 
 def _source_settle(w: World, conn: Connection) -> None:
     verdict = w.rules.source_verdict(conn)
-    _step(w.src, f"verdict {verdict.value}", id(w.src))
+    _step(w.src, f"verdict {verdict.value}", ("host", w.src.name))
     if verdict is Verdict.RESUME:
         w.src.running = True
     elif verdict is Verdict.IN_DOUBT:
@@ -214,7 +217,7 @@ def _resolve(w: World) -> None:
     """Ask the destination until it answers or is gone; stay paused meanwhile."""
     src = w.src
     while True:
-        _step(src, "dial", id(w.dials))
+        _step(src, "dial", "dials")
         if w.dst.crashed:
             return  # refused: the guest stays paused here, and that is all we can do
         mine, theirs = pipe_pair()
@@ -228,7 +231,7 @@ def _resolve(w: World) -> None:
         except (RemoteChannelError, ConnectionResetError):
             continue
         verdict = w.rules.source_verdict(conn)
-        _step(src, f"resolved {verdict.value}", id(src))
+        _step(src, f"resolved {verdict.value}", ("host", src.name))
         src.running = verdict is Verdict.RESUME
         return
 
@@ -273,14 +276,14 @@ def _destination_exchange(w: World, conn: Connection, end: End) -> None:
 
 
 def _resume_here(w: World) -> None:
-    _step(w.dst, "resume guest", id(w.dst))
+    _step(w.dst, "resume guest", ("host", w.dst.name))
     w.dst.running = w.dst_resumed = True
 
 
 def _destination_settle(w: World, conn: Connection) -> None:
     """Record what a later RESOLVE hears: resumed, or discarded for good."""
     dst = w.dst
-    _step(dst, "settle", id(w.ledger))
+    _step(dst, "settle", "ledger")
     if conn.committed or dst.running:
         dst.running = True
         w.ledger[TOKEN] = Resumed({"post_load": {}})
@@ -295,7 +298,7 @@ def _serve_resolves(w: World) -> None:
     while True:
         wait_until("destination awaits RESOLVE",
                    lambda: bool(w.dials) or w.src.finished or dst.crashed)
-        _step(dst, "accept", id(w.dials))
+        _step(dst, "accept", "dials")
         if not w.dials:
             return
         end = w.dials.pop(0)
@@ -338,7 +341,7 @@ def _stall(w: World) -> None:
 
 
 def _timer(w: World) -> None:
-    yield_point("every deadline passes", id(w.clock))
+    yield_point("every deadline passes", "clock")
     w.clock.advance(LATE)
 
 
