@@ -79,11 +79,11 @@ def test_issue17_4_source_reads_the_destination_loads_and_refuses_junk() -> None
                           "device_loads": {"nic0": [6.0, 12000], "bad": [True, 1],
                                            "neg": [-1, 5], "short": [1.0],
                                            "str": "x"}}}  # fmt: skip
-    LinkProbeSide._destination_persists(probe, reply)  # type: ignore[arg-type]
+    LinkProbeSide._read_destination_times(probe, reply)  # type: ignore[arg-type]
     assert probe.fixed.destination_persists == [0.0015, 0.002]
     assert probe.session.ack.last_loads == {"nic0": (0.006, 12000)}
-    LinkProbeSide._destination_persists(probe, {"progress": "junk"})  # type: ignore[arg-type]
-    LinkProbeSide._destination_persists(probe, None)  # type: ignore[arg-type]
+    LinkProbeSide._read_destination_times(probe, {"progress": "junk"})  # type: ignore[arg-type]
+    LinkProbeSide._read_destination_times(probe, None)  # type: ignore[arg-type]
     assert probe.session.ack.last_loads == {"nic0": (0.006, 12000)}
 
 

@@ -46,9 +46,8 @@ _STOP_FIXED: dict[tuple[str, tuple[str, ...]], list[float]] = {}
 _STOP_DEVICE_RATE: dict[tuple[str, tuple[str, ...], bool], list[float]] = {}
 #: the samples each of those tables keeps per key (the last ones; their median counts)
 REMEMBERED_SAMPLES = 5
-#: the longest the source waits, before the stop, for the destination to take what was
-#: sent (``LinkProbeSide.settle``), and how often it looks
-SETTLE_S = SETTLE_BOUND_S
+#: how often the source looks, before the stop, whether the destination took what was
+#: sent (``LinkProbeSide.settle``, bounded by ``SETTLE_BOUND_S``)
 SETTLE_POLL_S = 0.001
 #: job writes timed at the stop decision (a quiet moment: between passes), beside the one
 #: timed at the end of every pass before it (``LinkProbeSide.quiet``)
@@ -83,9 +82,9 @@ class LinkProbeSide:
             except (ApiError, HostError):
                 return
             self.fixed.round_trip(time.monotonic() - t0)
-            self._destination_persists(reply)
+            self._read_destination_times(reply)
 
-    def _destination_persists(self, reply: Any) -> None:
+    def _read_destination_times(self, reply: Any) -> None:
         progress = reply.get("progress") if isinstance(reply, dict) else None
         if not isinstance(progress, dict):
             return
@@ -191,9 +190,9 @@ class LinkProbeSide:
     def settle(self) -> None:
         """Before the stop, the guest running: wait until every byte handed to the main
         connection and the data channels has left the send queues (SIOCOUTQ: taken by
-        the destination's socket), at most ``SETTLE_S``.  What then remains unapplied
+        the destination's socket), at most ``SETTLE_BOUND_S``.  What then remains unapplied
         at the destination is at most its receive buffers, not a full send queue."""
-        end = time.monotonic() + SETTLE_S
+        end = time.monotonic() + SETTLE_BOUND_S
         while self._queued_raw() > 0 and time.monotonic() < end:
             self._check_cancel()
             time.sleep(SETTLE_POLL_S)
